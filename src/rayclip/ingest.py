@@ -1,0 +1,399 @@
+"""Bronze layer: metadata (via img2dataset) or a local folder → content-addressed objects + manifest.
+
+Order of commits, so that a run killed at any point leaves nothing half-written:
+1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode);
+2. each valid image is renamed (atomic) to bronze/objects/<aa>/<sha256>.<ext>;
+3. the new manifest rows are written to a temporary file and renamed into bronze/manifest/;
+4. the run summary is written to bronze/runs/<run_id>.json.
+A rerun finds the objects already stored and adds the manifest rows that are still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .errors import UserError
+
+FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
+DEFAULT_MAX_PIXELS = 2**27
+URL_COLUMNS = ("URL", "url")
+CAPTION_COLUMNS = ("TEXT", "caption", "text")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("media_id", pa.string()),
+        ("path", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("source", pa.string()),
+        ("run_id", pa.string()),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclasses.dataclass
+class IngestReport:
+    run_id: str
+    source: str
+    rows_read: int = 0
+    downloaded: int = 0
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    duplicates: int = 0
+    stored: int = 0
+    manifest_rows_added: int = 0
+    already_in_manifest: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"failed_total": self.failed_total}
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One sample on its way in: where its bytes are now, and what the metadata said of it."""
+
+    file: Path
+    url: str
+    caption: str
+    expected_sha256: str | None = None  # img2dataset's own hash, checked against ours
+    movable: bool = False  # a download we own may be renamed; a user's file is copied
+
+
+class BadImage(Exception):
+    """The bytes are not an image we can decode safely; the message is the failure reason."""
+
+
+# ---------------------------------------------------------------- reading metadata
+
+
+def read_metadata(
+    path: Path, url_col: str | None = None, caption_col: str | None = None, limit: int | None = None
+) -> pa.Table:
+    """Read LAION-style metadata into a table with two string columns: url, caption."""
+    if not path.is_file():
+        raise UserError(f"metadata file not found: {path}")
+    table = _read_table(path)
+    columns = table.column_names
+    url_name = _pick_column(columns, url_col, URL_COLUMNS, "--url-col")
+    caption_name = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", required=False)
+    if table.num_rows == 0:
+        raise UserError(f"metadata file {path} has no rows")
+    if limit is not None:
+        table = table.slice(0, limit)
+    urls = table.column(url_name).cast(pa.string())
+    captions = (
+        table.column(caption_name).cast(pa.string()).fill_null("")
+        if caption_name
+        else pa.array([""] * table.num_rows, pa.string())
+    )
+    return pa.table({"url": urls, "caption": captions})
+
+
+def _read_table(path: Path) -> pa.Table:
+    name = path.name.lower().removesuffix(".gz")
+    try:
+        if name.endswith(".parquet"):
+            return pq.read_table(path)
+        if name.endswith((".csv", ".tsv")):
+            import pyarrow.csv as pacsv
+
+            delimiter = "\t" if name.endswith(".tsv") else ","
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        if name.endswith((".jsonl", ".json")):
+            import pyarrow.json as pajson
+
+            return pajson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read metadata {path}: {first_line}") from None
+    raise UserError(f"unsupported metadata format: {path.name} (use .parquet, .csv, .tsv or .jsonl)")
+
+
+def _pick_column(
+    columns: list[str], asked: str | None, defaults: tuple[str, ...], flag: str, required: bool = True
+) -> str | None:
+    if asked is not None:
+        if asked not in columns:
+            raise UserError(f"column {asked!r} not found; columns are: {', '.join(columns)} (pass {flag})")
+        return asked
+    for name in defaults:
+        if name in columns:
+            return name
+    if required:
+        raise UserError(
+            f"no URL column ({' or '.join(defaults)}) found; columns are: {', '.join(columns)} (pass {flag})"
+        )
+    return None
+
+
+def _url_problem(url: str | None) -> str | None:
+    if url is None or not url.strip():
+        return "missing url"
+    if not url.lower().startswith(("http://", "https://")):
+        return "unsupported url scheme"
+    return None
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def _download(table: pa.Table, work_dir: Path, processes: int, threads: int, timeout: int, retries: int) -> Path:
+    """Run img2dataset on the url/caption table; returns its output folder."""
+    from img2dataset import download
+
+    input_file = work_dir / "input.parquet"
+    output_dir = work_dir / "out"
+    pq.write_table(table, input_file)
+    # Decode checks in the img2dataset workers (OpenCV) respect this limit too.
+    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+    # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    download(
+        url_list=str(input_file),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=str(output_dir),
+        output_format="files",
+        resize_mode="no",
+        # Keep the original bytes of every format: media_id is the sha256 of what the server sent.
+        disable_all_reencoding=True,
+        compute_hash="sha256",
+        processes_count=processes,
+        thread_count=threads,
+        timeout=timeout,
+        retries=retries,
+        number_sample_per_shard=10_000,
+        enable_wandb=False,
+    )
+    return output_dir
+
+
+def _download_candidates(output_dir: Path, failed: Counter) -> Iterator[Candidate]:
+    """Read img2dataset's per-shard parquet: successes become candidates, failures reasons."""
+    files = {p.stem: p for p in output_dir.glob("*/*") if p.suffix not in (".txt", ".json")}
+    for shard in sorted(output_dir.glob("*.parquet")):
+        rows = pq.read_table(shard, columns=["key", "url", "caption", "status", "error_message", "sha256"])
+        for row in rows.to_pylist():
+            if row["status"] == "success" and row["key"] in files:
+                yield Candidate(
+                    file=files[row["key"]],
+                    url=row["url"],
+                    caption=row["caption"] or "",
+                    expected_sha256=row["sha256"],
+                    movable=True,
+                )
+            else:
+                failed[_reason(row["error_message"])] += 1
+
+
+def _reason(message: str | None) -> str:
+    """Group img2dataset's error messages into a few reasons a user can act on."""
+    text = (message or "unknown error").strip()
+    lower = text.lower()
+    if lower.startswith("http error"):
+        return "HTTP " + text.split()[2].rstrip(":")
+    if "timed out" in lower or "timeout" in lower:
+        return "timeout"
+    if "unknown url type" in lower:
+        return "missing url"
+    if "decod" in lower or "assertion" in lower or "image" in lower:
+        return "decode error"
+    if "refused" in lower or "urlopen error" in lower or "connection" in lower:
+        return "connection error"
+    return text[:80]
+
+
+def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
+    for path in images[:limit]:
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
+        yield Candidate(file=path, url=path.absolute().as_uri(), caption=caption)
+
+
+# ---------------------------------------------------------------- storing
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """(extension, width, height) of decodable image bytes; BadImage(reason) otherwise."""
+    from PIL import Image
+
+    if not data:
+        raise BadImage("empty body")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImage("image too large to decode")
+            fmt = (img.format or "").lower()
+            img.load()  # a truncated or corrupt body fails here, not later in embed
+    except BadImage:
+        raise
+    except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
+        raise BadImage("decode error") from None
+    return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height
+
+
+def _store(root: Path, candidate: Candidate, data: bytes, media_id: str, ext: str) -> bool:
+    """Put the bytes at their content address; False when they were already stored."""
+    target = root / layout.object_relpath(media_id, ext)
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if candidate.movable:
+        os.replace(candidate.file, target)
+    else:
+        layout.write_atomic(target, data)
+    return True
+
+
+def _admit(
+    root: Path, candidates: Iterable[Candidate], report: IngestReport, failed: Counter, max_pixels: int
+) -> list[dict]:
+    """Validate and store each candidate, counting failures by reason; returns the new manifest rows."""
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for candidate in candidates:
+        data = candidate.file.read_bytes()
+        try:
+            ext, width, height = inspect_image(data, max_pixels)
+        except BadImage as bad:
+            failed[str(bad)] += 1
+            continue
+        media_id = hashlib.sha256(data).hexdigest()
+        if candidate.expected_sha256 and candidate.expected_sha256 != media_id:
+            failed["hash mismatch"] += 1
+            continue
+        report.downloaded += 1
+        if _store(root, candidate, data, media_id, ext):
+            report.stored += 1
+        else:
+            report.duplicates += 1
+        rows.append(
+            {
+                "media_id": media_id,
+                "path": layout.object_relpath(media_id, ext),
+                "url": candidate.url,
+                "caption": candidate.caption,
+                "width": width,
+                "height": height,
+                "format": ext,
+                "size_bytes": len(data),
+                "source": report.source,
+                "run_id": report.run_id,
+                "ingested_at": now,
+            }
+        )
+    return rows
+
+
+def read_manifest(root: Path, columns: list[str] | None = None) -> pa.Table:
+    """The whole manifest (every committed part), or an empty table with its schema."""
+    folder = layout.manifest_dir(root)
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if not parts:
+        schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts)
+
+
+def _commit_manifest(root: Path, rows: list[dict], report: IngestReport) -> None:
+    """Append rows for (media_id, url) pairs not yet in the manifest, as one atomically renamed part."""
+    known = read_manifest(root, ["media_id", "url"])
+    seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
+    fresh = []
+    for row in rows:
+        pair = (row["media_id"], row["url"])
+        if pair in seen:
+            report.already_in_manifest += 1
+            continue
+        seen.add(pair)
+        fresh.append(row)
+    report.manifest_rows_added = len(fresh)
+    if not fresh:
+        return
+    target = layout.manifest_dir(root) / f"part-{report.run_id}.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.temp_path_for(target)
+    pq.write_table(pa.Table.from_pylist(fresh, schema=MANIFEST_SCHEMA), tmp)
+    os.replace(tmp, target)
+
+
+def _finish(root: Path, rows: list[dict], report: IngestReport, started: float) -> IngestReport:
+    _commit_manifest(root, rows, report)
+    report.wall_s = round(time.monotonic() - started, 3)
+    layout.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    return report
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def ingest_metadata(
+    root: Path,
+    metadata: Path,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    limit: int | None = None,
+    processes: int = 1,
+    threads: int = 16,
+    timeout: int = 10,
+    retries: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> IngestReport:
+    """Download the images a LAION-style metadata file points at into the bronze layer."""
+    started = time.monotonic()
+    table = read_metadata(metadata, url_col, caption_col, limit)
+    report = IngestReport(run_id=layout.new_run_id(), source=f"metadata:{metadata.name}", rows_read=table.num_rows)
+    problems = [_url_problem(u) for u in table.column("url").to_pylist()]
+    failed = Counter(p for p in problems if p)
+    fetchable = table.filter(pa.array([p is None for p in problems]))
+    work_dir = layout.downloads_dir(root, report.run_id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if fetchable.num_rows:
+        output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries)
+        rows = _admit(root, _download_candidates(output_dir, failed), report, failed, max_pixels)
+    report.failed = dict(failed.most_common())
+    result = _finish(root, rows, report, started)
+    shutil.rmtree(work_dir, ignore_errors=True)  # everything useful was moved out of it
+    return result
+
+
+def ingest_folder(root: Path, folder: Path, limit: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestReport:
+    """Copy the images under a local folder (recursively) into the bronze layer."""
+    started = time.monotonic()
+    if not folder.is_dir():
+        raise UserError(f"folder not found: {folder}")
+    candidates = list(_folder_candidates(folder, limit))
+    if not candidates:
+        raise UserError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) found under {folder}")
+    report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{folder.name}", rows_read=len(candidates))
+    failed: Counter = Counter()
+    rows = _admit(root, candidates, report, failed, max_pixels)
+    report.failed = dict(failed.most_common())
+    return _finish(root, rows, report, started)

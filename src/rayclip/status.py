@@ -1,0 +1,72 @@
+"""Counts per layer: what `rayclip status` shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from . import layout
+from .ingest import read_manifest
+
+
+def bronze_status(root: Path) -> dict:
+    manifest = read_manifest(root, ["media_id"])
+    objects = [p for p in layout.objects_dir(root).glob("*/*") if not p.name.startswith(".")]
+    return {
+        "manifest_rows": manifest.num_rows,
+        "unique_media_ids": len(pc.unique(manifest.column("media_id"))),
+        "objects": len(objects),
+        "object_bytes": sum(p.stat().st_size for p in objects),
+        "ingest_runs": len(list(layout.ingest_runs_dir(root).glob("*.json"))),
+    }
+
+
+def silver_status(root: Path) -> list[dict]:
+    """One entry per (model_version, dt) partition."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for part in sorted(layout.embeddings_dir(root).glob("model_version=*/dt=*")):
+        files = sorted(part.glob("*.parquet"))
+        ids = [pq.read_table(f, columns=["media_id"]).column("media_id") for f in files]
+        out.append(
+            {
+                "model_version": part.parent.name.split("=", 1)[1],
+                "dt": part.name.split("=", 1)[1],
+                "files": len(files),
+                "rows": sum(len(c) for c in ids),
+            }
+        )
+    return out
+
+
+def gold_status(root: Path) -> list[dict]:
+    """One entry per build, CURRENT marked."""
+    out = []
+    gold = root / "gold"
+    for mv_dir in sorted(gold.glob("*")) if gold.is_dir() else []:
+        current = layout.current_file(root, mv_dir.name)
+        current_id = current.read_text().strip() if current.is_file() else None
+        for build in sorted(layout.builds_dir(root, mv_dir.name).glob("*/build.json")):
+            info = json.loads(build.read_text())
+            out.append(
+                {
+                    "model_version": mv_dir.name,
+                    "build_id": info["build_id"],
+                    "count": info["count"],
+                    "created_at": info["created_at"],
+                    "current": info["build_id"] == current_id,
+                }
+            )
+    return out
+
+
+def status(root: Path) -> dict:
+    return {
+        "data_dir": str(root),
+        "bronze": bronze_status(root),
+        "silver": silver_status(root),
+        "gold": gold_status(root),
+    }
