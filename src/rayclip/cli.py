@@ -66,6 +66,96 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if report.downloaded or not report.rows_read else 1
 
 
+# ------------------------------------------------------------------ embed
+
+
+def _spec(args: argparse.Namespace):
+    import dataclasses
+
+    from . import model
+
+    spec = model.resolve(args.model, args.pretrained)
+    if getattr(args, "model_version", None):
+        spec = dataclasses.replace(spec, version=layout.slug(args.model_version))
+    if spec.pretrained == model.RANDOM_INIT:
+        print(f"warning: {spec.name} with random weights (--pretrained none): for plumbing and speed only", file=sys.stderr)
+    return spec
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import embed
+
+    root = layout.data_root(args.data_dir)
+    spec = _spec(args)
+    console = _console()
+    console.print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={spec.model_version}")
+    report = embed.embed(
+        root,
+        spec,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        day=args.dt,
+        blocks=args.blocks,
+        force=args.force,
+        gpus_per_actor=args.gpus_per_actor,
+    )
+    if report.rows_planned == 0:
+        console.print(f"nothing new to embed: every media_id in the manifest is in silver for {spec.model_version}")
+        return 0
+    summary = report.to_dict()
+    plan = summary.pop("plan")
+    failed = summary.pop("failed")
+    console.print(plan, markup=False)
+    _print_kv(f"embed {report.run_id}", summary)
+    if failed:
+        console.print(_table("failed, by reason", ["reason", "count"], [[k, v] for k, v in failed.items()]))
+    return 0 if report.rows_embedded else 1
+
+
+# ------------------------------------------------------------------ index
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from . import index
+
+    root = layout.data_root(args.data_dir)
+    if args.rollback:
+        old, new = index.rollback(root, args.model_version)
+        _console().print(f"CURRENT now {new} (was {old})")
+        return 0
+    report = index.build(root, args.model_version, args.dt, args.index_type)
+    _print_kv(f"published build {report.build_id}", {k: v for k, v in vars(report).items() if k != "build_id"})
+    return 0
+
+
+# ------------------------------------------------------------------ search
+
+
+def _print_results(results, as_json: bool, title: str) -> None:
+    for note in results.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    rows = [[r.rank, f"{r.score:.4f}", r.caption or "", r.path or r.url or ""] for r in results]
+    _console().print(_table(title, ["rank", "cosine", "caption", "path"], rows))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import Searcher
+
+    searcher = Searcher.open(args.data_dir, args.model_version)
+    if args.image:
+        results = searcher.search_image(args.image, args.k)
+        title = f"images like {args.image}"
+    else:
+        results = searcher.search_text(args.q, args.k)
+        title = f"{args.q!r}"
+    _print_results(results, args.json, f"{title} — {searcher.model_version}, build {searcher.info['build_id']}")
+    return 0
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -130,6 +220,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_int, default=10, help="seconds per download")
     p.add_argument("--retries", type=int, default=0, help="retries per URL")
     p.set_defaults(func=cmd_ingest)
+
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("--model", default=None, help="open_clip model name or hf-hub: id (default: ViT-B-32)")
+    model_args.add_argument(
+        "--pretrained",
+        default=None,
+        help="pretrained tag (default: openai), a checkpoint path, `none` (random init) or `reference`",
+    )
+
+    p = sub.add_parser("embed", parents=[common, model_args], help="CLIP embeddings with Ray Data into silver")
+    p.add_argument("--actors", type=_positive_int, default=4, help="actors in the pool, one model each")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=8)
+    p.add_argument("--limit", type=_positive_int, default=None, help="embed at most N new media_ids")
+    p.add_argument("--dt", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--blocks", type=_positive_int, default=None, help="override_num_blocks (default: actors x 8)")
+    p.add_argument("--force", action="store_true", help="re-embed media_ids already in silver")
+    p.add_argument("--model-version", default=None, help="file the embeddings under this name instead")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor on a cluster (0: CPU)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", parents=[common], help="build and publish a FAISS index from silver (gold)")
+    p.add_argument("--model-version", default=None, help="which embeddings (default: the only one present)")
+    p.add_argument("--dt", default=None, help="only this silver partition (default: all)")
+    p.add_argument("--index-type", default="flat", help="flat (exact cosine) or a FAISS factory string, e.g. HNSW32")
+    p.add_argument("--rollback", action="store_true", help="point CURRENT back at the previous build")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", parents=[common], help="text→image or image→image search")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--q", "--query", dest="q", help="text query")
+    query.add_argument("--image", help="image file: find similar images")
+    p.add_argument("--k", type=int, default=10, help="results to return")
+    p.add_argument("--json", action="store_true", help="print JSON: rank, score, media_id, path, url, caption")
+    p.add_argument("--model-version", default=None, help="which index (default: the only one present)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")
     p.add_argument("--json", action="store_true", help="print JSON")

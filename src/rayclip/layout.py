@@ -49,7 +49,20 @@ def embeddings_dir(root: Path) -> Path:
 
 
 def silver_partition(root: Path, model_version: str, day: str) -> Path:
-    return embeddings_dir(root) / f"model_version={model_version}" / f"dt={day}"
+    return silver_model_dir(root, model_version) / f"dt={day}"
+
+
+def silver_model_dir(root: Path, model_version: str) -> Path:
+    return embeddings_dir(root) / f"model_version={model_version}"
+
+
+def silver_model_file(root: Path, model_version: str) -> Path:
+    """Which model made these embeddings ('_' keeps it out of Parquet dataset readers)."""
+    return silver_model_dir(root, model_version) / "_model.json"
+
+
+def silver_model_versions(root: Path) -> list[str]:
+    return sorted(p.name.split("=", 1)[1] for p in embeddings_dir(root).glob("model_version=*") if p.is_dir())
 
 
 def silver_staging(root: Path, run_id: str) -> Path:

@@ -1,0 +1,247 @@
+"""Silver layer: Ray Data batch inference from the manifest to versioned Parquet embeddings.
+
+The driver plans the work (one row per media_id not yet embedded for this model_version),
+then Ray streams it: from_items(override_num_blocks) → map_batches(EmbedUDF,
+compute=ActorPoolStrategy) → write_parquet into a staging folder, which is renamed into
+silver/embeddings/model_version=<mv>/dt=<day>/ only when the whole write has succeeded.
+Each actor loads the model once; bad images are reported to a small stats actor and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import layout
+from .errors import UserError
+from .ingest import read_manifest
+from .model import ModelSpec, check_available, decode_image, load_model
+
+
+@dataclasses.dataclass
+class EmbedReport:
+    run_id: str
+    model_version: str
+    dt: str
+    rows_planned: int = 0
+    rows_embedded: int = 0
+    rows_failed: int = 0
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    actors: int = 0
+    actors_used: int = 0
+    cpus_per_actor: float = 0.0
+    torch_threads: int = 0
+    batch_size: int = 0
+    blocks: int = 0
+    tasks: int = 0
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    partition: str = ""
+    plan: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def embedded_ids(root: Path, model_version: str) -> pa.Array:
+    """media_ids already in silver for this model_version, across every dt partition."""
+    files = sorted(layout.silver_model_dir(root, model_version).glob("dt=*/*.parquet"))
+    if not files:
+        return pa.array([], pa.string())
+    return pa.concat_arrays([pq.read_table(f, columns=["media_id"]).column("media_id").combine_chunks() for f in files])
+
+
+def plan_work(root: Path, model_version: str, limit: int | None = None, force: bool = False) -> pa.Table:
+    """(media_id, path) to embed: one row per media_id, minus those already embedded."""
+    manifest = read_manifest(root, ["media_id", "path"])
+    if manifest.num_rows == 0:
+        raise UserError("the manifest is empty; run `rayclip ingest` first")
+    # The manifest can hold a media_id several times (one row per url); its path is the same.
+    unique = manifest.group_by("media_id").aggregate([("path", "min")]).rename_columns(["media_id", "path"])
+    unique = unique.sort_by("media_id")
+    if not force:
+        unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=embedded_ids(root, model_version))))
+    return unique.slice(0, limit) if limit is not None else unique
+
+
+class RunStats:
+    """Collects what the actors did (a Ray actor with no CPU, created per run)."""
+
+    def __init__(self) -> None:
+        self.rows_by_actor: Counter = Counter()
+        self.failures: list[tuple[str, str]] = []
+
+    def record(self, actor_id: str, ok: int, failures: list[tuple[str, str]]) -> None:
+        self.rows_by_actor[actor_id] += ok
+        self.failures.extend(failures)
+
+    def summary(self) -> tuple[dict, list]:
+        return dict(self.rows_by_actor), self.failures
+
+
+class EmbedUDF:
+    """Loads the model once per actor; turns (media_id, path) batches into silver rows."""
+
+    def __init__(self, spec: dict, data_root: str, threads: int, device: str, stats) -> None:
+        import ray
+
+        self.model = load_model(ModelSpec(**spec), device=device, threads=threads)
+        self.root = Path(data_root)
+        self.stats = stats
+        self.actor_id = ray.get_runtime_context().get_actor_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images, ids, failures = [], [], []
+        for media_id, path in zip(batch.column("media_id").to_pylist(), batch.column("path").to_pylist()):
+            try:
+                images.append(decode_image((self.root / path).read_bytes()))
+                ids.append(media_id)
+            except Exception as exc:  # a bad image must not kill the job; it is counted and skipped
+                failures.append((media_id, type(exc).__name__))
+        vectors = self.model.encode_images(images) if images else np.zeros((0, self.model.dim), np.float32)
+        self.stats.record.remote(self.actor_id, len(ids), failures)
+        return silver_table(ids, vectors)
+
+
+def silver_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
+    """The silver schema: media_id, embedding fixed_size_list<float32>[dim], embedded_at."""
+    dim = vectors.shape[1]
+    now = dt.datetime.now(dt.timezone.utc)
+    return pa.table(
+        {
+            "media_id": pa.array(media_ids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+            "embedded_at": pa.array([now] * len(media_ids), pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+def init_ray() -> None:
+    """Join $RAY_ADDRESS when set, else start a local cluster without the dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def _actor_resources(actors: int, gpus_per_actor: float) -> tuple[float, int]:
+    """CPUs per actor and its torch threads: leave a quarter of the CPUs for the write tasks."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    per_actor = round(min(1.0, cpus * 0.75 / actors), 3) if not gpus_per_actor else 1.0
+    threads = max(1, int(cpus // actors))
+    return per_actor, threads
+
+
+def _count(stats_text: str, operator: str) -> tuple[int, int]:
+    """(tasks, blocks) of the operator from Ray Data's stats text."""
+    match = re.search(rf"Operator \d+ [^\n]*{re.escape(operator)}[^\n]*: (\d+) tasks executed, (\d+) blocks produced", stats_text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _commit(staging: Path, partition: Path, run_id: str) -> list[Path]:
+    """Move the staged files into the partition: a new partition appears whole, by one rename."""
+    files = sorted(staging.glob("*.parquet"))
+    if not files:
+        return []
+    partition.parent.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        f.rename(staging / f"{run_id}-{f.name}")
+    if not partition.exists():
+        staging.rename(partition)
+    else:
+        for f in staging.glob("*.parquet"):
+            os.replace(f, partition / f.name)
+        shutil.rmtree(staging, ignore_errors=True)
+    return sorted(partition.glob(f"{run_id}-*.parquet"))
+
+
+def embed(
+    root: Path,
+    spec: ModelSpec,
+    actors: int = 4,
+    batch_size: int = 8,
+    limit: int | None = None,
+    day: str | None = None,
+    blocks: int | None = None,
+    force: bool = False,
+    gpus_per_actor: float = 0.0,
+) -> EmbedReport:
+    """Embed what the manifest holds and silver lacks for this model; returns the run's signals."""
+    import ray
+
+    report = EmbedReport(
+        run_id=layout.new_run_id(), model_version=spec.model_version, dt=layout.check_day(day or layout.today())
+    )
+    work = plan_work(root, spec.model_version, limit, force)
+    report.rows_planned = work.num_rows
+    report.actors, report.batch_size = actors, batch_size
+    if work.num_rows == 0:
+        return _save(root, report)
+    check_available(spec)  # a missing model fails here, once, not in every actor
+
+    started = time.monotonic()
+    init_ray()
+    report.cpus_per_actor, report.torch_threads = _actor_resources(actors, gpus_per_actor)
+    report.blocks = blocks or actors * 8
+    stats = ray.remote(num_cpus=0)(RunStats).remote()
+    ds = ray.data.from_items(work.to_pylist(), override_num_blocks=min(report.blocks, work.num_rows))
+    ds = ds.map_batches(
+        EmbedUDF,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=report.cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "spec": dataclasses.asdict(spec),
+            "data_root": str(root),
+            "threads": report.torch_threads,
+            "device": "cuda" if gpus_per_actor else "cpu",
+            "stats": stats,
+        },
+    )
+    plan = io.StringIO()
+    with contextlib.redirect_stdout(plan):
+        ds.explain()
+    report.plan = plan.getvalue().strip()
+
+    staging = layout.silver_staging(root, report.run_id)
+    ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+    report.tasks, _ = _count(ds.stats(), "MapBatches(EmbedUDF)")
+    partition = layout.silver_partition(root, spec.model_version, report.dt)
+    layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    files = _commit(staging, partition, report.run_id)
+
+    rows_by_actor, failures = ray.get(stats.summary.remote())
+    report.rows_embedded = sum(pq.read_metadata(f).num_rows for f in files)
+    report.actors_used = sum(1 for n in rows_by_actor.values() if n > 0)
+    report.rows_failed = len(failures)
+    report.failed = dict(Counter(reason for _, reason in failures).most_common())
+    report.wall_s = round(time.monotonic() - started, 3)
+    report.images_per_s = round(report.rows_embedded / report.wall_s, 2) if report.wall_s else 0.0
+    report.partition = str(partition.relative_to(root))
+    return _save(root, report)
+
+
+def _save(root: Path, report: EmbedReport) -> EmbedReport:
+    layout.write_json_atomic(layout.embed_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    return report

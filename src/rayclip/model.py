@@ -1,0 +1,219 @@
+"""The only module that knows open_clip: resolving a model, loading it, encoding images and texts.
+
+Every loading path goes through `load_model`: a named pretrained tag (Hugging Face cache or
+download), a local checkpoint file, `hf-hub:` ids, random init (`none`, seeded, for plumbing) and
+the project's own offline reference model (`reference`). Encoders always return L2-normalised
+float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import hashlib
+import io
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .errors import UserError
+from .layout import slug
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+REFERENCE_MODEL = "RayCLIP-Ref"
+REFERENCE_ALIAS = "reference"
+RANDOM_INIT = "none"
+RANDOM_SEED = 0
+PACKAGE_DIR = Path(__file__).parent
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
+REFERENCE_WEIGHTS = PACKAGE_DIR / "weights" / "rayclip-ref.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What to load, and the stable model_version name its embeddings are filed under."""
+
+    name: str
+    pretrained: str  # a tag, "none", "reference", or a checkpoint path
+    checkpoint: str | None = None  # resolved file for reference / local checkpoints
+    checkpoint_sha256: str | None = None
+    version: str | None = None  # --model-version: an explicit name wins over the derived one
+
+    @property
+    def model_version(self) -> str:
+        if self.version:
+            return self.version
+        if self.checkpoint_sha256 and self.pretrained != REFERENCE_ALIAS:
+            return f"clip_{slug(self.name)}_ckpt_{self.checkpoint_sha256[:10]}"
+        if self.name.startswith("hf-hub:"):
+            return f"clip_{slug(self.name)}"
+        return f"clip_{slug(self.name)}_{slug(self.pretrained)}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"model_version": self.model_version}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def _register_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpec:
+    """Turn --model/--pretrained as a user wrote them into a spec; fails fast on bad names."""
+    import open_clip
+
+    _register_configs()
+    pretrained = pretrained or (REFERENCE_ALIAS if model == REFERENCE_MODEL else DEFAULT_PRETRAINED)
+    if pretrained == REFERENCE_ALIAS:
+        if model not in (None, REFERENCE_MODEL):
+            raise UserError(f"--pretrained reference is the {REFERENCE_MODEL} model; drop --model {model}")
+        if not REFERENCE_WEIGHTS.is_file():
+            raise UserError(f"reference weights missing at {REFERENCE_WEIGHTS}; run `rayclip train-reference`")
+        return ModelSpec(REFERENCE_MODEL, REFERENCE_ALIAS, str(REFERENCE_WEIGHTS), _file_sha256(REFERENCE_WEIGHTS))
+    model = model or DEFAULT_MODEL
+    if not model.startswith("hf-hub:") and model not in open_clip.list_models():
+        raise UserError(f"unknown model {model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists them")
+    if pretrained.lower() == RANDOM_INIT or model.startswith("hf-hub:"):
+        return ModelSpec(model, pretrained.lower() if not model.startswith("hf-hub:") else "hf-hub")
+    path = Path(pretrained).expanduser()
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or path.exists():
+        if not path.is_file():
+            raise UserError(f"checkpoint file not found: {path}")
+        return ModelSpec(model, str(path.absolute()), str(path.absolute()), _file_sha256(path))
+    if pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise UserError(f"unknown pretrained tag {pretrained!r} for {model}; known: {tags}, or a checkpoint path, or none")
+    return ModelSpec(model, pretrained)
+
+
+def _hub_weights_cached(model: str, tag: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg
+
+    hub = get_pretrained_cfg(model, tag).get("hf_hub", "")
+    if not hub:
+        return False
+    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_available(spec: ModelSpec) -> None:
+    """Offline and not cached: say so at once instead of after a minute of retries."""
+    if spec.checkpoint or spec.pretrained == RANDOM_INIT:
+        return
+    cached = spec.pretrained != "hf-hub" and _hub_weights_cached(spec.name, spec.pretrained)
+    if not cached and not _hub_reachable():
+        what = spec.name if spec.pretrained == "hf-hub" else f"{spec.name}/{spec.pretrained}"
+        raise UserError(
+            f"weights for {what} are not cached and cannot be downloaded here; "
+            "pass --pretrained PATH to a local checkpoint, or --pretrained reference for the offline reference model"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+class ClipModel:
+    """An open_clip model in eval mode with its preprocessing and tokenizer."""
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", threads: int | None = None):
+        import open_clip
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        _register_configs()
+        check_available(spec)
+        torch.manual_seed(RANDOM_SEED)  # random init is identical in every actor and every run
+        pretrained = spec.checkpoint or (None if spec.pretrained in (RANDOM_INIT, "hf-hub") else spec.pretrained)
+        try:
+            # open_clip logs "initialized randomly" at WARNING on the root logger; the CLI says it once itself.
+            with _quiet_root_logger():
+                model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=pretrained, device=device)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            raise UserError(f"cannot load {spec.name} ({spec.pretrained}): {str(exc).splitlines()[0]}") from None
+        self.spec = spec
+        self.device = device
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
+        self.context_length = getattr(self.tokenizer, "context_length", 77)
+        self.dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
+        self._torch = torch
+
+    def _normalised(self, features) -> np.ndarray:
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features.float().cpu().numpy().astype(np.float32, copy=False)
+
+    def preprocess_images(self, images: list) -> object:
+        return self._torch.stack([self.preprocess(img) for img in images])
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self._normalised(self.model.encode_image(pixels.to(self.device)))
+
+    def encode_images(self, images: list) -> np.ndarray:
+        """PIL images → (n, dim) L2-normalised float32."""
+        return self.encode_pixels(self.preprocess_images(images))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Strings → (n, dim) L2-normalised float32 (longer texts are truncated by the tokenizer)."""
+        tokens = self.tokenizer(texts).to(self.device)
+        with self._torch.inference_mode():
+            return self._normalised(self.model.encode_text(tokens))
+
+    def token_count(self, text: str) -> int:
+        """Tokens the text needs, start and end markers included (to tell whether it gets truncated)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return len(encode(text)) + 2 if encode else 0
+
+
+def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None) -> ClipModel:
+    return ClipModel(spec, device=device, threads=threads)
+
+
+def decode_image(data: bytes):
+    """Bytes → RGB PIL image (raises on undecodable bytes)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
