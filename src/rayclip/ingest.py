@@ -162,15 +162,15 @@ def _url_problem(url: str | None) -> str | None:
 
 def _download(table: pa.Table, work_dir: Path, processes: int, threads: int, timeout: int, retries: int) -> Path:
     """Run img2dataset on the url/caption table; returns its output folder."""
+    # Decode checks in the img2dataset workers (OpenCV) respect this limit too.
+    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+    # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
     input_file = work_dir / "input.parquet"
     output_dir = work_dir / "out"
     pq.write_table(table, input_file)
-    # Decode checks in the img2dataset workers (OpenCV) respect this limit too.
-    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
-    # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     download(
         url_list=str(input_file),
         input_format="parquet",
@@ -253,6 +253,8 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[st
             img.load()  # a truncated or corrupt body fails here, not later in embed
     except BadImage:
         raise
+    except Image.DecompressionBombError:
+        raise BadImage("image too large to decode") from None
     except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
         raise BadImage("decode error") from None
     return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height

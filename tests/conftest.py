@@ -1,0 +1,126 @@
+"""Shared fixtures: a loopback image site, LAION-style metadata pointing at it, one Ray per session."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayclip import ingest, synthetic
+from rayclip.cli import main
+
+GOOD_IMAGES = 24
+SLOW_SECONDS = 8
+
+
+def huge_png_header(side: int = 60_000) -> bytes:
+    """A valid PNG start that claims side x side pixels: decoding it would need gigabytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+class _SlowHandler(synthetic._QuietHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.startswith("/slow"):
+            time.sleep(SLOW_SECONDS)
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve(folder: Path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_SlowHandler, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """Generated JPEGs plus the bad bodies the ingest must count and skip."""
+    folder = tmp_path_factory.mktemp("site")
+    images = synthetic.write_images(folder, GOOD_IMAGES, seed=7)
+    first = (folder / images.column("filename")[0].as_py()).read_bytes()
+    (folder / "dup.jpg").write_bytes(first)  # same bytes, another URL
+    (folder / "truncated.jpg").write_bytes(first[: len(first) // 2])
+    (folder / "page.jpg").write_bytes(b"<html><body>not an image</body></html>")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "huge.png").write_bytes(huge_png_header())
+    (folder / "slow.jpg").write_bytes(first)
+    with serve(folder) as base:
+        yield {"folder": folder, "base": base, "images": images}
+
+
+@pytest.fixture(scope="session")
+def metadata(site, tmp_path_factory):
+    """LAION-format parquet: URL, TEXT, with good, duplicate and every kind of bad row."""
+    base = site["base"]
+    names = site["images"].column("filename").to_pylist()
+    captions = site["images"].column("caption").to_pylist()
+    extra = {
+        f"{base}/dup.jpg": "the first image again",
+        f"{base}/missing.jpg": "404",
+        f"{base}/truncated.jpg": "truncated",
+        f"{base}/page.jpg": "html",
+        f"{base}/empty.jpg": "empty",
+        f"{base}/huge.png": "bomb",
+        f"{base}/slow.jpg": "slow",
+        None: "null url",
+        "": "empty url",
+        "ftp://127.0.0.1/x.jpg": "ftp",
+    }
+    urls = [f"{base}/{n}" for n in names] + list(extra)
+    texts = captions + list(extra.values())
+    path = tmp_path_factory.mktemp("meta") / "meta.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": texts, "similarity": [0.3] * len(urls)}), path)
+    return path
+
+
+def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestReport:
+    return ingest.ingest_metadata(data_dir, metadata_path, timeout=3, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ingested(site, metadata, tmp_path_factory):
+    """A data root after one metadata ingest; tests that change it copy it first."""
+    root = tmp_path_factory.mktemp("store") / "data"
+    run_ingest(root, metadata)
+    return root
+
+
+@pytest.fixture
+def store(ingested, tmp_path):
+    """A private copy of the ingested data root."""
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    return root
+
+
+def cli(*args: str) -> int:
+    return main(list(args))

@@ -1,0 +1,173 @@
+"""Ingest through real img2dataset against a loopback server, and folder ingest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import GOOD_IMAGES, cli, run_ingest
+
+from rayclip import ingest, layout, synthetic
+
+
+def manifest(root: Path) -> list[dict]:
+    return ingest.read_manifest(root).to_pylist()
+
+
+def check_store_invariants(root: Path) -> None:
+    """Every manifest row points at an object whose sha256 is its media_id; no partial files."""
+    for row in manifest(root):
+        data = (root / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["media_id"]
+        assert row["path"] == layout.object_relpath(row["media_id"], row["format"])
+    for obj in layout.objects_dir(root).glob("*/*"):
+        assert not obj.name.startswith("."), f"temporary file left behind: {obj}"
+        assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.stem
+
+
+def test_metadata_ingest_counts_every_reason_and_stores_by_content(tmp_path, metadata, site):
+    root = tmp_path / "data"
+    report = run_ingest(root, metadata)
+
+    assert report.rows_read == GOOD_IMAGES + 10
+    assert report.stored == GOOD_IMAGES  # dup.jpg and slow.jpg carry the first image's bytes
+    assert report.downloaded == GOOD_IMAGES + 1  # dup.jpg arrives; slow.jpg times out
+    assert report.duplicates == 1
+    assert dict(sorted(report.failed.items())) == {
+        "HTTP 404": 1,
+        "decode error": 2,
+        "empty body": 1,
+        "image too large to decode": 1,
+        "missing url": 2,
+        "timeout": 1,
+        "unsupported url scheme": 1,
+    }
+    rows = manifest(root)
+    assert len(rows) == GOOD_IMAGES + 1
+    assert len({r["media_id"] for r in rows}) == GOOD_IMAGES
+    # The same bytes from two URLs: one object, both (url, caption) rows.
+    first = site["images"].column("filename")[0].as_py()
+    twins = [r for r in rows if r["url"].endswith(("/" + first, "/dup.jpg"))]
+    assert len(twins) == 2 and twins[0]["media_id"] == twins[1]["media_id"]
+    assert {t["caption"] for t in twins} == {site["images"].column("caption")[0].as_py(), "the first image again"}
+    # media_id is the sha256 of the served file, of the stored object, and img2dataset's own column.
+    served = hashlib.sha256((site["folder"] / first).read_bytes()).hexdigest()
+    assert twins[0]["media_id"] == served
+    check_store_invariants(root)
+    assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
+    assert all(r["width"] >= 256 and r["format"] == "jpg" and r["run_id"] == report.run_id for r in rows)
+    saved = json.loads((layout.ingest_runs_dir(root) / f"{report.run_id}.json").read_text())
+    assert saved["stored"] == GOOD_IMAGES and saved["failed"]["HTTP 404"] == 1
+    assert not layout.downloads_dir(root, report.run_id).exists()
+
+    again = run_ingest(root, metadata)
+    assert (again.stored, again.manifest_rows_added, again.already_in_manifest) == (0, 0, GOOD_IMAGES + 1)
+    assert len(manifest(root)) == GOOD_IMAGES + 1
+    assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
+
+
+def test_folder_ingest_reads_sidecar_captions_and_is_idempotent(tmp_path):
+    folder = tmp_path / "photos"
+    images = synthetic.write_images(folder / "nested", 5, seed=3)
+    names = images.column("filename").to_pylist()
+    (folder / "nested" / names[0]).with_suffix(".txt").write_text("a caption from the sidecar\n")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    synthetic.render(synthetic.ALL_SCENES[0], 300, __import__("numpy").random.default_rng(0)).save(folder / "p.png")
+    root = tmp_path / "data"
+
+    report = ingest.ingest_folder(root, folder)
+    assert (report.rows_read, report.stored, report.failed) == (7, 6, {"decode error": 1})
+    rows = {Path(r["url"].removeprefix("file://")).name: r for r in manifest(root)}
+    assert rows[names[0]]["caption"] == "a caption from the sidecar"
+    assert rows[names[1]]["caption"] == ""
+    assert rows["p.png"]["format"] == "png" and rows["p.png"]["path"].endswith(".png")
+    assert all(r["url"].startswith("file:///") for r in rows.values())
+    check_store_invariants(root)
+    assert (root / "bronze" / "manifest").is_dir() and (folder / "nested" / names[1]).exists()  # copied, not moved
+
+    again = ingest.ingest_folder(root, folder)
+    assert (again.stored, again.manifest_rows_added) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "make, args, expected",
+    [
+        (None, ["--metadata", "nowhere.parquet"], "metadata file not found"),
+        ("columns", ["--url-col", "LINK"], "column 'LINK' not found; columns are: URL, TEXT"),
+        ("columns_no_url", [], "no URL column (URL or url) found; columns are: link, TEXT"),
+        ("empty", [], "has no rows"),
+        ("garbage", [], "cannot read metadata"),
+        ("unsupported", [], "unsupported metadata format"),
+    ],
+)
+def test_bad_commands_get_one_clear_line(tmp_path, capsys, make, args, expected):
+    path = tmp_path / {"garbage": "m.parquet", "unsupported": "m.xlsx"}.get(make, "m.parquet")
+    if make in ("columns", "empty"):
+        n = 0 if make == "empty" else 1
+        pq.write_table(pa.table({"URL": ["http://127.0.0.1/x.jpg"] * n, "TEXT": ["x"] * n}), path)
+    elif make == "columns_no_url":
+        pq.write_table(pa.table({"link": ["http://127.0.0.1/x.jpg"], "TEXT": ["x"]}), path)
+    elif make in ("garbage", "unsupported"):
+        path.write_bytes(b"this is not parquet")
+    argv = args if args and args[0] == "--metadata" else ["--metadata", str(path), *args]
+    rc = cli("ingest", *argv, "--data-dir", str(tmp_path / "data"))
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_csv_tsv_jsonl_with_lowercase_columns(tmp_path, site):
+    base = site["base"]
+    names = site["images"].column("filename").to_pylist()[:2]
+    root = tmp_path / "data"
+    (tmp_path / "m.csv").write_text("url,caption\n" + "".join(f"{base}/{n},csv {n}\n" for n in names))
+    (tmp_path / "m.tsv").write_text("url\tcaption\n" + "".join(f"{base}/{n}\ttsv {n}\n" for n in names))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"url": f"{base}/{n}", "caption": "j"}) + "\n" for n in names))
+    stored = [run_ingest(root, tmp_path / f"m.{ext}").stored for ext in ("csv", "tsv", "jsonl")]
+    assert stored == [2, 0, 0]
+    assert len(manifest(root)) == 2  # same (media_id, url) pairs each time
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys, contextlib, io\n"
+        "from rayclip.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'faiss', 'open_clip') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_kill_9_mid_ingest_leaves_no_partial_state_and_rerun_finishes(tmp_path):
+    folder = tmp_path / "site"
+    images = synthetic.write_images(folder, 300, seed=11)
+    root = tmp_path / "data"
+    with synthetic.serve_folder(folder) as base:
+        meta = synthetic.write_metadata(images, base, tmp_path / "meta.parquet")
+        cmd = [sys.executable, "-m", "rayclip.cli", "ingest", "--metadata", str(meta), "--data-dir", str(root)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        # Kill once img2dataset has started writing files, so objects are on their way.
+        while time.monotonic() < deadline and not list(root.glob("bronze/downloads/*/out/*/*.jpg")):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        check_store_invariants(root)
+
+        report = ingest.ingest_metadata(root, meta)
+    assert report.failed_total == 0
+    rows = manifest(root)
+    assert len(rows) == 300 and len({r["media_id"] for r in rows}) == 300
+    check_store_invariants(root)
