@@ -30,7 +30,9 @@ def huge_png_header(side: int = 60_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    )
 
 
 class _SlowHandler(synthetic._QuietHandler):
@@ -124,3 +126,14 @@ def store(ingested, tmp_path):
 
 def cli(*args: str) -> int:
     return main(list(args))
+
+
+@pytest.fixture(scope="session")
+def gold_store(ingested, ray_session, tmp_path_factory):
+    """ingest → embed (reference model, real Ray) → index: (data root, BuildReport). Read-only."""
+    from rayclip import embed, index, model
+
+    root = tmp_path_factory.mktemp("gold") / "data"
+    shutil.copytree(ingested, root)
+    embed.embed(root, model.resolve(None, "reference"), actors=2, batch_size=8)
+    return root, index.build(root)

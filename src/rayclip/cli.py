@@ -57,13 +57,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             retries=args.retries,
         )
+    _show_ingest(report)
+    # Exit 0 if anything usable came through (stored now or already stored before).
+    return 0 if report.downloaded or not report.rows_read else 1
+
+
+def _show_ingest(report) -> None:
     summary = report.to_dict()
     failed = summary.pop("failed")
     _print_kv(f"ingest {report.run_id}", summary)
     if failed:
         _console().print(_table("failed, by reason", ["reason", "count"], [[k, v] for k, v in failed.items()]))
-    # Exit 0 if anything usable came through (stored now or already stored before).
-    return 0 if report.downloaded or not report.rows_read else 1
 
 
 # ------------------------------------------------------------------ embed
@@ -78,7 +82,10 @@ def _spec(args: argparse.Namespace):
     if getattr(args, "model_version", None):
         spec = dataclasses.replace(spec, version=layout.slug(args.model_version))
     if spec.pretrained == model.RANDOM_INIT:
-        print(f"warning: {spec.name} with random weights (--pretrained none): for plumbing and speed only", file=sys.stderr)
+        print(
+            f"warning: {spec.name} with random weights (--pretrained none): for plumbing and speed only",
+            file=sys.stderr,
+        )
     return spec
 
 
@@ -100,9 +107,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         force=args.force,
         gpus_per_actor=args.gpus_per_actor,
     )
+    _show_embed(report)
+    return 0 if report.rows_embedded or not report.rows_planned else 1
+
+
+def _show_embed(report) -> None:
+    console = _console()
     if report.rows_planned == 0:
-        console.print(f"nothing new to embed: every media_id in the manifest is in silver for {spec.model_version}")
-        return 0
+        console.print(f"nothing new to embed: every media_id in the manifest is in silver for {report.model_version}")
+        return
     summary = report.to_dict()
     plan = summary.pop("plan")
     failed = summary.pop("failed")
@@ -110,7 +123,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     _print_kv(f"embed {report.run_id}", summary)
     if failed:
         console.print(_table("failed, by reason", ["reason", "count"], [[k, v] for k, v in failed.items()]))
-    return 0 if report.rows_embedded else 1
 
 
 # ------------------------------------------------------------------ index
@@ -124,9 +136,12 @@ def cmd_index(args: argparse.Namespace) -> int:
         old, new = index.rollback(root, args.model_version)
         _console().print(f"CURRENT now {new} (was {old})")
         return 0
-    report = index.build(root, args.model_version, args.dt, args.index_type)
-    _print_kv(f"published build {report.build_id}", {k: v for k, v in vars(report).items() if k != "build_id"})
+    _show_index(index.build(root, args.model_version, args.dt, args.index_type))
     return 0
+
+
+def _show_index(report) -> None:
+    _print_kv(f"published build {report.build_id}", {k: v for k, v in vars(report).items() if k != "build_id"})
 
 
 # ------------------------------------------------------------------ search
@@ -156,6 +171,122 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ eval
+
+
+def _show_eval(report) -> None:
+    rows = [
+        [
+            f"R@{k}",
+            f"{report.text_to_image[k]:.3f}",
+            f"{report.image_to_text[k]:.3f}",
+            f"{report.chance_text_to_image[k]:.3f}",
+        ]
+        for k in report.text_to_image
+    ]
+    title = f"recall, {report.model_version} ({report.images} images, {report.queries} distinct captions)"
+    _console().print(_table(title, ["", "text→image", "image→text", "chance (text→image)"], rows))
+    _console().print(f"saved {report.path}")
+
+
+def _evaluate_pipeline(args, root: Path, metadata: Path, spec):
+    """ingest → embed → index → Recall@K, printing each stage (eval and demo share it)."""
+    from . import embed, evaluate, index, ingest
+    from .search import Searcher
+
+    urls = ingest.read_metadata(metadata, args.url_col, args.caption_col).column("url").to_pylist()
+    _show_ingest(ingest.ingest_metadata(root, metadata, url_col=args.url_col, caption_col=args.caption_col))
+    _show_embed(embed.embed(root, spec, actors=args.actors, batch_size=args.batch_size))
+    _show_index(index.build(root, spec.model_version))
+    searcher = Searcher.open(root, spec.model_version)
+    report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(args.k)))
+    return searcher, report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _, report = _evaluate_pipeline(args, layout.data_root(args.data_dir), Path(args.metadata), _spec(args))
+    _show_eval(report)
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+
+DEMO_QUERIES = [
+    "a large red circle on the left on a white background",
+    "a small blue star on the top on a black background",
+    "a large yellow triangle in the center on a black background",
+    "a small purple cross on the right on a white background",
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import model, synthetic
+
+    root = layout.data_root(args.data_dir) if args.data_dir else layout.data_root() / "demo"
+    console = _console()
+    console.rule("rayclip demo: synthetic captioned images → img2dataset → Ray Data → FAISS → search")
+    site = root / "site"
+    images = synthetic.write_images(site, args.images, seed=args.seed)
+    console.print(f"generated {images.num_rows} captioned JPEGs (seed {args.seed}, held out from training) in {site}")
+    spec = model.resolve(None, model.REFERENCE_ALIAS)
+    with synthetic.serve_folder(site) as base:
+        console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
+        metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
+        args.url_col = args.caption_col = None
+        searcher, report = _evaluate_pipeline(args, root, metadata, spec)
+    for query in DEMO_QUERIES:
+        _print_results(searcher.search_text(query, k=3), False, f"{query!r}")
+    _show_eval(report)
+    console.print(
+        "\nNext: the same pipeline on real data and a cluster\n"
+        "  rayclip ingest --metadata laion_part.parquet --processes 8 --threads 64\n"
+        "  rayclip embed --model ViT-B-32 --pretrained openai --actors 8 --batch-size 64\n"
+        "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
+        "  On a Ray cluster: RAY_ADDRESS=ray://head:10001 rayclip embed …\n"
+        "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
+        f"  Explore this demo: rayclip search --data-dir {root} --q 'a small green square'\n"
+        f"                     rayclip serve --data-dir {root}",
+        markup=False,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ train-reference
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    from . import model
+    from .train import train_reference
+
+    out = Path(args.out) if args.out else model.REFERENCE_WEIGHTS
+    console = _console()
+    console.print(f"training {model.REFERENCE_MODEL} for {args.steps} steps (seed {args.seed}) on CPU → {out}")
+    summary = train_reference(
+        out,
+        seed=args.seed,
+        steps=args.steps,
+        progress=lambda step, loss: console.print(f"step {step:4d}  loss {loss:.3f}"),
+    )
+    _print_kv("trained", summary)
+    return 0
+
+
+# ------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    app = create_app(args.data_dir, args.model_version, max_upload_bytes=args.max_upload_mb << 20)
+    _console().print(
+        f"rayclip serving {layout.data_root(args.data_dir)} on http://{args.host}:{args.port}/ (API docs at /docs)"
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -176,7 +307,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         else "silver: no embeddings yet (run `rayclip embed`)"
     )
     gold = info["gold"]
-    rows = [[b["model_version"], b["build_id"], b["count"], b["created_at"], "CURRENT" if b["current"] else ""] for b in gold]
+    rows = [
+        [b["model_version"], b["build_id"], b["count"], b["created_at"], "CURRENT" if b["current"] else ""]
+        for b in gold
+    ]
     console.print(
         _table("gold builds", ["model_version", "build_id", "count", "created", ""], rows)
         if gold
@@ -208,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data root (default: ${layout.DATA_DIR_ENV}, else ./data)",
     )
 
-    p = sub.add_parser("ingest", parents=[common], help="download metadata URLs (img2dataset) or copy a folder into bronze")
+    p = sub.add_parser(
+        "ingest", parents=[common], help="download metadata URLs (img2dataset) or copy a folder into bronze"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl")
     source.add_argument("--folder", help="a local folder of images (recursive); captions from name.txt sidecars")
@@ -255,6 +391,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON: rank, score, media_id, path, url, caption")
     p.add_argument("--model-version", default=None, help="which index (default: the only one present)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "eval", parents=[common, model_args], help="Recall@K through the whole pipeline on captioned metadata"
+    )
+    p.add_argument("--metadata", required=True, help="captioned LAION-style metadata (URL, TEXT)")
+    p.add_argument("--url-col", default=None)
+    p.add_argument("--caption-col", default=None)
+    p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10], help="cut-offs (default: 1 5 10)")
+    p.add_argument("--actors", type=_positive_int, default=2)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=32)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole pipeline, offline, on generated data (make demo)")
+    p.add_argument("--images", type=_positive_int, default=500, help="synthetic images to generate")
+    p.add_argument("--seed", type=int, default=1234, help="generator seed (training uses 0)")
+    p.add_argument("--actors", type=_positive_int, default=2)
+    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=32)
+    p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train-reference", help="retrain the shipped offline reference model (about 9 minutes on 2 cores)"
+    )
+    p.add_argument("--out", default=None, help="where to write the weights (default: the packaged file)")
+    p.add_argument("--steps", type=_positive_int, default=700)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_reference)
+
+    p = sub.add_parser("serve", parents=[common], help="HTTP search service and web page")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-version", default=None)
+    p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest image upload accepted")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -73,7 +73,9 @@ def plan_work(root: Path, model_version: str, limit: int | None = None, force: b
     unique = manifest.group_by("media_id").aggregate([("path", "min")]).rename_columns(["media_id", "path"])
     unique = unique.sort_by("media_id")
     if not force:
-        unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=embedded_ids(root, model_version))))
+        unique = unique.filter(
+            pc.invert(pc.is_in(unique.column("media_id"), value_set=embedded_ids(root, model_version)))
+        )
     return unique.slice(0, limit) if limit is not None else unique
 
 
@@ -153,7 +155,9 @@ def _actor_resources(actors: int, gpus_per_actor: float) -> tuple[float, int]:
 
 def _count(stats_text: str, operator: str) -> tuple[int, int]:
     """(tasks, blocks) of the operator from Ray Data's stats text."""
-    match = re.search(rf"Operator \d+ [^\n]*{re.escape(operator)}[^\n]*: (\d+) tasks executed, (\d+) blocks produced", stats_text)
+    match = re.search(
+        rf"Operator \d+ [^\n]*{re.escape(operator)}[^\n]*: (\d+) tasks executed, (\d+) blocks produced", stats_text
+    )
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 

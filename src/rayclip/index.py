@@ -104,18 +104,24 @@ def _new_index(index_type: str, dim: int):
     try:
         return faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
-        raise UserError(f"unknown --index-type {index_type!r}; use flat or a FAISS factory string (HNSW32, IVF1024,Flat)") from None
+        raise UserError(
+            f"unknown --index-type {index_type!r}; use flat or a FAISS factory string (HNSW32, IVF1024,Flat)"
+        ) from None
 
 
 def _sources(root: Path) -> pa.Table:
     """One row per media_id from the manifest: its first (path, url, caption) and how many rows name it."""
     manifest = read_manifest(root, ["media_id", "path", "url", "caption", "ingested_at"]).sort_by("ingested_at")
-    return manifest.group_by("media_id", use_threads=False).aggregate(
-        [("path", "first"), ("url", "first"), ("caption", "first"), ("url", "count")]
-    ).rename_columns(["media_id", "path", "url", "caption", "source_count"])
+    return (
+        manifest.group_by("media_id", use_threads=False)
+        .aggregate([("path", "first"), ("url", "first"), ("caption", "first"), ("url", "count")])
+        .rename_columns(["media_id", "path", "url", "caption", "source_count"])
+    )
 
 
-def build(root: Path, model_version: str | None = None, day: str | None = None, index_type: str = "flat") -> BuildReport:
+def build(
+    root: Path, model_version: str | None = None, day: str | None = None, index_type: str = "flat"
+) -> BuildReport:
     """Build and publish a new gold build; returns what was published."""
     import faiss
 
@@ -126,7 +132,9 @@ def build(root: Path, model_version: str | None = None, day: str | None = None, 
         raise UserError(f"no silver files for {model_version}{' on ' + day if day else ''}; run `rayclip embed`")
     spec_file = layout.silver_model_file(root, model_version)
     if not spec_file.is_file():
-        raise UserError(f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`")
+        raise UserError(
+            f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
+        )
     chosen, dropped = _choose_rows(files)
     file_idx = chosen.column("file_idx").to_numpy()
     row_idx = chosen.column("row_idx").to_numpy()
@@ -136,7 +144,9 @@ def build(root: Path, model_version: str | None = None, day: str | None = None, 
     index = _new_index(index_type, dim)
     if not index.is_trained:
         sample = np.flatnonzero(np.random.default_rng(0).permutation(len(row_idx)) < TRAIN_SAMPLE)
-        index.train(np.concatenate([_vectors(files[i], row_idx[sample][file_idx[sample] == i]) for i in range(len(files))]))
+        index.train(
+            np.concatenate([_vectors(files[i], row_idx[sample][file_idx[sample] == i]) for i in range(len(files))])
+        )
     for i, f in enumerate(files):
         vectors = _vectors(f, row_idx[file_idx == i])
         _check_vectors(vectors, f)
@@ -151,7 +161,9 @@ def build(root: Path, model_version: str | None = None, day: str | None = None, 
     )
     unique = len(pc.unique(media_ids))
     if not index.ntotal == mapping.num_rows == unique:
-        raise UserError(f"refusing to publish: index has {index.ntotal} vectors, mapping {mapping.num_rows}, unique ids {unique}")
+        raise UserError(
+            f"refusing to publish: index has {index.ntotal} vectors, mapping {mapping.num_rows}, unique ids {unique}"
+        )
 
     build_id = layout.new_run_id()
     partitions = sorted({f.parent.name for f in files})
@@ -174,14 +186,20 @@ def build(root: Path, model_version: str | None = None, day: str | None = None, 
     try:
         faiss.write_index(index, str(staging / "index.faiss"))
         pq.write_table(mapping, staging / "mapping.parquet")
-        info["timings"] = {"read_s": round(read_s, 3), "add_s": round(add_s, 3), "total_s": round(time.monotonic() - started, 3)}
+        info["timings"] = {
+            "read_s": round(read_s, 3),
+            "add_s": round(add_s, 3),
+            "total_s": round(time.monotonic() - started, 3),
+        }
         layout.write_json_atomic(staging / "build.json", info)
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     layout.write_atomic(layout.current_file(root, model_version), build_id + "\n")
-    return BuildReport(build_id, model_version, info["count"], dim, index_type, dropped, partitions, info["timings"], str(final))
+    return BuildReport(
+        build_id, model_version, info["count"], dim, index_type, dropped, partitions, info["timings"], str(final)
+    )
 
 
 def builds(root: Path, model_version: str) -> list[str]:

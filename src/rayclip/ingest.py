@@ -18,8 +18,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,7 +82,7 @@ class Candidate:
     movable: bool = False  # a download we own may be renamed; a user's file is copied
 
 
-class BadImage(Exception):
+class BadImageError(Exception):
     """The bytes are not an image we can decode safely; the message is the failure reason."""
 
 
@@ -239,24 +239,24 @@ def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
-    """(extension, width, height) of decodable image bytes; BadImage(reason) otherwise."""
+    """(extension, width, height) of decodable image bytes; BadImageError(reason) otherwise."""
     from PIL import Image
 
     if not data:
-        raise BadImage("empty body")
+        raise BadImageError("empty body")
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImage("image too large to decode")
+                raise BadImageError("image too large to decode")
             fmt = (img.format or "").lower()
             img.load()  # a truncated or corrupt body fails here, not later in embed
-    except BadImage:
+    except BadImageError:
         raise
     except Image.DecompressionBombError:
-        raise BadImage("image too large to decode") from None
+        raise BadImageError("image too large to decode") from None
     except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
-        raise BadImage("decode error") from None
+        raise BadImageError("decode error") from None
     return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height
 
 
@@ -283,7 +283,7 @@ def _admit(
         data = candidate.file.read_bytes()
         try:
             ext, width, height = inspect_image(data, max_pixels)
-        except BadImage as bad:
+        except BadImageError as bad:
             failed[str(bad)] += 1
             continue
         media_id = hashlib.sha256(data).hexdigest()
@@ -386,7 +386,9 @@ def ingest_metadata(
     return result
 
 
-def ingest_folder(root: Path, folder: Path, limit: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestReport:
+def ingest_folder(
+    root: Path, folder: Path, limit: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> IngestReport:
     """Copy the images under a local folder (recursively) into the bronze layer."""
     started = time.monotonic()
     if not folder.is_dir():

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import hashlib
 import io
+import logging
 import os
 import socket
 from pathlib import Path
@@ -88,7 +88,9 @@ def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpe
         return ModelSpec(REFERENCE_MODEL, REFERENCE_ALIAS, str(REFERENCE_WEIGHTS), _file_sha256(REFERENCE_WEIGHTS))
     model = model or DEFAULT_MODEL
     if not model.startswith("hf-hub:") and model not in open_clip.list_models():
-        raise UserError(f"unknown model {model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists them")
+        raise UserError(
+            f"unknown model {model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists them"
+        )
     if pretrained.lower() == RANDOM_INIT or model.startswith("hf-hub:"):
         return ModelSpec(model, pretrained.lower() if not model.startswith("hf-hub:") else "hf-hub")
     path = Path(pretrained).expanduser()
@@ -98,7 +100,9 @@ def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpe
         return ModelSpec(model, str(path.absolute()), str(path.absolute()), _file_sha256(path))
     if pretrained not in open_clip.list_pretrained_tags_by_model(model):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        raise UserError(f"unknown pretrained tag {pretrained!r} for {model}; known: {tags}, or a checkpoint path, or none")
+        raise UserError(
+            f"unknown pretrained tag {pretrained!r} for {model}; known: {tags}, or a checkpoint path, or none"
+        )
     return ModelSpec(model, pretrained)
 
 
@@ -167,7 +171,9 @@ class ClipModel:
         try:
             # open_clip logs "initialized randomly" at WARNING on the root logger; the CLI says it once itself.
             with _quiet_root_logger():
-                model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=pretrained, device=device)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=pretrained, device=device
+                )
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise UserError(f"cannot load {spec.name} ({spec.pretrained}): {str(exc).splitlines()[0]}") from None
         self.spec = spec

@@ -96,7 +96,9 @@ class Searcher:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, data_dir: str | Path | None = None, model_version: str | None = None, threads: int | None = None) -> Searcher:
+    def open(
+        cls, data_dir: str | Path | None = None, model_version: str | None = None, threads: int | None = None
+    ) -> Searcher:
         root = layout.data_root(data_dir)
         model_version = pick_model_version(root, model_version, layout.gold_model_versions(root), "index")
         build_id = current_build(root, model_version)
@@ -106,7 +108,21 @@ class Searcher:
     @property
     def info(self) -> dict:
         b = self._build
-        return {"model_version": self.model_version, "build_id": b.build_id, "count": b.info["count"], "model": b.info["model"]}
+        return {
+            "model_version": self.model_version,
+            "build_id": b.build_id,
+            "count": b.info["count"],
+            "model": b.info["model"],
+        }
+
+    @property
+    def mapping(self):
+        """The CURRENT build's mapping table (row i describes faiss_id i)."""
+        return self._build.mapping
+
+    def vectors(self, faiss_ids: list[int]) -> np.ndarray:
+        """The indexed vectors of these faiss_ids (exact for the flat index)."""
+        return self._build.index.reconstruct_batch(np.asarray(faiss_ids, dtype=np.int64))
 
     def refresh(self) -> bool:
         """Switch to the build CURRENT names now, if it changed; True when it did."""
@@ -144,7 +160,9 @@ class Searcher:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             picture = decode_image(data)
         except Exception:  # unreadable file or undecodable bytes: both are the user's to fix
-            raise UserError(f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}") from None
+            raise UserError(
+                f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}"
+            ) from None
         return self.search_vectors(self.model.encode_images([picture]), k)[0]
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[SearchResults]:
@@ -162,5 +180,6 @@ class Searcher:
         keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
         rows = build.mapping.take(ids[keep]).select(["media_id", "path", "url", "caption"]).to_pylist()
         return [
-            SearchResult(rank=r + 1, score=round(float(s), 6), **row) for r, (s, row) in enumerate(zip(scores[keep], rows))
+            SearchResult(rank=r + 1, score=round(float(s), 6), **row)
+            for r, (s, row) in enumerate(zip(scores[keep], rows))
         ]

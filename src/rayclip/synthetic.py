@@ -15,9 +15,9 @@ import io
 import itertools
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -61,18 +61,42 @@ def random_scenes(n: int, rng: np.random.Generator) -> list[Scene]:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
-        corners = [(r * math.cos(angle + k * math.pi / 2 + math.pi / 4), r * math.sin(angle + k * math.pi / 2 + math.pi / 4)) for k in range(4)]
+        corners = [
+            (r * math.cos(angle + k * math.pi / 2 + math.pi / 4), r * math.sin(angle + k * math.pi / 2 + math.pi / 4))
+            for k in range(4)
+        ]
     elif shape == "triangle":
-        corners = [(r * math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2), r * math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2)) for k in range(3)]
+        corners = [
+            (
+                r * math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2),
+                r * math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2),
+            )
+            for k in range(3)
+        ]
     elif shape == "star":
         corners = [
-            ((r if k % 2 == 0 else r * 0.45) * math.cos(angle + k * math.pi / 5 - math.pi / 2),
-             (r if k % 2 == 0 else r * 0.45) * math.sin(angle + k * math.pi / 5 - math.pi / 2))
+            (
+                (r if k % 2 == 0 else r * 0.45) * math.cos(angle + k * math.pi / 5 - math.pi / 2),
+                (r if k % 2 == 0 else r * 0.45) * math.sin(angle + k * math.pi / 5 - math.pi / 2),
+            )
             for k in range(10)
         ]
     else:  # cross: a plus sign of arms r long and r/3 wide
         w = r / 3
-        outline = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        outline = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = math.cos(angle), math.sin(angle)
         corners = [(x * c - y * s, x * s + y * c) for x, y in outline]
     return [(cx + x, cy + y) for x, y in corners]

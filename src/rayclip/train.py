@@ -8,8 +8,8 @@ captions so that no positive pair is counted as a negative.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,10 +23,7 @@ def _render_training_set(n: int, rng: np.random.Generator, preprocess) -> tuple[
 
     scene_ids = rng.integers(0, len(synthetic.ALL_SCENES), size=n)
     pixels = torch.stack(
-        [
-            preprocess(synthetic.render(synthetic.ALL_SCENES[i], int(rng.integers(128, 321)), rng))
-            for i in scene_ids
-        ]
+        [preprocess(synthetic.render(synthetic.ALL_SCENES[i], int(rng.integers(128, 321)), rng)) for i in scene_ids]
     )
     return pixels.to(torch.bfloat16), scene_ids
 

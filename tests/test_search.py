@@ -1,0 +1,158 @@
+"""Gold builds and search end to end: ingest → embed (real Ray) → index (real FAISS) → search."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import GOOD_IMAGES, cli
+
+from rayclip import Searcher, UserError, index, ingest, layout
+
+
+@pytest.fixture(scope="module")
+def built(gold_store, tmp_path_factory):
+    """A private copy of the gold store: these tests publish and roll back builds."""
+    root = tmp_path_factory.mktemp("gold-private") / "data"
+    shutil.copytree(gold_store[0], root)
+    return root, gold_store[1]
+
+
+@pytest.fixture(scope="module")
+def searcher(built):
+    return Searcher.open(built[0])
+
+
+def silver_vectors(root) -> tuple[list[str], np.ndarray]:
+    files = index.silver_files(root, "clip_rayclip_ref_reference")
+    table = __import__("pyarrow").concat_tables(pq.read_table(f) for f in files)
+    return table.column("media_id").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_build_is_published_with_its_contract(built):
+    root, report = built
+    folder = layout.build_dir(root, report.model_version, report.build_id)
+    info = json.loads((folder / "build.json").read_text())
+    mapping = pq.read_table(folder / "mapping.parquet")
+    assert index.current_build(root, report.model_version) == report.build_id
+    # Same bytes ingested from two URLs: one vector (the manifest holds GOOD_IMAGES + 1 rows).
+    assert ingest.read_manifest(root).num_rows == GOOD_IMAGES + 1
+    assert info["count"] == mapping.num_rows == GOOD_IMAGES
+    assert mapping.column("faiss_id").to_pylist() == list(range(GOOD_IMAGES))
+    assert set(mapping.column_names) >= {"faiss_id", "media_id", "path", "url", "caption", "source_count"}
+    assert sorted(mapping.column("source_count").to_pylist())[-1] == 2
+    assert info["model"]["name"] == "RayCLIP-Ref" and len(info["model"]["checkpoint_sha256"]) == 64
+    assert info["dim"] == 128 and info["index_type"] == "flat" and info["source_partitions"]
+
+
+def test_image_query_finds_itself_first(built, searcher):
+    root, _ = built
+    for row in ingest.read_manifest(root).to_pylist()[:3]:
+        results = searcher.search_image(root / row["path"], k=3)
+        assert results[0].media_id == row["media_id"]
+        assert results[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("query", ["a large red circle on the left on a white background", "a small blue star"])
+def test_text_search_matches_brute_force_over_silver(built, searcher, query):
+    ids, vectors = silver_vectors(built[0])
+    scores = vectors @ searcher.model.encode_texts([query])[0]
+    expected = [ids[i] for i in np.argsort(-scores)[:5]]
+    results = searcher.search_text(query, k=5)
+    assert [r.media_id for r in results] == expected
+    assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+    got = [r.score for r in results]
+    assert got == sorted(got, reverse=True)
+    assert got == pytest.approx(sorted(scores, reverse=True)[:5], abs=1e-5)
+
+
+def test_rebuild_from_same_silver_gives_same_mapping(built):
+    root, first = built
+    second = index.build(root)
+
+    def read(b):
+        return pq.read_table(layout.build_dir(root, b.model_version, b.build_id) / "mapping.parquet")
+
+    assert read(first).select(["faiss_id", "media_id"]).equals(read(second).select(["faiss_id", "media_id"]))
+    old, new = index.rollback(root)
+    assert (old, new) == (second.build_id, first.build_id)
+
+
+def test_readers_never_see_a_partial_build(built, searcher):
+    root, _ = built
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def publish():
+        for _ in range(4):
+            index.build(root)
+        stop.set()
+
+    def read():
+        while not stop.is_set():
+            try:
+                reader = Searcher.open(root) if not errors else None
+                searcher.refresh()
+                assert len(searcher.search_text("a red square", k=GOOD_IMAGES)) == GOOD_IMAGES
+                assert reader is None or reader.info["count"] == GOOD_IMAGES
+            except Exception as exc:  # any failure while publishing is what this test exists to catch
+                errors.append(exc)
+                stop.set()
+
+    threads = [threading.Thread(target=publish), threading.Thread(target=read)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert not errors
+    assert searcher.refresh() in (True, False) and searcher.info["build_id"] == index.current_build(
+        root, searcher.model_version
+    )
+
+
+def test_query_adjustments_are_noted(searcher):
+    clamped = searcher.search_text("a green cross", k=10_000)
+    assert len(clamped) == GOOD_IMAGES and "clamped" in clamped.notes[0]
+    assert len(searcher.search_text("a green cross", k=0)) == 1
+    long = searcher.search_text("a green cross " * 40, k=2)
+    assert any("truncated" in n for n in long.notes)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, tmp: s.search_text("   "), "the query is empty"),
+        (lambda s, tmp: s.search_image(tmp / "nope.jpg"), "cannot read the query image"),
+        (lambda s, tmp: s.search_image(b"not an image"), "cannot read the query image"),
+        (lambda s, tmp: Searcher.open(tmp / "empty"), "no index yet"),
+    ],
+)
+def test_bad_queries_raise_user_errors(searcher, tmp_path, call, message):
+    with pytest.raises(UserError, match=message):
+        call(searcher, tmp_path)
+
+
+def test_broken_build_is_refused_by_name(built, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(built[0], root)
+    mv = "clip_rayclip_ref_reference"
+    build_id = index.current_build(root, mv)
+    mapping_file = layout.build_dir(root, mv, build_id) / "mapping.parquet"
+    pq.write_table(pq.read_table(mapping_file).slice(0, 5), mapping_file)
+    assert cli("search", "--data-dir", str(root), "--q", "a red circle") == 2
+    err = capsys.readouterr().err
+    assert f"build {build_id} of {mv} is broken" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_json_and_status(built, capsys):
+    root = str(built[0])
+    assert cli("search", "--data-dir", root, "--q", "a small yellow triangle", "--k", "5", "--json") == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
+    assert set(results[0]) == {"rank", "score", "media_id", "path", "url", "caption"}
+    assert cli("status", "--data-dir", root, "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["bronze"]["unique_media_ids"] == GOOD_IMAGES
+    assert sum(b["current"] for b in status["gold"]) == 1

@@ -1,0 +1,165 @@
+"""The HTTP service: API behaviour and status codes (TestClient), and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import GOOD_IMAGES
+from fastapi.testclient import TestClient
+
+from rayclip import index, ingest
+from rayclip.server import create_app
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def client(gold_store):
+    return TestClient(create_app(gold_store[0], max_upload_bytes=200_000))
+
+
+def a_media(root) -> dict:
+    return ingest.read_manifest(root).to_pylist()[0]
+
+
+def test_text_search_returns_the_cli_result_objects(client):
+    body = client.get("/api/search", params={"q": "a large red circle", "k": 5}).json()
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
+    assert set(body["results"][0]) == {"rank", "score", "media_id", "path", "url", "caption"}
+    assert body["model_version"] == "clip_rayclip_ref_reference" and body["build_id"]
+
+
+def test_image_upload_and_similar_find_the_image_first(client, gold_store):
+    row = a_media(gold_store[0])
+    data = (gold_store[0] / row["path"]).read_bytes()
+    upload = client.post("/api/search/image", params={"k": 3}, files={"file": ("q.jpg", data, "image/jpeg")}).json()
+    assert upload["results"][0]["media_id"] == row["media_id"]
+    similar = client.get("/api/search/similar", params={"media_id": row["media_id"], "k": 3}).json()
+    assert similar["results"][0]["media_id"] == row["media_id"] and similar["results"][0]["score"] > 0.999
+
+
+def test_images_are_served_from_the_store_only(client, gold_store):
+    row = a_media(gold_store[0])
+    response = client.get(f"/api/images/{row['media_id']}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == (gold_store[0] / row["path"]).read_bytes()
+    assert client.get("/api/images/" + "0" * 64).status_code == 404
+    for bad in ["abc", "..%2F..%2Fetc%2Fpasswd", "G" * 64, row["media_id"].upper()]:
+        assert client.get(f"/api/images/{bad}").status_code in (404, 422), bad
+
+
+@pytest.mark.parametrize(
+    "params, status",
+    [
+        ({"q": ""}, 422),
+        ({"q": "   "}, 422),
+        ({"q": "x" * 1001}, 422),
+        ({"q": "cat", "k": 0}, 422),
+        ({"q": "cat", "k": 10_000}, 422),
+        ({}, 422),
+    ],
+)
+def test_bad_text_queries(client, params, status):
+    response = client.get("/api/search", params=params)
+    assert response.status_code == status and response.json()["detail"]
+
+
+def test_bad_uploads(client):
+    assert client.post("/api/search/image", files={"file": ("x.jpg", b"<html>", "image/jpeg")}).status_code == 415
+    assert client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 300_000, "image/jpeg")}).status_code == 413
+
+
+def test_status_health_docs(client):
+    assert client.get("/healthz").json() == {"ok": True}
+    assert client.get("/api/status").json()["count"] == GOOD_IMAGES
+    assert client.get("/docs").status_code == 200
+    assert "/api/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_no_index_is_503_then_a_new_build_is_picked_up_without_restart(gold_store, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root, ignore=shutil.ignore_patterns("gold"))
+    fresh = TestClient(create_app(root))
+    response = fresh.get("/api/search", params={"q": "a red circle"})
+    assert response.status_code == 503 and "rayclip index" in response.json()["detail"]
+    first = index.build(root)
+    assert fresh.get("/api/status").json()["build_id"] == first.build_id
+    second = index.build(root)
+    assert fresh.get("/api/status").json()["build_id"] == second.build_id
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(gold_store):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gold_store[0]), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_search_page_in_headless_chromium(live_server, gold_store):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed and `make test` could not install it (needs apt-get as root)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(live_server + "/")
+        page.fill("#q", "a large red circle on the left on a white background")
+        page.click("button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('#results img').length > 0")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results img')].slice(0, 6).every(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert "q=a+large+red+circle" in page.url
+        captions = page.locator("#results .caption").all_inner_texts()
+        assert len(captions) == min(24, GOOD_IMAGES)
+        page.screenshot(path=str(ARTIFACTS / "search-text.png"))
+
+        page.locator("#results .card").nth(2).click()
+        page.wait_for_url("**like=*")
+        clicked = page.url.split("like=")[1].split("&")[0]
+        page.wait_for_function(f"document.querySelector('#results .card')?.dataset.mediaId === '{clicked}'")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results img')].slice(0, 6).every(i => i.complete && i.naturalWidth > 0)"
+        )
+        page.screenshot(path=str(ARTIFACTS / "search-similar.png"))
+
+        # A shared URL reproduces the page.
+        page.goto(live_server + "/?q=a+small+blue+star")
+        page.wait_for_function("document.querySelectorAll('#results .card').length > 0")
+        assert page.input_value("#q") == "a small blue star"
+        browser.close()
