@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +106,17 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert second.partition.endswith("dt=2026-01-02")
     assert len(list((store / second.partition).glob("*.parquet"))) >= 1
     assert rotten["media_id"] not in silver(store, spec.model_version).column("media_id").to_pylist()
+
+
+def test_joins_the_cluster_named_by_ray_address(store, ray_session):
+    """The same command, unchanged, runs on an existing cluster: here the test session's own."""
+    address = ray_session.get_runtime_context().gcs_address
+    env = os.environ | {"RAY_ADDRESS": address}
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference", "--actors", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads(next(layout.embed_runs_dir(store).glob("*.json")).read_text())
+    assert run["cluster"] == address and run["rows_embedded"] == GOOD_IMAGES
 
 
 def test_missing_weights_fail_fast_with_one_line(store, capsys):

@@ -40,6 +40,8 @@ class EmbedReport:
     rows_embedded: int = 0
     rows_failed: int = 0
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    cluster: str = ""  # the GCS address of the Ray cluster that ran the job
+    cluster_cpus: float = 0.0
     actors: int = 0
     actors_used: int = 0
     cpus_per_actor: float = 0.0
@@ -204,6 +206,8 @@ def embed(
 
     started = time.monotonic()
     init_ray()
+    report.cluster = ray.get_runtime_context().gcs_address
+    report.cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
     report.cpus_per_actor, report.torch_threads = _actor_resources(actors, gpus_per_actor)
     report.blocks = blocks or actors * 8
     stats = ray.remote(num_cpus=0)(RunStats).remote()
