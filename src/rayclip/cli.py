@@ -186,7 +186,7 @@ def _show_eval(report) -> None:
     ]
     title = f"recall, {report.model_version} ({report.images} images, {report.queries} distinct captions)"
     _console().print(_table(title, ["", "text→image", "image→text", "chance (text→image)"], rows))
-    _console().print(f"saved {report.path}")
+    _console().print(f"saved {_shown(report.path)}", markup=False)
 
 
 def _evaluate_pipeline(args, root: Path, metadata: Path, spec):
@@ -211,12 +211,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ demo
 
-DEMO_QUERIES = [
-    "a large red circle on the left on a white background",
-    "a small blue star on the top on a black background",
-    "a large yellow triangle in the center on a black background",
-    "a small purple cross on the right on a white background",
-]
+
+def _shown(path: Path | str) -> str:
+    """A path as the user can type it: relative to the working directory when under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -227,14 +228,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.rule("rayclip demo: synthetic captioned images → img2dataset → Ray Data → FAISS → search")
     site = root / "site"
     images = synthetic.write_images(site, args.images, seed=args.seed)
-    console.print(f"generated {images.num_rows} captioned JPEGs (seed {args.seed}, held out from training) in {site}")
+    held_out = f"seed {args.seed}, not used in training"
+    console.print(f"generated {images.num_rows} captioned JPEGs in {_shown(site)} ({held_out})")
     spec = model.resolve(None, model.REFERENCE_ALIAS)
     with synthetic.serve_folder(site) as base:
         console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
         metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
         args.url_col = args.caption_col = None
         searcher, report = _evaluate_pipeline(args, root, metadata, spec)
-    for query in DEMO_QUERIES:
+    # Captions spread over the generated set, so each query has at least one true match.
+    captions = images.column("caption").to_pylist()
+    for query in captions[:: max(1, len(captions) // 4)][:4]:
         _print_results(searcher.search_text(query, k=3), False, f"{query!r}")
     _show_eval(report)
     console.print(
@@ -244,8 +248,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
         "  On a Ray cluster: RAY_ADDRESS=ray://head:10001 rayclip embed …\n"
         "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
-        f"  Explore this demo: rayclip search --data-dir {root} --q 'a small green square'\n"
-        f"                     rayclip serve --data-dir {root}",
+        f"  Explore this demo: rayclip search --data-dir {_shown(root)} --q 'a small green square'\n"
+        f"                     rayclip serve --data-dir {_shown(root)}",
         markup=False,
     )
     return 0

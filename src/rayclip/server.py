@@ -25,6 +25,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 1000
 MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
+# Module level: with postponed annotations FastAPI must be able to resolve the alias by name.
+TopK = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
     "png": "image/png",
@@ -78,8 +80,6 @@ def create_app(
     async def user_error(_request, err: UserError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(err)})
 
-    k_param = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
@@ -93,14 +93,14 @@ def create_app(
         return holder.get().info
 
     @app.get("/api/search")
-    def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)], k: k_param = 10) -> dict:
+    def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)], k: TopK = 10) -> dict:
         if not q.strip():
             raise HTTPException(status_code=422, detail="the query is empty")
         searcher = holder.get()
         return _payload(searcher, searcher.search_text(q, k), {"q": q, "k": k})
 
     @app.get("/api/search/similar")
-    def search_similar(media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: k_param = 10) -> dict:
+    def search_similar(media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10) -> dict:
         searcher = holder.get()
         return _payload(
             searcher,
@@ -109,7 +109,7 @@ def create_app(
         )
 
     @app.post("/api/search/image")
-    async def search_image(file: Annotated[UploadFile, File(description="an image")], k: k_param = 10) -> dict:
+    async def search_image(file: Annotated[UploadFile, File(description="an image")], k: TopK = 10) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(status_code=413, detail=f"image larger than {max_upload_bytes} bytes")

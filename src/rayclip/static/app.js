@@ -50,6 +50,7 @@ async function runFromUrl() {
       $("q").value = params.get("q");
       render(await api(`/api/search?${new URLSearchParams({ q: params.get("q"), k: k() })}`), `“${params.get("q")}”`);
     } else if (params.get("like")) {
+      $("q").value = "";
       render(await api(`/api/search/similar?${new URLSearchParams({ media_id: params.get("like"), k: k() })}`), "images like the one clicked");
     }
   } catch (error) { fail(error); }
