@@ -60,8 +60,8 @@ def main() -> None:
         b = report.rows_embedded / (time.perf_counter() - started)
         print(
             f"(b) rayclip embed, {args.actors} actors x {report.torch_threads} threads: {b:.2f} images/s end to end "
-            f"(Ray start included; {report.images_per_s} images/s from dataset creation to commit); "
-            f"actors_used={report.actors_used} tasks={report.tasks}"
+            f"(planning, Ray start, actors, Parquet write and commit); actors_used={report.actors_used} "
+            f"tasks={report.tasks}"
         )
         print(f"images={args.images} batch_size={args.batch_size}  ratio b/a = {b / a:.3f}")
 

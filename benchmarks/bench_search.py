@@ -8,6 +8,7 @@ ViT-B-32 (random init: latency does not depend on the weights) over random unit 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def main() -> None:
             root = Path(tmp)
             random_silver(root, spec, n, 512)
             report, build_s = timed_build(root)
+            peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             searcher = Searcher.open(root, threads=args.threads)
             for q in QUERIES:
                 searcher.search_text(q, k=10)  # warm up
@@ -55,7 +57,7 @@ def main() -> None:
                 encode.append(t1 - t0)
                 search.append(t2 - t1)
             print(
-                f"N={n:>7}  build {build_s:6.2f} s ({report.count} vectors)  "
+                f"N={n:>7}  build {build_s:6.2f} s ({report.count} vectors, peak RSS {peak_gib:.2f} GiB)  "
                 f"query {percentiles(total)}  of which encode p50 {percentiles(encode)['p50_ms']} ms, "
                 f"search+join p50 {percentiles(search)['p50_ms']} ms"
             )
