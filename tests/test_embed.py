@@ -112,7 +112,7 @@ def test_joins_the_cluster_named_by_ray_address(store, ray_session):
     """The same command, unchanged, runs on an existing cluster: here the test session's own."""
     address = ray_session.get_runtime_context().gcs_address
     env = os.environ | {"RAY_ADDRESS": address}
-    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference", "--actors", "2"]
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads(next(layout.embed_runs_dir(store).glob("*.json")).read_text())
