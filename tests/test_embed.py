@@ -104,6 +104,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     second = embed.embed(store, spec, actors=2, batch_size=4, day="2026-01-02")
     assert (second.rows_planned, second.rows_embedded, second.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 11, 1)
     assert second.partition.endswith("dt=2026-01-02")
+    assert second.failed_ids == [{"media_id": rotten["media_id"], "reason": "decode error"}]
     assert len(list((store / second.partition).glob("*.parquet"))) >= 1
     assert rotten["media_id"] not in silver(store, spec.model_version).column("media_id").to_pylist()
 
@@ -125,6 +126,11 @@ def test_missing_weights_fail_fast_with_one_line(store, capsys):
     assert rc == 2
     assert "weights for ViT-B-32/openai are not cached and cannot be downloaded here" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_more_gpus_than_the_cluster_has_is_refused_not_left_pending(store, ray_session):
+    with pytest.raises(Exception, match="need 2.0 GPUs; the cluster has 0.0"):
+        embed.embed(store, model.resolve(None, "reference"), actors=2, gpus_per_actor=1.0)
 
 
 def test_empty_manifest_and_bad_date(tmp_path, capsys):

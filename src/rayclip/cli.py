@@ -119,6 +119,7 @@ def _show_embed(report) -> None:
     summary = report.to_dict()
     plan = summary.pop("plan")
     failed = summary.pop("failed")
+    summary.pop("failed_ids")  # in the run's JSON
     console.print(plan, markup=False)
     _print_kv(f"embed {report.run_id}", summary)
     if failed:

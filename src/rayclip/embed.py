@@ -40,6 +40,7 @@ class EmbedReport:
     rows_embedded: int = 0
     rows_failed: int = 0
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    failed_ids: list[dict] = dataclasses.field(default_factory=list)  # the first 1000: media_id, reason
     cluster: str = ""  # the GCS address of the Ray cluster that ran the job
     cluster_cpus: float = 0.0
     actors: int = 0
@@ -113,8 +114,10 @@ class EmbedUDF:
             try:
                 images.append(decode_image((self.root / path).read_bytes()))
                 ids.append(media_id)
-            except Exception as exc:  # a bad image must not kill the job; it is counted and skipped
-                failures.append((media_id, type(exc).__name__))
+            except FileNotFoundError:
+                failures.append((media_id, "missing object"))
+            except Exception:  # a bad image must not kill the job; it is counted and skipped
+                failures.append((media_id, "decode error"))
         vectors = self.model.encode_images(images) if images else np.zeros((0, self.model.dim), np.float32)
         self.stats.record.remote(self.actor_id, len(ids), failures)
         return silver_table(ids, vectors)
@@ -146,10 +149,19 @@ def init_ray() -> None:
 
 
 def _actor_resources(actors: int, gpus_per_actor: float) -> tuple[float, int]:
-    """CPUs per actor and its torch threads: leave a quarter of the CPUs for the write tasks."""
+    """CPUs per actor and its torch threads: leave a quarter of the CPUs for the write tasks.
+
+    Asking for more than the cluster has would leave actors pending forever, so it is refused.
+    """
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0))
+    if gpus_per_actor * actors > gpus:
+        raise UserError(
+            f"{actors} actors x {gpus_per_actor} GPU need {gpus_per_actor * actors} GPUs; the cluster has {gpus}"
+        )
     per_actor = round(min(1.0, cpus * 0.75 / actors), 3) if not gpus_per_actor else 1.0
     threads = max(1, int(cpus // actors))
     return per_actor, threads
@@ -244,6 +256,7 @@ def embed(
     report.actors_used = sum(1 for n in rows_by_actor.values() if n > 0)
     report.rows_failed = len(failures)
     report.failed = dict(Counter(reason for _, reason in failures).most_common())
+    report.failed_ids = [{"media_id": m, "reason": r} for m, r in failures[:1000]]
     report.wall_s = round(time.monotonic() - started, 3)
     report.images_per_s = round(report.rows_embedded / report.wall_s, 2) if report.wall_s else 0.0
     report.partition = str(partition.relative_to(root))

@@ -68,7 +68,7 @@ def _file_sha256(path: Path) -> str:
 
 
 @functools.cache
-def _register_configs() -> None:
+def register_configs() -> None:
     import open_clip
 
     open_clip.add_model_config(CONFIG_DIR)
@@ -78,7 +78,7 @@ def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpe
     """Turn --model/--pretrained as a user wrote them into a spec; fails fast on bad names."""
     import open_clip
 
-    _register_configs()
+    register_configs()
     pretrained = pretrained or (REFERENCE_ALIAS if model == REFERENCE_MODEL else DEFAULT_PRETRAINED)
     if pretrained == REFERENCE_ALIAS:
         if model not in (None, REFERENCE_MODEL):
@@ -145,7 +145,7 @@ def check_available(spec: ModelSpec) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
+def quiet_root_logger():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -164,13 +164,13 @@ class ClipModel:
 
         if threads:
             torch.set_num_threads(threads)
-        _register_configs()
+        register_configs()
         check_available(spec)
         torch.manual_seed(RANDOM_SEED)  # random init is identical in every actor and every run
         pretrained = spec.checkpoint or (None if spec.pretrained in (RANDOM_INIT, "hf-hub") else spec.pretrained)
         try:
             # open_clip logs "initialized randomly" at WARNING on the root logger; the CLI says it once itself.
-            with _quiet_root_logger():
+            with quiet_root_logger():
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     spec.name, pretrained=pretrained, device=device
                 )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout, synthetic
-from .model import REFERENCE_MODEL, _register_configs
+from .model import REFERENCE_MODEL, quiet_root_logger, register_configs
 
 
 def _render_training_set(n: int, rng: np.random.Generator, preprocess) -> tuple[object, np.ndarray]:
@@ -44,8 +44,9 @@ def train_reference(
     started = time.monotonic()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    _register_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(REFERENCE_MODEL, pretrained=None)
+    register_configs()
+    with quiet_root_logger():  # "initialized randomly" is the point here
+        model, _, preprocess = open_clip.create_model_and_transforms(REFERENCE_MODEL, pretrained=None)
     tokenizer = open_clip.get_tokenizer(REFERENCE_MODEL)
     captions = tokenizer([scene.caption for scene in synthetic.ALL_SCENES])
     pixels, scene_ids = _render_training_set(images, rng, preprocess)
