@@ -62,12 +62,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if report.downloaded or not report.rows_read else 1
 
 
-def _show_ingest(report) -> None:
-    summary = report.to_dict()
+def _show_run(title: str, summary: dict) -> None:
+    """A run's summary, then its failures by reason (ingest and embed report the same way)."""
     failed = summary.pop("failed")
-    _print_kv(f"ingest {report.run_id}", summary)
+    _print_kv(title, summary)
     if failed:
         _console().print(_table("failed, by reason", ["reason", "count"], [[k, v] for k, v in failed.items()]))
+
+
+def _show_ingest(report) -> None:
+    _show_run(f"ingest {report.run_id}", report.to_dict())
 
 
 # ------------------------------------------------------------------ embed
@@ -117,13 +121,9 @@ def _show_embed(report) -> None:
         console.print(f"nothing new to embed: every media_id in the manifest is in silver for {report.model_version}")
         return
     summary = report.to_dict()
-    plan = summary.pop("plan")
-    failed = summary.pop("failed")
+    console.print(summary.pop("plan"), markup=False)
     summary.pop("failed_ids")  # in the run's JSON
-    console.print(plan, markup=False)
-    _print_kv(f"embed {report.run_id}", summary)
-    if failed:
-        console.print(_table("failed, by reason", ["reason", "count"], [[k, v] for k, v in failed.items()]))
+    _show_run(f"embed {report.run_id}", summary)
 
 
 # ------------------------------------------------------------------ index
