@@ -163,3 +163,27 @@ def test_search_page_in_headless_chromium(live_server, gold_store):
         page.wait_for_function("document.querySelectorAll('#results .card').length > 0")
         assert page.input_value("#q") == "a small blue star"
         browser.close()
+
+
+def test_rayclip_serve_command_listens_on_loopback_and_says_where(gold_store):
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rayclip.cli", "serve", "--data-dir", str(gold_store[0]), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=30).json()["count"] == GOOD_IMAGES
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"on http://127.0.0.1:{port}/" in output

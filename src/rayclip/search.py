@@ -141,16 +141,14 @@ class Searcher:
 
     def search_texts(self, texts: list[str], k: int = 10) -> list[SearchResults]:
         """Many text queries in one encoder batch (evaluation uses this)."""
-        notes = []
-        for text in texts:
-            if not text or not text.strip():
-                raise UserError("the query is empty; give some words to search for")
-            tokens = self.model.token_count(text)
-            if tokens > self.model.context_length:
-                notes.append(f"query truncated to the model's {self.model.context_length} tokens (it has {tokens})")
+        if any(not text or not text.strip() for text in texts):
+            raise UserError("the query is empty; give some words to search for")
         results = self.search_vectors(self.model.encode_texts([t.strip() for t in texts]), k)
-        for r in results:
-            r.notes[:0] = notes if len(texts) == 1 else []
+        limit = self.model.context_length
+        for text, result in zip(texts, results):
+            tokens = self.model.token_count(text)
+            if tokens > limit:
+                result.notes.insert(0, f"query truncated to the model's {limit} tokens (it has {tokens})")
         return results
 
     def search_image(self, image: str | Path | bytes, k: int = 10) -> SearchResults:

@@ -7,6 +7,7 @@ captions so that no positive pair is counted as a negative.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,11 +80,11 @@ def train_reference(
         if progress and (step % 25 == 0 or step == steps - 1):
             progress(step, loss_value)
 
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.temp_path_for(out)
-    torch.save(state, tmp)
-    tmp.replace(out)
+    # Saved through a buffer: torch.save names the archive after its file, and a temporary name
+    # would make the bytes (and so the recorded checkpoint sha256) differ from run to run.
+    buffer = io.BytesIO()
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, buffer)
+    layout.write_atomic(out, buffer.getvalue())
     return {
         "out": str(out),
         "bytes": out.stat().st_size,
