@@ -18,7 +18,7 @@ from .errors import UserError
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)  # no hard wraps in plain lines (paths, URLs)
 
 
 def _table(title: str, columns: list[str], rows: list[list], **kwargs):
@@ -285,9 +285,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import create_app
 
     app = create_app(args.data_dir, args.model_version, max_upload_bytes=args.max_upload_mb << 20)
-    _console().print(
-        f"rayclip serving {layout.data_root(args.data_dir)} on http://{args.host}:{args.port}/ (API docs at /docs)"
-    )
+    where = f"http://{args.host}:{args.port}/"
+    # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
+    print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

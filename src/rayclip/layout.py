@@ -100,9 +100,10 @@ def gold_model_versions(root: Path) -> list[str]:
 
 # names
 def new_run_id() -> str:
-    """Sortable by time, unique across concurrent runs."""
+    """Sorts in creation order (microseconds: builds can follow each other within a second);
+    the random suffix keeps concurrent runs apart."""
     now = dt.datetime.now(dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
 def today() -> str:
