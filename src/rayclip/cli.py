@@ -142,7 +142,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _show_index(report) -> None:
-    _print_kv(f"published build {report.build_id}", {k: v for k, v in vars(report).items() if k != "build_id"})
+    shown = {k: v for k, v in vars(report).items() if k != "build_id"} | {"path": _shown(report.path)}
+    _print_kv(f"published build {report.build_id}", shown)
 
 
 # ------------------------------------------------------------------ search
