@@ -34,8 +34,8 @@ demo: install
 	$(VENV)/bin/rayclip demo
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf data test-artifacts .pytest_cache
