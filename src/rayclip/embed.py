@@ -44,7 +44,8 @@ class EmbedReport:
     cluster: str = ""  # the GCS address of the Ray cluster that ran the job
     cluster_cpus: float = 0.0
     actors: int = 0
-    actors_used: int = 0
+    actors_used: int = 0  # actors that embedded at least one row
+    nodes_used: int = 0
     cpus_per_actor: float = 0.0
     torch_threads: int = 0
     batch_size: int = 0
@@ -86,15 +87,15 @@ class RunStats:
     """Collects what the actors did (a Ray actor with no CPU, created per run)."""
 
     def __init__(self) -> None:
-        self.rows_by_actor: Counter = Counter()
+        self.rows_by_worker: Counter = Counter()  # (node_id, actor_id) -> rows embedded
         self.failures: list[tuple[str, str]] = []
 
-    def record(self, actor_id: str, ok: int, failures: list[tuple[str, str]]) -> None:
-        self.rows_by_actor[actor_id] += ok
+    def record(self, worker: tuple[str, str], ok: int, failures: list[tuple[str, str]]) -> None:
+        self.rows_by_worker[worker] += ok
         self.failures.extend(failures)
 
-    def summary(self) -> tuple[dict, list]:
-        return dict(self.rows_by_actor), self.failures
+    def summary(self) -> tuple[list, list]:
+        return [worker for worker, rows in self.rows_by_worker.items() if rows], self.failures
 
 
 class EmbedUDF:
@@ -106,7 +107,8 @@ class EmbedUDF:
         self.model = load_model(ModelSpec(**spec), device=device, threads=threads)
         self.root = Path(data_root)
         self.stats = stats
-        self.actor_id = ray.get_runtime_context().get_actor_id()
+        context = ray.get_runtime_context()
+        self.worker = (context.get_node_id(), context.get_actor_id())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images, ids, failures = [], [], []
@@ -119,7 +121,7 @@ class EmbedUDF:
             except Exception:  # a bad image must not kill the job; it is counted and skipped
                 failures.append((media_id, "decode error"))
         vectors = self.model.encode_images(images) if images else np.zeros((0, self.model.dim), np.float32)
-        self.stats.record.remote(self.actor_id, len(ids), failures)
+        self.stats.record.remote(self.worker, len(ids), failures)
         return silver_table(ids, vectors)
 
 
@@ -251,9 +253,10 @@ def embed(
     layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     files = _commit(staging, partition, report.run_id)
 
-    rows_by_actor, failures = ray.get(stats.summary.remote())
+    workers, failures = ray.get(stats.summary.remote())
     report.rows_embedded = sum(pq.read_metadata(f).num_rows for f in files)
-    report.actors_used = sum(1 for n in rows_by_actor.values() if n > 0)
+    report.actors_used = len({actor for _, actor in workers})
+    report.nodes_used = len({node for node, _ in workers})
     report.rows_failed = len(failures)
     report.failed = dict(Counter(reason for _, reason in failures).most_common())
     report.failed_ids = [{"media_id": m, "reason": r} for m, r in failures[:1000]]
