@@ -158,12 +158,13 @@ def test_cli_json_and_status(built, capsys):
     assert sum(b["current"] for b in status["gold"]) == 1
 
 
-def test_other_faiss_index_types(built, tmp_path):
+@pytest.mark.parametrize("index_type", ["HNSW32", "IVF4,Flat"])  # IVF needs training first
+def test_other_faiss_index_types(built, tmp_path, index_type):
     root = tmp_path / "data"
     shutil.copytree(built[0], root)
-    report = index.build(root, index_type="HNSW32")
+    report = index.build(root, index_type=index_type)
     info = json.loads((layout.build_dir(root, report.model_version, report.build_id) / "build.json").read_text())
-    assert info["index_type"] == "HNSW32" and info["count"] == GOOD_IMAGES
+    assert info["index_type"] == index_type and info["count"] == GOOD_IMAGES
     row = ingest.read_manifest(root).to_pylist()[0]
     assert Searcher.open(root).search_image(root / row["path"], k=1)[0].media_id == row["media_id"]
     with pytest.raises(UserError, match="unknown --index-type"):

@@ -96,6 +96,12 @@ def _check_vectors(vectors: np.ndarray, f: Path) -> None:
         raise UserError(f"silver file {f.name} holds vectors that are not L2-normalised; re-embed with --force")
 
 
+def _training_sample(files: list[Path], file_idx: np.ndarray, row_idx: np.ndarray) -> np.ndarray:
+    """Up to TRAIN_SAMPLE of the chosen vectors, drawn at random (seeded), for IVF/PQ training."""
+    picked = np.random.default_rng(0).permutation(len(row_idx))[:TRAIN_SAMPLE]
+    return np.concatenate([_vectors(f, np.sort(row_idx[picked][file_idx[picked] == i])) for i, f in enumerate(files)])
+
+
 def _new_index(index_type: str, dim: int):
     import faiss
 
@@ -143,10 +149,7 @@ def build(
     dim = pq.read_schema(files[0]).field("embedding").type.list_size
     index = _new_index(index_type, dim)
     if not index.is_trained:
-        sample = np.flatnonzero(np.random.default_rng(0).permutation(len(row_idx)) < TRAIN_SAMPLE)
-        index.train(
-            np.concatenate([_vectors(files[i], row_idx[sample][file_idx[sample] == i]) for i in range(len(files))])
-        )
+        index.train(_training_sample(files, file_idx, row_idx))
     for i, f in enumerate(files):
         vectors = _vectors(f, row_idx[file_idx == i])
         _check_vectors(vectors, f)

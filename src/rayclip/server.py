@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from . import layout
 from .errors import UserError
@@ -118,7 +119,9 @@ def create_app(
         except BadImageError as bad:
             raise HTTPException(status_code=415, detail=f"not an image we can read: {bad}") from None
         searcher = holder.get()
-        return _payload(searcher, searcher.search_image(data, k), {"upload": file.filename, "k": k})
+        # Encoding is CPU work: off the event loop, like the sync endpoints.
+        results = await run_in_threadpool(searcher.search_image, data, k)
+        return _payload(searcher, results, {"upload": file.filename, "k": k})
 
     @app.get("/api/images/{media_id}")
     def image(media_id: str) -> FileResponse:
