@@ -124,6 +124,13 @@ def store(ingested, tmp_path):
     return root
 
 
+def read_silver(root: Path, model_version: str) -> pa.Table:
+    """Every committed silver row of a model_version, read back from Parquet."""
+    from rayclip import layout
+
+    return pa.concat_tables(pq.read_table(f) for f in layout.silver_files(root, model_version))
+
+
 def cli(*args: str) -> int:
     return main(list(args))
 

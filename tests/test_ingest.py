@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -81,7 +82,7 @@ def test_folder_ingest_reads_sidecar_captions_and_is_idempotent(tmp_path):
     names = images.column("filename").to_pylist()
     (folder / "nested" / names[0]).with_suffix(".txt").write_text("a caption from the sidecar\n")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    synthetic.render(synthetic.ALL_SCENES[0], 300, __import__("numpy").random.default_rng(0)).save(folder / "p.png")
+    synthetic.render(synthetic.ALL_SCENES[0], 300, np.random.default_rng(0)).save(folder / "p.png")
     root = tmp_path / "data"
 
     report = ingest.ingest_folder(root, folder)

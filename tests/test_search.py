@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import GOOD_IMAGES, cli
+from conftest import GOOD_IMAGES, cli, read_silver
 
 from rayclip import Searcher, UserError, index, ingest, layout
 
@@ -28,8 +28,7 @@ def searcher(built):
 
 
 def silver_vectors(root) -> tuple[list[str], np.ndarray]:
-    files = index.silver_files(root, "clip_rayclip_ref_reference")
-    table = __import__("pyarrow").concat_tables(pq.read_table(f) for f in files)
+    table = read_silver(root, "clip_rayclip_ref_reference")
     return table.column("media_id").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
 
 

@@ -7,6 +7,7 @@ so `rayclip --help` answers at once. This is the only module that prints.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from . import layout
 from .errors import UserError
 
 
+@functools.cache
 def _console():
     from rich.console import Console
 
@@ -191,22 +193,40 @@ def _show_eval(report) -> None:
     _console().print(f"saved {_shown(report.path)}", markup=False)
 
 
-def _evaluate_pipeline(args, root: Path, metadata: Path, spec):
+def _evaluate_pipeline(
+    root: Path,
+    metadata: Path,
+    spec,
+    ks: list[int],
+    actors: int,
+    batch_size: int,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+):
     """ingest → embed → index → Recall@K, printing each stage (eval and demo share it)."""
     from . import embed, evaluate, index, ingest
     from .search import Searcher
 
-    urls = ingest.read_metadata(metadata, args.url_col, args.caption_col).column("url").to_pylist()
-    _show_ingest(ingest.ingest_metadata(root, metadata, url_col=args.url_col, caption_col=args.caption_col))
-    _show_embed(embed.embed(root, spec, actors=args.actors, batch_size=args.batch_size))
+    urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
+    _show_ingest(ingest.ingest_metadata(root, metadata, url_col=url_col, caption_col=caption_col))
+    _show_embed(embed.embed(root, spec, actors=actors, batch_size=batch_size))
     _show_index(index.build(root, spec.model_version))
     searcher = Searcher.open(root, spec.model_version)
-    report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(args.k)))
+    report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(ks)))
     return searcher, report
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _, report = _evaluate_pipeline(args, layout.data_root(args.data_dir), Path(args.metadata), _spec(args))
+    _, report = _evaluate_pipeline(
+        layout.data_root(args.data_dir),
+        Path(args.metadata),
+        _spec(args),
+        args.k,
+        args.actors,
+        args.batch_size,
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+    )
     _show_eval(report)
     return 0
 
@@ -236,8 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with synthetic.serve_folder(site) as base:
         console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
         metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
-        args.url_col = args.caption_col = None
-        searcher, report = _evaluate_pipeline(args, root, metadata, spec)
+        searcher, report = _evaluate_pipeline(root, metadata, spec, args.k, args.actors, args.batch_size)
     # Captions spread over the generated set, so each query has at least one true match.
     captions = images.column("caption").to_pylist()
     for query in captions[:: max(1, len(captions) // 4)][:4]:

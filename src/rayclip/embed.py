@@ -62,7 +62,7 @@ class EmbedReport:
 
 def embedded_ids(root: Path, model_version: str) -> pa.Array:
     """media_ids already in silver for this model_version, across every dt partition."""
-    files = sorted(layout.silver_model_dir(root, model_version).glob("dt=*/*.parquet"))
+    files = layout.silver_files(root, model_version)
     if not files:
         return pa.array([], pa.string())
     return pa.concat_arrays([pq.read_table(f, columns=["media_id"]).column("media_id").combine_chunks() for f in files])
@@ -150,14 +150,11 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
-def _actor_resources(actors: int, gpus_per_actor: float) -> tuple[float, int]:
+def _actor_resources(resources: dict, actors: int, gpus_per_actor: float) -> tuple[float, int]:
     """CPUs per actor and its torch threads: leave a quarter of the CPUs for the write tasks.
 
     Asking for more than the cluster has would leave actors pending forever, so it is refused.
     """
-    import ray
-
-    resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
     if gpus_per_actor * actors > gpus:
@@ -169,12 +166,10 @@ def _actor_resources(actors: int, gpus_per_actor: float) -> tuple[float, int]:
     return per_actor, threads
 
 
-def _count(stats_text: str, operator: str) -> tuple[int, int]:
-    """(tasks, blocks) of the operator from Ray Data's stats text."""
-    match = re.search(
-        rf"Operator \d+ [^\n]*{re.escape(operator)}[^\n]*: (\d+) tasks executed, (\d+) blocks produced", stats_text
-    )
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+def _tasks(stats_text: str, operator: str) -> int:
+    """Tasks the operator executed, from Ray Data's stats text."""
+    match = re.search(rf"Operator \d+ [^\n]*{re.escape(operator)}[^\n]*: (\d+) tasks executed", stats_text)
+    return int(match.group(1)) if match else 0
 
 
 def _commit(staging: Path, partition: Path, run_id: str) -> list[Path]:
@@ -221,8 +216,9 @@ def embed(
     started = time.monotonic()
     init_ray()
     report.cluster = ray.get_runtime_context().gcs_address
-    report.cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-    report.cpus_per_actor, report.torch_threads = _actor_resources(actors, gpus_per_actor)
+    resources = ray.cluster_resources()
+    report.cluster_cpus = float(resources.get("CPU", 0))
+    report.cpus_per_actor, report.torch_threads = _actor_resources(resources, actors, gpus_per_actor)
     report.blocks = blocks or actors * 8
     stats = ray.remote(num_cpus=0)(RunStats).remote()
     ds = ray.data.from_items(work.to_pylist(), override_num_blocks=min(report.blocks, work.num_rows))
@@ -248,7 +244,7 @@ def embed(
 
     staging = layout.silver_staging(root, report.run_id)
     ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
-    report.tasks, _ = _count(ds.stats(), "MapBatches(EmbedUDF)")
+    report.tasks = _tasks(ds.stats(), "MapBatches(EmbedUDF)")
     partition = layout.silver_partition(root, spec.model_version, report.dt)
     layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     files = _commit(staging, partition, report.run_id)

@@ -54,13 +54,13 @@ def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, .
         captions_by_image.setdefault(r["media_id"], set()).add(r["caption"])
 
     k_max = max(ks)
+    text_vectors = searcher.model.encode_texts(captions)  # once, for both directions
     hits_t2i = {k: 0 for k in ks}
-    for caption, results in zip(captions, searcher.search_texts(captions, k=k_max)):
+    for caption, results in zip(captions, searcher.search_vectors(text_vectors, k=k_max)):
         ranked = [r.media_id for r in results]
         for k in ks:
             hits_t2i[k] += bool(images_by_caption[caption] & set(ranked[:k]))
 
-    text_vectors = searcher.model.encode_texts(captions)
     image_ids = sorted(captions_by_image)
     image_vectors = searcher.vectors([indexed[m] for m in image_ids])
     order = np.argsort(-(image_vectors @ text_vectors.T), axis=1)[:, :k_max]

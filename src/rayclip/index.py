@@ -56,11 +56,6 @@ def pick_model_version(root: Path, asked: str | None, available: list[str], laye
     return available[0]
 
 
-def silver_files(root: Path, model_version: str, day: str | None = None) -> list[Path]:
-    pattern = f"dt={layout.check_day(day)}/*.parquet" if day else "dt=*/*.parquet"
-    return sorted(layout.silver_model_dir(root, model_version).glob(pattern))
-
-
 def _choose_rows(files: list[Path]) -> tuple[pa.Table, int]:
     """Per media_id, the (file, row) of its newest embedding, in file-then-row order; and rows dropped."""
     parts = []
@@ -133,7 +128,7 @@ def build(
 
     started = time.monotonic()
     model_version = pick_model_version(root, model_version, layout.silver_model_versions(root), "embeddings")
-    files = silver_files(root, model_version, day)
+    files = layout.silver_files(root, model_version, day)
     if not files:
         raise UserError(f"no silver files for {model_version}{' on ' + day if day else ''}; run `rayclip embed`")
     spec_file = layout.silver_model_file(root, model_version)

@@ -61,6 +61,12 @@ def silver_model_file(root: Path, model_version: str) -> Path:
     return silver_model_dir(root, model_version) / "_model.json"
 
 
+def silver_files(root: Path, model_version: str, day: str | None = None) -> list[Path]:
+    """The committed silver Parquet files of a model_version (one dt partition, or all)."""
+    pattern = f"dt={check_day(day)}/*.parquet" if day else "dt=*/*.parquet"
+    return sorted(silver_model_dir(root, model_version).glob(pattern))
+
+
 def silver_model_versions(root: Path) -> list[str]:
     return sorted(p.name.split("=", 1)[1] for p in embeddings_dir(root).glob("model_version=*") if p.is_dir())
 

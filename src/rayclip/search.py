@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .errors import UserError
 from .index import current_build, pick_model_version
-from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
+from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Searcher:
         return self.search_texts([text], k)[0]
 
     def search_texts(self, texts: list[str], k: int = 10) -> list[SearchResults]:
-        """Many text queries in one encoder batch (evaluation uses this)."""
+        """Many text queries in one encoder batch."""
         if any(not text or not text.strip() for text in texts):
             raise UserError("the query is empty; give some words to search for")
         results = self.search_vectors(self.model.encode_texts([t.strip() for t in texts]), k)
@@ -152,8 +152,6 @@ class Searcher:
         return results
 
     def search_image(self, image: str | Path | bytes, k: int = 10) -> SearchResults:
-        from .model import decode_image
-
         try:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             picture = decode_image(data)

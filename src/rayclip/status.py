@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from . import layout
+from .index import builds, current_build
 from .ingest import read_manifest
 
 
@@ -45,18 +46,18 @@ def gold_status(root: Path) -> list[dict]:
     """One entry per build, CURRENT marked."""
     out = []
     gold = root / "gold"
-    for mv_dir in sorted(gold.glob("*")) if gold.is_dir() else []:
-        current = layout.current_file(root, mv_dir.name)
-        current_id = current.read_text().strip() if current.is_file() else None
-        for build in sorted(layout.builds_dir(root, mv_dir.name).glob("*/build.json")):
-            info = json.loads(build.read_text())
+    # Every model_version folder, even one whose CURRENT was never written (a build then stays listed).
+    for model_version in sorted(p.name for p in gold.iterdir() if p.is_dir()) if gold.is_dir() else []:
+        current_id = current_build(root, model_version)
+        for build_id in builds(root, model_version):
+            info = json.loads((layout.build_dir(root, model_version, build_id) / "build.json").read_text())
             out.append(
                 {
-                    "model_version": mv_dir.name,
-                    "build_id": info["build_id"],
+                    "model_version": model_version,
+                    "build_id": build_id,
                     "count": info["count"],
                     "created_at": info["created_at"],
-                    "current": info["build_id"] == current_id,
+                    "current": build_id == current_id,
                 }
             )
     return out
