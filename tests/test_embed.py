@@ -10,19 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import GOOD_IMAGES, cli
+from conftest import GOOD_IMAGES, cli, read_silver
 
 from rayclip import embed, ingest, layout, model
 
 
-def silver(root, model_version: str) -> pa.Table:
-    files = sorted(layout.silver_model_dir(root, model_version).glob("dt=*/*.parquet"))
-    return pa.concat_tables(pq.read_table(f) for f in files)
+@pytest.fixture
+def whole_pool_first(ray_session, monkeypatch):
+    """Ray Data starts pool actors asynchronously; with 3 batches the first actor up could take them
+    all. Waiting for the whole pool (Ray Data's own setting) makes actors_used a fair measure."""
+    from ray.data import DataContext
+
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 120)
 
 
-def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_session, capsys):
+def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, whole_pool_first, capsys):
     rc = cli(
         "embed",
         "--data-dir",
@@ -46,7 +49,7 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     assert run["actors_used"] > 1 and run["tasks"] > 1 and run["blocks"] == 32
     assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
 
-    table = silver(store, "clip_vit_b32_none")
+    table = read_silver(store, "clip_vit_b32_none")
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 512)
     assert table.schema.field("media_id").type == pa.string()
     assert sorted(table.column("media_id").to_pylist()) == sorted(
@@ -58,7 +61,7 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
 
     rc = cli("embed", "--data-dir", str(store), "--actors", "4", "--batch_size", "8", "--pretrained", "none")
     assert rc == 0 and "nothing new to embed" in capsys.readouterr().out
-    assert silver(store, "clip_vit_b32_none").num_rows == GOOD_IMAGES
+    assert read_silver(store, "clip_vit_b32_none").num_rows == GOOD_IMAGES
 
 
 def own_embeddings(root, media_ids: list[str]) -> np.ndarray:
@@ -82,7 +85,7 @@ def own_embeddings(root, media_ids: list[str]) -> np.ndarray:
 def test_rows_are_never_shifted_between_media_ids(store, ray_session, blocks, batch_size):
     report = embed.embed(store, model.resolve(None, "reference"), actors=2, batch_size=batch_size, blocks=blocks)
     assert report.rows_embedded == GOOD_IMAGES
-    table = silver(store, report.model_version)
+    table = read_silver(store, report.model_version)
     ids = table.column("media_id").to_pylist()
     ours = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     theirs = own_embeddings(store, ids)
@@ -98,7 +101,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     first = embed.embed(store, spec, actors=2, batch_size=4, limit=10)
     assert first.rows_embedded == 10
     # Bit rot after ingest: an object no longer decodes. The run records it and goes on.
-    done = set(silver(store, spec.model_version).column("media_id").to_pylist())
+    done = set(read_silver(store, spec.model_version).column("media_id").to_pylist())
     rotten = next(r for r in ingest.read_manifest(store).to_pylist() if r["media_id"] not in done)
     (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
 
@@ -107,7 +110,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert second.partition.endswith("dt=2026-01-02")
     assert second.failed_ids == [{"media_id": rotten["media_id"], "reason": "decode error"}]
     assert len(list((store / second.partition).glob("*.parquet"))) >= 1
-    assert rotten["media_id"] not in silver(store, spec.model_version).column("media_id").to_pylist()
+    assert rotten["media_id"] not in read_silver(store, spec.model_version).column("media_id").to_pylist()
 
 
 def test_joins_the_cluster_named_by_ray_address(store, ray_session):
