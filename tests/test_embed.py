@@ -148,6 +148,21 @@ def test_more_gpus_than_the_cluster_has_is_refused_not_left_pending(store, ray_s
         embed.embed(store, model.resolve(None, "reference"), actors=2, gpus_per_actor=1.0)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "NoSuchNet"], "unknown model 'NoSuchNet'"),
+        (["--model", "ViT-B-32", "--pretrained", "nosuchtag"], "unknown pretrained tag 'nosuchtag' for ViT-B-32"),
+        (["--pretrained", "missing.pt"], "checkpoint file not found"),
+        (["--model", "ViT-B-32", "--pretrained", "reference"], "--pretrained reference is the RayCLIP-Ref model"),
+    ],
+)
+def test_bad_model_names_get_one_clear_line(store, capsys, args, message):
+    assert cli("embed", "--data-dir", str(store), *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_empty_manifest_and_bad_date(tmp_path, capsys):
     assert cli("embed", "--data-dir", str(tmp_path / "d"), "--pretrained", "none") == 2
     assert "run `rayclip ingest` first" in capsys.readouterr().err
