@@ -188,7 +188,10 @@ def _show_eval(report) -> None:
         ]
         for k in report.text_to_image
     ]
-    title = f"recall, {report.model_version} ({report.images} images, {report.queries} distinct captions)"
+    title = (
+        f"recall (rayclip's metadata definition), {report.model_version} "
+        f"({report.images} images, {report.queries} distinct captions)"
+    )
     _console().print(_table(title, ["", "text→image", "image→text", "chance (text→image)"], rows))
     _console().print(f"saved {_shown(report.path)}", markup=False)
 
@@ -216,7 +219,51 @@ def _evaluate_pipeline(
     return searcher, report
 
 
+def _show_benchmark(report) -> None:
+    rows = [
+        [
+            f"R@{k}",
+            f"{report.text_to_image[k]:.3f}",
+            f"{report.chance_text_to_image[k]:.3f}",
+            f"{report.image_to_text[k]:.3f}",
+            f"{report.chance_image_to_text[k]:.3f}",
+        ]
+        for k in report.text_to_image
+    ]
+    split = f" {report.split} split" if report.split else ""
+    title = (
+        f"{report.dataset}{split}, clip_benchmark's recall: {report.model_version} "
+        f"({report.images} images, {report.captions} captions)"
+    )
+    _console().print(_table(title, ["", "text→image", "chance", "image→text", "chance"], rows))
+    _console().print(f"saved {_shown(report.path)}\nreport {_shown(report.html)}", markup=False)
+
+
+def _eval_benchmark(args: argparse.Namespace) -> int:
+    from . import embed, evaluate, index, ingest
+
+    if not (args.annotations and args.images):
+        raise UserError("--dataset needs --annotations FILE and --images DIR")
+    show = {ingest.IngestReport: _show_ingest, embed.EmbedReport: _show_embed, index.BuildReport: _show_index}
+    report = evaluate.evaluate_benchmark(
+        layout.data_root(args.data_dir),
+        args.dataset,
+        Path(args.annotations),
+        Path(args.images),
+        _spec(args),
+        split=args.split,
+        ks=tuple(args.k),
+        actors=args.actors,
+        batch_size=args.batch_size,
+        stage_done=lambda stage: show[type(stage)](stage),
+    )
+    _show_benchmark(report)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.dataset:
+        return _eval_benchmark(args)
     _, report = _evaluate_pipeline(
         layout.data_root(args.data_dir),
         Path(args.metadata),
@@ -418,9 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
-        "eval", parents=[common, model_args], help="Recall@K through the whole pipeline on captioned metadata"
+        "eval", parents=[common, model_args], help="Recall@K through the whole pipeline: a benchmark or metadata"
     )
-    p.add_argument("--metadata", required=True, help="captioned LAION-style metadata (URL, TEXT)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--dataset", choices=["karpathy", "coco"], help="a retrieval benchmark's annotations (clip_benchmark's recall)"
+    )
+    source.add_argument("--metadata", help="captioned LAION-style metadata (URL, TEXT), rayclip's own recall")
+    p.add_argument("--annotations", help="Karpathy split JSON (dataset_flickr30k.json) or COCO captions JSON")
+    p.add_argument("--images", help="the folder the annotation file's image names are under")
+    p.add_argument("--split", default=None, help="Karpathy split to evaluate (default: test)")
     p.add_argument("--url-col", default=None)
     p.add_argument("--caption-col", default=None)
     p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10], help="cut-offs (default: 1 5 10)")

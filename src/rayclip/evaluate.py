@@ -1,22 +1,48 @@
 """Recall@K through the real pipeline: the published index, the Searcher, the mapping.
 
-Definition. The queries are the distinct captions of the evaluated images. Text→image: a
-caption's query is a hit at K when any of the top K images carries that caption (several images
-may share one). Image→text: an image is a hit at K when one of its captions is among the K
-captions closest to its vector. Chance level is reported beside each figure.
+Two definitions, kept apart and labelled in every report:
+
+- `--dataset karpathy|coco` (a retrieval benchmark's annotation file): clip_benchmark's, the one
+  behind open_clip's published table (LAION-AI/CLIP_benchmark, clip_benchmark/metrics/
+  zeroshot_retrieval.py). Every caption is one query whose only positive is its own image;
+  text→image R@K is the share of captions whose image is in the top K images; image→text R@K is
+  the share of images with at least one of their captions in the top K captions. Both rank the
+  whole (captions × images) cosine matrix of the evaluated set.
+- `--metadata` (LAION-style, one caption per row): rayclip's own. The queries are the distinct
+  captions; a text→image query is a hit when any of the top K images carries that caption
+  (several images may share one). Image→text: one of the image's captions is among the K captions
+  closest to its vector.
+
+Chance level is reported beside each figure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from . import layout
+from .errors import UserError
 from .ingest import read_manifest
+from .model import ModelSpec
 from .search import Searcher
+
+METADATA_DEFINITION = "rayclip metadata: distinct captions; a hit is any image carrying the caption"
+BENCHMARK_DEFINITION = "clip_benchmark zeroshot_retrieval: each caption's own image; any of an image's captions"
+DATASETS = ("karpathy", "coco")
+CURVE_MAX_K = 50  # the report's Recall@K curves run from K=1 to this (or the gallery size)
+WORST_SHOWN = 8  # worst-ranked queries per direction in the HTML report
+RANK_CHUNK = 1024  # query rows ranked at a time: bounds the temporaries on COCO-5k (25k x 5k)
+TEXT_BATCH = 256
 
 
 @dataclasses.dataclass
@@ -28,6 +54,7 @@ class EvalReport:
     text_to_image: dict[int, float]
     image_to_text: dict[int, float]
     chance_text_to_image: dict[int, float]
+    definition: str = METADATA_DEFINITION
     path: str = ""
 
     def to_dict(self) -> dict:
@@ -35,8 +62,10 @@ class EvalReport:
 
 
 def _chance(gallery: int, relevant: list[int], k: int) -> float:
-    """Expected text→image recall@k of a random ranking: 1 - C(N-r, k) / C(N, k), averaged."""
-    return float(np.mean([1 - math.comb(gallery - r, k) / math.comb(gallery, k) for r in relevant]))
+    """Expected recall@k of a random ranking: 1 - C(N-r, k) / C(N, k), averaged over the queries."""
+    counts = Counter(relevant)  # a few distinct r: the big binomials are computed once each
+    hit = {r: 1 - math.comb(gallery - r, k) / math.comb(gallery, k) for r in counts}
+    return float(sum(hit[r] * n for r, n in counts.items()) / len(relevant))
 
 
 def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, ...] = (1, 5, 10)) -> EvalReport:
@@ -82,9 +111,324 @@ def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, .
     )
 
 
-def save(root: Path, report: EvalReport) -> EvalReport:
+def save(root: Path, report: EvalReport | BenchmarkReport) -> EvalReport | BenchmarkReport:
     """Write eval.json next to the build it measured."""
     path = layout.build_dir(root, report.model_version, report.build_id) / "eval.json"
     report.path = str(path)
     layout.write_json_atomic(path, report.to_dict())
     return report
+
+
+# ---------------------------------------------------------------- benchmark annotation files
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatedImage:
+    """One image file that a benchmark's annotation file names, with its captions in file order."""
+
+    file: Path
+    captions: tuple[str, ...]
+
+
+def _load_annotations(path: Path, dataset: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{path.name} has no `images` list: not a {dataset} annotation file")
+    return data
+
+
+def _image_file(images: Path, subfolder: str, name: str) -> Path:
+    """Where an annotated file is: under its subfolder (Karpathy's `filepath`, e.g. val2014), else directly."""
+    nested = images / subfolder / name
+    return nested if nested.is_file() or not (images / name).is_file() else images / name
+
+
+def read_karpathy(annotations: Path, images: Path, split: str = "test") -> list[AnnotatedImage]:
+    """One split of a Karpathy split JSON (dataset_flickr30k.json, dataset_coco.json), in file order."""
+    entries = _load_annotations(annotations, "Karpathy split")["images"]
+    try:
+        chosen = [e for e in entries if e["split"] == split]
+        if not chosen:
+            present = ", ".join(sorted({e["split"] for e in entries}))
+            raise UserError(f"no images in split {split!r} of {annotations.name}; its splits: {present} (pass --split)")
+        return [
+            AnnotatedImage(
+                _image_file(images, e.get("filepath", ""), e["filename"]), tuple(s["raw"] for s in e["sentences"])
+            )
+            for e in chosen
+        ]
+    except (KeyError, TypeError) as exc:
+        raise UserError(
+            f"{annotations.name} is not a Karpathy split file (no {exc} in an entry); COCO's own file is --dataset coco"
+        ) from None
+
+
+def read_coco(annotations: Path, images: Path) -> list[AnnotatedImage]:
+    """Every image of a COCO captions file, by image id (the order of torchvision's CocoCaptions,
+    which clip_benchmark reads COCO with); each image's captions in annotation order."""
+    data = _load_annotations(annotations, "COCO captions")
+    try:
+        captions: dict[int, list[str]] = {image["id"]: [] for image in data["images"]}
+        for annotation in data["annotations"]:
+            if annotation["image_id"] not in captions:
+                raise UserError(f"{annotations.name}: a caption names image id {annotation['image_id']}, not listed")
+            captions[annotation["image_id"]].append(annotation["caption"])
+        ordered = sorted(data["images"], key=lambda image: image["id"])
+        return [AnnotatedImage(_image_file(images, "", i["file_name"]), tuple(captions[i["id"]])) for i in ordered]
+    except (KeyError, TypeError) as exc:
+        raise UserError(
+            f"{annotations.name} is not a COCO captions file (no {exc}); a Karpathy split JSON is --dataset karpathy"
+        ) from None
+
+
+def read_annotations(dataset: str, annotations: Path, images: Path, split: str | None = None) -> list[AnnotatedImage]:
+    """The evaluated images and captions; every named file must be under `images`."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {dataset!r}; use one of: {', '.join(DATASETS)}")
+    if not images.is_dir():
+        raise UserError(f"images folder not found: {images}")
+    if dataset == "coco":
+        if split is not None:
+            raise UserError("--split is for --dataset karpathy; a COCO captions file holds one split")
+        chosen = read_coco(annotations, images)
+    else:
+        chosen = read_karpathy(annotations, images, split or "test")
+    missing = [item.file for item in chosen if not item.file.is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of the {len(chosen)} images in {annotations.name} are not under {images} "
+            f"(first: {missing[0]}); pass the folder that holds them as --images"
+        )
+    return chosen
+
+
+@dataclasses.dataclass
+class Gallery:
+    """The evaluated set as the store sees it: one image per media_id; every caption, in order."""
+
+    media_ids: list[str]
+    files: list[Path]  # the first annotated file of each media_id
+    captions: list[str]
+    text_image: np.ndarray  # caption i describes media_ids[text_image[i]]
+    duplicate_files: int  # annotated files whose bytes an earlier file already had
+
+
+def gallery(annotated: list[AnnotatedImage]) -> Gallery:
+    """Map each file to its media_id (the sha256 of its bytes, as the store names it)."""
+    position: dict[str, int] = {}
+    files, captions, owners = [], [], []
+    for item in annotated:
+        media_id = hashlib.sha256(item.file.read_bytes()).hexdigest()
+        if media_id not in position:
+            position[media_id] = len(position)
+            files.append(item.file)
+        captions.extend(item.captions)
+        owners.extend([position[media_id]] * len(item.captions))
+    return Gallery(list(position), files, captions, np.array(owners, dtype=np.int64), len(annotated) - len(position))
+
+
+# ---------------------------------------------------------------- clip_benchmark's Recall@K
+
+
+def first_hit_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """For each row (a query), the 1-based rank of its best-ranked positive column.
+
+    Columns rank by descending score; equal scores rank by lower column index, the order FAISS
+    returns. clip_benchmark takes torch.topk, which leaves the order of equal scores unspecified:
+    ours is one of the orders it may return, and with no exact ties (real embeddings) the two agree.
+    Recall@K is the share of rows whose rank is at most K. Every row needs a positive.
+    """
+    ranks = np.empty(len(scores), dtype=np.int64)
+    columns = np.arange(scores.shape[1])
+    for start in range(0, len(scores), RANK_CHUNK):
+        s = np.asarray(scores[start : start + RANK_CHUNK])
+        p = positive[start : start + RANK_CHUNK]
+        best = np.where(p, s, -np.inf).max(axis=1, keepdims=True)
+        first = np.argmax(p & (s == best), axis=1)[:, None]  # the lowest-index positive with that score
+        ahead = (s > best) | ((s == best) & (columns < first))
+        ranks[start : start + RANK_CHUNK] = 1 + ahead.sum(axis=1)
+    return ranks
+
+
+@dataclasses.dataclass
+class Ranks:
+    text_to_image: np.ndarray  # per caption: the rank of its own image among the images
+    image_to_text: np.ndarray  # per queried image: the rank of its best caption among the captions
+    image_queries: np.ndarray  # the images queried: those with at least one caption
+
+
+def retrieval_ranks(scores: np.ndarray, text_image: np.ndarray) -> Ranks:
+    """clip_benchmark's two directions over one (captions x images) score matrix.
+
+    An image without captions stays in the gallery but asks no image→text query (clip_benchmark
+    would count it a miss: its recall is 0/0).
+    """
+    n_images = scores.shape[1]
+    positive = text_image[:, None] == np.arange(n_images)[None, :]
+    queried = np.unique(text_image)
+    everyone = len(queried) == n_images  # the usual case; skips copying the transposed matrix
+    image_rows = scores.T if everyone else scores.T[queried]
+    image_positive = positive.T if everyone else positive.T[queried]
+    return Ranks(first_hit_ranks(scores, positive), first_hit_ranks(image_rows, image_positive), queried)
+
+
+def recall_at(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
+    return {k: round(float(np.mean(ranks <= k)), 4) for k in ks}
+
+
+# ---------------------------------------------------------------- the benchmark through the pipeline
+
+
+@dataclasses.dataclass
+class BenchmarkReport:
+    model_version: str
+    build_id: str
+    images: int
+    captions: int
+    images_without_captions: int
+    duplicate_files: int
+    text_to_image: dict[int, float]
+    image_to_text: dict[int, float]
+    chance_text_to_image: dict[int, float]
+    chance_image_to_text: dict[int, float]
+    curve: dict[str, list]  # k, and recall and chance per direction at each k
+    worst: dict[str, list]  # the worst-ranked queries of each direction with their top results
+    dataset: str = ""
+    annotations: str = ""
+    split: str | None = None
+    definition: str = BENCHMARK_DEFINITION
+    source: str = "LAION-AI/CLIP_benchmark: clip_benchmark/metrics/zeroshot_retrieval.py"
+    path: str = ""
+    html: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _encode_texts(searcher: Searcher, texts: list[str]) -> np.ndarray:
+    batches = [searcher.model.encode_texts(texts[i : i + TEXT_BATCH]) for i in range(0, len(texts), TEXT_BATCH)]
+    return np.concatenate(batches)
+
+
+def _indexed(searcher: Searcher, media_ids: list[str]) -> tuple[list[int], list[str]]:
+    """faiss_id and store path of each media_id; every evaluated image must be in the build."""
+    mapping = searcher.mapping.select(["faiss_id", "media_id", "path"]).to_pylist()
+    rows = {row["media_id"]: row for row in mapping}
+    missing = [m for m in media_ids if m not in rows]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of the {len(media_ids)} evaluated images are not in build {searcher.info['build_id']} "
+            f"(undecodable or failed to embed; see the ingest and embed summaries), e.g. media_id {missing[0]}"
+        )
+    return [rows[m]["faiss_id"] for m in media_ids], [rows[m]["path"] for m in media_ids]
+
+
+def _worst(scores: np.ndarray, ranks: Ranks, evaluated: Gallery, paths: list[str], top: int = 5) -> dict[str, list]:
+    """The worst-ranked queries of each direction, with what ranked above the right answer."""
+    image = [{"media_id": m, "path": p} for m, p in zip(evaluated.media_ids, paths)]
+    by_text = []
+    for t in np.argsort(-ranks.text_to_image, kind="stable")[:WORST_SHOWN]:
+        own = int(evaluated.text_image[t])
+        ranked = np.argsort(-scores[t], kind="stable")[:top]
+        results = [image[j] | {"score": round(float(scores[t, j]), 4), "hit": bool(j == own)} for j in ranked]
+        by_text.append(
+            {"caption": evaluated.captions[t], "rank": int(ranks.text_to_image[t]), "image": image[own], "top": results}
+        )
+    by_image = []
+    for q in np.argsort(-ranks.image_to_text, kind="stable")[:WORST_SHOWN]:
+        i = int(ranks.image_queries[q])
+        ranked = np.argsort(-scores[:, i], kind="stable")[:top]
+        results = [
+            {
+                "caption": evaluated.captions[j],
+                "score": round(float(scores[j, i]), 4),
+                "hit": bool(evaluated.text_image[j] == i),
+            }
+            for j in ranked
+        ]
+        own = [c for c, owner in zip(evaluated.captions, evaluated.text_image) if owner == i]
+        by_image.append({"image": image[i], "rank": int(ranks.image_to_text[q]), "captions": own, "top": results})
+    return {"text_to_image": by_text, "image_to_text": by_image}
+
+
+def score_benchmark(searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] = (1, 5, 10)) -> BenchmarkReport:
+    """clip_benchmark's Recall@K of the published build: its vectors, its model for the captions."""
+    faiss_ids, paths = _indexed(searcher, evaluated.media_ids)
+    scores = _encode_texts(searcher, evaluated.captions) @ searcher.vectors(faiss_ids).T
+    ranks = retrieval_ranks(scores, evaluated.text_image)
+    n_images, n_texts = len(evaluated.media_ids), len(evaluated.captions)
+    per_image = np.bincount(evaluated.text_image, minlength=n_images)[ranks.image_queries].tolist()
+
+    def chance(direction: str, k: int) -> float:
+        if direction == "text_to_image":  # one positive image per caption
+            return round(_chance(n_images, [1] * n_texts, k), 4)
+        return round(_chance(n_texts, per_image, k), 4)
+
+    curve_ks = list(range(1, min(CURVE_MAX_K, n_images, n_texts) + 1))
+    curve: dict[str, list] = {"k": curve_ks}
+    for direction, r in (("text_to_image", ranks.text_to_image), ("image_to_text", ranks.image_to_text)):
+        curve[direction] = list(recall_at(r, tuple(curve_ks)).values())
+        curve[f"chance_{direction}"] = [chance(direction, k) for k in curve_ks]
+    return BenchmarkReport(
+        model_version=searcher.model_version,
+        build_id=searcher.info["build_id"],
+        images=n_images,
+        captions=n_texts,
+        images_without_captions=n_images - len(ranks.image_queries),
+        duplicate_files=evaluated.duplicate_files,
+        text_to_image=recall_at(ranks.text_to_image, ks),
+        image_to_text=recall_at(ranks.image_to_text, ks),
+        chance_text_to_image={k: chance("text_to_image", k) for k in ks},
+        chance_image_to_text={k: chance("image_to_text", k) for k in ks},
+        curve=curve,
+        worst=_worst(scores, ranks, evaluated, paths),
+    )
+
+
+def _stage_links(evaluated: Gallery, images: Path, folder: Path) -> None:
+    """Links to the evaluated files (one per media_id) for the folder ingest, each with its first
+    caption as the sidecar the folder ingest reads; the rest of the images folder stays out."""
+    first_caption = {int(owner): c for owner, c in reversed(list(zip(evaluated.text_image, evaluated.captions)))}
+    for i, file in enumerate(evaluated.files):
+        link = folder / file.relative_to(images)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(file.absolute(), link)
+        if i in first_caption:
+            link.with_suffix(".txt").write_text(first_caption[i] + "\n", encoding="utf-8")
+
+
+def evaluate_benchmark(
+    root: Path,
+    dataset: str,
+    annotations: Path,
+    images: Path,
+    spec: ModelSpec,
+    split: str | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    actors: int = 2,
+    batch_size: int = 32,
+    stage_done: Callable[[object], None] | None = None,
+) -> BenchmarkReport:
+    """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K.
+
+    Writes eval.json and eval.html next to the build; `stage_done` receives each stage's report.
+    """
+    from . import embed, eval_html, index, ingest
+
+    evaluated = gallery(read_annotations(dataset, annotations, images, split))
+    done = stage_done or (lambda report: None)
+    with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as staging:
+        _stage_links(evaluated, images, Path(staging))
+        done(ingest.ingest_folder(root, Path(staging)))
+    done(embed.embed(root, spec, actors=actors, batch_size=batch_size))
+    done(index.build(root, spec.model_version))
+    report = score_benchmark(Searcher.open(root, spec.model_version), evaluated, ks)
+    report.dataset, report.annotations = dataset, annotations.name
+    report.split = None if dataset == "coco" else split or "test"
+    report.html = str(eval_html.write(root, report))
+    return save(root, report)

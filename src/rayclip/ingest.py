@@ -232,7 +232,8 @@ def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
     for path in images[:limit]:
         sidecar = path.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
-        yield Candidate(file=path, url=path.absolute().as_uri(), caption=caption)
+        # A link's url names the file it points at: where the bytes live (eval ingests links to a split).
+        yield Candidate(file=path, url=path.resolve().as_uri(), caption=caption)
 
 
 # ---------------------------------------------------------------- storing

@@ -4,6 +4,8 @@ Each image is one shape (5 kinds) of one colour (6) and size (2) at one position
 background (2): 600 distinct captions. Jitter, rotation and sensor-like noise make every image
 unique and its JPEG a realistic size. Captions name every attribute, so retrieval quality on a
 held-out seed measures whether a model (and the pipeline around it) really aligns text and image.
+The same scenes, five captions each, are also written in the retrieval benchmarks' annotation
+formats (Karpathy split JSON, COCO captions) for `rayclip eval --dataset`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import http.server
 import io
 import itertools
+import json
 import math
 import threading
 from collections.abc import Iterator
@@ -167,3 +170,72 @@ def serve_folder(folder: Path, port: int = 0) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------- benchmark-format fixtures
+
+
+def caption_variants(scene: Scene) -> list[str]:
+    """Five captions of one scene, worded as different annotators might (benchmarks carry five per image).
+
+    Two of them leave attributes out, as people do, so they also fit other scenes.
+    """
+    where = "in the center" if scene.position == "center" else f"on the {scene.position}"
+    full = scene.caption
+    article = "an" if scene.colour[0] in "aeiou" else "a"
+    return [
+        full,
+        f"a photo of {full}",
+        full.removeprefix("a "),
+        f"a {scene.size} {scene.colour} {scene.shape} {where}",
+        f"{article} {scene.colour} {scene.shape} on a {scene.background} background",
+    ]
+
+
+def write_captioned_images(folder: Path, n: int, seed: int) -> list[dict]:
+    """n JPEGs of n distinct scenes in folder; returns [{filename, captions, width, height}] in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images = []
+    for i, scene_id in enumerate(rng.choice(len(ALL_SCENES), size=n, replace=False)):
+        scene = ALL_SCENES[scene_id]
+        side = int(rng.integers(256, 513))
+        name = f"img_{seed}_{i:06d}.jpg"
+        (folder / name).write_bytes(jpeg_bytes(render(scene, side, rng), quality=int(rng.integers(80, 96))))
+        images.append({"filename": name, "captions": caption_variants(scene), "width": side, "height": side})
+    return images
+
+
+def write_karpathy(images: list[dict], splits: list[str], path: Path) -> Path:
+    """The Karpathy split JSON (dataset_flickr30k.json's layout), one split name per image."""
+    entries, sentid = [], 0
+    for imgid, (image, split) in enumerate(zip(images, splits, strict=True)):
+        sentences = []
+        for raw in image["captions"]:
+            sentences.append({"raw": raw, "tokens": raw.lower().split(), "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        entries.append(
+            {
+                "filename": image["filename"],
+                "imgid": imgid,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
+    path.write_text(json.dumps({"images": entries, "dataset": "synthetic"}))
+    return path
+
+
+def write_coco_captions(images: list[dict], path: Path) -> Path:
+    """COCO's captions file (captions_val2017.json's layout): images, and one annotation per caption."""
+    entries = [
+        {"id": 1000 + i, "file_name": image["filename"], "width": image["width"], "height": image["height"]}
+        for i, image in enumerate(images)
+    ]
+    pairs = [(1000 + i, caption) for i, image in enumerate(images) for caption in image["captions"]]
+    annotations = [
+        {"id": j + 1, "image_id": image_id, "caption": caption} for j, (image_id, caption) in enumerate(pairs)
+    ]
+    path.write_text(json.dumps({"info": {"description": "synthetic"}, "images": entries, "annotations": annotations}))
+    return path
