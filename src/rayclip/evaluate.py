@@ -63,6 +63,7 @@ class EvalReport:
 
 def _chance(gallery: int, relevant: list[int], k: int) -> float:
     """Expected recall@k of a random ranking: 1 - C(N-r, k) / C(N, k), averaged over the queries."""
+    k = min(k, gallery)  # a K beyond the gallery finds everything
     counts = Counter(relevant)  # a few distinct r: the big binomials are computed once each
     hit = {r: 1 - math.comb(gallery - r, k) / math.comb(gallery, k) for r in counts}
     return float(sum(hit[r] * n for r, n in counts.items()) / len(relevant))
