@@ -70,6 +70,10 @@ def test_wrong_files_get_one_clear_line(captioned, tmp_path):
         evaluate.read_annotations("karpathy", captioned["coco"], folder)
     with pytest.raises(UserError, match="annotation file not found"):
         evaluate.read_annotations("karpathy", tmp_path / "nope.json", folder)
+    silent = json.loads(captioned["coco"].read_text()) | {"annotations": []}
+    (tmp_path / "silent.json").write_text(json.dumps(silent))
+    with pytest.raises(UserError, match="holds no captions"):
+        evaluate.read_annotations("coco", tmp_path / "silent.json", folder)
     (folder / captioned["images"][2]["filename"]).unlink()
     with pytest.raises(UserError, match=r"1 of the 3 images in dataset_synthetic.json are not under"):
         evaluate.read_annotations("karpathy", captioned["karpathy"], folder)

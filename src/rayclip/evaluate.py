@@ -199,6 +199,8 @@ def read_annotations(dataset: str, annotations: Path, images: Path, split: str |
         chosen = read_coco(annotations, images)
     else:
         chosen = read_karpathy(annotations, images, split or "test")
+    if not any(item.captions for item in chosen):
+        raise UserError(f"{annotations.name} holds no captions for the images evaluated; nothing to query")
     missing = [item.file for item in chosen if not item.file.is_file()]
     if missing:
         raise UserError(
@@ -391,13 +393,12 @@ def score_benchmark(searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] 
     )
 
 
-def _stage_links(evaluated: Gallery, images: Path, folder: Path) -> None:
+def _stage_links(evaluated: Gallery, folder: Path) -> None:
     """Links to the evaluated files (one per media_id) for the folder ingest, each with its first
     caption as the sidecar the folder ingest reads; the rest of the images folder stays out."""
     first_caption = {int(owner): c for owner, c in reversed(list(zip(evaluated.text_image, evaluated.captions)))}
     for i, file in enumerate(evaluated.files):
-        link = folder / file.relative_to(images)
-        link.parent.mkdir(parents=True, exist_ok=True)
+        link = folder / f"{i:08d}-{file.name}"  # numbered: files of different subfolders may share a name
         os.symlink(file.absolute(), link)
         if i in first_caption:
             link.with_suffix(".txt").write_text(first_caption[i] + "\n", encoding="utf-8")
@@ -424,7 +425,7 @@ def evaluate_benchmark(
     evaluated = gallery(read_annotations(dataset, annotations, images, split))
     done = stage_done or (lambda report: None)
     with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as staging:
-        _stage_links(evaluated, images, Path(staging))
+        _stage_links(evaluated, Path(staging))
         done(ingest.ingest_folder(root, Path(staging)))
     done(embed.embed(root, spec, actors=actors, batch_size=batch_size))
     done(index.build(root, spec.model_version))
