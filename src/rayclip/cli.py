@@ -158,21 +158,32 @@ def _print_results(results, as_json: bool, title: str) -> None:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     rows = [[r.rank, f"{r.score:.4f}", r.caption or "", r.path or r.url or ""] for r in results]
-    _console().print(_table(title, ["rank", "cosine", "caption", "path"], rows))
+    columns = ["rank", "cosine", "caption", "path"]
+    if any(r.duplicates for r in results):  # collapse folded some: say how many per result
+        rows, columns = [row + [r.duplicates or ""] for row, r in zip(rows, results)], columns + ["+near-dups"]
+    _console().print(_table(title, columns, rows))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import Searcher
 
     searcher = Searcher.open(args.data_dir, args.model_version)
+    options = {"collapse": _collapse_threshold(args.collapse)}
     if args.image:
-        results = searcher.search_image(args.image, args.k)
+        results = searcher.search_image(args.image, args.k, **options)
         title = f"images like {args.image}"
     else:
-        results = searcher.search_text(args.q, args.k)
+        results = searcher.search_text(args.q, args.k, **options)
         title = f"{args.q!r}"
     _print_results(results, args.json, f"{title} — {searcher.model_version}, build {searcher.info['build_id']}")
     return 0
+
+
+def _collapse_threshold(asked: float | str | None) -> float | None:
+    """--collapse alone means the library's default threshold; with a number, that cosine."""
+    from .search import DEFAULT_COLLAPSE
+
+    return DEFAULT_COLLAPSE if asked == "default" else asked
 
 
 # ------------------------------------------------------------------ eval
@@ -415,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="results to return")
     p.add_argument("--json", action="store_true", help="print JSON: rank, score, media_id, path, url, caption")
     p.add_argument("--model-version", default=None, help="which index (default: the only one present)")
+    p.add_argument(
+        "--collapse",
+        nargs="?",
+        type=float,
+        const="default",
+        default=None,
+        metavar="COSINE",
+        help="fold near-duplicates (cosine >= COSINE, default 0.96) into the result above them",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(

@@ -20,6 +20,9 @@ from .errors import UserError
 from .index import current_build, pick_model_version
 from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
 
+DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
+COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
@@ -29,6 +32,7 @@ class SearchResult:
     path: str | None
     url: str | None
     caption: str | None
+    duplicates: int = 0  # near-duplicate results folded into this one (collapse)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,14 +140,20 @@ class Searcher:
 
     # ---------------------------------------------------------------- queries
 
-    def search_text(self, text: str, k: int = 10) -> SearchResults:
-        return self.search_texts([text], k)[0]
+    def search_text(
+        self, text: str, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> SearchResults:
+        return self.search_texts([text], k, where=where, collapse=collapse)[0]
 
-    def search_texts(self, texts: list[str], k: int = 10) -> list[SearchResults]:
+    def search_texts(
+        self, texts: list[str], k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> list[SearchResults]:
         """Many text queries in one encoder batch."""
         if any(not text or not text.strip() for text in texts):
             raise UserError("the query is empty; give some words to search for")
-        results = self.search_vectors(self.model.encode_texts([t.strip() for t in texts]), k)
+        results = self.search_vectors(
+            self.model.encode_texts([t.strip() for t in texts]), k, where=where, collapse=collapse
+        )
         limit = self.model.context_length
         for text, result in zip(texts, results):
             tokens = self.model.token_count(text)
@@ -151,7 +161,9 @@ class Searcher:
                 result.notes.insert(0, f"query truncated to the model's {limit} tokens (it has {tokens})")
         return results
 
-    def search_image(self, image: str | Path | bytes, k: int = 10) -> SearchResults:
+    def search_image(
+        self, image: str | Path | bytes, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> SearchResults:
         try:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             picture = decode_image(data)
@@ -159,17 +171,45 @@ class Searcher:
             raise UserError(
                 f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}"
             ) from None
-        return self.search_vectors(self.model.encode_images([picture]), k)[0]
+        return self.search_vectors(self.model.encode_images([picture]), k, where=where, collapse=collapse)[0]
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[SearchResults]:
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> list[SearchResults]:
+        """Top-k per query vector. With `collapse` (a cosine threshold), a result that close to a
+        higher-ranked one is folded into it, and the k results are k distinct groups."""
+        if where is not None:
+            raise NotImplementedError("filters come with the next change")
+        if collapse is not None and not -1.0 <= collapse <= 1.0:
+            raise UserError(f"collapse threshold {collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96")
         build = self._build  # one consistent build for the whole call, even if refresh() swaps it
         total = build.index.ntotal
         notes = []
         if k < 1 or k > total:
             notes.append(f"k={k} clamped to {min(max(k, 1), total)} (the index holds {total} vectors)")
             k = min(max(k, 1), total)
-        scores, ids = build.index.search(np.ascontiguousarray(vectors, np.float32), k)
-        return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        queries = np.ascontiguousarray(vectors, np.float32)
+        if collapse is None:
+            scores, ids = build.index.search(queries, k)
+            return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        return [SearchResults(self._collapsed(build, q, k, collapse), list(notes)) for q in queries]
+
+    @classmethod
+    def _collapsed(cls, build: _Build, query: np.ndarray, k: int, threshold: float) -> list[SearchResult]:
+        """Search deeper until the hits form k groups of near-duplicates (or the index runs out)."""
+        total = build.index.ntotal
+        depth = min(total, k * COLLAPSE_DEPTH)
+        while True:
+            scores, ids = build.index.search(query[None], depth)
+            keep = ids[0] >= 0
+            scores, ids = scores[0][keep], ids[0][keep]
+            leaders, folded = _group_near_duplicates(_stored_vectors(build.index, ids), threshold)
+            if len(leaders) >= k or depth >= total:
+                break
+            depth = min(total, depth * COLLAPSE_DEPTH)
+        leaders, folded = leaders[:k], folded[:k]
+        results = cls._join(build, scores[leaders], ids[leaders])
+        return [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(results, folded)]
 
     @staticmethod
     def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
@@ -179,3 +219,27 @@ class Searcher:
             SearchResult(rank=r + 1, score=round(float(s), 6), **row)
             for r, (s, row) in enumerate(zip(scores[keep], rows))
         ]
+
+
+def _stored_vectors(index, ids: np.ndarray) -> np.ndarray:
+    """The indexed vectors of these ids, L2-normalised again (a compressed index returns approximations)."""
+    vectors = index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _group_near_duplicates(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Walk the ranked hits; one within `threshold` cosine of an earlier group leader joins that
+    leader's group (the most similar one), else it leads a new group. Returns (leader positions,
+    members folded into each leader)."""
+    leaders: list[int] = []
+    folded: list[int] = []
+    for i, vector in enumerate(vectors):
+        if leaders:
+            similarity = vectors[leaders] @ vector
+            closest = int(np.argmax(similarity))
+            if similarity[closest] >= threshold:
+                folded[closest] += 1
+                continue
+        leaders.append(i)
+        folded.append(0)
+    return np.asarray(leaders, dtype=np.int64), np.asarray(folded, dtype=np.int64)

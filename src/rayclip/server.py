@@ -7,6 +7,7 @@ restart. Images are only ever served from the content-addressed store, by a vali
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from pathlib import Path
@@ -28,6 +29,9 @@ MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
 # Module level: with postponed annotations FastAPI must be able to resolve the alias by name.
 TopK = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+Collapse = Annotated[
+    float | None, Query(ge=-1, le=1, description="fold results within this cosine of a higher one (e.g. 0.96)")
+]
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
     "png": "image/png",
@@ -94,23 +98,29 @@ def create_app(
         return holder.get().info
 
     @app.get("/api/search")
-    def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)], k: TopK = 10) -> dict:
+    def search_text(
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)], k: TopK = 10, collapse: Collapse = None
+    ) -> dict:
         if not q.strip():
             raise HTTPException(status_code=422, detail="the query is empty")
         searcher = holder.get()
-        return _payload(searcher, searcher.search_text(q, k), {"q": q, "k": k})
+        return _payload(searcher, searcher.search_text(q, k, collapse=collapse), {"q": q, "k": k, "collapse": collapse})
 
     @app.get("/api/search/similar")
-    def search_similar(media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10) -> dict:
+    def search_similar(
+        media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10, collapse: Collapse = None
+    ) -> dict:
         searcher = holder.get()
         return _payload(
             searcher,
-            searcher.search_image(_object_path(root, media_id).read_bytes(), k),
-            {"media_id": media_id, "k": k},
+            searcher.search_image(_object_path(root, media_id).read_bytes(), k, collapse=collapse),
+            {"media_id": media_id, "k": k, "collapse": collapse},
         )
 
     @app.post("/api/search/image")
-    async def search_image(file: Annotated[UploadFile, File(description="an image")], k: TopK = 10) -> dict:
+    async def search_image(
+        file: Annotated[UploadFile, File(description="an image")], k: TopK = 10, collapse: Collapse = None
+    ) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(status_code=413, detail=f"image larger than {max_upload_bytes} bytes")
@@ -120,8 +130,8 @@ def create_app(
             raise HTTPException(status_code=415, detail=f"not an image we can read: {bad}") from None
         searcher = holder.get()
         # Encoding is CPU work: off the event loop, like the sync endpoints.
-        results = await run_in_threadpool(searcher.search_image, data, k)
-        return _payload(searcher, results, {"upload": file.filename, "k": k})
+        results = await run_in_threadpool(functools.partial(searcher.search_image, data, k, collapse=collapse))
+        return _payload(searcher, results, {"upload": file.filename, "k": k, "collapse": collapse})
 
     @app.get("/api/images/{media_id}")
     def image(media_id: str) -> FileResponse:
