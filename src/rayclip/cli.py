@@ -315,7 +315,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
-    app = create_app(args.data_dir, args.model_version, max_upload_bytes=args.max_upload_mb << 20)
+    app = create_app(
+        args.data_dir,
+        args.model_version,
+        max_upload_bytes=args.max_upload_mb << 20,
+        cors_origins=args.cors_origin,
+        allow_url_queries=args.allow_url_queries,
+        serve_images=args.serve_images,
+    )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
@@ -469,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-version", default=None)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest image upload accepted")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="an origin allowed to call the API from a browser, e.g. a clip-retrieval front (repeatable; `*` for any)",
+    )
+    p.add_argument(
+        "--allow-url-queries", action="store_true", help="let /knn-service fetch image_url (public http(s) only)"
+    )
+    p.add_argument("--serve-images", action="store_true", help="/knn-service urls point at our stored copies")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")

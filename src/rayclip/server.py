@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -74,7 +75,13 @@ def _payload(searcher: Searcher, results: SearchResults, query: dict) -> dict:
 
 
 def create_app(
-    data_dir: str | Path | None = None, model_version: str | None = None, max_upload_bytes: int = 10 << 20
+    data_dir: str | Path | None = None,
+    model_version: str | None = None,
+    max_upload_bytes: int = 10 << 20,
+    *,
+    cors_origins: Sequence[str] = (),
+    allow_url_queries: bool = False,
+    serve_images: bool = False,
 ) -> FastAPI:
     root = layout.data_root(data_dir)
     holder = _SearcherHolder(root, model_version)
@@ -140,7 +147,47 @@ def create_app(
         path = _object_path(root, media_id)
         return FileResponse(path, media_type=CONTENT_TYPES.get(path.suffix[1:], "application/octet-stream"))
 
+    _add_clip_back(app, holder, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
     return app
+
+
+def _add_clip_back(
+    app: FastAPI,
+    holder: _SearcherHolder,
+    max_upload_bytes: int,
+    cors_origins: Sequence[str],
+    allow_url_queries: bool,
+    serve_images: bool,
+) -> None:
+    """clip-retrieval's back-end routes (clip_back.py), and CORS so that its front, served from
+    another origin, may call them."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from . import clip_back
+
+    def open_searcher(model_version: str) -> Searcher:
+        # The model_version the page serves shares its Searcher: one model and index in memory.
+        if model_version == holder.model_version or layout.gold_model_versions(holder.data_dir) == [model_version]:
+            return holder.get()
+        return Searcher.open(holder.data_dir, model_version)
+
+    routes = clip_back.router(
+        holder.data_dir,
+        holder.model_version,
+        open_searcher=open_searcher,
+        max_image_bytes=max_upload_bytes,
+        allow_url_queries=allow_url_queries,
+        serve_images=serve_images,
+    )
+    app.include_router(routes, dependencies=[])  # the API key dependency goes here, as for /api/*
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=[clip_back.BUILD_HEADER, clip_back.IGNORED_HEADER],
+        )
 
 
 def _object_path(root: Path, media_id: str) -> Path:
