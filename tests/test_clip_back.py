@@ -9,6 +9,7 @@ import http.server
 import importlib.util
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -383,10 +384,19 @@ def only(*addresses: str):
     return lambda address: str(address) in addresses
 
 
-def test_fetch_connects_to_the_checked_address_with_the_host_named(recorder):
+def test_fetch_connects_to_the_checked_address_with_the_host_named(recorder, monkeypatch):
+    """A name that resolves to an allowed address when checked and to another one after (DNS
+    rebinding): the fetch must still go to the address it checked, naming the host in Host."""
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.1"] + ["127.0.0.2"] * 10)  # nothing listens on 127.0.0.2
+
+    def rebinding(host, *args, **kwargs):
+        return real(next(answers) if host == "rebind.test" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     _Recorder.seen.clear()
-    data = clip_back.fetch_image(f"http://localhost:{recorder}/image.jpg", 1 << 20, allowed=only("127.0.0.1", "::1"))
-    assert data == _Recorder.image and _Recorder.seen == [("/image.jpg", f"localhost:{recorder}")]
+    data = clip_back.fetch_image(f"http://rebind.test:{recorder}/image.jpg", 1 << 20, allowed=only("127.0.0.1"))
+    assert data == _Recorder.image and _Recorder.seen == [("/image.jpg", f"rebind.test:{recorder}")]
 
 
 def test_fetch_checks_every_redirect_and_limits_size_time_and_hops(recorder):
