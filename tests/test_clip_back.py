@@ -178,6 +178,7 @@ def test_metadata_round_trips_ids(client, gold_store):
     assert client.post("/metadata", json=same_build).status_code == 200
     stale = client.post("/metadata", json=same_build | {"build_id": "20200101T000000.000000Z-abcdef"})
     assert stale.status_code == 409 and "search again" in stale.json()["detail"]
+    assert stale.headers["X-Rayclip-Build-Id"] == gold_store[1].build_id
     outside = client.post("/metadata", json={"ids": [0, GOOD_IMAGES], "indice_name": MODEL_VERSION})
     assert outside.status_code == 422 and f"id {GOOD_IMAGES} is not in build" in outside.json()["detail"]
     assert client.post("/metadata", json={"ids": [], "indice_name": MODEL_VERSION}).json() == []

@@ -243,7 +243,7 @@ def router(
         response.headers[BUILD_HEADER] = served.build_id
         if query.build_id is not None and query.build_id != served.build_id:
             stale = f"build {query.build_id} is no longer served (now {served.build_id}); search again"
-            raise HTTPException(409, stale)
+            raise HTTPException(409, stale, headers={BUILD_HEADER: served.build_id})
         count = served.mapping.num_rows
         if bad := [i for i in query.ids if not 0 <= i < count]:
             raise HTTPException(422, f"id {bad[0]} is not in build {served.build_id} (ids 0..{count - 1})")
