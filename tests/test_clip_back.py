@@ -7,6 +7,7 @@ import base64
 import functools
 import http.server
 import importlib.util
+import ipaddress
 import json
 import shutil
 import socket
@@ -341,6 +342,29 @@ def url_client(gold_store):
     return TestClient(create_app(gold_store[0], allow_url_queries=True))
 
 
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Refuse (and record) any connection beyond loopback and any DNS query, so that even a broken
+    check sends nothing off this machine. Literal addresses and localhost still resolve."""
+    attempts = []
+    connect, resolve = socket.socket.connect, socket.getaddrinfo
+
+    def guarded_connect(sock, address):
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            attempts.append(address[0])
+            raise OSError(f"test guard: no connections to {address[0]}")
+        return connect(sock, address)
+
+    def guarded_resolve(host, *args, **kwargs):
+        if host != "localhost" and not (host.replace(".", "").isdigit() or ":" in host):
+            raise socket.gaierror(socket.EAI_NONAME, f"test guard: no DNS query for {host}")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_resolve)
+    return attempts
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -359,12 +383,12 @@ def url_client(gold_store):
         "http://2130706433:{port}/image.jpg",  # 127.0.0.1 as one number
     ],
 )
-def test_url_queries_never_reach_private_addresses(url_client, recorder, url):
+def test_url_queries_never_reach_private_addresses(url_client, recorder, loopback_only, url):
     _Recorder.seen.clear()
     response = knn(url_client, {"image_url": url.format(port=recorder), "indice_name": MODEL_VERSION})
     assert response.status_code == 422, response.text
     assert "resolves to a non-public address" in response.json()["detail"]
-    assert _Recorder.seen == []
+    assert _Recorder.seen == [] and loopback_only == []
 
 
 @pytest.mark.parametrize(
@@ -373,10 +397,10 @@ def test_url_queries_never_reach_private_addresses(url_client, recorder, url):
         ("ftp://127.0.0.1/x.jpg", "must be an http(s) URL"),
         ("file:///etc/passwd", "must be an http(s) URL"),
         ("http:///x.jpg", "must be an http(s) URL"),
-        ("http://no-such-host.invalid/x.jpg", "does not resolve"),
+        ("http://no-such-host.invalid/x.jpg", "does not resolve"),  # the guard answers: no DNS query leaves
     ],
 )
-def test_url_queries_need_a_resolvable_http_url(url_client, url, message):
+def test_url_queries_need_a_resolvable_http_url(url_client, loopback_only, url, message):
     response = knn(url_client, {"image_url": url, "indice_name": MODEL_VERSION})
     assert response.status_code == 422 and message in response.json()["detail"]
 

@@ -155,8 +155,9 @@ class Indices:
 class _AnyJsonRoute(APIRoute):
     """Reads the body as JSON whatever its content type, and turns validation errors into one line.
 
-    clip-retrieval's front posts JSON with fetch() and no content type (so text/plain), which its
-    Flask back read with get_json(force=True).
+    clip-retrieval's clients never say JSON: ClipClient posts a string with requests (no content
+    type) and the front posts one with fetch() (text/plain). Its Flask back read them with
+    get_json(force=True); FastAPI would refuse both.
     """
 
     def get_route_handler(self) -> Callable:
