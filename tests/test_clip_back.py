@@ -292,6 +292,37 @@ def test_serve_flags_parse():
     assert plain.cors_origin == [] and not plain.allow_url_queries and not plain.serve_images
 
 
+def test_rayclip_serve_passes_the_new_flags_through(gold_store):
+    import subprocess
+    import sys
+
+    import httpx
+
+    port, front = _free_port(), "http://127.0.0.1:9"
+    flags = ["--cors-origin", front, "--allow-url-queries", "--serve-images"]
+    cmd = [sys.executable, "-m", "rayclip.cli", "serve", "--data-dir", str(gold_store[0]), "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    back = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                listed = httpx.get(f"{back}/indices-list", headers={"Origin": front}, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert listed.json() == [MODEL_VERSION] and listed.headers["access-control-allow-origin"] == front
+        body = clip_client_body(MODEL_VERSION, num_images=1, text="a red circle")
+        got = httpx.post(f"{back}/knn-service", content=json.dumps(body), timeout=60).json()
+        assert got[0]["url"] == f"{back}/api/images/{got[0]['media_id']}"
+        body = clip_client_body(MODEL_VERSION, image_url=f"{back}/healthz")
+        refused = httpx.post(f"{back}/knn-service", content=json.dumps(body), timeout=60)
+        assert refused.status_code == 422 and "non-public address" in refused.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ------------------------------------------------------------------ image_url: no SSRF
 
 
