@@ -66,13 +66,13 @@ def choose_index_type(
     if count < hnsw_below and index_bytes(hnsw, count, dim) <= max_bytes:
         return hnsw
     nlist = nlist_for(count, max_nlist)
-    limit = min(max_bytes, index_bytes(FLAT, count, dim) // 4)
     ivf = f"IVF{nlist}_HNSW32"
     candidates = [f"{ivf},SQ6", f"{ivf},PQ{dim // 2}x8"] + [
         f"OPQ{code}_{dim},{ivf},PQ{code}x8" for code in (dim // 4, dim // 8, dim // 16) if code >= 4
     ]
     for candidate in candidates:
-        if index_bytes(candidate, count, dim) <= limit:
+        per_vector = index_bytes(candidate, 1, dim) - index_bytes(candidate, 0, dim)  # code + id
+        if per_vector <= dim and index_bytes(candidate, count, dim) <= max_bytes:  # dim bytes: ¼ of flat's
             return candidate
     smallest = index_bytes(candidates[-1], count, dim)
     raise UserError(
