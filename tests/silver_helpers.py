@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayclip import layout, model
@@ -48,3 +49,34 @@ def media_ids(n: int, prefix: str = "") -> list[str]:
     import hashlib
 
     return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
+    """A bronze manifest part naming these media_ids, with varied width, height, caption and source."""
+    import datetime as dt
+
+    from rayclip.ingest import MANIFEST_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    animals = ["dog", "cat", "bird", "fish"]
+    n = len(ids)
+    table = pa.table(
+        {
+            "media_id": ids,
+            "path": [f"bronze/objects/{m[:2]}/{m}.jpg" for m in ids],
+            "url": [f"http://127.0.0.1/{i}.jpg" for i in range(n)],
+            "caption": [f"a {animals[i % 4]} number {i}" for i in range(n)],
+            "width": rng.integers(64, 1024, n).astype(np.int32),
+            "height": rng.integers(64, 1024, n).astype(np.int32),
+            "format": ["jpeg"] * n,
+            "size_bytes": rng.integers(1000, 90000, n),
+            "source": [["metadata:a.parquet", "folder:b"][i % 2] for i in range(n)],
+            "run_id": ["r"] * n,
+            "ingested_at": [dt.datetime(2026, 1, 1 + i % 28, tzinfo=dt.timezone.utc) for i in range(n)],
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    folder = layout.manifest_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / f"part-{seed}.parquet")
+    return table
