@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install browser test test-fast demo lint clean
+.PHONY: install browser clip-front test test-fast demo lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,20 @@ browser:
 	    echo "note: chromium is missing and cannot be installed here (needs root and apt-get): the browser test will skip"; \
 	  fi; }
 
-test: install browser
+# clip-retrieval 2.45's web front and its ClipClient, unpacked from its wheel (never installed: its
+# pins clash with ours) for the compatibility tests; they skip, saying so, when it cannot be fetched.
+CLIP_RETRIEVAL := .cache/clip-retrieval
+CLIP_WHEEL     := clip_retrieval-2.45.0-py3-none-any.whl
+
+clip-front: install
+	@test -f $(CLIP_RETRIEVAL)/front/build/index.html || { \
+	  rm -rf $(CLIP_RETRIEVAL) && mkdir -p $(CLIP_RETRIEVAL) && \
+	  $(PY) -m pip download --quiet --no-deps clip-retrieval==2.45.0 -d $(CLIP_RETRIEVAL) && \
+	  $(PY) -m zipfile -e $(CLIP_RETRIEVAL)/$(CLIP_WHEEL) $(CLIP_RETRIEVAL) && \
+	  echo "clip-retrieval's front and client unpacked in $(CLIP_RETRIEVAL)"; \
+	} || echo "note: clip-retrieval 2.45 could not be downloaded: its front and client tests will skip"
+
+test: install browser clip-front
 	$(VENV)/bin/pytest
 
 test-fast: install
@@ -38,4 +51,4 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf data test-artifacts .pytest_cache
+	rm -rf data test-artifacts .pytest_cache .cache

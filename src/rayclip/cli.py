@@ -139,13 +139,28 @@ def cmd_index(args: argparse.Namespace) -> int:
         old, new = index.rollback(root, args.model_version)
         _console().print(f"CURRENT now {new} (was {old})")
         return 0
-    _show_index(index.build(root, args.model_version, args.dt, args.index_type))
+    report = index.build(
+        root,
+        args.model_version,
+        args.dt,
+        args.index_type,
+        max_index_memory=args.max_index_memory,
+        target_recall=args.target_recall,
+        retrain=args.retrain,
+    )
+    _show_index(report)
     return 0
 
 
 def _show_index(report) -> None:
     shown = {k: v for k, v in vars(report).items() if k != "build_id"} | {"path": _shown(report.path)}
     _print_kv(f"published build {report.build_id}", shown)
+    if not report.recall_target_met:
+        print(
+            f"warning: recall@10 {report.recall_at_10:.3f} is below the target; "
+            "allow more memory (--max-index-memory) or pick another --index-type",
+            file=sys.stderr,
+        )
 
 
 # ------------------------------------------------------------------ search
@@ -158,21 +173,57 @@ def _print_results(results, as_json: bool, title: str) -> None:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     rows = [[r.rank, f"{r.score:.4f}", r.caption or "", r.path or r.url or ""] for r in results]
-    _console().print(_table(title, ["rank", "cosine", "caption", "path"], rows))
+    columns = ["rank", "cosine", "caption", "path"]
+    if any(r.duplicates for r in results):  # collapse folded some: say how many per result
+        rows, columns = [row + [r.duplicates or ""] for row, r in zip(rows, results)], columns + ["+near-dups"]
+    _console().print(_table(title, columns, rows))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import Searcher
 
+    terms = _query_terms(args)
     searcher = Searcher.open(args.data_dir, args.model_version)
-    if args.image:
-        results = searcher.search_image(args.image, args.k)
-        title = f"images like {args.image}"
-    else:
-        results = searcher.search_text(args.q, args.k)
-        title = f"{args.q!r}"
+    results = searcher.search(terms, args.k, where=args.where, collapse=_collapse_threshold(args.collapse))
+    title = " ".join(_term_title(term) for term in terms).lstrip("+ ")
+    if args.where:
+        title += f" where {args.where}"
     _print_results(results, args.json, f"{title} — {searcher.model_version}, build {searcher.info['build_id']}")
     return 0
+
+
+# (flag, term kind, sign): the parts of a combined query, rclip-style
+_TERM_FLAGS = [
+    ("q", "text", 1.0),
+    ("image", "image", 1.0),
+    ("add", "text", 1.0),
+    ("subtract", "text", -1.0),
+    ("add_image", "image", 1.0),
+    ("subtract_image", "image", -1.0),
+    ("like", "media_id", 1.0),
+]
+
+
+def _query_terms(args: argparse.Namespace) -> list:
+    from .search import Term
+
+    terms = [Term.parse(kind, value, sign) for flag, kind, sign in _TERM_FLAGS for value in getattr(args, flag) or []]
+    if not any(term.weight > 0 for term in terms):
+        raise UserError("give something to search for: --q TEXT, --image FILE or --like MEDIA_ID")
+    return terms
+
+
+def _term_title(term) -> str:
+    shown = {"text": repr(term.value), "image": f"image {term.value}", "media_id": f"like {str(term.value)[:12]}"}
+    weight = abs(term.weight)
+    return f"{'+' if term.weight > 0 else '-'} {'' if weight == 1 else f'{weight:g}×'}{shown[term.kind]}"
+
+
+def _collapse_threshold(asked: float | str | None) -> float | None:
+    """--collapse alone means the library's default threshold; with a number, that cosine."""
+    from .search import DEFAULT_COLLAPSE
+
+    return DEFAULT_COLLAPSE if asked == "default" else asked
 
 
 # ------------------------------------------------------------------ eval
@@ -351,7 +402,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
-    app = create_app(args.data_dir, args.model_version, max_upload_bytes=args.max_upload_mb << 20)
+    app = create_app(
+        args.data_dir,
+        args.model_version,
+        max_upload_bytes=args.max_upload_mb << 20,
+        cors_origins=args.cors_origin,
+        allow_url_queries=args.allow_url_queries,
+        serve_images=args.serve_images,
+    )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
@@ -380,15 +438,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     gold = info["gold"]
     rows = [
-        [b["model_version"], b["build_id"], b["count"], b["created_at"], "CURRENT" if b["current"] else ""]
+        [
+            b["model_version"],
+            b["build_id"],
+            b["count"],
+            b["created_at"],
+            *_build_quality(b),
+            "CURRENT" if b["current"] else "",
+        ]
         for b in gold
     ]
-    console.print(
-        _table("gold builds", ["model_version", "build_id", "count", "created", ""], rows)
-        if gold
-        else "gold: no index yet (run `rayclip index`)"
-    )
+    columns = ["model_version", "build_id", "count", "created", "index", "recall@10", "index MiB", ""]
+    console.print(_table("gold builds", columns, rows) if gold else "gold: no index yet (run `rayclip index`)")
     return 0
+
+
+def _build_quality(build: dict) -> list[str]:
+    recall, size = build.get("recall_at_10"), build.get("index_bytes")
+    return [
+        build.get("index_type") or "",
+        "" if recall is None else f"{recall:.3f}",
+        "" if size is None else f"{size / 2**20:.1f}",
+    ]
 
 
 # ------------------------------------------------------------------ parser
@@ -451,17 +522,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", parents=[common], help="build and publish a FAISS index from silver (gold)")
     p.add_argument("--model-version", default=None, help="which embeddings (default: the only one present)")
     p.add_argument("--dt", default=None, help="only this silver partition (default: all)")
-    p.add_argument("--index-type", default="flat", help="flat (exact cosine) or a FAISS factory string, e.g. HNSW32")
+    p.add_argument(
+        "--index-type",
+        default="auto",
+        help="auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string",
+    )
+    p.add_argument("--max-index-memory", default="4G", help="memory budget auto picks the index for (default: 4G)")
+    p.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 vs exact search the build tunes for (0.95)"
+    )
+    p.add_argument("--retrain", action="store_true", help="full build: do not extend the CURRENT index")
     p.add_argument("--rollback", action="store_true", help="point CURRENT back at the previous build")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", parents=[common], help="text→image or image→image search")
-    query = p.add_mutually_exclusive_group(required=True)
-    query.add_argument("--q", "--query", dest="q", help="text query")
-    query.add_argument("--image", help="image file: find similar images")
+    weighted = "; repeatable, optional weight as in 2:TEXT"
+    p.add_argument("--q", "--query", dest="q", action="append", help="text query" + weighted)
+    p.add_argument("--image", action="append", help="image file: find similar images" + weighted)
+    p.add_argument("--add", action="append", metavar="TEXT", help="add a text to the query" + weighted)
+    p.add_argument("--subtract", action="append", metavar="TEXT", help="subtract a text" + weighted)
+    p.add_argument("--add-image", action="append", metavar="FILE", help="add an image" + weighted)
+    p.add_argument("--subtract-image", action="append", metavar="FILE", help="subtract an image" + weighted)
+    p.add_argument("--like", action="append", metavar="MEDIA_ID", help="add an indexed image's stored vector")
+    p.add_argument("--where", default=None, help="filter, e.g. \"width >= 512 AND caption LIKE '%%dog%%'\"")
     p.add_argument("--k", type=int, default=10, help="results to return")
     p.add_argument("--json", action="store_true", help="print JSON: rank, score, media_id, path, url, caption")
     p.add_argument("--model-version", default=None, help="which index (default: the only one present)")
+    p.add_argument(
+        "--collapse",
+        nargs="?",
+        type=float,
+        const="default",
+        default=None,
+        metavar="COSINE",
+        help="fold near-duplicates (cosine >= COSINE, default 0.96) into the result above them",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -503,6 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-version", default=None)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest image upload accepted")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="an origin allowed to call the API from a browser, e.g. a clip-retrieval front (repeatable; `*` for any)",
+    )
+    p.add_argument(
+        "--allow-url-queries", action="store_true", help="let /knn-service fetch image_url (public http(s) only)"
+    )
+    p.add_argument("--serve-images", action="store_true", help="/knn-service urls point at our stored copies")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")

@@ -21,12 +21,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
+from . import ann, layout
 from .errors import UserError
 from .ingest import read_manifest
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
+TRAIN_PER_LIST = 16  # ... or this many per inverted list when that is more
+# --index-type auto: below FLAT_BELOW vectors exact search is fast enough and worth its exactness;
+# below HNSW_BELOW an HNSW graph over the full vectors, when it fits the memory budget; above,
+# an IVF index with product-quantised codes (autofaiss's families, picked by the same arithmetic).
+FLAT_BELOW = 100_000
+HNSW_BELOW = 1_000_000
+HNSW_LINKS = 32
+MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core build can spend
+DEFAULT_MAX_INDEX_MEMORY = 4 << 30
+DEFAULT_TARGET_RECALL = 0.95
+RECALL_K = 10
+TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every build
+TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
+LATENCY_QUERIES = 300  # single-query searches timed for p50/p99
+REBUILD_SHARE = 0.5  # an incremental build adding more than this share of the index retrains instead
 
 
 @dataclasses.dataclass
@@ -40,6 +55,11 @@ class BuildReport:
     source_partitions: list[str]
     timings: dict[str, float]
     path: str
+    recall_at_10: float
+    recall_target_met: bool
+    search_params: dict
+    index_bytes: int
+    base_build: str
 
 
 def pick_model_version(root: Path, asked: str | None, available: list[str], layer: str) -> str:
@@ -91,10 +111,28 @@ def _check_vectors(vectors: np.ndarray, f: Path) -> None:
         raise UserError(f"silver file {f.name} holds vectors that are not L2-normalised; re-embed with --force")
 
 
-def _training_sample(files: list[Path], file_idx: np.ndarray, row_idx: np.ndarray) -> np.ndarray:
-    """Up to TRAIN_SAMPLE of the chosen vectors, drawn at random (seeded), for IVF/PQ training."""
-    picked = np.random.default_rng(0).permutation(len(row_idx))[:TRAIN_SAMPLE]
-    return np.concatenate([_vectors(f, np.sort(row_idx[picked][file_idx[picked] == i])) for i, f in enumerate(files)])
+def _read_positions(files: list[Path], file_idx: np.ndarray, row_idx: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The vectors of these chosen rows (sorted positions = faiss_ids), reading only files that hold some."""
+    parts = []
+    for i, f in enumerate(files):
+        rows = row_idx[positions][file_idx[positions] == i]
+        if len(rows):
+            parts.append(_vectors(f, rows))
+    return np.concatenate(parts)
+
+
+def _sample_positions(count: int, nlist: int | None, trains: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded draws: (held-out tuning queries, training sample). Training avoids the queries when
+    the set is large enough to spare them."""
+    import faiss  # noqa: F401 - faiss first: it and numpy must agree on the BLAS threads
+
+    order = np.random.default_rng(0).permutation(count)
+    queries = np.sort(order[:TUNING_QUERIES])
+    if not trains:
+        return queries, np.zeros(0, np.int64)
+    wanted = max(TRAIN_SAMPLE, TRAIN_PER_LIST * (nlist or 0))
+    pool = order[len(queries) :] if count >= 2 * len(queries) else order
+    return queries, np.sort(pool[:wanted])
 
 
 def _new_index(index_type: str, dim: int):
@@ -103,27 +141,202 @@ def _new_index(index_type: str, dim: int):
     if index_type == "flat":
         return faiss.IndexFlatIP(dim)
     try:
-        return faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise UserError(
-            f"unknown --index-type {index_type!r}; use flat or a FAISS factory string (HNSW32, IVF1024,Flat)"
+            f"unknown --index-type {index_type!r}; use auto, flat or a FAISS factory string (HNSW32, IVF1024,Flat)"
         ) from None
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index)) if ann.nlist_of(index) is not None else None
+    if hasattr(ivf, "do_polysemous_training"):
+        # index_factory turns on polysemous training for PQ codes: minutes of CPU for a Hamming
+        # filter that inner-product search never uses.
+        ivf.do_polysemous_training = False
+    return index
 
 
 def _sources(root: Path) -> pa.Table:
-    """One row per media_id from the manifest: its first (path, url, caption) and how many rows name it."""
-    manifest = read_manifest(root, ["media_id", "path", "url", "caption", "ingested_at"]).sort_by("ingested_at")
+    """One row per media_id from the manifest: its first (path, url, caption, size, source, time)
+    and how many rows name it."""
+    firsts = ["path", "url", "caption", "width", "height", "source", "ingested_at"]
+    manifest = read_manifest(root, ["media_id", *firsts]).sort_by("ingested_at")
     return (
         manifest.group_by("media_id", use_threads=False)
-        .aggregate([("path", "first"), ("url", "first"), ("caption", "first"), ("url", "count")])
-        .rename_columns(["media_id", "path", "url", "caption", "source_count"])
+        .aggregate([(name, "first") for name in firsts] + [("url", "count")])
+        .rename_columns(["media_id", *firsts, "source_count"])
     )
 
 
+def _mapping(rows: pa.Table, root: Path) -> pa.Table:
+    """(faiss_id, media_id, embedded_at) joined with what the manifest says, ordered by faiss_id."""
+    return rows.join(_sources(root), "media_id", join_type="left outer").sort_by("faiss_id")
+
+
+@dataclasses.dataclass
+class _Made:
+    """An index filled from silver, before tuning and publishing."""
+
+    index: object
+    index_type: str
+    rows: pa.Table  # faiss_id, media_id, embedded_at
+    truth: ann.Truth
+    dropped: int
+    base_build: str | None = None
+    added: int = 0
+    replaced: int = 0
+
+
+def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int) -> _Made:
+    """A new index over the newest vector of every media_id, streamed one silver file at a time."""
+    chosen, dropped = _choose_rows(files)
+    count = chosen.num_rows
+    if index_type == "auto":
+        index_type = ann.choose_index_type(count, dim, max_bytes, FLAT_BELOW, HNSW_BELOW, HNSW_LINKS, MAX_NLIST)
+    index = _new_index(index_type, dim)
+    file_idx = chosen.column("file_idx").to_numpy()
+    row_idx = chosen.column("row_idx").to_numpy()
+    queries, training = _sample_positions(count, ann.nlist_of(index), not index.is_trained)
+    sample = _read_positions(files, file_idx, row_idx, np.union1d(queries, training))
+    positions = np.union1d(queries, training)
+    truth = ann.Truth.empty(sample[np.isin(positions, queries)], queries, TRUTH_DEPTH)
+    if not index.is_trained:
+        index.train(sample[np.isin(positions, training)])
+    del sample
+    first = 0
+    for i, f in enumerate(files):
+        vectors = _vectors(f, row_idx[file_idx == i])
+        _check_vectors(vectors, f)
+        index.add(vectors)
+        truth.add(vectors, np.arange(first, first + len(vectors)))
+        first += len(vectors)
+    rows = pa.table(
+        {
+            "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
+            "media_id": chosen.column("media_id"),
+            "embedded_at": chosen.column("embedded_at"),
+        }
+    )
+    return _Made(index, index_type, rows, truth, dropped)
+
+
+def _silver_name(root: Path, model_version: str, f: Path) -> str:
+    return str(f.relative_to(layout.silver_model_dir(root, model_version)))
+
+
+def _incremental_base(
+    root: Path, model_version: str, files: list[Path], index_type: str, retrain: bool
+) -> tuple[dict | None, str]:
+    """build.json of the CURRENT build to extend, or None and why the build starts from scratch."""
+    current = current_build(root, model_version)
+    if retrain or current is None:
+        return None, "--retrain" if retrain else "first build"
+    folder = layout.build_dir(root, model_version, current)
+    info = json.loads((folder / "build.json").read_text())
+    names = {_silver_name(root, model_version, f) for f in files}
+    if "silver_files" not in info or not (folder / "tuning.npz").is_file():
+        return None, f"base build {current} predates incremental builds"
+    if index_type not in ("auto", info["index_type"], info.get("index_type_asked")):
+        return None, f"--index-type {index_type} differs from base build {current} ({info['index_type']})"
+    if not set(info["silver_files"]) <= names:
+        return None, f"silver files of base build {current} are gone"
+    return info, ""
+
+
+def _extend(root: Path, model_version: str, files: list[Path], base: dict) -> tuple[_Made | None, str]:
+    """CURRENT's index plus only the silver rows in files it has not seen, without retraining.
+
+    A media_id already indexed whose new vector is newer keeps its faiss_id: its vector is replaced
+    (IVF: remove_ids + add_with_ids; flat: overwritten in place), so mapping row i still describes
+    faiss_id i. New media_ids get the next faiss_ids, in file-then-row order.
+    """
+    import faiss
+
+    folder = layout.build_dir(root, model_version, base["build_id"])
+    seen = set(base["silver_files"])
+    new_files = [f for f in files if _silver_name(root, model_version, f) not in seen]
+    base_rows = pq.read_table(folder / "mapping.parquet", columns=["faiss_id", "media_id", "embedded_at"])
+    count = base_rows.num_rows
+    if not new_files:
+        chosen, dropped = _choose_rows(files[:1])[0].slice(0, 0), 0
+    else:
+        chosen, dropped = _choose_rows(new_files)
+    at = base_rows.column("media_id")
+    position = pc.fill_null(pc.index_in(chosen.column("media_id"), value_set=at), -1).to_numpy()
+    known = position >= 0
+    base_at = base_rows.column("embedded_at").to_numpy()
+    new_at = chosen.column("embedded_at").to_numpy()
+    replace = known.copy()
+    replace[known] = new_at[known] >= base_at[position[known]]
+    fresh = ~known
+    faiss_ids = np.where(fresh, count + np.cumsum(fresh) - 1, position)
+    keep = replace | fresh
+    if keep.sum() > REBUILD_SHARE * count:
+        return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
+    index = faiss.read_index(str(folder / "index.faiss"))
+    flat = isinstance(index, faiss.IndexFlat)
+    if replace.any() and not flat and ann.nlist_of(index) is None:
+        return None, f"{base['index_type']} cannot replace the vectors of {replace.sum()} changed media_ids"
+    truth = ann.Truth.load(folder / "tuning.npz")
+    truth.forget(faiss_ids[replace])
+    file_idx = chosen.column("file_idx").to_numpy()
+    row_idx = chosen.column("row_idx").to_numpy()
+    for i, f in enumerate(new_files):
+        in_file = (file_idx == i) & keep
+        if not in_file.any():
+            continue
+        vectors = _vectors(f, row_idx[in_file])
+        _check_vectors(vectors, f)
+        ids, old = faiss_ids[in_file], replace[in_file]
+        if flat:
+            stored = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+            stored[ids[old]] = vectors[old]
+        elif old.any():
+            index.remove_ids(faiss.IDSelectorBatch(ids[old]))
+            index.add_with_ids(vectors[old], ids[old])
+        if (~old).any():
+            if ann.nlist_of(index) is None:  # flat and HNSW number vectors in the order they come
+                index.add(vectors[~old])
+            else:
+                index.add_with_ids(vectors[~old], ids[~old])
+        truth.add(vectors, ids)
+    media_ids = pa.concat_arrays(
+        [at.combine_chunks(), chosen.column("media_id").filter(pa.array(fresh)).combine_chunks()]
+    )
+    embedded = base_at.copy()
+    embedded[position[replace]] = new_at[replace]
+    rows = pa.table(
+        {
+            "faiss_id": pa.array(np.arange(len(media_ids), dtype=np.int64)),
+            "media_id": media_ids,
+            "embedded_at": pa.concat_arrays(
+                [
+                    pa.array(embedded, base_rows.schema.field("embedded_at").type),
+                    chosen.column("embedded_at").filter(pa.array(fresh)).combine_chunks(),
+                ]
+            ),
+        }
+    )
+    stale = int(known.sum() - replace.sum())
+    dropped = base["duplicates_dropped"] + dropped + int(replace.sum()) + stale
+    made = _Made(
+        index, base["index_type"], rows, truth, dropped, base["build_id"], int(fresh.sum()), int(replace.sum())
+    )
+    return made, ""
+
+
 def build(
-    root: Path, model_version: str | None = None, day: str | None = None, index_type: str = "flat"
+    root: Path,
+    model_version: str | None = None,
+    day: str | None = None,
+    index_type: str = "auto",
+    max_index_memory: int | str = DEFAULT_MAX_INDEX_MEMORY,
+    target_recall: float = DEFAULT_TARGET_RECALL,
+    retrain: bool = False,
 ) -> BuildReport:
-    """Build and publish a new gold build; returns what was published."""
+    """Build and publish a new gold build; returns what was published.
+
+    Extends CURRENT (same model_version, trained index) with only the new silver files unless
+    `retrain`, a `day` filter, too many new rows or a recall below `target_recall` call for a
+    full build."""
     import faiss
 
     started = time.monotonic()
@@ -136,28 +349,31 @@ def build(
         raise UserError(
             f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
         )
-    chosen, dropped = _choose_rows(files)
-    file_idx = chosen.column("file_idx").to_numpy()
-    row_idx = chosen.column("row_idx").to_numpy()
-    read_s = time.monotonic() - started
-
+    if not 0 < target_recall <= 1:
+        raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
+    max_bytes = ann.parse_bytes(max_index_memory)
     dim = pq.read_schema(files[0]).field("embedding").type.list_size
-    index = _new_index(index_type, dim)
-    if not index.is_trained:
-        index.train(_training_sample(files, file_idx, row_idx))
-    for i, f in enumerate(files):
-        vectors = _vectors(f, row_idx[file_idx == i])
-        _check_vectors(vectors, f)
-        index.add(vectors)
-    add_s = time.monotonic() - started - read_s
 
-    media_ids = chosen.column("media_id")
-    mapping = (
-        pa.table({"faiss_id": pa.array(np.arange(len(media_ids), dtype=np.int64)), "media_id": media_ids})
-        .join(_sources(root), "media_id", join_type="left outer")
-        .sort_by("faiss_id")
+    base, why_full = (
+        (None, "--dt picks one partition")
+        if day
+        else _incremental_base(root, model_version, files, index_type, retrain)
     )
-    unique = len(pc.unique(media_ids))
+    made = None
+    if base is not None:
+        made, why_full = _extend(root, model_version, files, base)
+    if made is not None:
+        tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+        if not tuning.target_met and ann.nlist_of(made.index) is not None:
+            made, why_full = None, f"recall@{RECALL_K} {tuning.recall_at_k:.3f} fell below {target_recall}"
+    if made is None:
+        made = _fill(files, dim, index_type, max_bytes)
+        tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+    built_s = time.monotonic() - started
+
+    mapping = _mapping(made.rows, root)
+    index = made.index
+    unique = len(pc.unique(mapping.column("media_id")))
     if not index.ntotal == mapping.num_rows == unique:
         raise UserError(
             f"refusing to publish: index has {index.ntotal} vectors, mapping {mapping.num_rows}, unique ids {unique}"
@@ -171,12 +387,27 @@ def build(
         "model": json.loads(spec_file.read_text()),
         "dim": dim,
         "metric": "inner_product (cosine on L2-normalised vectors)",
-        "index_type": index_type,
+        "index_type": made.index_type,
+        "index_type_asked": index_type,
         "count": int(index.ntotal),
-        "duplicates_dropped": dropped,
+        "duplicates_dropped": made.dropped,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source_partitions": partitions,
         "source_files": len(files),
+        "silver_files": [_silver_name(root, model_version, f) for f in files],
+        "base_build": made.base_build,
+        "incremental": {"added": made.added, "replaced": made.replaced} if made.base_build else None,
+        "full_build_reason": None if made.base_build else why_full,
+        "search_params": tuning.params,
+        "recall": {
+            f"recall_at_{RECALL_K}": tuning.recall_at_k,
+            "target": target_recall,
+            "met": tuning.target_met,
+            "queries": tuning.queries,
+            "against": "exact inner-product search over the same vectors",
+            "tried": tuning.tried,
+        },
+        "query_ms": {"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, tuning.queries)},
     }
     final = layout.build_dir(root, model_version, build_id)
     staging = final.parent / f".{build_id}.tmp"
@@ -184,9 +415,10 @@ def build(
     try:
         faiss.write_index(index, str(staging / "index.faiss"))
         pq.write_table(mapping, staging / "mapping.parquet")
+        made.truth.save(staging / "tuning.npz")
+        info["index_bytes"] = (staging / "index.faiss").stat().st_size
         info["timings"] = {
-            "read_s": round(read_s, 3),
-            "add_s": round(add_s, 3),
+            "build_s": round(built_s, 3),
             "total_s": round(time.monotonic() - started, 3),
         }
         layout.write_json_atomic(staging / "build.json", info)
@@ -196,7 +428,20 @@ def build(
         raise
     layout.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
-        build_id, model_version, info["count"], dim, index_type, dropped, partitions, info["timings"], str(final)
+        build_id,
+        model_version,
+        info["count"],
+        dim,
+        made.index_type,
+        made.dropped,
+        partitions,
+        info["timings"],
+        str(final),
+        tuning.recall_at_k,
+        tuning.target_met,
+        tuning.params,
+        info["index_bytes"],
+        made.base_build or f"none (full build: {why_full})",
     )
 
 

@@ -13,12 +13,16 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
+from . import ann, filters, layout
 from .errors import UserError
 from .index import current_build, pick_model_version
 from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
+
+DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
+COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SearchResult:
     path: str | None
     url: str | None
     caption: str | None
+    duplicates: int = 0  # near-duplicate results folded into this one (collapse)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +45,31 @@ class SearchResults(list):
     def __init__(self, results: list[SearchResult], notes: list[str] | None = None):
         super().__init__(results)
         self.notes = notes or []
+
+
+TERM_KINDS = ("text", "image", "media_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One part of a combined query: a text, an image (path or bytes) or an indexed media_id
+    (its stored vector is reused), with a weight; a negative weight subtracts it."""
+
+    kind: str
+    value: str | Path | bytes
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, kind: str, written: str, sign: float = 1.0) -> Term:
+        """rclip's weighted form: '2:red car' is text 'red car' with weight 2 (times sign)."""
+        weight, value = 1.0, written
+        head, colon, rest = written.partition(":")
+        if colon and rest:
+            try:
+                weight, value = float(head), rest
+            except ValueError:
+                pass  # a colon that is part of the text or path
+        return cls(kind, value, sign * weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +112,18 @@ def _load_build(root: Path, model_version: str, build_id: str) -> _Build:
             f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
             f"mapping {mapping.num_rows} rows, build.json {info['count']}; roll back with `rayclip index --rollback`"
         )
+    _prepare(index, info)
     return _Build(build_id, info, index, mapping)
+
+
+def _prepare(index, info: dict) -> None:
+    """Apply the knobs the build tuned for its recall target; let an IVF index look vectors up by id
+    (collapse and --like read stored vectors back)."""
+    import faiss
+
+    ann.apply_parameters(index, info.get("search_params") or {})
+    if ann.nlist_of(index) is not None:
+        faiss.extract_index_ivf(index).make_direct_map()
 
 
 class Searcher:
@@ -136,14 +177,20 @@ class Searcher:
 
     # ---------------------------------------------------------------- queries
 
-    def search_text(self, text: str, k: int = 10) -> SearchResults:
-        return self.search_texts([text], k)[0]
+    def search_text(
+        self, text: str, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> SearchResults:
+        return self.search_texts([text], k, where=where, collapse=collapse)[0]
 
-    def search_texts(self, texts: list[str], k: int = 10) -> list[SearchResults]:
+    def search_texts(
+        self, texts: list[str], k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> list[SearchResults]:
         """Many text queries in one encoder batch."""
         if any(not text or not text.strip() for text in texts):
             raise UserError("the query is empty; give some words to search for")
-        results = self.search_vectors(self.model.encode_texts([t.strip() for t in texts]), k)
+        results = self.search_vectors(
+            self.model.encode_texts([t.strip() for t in texts]), k, where=where, collapse=collapse
+        )
         limit = self.model.context_length
         for text, result in zip(texts, results):
             tokens = self.model.token_count(text)
@@ -151,7 +198,43 @@ class Searcher:
                 result.notes.insert(0, f"query truncated to the model's {limit} tokens (it has {tokens})")
         return results
 
-    def search_image(self, image: str | Path | bytes, k: int = 10) -> SearchResults:
+    def search_image(
+        self, image: str | Path | bytes, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> SearchResults:
+        return self.search_vectors(self._image_vector(image)[None], k, where=where, collapse=collapse)[0]
+
+    def search(
+        self, terms: list[Term], k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> SearchResults:
+        """A combined query: the weighted sum of the terms' vectors, normalised, searched."""
+        if not terms:
+            raise UserError("give at least one query term (text, image or media_id)")
+        notes: list[str] = []
+        vectors = [self._term_vector(term, notes) for term in terms]
+        combined = np.sum([term.weight * vector for term, vector in zip(terms, vectors)], axis=0)
+        norm = float(np.linalg.norm(combined))
+        if norm < 1e-6:
+            raise UserError("the query terms cancel out; change their weights")
+        results = self.search_vectors((combined / norm)[None], k, where=where, collapse=collapse)[0]
+        results.notes[:0] = notes
+        return results
+
+    def _term_vector(self, term: Term, notes: list[str]) -> np.ndarray:
+        if term.kind == "text":
+            text = str(term.value).strip()
+            if not text:
+                raise UserError("a text term is empty; give some words to search for")
+            tokens, limit = self.model.token_count(text), self.model.context_length
+            if tokens > limit:
+                notes.append(f"query truncated to the model's {limit} tokens (it has {tokens})")
+            return self.model.encode_texts([text])[0]
+        if term.kind == "image":
+            return self._image_vector(term.value)
+        if term.kind == "media_id":
+            return self.stored_vector(str(term.value))
+        raise UserError(f"unknown query term kind {term.kind!r}; use one of {', '.join(TERM_KINDS)}")
+
+    def _image_vector(self, image: str | Path | bytes) -> np.ndarray:
         try:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             picture = decode_image(data)
@@ -159,17 +242,59 @@ class Searcher:
             raise UserError(
                 f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}"
             ) from None
-        return self.search_vectors(self.model.encode_images([picture]), k)[0]
+        return self.model.encode_images([picture])[0]
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[SearchResults]:
+    def stored_vector(self, media_id: str) -> np.ndarray:
+        """The indexed vector of a media_id, reused instead of decoding and encoding its image again
+        (a compressed index gives back its approximation, normalised)."""
+        build = self._build
+        position = pc.index(build.mapping.column("media_id"), media_id).as_py()
+        if position < 0:
+            raise UserError(f"media_id {media_id} is not in build {build.build_id}")
+        return _stored_vectors(build.index, np.array([position]))[0]
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 10, *, where: str | None = None, collapse: float | None = None
+    ) -> list[SearchResults]:
+        """Top-k per query vector, among the rows `where` keeps (filtered inside FAISS, so k come
+        back whenever k rows match). With `collapse` (a cosine threshold), a result that close to a
+        higher-ranked one is folded into it, and the k results are k distinct groups."""
         build = self._build  # one consistent build for the whole call, even if refresh() swaps it
-        total = build.index.ntotal
+        if collapse is not None and not -1.0 <= collapse <= 1.0:
+            raise UserError(f"collapse threshold {collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96")
+        allowed = None if where is None else filters.matching_ids(build.mapping, where).to_numpy()
+        total = build.index.ntotal if allowed is None else len(allowed)
+        queries = np.ascontiguousarray(vectors, np.float32)
+        if total == 0:
+            return [SearchResults([], ["no indexed row matches the filter"]) for _ in queries]
         notes = []
         if k < 1 or k > total:
-            notes.append(f"k={k} clamped to {min(max(k, 1), total)} (the index holds {total} vectors)")
+            held = "the index holds" if allowed is None else "the filter keeps"
+            notes.append(f"k={k} clamped to {min(max(k, 1), total)} ({held} {total} vectors)")
             k = min(max(k, 1), total)
-        scores, ids = build.index.search(np.ascontiguousarray(vectors, np.float32), k)
-        return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        if collapse is None:
+            scores, ids = _search(build, queries, k, allowed)
+            return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        return [SearchResults(self._collapsed(build, q, k, collapse, allowed), list(notes)) for q in queries]
+
+    @classmethod
+    def _collapsed(
+        cls, build: _Build, query: np.ndarray, k: int, threshold: float, allowed: np.ndarray | None
+    ) -> list[SearchResult]:
+        """Search deeper until the hits form k groups of near-duplicates (or the rows run out)."""
+        total = build.index.ntotal if allowed is None else len(allowed)
+        depth = min(total, k * COLLAPSE_DEPTH)
+        while True:
+            scores, ids = _search(build, query[None], depth, allowed)
+            keep = ids[0] >= 0
+            scores, ids = scores[0][keep], ids[0][keep]
+            leaders, folded = _group_near_duplicates(_stored_vectors(build.index, ids), threshold)
+            if len(leaders) >= k or depth >= total:
+                break
+            depth = min(total, depth * COLLAPSE_DEPTH)
+        leaders, folded = leaders[:k], folded[:k]
+        results = cls._join(build, scores[leaders], ids[leaders])
+        return [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(results, folded)]
 
     @staticmethod
     def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
@@ -179,3 +304,57 @@ class Searcher:
             SearchResult(rank=r + 1, score=round(float(s), 6), **row)
             for r, (s, row) in enumerate(zip(scores[keep], rows))
         ]
+
+
+def _search(build: _Build, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS top-k, restricted to `allowed` faiss_ids by an IDSelector when given.
+
+    An approximate index can find fewer than k allowed rows near the query (a selective filter):
+    it searches again with four times the effort until k come back or it has looked everywhere;
+    an HNSW graph that still falls short is searched exactly over the allowed rows."""
+    import faiss
+
+    index = build.index
+    if allowed is None:
+        return index.search(queries, k)
+    mask = np.zeros(index.ntotal, bool)
+    mask[allowed] = True
+    bitmap = np.packbits(mask, bitorder="little")
+    selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
+    knobs = build.info.get("search_params") or {}
+    effort = 1
+    while True:
+        params, exhaustive = ann.search_parameters(index, knobs, selector, effort)
+        scores, ids = index.search(queries, k, params=params)
+        if (ids >= 0).sum(axis=1).min() >= k or exhaustive:
+            break
+        effort *= 4
+    if (ids >= 0).sum(axis=1).min() < k:
+        vectors = _stored_vectors(index, allowed)
+        scores, positions = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        ids = allowed[positions]
+    return scores, ids
+
+
+def _stored_vectors(index, ids: np.ndarray) -> np.ndarray:
+    """The indexed vectors of these ids, L2-normalised again (a compressed index returns approximations)."""
+    vectors = index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _group_near_duplicates(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Walk the ranked hits; one within `threshold` cosine of an earlier group leader joins that
+    leader's group (the most similar one), else it leads a new group. Returns (leader positions,
+    members folded into each leader)."""
+    leaders: list[int] = []
+    folded: list[int] = []
+    for i, vector in enumerate(vectors):
+        if leaders:
+            similarity = vectors[leaders] @ vector
+            closest = int(np.argmax(similarity))
+            if similarity[closest] >= threshold:
+                folded[closest] += 1
+                continue
+        leaders.append(i)
+        folded.append(0)
+    return np.asarray(leaders, dtype=np.int64), np.asarray(folded, dtype=np.int64)

@@ -59,8 +59,20 @@ def gold_status(root: Path) -> list[dict]:
                     "created_at": info["created_at"],
                     "current": build_id == current_id,
                 }
+                | _quality(info)
             )
     return out
+
+
+def _quality(info: dict) -> dict:
+    """What the build measured of itself (builds before measured recall show none)."""
+    recall = info.get("recall") or {}
+    return {
+        "index_type": info.get("index_type"),
+        "recall_at_10": recall.get("recall_at_10"),
+        "index_bytes": info.get("index_bytes"),
+        "base_build": info.get("base_build"),
+    }
 
 
 def status(root: Path) -> dict:

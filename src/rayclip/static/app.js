@@ -28,6 +28,12 @@ function render(payload, label) {
     meta.className = "meta";
     meta.innerHTML = `<div class="score">#${r.rank} · cosine ${r.score.toFixed(3)}</div><div class="caption"></div>`;
     meta.querySelector(".caption").textContent = r.caption || r.url || r.path;
+    if (r.duplicates) {
+      const folded = document.createElement("div");
+      folded.className = "duplicates";
+      folded.textContent = `+${r.duplicates} near-duplicate${r.duplicates > 1 ? "s" : ""} hidden`;
+      meta.append(folded);
+    }
     card.append(img, meta);
     card.addEventListener("click", () => navigate({ like: r.media_id }));
     return card;
@@ -42,22 +48,36 @@ function fail(error) {
 
 function k() { return $("k").value; }
 
+// Duplicate hiding (on by default) and the filter travel with every query, in the URL too.
+const DEFAULT_COLLAPSE = "0.96";
+function options() {
+  const chosen = {};
+  if ($("collapse").checked) chosen.collapse = DEFAULT_COLLAPSE;
+  if ($("where").value.trim()) chosen.where = $("where").value.trim();
+  return chosen;
+}
+
 async function runFromUrl() {
   const params = new URLSearchParams(location.search);
   if (params.get("k")) $("k").value = params.get("k");
+  $("collapse").checked = params.get("collapse") !== "off";
+  $("where").value = params.get("where") || "";
   try {
     if (params.get("q")) {
       $("q").value = params.get("q");
-      render(await api(`/api/search?${new URLSearchParams({ q: params.get("q"), k: k() })}`), `“${params.get("q")}”`);
+      render(await api(`/api/search?${new URLSearchParams({ q: params.get("q"), k: k(), ...options() })}`), `“${params.get("q")}”`);
     } else if (params.get("like")) {
       $("q").value = "";
-      render(await api(`/api/search/similar?${new URLSearchParams({ media_id: params.get("like"), k: k() })}`), "images like the one clicked");
+      render(await api(`/api/search/similar?${new URLSearchParams({ media_id: params.get("like"), k: k(), ...options() })}`), "images like the one clicked");
     }
   } catch (error) { fail(error); }
 }
 
 function navigate(query) {
-  history.pushState(null, "", `/?${new URLSearchParams({ ...query, k: k() })}`);
+  const shown = { ...query, k: k() };
+  if (!$("collapse").checked) shown.collapse = "off";
+  if ($("where").value.trim()) shown.where = $("where").value.trim();
+  history.pushState(null, "", `/?${new URLSearchParams(shown)}`);
   runFromUrl();
 }
 
@@ -65,13 +85,18 @@ async function searchByFile(file) {
   const form = new FormData();
   form.append("file", file);
   try {
-    render(await api(`/api/search/image?k=${k()}`, { method: "POST", body: form }), `the image ${file.name}`);
+    render(await api(`/api/search/image?${new URLSearchParams({ k: k(), ...options() })}`, { method: "POST", body: form }), `the image ${file.name}`);
   } catch (error) { fail(error); }
 }
 
 $("search-form").addEventListener("submit", (event) => {
   event.preventDefault();
   if ($("q").value.trim()) navigate({ q: $("q").value.trim() });
+});
+$("collapse").addEventListener("change", () => {
+  const current = new URLSearchParams(location.search);
+  if (current.get("q")) navigate({ q: current.get("q") });
+  else if (current.get("like")) navigate({ like: current.get("like") });
 });
 $("upload").addEventListener("change", () => $("upload").files[0] && searchByFile($("upload").files[0]));
 window.addEventListener("popstate", runFromUrl);

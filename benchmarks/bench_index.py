@@ -1,0 +1,180 @@
+"""Gold builds at scale: flat vs --index-type auto over clustered 512-d vectors.
+
+The vectors are a Gaussian mixture (cluster centres plus noise whose spectrum decays, as CLIP
+embeddings' does; uniform noise would make any ANN index look worse than on real data), written
+as silver Parquet files in seeded chunks, so a 10M set never sits in memory. Each build runs
+in its own process, so its peak RSS is its own. Prints, per size and index: build time, peak RSS,
+index bytes (and the share of flat's), recall@10 against exact search on 1,000 held-out vectors
+(measured by the build itself), and one-query p50/p99 through the Searcher (FAISS + mapping join).
+Then, at sizes up to --incremental-max, a day of 1% new rows: incremental build vs --retrain.
+
+    python benchmarks/bench_index.py                      # 1M and 10M (hours on 2 cores, ~25 GB disk)
+    python benchmarks/bench_index.py --sizes 100000       # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+MODEL_VERSION = "bench_vectors"
+GOALS_1M = "goals at 1M: p50 <= 2 ms, p99 <= 10 ms, recall@10 >= 0.95, index <= 1/4 of flat; at 10M recall >= 0.90"
+
+
+def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """Rows [start, start+rows) of the seeded mixture; any chunk can be made alone."""
+    base = np.random.default_rng(seed)
+    centres = base.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    scales = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5) * 0.45  # decaying spectrum
+    rotation = np.linalg.qr(base.standard_normal((dim, dim)))[0].astype(np.float32)
+    rng = np.random.default_rng([seed, start])
+    noise = (rng.standard_normal((rows, dim), dtype=np.float32) * scales) @ rotation
+    points = centres[rng.integers(0, clusters, rows)] + noise
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
+    """Silver files of `count` vectors with media_ids first…first+count, chunk by chunk."""
+    from rayclip import layout
+    from rayclip.embed import silver_table
+
+    folder = layout.silver_partition(root, MODEL_VERSION, day)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"name": "ViT-B-32", "pretrained": "none", "checkpoint": None, "checkpoint_sha256": None}
+    layout.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec | {"model_version": MODEL_VERSION})
+    for start in range(first, first + count, args.chunk):
+        rows = min(args.chunk, first + count - start)
+        vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
+        ids = [f"{i:064x}" for i in range(start, start + rows)]
+        pq.write_table(silver_table(ids, vectors), folder / f"part-{start:012d}.parquet")
+
+
+def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
+    """Runs in a child process: build, then time one-query searches through the Searcher."""
+    from rayclip import index, search
+
+    if args.flat_below is not None:
+        index.FLAT_BELOW = args.flat_below
+    if args.hnsw_below is not None:
+        index.HNSW_BELOW = args.hnsw_below
+    started = time.perf_counter()
+    report = index.build(
+        root,
+        MODEL_VERSION,
+        index_type=index_type,
+        max_index_memory=args.max_index_memory,
+        target_recall=args.target_recall,
+        retrain=retrain,
+    )
+    build_s = time.perf_counter() - started
+    info = json.loads((Path(report.path) / "build.json").read_text())
+    searcher = search.Searcher(root, MODEL_VERSION, None, search._load_build(root, MODEL_VERSION, report.build_id))
+    queries = mixture_chunk(10**12, args.queries, args.dim, args.clusters, args.seed)  # not in the index
+    times = []
+    for query in queries:
+        t = time.perf_counter()
+        searcher.search_vectors(query[None], 10)
+        times.append((time.perf_counter() - t) * 1000)
+    return {
+        "index_type": info["index_type"],
+        "build_s": round(build_s, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "index_bytes": info["index_bytes"],
+        "recall_at_10": info["recall"]["recall_at_10"],
+        "params": info["search_params"],
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+        "base_build": info["base_build"],
+    }
+
+
+def run_child(root: Path, index_type: str, retrain: bool, args) -> dict:
+    command = [sys.executable, __file__, "--child", str(root), index_type, str(int(retrain))] + args.passthrough
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def show(size: int, label: str, row: dict, flat_bytes: int) -> None:
+    print(
+        f"{size:>11,} {label:<12} {row['index_type']:<28} build {row['build_s']:>8.1f} s  "
+        f"peak {row['peak_rss_gib']:>6.2f} GiB  index {row['index_bytes'] / 2**20:>9.1f} MiB "
+        f"({row['index_bytes'] / flat_bytes:.2f} of flat)  recall@10 {row['recall_at_10']:.3f}  "
+        f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  {row['params']}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=100_000, help="vectors per silver file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=1000, help="one-query searches timed per build")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--max-index-memory", default="4G")
+    parser.add_argument("--flat-max", type=int, default=2_000_000, help="skip flat above this many vectors")
+    parser.add_argument("--incremental-max", type=int, default=1_000_000, help="incremental run up to this size")
+    parser.add_argument("--flat-below", type=int, default=None, help="override auto's flat threshold (checks)")
+    parser.add_argument("--hnsw-below", type=int, default=None, help="override auto's HNSW threshold (checks)")
+    parser.add_argument("--data-dir", default=None, help="where silver and gold go (default: a temp folder)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        root, index_type, retrain = args.child
+        print(json.dumps(one_build(Path(root), index_type, retrain == "1", args)))
+        return
+    args.passthrough = _options_only(sys.argv[1:])
+    print(f"{args.dim}-d Gaussian mixture, {args.clusters} clusters, seed {args.seed}; {GOALS_1M}", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
+        for size in args.sizes:
+            root = Path(tmp) / f"n{size}"
+            started = time.perf_counter()
+            write_silver(root, "2026-01-01", 0, size, args)
+            print(f"{size:>11,} vectors written as silver in {time.perf_counter() - started:.1f} s", flush=True)
+            flat_bytes = size * args.dim * 4
+            if size <= args.flat_max:
+                show(size, "flat", run_child(root, "flat", True, args), flat_bytes)
+            else:
+                print(f"{size:>11,} flat         skipped: {flat_bytes / 2**30:.1f} GiB of vectors", flush=True)
+            full = run_child(root, "auto", True, args)
+            show(size, "auto", full, flat_bytes)
+            if size <= args.incremental_max:
+                write_silver(root, "2026-01-02", size, max(1, size // 100), args)
+                incremental = run_child(root, "auto", False, args)
+                show(size, "auto +1% inc", incremental, flat_bytes)
+                retrained = run_child(root, "auto", True, args)
+                show(size, "auto +1% full", retrained, flat_bytes)
+                print(
+                    f"{size:>11,} incremental build {incremental['build_s']:.1f} s "
+                    f"vs full {retrained['build_s']:.1f} s "
+                    f"({retrained['build_s'] / max(incremental['build_s'], 1e-9):.1f}x); "
+                    f"recall {incremental['recall_at_10']:.3f} vs {retrained['recall_at_10']:.3f}",
+                    flush=True,
+                )
+
+
+def _options_only(argv: list[str]) -> list[str]:
+    """The options a child needs (everything but --sizes and its values)."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg == "--sizes"
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
+if __name__ == "__main__":
+    main()

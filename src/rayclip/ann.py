@@ -1,0 +1,257 @@
+"""Approximate indexes: which FAISS index fits N vectors in a memory budget, what its query-time
+knobs (nprobe, efSearch) must be to reach a recall target, and how good it then is.
+
+Recall is always measured against exact search: a build keeps TUNING_QUERIES held-out vectors
+and their exact neighbours (`Truth`), computed while its vectors stream past, so measuring is a
+batch of ANN searches, never a second exact pass. The chosen knobs travel in build.json and the
+Searcher applies them (`apply_parameters`, `search_parameters` for filtered searches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import numpy as np
+
+from .errors import UserError
+
+FLAT = "Flat"
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+ID_BYTES = 8  # an inverted list stores each vector's int64 id next to its code
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4G', '512M', '1.5g', '2GiB' or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise UserError(f"--max-index-memory {text!r} is not a size; write e.g. 4G, 512M or 2000000000")
+    number, unit = match.groups()
+    return int(float(number) * (1024 ** ("kmgt".index(unit.lower()) + 1) if unit else 1))
+
+
+def nlist_for(count: int, max_nlist: int) -> int:
+    """Inverted lists: 4·√N rounded to a power of two (autofaiss's rule of thumb), capped."""
+    return int(min(max_nlist, max(16, 2 ** round(math.log2(4 * math.sqrt(max(count, 1)))))))
+
+
+def index_bytes(index_type: str, count: int, dim: int) -> int:
+    """Estimated in-memory bytes of an index_factory string this module chooses."""
+    if index_type == FLAT:
+        return count * dim * 4
+    if index_type.startswith("HNSW"):
+        links = int(index_type[4:])
+        return count * (dim * 4 + links * 2 * 4 + 16)
+    nlist = int(re.search(r"IVF(\d+)", index_type).group(1))
+    sq = re.search(r"SQ(\d+)", index_type)
+    code = dim * int(sq.group(1)) // 8 if sq else int(re.search(r"PQ(\d+)x", index_type).group(1))
+    return count * (code + ID_BYTES) + nlist * dim * 4 * 2  # centroids, twice with the HNSW over them
+
+
+def choose_index_type(
+    count: int, dim: int, max_bytes: int, flat_below: int, hnsw_below: int, hnsw_links: int, max_nlist: int
+) -> str:
+    """Flat, then HNSW, then an IVF index (HNSW over its centroids) whose codes take the most bytes
+    that fit both the budget and a quarter of the flat index: 6-bit scalar quantisation (best
+    recall per byte here), then PQ with dim/2 bytes, then OPQ-rotated PQ with shorter codes."""
+    if count < flat_below and index_bytes(FLAT, count, dim) <= max_bytes:
+        return FLAT
+    hnsw = f"HNSW{hnsw_links}"
+    if count < hnsw_below and index_bytes(hnsw, count, dim) <= max_bytes:
+        return hnsw
+    nlist = nlist_for(count, max_nlist)
+    ivf = f"IVF{nlist}_HNSW32"
+    candidates = [f"{ivf},SQ6", f"{ivf},PQ{dim // 2}x8"] + [
+        f"OPQ{code}_{dim},{ivf},PQ{code}x8" for code in (dim // 4, dim // 8, dim // 16) if code >= 4
+    ]
+    for candidate in candidates:
+        per_vector = index_bytes(candidate, 1, dim) - index_bytes(candidate, 0, dim)  # code + id
+        if per_vector <= dim and index_bytes(candidate, count, dim) <= max_bytes:  # dim bytes: ¼ of flat's
+            return candidate
+    smallest = index_bytes(candidates[-1], count, dim)
+    raise UserError(
+        f"{count} vectors of {dim} dimensions need at least {smallest / 2**20:.0f} MiB; raise --max-index-memory"
+    )
+
+
+def nlist_of(index) -> int | None:
+    """The inverted lists of an IVF index (through an OPQ wrapper), None for flat and HNSW."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        return None
+
+
+def _hnsw_of(index):
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def candidate_parameters(index) -> list[dict]:
+    """Knob settings from cheapest to most thorough; [{}] for an exact index."""
+    nlist = nlist_of(index)
+    if nlist is not None:
+        return [{"nprobe": n, "quantizer_efSearch": max(64, 2 * n)} for n in NPROBES if n <= nlist]
+    if _hnsw_of(index) is not None:
+        return [{"efSearch": ef} for ef in EF_SEARCHES]
+    return [{}]
+
+
+def apply_parameters(index, params: dict) -> None:
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def search_parameters(index, params: dict, selector=None, effort: int = 1):
+    """SearchParameters carrying the build's knobs (times `effort`) and an IDSelector.
+
+    FAISS ignores the index's own nprobe/efSearch once parameters are passed, so they are restated.
+    """
+    import faiss
+
+    nlist = nlist_of(index)
+    if nlist is not None:
+        nprobe = min(nlist, params.get("nprobe", 1) * effort)
+        quantizer = faiss.SearchParametersHNSW(efSearch=max(params.get("quantizer_efSearch", 64), 2 * nprobe))
+        found = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe, quantizer_params=quantizer)
+        found.keep = quantizer  # the C++ side holds a bare pointer: keep the Python object alive with it
+        return found, nprobe >= nlist
+    if _hnsw_of(index) is not None:
+        ef = params.get("efSearch", 16) * effort
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef), ef >= index.ntotal
+    return faiss.SearchParameters(sel=selector), True
+
+
+@dataclasses.dataclass
+class Truth:
+    """Held-out query vectors, their own faiss_ids, and their exact nearest neighbours so far."""
+
+    queries: np.ndarray  # float32 [q, dim]
+    query_ids: np.ndarray  # int64 [q]
+    ids: np.ndarray  # int64 [q, depth], -1 where unknown
+    scores: np.ndarray  # float32 [q, depth]
+
+    @classmethod
+    def empty(cls, queries: np.ndarray, query_ids: np.ndarray, depth: int) -> Truth:
+        q = len(queries)
+        return cls(queries, query_ids, np.full((q, depth), -1, np.int64), np.full((q, depth), -np.inf, np.float32))
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Merge exact scores against these vectors (streamed: one chunk at a time)."""
+        import faiss
+
+        if not len(vectors) or not len(self.queries):
+            return
+        depth = self.ids.shape[1]
+        scores, positions = faiss.knn(
+            self.queries, vectors, min(depth, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT
+        )
+        merged_scores = np.concatenate([self.scores, scores], axis=1)
+        merged_ids = np.concatenate([self.ids, np.where(positions >= 0, ids[positions], -1)], axis=1)
+        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :depth]
+        self.scores = np.take_along_axis(merged_scores, order, axis=1)
+        self.ids = np.take_along_axis(merged_ids, order, axis=1)
+
+    def forget(self, ids: np.ndarray) -> None:
+        """Drop neighbours whose vectors changed (they are re-added with `add`)."""
+        stale = np.isin(self.ids, ids)
+        self.ids = np.where(stale, -1, self.ids)
+        self.scores = np.where(stale, -np.inf, self.scores)
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        self.scores = np.take_along_axis(self.scores, order, axis=1)
+        self.ids = np.take_along_axis(self.ids, order, axis=1)
+
+    def exact_neighbours(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(usable query rows, their exact top-k ids without the query itself).
+
+        A query is usable while it still knows k+1 neighbours: after `forget`, anything below the
+        last one kept could be missing."""
+        known = (self.ids >= 0).sum(axis=1)
+        usable = np.flatnonzero(known >= min(k + 1, self.ids.shape[1]))
+        return usable, np.stack([_without(self.ids[q], self.query_ids[q], k) for q in usable]).reshape(-1, k)
+
+    def save(self, path) -> None:
+        np.savez(path, queries=self.queries, query_ids=self.query_ids, ids=self.ids, scores=self.scores)
+
+    @classmethod
+    def load(cls, path) -> Truth:
+        with np.load(path) as data:
+            return cls(data["queries"], data["query_ids"], data["ids"], data["scores"])
+
+
+def _without(ids: np.ndarray, own: int, k: int) -> np.ndarray:
+    """The first k ids that are not the query's own (a held-out query is in the index too)."""
+    kept = ids[(ids != own) & (ids >= 0)][:k]
+    return np.pad(kept, (0, k - len(kept)), constant_values=-1)
+
+
+def recall(index, truth: Truth, params: dict, k: int) -> float:
+    """Mean share of each usable query's exact top-k that the index returns with these knobs."""
+    usable, exact = truth.exact_neighbours(k)
+    if not len(usable):
+        return 1.0
+    apply_parameters(index, params)
+    _, found = index.search(truth.queries[usable], k + 1)
+    hits = [
+        len(set(_without(f, own, k)) & set(e[e >= 0])) / max(1, (e >= 0).sum())
+        for f, e, own in zip(found, exact, truth.query_ids[usable])
+    ]
+    return float(np.mean(hits))
+
+
+@dataclasses.dataclass
+class Tuning:
+    params: dict
+    recall_at_k: float
+    k: int
+    target: float
+    queries: int
+    p50_ms: float
+    p99_ms: float
+    tried: list[dict]
+
+    @property
+    def target_met(self) -> bool:
+        return self.recall_at_k >= self.target
+
+
+def tune(index, truth: Truth, target: float, k: int, latency_queries: int) -> Tuning:
+    """The cheapest knobs reaching `target` recall@k (else the most thorough tried), applied,
+    then timed one query at a time."""
+    tried = []
+    for params in candidate_parameters(index):
+        measured = recall(index, truth, params, k)
+        tried.append(params | {"recall": round(measured, 4)})
+        if measured >= target or (len(tried) > 2 and measured <= tried[-3]["recall"]):
+            break  # reached, or no longer improving
+    reached = [t for t in tried if t["recall"] >= target]
+    best = reached[0] if reached else max(tried, key=lambda t: t["recall"])
+    params = {key: value for key, value in best.items() if key != "recall"}
+    apply_parameters(index, params)
+    p50, p99 = latency(index, truth.queries[:latency_queries], k)
+    return Tuning(params, best["recall"], k, target, len(truth.exact_neighbours(k)[0]), p50, p99, tried)
+
+
+def latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """p50 and p99 milliseconds of one-query searches."""
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        index.search(query[None], k)
+        times.append((time.perf_counter() - started) * 1000)
+    if not times:
+        return 0.0, 0.0
+    return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)

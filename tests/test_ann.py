@@ -1,0 +1,167 @@
+"""Approximate and exact gold builds: measured recall, tuned knobs, incremental daily builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from silver_helpers import clustered, media_ids, write_manifest, write_silver
+
+from rayclip import ann, index, layout
+from rayclip.search import Searcher
+
+DIM = 32  # small vectors keep FAISS training quick; the contracts do not depend on the width
+DAY1, DAY2 = "2026-01-01", "2026-01-02"
+
+
+def info_of(report: index.BuildReport) -> dict:
+    return json.loads((Path(report.path) / "build.json").read_text())
+
+
+def brute_recall(searcher: Searcher, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """recall@k of the searcher against numpy's exact top-k over `vectors` (row i = faiss_id i)."""
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
+    found = searcher.search_vectors(queries, k)
+    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    return float(np.mean([len({position[r.media_id] for r in f} & set(e)) / k for f, e in zip(found, exact)]))
+
+
+def stored(searcher: Searcher) -> np.ndarray:
+    return searcher.vectors(list(range(searcher.info["count"])))
+
+
+@pytest.fixture
+def ivf_thresholds(monkeypatch):
+    """Make a few thousand vectors count as 'large', so auto picks an IVF index."""
+    monkeypatch.setattr(index, "FLAT_BELOW", 500)
+    monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+
+
+def test_auto_below_threshold_is_flat_with_exact_recall(tmp_path):
+    root = tmp_path / "data"
+    vectors = clustered(2500, DIM, seed=1)
+    write_silver(root, DAY1, media_ids(2500), vectors)
+    report = index.build(root)
+    info = info_of(report)
+    assert info["index_type"] == "Flat" and info["index_type_asked"] == "auto"
+    assert info["recall"]["recall_at_10"] == 1.0 and info["recall"]["met"] and info["recall"]["queries"] == 1000
+    assert info["query_ms"]["p50"] > 0 and info["query_ms"]["p99"] >= info["query_ms"]["p50"]
+    assert info["index_bytes"] >= 2500 * DIM * 4 and info["search_params"] == {}
+    searcher = Searcher.open(root)
+    assert brute_recall(searcher, stored(searcher), clustered(50, DIM, seed=2)) == 1.0
+
+
+def test_auto_ivf_reaches_target_recall_on_clustered_vectors(tmp_path, ivf_thresholds):
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(4000), clustered(4000, DIM, seed=1))
+    report = index.build(root, target_recall=0.9)
+    info = info_of(report)
+    assert info["index_type"].startswith("IVF") and "SQ6" in info["index_type"]
+    assert info["recall"]["recall_at_10"] >= 0.9 and report.recall_target_met
+    assert info["search_params"]["nprobe"] >= 1 and info["index_bytes"] < 4000 * DIM * 4 / 2
+    # The Searcher applies the tuned nprobe: fresh queries from the same mixture reach the target too.
+    searcher = Searcher.open(root)
+    assert brute_recall(searcher, stored_exact(root), clustered(300, DIM, seed=5)) >= 0.9 - 0.03
+    # Without the recorded knobs (nprobe 1) recall falls far short: the knobs are what reaches it.
+    ann.apply_parameters(searcher._build.index, {"nprobe": 1})
+    assert brute_recall(searcher, stored_exact(root), clustered(300, DIM, seed=5)) < 0.8
+
+
+def stored_exact(root: Path) -> np.ndarray:
+    """The silver vectors in faiss_id order (an IVF index keeps only their codes)."""
+    from conftest import read_silver
+
+    silver = read_silver(root, "clip_rayclip_ref_reference")
+    by_id = dict(zip(silver.column("media_id").to_pylist(), silver.column("embedding").to_pylist()))
+    mapping = pq.read_table(layout.build_dir(root, "clip_rayclip_ref_reference", current(root)) / "mapping.parquet")
+    return np.asarray([by_id[m] for m in mapping.column("media_id").to_pylist()], np.float32)
+
+
+def current(root: Path) -> str:
+    return index.current_build(root, "clip_rayclip_ref_reference")
+
+
+def two_days(root: Path, n1: int = 3000, n2: int = 600, changed: int = 100) -> list[str]:
+    """day1: n1 media_ids; day2: n2 new ones and new vectors for the first `changed` of day1."""
+    ids = media_ids(n1 + n2)
+    vectors = clustered(n1 + n2, DIM, seed=1)
+    write_silver(root, DAY1, ids[:n1], vectors[:n1])
+    write_manifest(root, ids)
+    return ids, np.concatenate([vectors[n1:], clustered(changed, DIM, seed=9)]), ids[n1:] + ids[:changed]
+
+
+def by_media_id(root: Path, build_id: str):
+    mapping = pq.read_table(layout.build_dir(root, "clip_rayclip_ref_reference", build_id) / "mapping.parquet")
+    return mapping.drop_columns(["faiss_id"]).sort_by("media_id")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
+    if kind == "ivf":
+        monkeypatch.setattr(index, "FLAT_BELOW", 500)
+        monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+    root = tmp_path / "data"
+    ids, day2_vectors, day2_ids = two_days(root)
+    first = index.build(root, target_recall=0.9)
+    write_silver(root, DAY2, day2_ids, day2_vectors)
+    incremental = index.build(root, target_recall=0.9)
+    info = info_of(incremental)
+    assert info["base_build"] == first.build_id and info["incremental"] == {"added": 600, "replaced": 100}
+    assert info["index_type"] == info_of(first)["index_type"]
+    queries = clustered(200, DIM, seed=11)
+    inc_searcher = Searcher.open(root)
+    full = index.build(root, retrain=True, target_recall=0.9)
+    assert info_of(full)["base_build"] is None and info_of(full)["full_build_reason"] == "--retrain"
+    assert by_media_id(root, incremental.build_id).equals(by_media_id(root, full.build_id))
+    assert incremental.duplicates_dropped == full.duplicates_dropped == 100
+    full_searcher = Searcher.open(root)
+    exact = stored_exact(root)  # the full build's order: both recalls below are against it
+    if kind == "flat":
+        for a, b in zip(inc_searcher.search_vectors(queries, 10), full_searcher.search_vectors(queries, 10)):
+            assert [r.media_id for r in a] == [r.media_id for r in b]
+            assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
+    else:
+        full_ids = full_searcher.mapping.column("media_id").to_pylist()
+        exact_top = np.argsort(-(queries @ exact.T), axis=1)[:, :10]
+
+        def recall_of(searcher):
+            found = searcher.search_vectors(queries, 10)
+            return np.mean(
+                [len({r.media_id for r in f} & {full_ids[i] for i in e}) / 10 for f, e in zip(found, exact_top)]
+            )
+
+        assert abs(recall_of(inc_searcher) - recall_of(full_searcher)) <= 0.01 + 0.02  # 200 queries: sampling noise
+        assert info["recall"]["recall_at_10"] >= 0.9
+
+
+def test_many_new_rows_or_retrain_force_a_full_build(tmp_path):
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(1000), clustered(1000, DIM, seed=1))
+    index.build(root)
+    write_silver(root, DAY2, media_ids(800, "more"), clustered(800, DIM, seed=2))
+    report = index.build(root)
+    assert info_of(report)["base_build"] is None
+    assert "exceed 50%" in info_of(report)["full_build_reason"]
+    again = index.build(root)  # nothing new: an incremental build adding nothing
+    assert info_of(again)["base_build"] == report.build_id and info_of(again)["incremental"]["added"] == 0
+
+
+def test_choice_follows_count_and_memory_budget():
+    choose = ann.choose_index_type
+    assert choose(50_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "Flat"
+    assert choose(500_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "HNSW32"
+    big = choose(1_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192)
+    assert big == "IVF4096_HNSW32,SQ6" and ann.index_bytes(big, 1_000_000, 512) <= 1_000_000 * 512 * 4 / 4
+    tight = choose(1_000_000, 512, 200 << 20, 100_000, 1_000_000, 32, 8192)
+    assert tight.startswith("OPQ") and ann.index_bytes(tight, 1_000_000, 512) <= 200 << 20
+    assert choose(500_000, 512, 600 << 20, 100_000, 1_000_000, 32, 8192).startswith("IVF")  # HNSW would not fit
+    assert ann.parse_bytes("4G") == 4 << 30 and ann.parse_bytes("512M") == 512 << 20
+    from rayclip import UserError
+
+    with pytest.raises(UserError, match="raise --max-index-memory"):
+        choose(10_000_000, 512, 1 << 20, 100_000, 1_000_000, 32, 8192)
+    with pytest.raises(UserError, match="not a size"):
+        ann.parse_bytes("lots")
