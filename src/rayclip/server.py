@@ -41,9 +41,10 @@ CONTENT_TYPES = {
 class _SearcherHolder:
     """Opens the Searcher once (503 until an index exists), then follows CURRENT."""
 
-    def __init__(self, data_dir: Path, model_version: str | None):
+    def __init__(self, data_dir: Path, model_version: str | None, precision: str = "auto"):
         self.data_dir = data_dir
         self.model_version = model_version
+        self.precision = precision
         self.searcher: Searcher | None = None
         self.lock = threading.Lock()
 
@@ -51,7 +52,7 @@ class _SearcherHolder:
         try:
             with self.lock:
                 if self.searcher is None:
-                    self.searcher = Searcher.open(self.data_dir, self.model_version)
+                    self.searcher = Searcher.open(self.data_dir, self.model_version, precision=self.precision)
                 else:
                     self.searcher.refresh()
                 return self.searcher
@@ -70,10 +71,13 @@ def _payload(searcher: Searcher, results: SearchResults, query: dict) -> dict:
 
 
 def create_app(
-    data_dir: str | Path | None = None, model_version: str | None = None, max_upload_bytes: int = 10 << 20
+    data_dir: str | Path | None = None,
+    model_version: str | None = None,
+    max_upload_bytes: int = 10 << 20,
+    precision: str = "auto",
 ) -> FastAPI:
     root = layout.data_root(data_dir)
-    holder = _SearcherHolder(root, model_version)
+    holder = _SearcherHolder(root, model_version, precision)
     app = FastAPI(title="rayclip", summary="Text→image and image→image search over a rayclip gold build.")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
