@@ -75,12 +75,13 @@ def test_repeated_text_queries_come_from_the_cache(monkeypatch):
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     folder = tmp_path_factory.mktemp("precision")
-    images = synthetic.write_images(folder / "site", 400, seed=HELD_OUT_SEED)
+    images = synthetic.write_images(folder / "site", 300, seed=HELD_OUT_SEED)
     with synthetic.serve_folder(folder / "site") as base:
         yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two embeds, two builds and two evals of 300 images
 def test_reference_recall_at_bf16_is_within_a_point_of_fp32(held_out, ray_session):
     metadata, root = held_out
     run_ingest(root, metadata)
