@@ -92,6 +92,10 @@ def test_reference_recall_at_bf16_is_within_a_point_of_fp32(held_out, ray_sessio
         index.build(root, spec.model_version)
         searcher = Searcher.open(root, spec.model_version, threads=2, precision=precision)
         assert searcher.model.precision == precision
-        recall[precision] = evaluate.evaluate(searcher).text_to_image[5]
-    assert recall["fp32"] >= 0.9  # the bar the reference model clears (test_eval)
-    assert abs(recall["bf16"] - recall["fp32"]) <= 0.01
+        report = evaluate.evaluate(searcher)
+        recall[precision] = {"t2i": report.text_to_image, "i2t": report.image_to_text}
+    fp32, bf16 = recall["fp32"], recall["bf16"]
+    assert fp32["t2i"][5] >= 0.9, recall  # the bar the reference model clears (test_eval)
+    assert abs(bf16["t2i"][5] - fp32["t2i"][5]) <= 0.01, recall
+    # R@5 is near its ceiling on this set; R@1 in both directions shows a coarser loss of precision.
+    assert all(abs(bf16[d][1] - fp32[d][1]) <= 0.02 for d in ("t2i", "i2t")), recall
