@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import embed, index, layout
+from rayclip import embed, index, ingest, layout
 from rayclip.model import ModelSpec
 
 
 def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) -> None:
-    """n random unit vectors filed as silver for spec, in files of 50k rows."""
+    """n random unit vectors filed as silver for spec, in files of 50k rows, and a manifest naming
+    them: sha256-like ids, paths, URLs and captions, so the mapping join costs what a real one does."""
     rng = np.random.default_rng(seed)
     folder = layout.silver_partition(root, spec.model_version, "2026-01-01")
     folder.mkdir(parents=True, exist_ok=True)
     layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
     for start in range(0, n, 50_000):
         count = min(50_000, n - start)
         vectors = rng.standard_normal((count, dim), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        ids = [f"{i:064x}" for i in range(start, start + count)]
-        pq.write_table(embed.silver_table(ids, vectors), folder / f"part-{start:09d}.parquet")
+        pq.write_table(embed.silver_table(ids[start : start + count], vectors), folder / f"part-{start:09d}.parquet")
+    manifest = {
+        "media_id": ids,
+        "path": [layout.object_relpath(m, "jpg") for m in ids],
+        "url": [f"https://images.example.com/{m[:2]}/{m}.jpg" for m in ids],
+        "caption": [f"a photo of item {i}, number {i % 97} in a series of generated captions" for i in range(n)],
+    }
+    layout.manifest_dir(root).mkdir(parents=True, exist_ok=True)
+    columns = {name: manifest.get(name, [None] * n) for name in ingest.MANIFEST_SCHEMA.names}
+    table = pa.Table.from_pydict(columns, schema=ingest.MANIFEST_SCHEMA)
+    pq.write_table(table, layout.manifest_dir(root) / "part-bench.parquet")
 
 
 def timed_build(root: Path) -> tuple[index.BuildReport, float]:

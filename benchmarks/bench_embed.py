@@ -1,23 +1,37 @@
-"""Embedding throughput: a bare single-process open_clip loop vs `rayclip embed` end to end.
+"""Embedding throughput: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
 
-    .venv/bin/python benchmarks/bench_embed.py [--images 1500] [--actors 2] [--batch-size 16]
+    .venv/bin/python benchmarks/bench_embed.py [--images 4096] [--batch-size 32] [--gpus-per-actor 0]
 
-Both decode + preprocess + encode the same JPEGs (256–640 px) with ViT-B-32, random init, on
-all cores: (a) one process, torch threads = CPU count; (b) `rayclip embed` (Ray start, actors,
-Parquet write and commit included). Prints images/s of each and the ratio b/a.
+ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-sized JPEGs
+(256–640 px, photo-like noise so they compress like photos). Prints, in one run:
+  (a) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image): one process
+      with all cores as torch threads, and the whole machine (one process per core, 1 thread each);
+  (b) the whole-machine bare loop at the precision `auto` picks here;
+  (c) `rayclip embed` as a user runs it (a fresh process: imports, Ray start, actors, Parquet, commit) at fp32;
+  (d) the same at the default precision (auto);
+  the ratios d/a and d/b; the machine's measured GEMM GFLOP/s at fp32 and bf16, ViT-B-32's FLOPs per
+  image (torch's flop counter) and d as a fraction of that compute limit; and for c and d the
+  steady-state images/s (start-up excluded) with startup_s beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from rayclip import embed, ingest, model, synthetic
+from rayclip import ingest, layout, model, synthetic
+
+MODEL = "ViT-B-32"
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -26,44 +40,123 @@ def make_images(folder: Path, n: int) -> list[Path]:
     paths = []
     for i, scene in enumerate(synthetic.random_scenes(n, rng)):
         side = int(rng.integers(256, 641))
+        pixels = np.asarray(synthetic.render(scene, side, rng), dtype=np.int16)
+        noisy = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)  # photo-like entropy
         path = folder / f"{i:06d}.jpg"
-        path.write_bytes(synthetic.jpeg_bytes(synthetic.render(scene, side, rng)))
+        path.write_bytes(synthetic.jpeg_bytes(Image.fromarray(noisy)))
         paths.append(path)
     return paths
 
 
-def bare_loop(paths: list[Path], spec: model.ModelSpec, batch_size: int, threads: int) -> float:
-    clip = model.load_model(spec, threads=threads)
+def bare_worker(paths: list[Path], batch_size: int, threads: int, precision: str, barrier, results) -> None:
+    """Load the model, wait for the others, then read + decode + preprocess + encode serially."""
+    clip = model.load_model(model.resolve(MODEL, "none"), threads=threads, precision=precision)
+    clip.encode_images([model.decode_image(paths[0].read_bytes())])  # warm: first call allocates
+    barrier.wait()
     started = time.perf_counter()
     for i in range(0, len(paths), batch_size):
-        images = [model.decode_image(p.read_bytes()) for p in paths[i : i + batch_size]]
-        clip.encode_images(images)
-    return len(paths) / (time.perf_counter() - started)
+        clip.encode_images([model.decode_image(p.read_bytes()) for p in paths[i : i + batch_size]])
+    results.put(time.perf_counter() - started)
+
+
+def bare_loop(paths: list[Path], batch_size: int, processes: int, threads: int, precision: str) -> float:
+    """images/s of `processes` bare loops side by side (spawned, the images split between them)."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    shares = [paths[i::processes] for i in range(processes)]
+    workers = [
+        ctx.Process(target=bare_worker, args=(share, batch_size, threads, precision, barrier, results))
+        for share in shares
+    ]
+    for w in workers:
+        w.start()
+    slowest = max(results.get(timeout=3600) for _ in workers)
+    for w in workers:
+        w.join()
+    return len(paths) / slowest
+
+
+def rayclip_embed(root: Path, precision: str, batch_size: int | None, gpus_per_actor: float) -> tuple[float, dict]:
+    """The whole CLI command in a fresh process: (images/s over its wall time, its run record)."""
+    version = f"bench_{precision}"
+    command = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--model", MODEL]
+    command += ["--pretrained", "none", "--precision", precision, "--model-version", version]
+    command += ["--batch-size", str(batch_size)] if batch_size else []
+    command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"RAY_ADDRESS": ""})
+    wall = time.perf_counter() - started
+    runs = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
+    run = next(r for r in runs if r["model_version"] == version and r["rows_embedded"])
+    return run["rows_embedded"] / wall, run
+
+
+def gemm_gflops(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained matrix-multiply rate with every core, the ceiling any encoder can reach here."""
+    import torch
+
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name])
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
+
+
+def flops_per_image() -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip = model.load_model(model.resolve(MODEL, "none"), precision="fp32")
+    # With autograd on: under no_grad attention takes a fused kernel the counter does not see.
+    with FlopCounterMode(display=False) as counter:
+        clip.model.encode_image(torch.zeros(1, 3, 224, 224))
+    return float(counter.get_total_flops())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=1500)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run (c) and (d) on GPUs")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    spec = model.resolve("ViT-B-32", "none")
+    chosen = model.choose_precision("auto", "cuda" if args.gpus_per_actor else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         paths = make_images(Path(tmp) / "images", args.images)
         ingest.ingest_folder(root, Path(tmp) / "images")
-        a = bare_loop(paths, spec, args.batch_size, threads=cpus)
-        print(f"(a) bare open_clip loop, 1 process, {cpus} threads: {a:.2f} images/s")
-        started = time.perf_counter()
-        report = embed.embed(root, spec, actors=args.actors, batch_size=args.batch_size)
-        b = report.rows_embedded / (time.perf_counter() - started)
-        print(
-            f"(b) rayclip embed, {args.actors} actors x {report.torch_threads} threads: {b:.2f} images/s end to end "
-            f"(planning, Ray start, actors, Parquet write and commit); actors_used={report.actors_used} "
-            f"tasks={report.tasks}"
-        )
-        print(f"images={args.images} batch_size={args.batch_size}  ratio b/a = {b / a:.3f}")
+        print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; auto picks {chosen} here")
+
+        a1 = bare_loop(paths, args.batch_size, 1, cpus, "fp32")
+        a = bare_loop(paths, args.batch_size, cpus, 1, "fp32")
+        b = bare_loop(paths, args.batch_size, cpus, 1, chosen)
+        print(f"(a) bare fp32 loop, 1 process x {cpus} threads:          {a1:8.2f} images/s")
+        print(f"(a) bare fp32 loop, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
+        print(f"(b) bare {chosen} loop, {cpus} processes x 1 thread:           {b:8.2f} images/s")
+
+        c, run_c = rayclip_embed(root, "fp32", None, args.gpus_per_actor)
+        d, run_d = rayclip_embed(root, "auto", None, args.gpus_per_actor)
+        for label, whole, run in (("(c) rayclip embed --precision fp32", c, run_c), ("(d) rayclip embed", d, run_d)):
+            print(
+                f"{label}: {whole:8.2f} images/s whole command; steady {run['steady_images_per_s']} images/s "
+                f"after startup_s {run['startup_s']} (actors {run['actors']} x {run['torch_threads']} threads, "
+                f"batch {run['batch_size']}, {run['precision']}; decode {run['decode_s']} s, "
+                f"encode {run['encode_s']} s, write {run['write_s']} s)"
+            )
+        steady = run_d["steady_images_per_s"]
+        print(f"d/a = {d / a:.2f} whole command, {steady / a:.2f} steady")
+        print(f"d/a(1 process) = {d / a1:.2f} whole command, {steady / a1:.2f} steady")
+        print(f"d/b = {d / b:.2f} whole command, {steady / b:.2f} steady")
+
+        flops = flops_per_image()
+        gemm = {p: gemm_gflops(p) for p in dict.fromkeys(["fp32", chosen])}
+        limit = gemm[run_d["precision"]] * 1e9 / flops if run_d["precision"] in gemm else float("nan")
+        print(f"{MODEL} encode_image: {flops / 1e9:.2f} GFLOP per image (torch.utils.flop_counter)")
+        print("GEMM " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items()) + f" (2048^2, {cpus} threads)")
+        print(f"compute limit at {run_d['precision']}: {limit:.1f} images/s; d steady is {steady / limit:.0%} of it")
 
 
 if __name__ == "__main__":

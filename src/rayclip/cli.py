@@ -112,6 +112,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         force=args.force,
         gpus_per_actor=args.gpus_per_actor,
+        precision=args.precision,
     )
     _show_embed(report)
     return 0 if report.rows_embedded or not report.rows_planned else 1
@@ -183,7 +184,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import Searcher
 
     terms = _query_terms(args)
-    searcher = Searcher.open(args.data_dir, args.model_version)
+    searcher = Searcher.open(args.data_dir, args.model_version, precision=args.precision)
     results = searcher.search(terms, args.k, where=args.where, collapse=_collapse_threshold(args.collapse))
     title = " ".join(_term_title(term) for term in terms).lstrip("+ ")
     if args.where:
@@ -256,6 +257,7 @@ def _evaluate_pipeline(
     batch_size: int,
     url_col: str | None = None,
     caption_col: str | None = None,
+    precision: str = "auto",
 ):
     """ingest → embed → index → Recall@K, printing each stage (eval and demo share it)."""
     from . import embed, evaluate, index, ingest
@@ -263,9 +265,9 @@ def _evaluate_pipeline(
 
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
     _show_ingest(ingest.ingest_metadata(root, metadata, url_col=url_col, caption_col=caption_col))
-    _show_embed(embed.embed(root, spec, actors=actors, batch_size=batch_size))
+    _show_embed(embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision))
     _show_index(index.build(root, spec.model_version))
-    searcher = Searcher.open(root, spec.model_version)
+    searcher = Searcher.open(root, spec.model_version, precision=precision)
     report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(ks)))
     return searcher, report
 
@@ -324,6 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.batch_size,
         url_col=args.url_col,
         caption_col=args.caption_col,
+        precision=args.precision,
     )
     _show_eval(report)
     return 0
@@ -409,6 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=args.cors_origin,
         allow_url_queries=args.allow_url_queries,
         serve_images=args.serve_images,
+        precision=args.precision,
     )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
@@ -509,14 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("embed", parents=[common, model_args], help="CLIP embeddings with Ray Data into silver")
-    p.add_argument("--actors", type=_positive_int, default=4, help="actors in the pool, one model each")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=8)
+    p.add_argument(
+        "--actors",
+        type=_positive_int,
+        default=None,
+        help="actors in the pool, one model each (default: one per GPU asked for, else one per two CPUs)",
+    )
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=32)
     p.add_argument("--limit", type=_positive_int, default=None, help="embed at most N new media_ids")
     p.add_argument("--dt", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--blocks", type=_positive_int, default=None, help="override_num_blocks (default: actors x 8)")
     p.add_argument("--force", action="store_true", help="re-embed media_ids already in silver")
     p.add_argument("--model-version", default=None, help="file the embeddings under this name instead")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor on a cluster (0: CPU)")
+    _precision_arg(p, "the model's compute precision; vectors are stored as float32 either way")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("index", parents=[common], help="build and publish a FAISS index from silver (gold)")
@@ -557,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COSINE",
         help="fold near-duplicates (cosine >= COSINE, default 0.96) into the result above them",
     )
+    _precision_arg(p, "the query encoder's precision")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -575,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10], help="cut-offs (default: 1 5 10)")
     p.add_argument("--actors", type=_positive_int, default=2)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=32)
+    _precision_arg(p, "embed and query precision")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline, offline, on generated data (make demo)")
@@ -608,12 +620,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-url-queries", action="store_true", help="let /knn-service fetch image_url (public http(s) only)"
     )
     p.add_argument("--serve-images", action="store_true", help="/knn-service urls point at our stored copies")
+    _precision_arg(p, "the query encoder's precision")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
     return parser
+
+
+def _precision_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    from .model import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help=f"{what} (default auto: bf16 where the CPU has AMX or AVX-512 BF16 or the GPU runs it, else fp32)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

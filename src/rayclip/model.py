@@ -16,6 +16,8 @@ import io
 import logging
 import os
 import socket
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,6 +35,10 @@ RANDOM_SEED = 0
 PACKAGE_DIR = Path(__file__).parent
 CONFIG_DIR = PACKAGE_DIR / "model_configs"
 REFERENCE_WEIGHTS = PACKAGE_DIR / "weights" / "rayclip-ref.pt"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# CPU flags of units that run bf16 matrix products natively; without them torch emulates bf16 slowly.
+NATIVE_BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
+TEXT_CACHE_SIZE = 1024  # recent query embeddings kept per model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,7 @@ class ModelSpec:
     checkpoint: str | None = None  # resolved file for reference / local checkpoints
     checkpoint_sha256: str | None = None
     version: str | None = None  # --model-version: an explicit name wins over the derived one
+    precision: str | None = None  # what the vectors were computed at (fp32, bf16, fp16), once known
 
     @property
     def model_version(self) -> str:
@@ -144,6 +151,29 @@ def check_available(spec: ModelSpec) -> None:
         )
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def choose_precision(precision: str = "auto", device: str = "cpu") -> str:
+    """`auto` → bf16 where the hardware runs it natively (AMX or AVX-512 BF16; a bf16 GPU), fp16 on
+    older GPUs, fp32 otherwise; an explicit precision is kept as asked."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; pick one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_flags() & NATIVE_BF16_CPU_FLAGS else "fp32"
+
+
 @contextlib.contextmanager
 def quiet_root_logger():
     root = logging.getLogger()
@@ -156,14 +186,19 @@ def quiet_root_logger():
 
 
 class ClipModel:
-    """An open_clip model in eval mode with its preprocessing and tokenizer."""
+    """An open_clip model in eval mode with its preprocessing and tokenizer.
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", threads: int | None = None):
+    `precision` goes to open_clip's own `precision` argument: bf16/fp16 hold the weights in half
+    precision with LayerNorm kept fp32 (open_clip's mixed mode); the vectors leave as fp32.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto"):
         import open_clip
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        precision = choose_precision(precision, device)
         register_configs()
         check_available(spec)
         torch.manual_seed(RANDOM_SEED)  # random init is identical in every actor and every run
@@ -172,39 +207,65 @@ class ClipModel:
             # open_clip logs "initialized randomly" at WARNING on the root logger; the CLI says it once itself.
             with quiet_root_logger():
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    spec.name, pretrained=pretrained, device=device
+                    spec.name, pretrained=pretrained, device=device, precision=precision
                 )
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise UserError(f"cannot load {spec.name} ({spec.pretrained}): {str(exc).splitlines()[0]}") from None
-        self.spec = spec
+        self.spec = dataclasses.replace(spec, precision=precision)
         self.device = device
+        self.precision = precision
+        self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.name)
         self.context_length = getattr(self.tokenizer, "context_length", 77)
         self.dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
         self._torch = torch
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache_lock = threading.Lock()
 
     def _normalised(self, features) -> np.ndarray:
+        features = features.float()  # normalise in fp32 whatever the model computed in
         features = features / features.norm(dim=-1, keepdim=True)
-        return features.float().cpu().numpy().astype(np.float32, copy=False)
+        return features.cpu().numpy()
+
+    def stack(self, pixels: list) -> object:
+        """Preprocessed images (one tensor each) → one batch tensor for encode_pixels."""
+        return self._torch.stack(pixels)
 
     def preprocess_images(self, images: list) -> object:
-        return self._torch.stack([self.preprocess(img) for img in images])
+        return self.stack([self.preprocess(img) for img in images])
 
     def encode_pixels(self, pixels) -> np.ndarray:
         with self._torch.inference_mode():
-            return self._normalised(self.model.encode_image(pixels.to(self.device)))
+            return self._normalised(self.model.encode_image(pixels.to(self.device, self.input_dtype)))
 
     def encode_images(self, images: list) -> np.ndarray:
         """PIL images → (n, dim) L2-normalised float32."""
         return self.encode_pixels(self.preprocess_images(images))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Strings → (n, dim) L2-normalised float32 (longer texts are truncated by the tokenizer)."""
-        tokens = self.tokenizer(texts).to(self.device)
-        with self._torch.inference_mode():
-            return self._normalised(self.model.encode_text(tokens))
+        """Strings → (n, dim) L2-normalised float32 (longer texts are truncated by the tokenizer).
+
+        Recent texts come from an LRU cache: a repeated query (a search box, a server under load)
+        skips the text tower, which is most of a warm query's time.
+        """
+        with self._text_cache_lock:
+            known = {t: self._text_cache[t] for t in texts if t in self._text_cache}
+            for text in known:
+                self._text_cache.move_to_end(text)
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            tokens = self.tokenizer(missing).to(self.device)
+            with self._torch.inference_mode():
+                fresh = self._normalised(self.model.encode_text(tokens))
+            fresh.setflags(write=False)  # cached rows are shared between callers
+            known |= dict(zip(missing, fresh))
+            with self._text_cache_lock:
+                self._text_cache.update(zip(missing, fresh))
+                while len(self._text_cache) > TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.dim or 0), np.float32)
 
     def token_count(self, text: str) -> int:
         """Tokens the text needs, start and end markers included (to tell whether it gets truncated)."""
@@ -212,8 +273,8 @@ class ClipModel:
         return len(encode(text)) + 2 if encode else 0
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None) -> ClipModel:
-    return ClipModel(spec, device=device, threads=threads)
+def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto") -> ClipModel:
+    return ClipModel(spec, device=device, threads=threads, precision=precision)
 
 
 def decode_image(data: bytes):

@@ -138,13 +138,19 @@ class Searcher:
 
     @classmethod
     def open(
-        cls, data_dir: str | Path | None = None, model_version: str | None = None, threads: int | None = None
+        cls,
+        data_dir: str | Path | None = None,
+        model_version: str | None = None,
+        threads: int | None = None,
+        precision: str = "auto",
     ) -> Searcher:
+        """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively)."""
         root = layout.data_root(data_dir)
         model_version = pick_model_version(root, model_version, layout.gold_model_versions(root), "index")
         build_id = current_build(root, model_version)
         build = _load_build(root, model_version, build_id)
-        return cls(root, model_version, load_model(_spec_from_build(build.info), threads=threads), build)
+        query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
+        return cls(root, model_version, query_model, build)
 
     @property
     def info(self) -> dict:

@@ -74,9 +74,10 @@ CONTENT_TYPES = {
 class _SearcherHolder:
     """Opens the Searcher once (503 until an index exists), then follows CURRENT."""
 
-    def __init__(self, data_dir: Path, model_version: str | None):
+    def __init__(self, data_dir: Path, model_version: str | None, precision: str = "auto"):
         self.data_dir = data_dir
         self.model_version = model_version
+        self.precision = precision
         self.searcher: Searcher | None = None
         self.lock = threading.Lock()
 
@@ -84,7 +85,7 @@ class _SearcherHolder:
         try:
             with self.lock:
                 if self.searcher is None:
-                    self.searcher = Searcher.open(self.data_dir, self.model_version)
+                    self.searcher = Searcher.open(self.data_dir, self.model_version, precision=self.precision)
                 else:
                     self.searcher.refresh()
                 return self.searcher
@@ -110,9 +111,10 @@ def create_app(
     cors_origins: Sequence[str] = (),
     allow_url_queries: bool = False,
     serve_images: bool = False,
+    precision: str = "auto",
 ) -> FastAPI:
     root = layout.data_root(data_dir)
-    holder = _SearcherHolder(root, model_version)
+    holder = _SearcherHolder(root, model_version, precision)
     app = FastAPI(title="rayclip", summary="Text→image and image→image search over a rayclip gold build.")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -229,7 +231,7 @@ def _add_clip_back(
         # The model_version the page serves shares its Searcher: one model and index in memory.
         if model_version == holder.model_version or layout.gold_model_versions(holder.data_dir) == [model_version]:
             return holder.get()
-        return Searcher.open(holder.data_dir, model_version)
+        return Searcher.open(holder.data_dir, model_version, precision=holder.precision)
 
     routes = clip_back.router(
         holder.data_dir,
