@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import UserError
 
-FLAT = "Flat"
+FLAT = "flat"  # IndexFlatIP: exact
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 ID_BYTES = 8  # an inverted list stores each vector's int64 id next to its code
