@@ -122,8 +122,8 @@ def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch
     assert report.index_type.startswith("IVF")
     searcher = Searcher.open(root)
     _, _, vectors, manifest = described
-    where = "width > 900 AND caption LIKE '%bird%'"  # about 2% of the rows, spread over every list
-    keep = lambda r: r["width"] > 900 and "bird" in r["caption"]  # noqa: E731
+    where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows, spread over every list
+    keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
     for query in clustered(5, 32, seed=4):
         results = searcher.search_vectors(query[None], k=10, where=where)[0]
         expected = brute_force_filtered(vectors, manifest, query, keep, 10)
