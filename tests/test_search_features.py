@@ -265,3 +265,19 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
         searcher.search([Term("text", "red"), Term("text", "red", -1.0)])
     assert Term.parse("text", "2:red car", -1.0) == Term("text", "red car", -2.0)
     assert Term.parse("text", "at 10:30") == Term("text", "at 10:30", 1.0)
+
+
+def test_collapse_from_the_cli(near_duplicates, capsys):
+    from conftest import cli
+
+    searcher, _, group_of, copies = near_duplicates
+    first = next(m for m, g in group_of.items() if g == 0)
+    root = str(searcher.root)
+    assert cli("search", "--data-dir", root, "--like", first, "--collapse", "--k", "4", "--json") == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [group_of[r["media_id"]] for r in results][0] == 0 and results[0]["duplicates"] == copies[0]
+    assert len({group_of[r["media_id"]] for r in results}) == 4
+    assert cli("search", "--data-dir", root, "--like", first, "--k", "4") == 0
+    assert "+near-dups" not in capsys.readouterr().out
+    assert cli("search", "--data-dir", root, "--like", first, "--k", "4", "--collapse", "0.9") == 0
+    assert "+near-dups" in capsys.readouterr().out
