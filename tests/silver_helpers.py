@@ -25,7 +25,8 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
 
 
 def clustered(n: int, dim: int = REFERENCE_DIM, clusters: int = 32, spread: float = 0.35, seed: int = 0) -> np.ndarray:
-    """A normalised Gaussian mixture: real embeddings cluster, uniform noise would not."""
+    """A normalised Gaussian mixture: real embeddings cluster, uniform noise would not. The seed
+    fixes the centres; another n gives other points around the same centres (fresh queries)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)

@@ -104,7 +104,7 @@ def brute_force_filtered(vectors, manifest, query, keep, k):
 )
 def test_filter_returns_the_brute_force_top_k_among_matching_rows(described, where, keep):
     root, searcher, vectors, manifest = described
-    queries = clustered(5, 32, seed=8)
+    queries = clustered(5, 32, seed=4)
     for query, results in zip(queries, searcher.search_vectors(queries, k=10, where=where)):
         expected = brute_force_filtered(vectors, manifest, query, keep, 10)
         assert [r.media_id for r in results] == expected
@@ -122,9 +122,9 @@ def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch
     assert report.index_type.startswith("IVF")
     searcher = Searcher.open(root)
     _, _, vectors, manifest = described
-    where = "width > 900 AND caption LIKE '%bird%'"  # about 2% of the rows, spread over every list
-    keep = lambda r: r["width"] > 900 and "bird" in r["caption"]  # noqa: E731
-    for query in clustered(5, 32, seed=8):
+    where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows, spread over every list
+    keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
+    for query in clustered(5, 32, seed=4):
         results = searcher.search_vectors(query[None], k=10, where=where)[0]
         expected = brute_force_filtered(vectors, manifest, query, keep, 10)
         assert len(results) == 10 and all(keep_row(manifest, r.media_id, keep) for r in results)
@@ -265,3 +265,19 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
         searcher.search([Term("text", "red"), Term("text", "red", -1.0)])
     assert Term.parse("text", "2:red car", -1.0) == Term("text", "red car", -2.0)
     assert Term.parse("text", "at 10:30") == Term("text", "at 10:30", 1.0)
+
+
+def test_collapse_from_the_cli(near_duplicates, capsys):
+    from conftest import cli
+
+    searcher, _, group_of, copies = near_duplicates
+    first = next(m for m, g in group_of.items() if g == 0)
+    root = str(searcher.root)
+    assert cli("search", "--data-dir", root, "--like", first, "--collapse", "--k", "4", "--json") == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [group_of[r["media_id"]] for r in results][0] == 0 and results[0]["duplicates"] == copies[0]
+    assert len({group_of[r["media_id"]] for r in results}) == 4
+    assert cli("search", "--data-dir", root, "--like", first, "--k", "4") == 0
+    assert "+near-dups" not in capsys.readouterr().out
+    assert cli("search", "--data-dir", root, "--like", first, "--k", "4", "--collapse", "0.9") == 0
+    assert "+near-dups" in capsys.readouterr().out

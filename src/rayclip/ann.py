@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import UserError
 
-FLAT = "Flat"
+FLAT = "flat"  # IndexFlatIP: exact
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 ID_BYTES = 8  # an inverted list stores each vector's int64 id next to its code
@@ -90,6 +90,13 @@ def nlist_of(index) -> int | None:
         return None
 
 
+def _hnsw_quantizer(index) -> bool:
+    """Whether an IVF index finds its lists through an HNSW graph over the centroids."""
+    import faiss
+
+    return hasattr(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), "hnsw")
+
+
 def _hnsw_of(index):
     import faiss
 
@@ -101,7 +108,10 @@ def candidate_parameters(index) -> list[dict]:
     """Knob settings from cheapest to most thorough; [{}] for an exact index."""
     nlist = nlist_of(index)
     if nlist is not None:
-        return [{"nprobe": n, "quantizer_efSearch": max(64, 2 * n)} for n in NPROBES if n <= nlist]
+        graph = _hnsw_quantizer(index)
+        return [
+            {"nprobe": n} | ({"quantizer_efSearch": max(64, 2 * n)} if graph else {}) for n in NPROBES if n <= nlist
+        ]
     if _hnsw_of(index) is not None:
         return [{"efSearch": ef} for ef in EF_SEARCHES]
     return [{}]
@@ -125,9 +135,11 @@ def search_parameters(index, params: dict, selector=None, effort: int = 1):
     nlist = nlist_of(index)
     if nlist is not None:
         nprobe = min(nlist, params.get("nprobe", 1) * effort)
-        quantizer = faiss.SearchParametersHNSW(efSearch=max(params.get("quantizer_efSearch", 64), 2 * nprobe))
-        found = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe, quantizer_params=quantizer)
-        found.keep = quantizer  # the C++ side holds a bare pointer: keep the Python object alive with it
+        found = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        if _hnsw_quantizer(index):
+            quantizer = faiss.SearchParametersHNSW(efSearch=max(params.get("quantizer_efSearch", 64), 2 * nprobe))
+            found.quantizer_params = quantizer
+            found.keep = quantizer  # the C++ side holds a bare pointer: keep the Python object alive with it
         return found, nprobe >= nlist
     if _hnsw_of(index) is not None:
         ef = params.get("efSearch", 16) * effort

@@ -220,6 +220,10 @@ def _term_title(term) -> str:
     return f"{'+' if term.weight > 0 else '-'} {'' if weight == 1 else f'{weight:g}×'}{shown[term.kind]}"
 
 
+def _cosine_or_default(text: str) -> float | str:
+    return text if text == "default" else float(text)
+
+
 def _collapse_threshold(asked: float | str | None) -> float | None:
     """--collapse alone means the library's default threshold; with a number, that cosine."""
     from .search import DEFAULT_COLLAPSE
@@ -561,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--collapse",
         nargs="?",
-        type=float,
-        const="default",
+        type=_cosine_or_default,
+        const="default",  # argparse passes const through `type` too
         default=None,
         metavar="COSINE",
         help="fold near-duplicates (cosine >= COSINE, default 0.96) into the result above them",
