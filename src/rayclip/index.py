@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
+from . import debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
 
@@ -179,10 +178,11 @@ def build(
         "source_files": len(files),
     }
     final = layout.build_dir(root, model_version, build_id)
-    staging = final.parent / f".{build_id}.tmp"
-    staging.mkdir(parents=True)
-    try:
+    debris.sweep(root, debris.WORK_FOLDERS[2:])  # hidden build folders of killed builds
+    # A hidden folder, locked while this build lives (a concurrent build's sweep leaves it alone).
+    with debris.working(final.parent / f".{build_id}.tmp") as staging:
         faiss.write_index(index, str(staging / "index.faiss"))
+        faults.point("index.build")  # the build half written, in its hidden folder
         pq.write_table(mapping, staging / "mapping.parquet")
         info["timings"] = {
             "read_s": round(read_s, 3),
@@ -191,9 +191,7 @@ def build(
         }
         layout.write_json_atomic(staging / "build.json", info)
         staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    faults.point("index.publish")  # the build in place, CURRENT still names the previous one
     layout.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
         build_id, model_version, info["count"], dim, index_type, dropped, partitions, info["timings"], str(final)
