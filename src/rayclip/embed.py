@@ -195,7 +195,7 @@ def _commit(staging: Path, partition: Path, run_id: str) -> list[Path]:
     partition.mkdir(parents=True, exist_ok=True)
     target = partition / merged.name
     os.replace(merged, target)
-    debris.sweep(staging.parent.parent, debris.WORK_FOLDERS[1:2])  # staging left by killed runs
+    debris.sweep(staging.parent, ("*",))  # staging folders of killed runs (a live run's stays locked)
     return [target]
 
 
