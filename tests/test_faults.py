@@ -114,6 +114,8 @@ def embed_cli(root: Path, ray_session, *args: str, kill_at: str | None = None):
     return rayclip("embed", "--data-dir", str(root), "--pretrained", "reference", *args, kill_at=kill_at, env=env)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
 def test_embed_killed_during_commit_into_an_existing_partition(store, ray_session, capsys):
     spec = model.resolve(None, "reference")
     first = embed.embed(store, spec, actors=2, batch_size=4, limit=10, day="2026-01-01")
@@ -137,6 +139,8 @@ def test_embed_killed_during_commit_into_an_existing_partition(store, ray_sessio
     assert index.build(store).count == GOOD_IMAGES
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
 def test_embed_driver_killed_while_ray_writes_staging(store, ray_session, capsys):
     """No named point can stop the driver inside Ray's write, so the test kills it from outside as
     soon as the first staged file lands, and checks that the run had not finished."""

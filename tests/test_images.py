@@ -101,6 +101,7 @@ def test_inspect_image_reports_the_displayed_size(images):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_kind_through_the_real_pipeline_embeds_like_its_twin(images, ray_session, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -92,6 +91,7 @@ from pathlib import Path
 from rayclip import Searcher
 root, expected, stop = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 searcher, seen, checks = Searcher.open(root), set(), 0
+print("ready", flush=True)
 deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
@@ -113,7 +113,7 @@ def test_readers_never_see_a_partial_build(built, tmp_path):
     cmd = [sys.executable, "-c", READER, str(root), str(GOOD_IMAGES), str(stop)]
     reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)  # let the reader load its model and start polling
+        assert reader.stdout.readline().strip() == "ready"  # its model is loaded; it polls from now on
         for _ in range(PUBLISHES):
             if reader.poll() is not None:
                 break
