@@ -57,6 +57,13 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     assert read_silver(store, "clip_vit_b32_none").num_rows == GOOD_IMAGES
 
 
+def test_every_actor_works_even_when_there_is_little_work(store, ray_session):
+    """Two blocks, two actors: without waiting for the whole pool the first actor up takes both."""
+    report = embed.embed(store, model.resolve(None, "reference"), actors=2, batch_size=GOOD_IMAGES // 2, blocks=2)
+    assert report.rows_embedded == GOOD_IMAGES and report.tasks == 2
+    assert report.actors_used == 2
+
+
 def own_embeddings(root, media_ids: list[str]) -> np.ndarray:
     """What open_clip itself says for these objects' bytes, without any rayclip code in the way."""
     import open_clip
