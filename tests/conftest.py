@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,7 +37,10 @@ def huge_png_header(side: int = 60_000) -> bytes:
 
 
 class _SlowHandler(synthetic._QuietHandler):
+    requests: Counter = Counter()  # GETs per path, for the tests that assert what was (not) fetched
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.requests[self.path] += 1
         if self.path.startswith("/slow"):
             time.sleep(SLOW_SECONDS)
         super().do_GET()
@@ -67,7 +71,7 @@ def site(tmp_path_factory):
     (folder / "huge.png").write_bytes(huge_png_header())
     (folder / "slow.jpg").write_bytes(first)
     with serve(folder) as base:
-        yield {"folder": folder, "base": base, "images": images}
+        yield {"folder": folder, "base": base, "images": images, "requests": _SlowHandler.requests}
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,8 @@ if __name__ == "__main__":
     cluster.wait_for_nodes()
     try:
         cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", data_dir, "--pretrained", "reference"]
-        # Ray Data starts pool actors asynchronously by default; with this little work one actor could
-        # finish it all before the other node's actor is up. Its own setting makes the pool start first.
-        env = os.environ | {"RAY_ADDRESS": cluster.address, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
+        # No test-only setting: `rayclip embed` waits for its whole actor pool by default.
+        env = os.environ | {"RAY_ADDRESS": cluster.address}
         done = subprocess.run(cmd + ["--actors", "2"], env=env, timeout=300)
         runs = sorted(Path(data_dir, "silver", "runs").glob("*.json"))
         print(runs[-1].read_text() if done.returncode == 0 and runs else f"failed: {done.returncode}")

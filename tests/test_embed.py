@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +14,11 @@ import pyarrow as pa
 import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
-from rayclip import embed, ingest, layout, model
+from rayclip import UserError, embed, ingest, layout, model
 
 
-@pytest.fixture
-def whole_pool_first(ray_session, monkeypatch):
-    """Ray Data starts pool actors asynchronously; with 3 batches the first actor up could take them
-    all. Waiting for the whole pool (Ray Data's own setting) makes actors_used a fair measure."""
-    from ray.data import DataContext
-
-    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 120)
-
-
-def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, whole_pool_first, capsys):
+def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_session, capsys):
+    """No test-only setting: `rayclip embed` itself waits for its whole pool, so every actor works."""
     rc = cli(
         "embed",
         "--data-dir",
@@ -62,6 +55,13 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, whole_pool
     rc = cli("embed", "--data-dir", str(store), "--actors", "4", "--batch_size", "8", "--pretrained", "none")
     assert rc == 0 and "nothing new to embed" in capsys.readouterr().out
     assert read_silver(store, "clip_vit_b32_none").num_rows == GOOD_IMAGES
+
+
+def test_every_actor_works_even_when_there_is_little_work(store, ray_session):
+    """Two blocks, two actors: without waiting for the whole pool the first actor up takes both."""
+    report = embed.embed(store, model.resolve(None, "reference"), actors=2, batch_size=GOOD_IMAGES // 2, blocks=2)
+    assert report.rows_embedded == GOOD_IMAGES and report.tasks == 2
+    assert report.actors_used == 2
 
 
 def own_embeddings(root, media_ids: list[str]) -> np.ndarray:
@@ -135,17 +135,22 @@ def test_runs_unchanged_on_a_two_node_cluster(store):
     assert run["actors_used"] == 2 and run["nodes_used"] == 2
 
 
-def test_missing_weights_fail_fast_with_one_line(store, capsys):
-    rc = cli("embed", "--data-dir", str(store))  # ViT-B-32 / openai: not cached, no network here
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "weights for ViT-B-32/openai are not cached and cannot be downloaded here" in err
-    assert len(err.strip().splitlines()) == 1
+def test_missing_weights_fail_fast_with_one_line(store, tmp_path):
+    """Offline (HF_HUB_OFFLINE) with an empty Hugging Face cache, whatever this host has cached or reaches."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store)]  # ViT-B-32 / openai
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "weights for ViT-B-32/openai are not cached and cannot be downloaded here" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_not_left_pending(store, ray_session):
-    with pytest.raises(Exception, match="need 2.0 GPUs; the cluster has 0.0"):
-        embed.embed(store, model.resolve(None, "reference"), actors=2, gpus_per_actor=1.0)
+    gpus = float(ray_session.cluster_resources().get("GPU", 0))  # 0 here; whatever a GPU host has
+    per_actor = gpus / 2 + 1
+    message = f"need {2 * per_actor} GPUs; the cluster has {gpus}"
+    with pytest.raises(UserError, match=re.escape(message)):
+        embed.embed(store, model.resolve(None, "reference"), actors=2, gpus_per_actor=per_actor)
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +67,33 @@ def test_metadata_ingest_counts_every_reason_and_stores_by_content(tmp_path, met
     assert saved["stored"] == GOOD_IMAGES and saved["failed"]["HTTP 404"] == 1
     assert not layout.downloads_dir(root, report.run_id).exists()
 
+    # A rerun hands img2dataset nothing it already has: no download, not one request to the server.
+    requests_before = sum(site["requests"].values())
     again = run_ingest(root, metadata)
-    assert (again.stored, again.manifest_rows_added, again.already_in_manifest) == (0, 0, GOOD_IMAGES + 1)
+    assert (again.downloaded, again.stored, again.manifest_rows_added) == (0, 0, 0)
+    assert again.skipped_known_urls == GOOD_IMAGES + 1  # every stored URL; the failed ones are tried again
+    assert sum(site["requests"].values()) - requests_before == 6  # missing, truncated, page, empty, huge, slow
     assert len(manifest(root)) == GOOD_IMAGES + 1
     assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
+
+
+def test_rerun_fetches_no_known_url_and_refetch_rechecks_them(tmp_path, site):
+    names = site["images"].column("filename").to_pylist()[:3]
+    meta = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": [f"{site['base']}/{n}" for n in names], "TEXT": names}), meta)
+    root = tmp_path / "data"
+    assert run_ingest(root, meta).stored == 3
+
+    before = site["requests"].copy()
+    rerun = run_ingest(root, meta)
+    assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored) == (3, 0, 0)
+    assert site["requests"] == before  # img2dataset was not even started
+    assert cli("ingest", "--metadata", str(meta), "--data-dir", str(root)) == 0  # nothing new is not a failure
+
+    refetched = run_ingest(root, meta, refetch=True)
+    assert (refetched.skipped_known_urls, refetched.downloaded, refetched.already_in_manifest) == (0, 3, 3)
+    assert all(site["requests"][f"/{n}"] == before[f"/{n}"] + 1 for n in names)
+    assert len(manifest(root)) == 3
 
 
 def test_folder_ingest_reads_sidecar_captions_and_is_idempotent(tmp_path):
@@ -129,13 +149,17 @@ def test_bad_commands_get_one_clear_line(tmp_path, capsys, make, args, expected)
 def test_csv_tsv_jsonl_with_lowercase_columns(tmp_path, site):
     base = site["base"]
     names = site["images"].column("filename").to_pylist()[:2]
-    root = tmp_path / "data"
     (tmp_path / "m.csv").write_text("url,caption\n" + "".join(f"{base}/{n},csv {n}\n" for n in names))
-    (tmp_path / "m.tsv").write_text("url\tcaption\n" + "".join(f"{base}/{n}\ttsv {n}\n" for n in names))
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"url": f"{base}/{n}", "caption": "j"}) + "\n" for n in names))
-    stored = [run_ingest(root, tmp_path / f"m.{ext}").stored for ext in ("csv", "tsv", "jsonl")]
-    assert stored == [2, 0, 0]
-    assert len(manifest(root)) == 2  # same (media_id, url) pairs each time
+    (tmp_path / "m.tsv").write_text("url\tcaption\n" + "".join(f"{base}/{n}\ttsv, {n}\n" for n in names))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({"url": f"{base}/{n}", "caption": f"jsonl {n}"}) + "\n" for n in names)
+    )
+    for ext, caption in [("csv", "csv {}"), ("tsv", "tsv, {}"), ("jsonl", "jsonl {}")]:
+        root = tmp_path / f"data-{ext}"  # a store each, so that every format is read and fetched
+        report = run_ingest(root, tmp_path / f"m.{ext}")
+        assert (report.rows_read, report.downloaded, report.stored, report.failed_total) == (2, 2, 2, 0), ext
+        got = {r["url"]: r["caption"] for r in manifest(root)}
+        assert got == {f"{base}/{n}": caption.format(n) for n in names}, ext
 
 
 def test_help_does_not_import_heavy_libraries():
@@ -149,26 +173,3 @@ def test_help_does_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_kill_9_mid_ingest_leaves_no_partial_state_and_rerun_finishes(tmp_path):
-    folder = tmp_path / "site"
-    images = synthetic.write_images(folder, 300, seed=11)
-    root = tmp_path / "data"
-    with synthetic.serve_folder(folder) as base:
-        meta = synthetic.write_metadata(images, base, tmp_path / "meta.parquet")
-        cmd = [sys.executable, "-m", "rayclip.cli", "ingest", "--metadata", str(meta), "--data-dir", str(root)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        # Kill once img2dataset has started writing files, so objects are on their way.
-        while time.monotonic() < deadline and not list(root.glob("bronze/downloads/*/out/*/*.jpg")):
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        check_store_invariants(root)
-
-        report = ingest.ingest_metadata(root, meta)
-    assert report.failed_total == 0
-    rows = manifest(root)
-    assert len(rows) == 300 and len({r["media_id"] for r in rows}) == 300
-    check_store_invariants(root)

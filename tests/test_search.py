@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +11,8 @@ import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
 from rayclip import Searcher, UserError, index, ingest, layout
+
+PUBLISHES = 30
 
 
 @pytest.fixture(scope="module")
@@ -79,36 +80,50 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
     assert read(first).select(["faiss_id", "media_id"]).equals(read(second).select(["faiss_id", "media_id"]))
     old, new = index.rollback(root)
     assert (old, new) == (second.build_id, first.build_id)
+    # Read back: CURRENT names the earlier build, and a new reader serves it.
+    assert layout.current_file(root, first.model_version).read_text().strip() == first.build_id
+    assert Searcher.open(root).info["build_id"] == first.build_id
 
 
-def test_readers_never_see_a_partial_build(built, searcher):
-    root, _ = built
-    errors: list[Exception] = []
-    stop = threading.Event()
+READER = """
+import json, sys, time
+from pathlib import Path
+from rayclip import Searcher
+root, expected, stop = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+searcher, seen, checks = Searcher.open(root), set(), 0
+print("ready", flush=True)
+deadline = time.monotonic() + 240
+while not stop.exists() and time.monotonic() < deadline:
+    searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
+    mapping, index = searcher.mapping, searcher._build.index
+    assert searcher.info["count"] == mapping.num_rows == index.ntotal == expected, searcher.info
+    seen.add(searcher.info["build_id"])
+    checks += 1
+print(json.dumps({"builds_seen": len(seen), "checks": checks}))
+"""
 
-    def publish():
-        for _ in range(4):
+
+def test_readers_never_see_a_partial_build(built, tmp_path):
+    """A reader process polls CURRENT as fast as it can while this one publishes build after build;
+    any half-written build it ever loads fails it. It must see the builds change under it."""
+    import subprocess
+    import sys
+
+    root, stop = built[0], tmp_path / "stop"
+    cmd = [sys.executable, "-c", READER, str(root), str(GOOD_IMAGES), str(stop)]
+    reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"  # its model is loaded; it polls from now on
+        for _ in range(PUBLISHES):
+            if reader.poll() is not None:
+                break
             index.build(root)
-        stop.set()
-
-    def read():
-        while not stop.is_set():
-            try:
-                reader = Searcher.open(root) if not errors else None
-                searcher.refresh()
-                assert len(searcher.search_text("a red square", k=GOOD_IMAGES)) == GOOD_IMAGES
-                assert reader is None or reader.info["count"] == GOOD_IMAGES
-            except Exception as exc:  # any failure while publishing is what this test exists to catch
-                errors.append(exc)
-                stop.set()
-
-    threads = [threading.Thread(target=publish), threading.Thread(target=read)]
-    [t.start() for t in threads]
-    [t.join(timeout=120) for t in threads]
-    assert not errors
-    assert searcher.refresh() in (True, False) and searcher.info["build_id"] == index.current_build(
-        root, searcher.model_version
-    )
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["builds_seen"] >= PUBLISHES // 2 and result["checks"] > PUBLISHES, result
 
 
 def test_query_adjustments_are_noted(searcher):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import threading
@@ -48,9 +50,17 @@ def test_images_are_served_from_the_store_only(client, gold_store):
     response = client.get(f"/api/images/{row['media_id']}")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content == (gold_store[0] / row["path"]).read_bytes()
-    assert client.get("/api/images/" + "0" * 64).status_code == 404
-    for bad in ["abc", "..%2F..%2Fetc%2Fpasswd", "G" * 64, row["media_id"].upper()]:
-        assert client.get(f"/api/images/{bad}").status_code in (404, 422), bad
+    assert client.get("/api/images/" + "0" * 64).status_code == 404  # well-formed, not stored
+    # Malformed ids are refused by the media_id check (422) before a path or glob is built from them:
+    # without it, "*" or a prefix plus "*" would glob their way to some stored object.
+    escapes = ["...", "%2E%2E", "..%5C..%5Cwin", "*", "%2A" * 64, row["media_id"][:63] + "*", row["media_id"][:2] + "*"]
+    for bad in ["abc", "G" * 64, row["media_id"].upper(), row["media_id"] + "0", *escapes]:
+        response = client.get(f"/api/images/{bad}")
+        assert response.status_code == 422, (bad, response.status_code)
+        assert "64 lowercase hex" in response.json()["detail"]
+    # An encoded slash makes another path, which no route serves.
+    for other_path in ["..%2F..%2Fetc%2Fpasswd", row["media_id"][:2] + "%2F" + row["media_id"]]:
+        assert client.get(f"/api/images/{other_path}").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -176,14 +186,34 @@ def test_rayclip_serve_command_listens_on_loopback_and_says_where(gold_store):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        while time.monotonic() < deadline and not listening_sockets(proc.pid):
+            time.sleep(0.2)
+        # The socket the process really bound (read from the kernel), not the address it printed.
+        assert listening_sockets(proc.pid) == [("127.0.0.1", port)]
         assert httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=30).json()["count"] == GOOD_IMAGES
     finally:
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/" in output
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets a process listens on, from /proc (Linux)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir() if fd_dir.exists() else []:
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, family in [("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)]:
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state 0A: LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word of the address in host (little-endian) order.
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((socket.inet_ntop(family, raw), int(port, 16)))
+    return found

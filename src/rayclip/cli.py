@@ -58,10 +58,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             threads=args.threads,
             timeout=args.timeout,
             retries=args.retries,
+            refetch=args.refetch,
         )
     _show_ingest(report)
-    # Exit 0 if anything usable came through (stored now or already stored before).
-    return 0 if report.downloaded or not report.rows_read else 1
+    # Exit 0 if anything usable came through (stored now, already stored before, or already known).
+    return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
 
 
 def _show_run(title: str, summary: dict) -> None:
@@ -458,6 +459,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     columns = ["model_version", "build_id", "count", "created", "index", "recall@10", "index MiB", ""]
     console.print(_table("gold builds", columns, rows) if gold else "gold: no index yet (run `rayclip index`)")
+    _show_debris(info["debris"])
+    return 0
+
+
+def _show_debris(found: list[dict]) -> None:
+    if not found:
+        return
+    rows = [[d["path"], d["bytes"]] for d in found]
+    title = "debris of killed runs (no reader sees it; `rayclip gc` removes it)"
+    _console().print(_table(title, ["path", "bytes"], rows))
+
+
+# ------------------------------------------------------------------ gc
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from . import debris
+
+    root = layout.data_root(args.data_dir)
+    removed = debris.sweep(root)
+    for path in removed:
+        print(f"removed {path.relative_to(root)}")
+    _console().print(f"gc: {len(removed)} leftovers of killed runs removed from {_shown(root)}", markup=False)
     return 0
 
 
@@ -506,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=16, help="img2dataset threads per process")
     p.add_argument("--timeout", type=_positive_int, default=10, help="seconds per download")
     p.add_argument("--retries", type=int, default=0, help="retries per URL")
+    p.add_argument("--refetch", action="store_true", help="fetch URLs the manifest already holds again (re-check)")
     p.set_defaults(func=cmd_ingest)
 
     model_args = argparse.ArgumentParser(add_help=False)
@@ -630,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("gc", parents=[common], help="remove what killed runs left behind (work folders, temp files)")
+    p.set_defaults(func=cmd_gc)
     return parser
 
 

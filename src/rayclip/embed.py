@@ -20,7 +20,6 @@ import datetime as dt
 import io
 import os
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -31,12 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
+from . import debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
 from .model import ModelSpec, check_available, choose_precision, decode_image, load_model
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
+
+POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 
 
 @dataclasses.dataclass
@@ -232,20 +233,29 @@ def _remote_wall_s(stats_text: str, operator: str) -> float:
 
 
 def _commit(staging: Path, partition: Path, run_id: str) -> list[Path]:
-    """Move the staged files into the partition: a new partition appears whole, by one rename."""
+    """Make the run's staged files visible in the partition all at once, by one rename.
+
+    Ray writes several files; they are streamed (row group by row group) into one file inside the
+    locked staging folder, which is then renamed to dt=<day>/<run_id>.parquet. A new and an existing
+    partition take the same path, so a kill at any point leaves silver as it was before the run or
+    with the whole run in it, never part of it; the staging folder is debris the next commit sweeps.
+    """
     files = sorted(staging.glob("*.parquet"))
-    if not files:
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    if not rows:
         return []
-    partition.parent.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        f.rename(staging / f"{run_id}-{f.name}")
-    if not partition.exists():
-        staging.rename(partition)
-    else:
-        for f in staging.glob("*.parquet"):
-            os.replace(f, partition / f.name)
-        shutil.rmtree(staging, ignore_errors=True)
-    return sorted(partition.glob(f"{run_id}-*.parquet"))
+    merged = staging / f"{run_id}.parquet"
+    with pq.ParquetWriter(merged, pq.read_schema(files[0])) as writer:
+        for f in files:
+            source = pq.ParquetFile(f)
+            for group in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(group))
+            faults.point("embed.commit")  # part of the run merged, nothing of it visible yet
+    partition.mkdir(parents=True, exist_ok=True)
+    target = partition / merged.name
+    os.replace(merged, target)
+    debris.sweep(staging.parent, ("*",))  # staging folders of killed runs (a live run's stays locked)
+    return [target]
 
 
 def embed(
@@ -309,19 +319,25 @@ def embed(
             "stats": stats,
         },
     )
+    # Ray Data starts pool actors asynchronously by default: with little work the first actor up can
+    # take all of it. Waiting for the whole pool makes every actor work (and a pool the cluster cannot
+    # place fails after POOL_START_TIMEOUT_S); $RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S, when set, wins.
+    if ds.context.wait_for_min_actors_s <= 0:
+        ds.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
     plan = io.StringIO()
     with contextlib.redirect_stdout(plan):
         ds.explain()
     report.plan = plan.getvalue().strip()
 
-    staging = layout.silver_staging(root, report.run_id)
-    ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
-    stats_text = ds.stats()
-    report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
-    report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
     partition = layout.silver_partition(root, spec.model_version, report.dt)
-    layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-    files = _commit(staging, partition, report.run_id)
+    # The staging folder stays locked while this run lives: a concurrent run's sweep leaves it alone.
+    with debris.working(layout.silver_staging(root, report.run_id)) as staging:
+        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+        stats_text = ds.stats()
+        report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
+        report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
+        layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+        files = _commit(staging, partition, report.run_id)
 
     workers, failures, seconds, first_encode_at = ray.get(stats.summary.remote())
     report.rows_embedded = sum(pq.read_metadata(f).num_rows for f in files)

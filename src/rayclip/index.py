@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import ann, layout
+from . import ann, debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
 
@@ -410,10 +409,11 @@ def build(
         "query_ms": {"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, tuning.queries)},
     }
     final = layout.build_dir(root, model_version, build_id)
-    staging = final.parent / f".{build_id}.tmp"
-    staging.mkdir(parents=True)
-    try:
+    debris.sweep(root, debris.WORK_FOLDERS[2:])  # hidden build folders of killed builds
+    # A hidden folder, locked while this build lives (a concurrent build's sweep leaves it alone).
+    with debris.working(final.parent / f".{build_id}.tmp") as staging:
         faiss.write_index(index, str(staging / "index.faiss"))
+        faults.point("index.build")  # the build half written, in its hidden folder
         pq.write_table(mapping, staging / "mapping.parquet")
         made.truth.save(staging / "tuning.npz")
         info["index_bytes"] = (staging / "index.faiss").stat().st_size
@@ -423,9 +423,7 @@ def build(
         }
         layout.write_json_atomic(staging / "build.json", info)
         staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    faults.point("index.publish")  # the build in place, CURRENT still names the previous one
     layout.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
         build_id,

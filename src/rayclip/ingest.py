@@ -1,9 +1,12 @@
 """Bronze layer: metadata (via img2dataset) or a local folder → content-addressed objects + manifest.
 
 Order of commits, so that a run killed at any point leaves nothing half-written:
-1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode);
+0. URLs the manifest already names are set aside (never handed to img2dataset) unless refetch;
+1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode), a work
+   folder the run holds locked (debris.working) and that the next run or `rayclip gc` sweeps;
 2. each valid image is renamed (atomic) to bronze/objects/<aa>/<sha256>.<ext>;
-3. the new manifest rows are written to a temporary file and renamed into bronze/manifest/;
+3. the new manifest rows are written into the work folder and renamed into bronze/manifest/
+   (the commit: readers list only committed parts);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.
 """
@@ -15,16 +18,16 @@ import datetime as dt
 import hashlib
 import io
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
+from . import debris, faults, layout
 from .errors import UserError
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -55,6 +58,7 @@ class IngestReport:
     run_id: str
     source: str
     rows_read: int = 0
+    skipped_known_urls: int = 0  # already in the manifest: not fetched again (unless refetch)
     downloaded: int = 0
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
     duplicates: int = 0
@@ -240,8 +244,14 @@ def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
-    """(extension, width, height) of decodable image bytes; BadImageError(reason) otherwise."""
+    """(extension, width, height as displayed) of decodable image bytes; BadImageError(reason) otherwise.
+
+    The bytes are decoded exactly as embed and queries will decode them (model.decode_image), so an
+    object that is admitted here can be embedded later.
+    """
     from PIL import Image
+
+    from .model import decode_image
 
     if not data:
         raise BadImageError("empty body")
@@ -251,7 +261,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[st
             if width * height > max_pixels:
                 raise BadImageError("image too large to decode")
             fmt = (img.format or "").lower()
-            img.load()  # a truncated or corrupt body fails here, not later in embed
+        width, height = decode_image(data).size  # a truncated or corrupt body fails here, not in embed
     except BadImageError:
         raise
     except Image.DecompressionBombError:
@@ -294,6 +304,7 @@ def _admit(
         report.downloaded += 1
         if _store(root, candidate, data, media_id, ext):
             report.stored += 1
+            faults.point("ingest.object_stored")  # some objects renamed, the manifest not yet committed
         else:
             report.duplicates += 1
         rows.append(
@@ -324,8 +335,8 @@ def read_manifest(root: Path, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts)
 
 
-def _commit_manifest(root: Path, rows: list[dict], report: IngestReport) -> None:
-    """Append rows for (media_id, url) pairs not yet in the manifest, as one atomically renamed part."""
+def _commit_manifest(root: Path, rows: list[dict], report: IngestReport, work_dir: Path) -> None:
+    """Append rows for (media_id, url) pairs not yet in the manifest, as one part renamed into place."""
     known = read_manifest(root, ["media_id", "url"])
     seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
     fresh = []
@@ -341,13 +352,20 @@ def _commit_manifest(root: Path, rows: list[dict], report: IngestReport) -> None
         return
     target = layout.manifest_dir(root) / f"part-{report.run_id}.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.temp_path_for(target)
-    pq.write_table(pa.Table.from_pylist(fresh, schema=MANIFEST_SCHEMA), tmp)
-    os.replace(tmp, target)
+    staged = work_dir / target.name  # outside bronze/manifest: no reader lists it until the rename
+    pq.write_table(pa.Table.from_pylist(fresh, schema=MANIFEST_SCHEMA), staged)
+    faults.point("ingest.manifest_commit")
+    os.replace(staged, target)
 
 
-def _finish(root: Path, rows: list[dict], report: IngestReport, started: float) -> IngestReport:
-    _commit_manifest(root, rows, report)
+def _known_urls(root: Path, table: pa.Table) -> pa.Array:
+    """Per row of the url table: is its URL already in the manifest?"""
+    known = read_manifest(root, ["url"]).column("url").combine_chunks()
+    return pc.is_in(table.column("url"), value_set=known)
+
+
+def _finish(root: Path, rows: list[dict], report: IngestReport, started: float, work_dir: Path) -> IngestReport:
+    _commit_manifest(root, rows, report, work_dir)
     report.wall_s = round(time.monotonic() - started, 3)
     layout.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
     return report
@@ -367,24 +385,30 @@ def ingest_metadata(
     timeout: int = 10,
     retries: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    refetch: bool = False,
 ) -> IngestReport:
-    """Download the images a LAION-style metadata file points at into the bronze layer."""
+    """Download the images a LAION-style metadata file points at into the bronze layer.
+
+    URLs the manifest already holds are not fetched again unless `refetch` (to re-check them).
+    """
     started = time.monotonic()
     table = read_metadata(metadata, url_col, caption_col, limit)
     report = IngestReport(run_id=layout.new_run_id(), source=f"metadata:{metadata.name}", rows_read=table.num_rows)
     problems = [_url_problem(u) for u in table.column("url").to_pylist()]
     failed = Counter(p for p in problems if p)
     fetchable = table.filter(pa.array([p is None for p in problems]))
-    work_dir = layout.downloads_dir(root, report.run_id)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    if fetchable.num_rows:
-        output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries)
-        rows = _admit(root, _download_candidates(output_dir, failed), report, failed, max_pixels)
-    report.failed = dict(failed.most_common())
-    result = _finish(root, rows, report, started)
-    shutil.rmtree(work_dir, ignore_errors=True)  # everything useful was moved out of it
-    return result
+    if not refetch and fetchable.num_rows:
+        known = _known_urls(root, fetchable)
+        report.skipped_known_urls = pc.sum(known).as_py() or 0
+        fetchable = fetchable.filter(pc.invert(known))
+    debris.sweep(root, debris.WORK_FOLDERS[:1])  # download folders of killed runs
+    with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
+        rows: list[dict] = []
+        if fetchable.num_rows:
+            output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries)
+            rows = _admit(root, _download_candidates(output_dir, failed), report, failed, max_pixels)
+        report.failed = dict(failed.most_common())
+        return _finish(root, rows, report, started, work_dir)
 
 
 def ingest_folder(
@@ -399,6 +423,7 @@ def ingest_folder(
         raise UserError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) found under {folder}")
     report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{folder.name}", rows_read=len(candidates))
     failed: Counter = Counter()
-    rows = _admit(root, candidates, report, failed, max_pixels)
-    report.failed = dict(failed.most_common())
-    return _finish(root, rows, report, started)
+    with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
+        rows = _admit(root, candidates, report, failed, max_pixels)
+        report.failed = dict(failed.most_common())
+        return _finish(root, rows, report, started, work_dir)

@@ -277,10 +277,30 @@ def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None,
     return ClipModel(spec, device=device, threads=threads, precision=precision)
 
 
+# Transparent pixels are composited onto this colour before RGB: what a browser shows on a white page.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+
 def decode_image(data: bytes):
-    """Bytes → RGB PIL image (raises on undecodable bytes)."""
-    from PIL import Image
+    """Bytes → RGB PIL image as a person sees it (raises on undecodable bytes).
+
+    The first frame of an animation; EXIF orientation applied (phone photos upright); transparency
+    (alpha, or a palette / tRNS transparent colour) composited onto TRANSPARENT_BACKGROUND;
+    16-bit samples scaled to 8 bits instead of clipped; CMYK through Pillow's conversion.
+    """
+    from PIL import Image, ImageOps
 
     img = Image.open(io.BytesIO(data))
+    img.seek(0)  # animations: the first frame
     img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit greyscale PNGs open as I;16 or I: convert("L") would clip every value above 255 to white.
+        scale = 1 / 257 if img.mode != "F" else 255.0
+        pixels = np.asarray(img, dtype=np.float64) * scale
+        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")

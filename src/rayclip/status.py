@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from . import layout
+from . import debris, layout
 from .index import builds, current_build
 from .ingest import read_manifest
 
@@ -75,10 +75,16 @@ def _quality(info: dict) -> dict:
     }
 
 
+def debris_status(root: Path) -> list[dict]:
+    """Leftovers of killed runs (no reader sees them; `rayclip gc` or the next run sweeps them)."""
+    return [{"path": str(p.relative_to(root)), "bytes": debris.size_bytes(p)} for p in debris.find(root)]
+
+
 def status(root: Path) -> dict:
     return {
         "data_dir": str(root),
         "bronze": bronze_status(root),
         "silver": silver_status(root),
         "gold": gold_status(root),
+        "debris": debris_status(root),
     }

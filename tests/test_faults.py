@@ -1,0 +1,198 @@
+"""kill -9 inside every commit window (named fault points, `$RAYCLIP_KILL_AT`), then: no reader sees a
+partial layer, the debris is reported and swept, and a rerun finishes with exact counts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import GOOD_IMAGES, cli, run_ingest
+
+from rayclip import Searcher, embed, faults, index, ingest, layout, model
+
+REFERENCE = "clip_rayclip_ref_reference"
+
+
+def rayclip(*args: str, kill_at: str | None = None, env: dict | None = None, timeout: float = 300):
+    """`python -m rayclip.cli ARGS` in its own process group; returns the finished process."""
+    extra = {faults.KILL_AT_ENV: kill_at} if kill_at else {}
+    cmd = [sys.executable, "-m", "rayclip.cli", *args]
+    proc = subprocess.Popen(
+        cmd, env=os.environ | extra | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out
+
+
+def assert_killed(rc: int, out: str) -> None:
+    assert rc == -signal.SIGKILL, f"the fault point was not reached (rc {rc}):\n{out[-2000:]}"
+
+
+def status(root: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert cli("status", "--data-dir", str(root), "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def check_objects(root: Path) -> None:
+    """Every manifest row names an object whose sha256 is its media_id; no object is half-written."""
+    for row in ingest.read_manifest(root).to_pylist():
+        assert hashlib.sha256((root / row["path"]).read_bytes()).hexdigest() == row["media_id"]
+    for obj in layout.objects_dir(root).glob("*/*"):
+        assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.stem
+
+
+# ---------------------------------------------------------------- ingest
+
+
+@pytest.fixture
+def good_metadata(site, tmp_path) -> Path:
+    """The site's good images plus one duplicate URL: GOOD_IMAGES objects, GOOD_IMAGES + 1 rows."""
+    names = site["images"].column("filename").to_pylist()
+    urls = [f"{site['base']}/{n}" for n in names] + [f"{site['base']}/dup.jpg"]
+    path = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), path)
+    return path
+
+
+@pytest.mark.parametrize("point, sweep_by", [("ingest.object_stored", "gc"), ("ingest.manifest_commit", "rerun")])
+def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metadata, capsys, point, sweep_by):
+    root = tmp_path / "data"
+    assert_killed(*rayclip("ingest", "--metadata", str(good_metadata), "--data-dir", str(root), kill_at=point))
+
+    # Objects were renamed into the store, but no manifest row is visible: the layer is as before.
+    assert len(list(layout.objects_dir(root).glob("*/*"))) >= 1
+    assert ingest.read_manifest(root).num_rows == 0
+    check_objects(root)
+    [work] = list((root / "bronze" / "downloads").iterdir())
+    assert [d["path"] for d in status(root, capsys)["debris"]] == [f"bronze/downloads/{work.name}"]
+
+    if sweep_by == "gc":
+        assert cli("gc", "--data-dir", str(root)) == 0
+        assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
+        assert not work.exists()
+    report = run_ingest(root, good_metadata)
+    assert not work.exists() and not list((root / "bronze" / "downloads").iterdir())
+    assert (report.downloaded, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1, GOOD_IMAGES + 1, 0)
+    assert report.stored + report.duplicates == GOOD_IMAGES + 1  # objects the killed run renamed count as dups
+    rows = ingest.read_manifest(root)
+    assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
+    assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
+    check_objects(root)
+    assert status(root, capsys)["debris"] == []
+
+
+# ---------------------------------------------------------------- embed
+
+
+def silver_rows(root: Path) -> pa.Table:
+    """What any silver reader sees: every committed file must read whole."""
+    files = layout.silver_files(root, REFERENCE)
+    return (
+        pa.concat_tables(pq.read_table(f) for f in files)
+        if files
+        else pa.table({"media_id": pa.array([], pa.string())})
+    )
+
+
+def embed_cli(root: Path, ray_session, *args: str, kill_at: str | None = None):
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    return rayclip("embed", "--data-dir", str(root), "--pretrained", "reference", *args, kill_at=kill_at, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
+def test_embed_killed_during_commit_into_an_existing_partition(store, ray_session, capsys):
+    spec = model.resolve(None, "reference")
+    first = embed.embed(store, spec, actors=2, batch_size=4, limit=10, day="2026-01-01")
+    assert first.rows_embedded == 10
+    partition = store / first.partition
+    before = sorted(p.name for p in partition.iterdir())
+
+    rc, out = embed_cli(store, ray_session, "--dt", "2026-01-01", "--actors", "2", kill_at="embed.commit")
+    assert_killed(rc, out)
+    # The killed run merged part of its rows, but silver shows exactly the first run: nothing of the second.
+    assert sorted(p.name for p in partition.iterdir()) == before
+    assert silver_rows(store).num_rows == 10
+    [staging] = list((store / "silver" / "_staging").iterdir())
+    assert [d["path"] for d in status(store, capsys)["debris"]] == [f"silver/_staging/{staging.name}"]
+
+    rerun = embed.embed(store, spec, actors=2, batch_size=4, day="2026-01-01")
+    assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 10, 0)
+    ids = silver_rows(store).column("media_id").to_pylist()
+    assert len(ids) == len(set(ids)) == GOOD_IMAGES
+    assert not list((store / "silver" / "_staging").iterdir())  # the commit swept the killed run's staging
+    assert index.build(store).count == GOOD_IMAGES
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
+def test_embed_driver_killed_while_ray_writes_staging(store, ray_session, capsys):
+    """No named point can stop the driver inside Ray's write, so the test kills it from outside as
+    soon as the first staged file lands, and checks that the run had not finished."""
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference"]
+    cmd += ["--actors", "2", "--batch-size", "1", "--blocks", str(GOOD_IMAGES)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    # The first Parquet file anywhere under silver/ (where a non-atomic write would put it too).
+    while time.monotonic() < deadline and proc.poll() is None and not list(store.glob("silver/**/*.parquet")):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(layout.embed_runs_dir(store).glob("*.json")), "the run finished before the kill"
+    assert silver_rows(store).num_rows == 0 and not layout.silver_files(store, REFERENCE)
+    assert list(store.glob("silver/_staging/*/*.parquet")), "killed before Ray wrote anything"
+    assert len(status(store, capsys)["debris"]) == 1
+
+    rerun = embed.embed(store, model.resolve(None, "reference"), actors=2, batch_size=8)
+    assert rerun.rows_embedded == GOOD_IMAGES and silver_rows(store).num_rows == GOOD_IMAGES
+    assert status(store, capsys)["debris"] == []
+
+
+# ---------------------------------------------------------------- index
+
+
+@pytest.fixture
+def gold_copy(gold_store, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root)
+    return root, gold_store[1].build_id
+
+
+@pytest.mark.parametrize("point", ["index.build", "index.publish"])
+def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
+    root, published = gold_copy
+    assert_killed(*rayclip("index", "--data-dir", str(root), kill_at=point))
+
+    # Readers still get the build CURRENT named before, whole.
+    assert index.current_build(root, REFERENCE) == published
+    searcher = Searcher.open(root)
+    assert searcher.info["build_id"] == published and searcher.info["count"] == GOOD_IMAGES
+    assert len(searcher.search_text("a red circle", k=GOOD_IMAGES)) == GOOD_IMAGES
+    debris = [d["path"] for d in status(root, capsys)["debris"]]
+    if point == "index.build":  # a hidden, half-written folder: not a build, reported as debris
+        assert index.builds(root, REFERENCE) == [published]
+        assert len(debris) == 1 and debris[0].startswith(f"gold/{REFERENCE}/builds/.")
+    else:  # a complete build that was never named: listed (rollback-able), not debris
+        assert len(index.builds(root, REFERENCE)) == 2 and debris == []
+
+    rerun = index.build(root)
+    assert rerun.count == GOOD_IMAGES and index.current_build(root, REFERENCE) == rerun.build_id
+    assert Searcher.open(root).info["build_id"] == rerun.build_id
+    assert status(root, capsys)["debris"] == []
