@@ -258,7 +258,7 @@ class ClipModel:
         if missing:
             tokens = self.tokenizer(missing).to(self.device)
             with self._torch.inference_mode():
-                fresh = self._normalised(self.model.encode_text(tokens))
+                fresh = self._normalised(self._encode_tokens(tokens))
             fresh.setflags(write=False)  # cached rows are shared between callers
             known |= dict(zip(missing, fresh))
             with self._text_cache_lock:
@@ -267,10 +267,43 @@ class ClipModel:
                     self._text_cache.popitem(last=False)
         return np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.dim or 0), np.float32)
 
+    def _encode_tokens(self, tokens):
+        """The text tower on the batch's real tokens only, where that is exact; on all of them otherwise."""
+        if not trims_padding(self.model):
+            return self.model.encode_text(tokens)
+        import open_clip
+
+        # Argmax pooling reads each text at its end-of-text token (the highest id); past the furthest
+        # one there is only padding, which under the causal mask no earlier position attends to.
+        n = int(tokens.argmax(dim=-1).max()) + 1
+        return open_clip.CLIP.encode_text(_TrimmedText(self.model, n), tokens[:, :n])
+
     def token_count(self, text: str) -> int:
         """Tokens the text needs, start and end markers included (to tell whether it gets truncated)."""
         encode = getattr(self.tokenizer, "encode", None)
         return len(encode(text)) + 2 if encode else 0
+
+
+def trims_padding(model) -> bool:
+    """Whether the text tower is open_clip's own CLIP text transformer, causal and pooled at the
+    end-of-text token, so that running it on a prefix of the tokens gives the same features.
+    Towers from Hugging Face (CustomTextCLIP), bidirectional ones and other pooling do not qualify."""
+    import open_clip
+
+    return type(model) is open_clip.CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None
+
+
+class _TrimmedText:
+    """The model as `CLIP.encode_text` sees it, with position embeddings and causal mask cut to the
+    first n tokens (so open_clip's own code runs, and the shared model is never modified)."""
+
+    def __init__(self, model, n: int):
+        self._model = model
+        self.positional_embedding = model.positional_embedding[:n]
+        self.attn_mask = model.attn_mask[:n, :n]
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto") -> ClipModel:
