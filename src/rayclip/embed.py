@@ -29,6 +29,7 @@ from . import layout
 from .errors import UserError
 from .ingest import read_manifest
 from .model import ModelSpec, check_available, decode_image, load_model
+from .progress import Progress, watch
 
 
 @dataclasses.dataclass
@@ -94,6 +95,9 @@ class RunStats:
         self.rows_by_worker[worker] += ok
         self.failures.extend(failures)
 
+    def rows_done(self) -> int:
+        return sum(self.rows_by_worker.values()) + len(self.failures)
+
     def summary(self) -> tuple[list, list]:
         return [worker for worker, rows in self.rows_by_worker.items() if rows], self.failures
 
@@ -138,16 +142,24 @@ def silver_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
-def init_ray() -> None:
-    """Join $RAY_ADDRESS when set, else start a local cluster without the dashboard."""
-    import ray
+def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
+    """Join $RAY_ADDRESS when set, else start a local cluster (with its dashboard when asked).
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    Returns the cluster's dashboard URL, None when it runs without one. Ray Data's own progress
+    bars and the workers' logs reach the terminal only when verbose: progress is ours to draw.
+    """
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=verbose)
+        else:
+            # Loopback: the dashboard has no authentication of its own.
+            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
+    url = get_dashboard_url()
+    return (url if "://" in url else f"http://{url}") if url else None
 
 
 def _actor_resources(resources: dict, actors: int, gpus_per_actor: float) -> tuple[float, int]:
@@ -199,8 +211,12 @@ def embed(
     blocks: int | None = None,
     force: bool = False,
     gpus_per_actor: float = 0.0,
+    progress: Progress | None = None,
 ) -> EmbedReport:
-    """Embed what the manifest holds and silver lacks for this model; returns the run's signals."""
+    """Embed what the manifest holds and silver lacks for this model; returns the run's signals.
+
+    progress(done, total) counts rows embedded or failed, as the actors report them.
+    """
     import ray
 
     report = EmbedReport(
@@ -243,7 +259,8 @@ def embed(
     report.plan = plan.getvalue().strip()
 
     staging = layout.silver_staging(root, report.run_id)
-    ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+    with watch(lambda: ray.get(stats.rows_done.remote()), work.num_rows, progress):
+        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
     report.tasks = _tasks(ds.stats(), "MapBatches(EmbedUDF)")
     partition = layout.silver_partition(root, spec.model_version, report.dt)
     layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import layout
 from .ingest import read_manifest
+from .progress import Progress
 from .search import Searcher
 
 
@@ -39,8 +40,16 @@ def _chance(gallery: int, relevant: list[int], k: int) -> float:
     return float(np.mean([1 - math.comb(gallery - r, k) / math.comb(gallery, k) for r in relevant]))
 
 
-def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, ...] = (1, 5, 10)) -> EvalReport:
-    """Recall@K over the indexed images ingested from `urls` (all indexed images when None)."""
+def evaluate(
+    searcher: Searcher,
+    urls: list[str] | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Recall@K over the indexed images ingested from `urls` (all indexed images when None).
+
+    progress(done, total) counts queries answered: captions (text→image), then images (image→text).
+    """
     mapping = searcher.mapping.select(["faiss_id", "media_id"]).to_pylist()
     indexed = {row["media_id"]: row["faiss_id"] for row in mapping}
     rows = read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
@@ -62,12 +71,17 @@ def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, .
             hits_t2i[k] += bool(images_by_caption[caption] & set(ranked[:k]))
 
     image_ids = sorted(captions_by_image)
+    total = len(captions) + len(image_ids)
+    if progress:
+        progress(len(captions), total)
     image_vectors = searcher.vectors([indexed[m] for m in image_ids])
     order = np.argsort(-(image_vectors @ text_vectors.T), axis=1)[:, :k_max]
     hits_i2t = {k: 0 for k in ks}
     for media_id, top in zip(image_ids, order):
         for k in ks:
             hits_i2t[k] += bool(captions_by_image[media_id] & {captions[j] for j in top[:k]})
+    if progress:
+        progress(total, total)
 
     gallery = searcher.info["count"]
     relevant = [len(images_by_caption[c]) for c in captions]

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .errors import UserError
 from .ingest import read_manifest
+from .progress import Progress
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -121,9 +122,13 @@ def _sources(root: Path) -> pa.Table:
 
 
 def build(
-    root: Path, model_version: str | None = None, day: str | None = None, index_type: str = "flat"
+    root: Path,
+    model_version: str | None = None,
+    day: str | None = None,
+    index_type: str = "flat",
+    progress: Progress | None = None,
 ) -> BuildReport:
-    """Build and publish a new gold build; returns what was published."""
+    """Build and publish a new gold build; returns what was published. progress counts silver files added."""
     import faiss
 
     started = time.monotonic()
@@ -149,6 +154,8 @@ def build(
         vectors = _vectors(f, row_idx[file_idx == i])
         _check_vectors(vectors, f)
         index.add(vectors)
+        if progress:
+            progress(i + 1, len(files))
     add_s = time.monotonic() - started - read_s
 
     media_ids = chosen.column("media_id")
