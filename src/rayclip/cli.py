@@ -485,13 +485,23 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .server import API_KEY_ENV, check_bind, create_app
 
-    app = create_app(args.data_dir, args.model_version, max_upload_bytes=args.max_upload_mb << 20)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key, args.allow_anonymous)
+    app = create_app(
+        args.data_dir,
+        args.model_version,
+        max_upload_bytes=args.max_upload_mb << 20,
+        api_key=api_key,
+        queue_depth=args.queue_depth,
+    )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    guard = "API key required on /api/* and /metrics" if api_key else "no API key"
+    print(f"status page {where}status · metrics {where}metrics · {guard}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -637,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-version", default=None)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest image upload accepted")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /api/* (or $RAYCLIP_API_KEY)")
+    p.add_argument("--allow-anonymous", action="store_true", help="serve a non-loopback address without an API key")
+    p.add_argument(
+        "--queue-depth", type=_positive_int, default=8, help="queries encoding at once; more get 503 + Retry-After"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common, as_json], help="counts per layer: bronze, silver, gold")

@@ -7,9 +7,12 @@ a build is only ever read after CURRENT names it, so a reader never sees a parti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,15 @@ class Searcher:
         self.model = model
         self._build = build
         self._lock = threading.Lock()
+        # Told the seconds of each query phase (encode, search, join): the server's metrics.
+        self.observe: Callable[[str, float], None] | None = None
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        started = time.perf_counter()
+        yield
+        if self.observe:
+            self.observe(name, time.perf_counter() - started)
 
     @classmethod
     def open(
@@ -143,7 +155,9 @@ class Searcher:
         """Many text queries in one encoder batch."""
         if any(not text or not text.strip() for text in texts):
             raise UserError("the query is empty; give some words to search for")
-        results = self.search_vectors(self.model.encode_texts([t.strip() for t in texts]), k)
+        with self._phase("encode"):
+            vectors = self.model.encode_texts([t.strip() for t in texts])
+        results = self.search_vectors(vectors, k)
         limit = self.model.context_length
         for text, result in zip(texts, results):
             tokens = self.model.token_count(text)
@@ -159,7 +173,9 @@ class Searcher:
             raise UserError(
                 f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}"
             ) from None
-        return self.search_vectors(self.model.encode_images([picture]), k)[0]
+        with self._phase("encode"):
+            vectors = self.model.encode_images([picture])
+        return self.search_vectors(vectors, k)[0]
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[SearchResults]:
         build = self._build  # one consistent build for the whole call, even if refresh() swaps it
@@ -168,8 +184,10 @@ class Searcher:
         if k < 1 or k > total:
             notes.append(f"k={k} clamped to {min(max(k, 1), total)} (the index holds {total} vectors)")
             k = min(max(k, 1), total)
-        scores, ids = build.index.search(np.ascontiguousarray(vectors, np.float32), k)
-        return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        with self._phase("search"):
+            scores, ids = build.index.search(np.ascontiguousarray(vectors, np.float32), k)
+        with self._phase("join"):
+            return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
 
     @staticmethod
     def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:

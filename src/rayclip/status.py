@@ -50,7 +50,8 @@ def gold_status(root: Path) -> list[dict]:
     for model_version in sorted(p.name for p in gold.iterdir() if p.is_dir()) if gold.is_dir() else []:
         current_id = current_build(root, model_version)
         for build_id in builds(root, model_version):
-            info = json.loads((layout.build_dir(root, model_version, build_id) / "build.json").read_text())
+            folder = layout.build_dir(root, model_version, build_id)
+            info = json.loads((folder / "build.json").read_text())
             out.append(
                 {
                     "model_version": model_version,
@@ -58,9 +59,43 @@ def gold_status(root: Path) -> list[dict]:
                     "count": info["count"],
                     "created_at": info["created_at"],
                     "current": build_id == current_id,
+                    **_build_details(folder, info),
                 }
             )
     return out
+
+
+def _build_details(folder: Path, info: dict) -> dict:
+    """Index type, its size on disk (what a server holds in memory) and the build's eval, where known."""
+    index_file = folder / "index.faiss"
+    eval_file = folder / "eval.json"
+    return {
+        "index_type": info.get("index_type"),
+        "index_bytes": index_file.stat().st_size if index_file.is_file() else None,
+        "eval": json.loads(eval_file.read_text()) if eval_file.is_file() else None,
+    }
+
+
+def recent_runs(root: Path, limit: int = 12) -> list[dict]:
+    """The newest ingest and embed run records (newest first): rows through, failures by reason."""
+    runs = []
+    for stage, folder, rows_key in (
+        ("ingest", layout.ingest_runs_dir(root), "downloaded"),
+        ("embed", layout.embed_runs_dir(root), "rows_embedded"),
+    ):
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            record = json.loads(path.read_text())
+            runs.append(
+                {
+                    "stage": stage,
+                    "run_id": record["run_id"],
+                    "rows": record.get(rows_key, 0),
+                    "failed": record.get("failed", {}),
+                    "wall_s": record.get("wall_s", 0.0),
+                    "log": path.with_suffix(".log").is_file(),
+                }
+            )
+    return sorted(runs, key=lambda r: r["run_id"], reverse=True)[:limit]
 
 
 def status(root: Path) -> dict:
@@ -69,4 +104,5 @@ def status(root: Path) -> dict:
         "bronze": bronze_status(root),
         "silver": silver_status(root),
         "gold": gold_status(root),
+        "runs": recent_runs(root),
     }
