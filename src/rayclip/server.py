@@ -31,6 +31,7 @@ from .search import Searcher, SearchResults
 
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "RAYCLIP_API_KEY"
+KEY_COOKIE = "rayclip_api_key"  # set by the page (static/auth.js) for image requests only
 DEFAULT_QUEUE_DEPTH = 8  # queries encoding or waiting to encode at once; the next gets a 503
 RETRY_AFTER_S = 1
 MAX_QUERY_STRING_BYTES = 4096
@@ -144,7 +145,7 @@ async def require_api_key(request: Request) -> None:
     if not key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if scheme.lower() != "bearer" or not _same(token.strip(), key):
         raise HTTPException(
             status_code=401,
             detail="missing or wrong API key: send Authorization: Bearer <key>",
@@ -152,9 +153,21 @@ async def require_api_key(request: Request) -> None:
         )
 
 
+def _same(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 async def _guard_api(request: Request) -> None:
-    """The key guards the API and the metrics; the pages, their assets and /healthz stay open."""
-    if request.url.path.startswith(("/api/", "/metrics")):
+    """The key guards the API and the metrics; the pages, their assets and /healthz stay open.
+
+    An <img> cannot send a header, so images also take the key from the page's same-site cookie.
+    """
+    path = request.url.path
+    cookie = request.cookies.get(KEY_COOKIE)
+    if path.startswith("/api/images/") and cookie and request.app.state.api_key:
+        if _same(cookie, request.app.state.api_key):
+            return
+    if path.startswith(("/api/", "/metrics")):
         await require_api_key(request)
 
 
