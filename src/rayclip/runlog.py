@@ -51,13 +51,17 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
             tee.start()
         else:
             target = log.fileno()
+        streams = sys.stdout, sys.stderr
         try:
             for fd in (1, 2):
                 os.dup2(target, fd)
+            # Python-level prints too, even where sys.stdout is not fd 1 (an embedding program, a test).
+            sys.stdout, sys.stderr = (_on_fd(fd) for fd in (1, 2))
             yield terminal
         finally:
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
+            sys.stdout, sys.stderr = streams
             for fd in (1, 2):
                 os.dup2(saved[fd], fd)
             if tee is not None:
@@ -67,6 +71,10 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
                 terminal.close()
             for fd in saved.values():
                 os.close(fd)
+
+
+def _on_fd(fd: int) -> TextIO:
+    return io.TextIOWrapper(open(fd, "wb", closefd=False), encoding="utf-8", errors="replace", line_buffering=True)
 
 
 def _terminal(fd: int, saved: int) -> TextIO:

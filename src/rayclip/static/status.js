@@ -43,7 +43,7 @@ function recallChart(ev) {
   const ks = Object.keys(ev.text_to_image);
   const series = [["t2i", "text→image", ev.text_to_image], ["i2t", "image→text", ev.image_to_text],
     ["chance", "chance (text→image)", ev.chance_text_to_image]];
-  const W = 760, H = 280, left = 44, bottom = 34, top = 14, plotH = H - top - bottom;
+  const W = 760, H = 250, left = 44, bottom = 34, top = 24, plotH = H - top - bottom;
   const group = (W - left - 10) / ks.length, bar = Math.min(46, (group - 24) / series.length);
   const y = (v) => top + plotH * (1 - v);
   const svg = el("svg:svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img",
@@ -78,7 +78,7 @@ function render(s) {
   $("tiles").replaceChildren(
     tile("bronze", "objects", count(b.objects), bytes(b.object_bytes)),
     tile("bronze", "manifest rows", count(b.manifest_rows), `${count(b.unique_media_ids)} unique · ${b.ingest_runs} ingest runs`),
-    tile("silver", "silver rows", count(silverRows), `${s.silver.length} partitions`),
+    tile("silver", "silver rows", count(silverRows), `${s.silver.length} partition${s.silver.length === 1 ? "" : "s"}`),
     tile("gold", "builds", count(s.gold.length), served ? `CURRENT ${served.model_version}` : "no CURRENT yet"),
     tile("gold", "vectors served", served ? count(served.count) : "—", served ? `${served.index_type} · ${bytes(served.index_bytes)}` : ""));
 
