@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -117,9 +118,10 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
 # ------------------------------------------------------------------ the Ray dashboard
 
 
-def _actor_classes(dashboard: str) -> set[str]:
+def _actor_classes(dashboard: str, token: str) -> set[str]:
     """Actor class names as the dashboard's state API lists them."""
-    response = httpx.get(f"{dashboard}/api/v0/actors", params={"limit": 1000}, timeout=5)
+    headers = {"Authorization": f"Bearer {token}"}
+    response = httpx.get(f"{dashboard}/api/v0/actors", params={"limit": 1000}, headers=headers, timeout=5)
     response.raise_for_status()
     return {a.get("class_name", "") for a in response.json()["data"]["result"]["result"]}
 
@@ -130,7 +132,10 @@ def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp
     shutil.copytree(ingested, root)
     cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--pretrained", "none"]
     cmd += ["--actors", "2", "--batch-size", "2", "--dashboard", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # Ray's token authentication guards the dashboard: give the cluster a token this test knows.
+    token = secrets.token_hex(32)
+    env = _env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stderr_lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [stderr_lines.put(line) for line in proc.stderr], daemon=True).start()
     seen: set[str] = set()
@@ -144,7 +149,7 @@ def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp
         assert url, "no dashboard URL printed"
         while proc.poll() is None and time.monotonic() < deadline and "MapWorker(MapBatches(EmbedUDF))" not in seen:
             with contextlib.suppress(httpx.HTTPError, KeyError):
-                seen |= _actor_classes(url)
+                seen |= _actor_classes(url, token)
             time.sleep(0.3)
         stdout = proc.communicate(timeout=300)[0]
     finally:
