@@ -43,34 +43,38 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = _terminal(terminal_fd, saved[terminal_fd])
-    tee = None
-    with open(log_path, "a", encoding="utf-8") as log:
-        if verbose:
-            read_fd, target = os.pipe()
-            tee = threading.Thread(target=_tee, args=(read_fd, log, saved[2]), daemon=True)
-            tee.start()
-        else:
-            target = log.fileno()
-        streams = sys.stdout, sys.stderr
-        try:
-            for fd in (1, 2):
-                os.dup2(target, fd)
-            # Python-level prints too, even where sys.stdout is not fd 1 (an embedding program, a test).
-            sys.stdout, sys.stderr = (_on_fd(fd) for fd in (1, 2))
-            yield terminal
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            sys.stdout, sys.stderr = streams
-            for fd in (1, 2):
-                os.dup2(saved[fd], fd)
-            if tee is not None:
-                os.close(target)  # the tee sees end-of-file once no process holds the write end
-                tee.join(timeout=5)
-            if terminal not in (sys.stdout, sys.stderr):
-                terminal.close()
-            for fd in saved.values():
-                os.close(fd)
+    try:
+        tee = None
+        with open(log_path, "a", encoding="utf-8") as log:
+            if verbose:
+                read_fd, target = os.pipe()
+                tee = threading.Thread(target=_tee, args=(read_fd, log, saved[2]), daemon=True)
+                tee.start()
+            else:
+                target = log.fileno()
+            streams = sys.stdout, sys.stderr
+            try:
+                for fd in (1, 2):
+                    os.dup2(target, fd)
+                # Python-level prints too, even where sys.stdout is not fd 1 (an embedding program, a test).
+                sys.stdout, sys.stderr = (_on_fd(fd) for fd in (1, 2))
+                yield terminal
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                sys.stdout, sys.stderr = streams
+                for fd in (1, 2):
+                    os.dup2(saved[fd], fd)
+                if tee is not None:
+                    os.close(target)  # the tee sees end-of-file once no process holds the write end
+                    tee.join(timeout=5)
+                if terminal not in (sys.stdout, sys.stderr):
+                    terminal.close()
+                for fd in saved.values():
+                    os.close(fd)
+    finally:
+        if log_path.is_file() and not log_path.stat().st_size:
+            log_path.unlink()  # nothing was said: no empty file beside the run record
 
 
 def _on_fd(fd: int) -> TextIO:
