@@ -241,9 +241,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={spec.model_version}")
     with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
-        if args.dashboard or os.environ.get("RAY_ADDRESS"):
-            url = embed.init_ray(dashboard=args.dashboard, verbose=args.verbose)
-            print(f"Ray dashboard: {url or 'not running on this cluster'}", file=stage.terminal, flush=True)
+        _start_ray(stage, args.dashboard, args.verbose)
         report = embed.embed(
             root,
             spec,
@@ -262,6 +260,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return 0 if report.rows_embedded or not report.rows_planned else 1
     _show_embed(report)
     return 0 if report.rows_embedded or not report.rows_planned else 1
+
+
+def _start_ray(stage: _Stage, dashboard: bool, verbose: bool) -> None:
+    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
+    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
+    from . import embed
+
+    if dashboard or verbose or os.environ.get("RAY_ADDRESS"):
+        url = embed.init_ray(dashboard=dashboard, verbose=verbose)
+        if dashboard or os.environ.get("RAY_ADDRESS"):
+            print(f"Ray dashboard: {url or 'not running on this cluster'}", file=stage.terminal, flush=True)
 
 
 def _show_embed(report) -> None:
@@ -382,6 +391,7 @@ def _evaluate_pipeline(
     stage.keep_log_as(ingested.run_id)
     _show_ingest(ingested)
     with _stage(layout.embed_runs_dir(root), verbose) as stage:
+        _start_ray(stage, False, verbose)
         embedded = embed.embed(root, spec, actors=actors, batch_size=batch_size, progress=stage.progress("embed"))
     stage.keep_log_as(embedded.run_id)
     _show_embed(embedded)
@@ -526,15 +536,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     gold = info["gold"]
     rows = [
-        [b["model_version"], b["build_id"], b["count"], b["created_at"], "CURRENT" if b["current"] else ""]
+        [
+            b["model_version"],
+            b["build_id"],
+            b["count"],
+            b["index_type"],
+            _bytes(b["index_bytes"]),
+            f"{next(iter(b['eval']['text_to_image'].values())):.3f}" if b["eval"] else "",
+            b["created_at"],
+            "CURRENT" if b["current"] else "",
+        ]
         for b in gold
     ]
     console.print(
-        _table("gold builds", ["model_version", "build_id", "count", "created", ""], rows)
+        _table("gold builds", ["model_version", "build_id", "count", "index", "size", "R@1 t→i", "created", ""], rows)
         if gold
         else "gold: no index yet (run `rayclip index`)"
     )
     return 0
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 # ------------------------------------------------------------------ parser
