@@ -7,20 +7,149 @@ so `rayclip --help` answers at once. This is the only module that prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from . import layout
 from .errors import UserError
 
+# With --json, stdout carries the one JSON document and everything meant for people goes to stderr.
+_OUTPUT = {"json": False}
+
+
+def _console():
+    return _console_on(stderr=_OUTPUT["json"])
+
 
 @functools.cache
-def _console():
+def _console_on(stderr: bool):
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)  # no hard wraps in plain lines (paths, URLs)
+    return Console(highlight=False, soft_wrap=True, stderr=stderr)  # no hard wraps in plain lines (paths, URLs)
+
+
+def _print_json(document) -> None:
+    print(json.dumps(document, indent=2, default=str))
+
+
+# ------------------------------------------------------------------ progress and the libraries' logs
+
+
+class _Progress:
+    """One stage's (done, total) callback drawn as a rich bar on a terminal; elsewhere (a pipe,
+    a job log) as one line when it starts and one when it ends."""
+
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self.label, self.stream = label, stream
+        self.started = time.monotonic()
+        self.done = self.total = -1
+        self.finished = False
+        self.lock = threading.Lock()
+        self.bar = None
+        if stream.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description:<18}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=Console(file=stream),
+                # The libraries' own prints stay in the run's log, not above the bar.
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self.task = self.bar.add_task(label, total=None, rate="")
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            if self.total < 0:
+                self.started = time.monotonic()
+                if self.bar is None:
+                    print(f"{self.label}: {total} to do", file=self.stream, flush=True)
+                else:
+                    self.bar.start()
+            self.done, self.total = done, total
+            if self.bar is not None:
+                self.bar.update(self.task, completed=done, total=total, rate=f"{self._rate():.1f}/s")
+            if done >= total:
+                self._finish()
+
+    def _rate(self) -> float:
+        return max(self.done, 0) / max(time.monotonic() - self.started, 1e-6)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.bar is not None:
+            self.bar.stop()
+            return
+        seconds = time.monotonic() - self.started
+        print(f"{self.label}: {self.done}/{self.total} in {seconds:.1f} s ({self._rate():.1f}/s)", file=self.stream)
+
+    def close(self) -> None:
+        """At the end of the stage: the summary line even when the count fell short (a failure)."""
+        with self.lock:
+            if self.total >= 0:
+                self._finish()
+
+
+class _Stage:
+    """A stage's progress bars and notes (on the terminal), and the log file its libraries write to."""
+
+    def __init__(self, terminal: TextIO, log: Path | None) -> None:
+        self.terminal, self.log, self.bars = terminal, log, []
+
+    def progress(self, label: str) -> _Progress | None:
+        if _OUTPUT["json"]:
+            return None  # stdout is for the document
+        self.bars.append(_Progress(label, self.terminal))
+        return self.bars[-1]
+
+    def keep_log_as(self, run_id: str) -> None:
+        """Name the log after the run, beside its JSON record (<runs>/<run_id>.log)."""
+        if self.log is not None and self.log.exists():
+            self.log.rename(self.log.with_name(f"{run_id}.log"))
+
+
+@contextlib.contextmanager
+def _stage(runs_dir: Path | None, verbose: bool = False) -> Iterator[_Stage]:
+    """Around a library call: progress bars on the terminal; with a runs_dir, the libraries' own
+    output goes to a log file there (and, verbose, to the terminal too)."""
+    with contextlib.ExitStack() as stack:
+        # With --json the notes go to stderr.
+        terminal, log = (sys.stderr if _OUTPUT["json"] else sys.stdout), None
+        if runs_dir is not None:
+            from . import runlog
+
+            log = runs_dir / f"{layout.new_run_id()}.log"  # renamed after the run by keep_log_as
+            terminal = stack.enter_context(runlog.capture(log, verbose, terminal_fd=2 if _OUTPUT["json"] else 1))
+        stage = _Stage(terminal, log)
+        try:
+            yield stage
+        finally:
+            for bar in stage.bars:
+                bar.close()
 
 
 def _table(title: str, columns: list[str], rows: list[list], **kwargs):
@@ -45,22 +174,30 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from . import ingest
 
     root = layout.data_root(args.data_dir)
-    if args.folder:
-        report = ingest.ingest_folder(root, Path(args.folder), limit=args.limit)
+    with _stage(layout.ingest_runs_dir(root), args.verbose) as stage:
+        if args.folder:
+            report = ingest.ingest_folder(
+                root, Path(args.folder), limit=args.limit, store_progress=stage.progress("ingest store")
+            )
+        else:
+            report = ingest.ingest_metadata(
+                root,
+                Path(args.metadata),
+                url_col=args.url_col,
+                caption_col=args.caption_col,
+                limit=args.limit,
+                processes=args.processes,
+                threads=args.threads,
+                timeout=args.timeout,
+                retries=args.retries,
+                progress=stage.progress("ingest download"),
+                store_progress=stage.progress("ingest store"),
+            )
+    stage.keep_log_as(report.run_id)
+    if args.json:
+        _print_json(report.to_dict())
     else:
-        report = ingest.ingest_metadata(
-            root,
-            Path(args.metadata),
-            url_col=args.url_col,
-            caption_col=args.caption_col,
-            limit=args.limit,
-            processes=args.processes,
-            threads=args.threads,
-            timeout=args.timeout,
-            retries=args.retries,
-            refetch=args.refetch,
-        )
-    _show_ingest(report)
+        _show_ingest(report)
     # Exit 0 if anything usable came through (stored now, already stored before, or already known).
     return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
 
@@ -103,20 +240,38 @@ def cmd_embed(args: argparse.Namespace) -> int:
     spec = _spec(args)
     console = _console()
     console.print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={spec.model_version}")
-    report = embed.embed(
-        root,
-        spec,
-        actors=args.actors,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        day=args.dt,
-        blocks=args.blocks,
-        force=args.force,
-        gpus_per_actor=args.gpus_per_actor,
-        precision=args.precision,
-    )
+    with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
+        _start_ray(stage, args.dashboard, args.verbose)
+        report = embed.embed(
+            root,
+            spec,
+            actors=args.actors,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            day=args.dt,
+            blocks=args.blocks,
+            force=args.force,
+            gpus_per_actor=args.gpus_per_actor,
+            precision=args.precision,
+            progress=stage.progress("embed"),
+        )
+    stage.keep_log_as(report.run_id)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0 if report.rows_embedded or not report.rows_planned else 1
     _show_embed(report)
     return 0 if report.rows_embedded or not report.rows_planned else 1
+
+
+def _start_ray(stage: _Stage, dashboard: bool, verbose: bool) -> None:
+    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
+    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
+    from . import embed
+
+    if dashboard or verbose or os.environ.get("RAY_ADDRESS"):
+        url = embed.init_ray(dashboard=dashboard, verbose=verbose)
+        if dashboard or os.environ.get("RAY_ADDRESS"):
+            print(f"Ray dashboard: {url or 'not running on this cluster'}", file=stage.terminal, flush=True)
 
 
 def _show_embed(report) -> None:
@@ -125,9 +280,15 @@ def _show_embed(report) -> None:
         console.print(f"nothing new to embed: every media_id in the manifest is in silver for {report.model_version}")
         return
     summary = report.to_dict()
-    console.print(summary.pop("plan"), markup=False)
+    console.print(_optimized_physical_plan(summary.pop("plan")), markup=False)
     summary.pop("failed_ids")  # in the run's JSON
     _show_run(f"embed {report.run_id}", summary)
+
+
+def _optimized_physical_plan(explained: str) -> str:
+    """The last of the plans ds.explain() prints (logical, optimized, physical, optimized physical)."""
+    marker = "-------- Physical Plan (Optimized) --------"
+    return marker + explained.split(marker, 1)[1] if marker in explained else explained
 
 
 # ------------------------------------------------------------------ index
@@ -139,18 +300,26 @@ def cmd_index(args: argparse.Namespace) -> int:
     root = layout.data_root(args.data_dir)
     if args.rollback:
         old, new = index.rollback(root, args.model_version)
+        if args.json:
+            _print_json({"model_version": args.model_version, "current": new, "previous": old})
+            return 0
         _console().print(f"CURRENT now {new} (was {old})")
         return 0
-    report = index.build(
-        root,
-        args.model_version,
-        args.dt,
-        args.index_type,
-        max_index_memory=args.max_index_memory,
-        target_recall=args.target_recall,
-        retrain=args.retrain,
-    )
-    _show_index(report)
+    with _stage(None) as stage:
+        report = index.build(
+            root,
+            args.model_version,
+            args.dt,
+            args.index_type,
+            max_index_memory=args.max_index_memory,
+            target_recall=args.target_recall,
+            retrain=args.retrain,
+            progress=stage.progress("index"),
+        )
+    if args.json:
+        _print_json(vars(report))
+    else:
+        _show_index(report)
     return 0
 
 
@@ -263,17 +432,36 @@ def _evaluate_pipeline(
     url_col: str | None = None,
     caption_col: str | None = None,
     precision: str = "auto",
+    verbose: bool = False,
 ):
     """ingest → embed → index → Recall@K, printing each stage (eval and demo share it)."""
     from . import embed, evaluate, index, ingest
     from .search import Searcher
 
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
-    _show_ingest(ingest.ingest_metadata(root, metadata, url_col=url_col, caption_col=caption_col))
-    _show_embed(embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision))
-    _show_index(index.build(root, spec.model_version))
+    with _stage(layout.ingest_runs_dir(root), verbose) as stage:
+        ingested = ingest.ingest_metadata(
+            root,
+            metadata,
+            url_col=url_col,
+            caption_col=caption_col,
+            progress=stage.progress("ingest download"),
+            store_progress=stage.progress("ingest store"),
+        )
+    stage.keep_log_as(ingested.run_id)
+    _show_ingest(ingested)
+    with _stage(layout.embed_runs_dir(root), verbose) as stage:
+        _start_ray(stage, False, verbose)
+        embedded = embed.embed(
+            root, spec, actors=actors, batch_size=batch_size, precision=precision, progress=stage.progress("embed")
+        )
+    stage.keep_log_as(embedded.run_id)
+    _show_embed(embedded)
+    with _stage(None) as stage:
+        _show_index(index.build(root, spec.model_version, progress=stage.progress("index")))
     searcher = Searcher.open(root, spec.model_version, precision=precision)
-    report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(ks)))
+    with _stage(None) as stage:
+        report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(ks), progress=stage.progress("eval")))
     return searcher, report
 
 
@@ -303,19 +491,27 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     if not (args.annotations and args.images):
         raise UserError("--dataset needs --annotations FILE and --images DIR")
     show = {ingest.IngestReport: _show_ingest, embed.EmbedReport: _show_embed, index.BuildReport: _show_index}
-    report = evaluate.evaluate_benchmark(
-        layout.data_root(args.data_dir),
-        args.dataset,
-        Path(args.annotations),
-        Path(args.images),
-        _spec(args),
-        split=args.split,
-        ks=tuple(args.k),
-        actors=args.actors,
-        batch_size=args.batch_size,
-        stage_done=lambda stage: show[type(stage)](stage),
-    )
-    _show_benchmark(report)
+    root = layout.data_root(args.data_dir)
+    # The stages' library output goes to a log beside the embed runs (the terminal too with --verbose).
+    with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
+        _start_ray(stage, False, args.verbose)
+        report = evaluate.evaluate_benchmark(
+            root,
+            args.dataset,
+            Path(args.annotations),
+            Path(args.images),
+            _spec(args),
+            split=args.split,
+            ks=tuple(args.k),
+            actors=args.actors,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            stage_done=lambda done: None if args.json else show[type(done)](done),
+        )
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        _show_benchmark(report)
     return 0
 
 
@@ -332,7 +528,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         url_col=args.url_col,
         caption_col=args.caption_col,
         precision=args.precision,
+        verbose=args.verbose,
     )
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
     _show_eval(report)
     return 0
 
@@ -362,7 +562,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with synthetic.serve_folder(site) as base:
         console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
         metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
-        searcher, report = _evaluate_pipeline(root, metadata, spec, args.k, args.actors, args.batch_size)
+        searcher, report = _evaluate_pipeline(
+            root, metadata, spec, args.k, args.actors, args.batch_size, verbose=args.verbose
+        )
     # Captions spread over the generated set, so each query has at least one true match.
     captions = images.column("caption").to_pylist()
     for query in captions[:: max(1, len(captions) // 4)][:4]:
@@ -408,8 +610,10 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import create_app
+    from .server import API_KEY_ENV, check_bind, create_app
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key, args.allow_anonymous)
     app = create_app(
         args.data_dir,
         args.model_version,
@@ -418,11 +622,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_url_queries=args.allow_url_queries,
         serve_images=args.serve_images,
         precision=args.precision,
+        api_key=api_key,
+        queue_depth=args.queue_depth,
     )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    guard = "API key required on /api/* and /metrics" if api_key else "no API key"
+    print(f"status page {where}status · metrics {where}metrics · {guard}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -434,7 +642,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     info = status(layout.data_root(args.data_dir))
     if args.json:
-        print(json.dumps(info, indent=2))
+        _print_json(info)
         return 0
     console = _console()
     console.print(f"data dir: {info['data_dir']}")
@@ -451,13 +659,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             b["model_version"],
             b["build_id"],
             b["count"],
+            b["index_type"] or "",
+            _bytes(b["index_bytes"]),
+            "" if b.get("recall_at_10") is None else f"{b['recall_at_10']:.3f}",
+            f"{next(iter(b['eval']['text_to_image'].values())):.3f}" if b["eval"] else "",
             b["created_at"],
-            *_build_quality(b),
             "CURRENT" if b["current"] else "",
         ]
         for b in gold
     ]
-    columns = ["model_version", "build_id", "count", "created", "index", "recall@10", "index MiB", ""]
+    columns = ["model_version", "build_id", "count", "index", "size", "recall@10", "R@1 t→i", "created", ""]
     console.print(_table("gold builds", columns, rows) if gold else "gold: no index yet (run `rayclip index`)")
     _show_debris(info["debris"])
     return 0
@@ -485,13 +696,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_quality(build: dict) -> list[str]:
-    recall, size = build.get("recall_at_10"), build.get("index_bytes")
-    return [
-        build.get("index_type") or "",
-        "" if recall is None else f"{recall:.3f}",
-        "" if size is None else f"{size / 2**20:.1f}",
-    ]
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 # ------------------------------------------------------------------ parser
@@ -516,9 +728,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"data root (default: ${layout.DATA_DIR_ENV}, else ./data)",
     )
+    common.add_argument(
+        "--verbose", action="store_true", help="show Ray's and img2dataset's own logs too (always in the run's log)"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
 
     p = sub.add_parser(
-        "ingest", parents=[common], help="download metadata URLs (img2dataset) or copy a folder into bronze"
+        "ingest", parents=[common, as_json], help="download metadata URLs (img2dataset) or copy a folder into bronze"
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl")
@@ -541,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained tag (default: openai), a checkpoint path, `none` (random init) or `reference`",
     )
 
-    p = sub.add_parser("embed", parents=[common, model_args], help="CLIP embeddings with Ray Data into silver")
+    p = sub.add_parser("embed", parents=[common, model_args, as_json], help="CLIP embeddings with Ray Data into silver")
     p.add_argument(
         "--actors",
         type=_positive_int,
@@ -556,9 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default=None, help="file the embeddings under this name instead")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor on a cluster (0: CPU)")
     _precision_arg(p, "the model's compute precision; vectors are stored as float32 either way")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too; print its URL")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("index", parents=[common], help="build and publish a FAISS index from silver (gold)")
+    p = sub.add_parser("index", parents=[common, as_json], help="build and publish a FAISS index from silver (gold)")
     p.add_argument("--model-version", default=None, help="which embeddings (default: the only one present)")
     p.add_argument("--dt", default=None, help="only this silver partition (default: all)")
     p.add_argument(
@@ -574,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true", help="point CURRENT back at the previous build")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("search", parents=[common], help="text→image or image→image search")
+    p = sub.add_parser("search", parents=[common, as_json], help="text→image or image→image search")
     weighted = "; repeatable, optional weight as in 2:TEXT"
     p.add_argument("--q", "--query", dest="q", action="append", help="text query" + weighted)
     p.add_argument("--image", action="append", help="image file: find similar images" + weighted)
@@ -585,7 +803,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--like", action="append", metavar="MEDIA_ID", help="add an indexed image's stored vector")
     p.add_argument("--where", default=None, help="filter, e.g. \"width >= 512 AND caption LIKE '%%dog%%'\"")
     p.add_argument("--k", type=int, default=10, help="results to return")
-    p.add_argument("--json", action="store_true", help="print JSON: rank, score, media_id, path, url, caption")
     p.add_argument("--model-version", default=None, help="which index (default: the only one present)")
     p.add_argument(
         "--collapse",
@@ -600,7 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
-        "eval", parents=[common, model_args], help="Recall@K through the whole pipeline: a benchmark or metadata"
+        "eval",
+        parents=[common, model_args, as_json],
+        help="Recall@K through the whole pipeline: a benchmark or metadata",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -650,10 +869,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--serve-images", action="store_true", help="/knn-service urls point at our stored copies")
     _precision_arg(p, "the query encoder's precision")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /api/* (or $RAYCLIP_API_KEY)")
+    p.add_argument("--allow-anonymous", action="store_true", help="serve a non-loopback address without an API key")
+    p.add_argument(
+        "--queue-depth", type=_positive_int, default=8, help="queries encoding at once; more get 503 + Retry-After"
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", parents=[common], help="counts per layer: bronze, silver, gold")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("status", parents=[common, as_json], help="counts per layer: bronze, silver, gold")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("gc", parents=[common], help="remove what killed runs left behind (work folders, temp files)")
@@ -674,6 +897,7 @@ def _precision_arg(parser: argparse.ArgumentParser, what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _OUTPUT["json"] = getattr(args, "json", False)
     try:
         return args.func(args)
     except UserError as err:

@@ -34,9 +34,9 @@ from . import debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
 from .model import ModelSpec, check_available, choose_precision, decode_image, load_model
+from .progress import Progress, watch
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
-
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 
 
@@ -119,6 +119,9 @@ class RunStats:
         workers = [worker for worker, rows in self.rows_by_worker.items() if rows]
         return workers, self.failures, dict(self.seconds), self.first_encode_at
 
+    def rows_done(self) -> int:
+        return sum(self.rows_by_worker.values()) + len(self.failures)
+
 
 class EmbedUDF:
     """Loads the model once per actor; turns (media_id, path) batches into silver rows.
@@ -181,16 +184,24 @@ def silver_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
-def init_ray() -> None:
-    """Join $RAY_ADDRESS when set, else start a local cluster without the dashboard."""
-    import ray
+def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
+    """Join $RAY_ADDRESS when set, else start a local cluster (with its dashboard when asked).
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    Returns the cluster's dashboard URL, None when it runs without one. Ray Data's own progress
+    bars and the workers' logs reach the terminal only when verbose: progress is ours to draw.
+    """
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=verbose)
+        else:
+            # Loopback: the dashboard has no authentication of its own.
+            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
+    url = get_dashboard_url()
+    return (url if "://" in url else f"http://{url}") if url else None
 
 
 def default_actors(resources: dict, gpus_per_actor: float = 0.0) -> int:
@@ -269,11 +280,13 @@ def embed(
     force: bool = False,
     gpus_per_actor: float = 0.0,
     precision: str = "auto",
+    progress: Progress | None = None,
 ) -> EmbedReport:
     """Embed what the manifest holds and silver lacks for this model; returns the run's signals.
 
     `actors` defaults to default_actors() of the cluster; `precision` is chosen once, here, so
     every actor of a run computes at the same one (model.choose_precision says what auto picks).
+    progress(done, total) counts rows embedded or failed, as the actors report them.
     """
     import ray
 
@@ -332,7 +345,8 @@ def embed(
     partition = layout.silver_partition(root, spec.model_version, report.dt)
     # The staging folder stays locked while this run lives: a concurrent run's sweep leaves it alone.
     with debris.working(layout.silver_staging(root, report.run_id)) as staging:
-        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+        with watch(lambda: ray.get(stats.rows_done.remote()), work.num_rows, progress):
+            ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
         stats_text = ds.stats()
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)

@@ -34,6 +34,7 @@ from . import layout
 from .errors import UserError
 from .ingest import read_manifest
 from .model import ModelSpec
+from .progress import Progress
 from .search import Searcher
 
 METADATA_DEFINITION = "rayclip metadata: distinct captions; a hit is any image carrying the caption"
@@ -69,8 +70,16 @@ def _chance(gallery: int, relevant: list[int], k: int) -> float:
     return float(sum(hit[r] * n for r, n in counts.items()) / len(relevant))
 
 
-def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, ...] = (1, 5, 10)) -> EvalReport:
-    """Recall@K over the indexed images ingested from `urls` (all indexed images when None)."""
+def evaluate(
+    searcher: Searcher,
+    urls: list[str] | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Recall@K over the indexed images ingested from `urls` (all indexed images when None).
+
+    progress(done, total) counts queries answered: captions (text→image), then images (image→text).
+    """
     mapping = searcher.mapping.select(["faiss_id", "media_id"]).to_pylist()
     indexed = {row["media_id"]: row["faiss_id"] for row in mapping}
     rows = read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
@@ -92,12 +101,17 @@ def evaluate(searcher: Searcher, urls: list[str] | None = None, ks: tuple[int, .
             hits_t2i[k] += bool(images_by_caption[caption] & set(ranked[:k]))
 
     image_ids = sorted(captions_by_image)
+    total = len(captions) + len(image_ids)
+    if progress:
+        progress(len(captions), total)
     image_vectors = searcher.vectors([indexed[m] for m in image_ids])
     order = np.argsort(-(image_vectors @ text_vectors.T), axis=1)[:, :k_max]
     hits_i2t = {k: 0 for k in ks}
     for media_id, top in zip(image_ids, order):
         for k in ks:
             hits_i2t[k] += bool(captions_by_image[media_id] & {captions[j] for j in top[:k]})
+    if progress:
+        progress(total, total)
 
     gallery = searcher.info["count"]
     relevant = [len(images_by_caption[c]) for c in captions]
@@ -414,6 +428,7 @@ def evaluate_benchmark(
     ks: tuple[int, ...] = (1, 5, 10),
     actors: int = 2,
     batch_size: int = 32,
+    precision: str = "auto",
     stage_done: Callable[[object], None] | None = None,
 ) -> BenchmarkReport:
     """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K.
@@ -427,9 +442,9 @@ def evaluate_benchmark(
     with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as staging:
         _stage_links(evaluated, Path(staging))
         done(ingest.ingest_folder(root, Path(staging)))
-    done(embed.embed(root, spec, actors=actors, batch_size=batch_size))
+    done(embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision))
     done(index.build(root, spec.model_version))
-    report = score_benchmark(Searcher.open(root, spec.model_version), evaluated, ks)
+    report = score_benchmark(Searcher.open(root, spec.model_version, precision=precision), evaluated, ks)
     report.dataset, report.annotations = dataset, annotations.name
     report.split = None if dataset == "coco" else split or "test"
     report.html = str(eval_html.write(root, report))

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from . import ann, debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
+from .progress import Progress
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -184,7 +185,7 @@ class _Made:
     replaced: int = 0
 
 
-def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int) -> _Made:
+def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int, progress: Progress | None = None) -> _Made:
     """A new index over the newest vector of every media_id, streamed one silver file at a time."""
     chosen, dropped = _choose_rows(files)
     count = chosen.num_rows
@@ -207,6 +208,8 @@ def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int) -> _Made
         index.add(vectors)
         truth.add(vectors, np.arange(first, first + len(vectors)))
         first += len(vectors)
+        if progress:
+            progress(i + 1, len(files))
     rows = pa.table(
         {
             "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
@@ -240,7 +243,9 @@ def _incremental_base(
     return info, ""
 
 
-def _extend(root: Path, model_version: str, files: list[Path], base: dict) -> tuple[_Made | None, str]:
+def _extend(
+    root: Path, model_version: str, files: list[Path], base: dict, progress: Progress | None = None
+) -> tuple[_Made | None, str]:
     """CURRENT's index plus only the silver rows in files it has not seen, without retraining.
 
     A media_id already indexed whose new vector is newer keeps its faiss_id: its vector is replaced
@@ -280,6 +285,8 @@ def _extend(root: Path, model_version: str, files: list[Path], base: dict) -> tu
     row_idx = chosen.column("row_idx").to_numpy()
     for i, f in enumerate(new_files):
         in_file = (file_idx == i) & keep
+        if progress:
+            progress(i + 1, len(new_files))
         if not in_file.any():
             continue
         vectors = _vectors(f, row_idx[in_file])
@@ -330,12 +337,13 @@ def build(
     max_index_memory: int | str = DEFAULT_MAX_INDEX_MEMORY,
     target_recall: float = DEFAULT_TARGET_RECALL,
     retrain: bool = False,
+    progress: Progress | None = None,
 ) -> BuildReport:
     """Build and publish a new gold build; returns what was published.
 
     Extends CURRENT (same model_version, trained index) with only the new silver files unless
     `retrain`, a `day` filter, too many new rows or a recall below `target_recall` call for a
-    full build."""
+    full build. progress(done, total) counts silver files added."""
     import faiss
 
     started = time.monotonic()
@@ -360,13 +368,13 @@ def build(
     )
     made = None
     if base is not None:
-        made, why_full = _extend(root, model_version, files, base)
+        made, why_full = _extend(root, model_version, files, base, progress)
     if made is not None:
         tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
         if not tuning.target_met and ann.nlist_of(made.index) is not None:
             made, why_full = None, f"recall@{RECALL_K} {tuning.recall_at_k:.3f} fell below {target_recall}"
     if made is None:
-        made = _fill(files, dim, index_type, max_bytes)
+        made = _fill(files, dim, index_type, max_bytes, progress)
         tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
     built_s = time.monotonic() - started
 

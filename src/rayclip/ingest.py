@@ -20,7 +20,7 @@ import io
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from . import debris, faults, layout
 from .errors import UserError
+from .progress import Progress, watch
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
@@ -164,17 +165,32 @@ def _url_problem(url: str | None) -> str | None:
 # ---------------------------------------------------------------- downloading
 
 
-def _download(table: pa.Table, work_dir: Path, processes: int, threads: int, timeout: int, retries: int) -> Path:
+def _download(
+    table: pa.Table,
+    work_dir: Path,
+    processes: int,
+    threads: int,
+    timeout: int,
+    retries: int,
+    progress: Progress | None = None,
+) -> Path:
     """Run img2dataset on the url/caption table; returns its output folder."""
     # Decode checks in the img2dataset workers (OpenCV) respect this limit too.
     os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
     # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download
-
     input_file = work_dir / "input.parquet"
     output_dir = work_dir / "out"
     pq.write_table(table, input_file)
+    # img2dataset has no callback: count the per-sample .json files its workers have written.
+    with watch(lambda: sum(1 for _ in output_dir.glob("*/*.json")), table.num_rows, progress):
+        _img2dataset(input_file, output_dir, processes, threads, timeout, retries)
+    return output_dir
+
+
+def _img2dataset(input_file: Path, output_dir: Path, processes: int, threads: int, timeout: int, retries: int) -> None:
+    from img2dataset import download
+
     download(
         url_list=str(input_file),
         input_format="parquet",
@@ -193,7 +209,6 @@ def _download(table: pa.Table, work_dir: Path, processes: int, threads: int, tim
         number_sample_per_shard=10_000,
         enable_wandb=False,
     )
-    return output_dir
 
 
 def _download_candidates(output_dir: Path, failed: Counter) -> Iterator[Candidate]:
@@ -285,12 +300,19 @@ def _store(root: Path, candidate: Candidate, data: bytes, media_id: str, ext: st
 
 
 def _admit(
-    root: Path, candidates: Iterable[Candidate], report: IngestReport, failed: Counter, max_pixels: int
+    root: Path,
+    candidates: list[Candidate],
+    report: IngestReport,
+    failed: Counter,
+    max_pixels: int,
+    progress: Progress | None = None,
 ) -> list[dict]:
     """Validate and store each candidate, counting failures by reason; returns the new manifest rows."""
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
-    for candidate in candidates:
+    for done, candidate in enumerate(candidates):
+        if progress:
+            progress(done, len(candidates))
         data = candidate.file.read_bytes()
         try:
             ext, width, height = inspect_image(data, max_pixels)
@@ -322,6 +344,8 @@ def _admit(
                 "ingested_at": now,
             }
         )
+    if progress:
+        progress(len(candidates), len(candidates))
     return rows
 
 
@@ -386,10 +410,13 @@ def ingest_metadata(
     retries: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     refetch: bool = False,
+    progress: Progress | None = None,
+    store_progress: Progress | None = None,
 ) -> IngestReport:
     """Download the images a LAION-style metadata file points at into the bronze layer.
 
     URLs the manifest already holds are not fetched again unless `refetch` (to re-check them).
+    progress(done, total) follows the download, store_progress(done, total) the decode/store step.
     """
     started = time.monotonic()
     table = read_metadata(metadata, url_col, caption_col, limit)
@@ -405,14 +432,19 @@ def ingest_metadata(
     with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
         rows: list[dict] = []
         if fetchable.num_rows:
-            output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries)
-            rows = _admit(root, _download_candidates(output_dir, failed), report, failed, max_pixels)
+            output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries, progress)
+            candidates = list(_download_candidates(output_dir, failed))
+            rows = _admit(root, candidates, report, failed, max_pixels, store_progress)
         report.failed = dict(failed.most_common())
         return _finish(root, rows, report, started, work_dir)
 
 
 def ingest_folder(
-    root: Path, folder: Path, limit: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    root: Path,
+    folder: Path,
+    limit: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    store_progress: Progress | None = None,
 ) -> IngestReport:
     """Copy the images under a local folder (recursively) into the bronze layer."""
     started = time.monotonic()
@@ -424,6 +456,6 @@ def ingest_folder(
     report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{folder.name}", rows_read=len(candidates))
     failed: Counter = Counter()
     with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
-        rows = _admit(root, candidates, report, failed, max_pixels)
+        rows = _admit(root, candidates, report, failed, max_pixels, store_progress)
         report.failed = dict(failed.most_common())
         return _finish(root, rows, report, started, work_dir)

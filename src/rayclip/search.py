@@ -7,9 +7,12 @@ a build is only ever read after CURRENT names it, so a reader never sees a parti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +138,15 @@ class Searcher:
         self.model = model
         self._build = build
         self._lock = threading.Lock()
+        # Told the seconds of each query phase (encode, search, join): the server's metrics.
+        self.observe: Callable[[str, float], None] | None = None
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        started = time.perf_counter()
+        yield
+        if self.observe:
+            self.observe(name, time.perf_counter() - started)
 
     @classmethod
     def open(
@@ -194,9 +206,9 @@ class Searcher:
         """Many text queries in one encoder batch."""
         if any(not text or not text.strip() for text in texts):
             raise UserError("the query is empty; give some words to search for")
-        results = self.search_vectors(
-            self.model.encode_texts([t.strip() for t in texts]), k, where=where, collapse=collapse
-        )
+        with self._phase("encode"):
+            vectors = self.model.encode_texts([t.strip() for t in texts])
+        results = self.search_vectors(vectors, k, where=where, collapse=collapse)
         limit = self.model.context_length
         for text, result in zip(texts, results):
             tokens = self.model.token_count(text)
@@ -207,7 +219,9 @@ class Searcher:
     def search_image(
         self, image: str | Path | bytes, k: int = 10, *, where: str | None = None, collapse: float | None = None
     ) -> SearchResults:
-        return self.search_vectors(self._image_vector(image)[None], k, where=where, collapse=collapse)[0]
+        with self._phase("encode"):
+            vector = self._image_vector(image)
+        return self.search_vectors(vector[None], k, where=where, collapse=collapse)[0]
 
     def search(
         self, terms: list[Term], k: int = 10, *, where: str | None = None, collapse: float | None = None
@@ -216,7 +230,8 @@ class Searcher:
         if not terms:
             raise UserError("give at least one query term (text, image or media_id)")
         notes: list[str] = []
-        vectors = [self._term_vector(term, notes) for term in terms]
+        with self._phase("encode"):
+            vectors = [self._term_vector(term, notes) for term in terms]
         combined = np.sum([term.weight * vector for term, vector in zip(terms, vectors)], axis=0)
         norm = float(np.linalg.norm(combined))
         if norm < 1e-6:
@@ -279,9 +294,12 @@ class Searcher:
             notes.append(f"k={k} clamped to {min(max(k, 1), total)} ({held} {total} vectors)")
             k = min(max(k, 1), total)
         if collapse is None:
-            scores, ids = _search(build, queries, k, allowed)
-            return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
-        return [SearchResults(self._collapsed(build, q, k, collapse, allowed), list(notes)) for q in queries]
+            with self._phase("search"):
+                scores, ids = _search(build, queries, k, allowed)
+            with self._phase("join"):
+                return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+        with self._phase("search"):  # grouping searches deeper and joins as it goes
+            return [SearchResults(self._collapsed(build, q, k, collapse, allowed), list(notes)) for q in queries]
 
     @classmethod
     def _collapsed(

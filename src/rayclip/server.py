@@ -3,6 +3,10 @@
 The Searcher is opened once, on the first request that needs it, and asked on every request
 whether CURRENT moved (one small file read), so a build published later is served without a
 restart. Images are only ever served from the content-addressed store, by a validated media_id.
+
+Off loopback: an API key guards /api/* and /metrics (`require_api_key`), queries that encode
+are admitted only while fewer than `queue_depth` are in flight (503 + Retry-After beyond), and
+bodies and query strings have hard size limits. /metrics speaks Prometheus.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hmac
+import ipaddress
 import re
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +35,13 @@ from .ingest import BadImageError, inspect_image
 from .search import Searcher, SearchResults, Term
 
 STATIC_DIR = Path(__file__).parent / "static"
+API_KEY_ENV = "RAYCLIP_API_KEY"
+KEY_COOKIE = "rayclip_api_key"  # set by the page (static/auth.js) for image requests only
+DEFAULT_QUEUE_DEPTH = 8  # queries encoding or waiting to encode at once; the next gets a 503
+RETRY_AFTER_S = 1
+MAX_QUERY_STRING_BYTES = 4096
+CLIP_BACK_PATHS = ("/knn-service", "/metadata", "/indices-list")  # clip-retrieval's routes (clip_back.py)
+MULTIPART_OVERHEAD_BYTES = 64 << 10  # a body may exceed the largest upload by this much (form headers)
 MAX_QUERY_CHARS = 1000
 MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
@@ -74,11 +88,14 @@ CONTENT_TYPES = {
 class _SearcherHolder:
     """Opens the Searcher once (503 until an index exists), then follows CURRENT."""
 
-    def __init__(self, data_dir: Path, model_version: str | None, precision: str = "auto"):
+    def __init__(
+        self, data_dir: Path, model_version: str | None, precision: str = "auto", metrics: _Metrics | None = None
+    ):
         self.data_dir = data_dir
         self.model_version = model_version
         self.precision = precision
         self.searcher: Searcher | None = None
+        self.metrics = metrics
         self.lock = threading.Lock()
 
     def get(self) -> Searcher:
@@ -86,11 +103,129 @@ class _SearcherHolder:
             with self.lock:
                 if self.searcher is None:
                     self.searcher = Searcher.open(self.data_dir, self.model_version, precision=self.precision)
+                    if self.metrics:
+                        self.searcher.observe = self.metrics.observe_phase
                 else:
                     self.searcher.refresh()
                 return self.searcher
         except UserError as err:
             raise HTTPException(status_code=503, detail=str(err)) from None
+
+
+class _Metrics:
+    """The service's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rayclip_requests", "HTTP requests answered", ["endpoint", "status"], registry=self.registry
+        )
+        self.query_seconds = Histogram(
+            "rayclip_query_phase_seconds",
+            "Seconds per query phase: encode (the model), search (FAISS), join (the mapping)",
+            ["phase"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "rayclip_queries_in_flight", "Queries admitted and not yet answered", registry=self.registry
+        )
+        self.build = Gauge(
+            "rayclip_build_info",
+            "The build served (1 for the served one)",
+            ["model_version", "build_id"],
+            registry=self.registry,
+        )
+        self.vectors = Gauge("rayclip_index_vectors", "Vectors in the build served", registry=self.registry)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.query_seconds.labels(phase).observe(seconds)
+
+    def exposition(self, searcher: Searcher | None) -> bytes:
+        from prometheus_client import generate_latest
+
+        if searcher is not None:
+            info = searcher.info
+            self.build.clear()
+            self.build.labels(info["model_version"], info["build_id"]).set(1)
+            self.vectors.set(info["count"])
+        return generate_latest(self.registry)
+
+
+class _EncodeGate:
+    """Admits at most `depth` queries that encode; the event loop alone counts, so no lock."""
+
+    def __init__(self, depth: int, metrics: _Metrics) -> None:
+        self.depth, self.metrics, self.admitted = depth, metrics, 0
+
+    async def __call__(self):
+        if self.admitted >= self.depth:
+            raise HTTPException(
+                status_code=503,
+                detail=f"busy: {self.admitted} queries in flight (queue depth {self.depth}); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.admitted += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.metrics.in_flight.dec()
+
+
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency: when the app has an API key, the request must carry `Authorization: Bearer <key>`."""
+    key = request.app.state.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _same(token.strip(), key):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong API key: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _same(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+async def _guard_api(request: Request) -> None:
+    """The key guards the API, clip-retrieval's routes and the metrics; the pages, their assets and
+    /healthz stay open.
+
+    An <img> cannot send a header, so images also take the key from the page's same-site cookie.
+    """
+    path = request.url.path
+    cookie = request.cookies.get(KEY_COOKIE)
+    if path.startswith("/api/images/") and cookie and request.app.state.api_key:
+        if _same(cookie, request.app.state.api_key):
+            return
+    if path.startswith(("/api/", "/metrics", *CLIP_BACK_PATHS)):
+        await require_api_key(request)
+
+
+def check_bind(host: str, api_key: str | None, allow_anonymous: bool) -> None:
+    """Refuse to serve anonymously on anything but loopback, unless asked to in so many words."""
+    if api_key or allow_anonymous or _is_loopback(host):
+        return
+    raise UserError(
+        f"refusing to serve {host} without an API key: pass --api-key (or set ${API_KEY_ENV}), "
+        "or --allow-anonymous to serve it to anyone who can reach it"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _payload(searcher: Searcher, results: SearchResults, query: dict) -> dict:
@@ -112,11 +247,22 @@ def create_app(
     allow_url_queries: bool = False,
     serve_images: bool = False,
     precision: str = "auto",
+    api_key: str | None = None,
+    queue_depth: int = DEFAULT_QUEUE_DEPTH,
 ) -> FastAPI:
+    """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
     root = layout.data_root(data_dir)
-    holder = _SearcherHolder(root, model_version, precision)
-    app = FastAPI(title="rayclip", summary="Text→image and image→image search over a rayclip gold build.")
+    metrics = _Metrics()
+    holder = _SearcherHolder(root, model_version, precision, metrics)
+    encode_slot = Depends(_EncodeGate(queue_depth, metrics))
+    app = FastAPI(
+        title="rayclip",
+        summary="Text→image and image→image search over a rayclip gold build.",
+        dependencies=[Depends(_guard_api)],
+    )
+    app.state.api_key = api_key
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_limits_and_counts(app, metrics, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
 
     @app.exception_handler(UserError)
     async def user_error(_request, err: UserError) -> JSONResponse:
@@ -134,7 +280,24 @@ def create_app(
     def status() -> dict:
         return holder.get().info
 
-    @app.get("/api/search")
+    @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
+    def status_page() -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "status.html").read_text(encoding="utf-8"))
+
+    @app.get("/api/overview")
+    def overview() -> dict:
+        """What the status page draws: the layers, builds (CURRENT marked, with eval), recent runs."""
+        from .status import status as layer_status
+
+        return layer_status(root)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(holder.searcher), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/search", dependencies=[encode_slot])
     def search_text(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
         k: TopK = 10,
@@ -147,7 +310,7 @@ def create_app(
         results = searcher.search_text(q, k, collapse=collapse, where=where)
         return _payload(searcher, results, {"q": q, "k": k, "collapse": collapse, "where": where})
 
-    @app.post("/api/search")
+    @app.post("/api/search", dependencies=[encode_slot])
     def search_combined(query: CombinedQuery) -> dict:
         """rclip-style arithmetic: the weighted sum of text, image and stored-vector terms."""
         terms = [_term(term, max_upload_bytes) for term in query.terms]
@@ -155,7 +318,7 @@ def create_app(
         results = searcher.search(terms, query.k, where=query.where, collapse=query.collapse)
         return _payload(searcher, results, query.model_dump(exclude={"terms"}) | {"terms": len(terms)})
 
-    @app.get("/api/search/similar")
+    @app.get("/api/search/similar", dependencies=[encode_slot])
     def search_similar(
         media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10, collapse: Collapse = None, where: Where = None
     ) -> dict:
@@ -167,7 +330,7 @@ def create_app(
         results = searcher.search_vectors(vector[None], k, collapse=collapse, where=where)[0]
         return _payload(searcher, results, {"media_id": media_id, "k": k, "collapse": collapse, "where": where})
 
-    @app.post("/api/search/image")
+    @app.post("/api/search/image", dependencies=[encode_slot])
     async def search_image(
         file: Annotated[UploadFile, File(description="an image")],
         k: TopK = 10,
@@ -195,7 +358,7 @@ def create_app(
         path = _object_path(root, media_id)
         return FileResponse(path, media_type=CONTENT_TYPES.get(path.suffix[1:], "application/octet-stream"))
 
-    _add_clip_back(app, holder, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
+    _add_clip_back(app, holder, encode_slot, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
     return app
 
 
@@ -216,6 +379,7 @@ def _term(term: QueryTerm, max_bytes: int) -> Term:
 def _add_clip_back(
     app: FastAPI,
     holder: _SearcherHolder,
+    encode_slot,
     max_upload_bytes: int,
     cors_origins: Sequence[str],
     allow_url_queries: bool,
@@ -241,7 +405,8 @@ def _add_clip_back(
         allow_url_queries=allow_url_queries,
         serve_images=serve_images,
     )
-    app.include_router(routes, dependencies=[])  # the API key dependency goes here, as for /api/*
+    # The app-wide key guard covers these routes too (_guard_api); the queue bounds their encodes.
+    app.include_router(routes, dependencies=[encode_slot])
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -250,6 +415,31 @@ def _add_clip_back(
             allow_headers=["*"],
             expose_headers=[clip_back.BUILD_HEADER, clip_back.IGNORED_HEADER],
         )
+
+
+def _add_limits_and_counts(app: FastAPI, metrics: _Metrics, max_body_bytes: int) -> None:
+    """Refuse oversized query strings (414) and declared bodies (413) before any work; count every answer."""
+
+    @app.middleware("http")
+    async def limits_and_counts(request: Request, call_next):
+        started = time.perf_counter()
+        declared = request.headers.get("content-length", "0")
+        if len(request.scope.get("query_string", b"")) > MAX_QUERY_STRING_BYTES:
+            response = JSONResponse(
+                status_code=414, content={"detail": f"query string over {MAX_QUERY_STRING_BYTES} bytes"}
+            )
+        elif not declared.isdigit() or int(declared) > max_body_bytes:
+            response = JSONResponse(status_code=413, content={"detail": f"request body over {max_body_bytes} bytes"})
+        elif request.method in ("POST", "PUT", "PATCH") and "content-length" not in request.headers:
+            response = JSONResponse(status_code=411, content={"detail": "a request body needs a Content-Length"})
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if endpoint.startswith("/api/search"):
+            metrics.query_seconds.labels("total").observe(time.perf_counter() - started)
+        return response
 
 
 def _object_path(root: Path, media_id: str) -> Path:

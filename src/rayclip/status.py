@@ -50,7 +50,8 @@ def gold_status(root: Path) -> list[dict]:
     for model_version in sorted(p.name for p in gold.iterdir() if p.is_dir()) if gold.is_dir() else []:
         current_id = current_build(root, model_version)
         for build_id in builds(root, model_version):
-            info = json.loads((layout.build_dir(root, model_version, build_id) / "build.json").read_text())
+            folder = layout.build_dir(root, model_version, build_id)
+            info = json.loads((folder / "build.json").read_text())
             out.append(
                 {
                     "model_version": model_version,
@@ -58,26 +59,52 @@ def gold_status(root: Path) -> list[dict]:
                     "count": info["count"],
                     "created_at": info["created_at"],
                     "current": build_id == current_id,
+                    **_build_details(folder, info),
                 }
-                | _quality(info)
             )
     return out
 
 
-def _quality(info: dict) -> dict:
-    """What the build measured of itself (builds before measured recall show none)."""
+def _build_details(folder: Path, info: dict) -> dict:
+    """Index type, its size (what a server holds in memory), what the build measured of itself
+    (recall; builds before measured recall show none) and its eval, where known."""
+    index_file = folder / "index.faiss"
+    eval_file = folder / "eval.json"
     recall = info.get("recall") or {}
     return {
         "index_type": info.get("index_type"),
+        "index_bytes": info.get("index_bytes") or (index_file.stat().st_size if index_file.is_file() else None),
         "recall_at_10": recall.get("recall_at_10"),
-        "index_bytes": info.get("index_bytes"),
         "base_build": info.get("base_build"),
+        "eval": json.loads(eval_file.read_text()) if eval_file.is_file() else None,
     }
 
 
 def debris_status(root: Path) -> list[dict]:
     """Leftovers of killed runs (no reader sees them; `rayclip gc` or the next run sweeps them)."""
     return [{"path": str(p.relative_to(root)), "bytes": debris.size_bytes(p)} for p in debris.find(root)]
+
+
+def recent_runs(root: Path, limit: int = 12) -> list[dict]:
+    """The newest ingest and embed run records (newest first): rows through, failures by reason."""
+    runs = []
+    for stage, folder, rows_key in (
+        ("ingest", layout.ingest_runs_dir(root), "downloaded"),
+        ("embed", layout.embed_runs_dir(root), "rows_embedded"),
+    ):
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            record = json.loads(path.read_text())
+            runs.append(
+                {
+                    "stage": stage,
+                    "run_id": record["run_id"],
+                    "rows": record.get(rows_key, 0),
+                    "failed": record.get("failed", {}),
+                    "wall_s": record.get("wall_s", 0.0),
+                    "log": path.with_suffix(".log").is_file(),
+                }
+            )
+    return sorted(runs, key=lambda r: r["run_id"], reverse=True)[:limit]
 
 
 def status(root: Path) -> dict:
@@ -87,4 +114,5 @@ def status(root: Path) -> dict:
         "silver": silver_status(root),
         "gold": gold_status(root),
         "debris": debris_status(root),
+        "runs": recent_runs(root),
     }

@@ -2,7 +2,7 @@
 const $ = (id) => document.getElementById(id);
 
 async function api(url, options) {
-  const response = await fetch(url, options);
+  const response = await authedFetch(url, options);  // auth.js: adds the API key when there is one
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ") : body.detail;

@@ -1,0 +1,319 @@
+"""Operating rayclip: quiet output off a terminal, --json, the Ray dashboard, and the server's
+status page, metrics, API key, bind refusal, load shedding and size limits."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import GOOD_IMAGES, cli
+
+from rayclip import evaluate, layout
+from rayclip.search import Searcher
+from rayclip.server import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+KEY = "s3cret-key-for-tests"
+# What Ray and img2dataset print on their own (seen in `make demo | cat` before this was fixed).
+LIBRARY_CHATTER = re.compile(
+    r"\bINFO\b|\bWARNING\b|core_worker|logging_progress|Sharding file|File sharded|Downloading starting"
+    r"|worker\s+- success|total\s+- success|it/s\]|Starting the downloading|Started a local Ray"
+)
+STAGES = ("ingest download", "ingest store", "embed", "index", "eval")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return env | {"PYTHONPATH": str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")}
+
+
+def _rayclip(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rayclip.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+# ------------------------------------------------------------------ progress, logs, --json on the CLI
+
+
+@pytest.mark.slow
+def test_pipeline_off_a_terminal_prints_no_library_logs_one_plan_and_two_lines_per_stage(tmp_path):
+    done = _rayclip("demo", "--images", "24", "--data-dir", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in lines if LIBRARY_CHATTER.search(line)]
+    assert sum("Physical Plan (Optimized)" in line for line in lines) == 1
+    assert not [line for line in lines if "Logical Plan" in line or line == "-------- Physical Plan --------"]
+    for stage in STAGES:
+        progress = [line for line in lines if line.startswith(f"{stage}: ")]
+        assert len(progress) == 2, (stage, progress)
+        assert re.fullmatch(rf"{stage}: (\d+)/\1 in [\d.]+ s \([\d.]+/s\)", progress[1]), progress[1]
+    # What the libraries said went to the runs' log files instead.
+    root = tmp_path / "demo"
+    (ingest_log,) = layout.ingest_runs_dir(root).glob("*.log")
+    (embed_log,) = layout.embed_runs_dir(root).glob("*.log")
+    assert ingest_log.with_suffix(".json").is_file() and embed_log.with_suffix(".json").is_file()
+    assert "Downloading starting" in ingest_log.read_text()
+    assert "core_worker" in embed_log.read_text() and "Started a local Ray" in embed_log.read_text()
+
+
+def test_verbose_brings_img2dataset_back_and_still_writes_the_log(metadata, tmp_path):
+    root = tmp_path / "data"
+    quiet = _rayclip("ingest", "--metadata", str(metadata), "--data-dir", str(root), "--timeout", "3")
+    loud = _rayclip("ingest", "--metadata", str(metadata), "--data-dir", str(root), "--timeout", "3", "--verbose")
+    assert quiet.returncode == 0 and loud.returncode == 0
+    assert not LIBRARY_CHATTER.search(quiet.stdout + quiet.stderr)
+    assert "Downloading starting" in loud.stdout + loud.stderr
+    assert len(list(layout.ingest_runs_dir(root).glob("*.log"))) == 2
+    assert all("Downloading starting" in log.read_text() for log in layout.ingest_runs_dir(root).glob("*.log"))
+    for progress in ("ingest download: ", "ingest store: "):
+        assert sum(line.startswith(progress) for line in quiet.stdout.splitlines()) == 2
+
+
+def test_json_on_every_command_is_one_document_with_the_run_record_keys(
+    ingested, metadata, ray_session, tmp_path, capsys
+):
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    common = ["--data-dir", str(root), "--json"]
+
+    def run(*args: str):
+        rc = cli(*args, *common)
+        out = capsys.readouterr().out
+        assert rc == 0
+        return json.loads(out)  # the whole of stdout is one JSON document
+
+    ingest_doc = run("ingest", "--metadata", str(metadata))
+    (record,) = [p for p in layout.ingest_runs_dir(root).glob("*.json") if ingest_doc["run_id"] in p.name]
+    assert ingest_doc == json.loads(record.read_text())
+
+    embed_doc = run("embed", "--pretrained", "reference", "--actors", "2")
+    record = layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.json"
+    assert embed_doc == json.loads(record.read_text()) and embed_doc["images_per_s"] > 0
+    assert (layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.log").is_file()
+
+    index_doc = run("index")
+    assert index_doc["count"] == GOOD_IMAGES and index_doc["build_id"]
+    status_doc = run("status")
+    assert status_doc["gold"][0]["current"] and {r["stage"] for r in status_doc["runs"]} == {"ingest", "embed"}
+    search_doc = run("search", "--q", "a red circle", "--k", "3")
+    assert [r["rank"] for r in search_doc] == [1, 2, 3]
+    eval_doc = run("eval", "--metadata", str(metadata), "--pretrained", "reference")
+    assert set(eval_doc) >= {"text_to_image", "image_to_text", "chance_text_to_image", "build_id"}
+
+
+# ------------------------------------------------------------------ the Ray dashboard
+
+
+def _actor_classes(dashboard: str, token: str) -> set[str]:
+    """Actor class names as the dashboard's state API lists them."""
+    headers = {"Authorization": f"Bearer {token}"}
+    response = httpx.get(f"{dashboard}/api/v0/actors", params={"limit": 1000}, headers=headers, timeout=5)
+    response.raise_for_status()
+    return {a.get("class_name", "") for a in response.json()["data"]["result"]["result"]}
+
+
+@pytest.mark.slow
+def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--pretrained", "none"]
+    cmd += ["--actors", "2", "--batch-size", "2", "--dashboard", "--json"]
+    # Ray's token authentication guards the dashboard: give the cluster a token this test knows.
+    token = secrets.token_hex(32)
+    env = _env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr_lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [stderr_lines.put(line) for line in proc.stderr], daemon=True).start()
+    seen: set[str] = set()
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(queue.Empty):
+                match = re.search(r"Ray dashboard: (http://\S+)", stderr_lines.get(timeout=1))
+                url = match and match.group(1)
+        assert url, "no dashboard URL printed"
+        while proc.poll() is None and time.monotonic() < deadline and "MapWorker(MapBatches(EmbedUDF))" not in seen:
+            with contextlib.suppress(httpx.HTTPError, KeyError):
+                seen |= _actor_classes(url, token)
+            time.sleep(0.3)
+        stdout = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert "MapWorker(MapBatches(EmbedUDF))" in seen, seen
+    assert proc.returncode == 0 and json.loads(stdout)["rows_embedded"] == GOOD_IMAGES
+
+
+# ------------------------------------------------------------------ the server
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app on a free loopback port under uvicorn, for real concurrent clients."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def evaluated_store(gold_store, tmp_path_factory):
+    """The gold store plus an eval.json for its build (what the status page charts)."""
+    root = tmp_path_factory.mktemp("evaluated") / "data"
+    shutil.copytree(gold_store[0], root)
+    evaluate.save(root, evaluate.evaluate(Searcher.open(root)))
+    return root
+
+
+def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages(gold_store):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(gold_store[0], api_key=KEY))
+    good = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/api/status", "/api/search?q=a+red+circle", "/api/overview", "/metrics"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+        assert client.get(path, headers=good).status_code == 200, path
+    assert client.get("/api/status").headers["www-authenticate"] == "Bearer"
+    for path in ("/healthz", "/", "/status", "/static/status.js"):
+        assert client.get(path).status_code == 200, path
+    media_id = client.get("/api/search?q=a+red+circle&k=1", headers=good).json()["results"][0]["media_id"]
+    assert client.get(f"/api/images/{media_id}").status_code == 401
+    client.cookies.set("rayclip_api_key", KEY)
+    assert client.get(f"/api/images/{media_id}").status_code == 200
+    assert client.get("/api/status").status_code == 401  # the cookie opens images only
+
+
+def test_serving_off_loopback_without_a_key_is_refused_with_one_line(gold_store):
+    done = _rayclip("serve", "--data-dir", str(gold_store[0]), "--host", "0.0.0.0", "--port", "1", timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "--api-key" in done.stderr and "--allow-anonymous" in done.stderr
+
+
+def test_metrics_are_scraped_in_prometheus_format(gold_store):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with serving(create_app(gold_store[0])) as base:
+        for q in ("a red circle", "a blue star", "a green square"):
+            assert httpx.get(f"{base}/api/search", params={"q": q}, timeout=30).status_code == 200
+        assert httpx.get(f"{base}/api/search", params={"q": ""}, timeout=30).status_code == 422
+        scraped = httpx.get(f"{base}/metrics", timeout=30)
+    assert scraped.headers["content-type"].startswith("text/plain")
+    samples = [s for family in text_string_to_metric_families(scraped.text) for s in family.samples]
+
+    def value(name: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    assert value("rayclip_requests_total", endpoint="/api/search", status="200") == 3
+    assert value("rayclip_requests_total", endpoint="/api/search", status="422") == 1
+    for phase in ("encode", "search", "join"):
+        assert value("rayclip_query_phase_seconds_count", phase=phase) == 3, phase
+    assert value("rayclip_index_vectors") == GOOD_IMAGES
+    build_id = gold_store[1].build_id
+    assert value("rayclip_build_info", build_id=build_id, model_version=gold_store[1].model_version) == 1
+    assert value("rayclip_queries_in_flight") == 0
+
+
+def test_a_burst_of_four_times_the_queue_depth_is_answered_with_200s_and_503s(gold_store, monkeypatch):
+    depth = 2
+    slow = Searcher.search_texts
+
+    def search_slowly(self, texts, k=10):
+        time.sleep(1.0)  # hold the slot long enough for the burst to find the queue full
+        return slow(self, texts, k)
+
+    monkeypatch.setattr(Searcher, "search_texts", search_slowly)
+    with serving(create_app(gold_store[0], queue_depth=depth)) as base:
+        httpx.get(f"{base}/api/search", params={"q": "warm up"}, timeout=60)
+        started = time.monotonic()
+        with ThreadPoolExecutor(4 * depth) as pool:
+            responses = list(
+                pool.map(
+                    lambda i: httpx.get(f"{base}/api/search", params={"q": f"a red circle {i}"}, timeout=30),
+                    range(4 * depth),
+                )
+            )
+        elapsed = time.monotonic() - started
+        after = httpx.get(f"{base}/api/search", params={"q": "a red circle"}, timeout=30)
+    codes = sorted(r.status_code for r in responses)
+    assert len(responses) == 4 * depth and set(codes) == {200, 503}, codes  # every request answered
+    assert 1 <= codes.count(200) <= depth + 1
+    assert all(
+        r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in responses if r.status_code == 503
+    )
+    assert elapsed < 20  # nothing waited behind the queue: the 503s came at once
+    assert after.status_code == 200  # and the slots were given back
+    assert DEFAULT_QUEUE_DEPTH >= 1
+
+
+def test_oversized_query_strings_and_bodies_are_refused_before_any_work(gold_store):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(gold_store[0], max_upload_bytes=100_000))
+    long_query = client.get("/api/search", params={"q": "x" * (MAX_QUERY_STRING_BYTES + 10)})
+    assert long_query.status_code == 414
+    huge = client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 400_000, "image/jpeg")}, params={"k": 1})
+    assert huge.status_code == 413 and "request body" in huge.json()["detail"]
+
+
+# ------------------------------------------------------------------ the status page in Chromium
+
+
+def test_status_page_in_headless_chromium(evaluated_store):
+    from test_server import CHROMIUM, CHROMIUM_FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed and `make test` could not install it (needs apt-get as root)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serving(create_app(evaluated_store, api_key=KEY)) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(KEY)))
+        page.goto(base + "/status")
+        page.wait_for_selector("#recall svg rect.bar")
+        assert len(asked) == 1  # the key is asked for once...
+        assert page.locator(".tile").count() == 5
+        assert page.locator("#builds tr.current .badge.current").inner_text() == "CURRENT"
+        assert page.locator("#silver tbody tr").count() >= 1
+        stages = page.locator("#runs tbody tr td:first-child").all_inner_texts()
+        assert sorted(set(stages)) == ["embed", "ingest"]
+        assert page.locator("#runs .chip").count() >= 1  # the ingest's failures, by reason
+        # Three series (text→image, image→text, chance) for each of the three K.
+        assert page.locator("#recall rect.bar").count() == 9
+        assert page.locator("#recall rect.t2i").count() == 3 and page.locator("#recall rect.chance").count() == 3
+        assert not page.locator("#message.error").count()
+        page.screenshot(path=str(ARTIFACTS / "status.png"), full_page=True)
+
+        page.goto(base + "/?q=a+red+circle")  # ...and kept: the search page needs no second prompt
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results img')].slice(0, 3).every(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert len(asked) == 1
+        browser.close()
