@@ -206,6 +206,13 @@ def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages
     client.cookies.set("rayclip_api_key", KEY)
     assert client.get(f"/api/images/{media_id}").status_code == 200
     assert client.get("/api/status").status_code == 401  # the cookie opens images only
+    # The POST routes too: the combined query and clip-retrieval's routes.
+    combined = {"terms": [{"text": "a red circle"}], "k": 1}
+    knn = {"text": "a red circle", "modality": "image", "num_images": 1, "indice_name": "clip_rayclip_ref_reference"}
+    for path, body in (("/api/search", combined), ("/knn-service", knn)):
+        assert client.post(path, json=body).status_code == 401, path
+        assert client.post(path, json=body, headers=good).status_code == 200, path
+    assert client.get("/indices-list").status_code == 401
 
 
 def test_serving_off_loopback_without_a_key_is_refused_with_one_line(gold_store):
@@ -242,9 +249,9 @@ def test_a_burst_of_four_times_the_queue_depth_is_answered_with_200s_and_503s(go
     depth = 2
     slow = Searcher.search_texts
 
-    def search_slowly(self, texts, k=10):
+    def search_slowly(self, texts, k=10, **options):
         time.sleep(1.0)  # hold the slot long enough for the burst to find the queue full
-        return slow(self, texts, k)
+        return slow(self, texts, k, **options)
 
     monkeypatch.setattr(Searcher, "search_texts", search_slowly)
     with serving(create_app(gold_store[0], queue_depth=depth)) as base:

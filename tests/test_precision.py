@@ -64,8 +64,8 @@ def test_repeated_text_queries_come_from_the_cache(monkeypatch):
     clip = model.load_model(model.resolve(None, model.REFERENCE_ALIAS), threads=1, precision="fp32")
     first = clip.encode_texts(["a red circle", "a blue star"])
     calls = []
-    encode_text = clip.model.encode_text
-    monkeypatch.setattr(clip.model, "encode_text", lambda tokens: calls.append(len(tokens)) or encode_text(tokens))
+    encode_tokens = clip._encode_tokens  # the text tower, trimmed or not
+    monkeypatch.setattr(clip, "_encode_tokens", lambda tokens: calls.append(len(tokens)) or encode_tokens(tokens))
     again = clip.encode_texts(["a blue star", "a green cross", "a red circle", "a green cross"])
     assert calls == [1]  # only the one new text reached the text tower, once
     assert np.array_equal(again[[0, 2]], first[[1, 0]]) and np.array_equal(again[1], again[3])

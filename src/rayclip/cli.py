@@ -190,6 +190,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 timeout=args.timeout,
                 retries=args.retries,
+                refetch=args.refetch,
                 progress=stage.progress("ingest download"),
                 store_progress=stage.progress("ingest store"),
             )
@@ -491,6 +492,13 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     if not (args.annotations and args.images):
         raise UserError("--dataset needs --annotations FILE and --images DIR")
     show = {ingest.IngestReport: _show_ingest, embed.EmbedReport: _show_embed, index.BuildReport: _show_index}
+    stages: dict[type, object] = {}
+
+    def stage_done(report) -> None:
+        stages[type(report)] = report
+        if not args.json:
+            show[type(report)](report)
+
     root = layout.data_root(args.data_dir)
     # The stages' library output goes to a log beside the embed runs (the terminal too with --verbose).
     with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
@@ -506,8 +514,9 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
             actors=args.actors,
             batch_size=args.batch_size,
             precision=args.precision,
-            stage_done=lambda done: None if args.json else show[type(done)](done),
+            stage_done=stage_done,
         )
+    stage.keep_log_as(stages[embed.EmbedReport].run_id)  # the libraries' output, beside the embed run
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -690,6 +699,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     root = layout.data_root(args.data_dir)
     removed = debris.sweep(root)
+    if args.json:
+        _print_json({"data_dir": str(root), "removed": [str(path.relative_to(root)) for path in removed]})
+        return 0
     for path in removed:
         print(f"removed {path.relative_to(root)}")
     _console().print(f"gc: {len(removed)} leftovers of killed runs removed from {_shown(root)}", markup=False)
@@ -879,7 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, as_json], help="counts per layer: bronze, silver, gold")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("gc", parents=[common], help="remove what killed runs left behind (work folders, temp files)")
+    p = sub.add_parser(
+        "gc", parents=[common, as_json], help="remove what killed runs left behind (work folders, temp files)"
+    )
     p.set_defaults(func=cmd_gc)
     return parser
 

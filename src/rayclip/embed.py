@@ -193,8 +193,9 @@ def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
     import ray
     from ray._private.worker import get_dashboard_url
 
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not ray.is_initialized():
+        # Set when the cluster is started or joined: a later init_ray() (embed's own) keeps it.
+        ray.data.DataContext.get_current().enable_progress_bars = verbose
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=verbose)
         else:

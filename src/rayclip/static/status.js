@@ -105,7 +105,7 @@ function render(s) {
   const evaluated = s.gold.filter((g) => g.eval).sort((a, b) => (a.current - b.current) || a.build_id.localeCompare(b.build_id));
   const ev = evaluated.length ? evaluated[evaluated.length - 1] : null;
   if (ev) {
-    $("recall-of").textContent = `— ${ev.model_version}, build ${ev.build_id}: ${ev.eval.images} images, ${ev.eval.queries} captions`;
+    $("recall-of").textContent = `— ${ev.model_version}, build ${ev.build_id}: ${ev.eval.images} images, ${ev.eval.queries ?? ev.eval.captions} captions`;
     $("recall").replaceChildren(recallChart(ev.eval));
   } else {
     $("recall").replaceChildren(el("p", { class: "muted", text: "no evaluation yet: run `rayclip eval`" }));
