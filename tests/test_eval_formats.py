@@ -251,7 +251,8 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
     karpathy = synthetic.write_karpathy(images, splits, tmp_path / "dataset_synthetic.json")
     coco = synthetic.write_coco_captions(images[:TEST_IMAGES], tmp_path / "captions_synthetic.json")
     root = tmp_path / "data"
-    common = ["--images", str(folder), "--data-dir", str(root), "--pretrained", "reference"]
+    # fp32: the pinned figures and the ranking below must not depend on whether the CPU has bf16.
+    common = ["--images", str(folder), "--data-dir", str(root), "--pretrained", "reference", "--precision", "fp32"]
 
     assert cli("eval", "--dataset", "karpathy", "--annotations", str(karpathy), *common) == 0
     report = newest_eval(root)
@@ -270,7 +271,7 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
     assert sorted(urls) == sorted((folder / image["filename"]).resolve().as_uri() for image in images[:TEST_IMAGES])
 
     # The ranking is what search serves: with only the split indexed, FAISS's top 10 are ours.
-    searcher = Searcher.open(root)
+    searcher = Searcher.open(root, precision="fp32")
     worst = report["worst"]["text_to_image"][0]
     served = searcher.search_texts([worst["caption"]], k=5)[0]
     assert [r.media_id for r in served] == [r["media_id"] for r in worst["top"]]

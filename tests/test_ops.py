@@ -103,7 +103,6 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
     embed_doc = run("embed", "--pretrained", "reference", "--actors", "2")
     record = layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.json"
     assert embed_doc == json.loads(record.read_text()) and embed_doc["images_per_s"] > 0
-    assert (layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.log").is_file()
 
     index_doc = run("index")
     assert index_doc["count"] == GOOD_IMAGES and index_doc["build_id"]
