@@ -20,7 +20,8 @@ if __name__ == "__main__":
         cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", data_dir, "--pretrained", "reference"]
         # No test-only setting: `rayclip embed` waits for its whole actor pool by default.
         env = os.environ | {"RAY_ADDRESS": cluster.address}
-        done = subprocess.run(cmd + ["--actors", "2"], env=env, timeout=300)
+        # 24 images at batch 8: three batches for two actors (at the default 32 they would be one).
+        done = subprocess.run(cmd + ["--actors", "2", "--batch-size", "8"], env=env, timeout=300)
         runs = sorted(Path(data_dir, "silver", "runs").glob("*.json"))
         print(runs[-1].read_text() if done.returncode == 0 and runs else f"failed: {done.returncode}")
     finally:

@@ -338,9 +338,6 @@ def embed(
     # place fails after POOL_START_TIMEOUT_S); $RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S, when set, wins.
     if ds.context.wait_for_min_actors_s <= 0:
         ds.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
-    # A block holds only (media_id, path): the actor reads the bytes from the store wherever it runs,
-    # so placing batches next to their block (all on the driver's node) would only idle other nodes.
-    ds.context.execution_options.actor_locality_enabled = False
     plan = io.StringIO()
     with contextlib.redirect_stdout(plan):
         ds.explain()
