@@ -319,8 +319,13 @@ def embed(
         EmbedUDF,
         batch_format="pyarrow",
         batch_size=batch_size,
+        # An actor holds no more batches than it works on at once (one decoding, one encoding):
+        # a deeper queue on the first actor up would starve the rest of the pool on small jobs.
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
+            size=actors,
+            max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
+            enable_true_multi_threading=True,
         ),
         num_cpus=report.cpus_per_actor,
         num_gpus=gpus_per_actor or None,
