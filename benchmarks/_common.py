@@ -15,18 +15,30 @@ from rayclip import embed, index, ingest, layout
 from rayclip.model import ModelSpec
 
 
+def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """Rows [start, start+rows) of the seeded mixture; any chunk can be made alone."""
+    base = np.random.default_rng(seed)
+    centres = base.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    scales = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5) * 0.45  # decaying spectrum
+    rotation = np.linalg.qr(base.standard_normal((dim, dim)))[0].astype(np.float32)
+    rng = np.random.default_rng([seed, start])
+    noise = (rng.standard_normal((rows, dim), dtype=np.float32) * scales) @ rotation
+    points = centres[rng.integers(0, clusters, rows)] + noise
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
 def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) -> None:
-    """n random unit vectors filed as silver for spec, in files of 50k rows, and a manifest naming
+    """n clustered unit vectors (mixture_chunk: uniform noise would make any approximate index look
+    worse than on CLIP vectors) filed as silver for spec, in files of 50k rows, and a manifest naming
     them: sha256-like ids, paths, URLs and captions, so the mapping join costs what a real one does."""
-    rng = np.random.default_rng(seed)
     folder = layout.silver_partition(root, spec.model_version, "2026-01-01")
     folder.mkdir(parents=True, exist_ok=True)
     layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
     for start in range(0, n, 50_000):
         count = min(50_000, n - start)
-        vectors = rng.standard_normal((count, dim), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = mixture_chunk(start, count, dim, clusters=1000, seed=seed)
         pq.write_table(embed.silver_table(ids[start : start + count], vectors), folder / f"part-{start:09d}.parquet")
     manifest = {
         "media_id": ids,

@@ -25,22 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from _common import mixture_chunk
 
 MODEL_VERSION = "bench_vectors"
 GOALS_1M = "goals at 1M: p50 <= 2 ms, p99 <= 10 ms, recall@10 >= 0.95, index <= 1/4 of flat; at 10M recall >= 0.90"
-
-
-def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    """Rows [start, start+rows) of the seeded mixture; any chunk can be made alone."""
-    base = np.random.default_rng(seed)
-    centres = base.standard_normal((clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    scales = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5) * 0.45  # decaying spectrum
-    rotation = np.linalg.qr(base.standard_normal((dim, dim)))[0].astype(np.float32)
-    rng = np.random.default_rng([seed, start])
-    noise = (rng.standard_normal((rows, dim), dtype=np.float32) * scales) @ rotation
-    points = centres[rng.integers(0, clusters, rows)] + noise
-    return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
 def write_silver(root: Path, day: str, first: int, count: int, args) -> None:

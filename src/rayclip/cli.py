@@ -23,6 +23,8 @@ from .errors import UserError
 
 # With --json, stdout carries the one JSON document and everything meant for people goes to stderr.
 _OUTPUT = {"json": False}
+# The demo's images are served on a fixed port, so a rerun's URLs are the ones the manifest holds.
+DEMO_PORT = 8731
 
 
 def _console():
@@ -557,6 +559,19 @@ def _shown(path: Path | str) -> str:
         return str(path)
 
 
+@contextlib.contextmanager
+def _serve_demo_site(site: Path) -> Iterator[str]:
+    """The demo's images on DEMO_PORT; on a free port when that one is taken (a rerun then fetches again)."""
+    from . import synthetic
+
+    with contextlib.ExitStack() as stack:
+        try:
+            base = stack.enter_context(synthetic.serve_folder(site, port=DEMO_PORT))
+        except OSError:
+            base = stack.enter_context(synthetic.serve_folder(site))
+        yield base
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import model, synthetic
 
@@ -568,7 +583,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     held_out = f"seed {args.seed}, not used in training"
     console.print(f"generated {images.num_rows} captioned JPEGs in {_shown(site)} ({held_out})")
     spec = model.resolve(None, model.REFERENCE_ALIAS)
-    with synthetic.serve_folder(site) as base:
+    with _serve_demo_site(site) as base:
         console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
         metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
         searcher, report = _evaluate_pipeline(
