@@ -148,3 +148,11 @@ def gold_store(ingested, ray_session, tmp_path_factory):
     shutil.copytree(ingested, root)
     embed.embed(root, model.resolve(None, "reference"), actors=2, batch_size=8)
     return root, index.build(root)
+
+
+@contextlib.contextmanager
+def held_out_site(folder: Path, count: int, seed: int):
+    """`count` captioned JPEGs (a seed training never used) served on loopback: (LAION metadata, data root)."""
+    images = synthetic.write_images(folder / "site", count, seed=seed)
+    with synthetic.serve_folder(folder / "site") as base:
+        yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"

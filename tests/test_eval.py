@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
+from conftest import cli, held_out_site
 
-from rayclip import Searcher, UserError, layout, synthetic
+from rayclip import Searcher, UserError, layout
 
 HELD_OUT_SEED = 4321  # training renders with seed 0; the demo uses 1234
 
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("heldout")
-    images = synthetic.write_images(folder / "site", 500, seed=HELD_OUT_SEED)
-    with synthetic.serve_folder(folder / "site") as base:
-        yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
+    with held_out_site(tmp_path_factory.mktemp("heldout"), 500, HELD_OUT_SEED) as site:
+        yield site
 
 
 def run_eval(metadata, root, *model_args: str) -> dict:

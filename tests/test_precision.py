@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cli, read_silver, run_ingest
+from conftest import cli, held_out_site, read_silver, run_ingest
 
-from rayclip import Searcher, UserError, evaluate, index, layout, model, synthetic
+from rayclip import Searcher, UserError, evaluate, index, layout, model
 from rayclip.embed import embed
 
 HELD_OUT_SEED = 2468  # not the training seed (0), nor the demo's or test_eval's
@@ -74,10 +74,8 @@ def test_repeated_text_queries_come_from_the_cache(monkeypatch):
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("precision")
-    images = synthetic.write_images(folder / "site", 300, seed=HELD_OUT_SEED)
-    with synthetic.serve_folder(folder / "site") as base:
-        yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
+    with held_out_site(tmp_path_factory.mktemp("precision"), 300, HELD_OUT_SEED) as site:
+        yield site
 
 
 @pytest.mark.slow
