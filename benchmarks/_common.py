@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import embed, index, ingest, layout
+from rayclip import catalog, embed, index, layout, storage
 from rayclip.model import ModelSpec
 
 
@@ -34,7 +34,7 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
     them: sha256-like ids, paths, URLs and captions, so the mapping join costs what a real one does."""
     folder = layout.silver_partition(root, spec.model_version, "2026-01-01")
     folder.mkdir(parents=True, exist_ok=True)
-    layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
     for start in range(0, n, 50_000):
         count = min(50_000, n - start)
@@ -47,8 +47,8 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
         "caption": [f"a photo of item {i}, number {i % 97} in a series of generated captions" for i in range(n)],
     }
     layout.manifest_dir(root).mkdir(parents=True, exist_ok=True)
-    columns = {name: manifest.get(name, [None] * n) for name in ingest.MANIFEST_SCHEMA.names}
-    table = pa.Table.from_pydict(columns, schema=ingest.MANIFEST_SCHEMA)
+    columns = {name: manifest.get(name, [None] * n) for name in catalog.MANIFEST_SCHEMA.names}
+    table = pa.Table.from_pydict(columns, schema=catalog.MANIFEST_SCHEMA)
     pq.write_table(table, layout.manifest_dir(root) / "part-bench.parquet")
 
 

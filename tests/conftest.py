@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import logging
+import os
 import shutil
+import socket
 import struct
 import threading
 import time
+import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -22,6 +26,24 @@ from rayclip.cli import main
 
 GOOD_IMAGES = 24
 SLOW_SECONDS = 8
+S3_BUCKET = "rayclip-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The object-store tests talk to moto's S3 on loopback, found through the standard AWS variables.
+# They are set when the test session starts, so every process it starts later (Ray's workers, CLI
+# subprocesses) finds the same endpoint, as a real deployment's processes find theirs.
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
 
 
 def huge_png_header(side: int = 60_000) -> bytes:
@@ -128,11 +150,34 @@ def store(ingested, tmp_path):
     return root
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API on the loopback port AWS_ENDPOINT_URL names, with one bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh, empty data root on the S3 server."""
+    from rayclip import storage
+
+    return storage.data_root(f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
+
+
 def read_silver(root: Path, model_version: str) -> pa.Table:
     """Every committed silver row of a model_version, read back from Parquet."""
-    from rayclip import layout
+    from rayclip import catalog
 
-    return pa.concat_tables(pq.read_table(f) for f in layout.silver_files(root, model_version))
+    return pa.concat_tables(pq.read_table(f) for f in catalog.silver_files(root, model_version))
 
 
 def cli(*args: str) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import layout, model
+from rayclip import layout, model, storage
 from rayclip.embed import silver_table
 
 REFERENCE_DIM = 128
@@ -37,7 +37,7 @@ def clustered(n: int, dim: int = REFERENCE_DIM, clusters: int = 32, spread: floa
 def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray, part: str = "part-0") -> Path:
     """One committed silver file in dt=day, as the embed stage would leave it."""
     spec = reference_spec()
-    layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     folder = layout.silver_partition(root, spec.model_version, day)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{part}.parquet"
@@ -56,7 +56,7 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
     """A bronze manifest part naming these media_ids, with varied width, height, caption and source."""
     import datetime as dt
 
-    from rayclip.ingest import MANIFEST_SCHEMA
+    from rayclip.catalog import MANIFEST_SCHEMA
 
     rng = np.random.default_rng(seed)
     animals = ["dog", "cat", "bird", "fish"]

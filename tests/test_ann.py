@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
-from rayclip import ann, index, layout
+from rayclip import ann, catalog, index, layout
 from rayclip.search import Searcher
 
 DIM = 32  # small vectors keep FAISS training quick; the contracts do not depend on the width
@@ -81,7 +81,7 @@ def stored_exact(root: Path) -> np.ndarray:
 
 
 def current(root: Path) -> str:
-    return index.current_build(root, "clip_rayclip_ref_reference")
+    return catalog.current_build(root, "clip_rayclip_ref_reference")
 
 
 def two_days(root: Path, n1: int = 3000, n2: int = 600, changed: int = 100) -> list[str]:

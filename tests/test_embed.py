@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
-from rayclip import UserError, embed, ingest, layout, model
+from rayclip import UserError, catalog, embed, layout, model
 
 
 def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_session, capsys):
@@ -46,7 +46,7 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 512)
     assert table.schema.field("media_id").type == pa.string()
     assert sorted(table.column("media_id").to_pylist()) == sorted(
-        set(ingest.read_manifest(store).column("media_id").to_pylist())
+        set(catalog.read_manifest(store).column("media_id").to_pylist())
     )
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
@@ -74,7 +74,7 @@ def own_embeddings(root, media_ids: list[str]) -> np.ndarray:
     net, _, preprocess = open_clip.create_model_and_transforms(
         model.REFERENCE_MODEL, pretrained=str(model.REFERENCE_WEIGHTS)
     )
-    paths = dict(zip(*ingest.read_manifest(root, ["media_id", "path"]).to_pydict().values()))
+    paths = dict(zip(*catalog.read_manifest(root, ["media_id", "path"]).to_pydict().values()))
     pixels = torch.stack([preprocess(Image.open(root / paths[m]).convert("RGB")) for m in media_ids])
     with torch.no_grad():
         features = net.eval().encode_image(pixels)
@@ -102,7 +102,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert first.rows_embedded == 10
     # Bit rot after ingest: an object no longer decodes. The run records it and goes on.
     done = set(read_silver(store, spec.model_version).column("media_id").to_pylist())
-    rotten = next(r for r in ingest.read_manifest(store).to_pylist() if r["media_id"] not in done)
+    rotten = next(r for r in catalog.read_manifest(store).to_pylist() if r["media_id"] not in done)
     (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
 
     second = embed.embed(store, spec, actors=2, batch_size=4, day="2026-01-02")

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import cli, held_out_site
 
-from rayclip import Searcher, UserError, layout
+from rayclip import Searcher, UserError, storage
 
 HELD_OUT_SEED = 4321  # training renders with seed 0; the demo uses 1234
 
@@ -40,7 +40,7 @@ def test_reference_model_clears_the_recall_bar_and_random_init_stays_near_chance
     chance = random["chance_text_to_image"]["5"]
     assert chance < 0.03
     assert random["text_to_image"]["5"] < 0.10  # near chance: a random model cannot find the captioned image
-    assert (layout.data_root(root) / "gold" / "clip_rayclip_ref_none").is_dir()
+    assert (storage.data_root(root) / "gold" / "clip_rayclip_ref_none").is_dir()
     # Two model_versions in one store: search must be told which.
     with pytest.raises(UserError, match="several model_versions present"):
         Searcher.open(root)

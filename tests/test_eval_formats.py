@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import cli
 
-from rayclip import UserError, evaluate, layout, synthetic
+from rayclip import UserError, evaluate, storage, synthetic
 
 # ---------------------------------------------------------------- the annotation files
 
@@ -237,7 +237,7 @@ EXPECTED = {
 
 
 def newest_eval(root) -> dict:
-    found = max((layout.data_root(root) / "gold").glob("*/builds/*/eval.json"), key=lambda p: p.stat().st_mtime)
+    found = max((storage.data_root(root) / "gold").glob("*/builds/*/eval.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(found.read_text())
 
 
@@ -265,9 +265,9 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
         assert report[direction]["10"] > 5 * report[f"chance_{direction}"]["10"]
 
     # Only the split was ingested, and each url names the annotated file itself.
-    from rayclip.ingest import read_manifest
+    from rayclip.catalog import read_manifest
 
-    urls = read_manifest(layout.data_root(root), ["url"]).column("url").to_pylist()
+    urls = read_manifest(storage.data_root(root), ["url"]).column("url").to_pylist()
     assert sorted(urls) == sorted((folder / image["filename"]).resolve().as_uri() for image in images[:TEST_IMAGES])
 
     # The ranking is what search serves: with only the split indexed, FAISS's top 10 are ours.
@@ -278,7 +278,7 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
     assert worst["rank"] > 1 and not any(r["hit"] for r in worst["top"][: min(worst["rank"] - 1, 5)])
 
     # The page: both curves and chance, thumbnails inlined from the store.
-    page = (layout.data_root(root) / report["html"]).read_text()
+    page = (storage.data_root(root) / report["html"]).read_text()
     assert page.count("<polyline") == 4 and page.count("data:image/jpeg;base64,") >= 8 * 6 + 8
     assert 'src=""' not in page and "not in the store" not in page
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
 
-from rayclip import Searcher, embed, faults, index, ingest, layout, model
+from rayclip import Searcher, catalog, embed, faults, index, layout, model
 
 REFERENCE = "clip_rayclip_ref_reference"
 
@@ -50,7 +50,7 @@ def status(root: Path, capsys) -> dict:
 
 def check_objects(root: Path) -> None:
     """Every manifest row names an object whose sha256 is its media_id; no object is half-written."""
-    for row in ingest.read_manifest(root).to_pylist():
+    for row in catalog.read_manifest(root).to_pylist():
         assert hashlib.sha256((root / row["path"]).read_bytes()).hexdigest() == row["media_id"]
     for obj in layout.objects_dir(root).glob("*/*"):
         assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.stem
@@ -76,7 +76,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
 
     # Objects were renamed into the store, but no manifest row is visible: the layer is as before.
     assert len(list(layout.objects_dir(root).glob("*/*"))) >= 1
-    assert ingest.read_manifest(root).num_rows == 0
+    assert catalog.read_manifest(root).num_rows == 0
     check_objects(root)
     [work] = list((root / "bronze" / "downloads").iterdir())
     assert [d["path"] for d in status(root, capsys)["debris"]] == [f"bronze/downloads/{work.name}"]
@@ -89,7 +89,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
     assert not work.exists() and not list((root / "bronze" / "downloads").iterdir())
     assert (report.downloaded, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1, GOOD_IMAGES + 1, 0)
     assert report.stored + report.duplicates == GOOD_IMAGES + 1  # objects the killed run renamed count as dups
-    rows = ingest.read_manifest(root)
+    rows = catalog.read_manifest(root)
     assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
     assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
     check_objects(root)
@@ -101,7 +101,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
 
 def silver_rows(root: Path) -> pa.Table:
     """What any silver reader sees: every committed file must read whole."""
-    files = layout.silver_files(root, REFERENCE)
+    files = catalog.silver_files(root, REFERENCE)
     return (
         pa.concat_tables(pq.read_table(f) for f in files)
         if files
@@ -156,7 +156,7 @@ def test_embed_driver_killed_while_ray_writes_staging(store, ray_session, capsys
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not list(layout.embed_runs_dir(store).glob("*.json")), "the run finished before the kill"
-    assert silver_rows(store).num_rows == 0 and not layout.silver_files(store, REFERENCE)
+    assert silver_rows(store).num_rows == 0 and not catalog.silver_files(store, REFERENCE)
     assert list(store.glob("silver/_staging/*/*.parquet")), "killed before Ray wrote anything"
     assert len(status(store, capsys)["debris"]) == 1
 
@@ -181,18 +181,18 @@ def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
     assert_killed(*rayclip("index", "--data-dir", str(root), kill_at=point))
 
     # Readers still get the build CURRENT named before, whole.
-    assert index.current_build(root, REFERENCE) == published
+    assert catalog.current_build(root, REFERENCE) == published
     searcher = Searcher.open(root)
     assert searcher.info["build_id"] == published and searcher.info["count"] == GOOD_IMAGES
     assert len(searcher.search_text("a red circle", k=GOOD_IMAGES)) == GOOD_IMAGES
     debris = [d["path"] for d in status(root, capsys)["debris"]]
     if point == "index.build":  # a hidden, half-written folder: not a build, reported as debris
-        assert index.builds(root, REFERENCE) == [published]
+        assert catalog.builds(root, REFERENCE) == [published]
         assert len(debris) == 1 and debris[0].startswith(f"gold/{REFERENCE}/builds/.")
     else:  # a complete build that was never named: listed (rollback-able), not debris
-        assert len(index.builds(root, REFERENCE)) == 2 and debris == []
+        assert len(catalog.builds(root, REFERENCE)) == 2 and debris == []
 
     rerun = index.build(root)
-    assert rerun.count == GOOD_IMAGES and index.current_build(root, REFERENCE) == rerun.build_id
+    assert rerun.count == GOOD_IMAGES and catalog.current_build(root, REFERENCE) == rerun.build_id
     assert Searcher.open(root).info["build_id"] == rerun.build_id
     assert status(root, capsys)["debris"] == []

@@ -13,7 +13,7 @@ import pytest
 from conftest import read_silver, run_ingest, serve
 from PIL import Image
 
-from rayclip import embed, ingest, model, synthetic
+from rayclip import catalog, embed, ingest, model, synthetic
 from rayclip.model import TRANSPARENT_BACKGROUND, decode_image
 
 WIDTH, HEIGHT = 320, 256  # not square, so that a missed rotation changes the shape
@@ -116,7 +116,7 @@ def test_every_kind_through_the_real_pipeline_embeds_like_its_twin(images, ray_s
         pq.write_table(pa.table({"URL": [f"{base}/{f}" for f in files], "TEXT": files}), meta)
         report = run_ingest(root, meta)
     # Each file is stored or failed by a reason, never lost: img2dataset's OpenCV check or ours.
-    manifest = ingest.read_manifest(root).to_pylist()
+    manifest = catalog.read_manifest(root).to_pylist()
     by_name = {row["caption"]: row for row in manifest}
     assert report.failed == {"decode error": 1} and sorted(by_name) == sorted(set(files) - {"broken.png"})
     assert by_name["exif6.jpg"]["width"] == WIDTH and by_name["exif6.jpg"]["height"] == HEIGHT

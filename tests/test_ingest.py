@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
 
-from rayclip import ingest, layout, synthetic
+from rayclip import catalog, ingest, layout, synthetic
 
 
 def manifest(root: Path) -> list[dict]:
-    return ingest.read_manifest(root).to_pylist()
+    return catalog.read_manifest(root).to_pylist()
 
 
 def check_store_invariants(root: Path) -> None:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
-from rayclip import Searcher, UserError, index, ingest, layout
+from rayclip import Searcher, UserError, catalog, index, layout
 
 PUBLISHES = 30
 
@@ -38,9 +38,9 @@ def test_build_is_published_with_its_contract(built):
     folder = layout.build_dir(root, report.model_version, report.build_id)
     info = json.loads((folder / "build.json").read_text())
     mapping = pq.read_table(folder / "mapping.parquet")
-    assert index.current_build(root, report.model_version) == report.build_id
+    assert catalog.current_build(root, report.model_version) == report.build_id
     # Same bytes ingested from two URLs: one vector (the manifest holds GOOD_IMAGES + 1 rows).
-    assert ingest.read_manifest(root).num_rows == GOOD_IMAGES + 1
+    assert catalog.read_manifest(root).num_rows == GOOD_IMAGES + 1
     assert info["count"] == mapping.num_rows == GOOD_IMAGES
     assert mapping.column("faiss_id").to_pylist() == list(range(GOOD_IMAGES))
     assert set(mapping.column_names) >= {"faiss_id", "media_id", "path", "url", "caption", "source_count"}
@@ -51,7 +51,7 @@ def test_build_is_published_with_its_contract(built):
 
 def test_image_query_finds_itself_first(built, searcher):
     root, _ = built
-    for row in ingest.read_manifest(root).to_pylist()[:3]:
+    for row in catalog.read_manifest(root).to_pylist()[:3]:
         results = searcher.search_image(root / row["path"], k=3)
         assert results[0].media_id == row["media_id"]
         assert results[0].score == pytest.approx(1.0, abs=1e-4)
@@ -152,7 +152,7 @@ def test_broken_build_is_refused_by_name(built, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(built[0], root)
     mv = "clip_rayclip_ref_reference"
-    build_id = index.current_build(root, mv)
+    build_id = catalog.current_build(root, mv)
     mapping_file = layout.build_dir(root, mv, build_id) / "mapping.parquet"
     pq.write_table(pq.read_table(mapping_file).slice(0, 5), mapping_file)
     assert cli("search", "--data-dir", str(root), "--q", "a red circle") == 2
@@ -179,7 +179,7 @@ def test_other_faiss_index_types(built, tmp_path, index_type):
     report = index.build(root, index_type=index_type)
     info = json.loads((layout.build_dir(root, report.model_version, report.build_id) / "build.json").read_text())
     assert info["index_type"] == index_type and info["count"] == GOOD_IMAGES
-    row = ingest.read_manifest(root).to_pylist()[0]
+    row = catalog.read_manifest(root).to_pylist()[0]
     assert Searcher.open(root).search_image(root / row["path"], k=1)[0].media_id == row["media_id"]
     with pytest.raises(UserError, match="unknown --index-type"):
         index.build(root, index_type="NoSuchIndex")

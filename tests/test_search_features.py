@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from silver_helpers import clustered, media_ids, normalised, write_manifest, write_silver
 
-from rayclip import UserError, index
+from rayclip import UserError, catalog, index
 from rayclip.search import DEFAULT_COLLAPSE, Searcher
 
 
@@ -204,10 +204,9 @@ def pictures(ray_session, tmp_path_factory):
 
 
 def test_the_same_picture_at_two_jpeg_qualities_collapses_into_one(pictures):
-    from rayclip import ingest
 
     root, folder, _, searcher = pictures
-    manifest = ingest.read_manifest(root).to_pylist()
+    manifest = catalog.read_manifest(root).to_pylist()
     twins = {r["media_id"] for r in manifest if "twin_q" in r["url"]}
     assert len(twins) == 2  # different bytes: two media_ids, two vectors
     plain = searcher.search_image(folder / "twin_q95.jpg", k=5)
@@ -223,7 +222,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     the top 5, where the picture alone does not bring it (checked on the reference model)."""
     from conftest import cli
 
-    from rayclip import ingest, synthetic
+    from rayclip import synthetic
     from rayclip.search import Term
 
     root, _, scenes, searcher = pictures
@@ -231,7 +230,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     scene = synthetic.Scene("square", "blue", "large", "left", "white")
     query.write_bytes(synthetic.jpeg_bytes(synthetic.render(scene, 256, np.random.default_rng(99))))
     target_caption = synthetic.Scene("square", "red", "large", "left", "white").caption
-    target = next(r["media_id"] for r in ingest.read_manifest(root).to_pylist() if r["caption"] == target_caption)
+    target = next(r["media_id"] for r in catalog.read_manifest(root).to_pylist() if r["caption"] == target_caption)
 
     alone = searcher.search([Term("image", query)], k=5)
     combined = searcher.search([Term("image", query), Term("text", "blue", -1.0), Term("text", "red")], k=5)

@@ -14,7 +14,7 @@ import pytest
 from conftest import GOOD_IMAGES
 from fastapi.testclient import TestClient
 
-from rayclip import index, ingest
+from rayclip import catalog, index
 from rayclip.server import create_app
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -26,7 +26,7 @@ def client(gold_store):
 
 
 def a_media(root) -> dict:
-    return ingest.read_manifest(root).to_pylist()[0]
+    return catalog.read_manifest(root).to_pylist()[0]
 
 
 def test_text_search_returns_the_cli_result_objects(client):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from . import layout
+from . import layout, storage
 from .errors import UserError
 
 # With --json, stdout carries the one JSON document and everything meant for people goes to stderr.
@@ -175,7 +175,7 @@ def _print_kv(title: str, items: dict) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from . import ingest
 
-    root = layout.data_root(args.data_dir)
+    root = storage.data_root(args.data_dir)
     with _stage(layout.ingest_runs_dir(root), args.verbose) as stage:
         if args.folder:
             report = ingest.ingest_folder(
@@ -239,7 +239,7 @@ def _spec(args: argparse.Namespace):
 def cmd_embed(args: argparse.Namespace) -> int:
     from . import embed
 
-    root = layout.data_root(args.data_dir)
+    root = storage.data_root(args.data_dir)
     spec = _spec(args)
     console = _console()
     console.print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={spec.model_version}")
@@ -300,7 +300,7 @@ def _optimized_physical_plan(explained: str) -> str:
 def cmd_index(args: argparse.Namespace) -> int:
     from . import index
 
-    root = layout.data_root(args.data_dir)
+    root = storage.data_root(args.data_dir)
     if args.rollback:
         old, new = index.rollback(root, args.model_version)
         if args.json:
@@ -501,7 +501,7 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
         if not args.json:
             show[type(report)](report)
 
-    root = layout.data_root(args.data_dir)
+    root = storage.data_root(args.data_dir)
     # The stages' library output goes to a log beside the embed runs (the terminal too with --verbose).
     with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
         _start_ray(stage, False, args.verbose)
@@ -530,7 +530,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset:
         return _eval_benchmark(args)
     _, report = _evaluate_pipeline(
-        layout.data_root(args.data_dir),
+        storage.data_root(args.data_dir),
         Path(args.metadata),
         _spec(args),
         args.k,
@@ -575,7 +575,7 @@ def _serve_demo_site(site: Path) -> Iterator[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import model, synthetic
 
-    root = layout.data_root(args.data_dir) if args.data_dir else layout.data_root() / "demo"
+    root = storage.data_root(args.data_dir) if args.data_dir else storage.data_root() / "demo"
     console = _console()
     console.rule("rayclip demo: synthetic captioned images → img2dataset → Ray Data → FAISS → search")
     site = root / "site"
@@ -651,7 +651,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     where = f"http://{args.host}:{args.port}/"
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
-    print(f"rayclip serving {_shown(layout.data_root(args.data_dir))} on {where} (API docs at {where}docs)", flush=True)
+    served = _shown(storage.data_root(args.data_dir))
+    print(f"rayclip serving {served} on {where} (API docs at {where}docs)", flush=True)
     guard = "API key required on /api/* and /metrics" if api_key else "no API key"
     print(f"status page {where}status · metrics {where}metrics · {guard}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
@@ -664,7 +665,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import status
 
-    info = status(layout.data_root(args.data_dir))
+    info = status(storage.data_root(args.data_dir))
     if args.json:
         _print_json(info)
         return 0
@@ -712,7 +713,7 @@ def _show_debris(found: list[dict]) -> None:
 def cmd_gc(args: argparse.Namespace) -> int:
     from . import debris
 
-    root = layout.data_root(args.data_dir)
+    root = storage.data_root(args.data_dir)
     removed = debris.sweep(root)
     if args.json:
         _print_json({"data_dir": str(root), "removed": [str(path.relative_to(root)) for path in removed]})
@@ -753,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--data-dir",
         default=None,
-        help=f"data root (default: ${layout.DATA_DIR_ENV}, else ./data)",
+        help=f"data root (default: ${storage.DATA_DIR_ENV}, else ./data)",
     )
     common.add_argument(
         "--verbose", action="store_true", help="show Ray's and img2dataset's own logs too (always in the run's log)"

@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
-from . import layout
+from . import catalog
 from .errors import UserError
 from .search import DEFAULT_COLLAPSE, Searcher, SearchResults
 
@@ -124,7 +124,7 @@ class Indices:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        return layout.gold_model_versions(self.root)
+        return catalog.gold_model_versions(self.root)
 
     def get(self, name: str | None) -> _Served:
         import pandas as pd

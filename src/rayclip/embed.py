@@ -30,9 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import debris, faults, layout
+from . import catalog, debris, faults, layout, storage
 from .errors import UserError
-from .ingest import read_manifest
 from .model import ModelSpec, check_available, choose_precision, decode_image, load_model
 from .progress import Progress, watch
 
@@ -77,7 +76,7 @@ class EmbedReport:
 
 def embedded_ids(root: Path, model_version: str) -> pa.Array:
     """media_ids already in silver for this model_version, across every dt partition."""
-    files = layout.silver_files(root, model_version)
+    files = catalog.silver_files(root, model_version)
     if not files:
         return pa.array([], pa.string())
     return pa.concat_arrays([pq.read_table(f, columns=["media_id"]).column("media_id").combine_chunks() for f in files])
@@ -85,7 +84,7 @@ def embedded_ids(root: Path, model_version: str) -> pa.Array:
 
 def plan_work(root: Path, model_version: str, limit: int | None = None, force: bool = False) -> pa.Table:
     """(media_id, path) to embed: one row per media_id, minus those already embedded."""
-    manifest = read_manifest(root, ["media_id", "path"])
+    manifest = catalog.read_manifest(root, ["media_id", "path"])
     if manifest.num_rows == 0:
         raise UserError("the manifest is empty; run `rayclip ingest` first")
     # The manifest can hold a media_id several times (one row per url); its path is the same.
@@ -350,13 +349,13 @@ def embed(
 
     partition = layout.silver_partition(root, spec.model_version, report.dt)
     # The staging folder stays locked while this run lives: a concurrent run's sweep leaves it alone.
-    with debris.working(layout.silver_staging(root, report.run_id)) as staging:
+    with storage.working(layout.silver_staging(root, report.run_id)) as staging:
         with watch(lambda: ray.get(stats.rows_done.remote()), work.num_rows, progress):
             ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
         stats_text = ds.stats()
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
-        layout.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+        storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
         files = _commit(staging, partition, report.run_id)
 
     workers, failures, seconds, first_encode_at = ray.get(stats.summary.remote())
@@ -378,5 +377,5 @@ def embed(
 
 
 def _save(root: Path, report: EmbedReport) -> EmbedReport:
-    layout.write_json_atomic(layout.embed_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    storage.write_json_atomic(layout.embed_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
     return report

@@ -12,7 +12,7 @@ import io
 import math
 from pathlib import Path
 
-from . import layout
+from . import layout, storage
 
 THUMB_PX = 96
 THUMB_QUALITY = 70
@@ -161,5 +161,5 @@ def render(root: Path, report) -> str:
 def write(root: Path, report) -> Path:
     """eval.html next to the build's eval.json."""
     path = layout.build_dir(root, report.model_version, report.build_id) / "eval.html"
-    layout.write_atomic(path, render(root, report))
+    storage.write_atomic(path, render(root, report))
     return path

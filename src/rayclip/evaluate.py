@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import catalog, layout, storage
 from .errors import UserError
-from .ingest import read_manifest
 from .model import ModelSpec
 from .progress import Progress
 from .search import Searcher
@@ -82,7 +81,7 @@ def evaluate(
     """
     mapping = searcher.mapping.select(["faiss_id", "media_id"]).to_pylist()
     indexed = {row["media_id"]: row["faiss_id"] for row in mapping}
-    rows = read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
+    rows = catalog.read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
     wanted = set(urls) if urls is not None else None
     rows = [r for r in rows if r["media_id"] in indexed and (wanted is None or r["url"] in wanted) and r["caption"]]
     captions = sorted({r["caption"] for r in rows})
@@ -130,7 +129,7 @@ def save(root: Path, report: EvalReport | BenchmarkReport) -> EvalReport | Bench
     """Write eval.json next to the build it measured."""
     path = layout.build_dir(root, report.model_version, report.build_id) / "eval.json"
     report.path = str(path)
-    layout.write_json_atomic(path, report.to_dict())
+    storage.write_json_atomic(path, report.to_dict())
     return report
 
 

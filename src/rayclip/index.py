@@ -20,9 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import ann, debris, faults, layout
+from . import ann, catalog, debris, faults, layout, storage
 from .errors import UserError
-from .ingest import read_manifest
 from .progress import Progress
 
 NORM_TOLERANCE = 1e-3
@@ -60,20 +59,6 @@ class BuildReport:
     search_params: dict
     index_bytes: int
     base_build: str
-
-
-def pick_model_version(root: Path, asked: str | None, available: list[str], layer: str) -> str:
-    """The asked model_version, or the only one present; else one clear line listing them."""
-    if asked:
-        if asked not in available:
-            raise UserError(f"no {layer} for model_version {asked!r}; present: {', '.join(available) or 'none'}")
-        return asked
-    if not available:
-        hint = "run `rayclip embed`" if layer == "embeddings" else "run `rayclip index`"
-        raise UserError(f"no {layer} yet under {root}; {hint}")
-    if len(available) > 1:
-        raise UserError(f"several model_versions present ({', '.join(available)}); pick one with --model-version")
-    return available[0]
 
 
 def _choose_rows(files: list[Path]) -> tuple[pa.Table, int]:
@@ -158,7 +143,7 @@ def _sources(root: Path) -> pa.Table:
     """One row per media_id from the manifest: its first (path, url, caption, size, source, time)
     and how many rows name it."""
     firsts = ["path", "url", "caption", "width", "height", "source", "ingested_at"]
-    manifest = read_manifest(root, ["media_id", *firsts]).sort_by("ingested_at")
+    manifest = catalog.read_manifest(root, ["media_id", *firsts]).sort_by("ingested_at")
     return (
         manifest.group_by("media_id", use_threads=False)
         .aggregate([(name, "first") for name in firsts] + [("url", "count")])
@@ -228,7 +213,7 @@ def _incremental_base(
     root: Path, model_version: str, files: list[Path], index_type: str, retrain: bool
 ) -> tuple[dict | None, str]:
     """build.json of the CURRENT build to extend, or None and why the build starts from scratch."""
-    current = current_build(root, model_version)
+    current = catalog.current_build(root, model_version)
     if retrain or current is None:
         return None, "--retrain" if retrain else "first build"
     folder = layout.build_dir(root, model_version, current)
@@ -347,8 +332,8 @@ def build(
     import faiss
 
     started = time.monotonic()
-    model_version = pick_model_version(root, model_version, layout.silver_model_versions(root), "embeddings")
-    files = layout.silver_files(root, model_version, day)
+    model_version = catalog.pick_model_version(root, model_version, catalog.silver_model_versions(root), "embeddings")
+    files = catalog.silver_files(root, model_version, day)
     if not files:
         raise UserError(f"no silver files for {model_version}{' on ' + day if day else ''}; run `rayclip embed`")
     spec_file = layout.silver_model_file(root, model_version)
@@ -419,7 +404,7 @@ def build(
     final = layout.build_dir(root, model_version, build_id)
     debris.sweep(root, debris.WORK_FOLDERS[2:])  # hidden build folders of killed builds
     # A hidden folder, locked while this build lives (a concurrent build's sweep leaves it alone).
-    with debris.working(final.parent / f".{build_id}.tmp") as staging:
+    with storage.working(final.parent / f".{build_id}.tmp") as staging:
         faiss.write_index(index, str(staging / "index.faiss"))
         faults.point("index.build")  # the build half written, in its hidden folder
         pq.write_table(mapping, staging / "mapping.parquet")
@@ -429,10 +414,10 @@ def build(
             "build_s": round(built_s, 3),
             "total_s": round(time.monotonic() - started, 3),
         }
-        layout.write_json_atomic(staging / "build.json", info)
+        storage.write_json_atomic(staging / "build.json", info)
         staging.rename(final)
     faults.point("index.publish")  # the build in place, CURRENT still names the previous one
-    layout.write_atomic(layout.current_file(root, model_version), build_id + "\n")
+    storage.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
         build_id,
         model_version,
@@ -451,23 +436,13 @@ def build(
     )
 
 
-def builds(root: Path, model_version: str) -> list[str]:
-    folder = layout.builds_dir(root, model_version)
-    return sorted(p.name for p in folder.iterdir() if (p / "build.json").is_file()) if folder.is_dir() else []
-
-
-def current_build(root: Path, model_version: str) -> str | None:
-    path = layout.current_file(root, model_version)
-    return path.read_text().strip() if path.is_file() else None
-
-
 def rollback(root: Path, model_version: str | None = None) -> tuple[str, str]:
     """Point CURRENT at the build before it; returns (from, to)."""
-    model_version = pick_model_version(root, model_version, layout.gold_model_versions(root), "index")
-    current = current_build(root, model_version)
-    ids = builds(root, model_version)
+    model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+    current = catalog.current_build(root, model_version)
+    ids = catalog.builds(root, model_version)
     earlier = [b for b in ids if current is None or b < current]
     if not earlier:
         raise UserError(f"no build before {current} for {model_version}; nothing to roll back to")
-    layout.write_atomic(layout.current_file(root, model_version), earlier[-1] + "\n")
+    storage.write_atomic(layout.current_file(root, model_version), earlier[-1] + "\n")
     return current or "", earlier[-1]

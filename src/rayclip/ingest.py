@@ -3,7 +3,7 @@
 Order of commits, so that a run killed at any point leaves nothing half-written:
 0. URLs the manifest already names are set aside (never handed to img2dataset) unless refetch;
 1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode), a work
-   folder the run holds locked (debris.working) and that the next run or `rayclip gc` sweeps;
+   folder the run holds locked (storage.working) and that the next run or `rayclip gc` sweeps;
 2. each valid image is renamed (atomic) to bronze/objects/<aa>/<sha256>.<ext>;
 3. the new manifest rows are written into the work folder and renamed into bronze/manifest/
    (the commit: readers list only committed parts);
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import debris, faults, layout
+from . import catalog, debris, faults, layout, storage
 from .errors import UserError
 from .progress import Progress, watch
 
@@ -36,22 +36,6 @@ FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", "
 DEFAULT_MAX_PIXELS = 2**27
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("media_id", pa.string()),
-        ("path", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("format", pa.string()),
-        ("size_bytes", pa.int64()),
-        ("source", pa.string()),
-        ("run_id", pa.string()),
-        ("ingested_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 @dataclasses.dataclass
@@ -295,7 +279,7 @@ def _store(root: Path, candidate: Candidate, data: bytes, media_id: str, ext: st
     if candidate.movable:
         os.replace(candidate.file, target)
     else:
-        layout.write_atomic(target, data)
+        storage.write_atomic(target, data)
     return True
 
 
@@ -349,19 +333,9 @@ def _admit(
     return rows
 
 
-def read_manifest(root: Path, columns: list[str] | None = None) -> pa.Table:
-    """The whole manifest (every committed part), or an empty table with its schema."""
-    folder = layout.manifest_dir(root)
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    if not parts:
-        schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts)
-
-
 def _commit_manifest(root: Path, rows: list[dict], report: IngestReport, work_dir: Path) -> None:
     """Append rows for (media_id, url) pairs not yet in the manifest, as one part renamed into place."""
-    known = read_manifest(root, ["media_id", "url"])
+    known = catalog.read_manifest(root, ["media_id", "url"])
     seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
     fresh = []
     for row in rows:
@@ -377,21 +351,21 @@ def _commit_manifest(root: Path, rows: list[dict], report: IngestReport, work_di
     target = layout.manifest_dir(root) / f"part-{report.run_id}.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = work_dir / target.name  # outside bronze/manifest: no reader lists it until the rename
-    pq.write_table(pa.Table.from_pylist(fresh, schema=MANIFEST_SCHEMA), staged)
+    pq.write_table(pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA), staged)
     faults.point("ingest.manifest_commit")
     os.replace(staged, target)
 
 
 def _known_urls(root: Path, table: pa.Table) -> pa.Array:
     """Per row of the url table: is its URL already in the manifest?"""
-    known = read_manifest(root, ["url"]).column("url").combine_chunks()
+    known = catalog.read_manifest(root, ["url"]).column("url").combine_chunks()
     return pc.is_in(table.column("url"), value_set=known)
 
 
 def _finish(root: Path, rows: list[dict], report: IngestReport, started: float, work_dir: Path) -> IngestReport:
     _commit_manifest(root, rows, report, work_dir)
     report.wall_s = round(time.monotonic() - started, 3)
-    layout.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    storage.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
     return report
 
 
@@ -429,7 +403,7 @@ def ingest_metadata(
         report.skipped_known_urls = pc.sum(known).as_py() or 0
         fetchable = fetchable.filter(pc.invert(known))
     debris.sweep(root, debris.WORK_FOLDERS[:1])  # download folders of killed runs
-    with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
+    with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
         rows: list[dict] = []
         if fetchable.num_rows:
             output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries, progress)
@@ -455,7 +429,7 @@ def ingest_folder(
         raise UserError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) found under {folder}")
     report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{folder.name}", rows_read=len(candidates))
     failed: Counter = Counter()
-    with debris.working(layout.downloads_dir(root, report.run_id)) as work_dir:
+    with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
         rows = _admit(root, candidates, report, failed, max_pixels, store_progress)
         report.failed = dict(failed.most_common())
         return _finish(root, rows, report, started, work_dir)

@@ -1,32 +1,24 @@
 """Where every layer lives under the data root, and how model_version and dt are spelled.
 
-No other module builds a path under the data root by hand.
+No other module builds a location under the data root by hand. Locations join like paths whether
+the root is a local folder or an object-store prefix (storage.Location); nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import re
 import secrets
-import tempfile
-from pathlib import Path
 
-DATA_DIR_ENV = "RAYCLIP_DATA_DIR"
-
-
-def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """`--data-dir`, else `$RAYCLIP_DATA_DIR`, else `./data`."""
-    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").absolute()
+from .storage import Location
 
 
 # bronze
-def downloads_dir(root: Path, run_id: str) -> Path:
+def downloads_dir(root: Location, run_id: str) -> Location:
     return root / "bronze" / "downloads" / run_id
 
 
-def objects_dir(root: Path) -> Path:
+def objects_dir(root: Location) -> Location:
     return root / "bronze" / "objects"
 
 
@@ -35,73 +27,56 @@ def object_relpath(media_id: str, ext: str) -> str:
     return f"bronze/objects/{media_id[:2]}/{media_id}.{ext}"
 
 
-def manifest_dir(root: Path) -> Path:
+def manifest_dir(root: Location) -> Location:
     return root / "bronze" / "manifest"
 
 
-def ingest_runs_dir(root: Path) -> Path:
+def ingest_runs_dir(root: Location) -> Location:
     return root / "bronze" / "runs"
 
 
 # silver
-def embeddings_dir(root: Path) -> Path:
+def embeddings_dir(root: Location) -> Location:
     return root / "silver" / "embeddings"
 
 
-def silver_partition(root: Path, model_version: str, day: str) -> Path:
+def silver_partition(root: Location, model_version: str, day: str) -> Location:
     return silver_model_dir(root, model_version) / f"dt={day}"
 
 
-def silver_model_dir(root: Path, model_version: str) -> Path:
+def silver_model_dir(root: Location, model_version: str) -> Location:
     return embeddings_dir(root) / f"model_version={model_version}"
 
 
-def silver_model_file(root: Path, model_version: str) -> Path:
+def silver_model_file(root: Location, model_version: str) -> Location:
     """Which model made these embeddings ('_' keeps it out of Parquet dataset readers)."""
     return silver_model_dir(root, model_version) / "_model.json"
 
 
-def silver_files(root: Path, model_version: str, day: str | None = None) -> list[Path]:
-    """The committed silver Parquet files of a model_version (one dt partition, or all)."""
-    pattern = f"dt={check_day(day)}/*.parquet" if day else "dt=*/*.parquet"
-    return sorted(silver_model_dir(root, model_version).glob(pattern))
-
-
-def silver_model_versions(root: Path) -> list[str]:
-    return sorted(p.name.split("=", 1)[1] for p in embeddings_dir(root).glob("model_version=*") if p.is_dir())
-
-
-def silver_staging(root: Path, run_id: str) -> Path:
+def silver_staging(root: Location, run_id: str) -> Location:
     # Outside silver/embeddings so that no reader of the dataset ever sees staged files.
     return root / "silver" / "_staging" / run_id
 
 
-def embed_runs_dir(root: Path) -> Path:
+def embed_runs_dir(root: Location) -> Location:
     return root / "silver" / "runs"
 
 
 # gold
-def gold_dir(root: Path, model_version: str) -> Path:
+def gold_dir(root: Location, model_version: str) -> Location:
     return root / "gold" / model_version
 
 
-def builds_dir(root: Path, model_version: str) -> Path:
+def builds_dir(root: Location, model_version: str) -> Location:
     return gold_dir(root, model_version) / "builds"
 
 
-def build_dir(root: Path, model_version: str, build_id: str) -> Path:
+def build_dir(root: Location, model_version: str, build_id: str) -> Location:
     return builds_dir(root, model_version) / build_id
 
 
-def current_file(root: Path, model_version: str) -> Path:
+def current_file(root: Location, model_version: str) -> Location:
     return gold_dir(root, model_version) / "CURRENT"
-
-
-def gold_model_versions(root: Path) -> list[str]:
-    gold = root / "gold"
-    if not gold.is_dir():
-        return []
-    return sorted(p.name for p in gold.iterdir() if (p / "CURRENT").is_file())
 
 
 # names
@@ -139,29 +114,3 @@ def slug(name: str) -> str:
         else:
             out.append(token)
     return "_".join(out)
-
-
-# atomic writes
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def temp_path_for(path: Path) -> Path:
-    """A hidden sibling name for writers (parquet, faiss) that need a path rather than bytes."""
-    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"

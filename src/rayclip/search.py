@@ -19,9 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import ann, filters, layout
+from . import ann, catalog, filters, layout, storage
 from .errors import UserError
-from .index import current_build, pick_model_version
 from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
 
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
@@ -157,9 +156,9 @@ class Searcher:
         precision: str = "auto",
     ) -> Searcher:
         """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively)."""
-        root = layout.data_root(data_dir)
-        model_version = pick_model_version(root, model_version, layout.gold_model_versions(root), "index")
-        build_id = current_build(root, model_version)
+        root = storage.data_root(data_dir)
+        model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+        build_id = catalog.current_build(root, model_version)
         build = _load_build(root, model_version, build_id)
         query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
         return cls(root, model_version, query_model, build)
@@ -185,7 +184,7 @@ class Searcher:
 
     def refresh(self) -> bool:
         """Switch to the build CURRENT names now, if it changed; True when it did."""
-        build_id = current_build(self.root, self.model_version)
+        build_id = catalog.current_build(self.root, self.model_version)
         if build_id == self._build.build_id:
             return False
         with self._lock:

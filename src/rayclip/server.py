@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from . import layout
+from . import catalog, layout, storage
 from .errors import UserError
 from .ingest import BadImageError, inspect_image
 from .search import Searcher, SearchResults, Term
@@ -251,7 +251,7 @@ def create_app(
     queue_depth: int = DEFAULT_QUEUE_DEPTH,
 ) -> FastAPI:
     """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
-    root = layout.data_root(data_dir)
+    root = storage.data_root(data_dir)
     metrics = _Metrics()
     holder = _SearcherHolder(root, model_version, precision, metrics)
     encode_slot = Depends(_EncodeGate(queue_depth, metrics))
@@ -393,7 +393,7 @@ def _add_clip_back(
 
     def open_searcher(model_version: str) -> Searcher:
         # The model_version the page serves shares its Searcher: one model and index in memory.
-        if model_version == holder.model_version or layout.gold_model_versions(holder.data_dir) == [model_version]:
+        if model_version == holder.model_version or catalog.gold_model_versions(holder.data_dir) == [model_version]:
             return holder.get()
         return Searcher.open(holder.data_dir, model_version, precision=holder.precision)
 

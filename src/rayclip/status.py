@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from . import debris, layout
-from .index import builds, current_build
-from .ingest import read_manifest
+from . import catalog, debris, layout, storage
 
 
 def bronze_status(root: Path) -> dict:
-    manifest = read_manifest(root, ["media_id"])
+    manifest = catalog.read_manifest(root, ["media_id"])
     objects = [p for p in layout.objects_dir(root).glob("*/*") if not p.name.startswith(".")]
     return {
         "manifest_rows": manifest.num_rows,
@@ -48,8 +46,8 @@ def gold_status(root: Path) -> list[dict]:
     gold = root / "gold"
     # Every model_version folder, even one whose CURRENT was never written (a build then stays listed).
     for model_version in sorted(p.name for p in gold.iterdir() if p.is_dir()) if gold.is_dir() else []:
-        current_id = current_build(root, model_version)
-        for build_id in builds(root, model_version):
+        current_id = catalog.current_build(root, model_version)
+        for build_id in catalog.builds(root, model_version):
             folder = layout.build_dir(root, model_version, build_id)
             info = json.loads((folder / "build.json").read_text())
             out.append(
@@ -82,28 +80,23 @@ def _build_details(folder: Path, info: dict) -> dict:
 
 def debris_status(root: Path) -> list[dict]:
     """Leftovers of killed runs (no reader sees them; `rayclip gc` or the next run sweeps them)."""
-    return [{"path": str(p.relative_to(root)), "bytes": debris.size_bytes(p)} for p in debris.find(root)]
+    return [{"path": str(p.relative_to(root)), "bytes": storage.tree_size(p)} for p in debris.find(root)]
 
 
 def recent_runs(root: Path, limit: int = 12) -> list[dict]:
     """The newest ingest and embed run records (newest first): rows through, failures by reason."""
-    runs = []
-    for stage, folder, rows_key in (
-        ("ingest", layout.ingest_runs_dir(root), "downloaded"),
-        ("embed", layout.embed_runs_dir(root), "rows_embedded"),
-    ):
-        for path in folder.glob("*.json") if folder.is_dir() else []:
-            record = json.loads(path.read_text())
-            runs.append(
-                {
-                    "stage": stage,
-                    "run_id": record["run_id"],
-                    "rows": record.get(rows_key, 0),
-                    "failed": record.get("failed", {}),
-                    "wall_s": record.get("wall_s", 0.0),
-                    "log": path.with_suffix(".log").is_file(),
-                }
-            )
+    rows_key = {"ingest": "downloaded", "embed": "rows_embedded"}
+    runs = [
+        {
+            "stage": stage,
+            "run_id": record["run_id"],
+            "rows": record.get(rows_key[stage], 0),
+            "failed": record.get("failed", {}),
+            "wall_s": record.get("wall_s", 0.0),
+            "log": storage.exists(path.with_suffix(".log")),
+        }
+        for stage, path, record in catalog.run_records(root)
+    ]
     return sorted(runs, key=lambda r: r["run_id"], reverse=True)[:limit]
 
 

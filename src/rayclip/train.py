@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, synthetic
+from . import storage, synthetic
 from .model import REFERENCE_MODEL, quiet_root_logger, register_configs
 
 
@@ -84,7 +84,7 @@ def train_reference(
     # would make the bytes (and so the recorded checkpoint sha256) differ from run to run.
     buffer = io.BytesIO()
     torch.save({k: v.half() for k, v in model.state_dict().items()}, buffer)
-    layout.write_atomic(out, buffer.getvalue())
+    storage.write_atomic(out, buffer.getvalue())
     return {
         "out": str(out),
         "bytes": out.stat().st_size,
