@@ -12,6 +12,9 @@ ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-
   the ratios d/a and d/b; the machine's measured GEMM GFLOP/s at fp32 and bf16, ViT-B-32's FLOPs per
   image (torch's flop counter) and d as a fraction of that compute limit; and for c and d the
   steady-state images/s (start-up excluded) with startup_s beside it.
+
+With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
+GPU 0, each decoding on its own core), so each ratio still compares like with like.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from PIL import Image
 from rayclip import ingest, layout, model, synthetic
 
 MODEL = "ViT-B-32"
+GEMM_SIZE = {"cpu": 2048, "cuda": 8192}  # a GPU needs larger products to be kept busy
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -48,9 +52,11 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def bare_worker(paths: list[Path], batch_size: int, threads: int, precision: str, barrier, results) -> None:
+def bare_worker(
+    paths: list[Path], batch_size: int, threads: int, device: str, precision: str, barrier, results
+) -> None:
     """Load the model, wait for the others, then read + decode + preprocess + encode serially."""
-    clip = model.load_model(model.resolve(MODEL, "none"), threads=threads, precision=precision)
+    clip = model.load_model(model.resolve(MODEL, "none"), device=device, threads=threads, precision=precision)
     clip.encode_images([model.decode_image(paths[0].read_bytes())])  # warm: first call allocates
     barrier.wait()
     started = time.perf_counter()
@@ -59,13 +65,13 @@ def bare_worker(paths: list[Path], batch_size: int, threads: int, precision: str
     results.put(time.perf_counter() - started)
 
 
-def bare_loop(paths: list[Path], batch_size: int, processes: int, threads: int, precision: str) -> float:
+def bare_loop(paths: list[Path], batch_size: int, processes: int, threads: int, device: str, precision: str) -> float:
     """images/s of `processes` bare loops side by side (spawned, the images split between them)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     shares = [paths[i::processes] for i in range(processes)]
     workers = [
-        ctx.Process(target=bare_worker, args=(share, batch_size, threads, precision, barrier, results))
+        ctx.Process(target=bare_worker, args=(share, batch_size, threads, device, precision, barrier, results))
         for share in shares
     ]
     for w in workers:
@@ -84,23 +90,29 @@ def rayclip_embed(root: Path, precision: str, batch_size: int | None, gpus_per_a
     command += ["--batch-size", str(batch_size)] if batch_size else []
     command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=os.environ | {"RAY_ADDRESS": ""})
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": ""})
     wall = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"rayclip embed --precision {precision} exited {done.returncode}:\n{done.stderr[-4000:]}")
     runs = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
     run = next(r for r in runs if r["model_version"] == version and r["rows_embedded"])
     return run["rows_embedded"] / wall, run
 
 
-def gemm_gflops(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained matrix-multiply rate with every core, the ceiling any encoder can reach here."""
+def gemm_gflops(dtype_name: str, device: str, seconds: float = 3.0) -> float:
+    """Sustained matrix-multiply rate with every core (or the GPU), the ceiling any encoder can reach here."""
     import torch
 
+    size = GEMM_SIZE[device]
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name])
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    wait = torch.cuda.synchronize if device == "cuda" else lambda: None  # GPU products run asynchronously
     a @ b
+    wait()
     runs, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
+        wait()
         runs += 1
     return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
 
@@ -123,19 +135,20 @@ def main() -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run (c) and (d) on GPUs")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    chosen = model.choose_precision("auto", "cuda" if args.gpus_per_actor else "cpu")
+    device = "cuda" if args.gpus_per_actor else "cpu"
+    chosen = model.choose_precision("auto", device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         paths = make_images(Path(tmp) / "images", args.images)
         ingest.ingest_folder(root, Path(tmp) / "images")
-        print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; auto picks {chosen} here")
+        print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; {device}; auto picks {chosen} here")
 
-        a1 = bare_loop(paths, args.batch_size, 1, cpus, "fp32")
-        a = bare_loop(paths, args.batch_size, cpus, 1, "fp32")
-        b = bare_loop(paths, args.batch_size, cpus, 1, chosen)
-        print(f"(a) bare fp32 loop, 1 process x {cpus} threads:          {a1:8.2f} images/s")
-        print(f"(a) bare fp32 loop, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
-        print(f"(b) bare {chosen} loop, {cpus} processes x 1 thread:           {b:8.2f} images/s")
+        a1 = bare_loop(paths, args.batch_size, 1, cpus, device, "fp32")
+        a = bare_loop(paths, args.batch_size, cpus, 1, device, "fp32")
+        b = bare_loop(paths, args.batch_size, cpus, 1, device, chosen)
+        print(f"(a) bare fp32 loop on {device}, 1 process x {cpus} threads:          {a1:8.2f} images/s")
+        print(f"(a) bare fp32 loop on {device}, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
+        print(f"(b) bare {chosen} loop on {device}, {cpus} processes x 1 thread:           {b:8.2f} images/s")
 
         c, run_c = rayclip_embed(root, "fp32", None, args.gpus_per_actor)
         d, run_d = rayclip_embed(root, "auto", None, args.gpus_per_actor)
@@ -143,7 +156,7 @@ def main() -> None:
             print(
                 f"{label}: {whole:8.2f} images/s whole command; steady {run['steady_images_per_s']} images/s "
                 f"after startup_s {run['startup_s']} (actors {run['actors']} x {run['torch_threads']} threads, "
-                f"batch {run['batch_size']}, {run['precision']}; decode {run['decode_s']} s, "
+                f"batch {run['batch_size']}, {run['precision']} on {run['device']}; decode {run['decode_s']} s, "
                 f"encode {run['encode_s']} s, write {run['write_s']} s)"
             )
         steady = run_d["steady_images_per_s"]
@@ -152,10 +165,14 @@ def main() -> None:
         print(f"d/b = {d / b:.2f} whole command, {steady / b:.2f} steady")
 
         flops = flops_per_image()
-        gemm = {p: gemm_gflops(p) for p in dict.fromkeys(["fp32", chosen])}
+        gemm = {p: gemm_gflops(p, device) for p in dict.fromkeys(["fp32", chosen])}
         limit = gemm[run_d["precision"]] * 1e9 / flops if run_d["precision"] in gemm else float("nan")
         print(f"{MODEL} encode_image: {flops / 1e9:.2f} GFLOP per image (torch.utils.flop_counter)")
-        print("GEMM " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items()) + f" (2048^2, {cpus} threads)")
+        print(
+            "GEMM "
+            + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items())
+            + f" ({GEMM_SIZE[device]}^2 on {device})"
+        )
         print(f"compute limit at {run_d['precision']}: {limit:.1f} images/s; d steady is {steady / limit:.0%} of it")
 
 

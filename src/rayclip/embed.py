@@ -58,6 +58,7 @@ class EmbedReport:
     torch_threads: int = 0
     batch_size: int = 0
     precision: str = ""  # what the model computed in: fp32, bf16 or fp16
+    device: str = ""  # where the actors ran the model: cpu, or cuda with --gpus-per-actor
     blocks: int = 0
     tasks: int = 0
     wall_s: float = 0.0
@@ -296,7 +297,7 @@ def embed(
     report = EmbedReport(
         run_id=layout.new_run_id(), model_version=spec.model_version, dt=layout.check_day(day or layout.today())
     )
-    report.precision = choose_precision(precision, device)
+    report.precision, report.device = choose_precision(precision, device), device
     spec = dataclasses.replace(spec, precision=report.precision)
     work = plan_work(root, spec.model_version, limit, force)
     report.rows_planned = work.num_rows
