@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run (c) and (d) on GPUs")
+    parser.add_argument("--parts", default="abcd", help="which of (a)-(d) to run, e.g. ad (ratios need a, b and d)")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     device = "cuda" if args.gpus_per_actor else "cpu"
@@ -143,22 +144,31 @@ def main() -> None:
         ingest.ingest_folder(root, Path(tmp) / "images")
         print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; {device}; auto picks {chosen} here")
 
-        a1 = bare_loop(paths, args.batch_size, 1, cpus, device, "fp32")
-        a = bare_loop(paths, args.batch_size, cpus, 1, device, "fp32")
-        b = bare_loop(paths, args.batch_size, cpus, 1, device, chosen)
-        print(f"(a) bare fp32 loop on {device}, 1 process x {cpus} threads:          {a1:8.2f} images/s")
-        print(f"(a) bare fp32 loop on {device}, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
-        print(f"(b) bare {chosen} loop on {device}, {cpus} processes x 1 thread:           {b:8.2f} images/s")
-
-        c, run_c = rayclip_embed(root, "fp32", None, args.gpus_per_actor)
-        d, run_d = rayclip_embed(root, "auto", None, args.gpus_per_actor)
-        for label, whole, run in (("(c) rayclip embed --precision fp32", c, run_c), ("(d) rayclip embed", d, run_d)):
+        runs: dict[str, tuple[float, dict]] = {}
+        a1 = a = b = float("nan")
+        if "a" in args.parts:
+            a1 = bare_loop(paths, args.batch_size, 1, cpus, device, "fp32")
+            a = bare_loop(paths, args.batch_size, cpus, 1, device, "fp32")
+            print(f"(a) bare fp32 loop on {device}, 1 process x {cpus} threads:          {a1:8.2f} images/s")
+            print(f"(a) bare fp32 loop on {device}, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
+        if "b" in args.parts:
+            b = bare_loop(paths, args.batch_size, cpus, 1, device, chosen)
+            print(f"(b) bare {chosen} loop on {device}, {cpus} processes x 1 thread:           {b:8.2f} images/s")
+        commands = (("c", "(c) rayclip embed --precision fp32", "fp32"), ("d", "(d) rayclip embed", "auto"))
+        for part, label, precision in commands:
+            if part not in args.parts:
+                continue
+            whole, run = runs[part] = rayclip_embed(root, precision, None, args.gpus_per_actor)
             print(
                 f"{label}: {whole:8.2f} images/s whole command; steady {run['steady_images_per_s']} images/s "
                 f"after startup_s {run['startup_s']} (actors {run['actors']} x {run['torch_threads']} threads, "
+                f"{run.get('decode_threads', 1)} decoding, "
                 f"batch {run['batch_size']}, {run['precision']} on {run['device']}; decode {run['decode_s']} s, "
                 f"encode {run['encode_s']} s, write {run['write_s']} s)"
             )
+        if "d" not in runs:
+            return
+        d, run_d = runs["d"]
         steady = run_d["steady_images_per_s"]
         print(f"d/a = {d / a:.2f} whole command, {steady / a:.2f} steady")
         print(f"d/a(1 process) = {d / a1:.2f} whole command, {steady / a1:.2f} steady")
