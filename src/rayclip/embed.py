@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class EmbedReport:
     nodes_used: int = 0
     cpus_per_actor: float = 0.0
     torch_threads: int = 0
+    decode_threads: int = 0  # images an actor decodes at once: its CPU threads when a GPU encodes
     batch_size: int = 0
     precision: str = ""  # what the model computed in: fp32, bf16 or fp16
     device: str = ""  # where the actors ran the model: cpu, or cuda with --gpus-per-actor
@@ -127,13 +129,18 @@ class EmbedUDF:
     """Loads the model once per actor; turns (media_id, path) batches into silver rows.
 
     Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
-    under a lock, so the model always has the next batch ready and never shares its cores.
+    under a lock, so the model always has the next batch ready and never shares its cores. When a GPU
+    encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: the batch is
+    then decoded by `decode_threads` threads (Pillow and torch release the GIL while they work).
     """
 
-    def __init__(self, spec: dict, data_root: str, threads: int, device: str, precision: str, stats) -> None:
+    def __init__(
+        self, spec: dict, data_root: str, threads: int, decode_threads: int, device: str, precision: str, stats
+    ) -> None:
         import ray
 
         self.model = load_model(ModelSpec(**spec), device=device, threads=threads, precision=precision)
+        self.decoders = ThreadPoolExecutor(decode_threads, "rayclip-decode") if decode_threads > 1 else None
         self.root = Path(data_root)
         self.stats = stats
         self.encode_lock = threading.Lock()
@@ -142,16 +149,26 @@ class EmbedUDF:
 
     def _pixels(self, batch: pa.Table) -> tuple[list[str], object, list[tuple[str, str]]]:
         """Read, decode and preprocess a batch: (media_ids that decoded, pixel tensor, failures)."""
+        rows = zip(batch.column("media_id").to_pylist(), batch.column("path").to_pylist())
+        decoded = self.decoders.map(self._decode, rows) if self.decoders else map(self._decode, rows)
         pixels, ids, failures = [], [], []
-        for media_id, path in zip(batch.column("media_id").to_pylist(), batch.column("path").to_pylist()):
-            try:
-                pixels.append(self.model.preprocess(decode_image((self.root / path).read_bytes())))
+        for media_id, tensor, failure in decoded:
+            if failure:
+                failures.append((media_id, failure))
+            else:
+                pixels.append(tensor)
                 ids.append(media_id)
-            except FileNotFoundError:
-                failures.append((media_id, "missing object"))
-            except Exception:  # a bad image must not kill the job; it is counted and skipped
-                failures.append((media_id, "decode error"))
         return ids, pixels, failures
+
+    def _decode(self, row: tuple[str, str]) -> tuple[str, object, str | None]:
+        """(media_id, preprocessed pixels, None), or (media_id, None, why it failed)."""
+        media_id, path = row
+        try:
+            return media_id, self.model.preprocess(decode_image((self.root / path).read_bytes())), None
+        except FileNotFoundError:
+            return media_id, None, "missing object"
+        except Exception:  # a bad image must not kill the job; it is counted and skipped
+            return media_id, None, "decode error"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -312,6 +329,7 @@ def embed(
     report.cluster_cpus = float(resources.get("CPU", 0))
     report.actors = actors = actors or default_actors(resources, gpus_per_actor)
     report.cpus_per_actor, report.torch_threads = _actor_resources(resources, actors, gpus_per_actor)
+    report.decode_threads = report.torch_threads if gpus_per_actor else 1
     report.blocks = blocks or actors * 8
     stats = ray.remote(num_cpus=0)(RunStats).remote()
     ds = ray.data.from_items(work.to_pylist(), override_num_blocks=min(report.blocks, work.num_rows))
@@ -333,6 +351,7 @@ def embed(
             "spec": dataclasses.asdict(spec),
             "data_root": str(root),
             "threads": report.torch_threads,
+            "decode_threads": report.decode_threads,
             "device": device,
             "precision": report.precision,
             "stats": stats,
