@@ -133,7 +133,7 @@ class EmbedUDF:
     def __init__(self, spec: dict, data_root: str, threads: int, device: str, precision: str, stats) -> None:
         import ray
 
-        self.model = load_model(ModelSpec(**spec), device=device, threads=threads, precision=precision)
+        self.model = load_model(ModelSpec.from_dict(spec), device=device, threads=threads, precision=precision)
         self.root = Path(data_root)
         self.stats = stats
         self.encode_lock = threading.Lock()
@@ -330,7 +330,7 @@ def embed(
         num_cpus=report.cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
-            "spec": dataclasses.asdict(spec),
+            "spec": spec.to_dict(),
             "data_root": str(root),
             "threads": report.torch_threads,
             "device": device,

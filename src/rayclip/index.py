@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from . import ann, debris, faults, layout
 from .errors import UserError
 from .ingest import read_manifest
+from .model import ModelSpec
 from .progress import Progress
 
 NORM_TOLERANCE = 1e-3
@@ -391,7 +392,7 @@ def build(
     info = {
         "build_id": build_id,
         "model_version": model_version,
-        "model": json.loads(spec_file.read_text()),
+        "model": ModelSpec.from_dict(json.loads(spec_file.read_text())).to_dict(),
         "dim": dim,
         "metric": "inner_product (cosine on L2-normalised vectors)",
         "index_type": made.index_type,
