@@ -45,7 +45,7 @@ class Recorder:
 @pytest.mark.slow
 def test_run_demo_from_python_returns_every_stage_and_prints_nothing(tmp_path, ray_session, capfd):
     seen = Recorder()
-    demo = rayclip.run_demo(tmp_path / "demo", images=DEMO_IMAGES, actors=1, batch_size=8, hooks=seen.hooks())
+    demo = rayclip.run_demo(str(tmp_path / "demo"), images=DEMO_IMAGES, actors=1, batch_size=8, hooks=seen.hooks())
     out, _ = capfd.readouterr()
     assert out == ""  # the library reports through the hooks; only the CLI prints
 

@@ -430,10 +430,10 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     if not (args.annotations and args.images):
         raise UserError("--dataset needs --annotations FILE and --images DIR")
     report = pipeline.evaluate_benchmark(
-        layout.data_root(args.data_dir),
+        args.data_dir,
         args.dataset,
-        Path(args.annotations),
-        Path(args.images),
+        args.annotations,
+        args.images,
         _spec(args),
         split=args.split,
         ks=tuple(args.k),
@@ -455,8 +455,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset:
         return _eval_benchmark(args)
     run = pipeline.evaluate_metadata(
-        layout.data_root(args.data_dir),
-        Path(args.metadata),
+        args.data_dir,
+        args.metadata,
         _spec(args),
         tuple(args.k),
         args.actors,
@@ -487,11 +487,10 @@ def _shown(path: Path | str) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    root = layout.data_root(args.data_dir) if args.data_dir else layout.data_root() / "demo"
     console = _console()
     console.rule("rayclip demo: synthetic captioned images → img2dataset → Ray Data → FAISS → search")
     demo = pipeline.run_demo(
-        root, args.images, args.seed, args.actors, args.batch_size, tuple(args.k), hooks=_hooks(args.verbose)
+        args.data_dir, args.images, args.seed, args.actors, args.batch_size, tuple(args.k), hooks=_hooks(args.verbose)
     )
     for query, results in demo.samples:
         _print_results(results, False, f"{query!r}")
@@ -503,8 +502,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
         "  On a Ray cluster: RAY_ADDRESS=ray://head:10001 rayclip embed …\n"
         "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
-        f"  Explore this demo: rayclip search --data-dir {_shown(root)} --q 'a small green square'\n"
-        f"                     rayclip serve --data-dir {_shown(root)}",
+        f"  Explore this demo: rayclip search --data-dir {_shown(demo.root)} --q 'a small green square'\n"
+        f"                     rayclip serve --data-dir {_shown(demo.root)}",
         markup=False,
     )
     return 0

@@ -141,8 +141,8 @@ class EvalRun:
 
 
 def evaluate_metadata(
-    root: Path,
-    metadata: Path,
+    data_dir: str | os.PathLike | None,
+    metadata: str | os.PathLike,
     spec: ModelSpec,
     ks: tuple[int, ...] = (1, 5, 10),
     actors: int = 2,
@@ -152,10 +152,12 @@ def evaluate_metadata(
     precision: str = "auto",
     hooks: Hooks = QUIET,
 ) -> EvalRun:
-    """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names."""
+    """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names
+    (data_dir as `--data-dir`: None is $RAYCLIP_DATA_DIR, else ./data)."""
     from . import embed, evaluate, index, ingest
     from .search import Searcher
 
+    root, metadata = layout.data_root(data_dir), Path(metadata)
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
     with stage(layout.ingest_runs_dir(root), hooks) as running:
         ingested = ingest.ingest_metadata(
@@ -185,10 +187,10 @@ def evaluate_metadata(
 
 
 def evaluate_benchmark(
-    root: Path,
+    data_dir: str | os.PathLike | None,
     dataset: str,
-    annotations: Path,
-    images: Path,
+    annotations: str | os.PathLike,
+    images: str | os.PathLike,
     spec: ModelSpec,
     split: str | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
@@ -201,14 +203,15 @@ def evaluate_benchmark(
     beside the embed run; each stage's report goes to hooks.report. Returns the BenchmarkReport."""
     from . import embed, evaluate
 
+    root = layout.data_root(data_dir)
     done: list[object] = []  # the stages' reports, passed on once the stage is over (stdout is its log till then)
     with stage(layout.embed_runs_dir(root), hooks) as running:
         start_ray(running)
         report = evaluate.evaluate_benchmark(
             root,
             dataset,
-            annotations,
-            images,
+            Path(annotations),
+            Path(images),
             spec,
             split=split,
             ks=tuple(ks),
@@ -260,7 +263,7 @@ def serve_demo_site(site: Path) -> Iterator[str]:
 
 
 def run_demo(
-    root: Path,
+    data_dir: str | os.PathLike | None = None,
     images: int = 500,
     seed: int = 1234,
     actors: int = 2,
@@ -270,9 +273,10 @@ def run_demo(
 ) -> DemoRun:
     """The whole pipeline offline: `images` synthetic captioned JPEGs (a seed training never used)
     served on loopback → img2dataset → Ray Data with the reference model → FAISS → Recall@K,
-    then a few of the captions searched back."""
+    then a few of the captions searched back. data_dir None: `demo` under the default data root."""
     from . import model, synthetic
 
+    root = layout.data_root(data_dir) if data_dir else layout.data_root() / "demo"
     folder = root / "site"
     generated = synthetic.write_images(folder, images, seed=seed)
     spec = model.resolve(None, model.REFERENCE_ALIAS)
