@@ -35,11 +35,12 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
     """Silver files of `count` vectors with media_ids first…first+count, chunk by chunk."""
     from rayclip import layout, storage
     from rayclip.embed import silver_table
+    from rayclip.model import ModelSpec
 
     folder = layout.silver_partition(root, MODEL_VERSION, day)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {"name": "ViT-B-32", "pretrained": "none", "checkpoint": None, "checkpoint_sha256": None}
-    storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec | {"model_version": MODEL_VERSION})
+    spec = ModelSpec("ViT-B-32", "none", version=MODEL_VERSION)
+    storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec.to_dict())
     for start in range(first, first + count, args.chunk):
         rows = min(args.chunk, first + count - start)
         vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)

@@ -1,17 +1,33 @@
 """rayclip: img2dataset ingest → CLIP embeddings on Ray Data → FAISS search (CLI, Python API, HTTP)."""
 
 __version__ = "0.1.0"
-__all__ = ["Searcher", "SearchResult", "UserError"]
+__all__ = [
+    "Hooks",
+    "ModelSpec",
+    "Searcher",
+    "SearchResult",
+    "UserError",
+    "evaluate_benchmark",
+    "evaluate_metadata",
+    "run_demo",
+]
+
+# Lazy, so that `import rayclip` (and `rayclip --help`) stays light: name -> the module that holds it.
+_EXPORTS = {
+    "Searcher": "search",
+    "SearchResult": "search",
+    "UserError": "errors",
+    "ModelSpec": "model",
+    "Hooks": "pipeline",
+    "run_demo": "pipeline",
+    "evaluate_metadata": "pipeline",
+    "evaluate_benchmark": "pipeline",
+}
 
 
 def __getattr__(name: str):
-    # Lazy, so that `import rayclip` (and `rayclip --help`) stays light.
-    if name in ("Searcher", "SearchResult"):
-        from . import search
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(search, name)
-    if name == "UserError":
-        from .errors import UserError
-
-        return UserError
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

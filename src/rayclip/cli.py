@@ -7,14 +7,12 @@ so `rayclip --help` answers at once. This is the only module that prints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -23,8 +21,6 @@ from .errors import UserError
 
 # With --json, stdout carries the one JSON document and everything meant for people goes to stderr.
 _OUTPUT = {"json": False}
-# The demo's images are served on a fixed port, so a rerun's URLs are the ones the manifest holds.
-DEMO_PORT = 8731
 
 
 def _console():
@@ -116,42 +112,36 @@ class _Progress:
                 self._finish()
 
 
-class _Stage:
-    """A stage's progress bars and notes (on the terminal), and the log file its libraries write to."""
-
-    def __init__(self, terminal: TextIO, log: Path | None) -> None:
-        self.terminal, self.log, self.bars = terminal, log, []
-
-    def progress(self, label: str) -> _Progress | None:
-        if _OUTPUT["json"]:
-            return None  # stdout is for the document
-        self.bars.append(_Progress(label, self.terminal))
-        return self.bars[-1]
-
-    def keep_log_as(self, run_id: str) -> None:
-        """Name the log after the run, beside its JSON record (<runs>/<run_id>.log)."""
-        if self.log is not None and self.log.exists():
-            self.log.rename(self.log.with_name(f"{run_id}.log"))
+def _progress_bar(label: str, terminal: TextIO) -> _Progress | None:
+    return None if _OUTPUT["json"] else _Progress(label, terminal)  # with --json stdout is for the document
 
 
-@contextlib.contextmanager
-def _stage(runs_dir: Path | None, verbose: bool = False) -> Iterator[_Stage]:
-    """Around a library call: progress bars on the terminal; with a runs_dir, the libraries' own
-    output goes to a log file there (and, verbose, to the terminal too)."""
-    with contextlib.ExitStack() as stack:
-        # With --json the notes go to stderr.
-        terminal, log = (sys.stderr if _OUTPUT["json"] else sys.stdout), None
-        if runs_dir is not None:
-            from . import runlog
+def _hooks(verbose: bool = False, stage_reports: bool = True):
+    """What a library run shows here: progress bars, each stage's summary (unless stage_reports is
+    off), the demo's site and Ray's dashboard; with --json all of it on stderr."""
+    from . import pipeline
 
-            log = runs_dir / f"{layout.new_run_id()}.log"  # renamed after the run by keep_log_as
-            terminal = stack.enter_context(runlog.capture(log, verbose, terminal_fd=2 if _OUTPUT["json"] else 1))
-        stage = _Stage(terminal, log)
-        try:
-            yield stage
-        finally:
-            for bar in stage.bars:
-                bar.close()
+    return pipeline.Hooks(
+        progress=_progress_bar,
+        report=functools.partial(_show_event, stage_reports=stage_reports),
+        verbose=verbose,
+        terminal_fd=2 if _OUTPUT["json"] else 1,
+    )
+
+
+def _show_event(event, terminal: TextIO, stage_reports: bool = True) -> None:
+    from . import embed, index, ingest, pipeline
+
+    if isinstance(event, pipeline.RayDashboard):
+        print(f"Ray dashboard: {event.url or 'not running on this cluster'}", file=terminal, flush=True)
+    elif isinstance(event, pipeline.DemoSite):
+        console = _console()
+        held_out = f"seed {event.seed}, not used in training"
+        console.print(f"generated {event.images} captioned JPEGs in {_shown(event.folder)} ({held_out})")
+        console.print(f"serving them at {event.base_url}; metadata in LAION format (URL, TEXT)")
+    elif stage_reports:
+        show = {ingest.IngestReport: _show_ingest, embed.EmbedReport: _show_embed, index.BuildReport: _show_index}
+        show[type(event)](event)
 
 
 def _table(title: str, columns: list[str], rows: list[list], **kwargs):
@@ -173,10 +163,10 @@ def _print_kv(title: str, items: dict) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from . import ingest
+    from . import ingest, pipeline
 
     root = storage.data_root(args.data_dir)
-    with _stage(layout.ingest_runs_dir(root), args.verbose) as stage:
+    with pipeline.stage(layout.ingest_runs_dir(root), _hooks(args.verbose)) as stage:
         if args.folder:
             report = ingest.ingest_folder(
                 root, Path(args.folder), limit=args.limit, store_progress=stage.progress("ingest store")
@@ -237,14 +227,14 @@ def _spec(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from . import embed
+    from . import embed, pipeline
 
     root = storage.data_root(args.data_dir)
     spec = _spec(args)
     console = _console()
     console.print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={spec.model_version}")
-    with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
-        _start_ray(stage, args.dashboard, args.verbose)
+    with pipeline.stage(layout.embed_runs_dir(root), _hooks(args.verbose)) as stage:
+        pipeline.start_ray(stage, args.dashboard)
         report = embed.embed(
             root,
             spec,
@@ -264,17 +254,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return 0 if report.rows_embedded or not report.rows_planned else 1
     _show_embed(report)
     return 0 if report.rows_embedded or not report.rows_planned else 1
-
-
-def _start_ray(stage: _Stage, dashboard: bool, verbose: bool) -> None:
-    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
-    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
-    from . import embed
-
-    if dashboard or verbose or os.environ.get("RAY_ADDRESS"):
-        url = embed.init_ray(dashboard=dashboard, verbose=verbose)
-        if dashboard or os.environ.get("RAY_ADDRESS"):
-            print(f"Ray dashboard: {url or 'not running on this cluster'}", file=stage.terminal, flush=True)
 
 
 def _show_embed(report) -> None:
@@ -298,7 +277,7 @@ def _optimized_physical_plan(explained: str) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from . import index
+    from . import index, pipeline
 
     root = storage.data_root(args.data_dir)
     if args.rollback:
@@ -308,7 +287,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             return 0
         _console().print(f"CURRENT now {new} (was {old})")
         return 0
-    with _stage(None) as stage:
+    with pipeline.stage(None, _hooks()) as stage:
         report = index.build(
             root,
             args.model_version,
@@ -425,49 +404,6 @@ def _show_eval(report) -> None:
     _console().print(f"saved {_shown(report.path)}", markup=False)
 
 
-def _evaluate_pipeline(
-    root: Path,
-    metadata: Path,
-    spec,
-    ks: list[int],
-    actors: int,
-    batch_size: int,
-    url_col: str | None = None,
-    caption_col: str | None = None,
-    precision: str = "auto",
-    verbose: bool = False,
-):
-    """ingest → embed → index → Recall@K, printing each stage (eval and demo share it)."""
-    from . import embed, evaluate, index, ingest
-    from .search import Searcher
-
-    urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
-    with _stage(layout.ingest_runs_dir(root), verbose) as stage:
-        ingested = ingest.ingest_metadata(
-            root,
-            metadata,
-            url_col=url_col,
-            caption_col=caption_col,
-            progress=stage.progress("ingest download"),
-            store_progress=stage.progress("ingest store"),
-        )
-    stage.keep_log_as(ingested.run_id)
-    _show_ingest(ingested)
-    with _stage(layout.embed_runs_dir(root), verbose) as stage:
-        _start_ray(stage, False, verbose)
-        embedded = embed.embed(
-            root, spec, actors=actors, batch_size=batch_size, precision=precision, progress=stage.progress("embed")
-        )
-    stage.keep_log_as(embedded.run_id)
-    _show_embed(embedded)
-    with _stage(None) as stage:
-        _show_index(index.build(root, spec.model_version, progress=stage.progress("index")))
-    searcher = Searcher.open(root, spec.model_version, precision=precision)
-    with _stage(None) as stage:
-        report = evaluate.save(root, evaluate.evaluate(searcher, urls, tuple(ks), progress=stage.progress("eval")))
-    return searcher, report
-
-
 def _show_benchmark(report) -> None:
     rows = [
         [
@@ -489,36 +425,23 @@ def _show_benchmark(report) -> None:
 
 
 def _eval_benchmark(args: argparse.Namespace) -> int:
-    from . import embed, evaluate, index, ingest
+    from . import pipeline
 
     if not (args.annotations and args.images):
         raise UserError("--dataset needs --annotations FILE and --images DIR")
-    show = {ingest.IngestReport: _show_ingest, embed.EmbedReport: _show_embed, index.BuildReport: _show_index}
-    stages: dict[type, object] = {}
-
-    def stage_done(report) -> None:
-        stages[type(report)] = report
-        if not args.json:
-            show[type(report)](report)
-
-    root = storage.data_root(args.data_dir)
-    # The stages' library output goes to a log beside the embed runs (the terminal too with --verbose).
-    with _stage(layout.embed_runs_dir(root), args.verbose) as stage:
-        _start_ray(stage, False, args.verbose)
-        report = evaluate.evaluate_benchmark(
-            root,
-            args.dataset,
-            Path(args.annotations),
-            Path(args.images),
-            _spec(args),
-            split=args.split,
-            ks=tuple(args.k),
-            actors=args.actors,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            stage_done=stage_done,
-        )
-    stage.keep_log_as(stages[embed.EmbedReport].run_id)  # the libraries' output, beside the embed run
+    report = pipeline.evaluate_benchmark(
+        args.data_dir,
+        args.dataset,
+        args.annotations,
+        args.images,
+        _spec(args),
+        split=args.split,
+        ks=tuple(args.k),
+        actors=args.actors,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        hooks=_hooks(args.verbose, stage_reports=not args.json),
+    )
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -527,24 +450,26 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from . import pipeline
+
     if args.dataset:
         return _eval_benchmark(args)
-    _, report = _evaluate_pipeline(
-        storage.data_root(args.data_dir),
-        Path(args.metadata),
+    run = pipeline.evaluate_metadata(
+        args.data_dir,
+        args.metadata,
         _spec(args),
-        args.k,
+        tuple(args.k),
         args.actors,
         args.batch_size,
         url_col=args.url_col,
         caption_col=args.caption_col,
         precision=args.precision,
-        verbose=args.verbose,
+        hooks=_hooks(args.verbose),
     )
     if args.json:
-        _print_json(report.to_dict())
+        _print_json(run.eval.to_dict())
         return 0
-    _show_eval(report)
+    _show_eval(run.eval)
     return 0
 
 
@@ -559,41 +484,17 @@ def _shown(path: Path | str) -> str:
         return str(path)
 
 
-@contextlib.contextmanager
-def _serve_demo_site(site: Path) -> Iterator[str]:
-    """The demo's images on DEMO_PORT; on a free port when that one is taken (a rerun then fetches again)."""
-    from . import synthetic
-
-    with contextlib.ExitStack() as stack:
-        try:
-            base = stack.enter_context(synthetic.serve_folder(site, port=DEMO_PORT))
-        except OSError:
-            base = stack.enter_context(synthetic.serve_folder(site))
-        yield base
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import model, synthetic
+    from . import pipeline
 
-    root = storage.data_root(args.data_dir) if args.data_dir else storage.data_root() / "demo"
     console = _console()
     console.rule("rayclip demo: synthetic captioned images → img2dataset → Ray Data → FAISS → search")
-    site = root / "site"
-    images = synthetic.write_images(site, args.images, seed=args.seed)
-    held_out = f"seed {args.seed}, not used in training"
-    console.print(f"generated {images.num_rows} captioned JPEGs in {_shown(site)} ({held_out})")
-    spec = model.resolve(None, model.REFERENCE_ALIAS)
-    with _serve_demo_site(site) as base:
-        console.print(f"serving them at {base}; metadata in LAION format (URL, TEXT)")
-        metadata = synthetic.write_metadata(images, base, root / "metadata.parquet")
-        searcher, report = _evaluate_pipeline(
-            root, metadata, spec, args.k, args.actors, args.batch_size, verbose=args.verbose
-        )
-    # Captions spread over the generated set, so each query has at least one true match.
-    captions = images.column("caption").to_pylist()
-    for query in captions[:: max(1, len(captions) // 4)][:4]:
-        _print_results(searcher.search_text(query, k=3), False, f"{query!r}")
-    _show_eval(report)
+    demo = pipeline.run_demo(
+        args.data_dir, args.images, args.seed, args.actors, args.batch_size, tuple(args.k), hooks=_hooks(args.verbose)
+    )
+    for query, results in demo.samples:
+        _print_results(results, False, f"{query!r}")
+    _show_eval(demo.run.eval)
     console.print(
         "\nNext: the same pipeline on real data and a cluster\n"
         "  rayclip ingest --metadata laion_part.parquet --processes 8 --threads 64\n"
@@ -601,8 +502,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
         "  On a Ray cluster: RAY_ADDRESS=ray://head:10001 rayclip embed …\n"
         "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
-        f"  Explore this demo: rayclip search --data-dir {_shown(root)} --q 'a small green square'\n"
-        f"                     rayclip serve --data-dir {_shown(root)}",
+        f"  Explore this demo: rayclip search --data-dir {_shown(demo.root)} --q 'a small green square'\n"
+        f"                     rayclip serve --data-dir {_shown(demo.root)}",
         markup=False,
     )
     return 0

@@ -139,7 +139,7 @@ class EmbedUDF:
     ) -> None:
         import ray
 
-        self.model = load_model(ModelSpec(**spec), device=device, threads=threads, precision=precision)
+        self.model = load_model(ModelSpec.from_dict(spec), device=device, threads=threads, precision=precision)
         self.decoders = ThreadPoolExecutor(decode_threads, "rayclip-decode") if decode_threads > 1 else None
         self.root = Path(data_root)
         self.stats = stats
@@ -348,7 +348,7 @@ def embed(
         num_cpus=report.cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
-            "spec": dataclasses.asdict(spec),
+            "spec": spec.to_dict(),
             "data_root": str(root),
             "threads": report.torch_threads,
             "decode_threads": report.decode_threads,

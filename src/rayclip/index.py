@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from . import ann, catalog, debris, faults, layout, storage
 from .errors import UserError
+from .model import ModelSpec
 from .progress import Progress
 
 NORM_TOLERANCE = 1e-3
@@ -376,7 +377,7 @@ def build(
     info = {
         "build_id": build_id,
         "model_version": model_version,
-        "model": json.loads(spec_file.read_text()),
+        "model": ModelSpec.from_dict(json.loads(spec_file.read_text())).to_dict(),
         "dim": dim,
         "metric": "inner_product (cosine on L2-normalised vectors)",
         "index_type": made.index_type,

@@ -63,7 +63,21 @@ class ModelSpec:
         return f"clip_{slug(self.name)}_{slug(self.pretrained)}"
 
     def to_dict(self) -> dict:
+        """The JSON form (silver `_model.json`, build.json's `model`): every field and the model_version."""
         return dataclasses.asdict(self) | {"model_version": self.model_version}
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> ModelSpec:
+        """Back from to_dict()'s form, or an older one: fields it lacks (precision came later) take
+        their defaults, keys it does not know are ignored, and a recorded model_version that the
+        fields alone would not derive (one named without `version`) is kept as the version."""
+        missing = [key for key in ("name", "pretrained") if not recorded.get(key)]
+        if missing:
+            raise UserError(f"a recorded model lacks {' and '.join(missing)}: {recorded}")
+        fields = {field.name for field in dataclasses.fields(cls)}
+        spec = cls(**{key: value for key, value in recorded.items() if key in fields})
+        named = recorded.get("model_version")
+        return dataclasses.replace(spec, version=named) if named and named != spec.model_version else spec
 
 
 def _file_sha256(path: Path) -> str:

@@ -84,16 +84,16 @@ class _Build:
 
 def _spec_from_build(info: dict) -> ModelSpec:
     """The model the build's vectors came from; a local checkpoint must still be the same file."""
-    recorded = info.get("model")
-    if not recorded:
+    if not info.get("model"):
         raise UserError(f"build {info['build_id']} does not record its model; rebuild with `rayclip index`")
-    if recorded["pretrained"] == REFERENCE_ALIAS:
+    recorded = ModelSpec.from_dict(info["model"])
+    if recorded.pretrained == REFERENCE_ALIAS:
         spec = resolve(None, REFERENCE_ALIAS)
-    elif recorded.get("checkpoint"):
-        spec = resolve(recorded["name"], recorded["checkpoint"])
+    elif recorded.checkpoint:
+        spec = resolve(recorded.name, recorded.checkpoint)
     else:
-        spec = ModelSpec(recorded["name"], recorded["pretrained"])
-    if recorded.get("checkpoint_sha256") and spec.checkpoint_sha256 != recorded["checkpoint_sha256"]:
+        spec = ModelSpec(recorded.name, recorded.pretrained)
+    if recorded.checkpoint_sha256 and spec.checkpoint_sha256 != recorded.checkpoint_sha256:
         raise UserError(f"the checkpoint of build {info['build_id']} changed on disk since it was embedded; re-embed")
     return dataclasses.replace(spec, version=info["model_version"])
 

@@ -1,0 +1,291 @@
+"""Chains of stages: the demo, and eval through the whole pipeline, for the CLI and the Python API.
+
+Also the wrapper every stage runs in (`stage`): the libraries' own output (Ray, img2dataset) goes to
+a log file beside the run's record, and the caller's `Hooks` see progress, each stage's report and
+other news as typed objects. Nothing here prints: the CLI's hooks draw what the user sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from . import layout, storage
+from .progress import Progress
+
+if TYPE_CHECKING:  # the stages import heavy libraries; the CLI imports this module for every command
+    from .embed import EmbedReport
+    from .evaluate import BenchmarkReport, EvalReport
+    from .index import BuildReport
+    from .ingest import IngestReport
+    from .model import ModelSpec
+    from .search import Searcher, SearchResults
+
+# The demo's images are served on a fixed port, so a rerun's URLs are the ones the manifest holds.
+DEMO_PORT = 8731
+DEMO_SAMPLE_QUERIES = 4
+
+
+def _no_progress(label: str, terminal: TextIO) -> Progress | None:
+    return None
+
+
+def _ignore(event: object, terminal: TextIO) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """How a caller watches a run; the library calls these and never prints.
+
+    progress(label, terminal): a stage's (done, total) callback, or None; one with a close()
+    method is closed when its stage ends. report(event, terminal): each stage's report as it
+    finishes (IngestReport, EmbedReport, BuildReport) and other news (DemoSite, RayDashboard).
+    `terminal` is the stream the user sees: while a stage runs, fds 1 and 2 are in its log.
+    """
+
+    progress: Callable[[str, TextIO], Progress | None] = _no_progress
+    report: Callable[[object, TextIO], None] = _ignore
+    verbose: bool = False  # the libraries' own output on the terminal too (it is always in the log)
+    terminal_fd: int = 1  # where the user looks: 2 when stdout carries a JSON document
+
+    def terminal(self) -> TextIO:
+        return sys.stdout if self.terminal_fd == 1 else sys.stderr
+
+
+QUIET = Hooks()
+
+
+class Stage:
+    """One running stage as its caller sees it: progress and news on the terminal, and its log."""
+
+    def __init__(self, hooks: Hooks, terminal: TextIO, log: Path | None) -> None:
+        self.hooks, self.terminal, self.log = hooks, terminal, log
+        self._progress: list[Progress] = []
+
+    def progress(self, label: str) -> Progress | None:
+        made = self.hooks.progress(label, self.terminal)
+        if made is not None:
+            self._progress.append(made)
+        return made
+
+    def report(self, event: object) -> None:
+        self.hooks.report(event, self.terminal)
+
+    def keep_log_as(self, run_id: str) -> None:
+        """Name the log after the run, beside its JSON record (<runs>/<run_id>.log)."""
+        if self.log is not None and self.log.exists():
+            self.log.rename(self.log.with_name(f"{run_id}.log"))
+
+    def _close(self) -> None:
+        for made in self._progress:
+            close = getattr(made, "close", None)
+            if close is not None:
+                close()  # e.g. the CLI's summary line, even when the count fell short (a failure)
+
+
+@contextlib.contextmanager
+def stage(runs_dir: Path | None, hooks: Hooks = QUIET) -> Iterator[Stage]:
+    """Around a library call: with a runs_dir, the libraries' own output goes to a log file there
+    (and, hooks.verbose, to the terminal too); progress goes to the hooks either way."""
+    with contextlib.ExitStack() as stack:
+        terminal, log = hooks.terminal(), None
+        if runs_dir is not None:
+            from . import runlog
+
+            log = runs_dir / f"{layout.new_run_id()}.log"  # renamed after the run by keep_log_as
+            terminal = stack.enter_context(runlog.capture(log, hooks.verbose, terminal_fd=hooks.terminal_fd))
+        running = Stage(hooks, terminal, log)
+        try:
+            yield running
+        finally:
+            running._close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RayDashboard:
+    """Ray was started or joined up front; its dashboard's URL (None: the cluster runs none)."""
+
+    url: str | None
+
+
+def start_ray(running: Stage, dashboard: bool = False) -> None:
+    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
+    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
+    from . import embed
+
+    joins = bool(os.environ.get("RAY_ADDRESS"))
+    if dashboard or running.hooks.verbose or joins:
+        url = embed.init_ray(dashboard=dashboard, verbose=running.hooks.verbose)
+        if dashboard or joins:
+            running.report(RayDashboard(url))
+
+
+# ------------------------------------------------------------------ eval through the pipeline
+
+
+@dataclasses.dataclass
+class EvalRun:
+    """Every stage's report of one ingest → embed → index → Recall@K run, and the Searcher it measured."""
+
+    ingest: IngestReport
+    embed: EmbedReport
+    build: BuildReport
+    eval: EvalReport  # saved as eval.json beside the build
+    searcher: Searcher  # on the published build
+
+
+def evaluate_metadata(
+    data_dir: str | os.PathLike | None,
+    metadata: str | os.PathLike,
+    spec: ModelSpec,
+    ks: tuple[int, ...] = (1, 5, 10),
+    actors: int = 2,
+    batch_size: int = 32,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    precision: str = "auto",
+    hooks: Hooks = QUIET,
+) -> EvalRun:
+    """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names
+    (data_dir as `--data-dir`: None is $RAYCLIP_DATA_DIR, else ./data)."""
+    from . import embed, evaluate, index, ingest
+    from .search import Searcher
+
+    root, metadata = storage.data_root(data_dir), Path(metadata)
+    urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
+    with stage(layout.ingest_runs_dir(root), hooks) as running:
+        ingested = ingest.ingest_metadata(
+            root,
+            metadata,
+            url_col=url_col,
+            caption_col=caption_col,
+            progress=running.progress("ingest download"),
+            store_progress=running.progress("ingest store"),
+        )
+    running.keep_log_as(ingested.run_id)
+    hooks.report(ingested, hooks.terminal())
+    with stage(layout.embed_runs_dir(root), hooks) as running:
+        start_ray(running)
+        embedded = embed.embed(
+            root, spec, actors=actors, batch_size=batch_size, precision=precision, progress=running.progress("embed")
+        )
+    running.keep_log_as(embedded.run_id)
+    hooks.report(embedded, hooks.terminal())
+    with stage(None, hooks) as running:
+        built = index.build(root, spec.model_version, progress=running.progress("index"))
+    hooks.report(built, hooks.terminal())
+    searcher = Searcher.open(root, spec.model_version, precision=precision)
+    with stage(None, hooks) as running:
+        measured = evaluate.evaluate(searcher, urls, tuple(ks), progress=running.progress("eval"))
+    return EvalRun(ingested, embedded, built, evaluate.save(root, measured), searcher)
+
+
+def evaluate_benchmark(
+    data_dir: str | os.PathLike | None,
+    dataset: str,
+    annotations: str | os.PathLike,
+    images: str | os.PathLike,
+    spec: ModelSpec,
+    split: str | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    actors: int = 2,
+    batch_size: int = 32,
+    precision: str = "auto",
+    hooks: Hooks = QUIET,
+) -> BenchmarkReport:
+    """evaluate.evaluate_benchmark (clip_benchmark's Recall@K) in one stage whose log is kept
+    beside the embed run; each stage's report goes to hooks.report. Returns the BenchmarkReport."""
+    from . import embed, evaluate
+
+    root = storage.data_root(data_dir)
+    done: list[object] = []  # the stages' reports, passed on once the stage is over (stdout is its log till then)
+    with stage(layout.embed_runs_dir(root), hooks) as running:
+        start_ray(running)
+        report = evaluate.evaluate_benchmark(
+            root,
+            dataset,
+            Path(annotations),
+            Path(images),
+            spec,
+            split=split,
+            ks=tuple(ks),
+            actors=actors,
+            batch_size=batch_size,
+            precision=precision,
+            stage_done=done.append,
+        )
+    embedded = next(r for r in done if isinstance(r, embed.EmbedReport))
+    running.keep_log_as(embedded.run_id)  # the libraries' output, beside the embed run
+    for finished in done:
+        hooks.report(finished, hooks.terminal())
+    return report
+
+
+# ------------------------------------------------------------------ the demo
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSite:
+    """The demo's generated images, served on loopback, and the LAION-style metadata naming them."""
+
+    folder: Path
+    images: int
+    seed: int
+    base_url: str
+    metadata: Path
+
+
+@dataclasses.dataclass
+class DemoRun:
+    root: Path
+    site: DemoSite
+    run: EvalRun
+    samples: list[tuple[str, SearchResults]]  # a few of the captions, searched back
+
+
+@contextlib.contextmanager
+def serve_demo_site(site: Path) -> Iterator[str]:
+    """The demo's images on DEMO_PORT; on a free port when that one is taken (a rerun then fetches again)."""
+    from . import synthetic
+
+    with contextlib.ExitStack() as stack:
+        try:
+            base = stack.enter_context(synthetic.serve_folder(site, port=DEMO_PORT))
+        except OSError:
+            base = stack.enter_context(synthetic.serve_folder(site))
+        yield base
+
+
+def run_demo(
+    data_dir: str | os.PathLike | None = None,
+    images: int = 500,
+    seed: int = 1234,
+    actors: int = 2,
+    batch_size: int = 32,
+    ks: tuple[int, ...] = (1, 5, 10),
+    hooks: Hooks = QUIET,
+) -> DemoRun:
+    """The whole pipeline offline: `images` synthetic captioned JPEGs (a seed training never used)
+    served on loopback → img2dataset → Ray Data with the reference model → FAISS → Recall@K,
+    then a few of the captions searched back. data_dir None: `demo` under the default data root."""
+    from . import model, synthetic
+
+    root = storage.data_root(data_dir) if data_dir else storage.data_root() / "demo"
+    folder = root / "site"
+    generated = synthetic.write_images(folder, images, seed=seed)
+    spec = model.resolve(None, model.REFERENCE_ALIAS)
+    with serve_demo_site(folder) as base:
+        site = DemoSite(folder, generated.num_rows, seed, base, root / "metadata.parquet")
+        synthetic.write_metadata(generated, base, site.metadata)
+        hooks.report(site, hooks.terminal())
+        run = evaluate_metadata(root, site.metadata, spec, ks, actors, batch_size, hooks=hooks)
+    # Captions spread over the generated set, so each query has at least one true match.
+    captions = generated.column("caption").to_pylist()
+    queries = captions[:: max(1, len(captions) // DEMO_SAMPLE_QUERIES)][:DEMO_SAMPLE_QUERIES]
+    return DemoRun(root, site, run, [(query, run.searcher.search_text(query, k=3)) for query in queries])

@@ -1,0 +1,159 @@
+"""The Python API's pipeline entry points (rayclip.run_demo, the stage wrapper) and ModelSpec's JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
+
+import rayclip
+from rayclip import Hooks, ModelSpec, Searcher, UserError, embed, index, ingest, layout, pipeline, storage
+
+DEMO_IMAGES = 16
+
+
+class Recorder:
+    """Hooks that keep what a run reported instead of drawing it."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.progress: dict[str, list[tuple[int, int]]] = {}
+        self.closed: list[str] = []
+
+    def make_progress(self, label: str, terminal):
+        calls = self.progress.setdefault(label, [])
+
+        class Callback:
+            def __call__(self, done: int, total: int) -> None:
+                calls.append((done, total))
+
+            def close(inner) -> None:  # noqa: N805 - the recorder's own list
+                self.closed.append(label)
+
+        return Callback()
+
+    def hooks(self) -> Hooks:
+        return Hooks(progress=self.make_progress, report=lambda event, terminal: self.events.append(event))
+
+
+# ------------------------------------------------------------------ the demo from Python
+
+
+@pytest.mark.slow
+def test_run_demo_from_python_returns_every_stage_and_prints_nothing(tmp_path, ray_session, capfd):
+    seen = Recorder()
+    demo = rayclip.run_demo(str(tmp_path / "demo"), images=DEMO_IMAGES, actors=1, batch_size=8, hooks=seen.hooks())
+    out, _ = capfd.readouterr()
+    assert out == ""  # the library reports through the hooks; only the CLI prints
+
+    stages = [pipeline.DemoSite, ingest.IngestReport, embed.EmbedReport, index.BuildReport]
+    assert [type(e) for e in seen.events] == stages
+    assert seen.events[0] == demo.site and demo.site.images == DEMO_IMAGES and demo.site.metadata.is_file()
+    run = demo.run
+    assert run.ingest.downloaded == DEMO_IMAGES and run.embed.rows_embedded == DEMO_IMAGES
+    assert run.build.count == DEMO_IMAGES == run.eval.images
+    assert run.eval.model_version == "clip_rayclip_ref_reference" and run.eval.build_id == run.build.build_id
+    assert json.loads(Path(run.eval.path).read_text())["text_to_image"]["10"] > 0.5
+    for label in ("ingest download", "ingest store", "embed", "index", "eval"):
+        done, total = seen.progress[label][-1]
+        assert done == total > 0, label
+    assert sorted(seen.closed) == sorted(seen.progress)  # every callback closed when its stage ended
+    # Each stage's library output is in a log named after its run, beside the run's record.
+    for runs, run_id in ((layout.ingest_runs_dir, run.ingest.run_id), (layout.embed_runs_dir, run.embed.run_id)):
+        assert (runs(tmp_path / "demo") / f"{run_id}.log").is_file()
+    # The sample queries are captions of the generated set: each finds an image carrying it.
+    assert len(demo.samples) == pipeline.DEMO_SAMPLE_QUERIES
+    for caption, results in demo.samples:
+        assert len(results) == 3 and caption in {r.caption for r in results}
+
+
+# ------------------------------------------------------------------ the stage wrapper
+
+
+def test_stage_puts_library_output_in_the_log_and_progress_on_the_terminal(tmp_path, capfd):
+    seen = Recorder()
+    runs = tmp_path / "runs"
+    with pipeline.stage(runs, seen.hooks()) as running:
+        progress = running.progress("work")
+        print("chatter from a library")
+        os.write(2, b"chatter from a child process\n")
+        running.terminal.write("for the user\n")
+        progress(1, 1)
+        running.report("news")
+    running.keep_log_as("run-1")
+    out, err = capfd.readouterr()
+    log = (runs / "run-1.log").read_text()
+    assert "chatter from a library" in log and "chatter from a child process" in log
+    assert "chatter" not in out + err and "for the user" in out and "for the user" not in log
+    assert seen.progress == {"work": [(1, 1)]} and seen.closed == ["work"] and seen.events == ["news"]
+
+
+def test_stage_without_a_runs_dir_captures_nothing_and_quiet_hooks_make_no_progress(tmp_path, capfd):
+    with pipeline.stage(None) as running:
+        print("said")
+        assert running.progress("work") is None
+    assert capfd.readouterr().out == "said\n" and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ ModelSpec <-> JSON
+
+
+SPECS = [
+    ModelSpec("ViT-B-32", "openai"),
+    ModelSpec("ViT-B-32", "none", version="bench_vectors"),
+    ModelSpec("ViT-B-32", "/models/ft.pt", "/models/ft.pt", "ab" * 32, precision="bf16"),
+    ModelSpec("hf-hub:org/model", "hf-hub"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.model_version)
+def test_model_spec_round_trips_through_json(spec):
+    written = json.loads(json.dumps(spec.to_dict()))
+    assert written["model_version"] == spec.model_version
+    assert ModelSpec.from_dict(written) == spec
+
+
+def test_model_spec_reads_the_shapes_older_data_holds():
+    # Before precision was recorded (old _model.json and build.json "model").
+    before_precision = {
+        "name": "ViT-B-32",
+        "pretrained": "openai",
+        "checkpoint": None,
+        "checkpoint_sha256": None,
+        "version": None,
+        "model_version": "clip_vit_b32_openai",
+    }
+    assert ModelSpec.from_dict(before_precision) == ModelSpec("ViT-B-32", "openai")
+    # Hand-written by an older benchmark: no `version`, yet a model_version of its own, which is kept.
+    named = {"name": "ViT-B-32", "pretrained": "none", "checkpoint": None, "model_version": "bench_vectors"}
+    assert ModelSpec.from_dict(named).model_version == "bench_vectors"
+    # Keys a later version may add are ignored.
+    assert ModelSpec.from_dict(before_precision | {"dim": 512}) == ModelSpec("ViT-B-32", "openai")
+    with pytest.raises(UserError, match="lacks pretrained"):
+        ModelSpec.from_dict({"name": "ViT-B-32", "model_version": "x"})
+
+
+def _old_shape(spec: ModelSpec) -> dict:
+    return {k: v for k, v in spec.to_dict().items() if k != "precision"}
+
+
+def test_index_writes_the_full_spec_from_an_old_model_file_and_the_searcher_reads_an_old_build(tmp_path):
+    root = tmp_path / "data"
+    ids = media_ids(40)
+    write_manifest(root, ids)
+    write_silver(root, "2026-01-01", ids, clustered(40))
+    spec = reference_spec()
+    storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), _old_shape(spec))
+
+    report = index.build(root)
+    build_json = layout.build_dir(root, report.model_version, report.build_id) / "build.json"
+    info = json.loads(build_json.read_text())
+    assert info["model"] == spec.to_dict()  # the shape to_dict() writes, precision included (unknown: null)
+
+    storage.write_json_atomic(build_json, info | {"model": _old_shape(spec)})  # a build written before precision
+    searcher = Searcher.open(root)
+    assert searcher.model.spec.checkpoint_sha256 == spec.checkpoint_sha256
+    assert searcher.model_version == spec.model_version and len(searcher.search_text("a dog", k=3)) == 3
