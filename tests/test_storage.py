@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -99,3 +100,14 @@ def test_a_work_folder_is_held_while_its_run_lives(root, monkeypatch):
     monkeypatch.setattr(storage, "LEASE_STALE_S", -1.0)
     with storage.unless_held(folder) as free:
         assert free
+
+
+def test_open_append_takes_writes_through_its_descriptor_and_move_renames(root):
+    log = root / "runs" / "provisional.log"
+    with storage.open_append(log) as f:
+        os.write(f.fileno(), b"from a descriptor\n")  # as a library's fd 1 and 2 write it
+    with storage.open_append(log) as f:
+        f.write(b"second stage\n")
+    assert storage.read_bytes(log) == b"from a descriptor\nsecond stage\n"
+    storage.move(log, root / "runs" / "run-1.log")
+    assert not storage.exists(log) and storage.read_text(root / "runs" / "run-1.log").startswith("from a")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from . import layout, storage
 from .progress import Progress
+from .storage import Location
 
 if TYPE_CHECKING:  # the stages import heavy libraries; the CLI imports this module for every command
     from .embed import EmbedReport
@@ -64,7 +65,7 @@ QUIET = Hooks()
 class Stage:
     """One running stage as its caller sees it: progress and news on the terminal, and its log."""
 
-    def __init__(self, hooks: Hooks, terminal: TextIO, log: Path | None) -> None:
+    def __init__(self, hooks: Hooks, terminal: TextIO, log: Location | None) -> None:
         self.hooks, self.terminal, self.log = hooks, terminal, log
         self._progress: list[Progress] = []
 
@@ -79,8 +80,8 @@ class Stage:
 
     def keep_log_as(self, run_id: str) -> None:
         """Name the log after the run, beside its JSON record (<runs>/<run_id>.log)."""
-        if self.log is not None and self.log.exists():
-            self.log.rename(self.log.with_name(f"{run_id}.log"))
+        if self.log is not None and storage.exists(self.log):
+            storage.move(self.log, self.log.with_name(f"{run_id}.log"))
 
     def _close(self) -> None:
         for made in self._progress:
@@ -90,7 +91,7 @@ class Stage:
 
 
 @contextlib.contextmanager
-def stage(runs_dir: Path | None, hooks: Hooks = QUIET) -> Iterator[Stage]:
+def stage(runs_dir: Location | None, hooks: Hooks = QUIET) -> Iterator[Stage]:
     """Around a library call: with a runs_dir, the libraries' own output goes to a log file there
     (and, hooks.verbose, to the terminal too); progress goes to the hooks either way."""
     with contextlib.ExitStack() as stack:

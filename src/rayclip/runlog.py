@@ -14,16 +14,18 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
+
+from . import storage
+from .storage import Location
 
 
-def _tee(read_fd: int, log: TextIO, terminal_fd: int) -> None:
+def _tee(read_fd: int, log: BinaryIO, terminal_fd: int) -> None:
     """Copy what the libraries write to both the log file and the terminal (--verbose)."""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         try:
             while chunk := pipe.read(65536):
-                log.buffer.write(chunk)
+                log.write(chunk)
                 log.flush()
                 os.write(terminal_fd, chunk)
         except (OSError, ValueError):  # the stage ended while a child process still held the pipe
@@ -31,21 +33,20 @@ def _tee(read_fd: int, log: TextIO, terminal_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iterator[TextIO]:
+def capture(log_path: Location, verbose: bool = False, terminal_fd: int = 1) -> Iterator[TextIO]:
     """Send fds 1 and 2 to log_path (and, verbose, also to the terminal's stderr); yields the terminal.
 
     The yielded stream is what the user sees on terminal_fd (1: stdout, 2: stderr) before the
     capture, for progress and notes during the stage. When that sys stream is not backed by its
     fd (a test's capture object), it is that object itself.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = _terminal(terminal_fd, saved[terminal_fd])
     try:
         tee = None
-        with open(log_path, "a", encoding="utf-8") as log:
+        with storage.open_append(log_path) as log:
             if verbose:
                 read_fd, target = os.pipe()
                 tee = threading.Thread(target=_tee, args=(read_fd, log, saved[2]), daemon=True)
@@ -73,8 +74,8 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
                 for fd in saved.values():
                     os.close(fd)
     finally:
-        if log_path.is_file() and not log_path.stat().st_size:
-            log_path.unlink()  # nothing was said: no empty file beside the run record
+        if storage.exists(log_path) and not storage.size(log_path):
+            storage.delete(log_path)  # nothing was said: no empty file beside the run record
 
 
 def _on_fd(fd: int) -> TextIO:

@@ -167,6 +167,34 @@ def open_output(loc: Location) -> Iterator[BinaryIO]:
         raise
 
 
+@contextlib.contextmanager
+def open_append(loc: Location) -> Iterator[BinaryIO]:
+    """A file with a real descriptor (other processes can write to it: a run's log) whose bytes are
+    added to `loc`: a local file grows as it is written; for an object store the bytes are kept in
+    memory (a memfd, not the local disk) and the object rewritten with them at the end."""
+    if is_local(loc):
+        loc.parent.mkdir(parents=True, exist_ok=True)
+        with open(loc, "ab") as f:
+            yield f
+        return
+    with os.fdopen(os.memfd_create("rayclip-log"), "w+b") as f:
+        yield f
+        f.flush()
+        f.seek(0)
+        added = f.read()
+    if added:
+        write_atomic(loc, (read_bytes(loc) if exists(loc) else b"") + added)
+
+
+def move(source: Location, target: Location) -> None:
+    """Give a finished file a new name, for files no reader waits on (a run's log): a rename
+    locally; on an object store a copy and a delete, since there is no rename."""
+    if is_local(source):
+        os.replace(source, target)
+    else:
+        source.fs.mv(source.path, target.path)
+
+
 def put_if_absent(loc: Location, data: bytes) -> bool:
     """Store content-addressed bytes unless they are there already; True when this call stored them.
 
