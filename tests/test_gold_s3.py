@@ -16,6 +16,7 @@ from silver_helpers import clustered, media_ids, reference_spec, write_manifest,
 from test_faults import assert_killed, rayclip
 
 from rayclip import Searcher, catalog, debris, index, layout, storage
+from rayclip.catalog import BuildInfo
 from rayclip.server import create_app
 
 ROWS = 400
@@ -215,3 +216,33 @@ def test_serve_on_s3_searches_streams_images_and_follows_current(s3_root, cache,
     second = index.build(s3_root)
     status = client.get("/api/status").json()
     assert status["build_id"] == second.build_id and status["count"] == ROWS + 50
+
+
+def test_build_info_reads_the_first_builds_shape_and_keeps_keys_it_does_not_know(s3_root, mv):
+    first_shape = {  # what the first rayclip builds wrote, plus a key from a later version
+        "build_id": "20260101T000000.000000Z-abcdef",
+        "model_version": mv,
+        "model": reference_spec().to_dict(),
+        "dim": 128,
+        "metric": "inner_product (cosine on L2-normalised vectors)",
+        "index_type": "flat",
+        "count": 3,
+        "duplicates_dropped": 0,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "source_partitions": [f"dt={DAY}"],
+        "source_files": 1,
+        "timings": {"build_s": 0.1, "total_s": 0.2},
+        "from_a_later_version": {"x": 1},
+    }
+    old = s3_root / "old.json"
+    storage.write_json_atomic(old, first_shape)
+    info = BuildInfo.read(old)
+    assert info.silver_files is None and info.search_params == {} and info.recall == {}
+    assert info.extra == {"from_a_later_version": {"x": 1}}
+    info.write(s3_root / "again.json")
+    assert storage.read_json(s3_root / "again.json").items() >= first_shape.items()
+
+    fill(s3_root)
+    built = index.build(s3_root)
+    written = storage.read_json(layout.build_info_file(layout.build_dir(s3_root, mv, built.build_id)))
+    assert catalog.build_info(s3_root, mv, built.build_id).to_dict() == written and "extra" not in written
