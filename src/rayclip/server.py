@@ -47,7 +47,7 @@ MULTIPART_OVERHEAD_BYTES = 64 << 10  # a body may exceed the largest upload by t
 MAX_QUERY_CHARS = 1000
 MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
-IMAGE_CACHE = "public, max-age=31536000, immutable"  # an object's bytes are its name: they never change
+IMAGE_CACHE = "private, max-age=31536000, immutable"  # its name is the hash of its bytes; private: it may be keyed
 # Module level: with postponed annotations FastAPI must be able to resolve the alias by name.
 TopK = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 Collapse = Annotated[
