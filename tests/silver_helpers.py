@@ -38,10 +38,9 @@ def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray
     """One committed silver file in dt=day, as the embed stage would leave it."""
     spec = reference_spec()
     storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-    folder = layout.silver_partition(root, spec.model_version, day)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{part}.parquet"
-    pq.write_table(silver_table(media_ids, normalised(vectors)), path)
+    path = layout.silver_partition(root, spec.model_version, day) / f"{part}.parquet"
+    with storage.open_output(path) as f:
+        pq.write_table(silver_table(media_ids, normalised(vectors)), f)
     return path
 
 
@@ -77,7 +76,6 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
         },
         schema=MANIFEST_SCHEMA,
     )
-    folder = layout.manifest_dir(root)
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / f"part-{seed}.parquet")
+    with storage.open_output(layout.manifest_dir(root) / f"part-{seed}.parquet") as f:
+        pq.write_table(table, f)
     return table

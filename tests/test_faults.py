@@ -186,9 +186,9 @@ def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
     assert searcher.info["build_id"] == published and searcher.info["count"] == GOOD_IMAGES
     assert len(searcher.search_text("a red circle", k=GOOD_IMAGES)) == GOOD_IMAGES
     debris = [d["path"] for d in status(root, capsys)["debris"]]
-    if point == "index.build":  # a hidden, half-written folder: not a build, reported as debris
+    if point == "index.build":  # a half-written folder without build.json: not a build, reported as debris
         assert catalog.builds(root, REFERENCE) == [published]
-        assert len(debris) == 1 and debris[0].startswith(f"gold/{REFERENCE}/builds/.")
+        assert len(debris) == 1 and debris[0].startswith(f"gold/{REFERENCE}/builds/")
     else:  # a complete build that was never named: listed (rollback-able), not debris
         assert len(catalog.builds(root, REFERENCE)) == 2 and debris == []
 

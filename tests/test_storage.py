@@ -111,3 +111,26 @@ def test_open_append_takes_writes_through_its_descriptor_and_move_renames(root):
     assert storage.read_bytes(log) == b"from a descriptor\nsecond stage\n"
     storage.move(log, root / "runs" / "run-1.log")
     assert not storage.exists(log) and storage.read_text(root / "runs" / "run-1.log").startswith("from a")
+
+
+def test_a_kept_work_folder_stays_on_success_and_goes_on_failure(root):
+    done, failed = root / "builds" / "b1", root / "builds" / "b2"
+    with storage.working(done, keep=True):
+        storage.write_atomic(done / "build.json", b"{}")
+    assert [p.name for p in storage.children(done)] == ["build.json"]  # kept, and no lease left in it
+    with pytest.raises(RuntimeError):
+        with storage.working(failed, keep=True):
+            storage.write_atomic(failed / "index.faiss", b"half")
+            raise RuntimeError("build died")
+    assert not storage.exists(failed / "index.faiss")
+
+
+def test_cached_downloads_a_remote_object_once_and_reads_a_local_file_in_place(root, tmp_path, monkeypatch):
+    source, copy = root / "gold" / "index.faiss", tmp_path / "cache" / "index.faiss"
+    storage.write_atomic(source, b"x" * (storage.CHUNK_BYTES + 5))
+    if storage.is_local(root):
+        assert storage.cached(source, copy) == source and not copy.exists()
+        return
+    assert storage.cached(source, copy) == copy and copy.read_bytes() == storage.read_bytes(source)
+    monkeypatch.setattr(storage, "open_input", lambda loc: pytest.fail(f"read {loc} again"))
+    assert storage.cached(source, copy) == copy

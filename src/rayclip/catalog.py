@@ -6,6 +6,8 @@ ingest, embed, index, search, status and the server import the catalog, not each
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +51,12 @@ def read_manifest(root: Location, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def find_object(root: Location, media_id: str) -> Location | None:
+    """The stored image of a media_id, whatever its extension; None when the store has none."""
+    found = storage.glob(layout.objects_dir(root), layout.object_glob(media_id))
+    return found[0] if found else None
+
+
 # silver
 def silver_model_versions(root: Location) -> list[str]:
     folders = storage.glob(layout.embeddings_dir(root), "model_version=*")
@@ -62,16 +70,87 @@ def silver_files(root: Location, model_version: str, day: str | None = None) -> 
 
 
 # gold
-def gold_model_versions(root: Location) -> list[str]:
-    """Model versions with a published index (a CURRENT)."""
-    folders = storage.glob(root / "gold", "*")
-    return sorted(f.name for f in folders if storage.exists(layout.current_file(root, f.name)))
+@dataclasses.dataclass
+class BuildInfo:
+    """build.json: what a gold build holds and how it was made. Written last, it is the build's commit
+    record. Fields added after the first builds are optional, so every build ever written still reads."""
+
+    build_id: str
+    model_version: str
+    model: dict  # ModelSpec.to_dict() of the model that made the vectors
+    dim: int
+    metric: str
+    index_type: str
+    count: int
+    duplicates_dropped: int
+    created_at: str
+    source_partitions: list[str]
+    source_files: int
+    index_type_asked: str | None = None
+    silver_files: list[str] | None = None  # None: built before incremental builds
+    base_build: str | None = None
+    incremental: dict | None = None  # {"added", "replaced"} when the build extended base_build
+    full_build_reason: str | None = None
+    search_params: dict = dataclasses.field(default_factory=dict)
+    recall: dict = dataclasses.field(default_factory=dict)
+    query_ms: dict = dataclasses.field(default_factory=dict)
+    index_bytes: int | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
+
+    @classmethod
+    def from_dict(cls, written: dict) -> BuildInfo:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in written.items() if k not in known}
+        return cls(**{k: v for k, v in written.items() if k in known}, extra=extra)
+
+    def to_dict(self) -> dict:
+        written = dataclasses.asdict(self)
+        extra = written.pop("extra")
+        return written | extra
+
+    @classmethod
+    def read(cls, loc: Location) -> BuildInfo:
+        return cls.from_dict(storage.read_json(loc))
+
+    def write(self, loc: Location) -> None:
+        storage.write_json_atomic(loc, self.to_dict())
+
+
+def gold_model_versions(root: Location, published: bool = True) -> list[str]:
+    """Model versions with a published index (a CURRENT); all that have a gold folder if not `published`."""
+    folders = [f for f in storage.children(layout.gold_root(root)) if storage.is_dir(f)]
+    return sorted(f.name for f in folders if not published or storage.exists(layout.current_file(root, f.name)))
 
 
 def builds(root: Location, model_version: str) -> list[str]:
-    """Finished builds of a model_version, oldest first (build ids sort in time order)."""
-    found = storage.glob(layout.builds_dir(root, model_version), "*/build.json")
+    """Committed builds (build.json written) of a model_version, oldest first (build ids sort in time order)."""
+    found = storage.glob(layout.builds_dir(root, model_version), f"*/{layout.BUILD_INFO}")
     return sorted(f.parent.name for f in found if not f.parent.name.startswith("."))
+
+
+def build_info(root: Location, model_version: str, build_id: str) -> BuildInfo:
+    return BuildInfo.read(layout.build_info_file(layout.build_dir(root, model_version, build_id)))
+
+
+def read_index(loc: Location):
+    """A FAISS index from its file or object, streamed through storage (no local copy is made)."""
+    import faiss
+
+    with storage.open_input(loc) as f:
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read, storage.CHUNK_BYTES))
+
+
+def read_parquet(loc: Location, columns: list[str] | None = None) -> pa.Table:
+    """One committed Parquet file or object (a silver file, a build's mapping), whole or these columns."""
+    with storage.open_input(loc) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_metadata(loc: Location) -> pq.FileMetaData:
+    """A Parquet file's footer (schema, row count): no data read."""
+    with storage.open_input(loc) as f:
+        return pq.read_metadata(f)
 
 
 def current_build(root: Location, model_version: str) -> str | None:

@@ -479,7 +479,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _shown(path: Path | str) -> str:
     """A path as the user can type it: relative to the working directory when under it."""
     try:
-        return str(Path(path).relative_to(Path.cwd()))
+        return str(Path(str(path)).relative_to(Path.cwd()))  # str: an s3:// location is not a path
     except ValueError:
         return str(path)
 

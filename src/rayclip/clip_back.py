@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,6 +34,7 @@ from pydantic import BaseModel, Field, field_validator
 from . import catalog
 from .errors import UserError
 from .search import DEFAULT_COLLAPSE, Searcher, SearchResults
+from .storage import Location
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
 MAX_METADATA_IDS = 10_000
@@ -116,7 +116,7 @@ class Indices:
     passes its own options through it).
     """
 
-    def __init__(self, root: Path, default: str | None, open_searcher: Callable[[str], Searcher]):
+    def __init__(self, root: Location, default: str | None, open_searcher: Callable[[str], Searcher]):
         self.root = root
         self.default = default
         self.open_searcher = open_searcher
@@ -179,7 +179,7 @@ class _AnyJsonRoute(APIRoute):
 
 
 def router(
-    root: Path,
+    root: Location,
     default_index: str | None = None,
     *,
     open_searcher: Callable[[str], Searcher] | None = None,

@@ -1,9 +1,10 @@
 """What a run killed mid-way leaves behind, how a live run guards its own, and sweeping the rest.
 
-A run works in its own folder (bronze/downloads/<run_id>/, silver/_staging/<run_id>/, a hidden
-gold/<mv>/builds/.<build_id>.tmp/) and holds it while it lives (storage.working: a flock locally, a
+A run works in its own folder (bronze/downloads/<run_id>/, silver/_staging/<run_id>/,
+gold/<mv>/builds/<build_id>/) and holds it while it lives (storage.working: a flock locally, a
 lease object on an object store). A folder no live run holds is debris: never read by any layer's
-reader, safe to delete. Small local files are written under a hidden `.*.tmp` name and renamed
+reader, safe to delete. A gold build's folder is the exception once its build.json (the commit
+record, written last) exists: then it is a build. Small local files are written under a hidden `.*.tmp` name and renamed
 (storage.write_atomic); one still there after TEMP_GRACE_S belonged to a writer that died.
 """
 
@@ -11,21 +12,25 @@ from __future__ import annotations
 
 import time
 
-from . import storage
+from . import layout, storage
 from .storage import Location
 
 TEMP_GRACE_S = 600.0  # far longer than any rename of a small file takes
-WORK_FOLDERS = ("bronze/downloads/*", "silver/_staging/*", "gold/*/builds/.*.tmp")
+WORK_FOLDERS = ("bronze/downloads/*", "silver/_staging/*")
+BUILD_FOLDERS = ("gold/*/builds/*",)  # debris only while build.json is missing
 TEMP_FILES = ("bronze/manifest/.*.tmp", "bronze/objects/*/.*.tmp", "bronze/runs/.*.tmp", "silver/**/.*.tmp")
 GOLD_TEMP_FILES = ("gold/*/.*.tmp", "gold/*/builds/*/.*.tmp")
+EVERYTHING = WORK_FOLDERS + BUILD_FOLDERS + TEMP_FILES + GOLD_TEMP_FILES
 
 
-def find(root: Location, patterns: tuple[str, ...] = WORK_FOLDERS + TEMP_FILES + GOLD_TEMP_FILES) -> list[Location]:
+def find(root: Location, patterns: tuple[str, ...] = EVERYTHING) -> list[Location]:
     """Debris under the data root: unlocked work folders and stale temporary files."""
     now = time.time()
     found = []
     for pattern in patterns:
         for path in storage.glob(root, pattern):
+            if pattern in BUILD_FOLDERS and _committed_build(path):
+                continue
             if storage.is_dir(path):
                 with storage.unless_held(path) as free:
                     if free:
@@ -35,7 +40,12 @@ def find(root: Location, patterns: tuple[str, ...] = WORK_FOLDERS + TEMP_FILES +
     return found
 
 
-def sweep(root: Location, patterns: tuple[str, ...] = WORK_FOLDERS + TEMP_FILES + GOLD_TEMP_FILES) -> list[Location]:
+def _committed_build(folder: Location) -> bool:
+    # A hidden name is an older version's staging folder, renamed away when it was complete.
+    return not folder.name.startswith(".") and storage.exists(layout.build_info_file(folder))
+
+
+def sweep(root: Location, patterns: tuple[str, ...] = EVERYTHING) -> list[Location]:
     """Delete the debris `find` reports (rechecking each folder's lock); returns what was removed."""
     removed = []
     for path in find(root, patterns):

@@ -43,7 +43,7 @@ def _thumbnail(root: Path, relpath: str | None, cache: dict[str, str]) -> str:
         return ""
     if relpath not in cache:
         try:
-            with Image.open(root / relpath) as img:
+            with storage.open_input(root / relpath) as f, Image.open(f) as img:
                 img = img.convert("RGB")
                 img.thumbnail((THUMB_PX, THUMB_PX))
                 buf = io.BytesIO()
@@ -160,6 +160,6 @@ def render(root: Path, report) -> str:
 
 def write(root: Path, report) -> Path:
     """eval.html next to the build's eval.json."""
-    path = layout.build_dir(root, report.model_version, report.build_id) / "eval.html"
+    path = layout.eval_html_file(layout.build_dir(root, report.model_version, report.build_id))
     storage.write_atomic(path, render(root, report))
     return path

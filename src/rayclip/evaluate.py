@@ -127,7 +127,7 @@ def evaluate(
 
 def save(root: Path, report: EvalReport | BenchmarkReport) -> EvalReport | BenchmarkReport:
     """Write eval.json next to the build it measured."""
-    path = layout.build_dir(root, report.model_version, report.build_id) / "eval.json"
+    path = layout.eval_file(layout.build_dir(root, report.model_version, report.build_id))
     report.path = str(path)
     storage.write_json_atomic(path, report.to_dict())
     return report

@@ -3,17 +3,18 @@
 Two passes over the silver files keep one copy of the vectors in memory (the index itself):
 the first reads only (media_id, embedded_at) to choose the newest row per media_id, the second
 streams each file's chosen vectors into the index. faiss_id i is the i-th vector added, and
-mapping.parquet row i says which media_id it is. A build is written in a hidden folder, checked,
-renamed into builds/<build_id>/, and only then named in CURRENT (itself replaced by a rename).
+mapping.parquet row i says which media_id it is. The same protocol on a local folder and an
+object store (no rename needed): every file of a build is written whole into builds/<build_id>/
+(the index streamed through storage), build.json last (the build's commit record: readers list only
+builds that have it), and only then CURRENT names the build (one atomic write). A folder without
+build.json that no live build holds is debris.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import ann, catalog, debris, faults, layout, storage
+from .catalog import BuildInfo
 from .errors import UserError
 from .model import ModelSpec
 from .progress import Progress
+from .storage import Location
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -62,11 +65,11 @@ class BuildReport:
     base_build: str
 
 
-def _choose_rows(files: list[Path]) -> tuple[pa.Table, int]:
+def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
     """Per media_id, the (file, row) of its newest embedding, in file-then-row order; and rows dropped."""
     parts = []
     for file_idx, f in enumerate(files):
-        t = pq.read_table(f, columns=["media_id", "embedded_at"])
+        t = catalog.read_parquet(f, ["media_id", "embedded_at"])
         parts.append(
             t.append_column("file_idx", pa.array(np.full(t.num_rows, file_idx, np.int32))).append_column(
                 "row_idx", pa.array(np.arange(t.num_rows, dtype=np.int64))
@@ -82,14 +85,14 @@ def _choose_rows(files: list[Path]) -> tuple[pa.Table, int]:
     return chosen, rows.num_rows - chosen.num_rows
 
 
-def _vectors(f: Path, rows: np.ndarray) -> np.ndarray:
-    column = pq.read_table(f, columns=["embedding"]).column("embedding").combine_chunks()
+def _vectors(f: Location, rows: np.ndarray) -> np.ndarray:
+    column = catalog.read_parquet(f, ["embedding"]).column("embedding").combine_chunks()
     dim = column.type.list_size
     vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[rows]
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def _check_vectors(vectors: np.ndarray, f: Path) -> None:
+def _check_vectors(vectors: np.ndarray, f: Location) -> None:
     if not np.isfinite(vectors).all():
         raise UserError(f"silver file {f.name} holds NaN or infinite vectors; re-embed with --force")
     norms = np.linalg.norm(vectors, axis=1)
@@ -97,7 +100,9 @@ def _check_vectors(vectors: np.ndarray, f: Path) -> None:
         raise UserError(f"silver file {f.name} holds vectors that are not L2-normalised; re-embed with --force")
 
 
-def _read_positions(files: list[Path], file_idx: np.ndarray, row_idx: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _read_positions(
+    files: list[Location], file_idx: np.ndarray, row_idx: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
     """The vectors of these chosen rows (sorted positions = faiss_ids), reading only files that hold some."""
     parts = []
     for i, f in enumerate(files):
@@ -140,7 +145,7 @@ def _new_index(index_type: str, dim: int):
     return index
 
 
-def _sources(root: Path) -> pa.Table:
+def _sources(root: Location) -> pa.Table:
     """One row per media_id from the manifest: its first (path, url, caption, size, source, time)
     and how many rows name it."""
     firsts = ["path", "url", "caption", "width", "height", "source", "ingested_at"]
@@ -152,7 +157,7 @@ def _sources(root: Path) -> pa.Table:
     )
 
 
-def _mapping(rows: pa.Table, root: Path) -> pa.Table:
+def _mapping(rows: pa.Table, root: Location) -> pa.Table:
     """(faiss_id, media_id, embedded_at) joined with what the manifest says, ordered by faiss_id."""
     return rows.join(_sources(root), "media_id", join_type="left outer").sort_by("faiss_id")
 
@@ -171,7 +176,7 @@ class _Made:
     replaced: int = 0
 
 
-def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int, progress: Progress | None = None) -> _Made:
+def _fill(files: list[Location], dim: int, index_type: str, max_bytes: int, progress: Progress | None = None) -> _Made:
     """A new index over the newest vector of every media_id, streamed one silver file at a time."""
     chosen, dropped = _choose_rows(files)
     count = chosen.num_rows
@@ -206,31 +211,31 @@ def _fill(files: list[Path], dim: int, index_type: str, max_bytes: int, progress
     return _Made(index, index_type, rows, truth, dropped)
 
 
-def _silver_name(root: Path, model_version: str, f: Path) -> str:
+def _silver_name(root: Location, model_version: str, f: Location) -> str:
     return str(f.relative_to(layout.silver_model_dir(root, model_version)))
 
 
 def _incremental_base(
-    root: Path, model_version: str, files: list[Path], index_type: str, retrain: bool
-) -> tuple[dict | None, str]:
+    root: Location, model_version: str, files: list[Location], index_type: str, retrain: bool
+) -> tuple[BuildInfo | None, str]:
     """build.json of the CURRENT build to extend, or None and why the build starts from scratch."""
     current = catalog.current_build(root, model_version)
     if retrain or current is None:
         return None, "--retrain" if retrain else "first build"
-    folder = layout.build_dir(root, model_version, current)
-    info = json.loads((folder / "build.json").read_text())
+    info = catalog.build_info(root, model_version, current)
     names = {_silver_name(root, model_version, f) for f in files}
-    if "silver_files" not in info or not (folder / "tuning.npz").is_file():
+    tuning = layout.tuning_file(layout.build_dir(root, model_version, current))
+    if info.silver_files is None or not storage.exists(tuning):
         return None, f"base build {current} predates incremental builds"
-    if index_type not in ("auto", info["index_type"], info.get("index_type_asked")):
-        return None, f"--index-type {index_type} differs from base build {current} ({info['index_type']})"
-    if not set(info["silver_files"]) <= names:
+    if index_type not in ("auto", info.index_type, info.index_type_asked):
+        return None, f"--index-type {index_type} differs from base build {current} ({info.index_type})"
+    if not set(info.silver_files) <= names:
         return None, f"silver files of base build {current} are gone"
     return info, ""
 
 
 def _extend(
-    root: Path, model_version: str, files: list[Path], base: dict, progress: Progress | None = None
+    root: Location, model_version: str, files: list[Location], base: BuildInfo, progress: Progress | None = None
 ) -> tuple[_Made | None, str]:
     """CURRENT's index plus only the silver rows in files it has not seen, without retraining.
 
@@ -240,10 +245,10 @@ def _extend(
     """
     import faiss
 
-    folder = layout.build_dir(root, model_version, base["build_id"])
-    seen = set(base["silver_files"])
+    folder = layout.build_dir(root, model_version, base.build_id)
+    seen = set(base.silver_files)
     new_files = [f for f in files if _silver_name(root, model_version, f) not in seen]
-    base_rows = pq.read_table(folder / "mapping.parquet", columns=["faiss_id", "media_id", "embedded_at"])
+    base_rows = catalog.read_parquet(layout.mapping_file(folder), ["faiss_id", "media_id", "embedded_at"])
     count = base_rows.num_rows
     if not new_files:
         chosen, dropped = _choose_rows(files[:1])[0].slice(0, 0), 0
@@ -261,11 +266,12 @@ def _extend(
     keep = replace | fresh
     if keep.sum() > REBUILD_SHARE * count:
         return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
-    index = faiss.read_index(str(folder / "index.faiss"))
+    index = catalog.read_index(layout.index_file(folder))
     flat = isinstance(index, faiss.IndexFlat)
     if replace.any() and not flat and ann.nlist_of(index) is None:
-        return None, f"{base['index_type']} cannot replace the vectors of {replace.sum()} changed media_ids"
-    truth = ann.Truth.load(folder / "tuning.npz")
+        return None, f"{base.index_type} cannot replace the vectors of {replace.sum()} changed media_ids"
+    with storage.open_input(layout.tuning_file(folder)) as f:
+        truth = ann.Truth.load(f)
     truth.forget(faiss_ids[replace])
     file_idx = chosen.column("file_idx").to_numpy()
     row_idx = chosen.column("row_idx").to_numpy()
@@ -308,15 +314,13 @@ def _extend(
         }
     )
     stale = int(known.sum() - replace.sum())
-    dropped = base["duplicates_dropped"] + dropped + int(replace.sum()) + stale
-    made = _Made(
-        index, base["index_type"], rows, truth, dropped, base["build_id"], int(fresh.sum()), int(replace.sum())
-    )
+    dropped = base.duplicates_dropped + dropped + int(replace.sum()) + stale
+    made = _Made(index, base.index_type, rows, truth, dropped, base.build_id, int(fresh.sum()), int(replace.sum()))
     return made, ""
 
 
 def build(
-    root: Path,
+    root: Location | str,
     model_version: str | None = None,
     day: str | None = None,
     index_type: str = "auto",
@@ -330,22 +334,23 @@ def build(
     Extends CURRENT (same model_version, trained index) with only the new silver files unless
     `retrain`, a `day` filter, too many new rows or a recall below `target_recall` call for a
     full build. progress(done, total) counts silver files added."""
-    import faiss
+    import faiss  # noqa: F401 - faiss first: it and numpy must agree on the BLAS threads
 
     started = time.monotonic()
+    root = storage.data_root(root)
     model_version = catalog.pick_model_version(root, model_version, catalog.silver_model_versions(root), "embeddings")
     files = catalog.silver_files(root, model_version, day)
     if not files:
         raise UserError(f"no silver files for {model_version}{' on ' + day if day else ''}; run `rayclip embed`")
     spec_file = layout.silver_model_file(root, model_version)
-    if not spec_file.is_file():
+    if not storage.exists(spec_file):
         raise UserError(
             f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
         )
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
-    dim = pq.read_schema(files[0]).field("embedding").type.list_size
+    dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (
         (None, "--dt picks one partition")
@@ -374,25 +379,25 @@ def build(
 
     build_id = layout.new_run_id()
     partitions = sorted({f.parent.name for f in files})
-    info = {
-        "build_id": build_id,
-        "model_version": model_version,
-        "model": ModelSpec.from_dict(json.loads(spec_file.read_text())).to_dict(),
-        "dim": dim,
-        "metric": "inner_product (cosine on L2-normalised vectors)",
-        "index_type": made.index_type,
-        "index_type_asked": index_type,
-        "count": int(index.ntotal),
-        "duplicates_dropped": made.dropped,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_partitions": partitions,
-        "source_files": len(files),
-        "silver_files": [_silver_name(root, model_version, f) for f in files],
-        "base_build": made.base_build,
-        "incremental": {"added": made.added, "replaced": made.replaced} if made.base_build else None,
-        "full_build_reason": None if made.base_build else why_full,
-        "search_params": tuning.params,
-        "recall": {
+    info = BuildInfo(
+        build_id=build_id,
+        model_version=model_version,
+        model=ModelSpec.from_dict(storage.read_json(spec_file)).to_dict(),
+        dim=dim,
+        metric="inner_product (cosine on L2-normalised vectors)",
+        index_type=made.index_type,
+        index_type_asked=index_type,
+        count=int(index.ntotal),
+        duplicates_dropped=made.dropped,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source_partitions=partitions,
+        source_files=len(files),
+        silver_files=[_silver_name(root, model_version, f) for f in files],
+        base_build=made.base_build,
+        incremental={"added": made.added, "replaced": made.replaced} if made.base_build else None,
+        full_build_reason=None if made.base_build else why_full,
+        search_params=tuning.params,
+        recall={
             f"recall_at_{RECALL_K}": tuning.recall_at_k,
             "target": target_recall,
             "met": tuning.target_met,
@@ -400,45 +405,54 @@ def build(
             "against": "exact inner-product search over the same vectors",
             "tried": tuning.tried,
         },
-        "query_ms": {"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, tuning.queries)},
-    }
-    final = layout.build_dir(root, model_version, build_id)
-    debris.sweep(root, debris.WORK_FOLDERS[2:])  # hidden build folders of killed builds
-    # A hidden folder, locked while this build lives (a concurrent build's sweep leaves it alone).
-    with storage.working(final.parent / f".{build_id}.tmp") as staging:
-        faiss.write_index(index, str(staging / "index.faiss"))
-        faults.point("index.build")  # the build half written, in its hidden folder
-        pq.write_table(mapping, staging / "mapping.parquet")
-        made.truth.save(staging / "tuning.npz")
-        info["index_bytes"] = (staging / "index.faiss").stat().st_size
-        info["timings"] = {
-            "build_s": round(built_s, 3),
-            "total_s": round(time.monotonic() - started, 3),
-        }
-        storage.write_json_atomic(staging / "build.json", info)
-        staging.rename(final)
-    faults.point("index.publish")  # the build in place, CURRENT still names the previous one
+        query_ms={"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, tuning.queries)},
+    )
+    folder = layout.build_dir(root, model_version, build_id)
+    debris.sweep(root, debris.BUILD_FOLDERS)  # folders of builds killed before their build.json
+    _write_build(folder, index, mapping, made.truth, info, started, built_s)
+    faults.point("index.publish")  # the build committed, CURRENT still names the previous one
     storage.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
         build_id,
         model_version,
-        info["count"],
+        info.count,
         dim,
         made.index_type,
         made.dropped,
         partitions,
-        info["timings"],
-        str(final),
+        info.timings,
+        storage.uri(folder),
         tuning.recall_at_k,
         tuning.target_met,
         tuning.params,
-        info["index_bytes"],
+        info.index_bytes,
         made.base_build or f"none (full build: {why_full})",
     )
 
 
-def rollback(root: Path, model_version: str | None = None) -> tuple[str, str]:
+def _write_build(
+    folder: Location, index, mapping: pa.Table, truth: ann.Truth, info: BuildInfo, started: float, built_s: float
+) -> None:
+    """Every file of the build, each written whole, then build.json: the commit. The folder is held
+    while it is written (a concurrent build's sweep leaves it alone) and kept when done."""
+    import faiss
+
+    with storage.working(folder, keep=True):
+        with storage.open_output(layout.index_file(folder)) as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # streamed, no second copy in memory
+        faults.point("index.build")  # the build half written, without its build.json
+        with storage.open_output(layout.mapping_file(folder)) as f:
+            pq.write_table(mapping, f)
+        with storage.open_output(layout.tuning_file(folder)) as f:
+            truth.save(f)
+        info.index_bytes = storage.size(layout.index_file(folder))
+        info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
+        info.write(layout.build_info_file(folder))
+
+
+def rollback(root: Location | str, model_version: str | None = None) -> tuple[str, str]:
     """Point CURRENT at the build before it; returns (from, to)."""
+    root = storage.data_root(root)
     model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
     current = catalog.current_build(root, model_version)
     ids = catalog.builds(root, model_version)

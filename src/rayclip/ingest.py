@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import io
 import os
 import time
 from collections import Counter
@@ -29,11 +28,10 @@ import pyarrow.parquet as pq
 
 from . import catalog, debris, faults, layout, storage
 from .errors import UserError
+from .model import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
 from .progress import Progress, watch
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-# Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
-DEFAULT_MAX_PIXELS = 2**27
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
 
@@ -69,10 +67,6 @@ class Candidate:
     caption: str
     expected_sha256: str | None = None  # img2dataset's own hash, checked against ours
     movable: bool = False  # a download we own may be renamed; a user's file is copied
-
-
-class BadImageError(Exception):
-    """The bytes are not an image we can decode safely; the message is the failure reason."""
 
 
 # ---------------------------------------------------------------- reading metadata
@@ -240,34 +234,6 @@ def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
 
 
 # ---------------------------------------------------------------- storing
-
-
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
-    """(extension, width, height as displayed) of decodable image bytes; BadImageError(reason) otherwise.
-
-    The bytes are decoded exactly as embed and queries will decode them (model.decode_image), so an
-    object that is admitted here can be embedded later.
-    """
-    from PIL import Image
-
-    from .model import decode_image
-
-    if not data:
-        raise BadImageError("empty body")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadImageError("image too large to decode")
-            fmt = (img.format or "").lower()
-        width, height = decode_image(data).size  # a truncated or corrupt body fails here, not in embed
-    except BadImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise BadImageError("image too large to decode") from None
-    except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
-        raise BadImageError("decode error") from None
-    return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height
 
 
 def _store(root: Path, candidate: Candidate, data: bytes, media_id: str, ext: str) -> bool:

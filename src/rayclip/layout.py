@@ -7,8 +7,10 @@ the root is a local folder or an object-store prefix (storage.Location); nothing
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import secrets
+from pathlib import Path
 
 from .storage import Location
 
@@ -25,6 +27,11 @@ def objects_dir(root: Location) -> Location:
 def object_relpath(media_id: str, ext: str) -> str:
     """Content-addressed location of an image, relative to the data root."""
     return f"bronze/objects/{media_id[:2]}/{media_id}.{ext}"
+
+
+def object_glob(media_id: str) -> str:
+    """The pattern, under objects_dir, of a media_id's object whatever its extension."""
+    return f"{media_id[:2]}/{media_id}.*"
 
 
 def manifest_dir(root: Location) -> Location:
@@ -62,9 +69,16 @@ def embed_runs_dir(root: Location) -> Location:
     return root / "silver" / "runs"
 
 
-# gold
+# gold: a build folder holds the files below; build.json is written last (the build's commit record)
+BUILD_INFO = "build.json"
+
+
+def gold_root(root: Location) -> Location:
+    return root / "gold"
+
+
 def gold_dir(root: Location, model_version: str) -> Location:
-    return root / "gold" / model_version
+    return gold_root(root) / model_version
 
 
 def builds_dir(root: Location, model_version: str) -> Location:
@@ -77,6 +91,39 @@ def build_dir(root: Location, model_version: str, build_id: str) -> Location:
 
 def current_file(root: Location, model_version: str) -> Location:
     return gold_dir(root, model_version) / "CURRENT"
+
+
+def build_info_file(build: Location) -> Location:
+    return build / BUILD_INFO
+
+
+def index_file(build: Location) -> Location:
+    return build / "index.faiss"
+
+
+def mapping_file(build: Location) -> Location:
+    """Row i describes faiss_id i."""
+    return build / "mapping.parquet"
+
+
+def tuning_file(build: Location) -> Location:
+    """Held-out queries and their exact neighbours, which an incremental build measures itself with."""
+    return build / "tuning.npz"
+
+
+def eval_file(build: Location) -> Location:
+    return build / "eval.json"
+
+
+def eval_html_file(build: Location) -> Location:
+    return build / "eval.html"
+
+
+def build_cache(cache_home: Path, root: Location, model_version: str, build_id: str) -> Path:
+    """Where this machine keeps its copy of a build of an object-store root (the Searcher's cache):
+    keyed by the root's URI, the model_version and the build_id, so two stores never share one."""
+    store = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return cache_home / "builds" / store / model_version / build_id
 
 
 # names

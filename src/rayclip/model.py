@@ -351,3 +351,37 @@ def decode_image(data: bytes):
         background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+# Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
+DEFAULT_MAX_PIXELS = 2**27
+
+
+class BadImageError(Exception):
+    """The bytes are not an image we can decode safely; the message is the failure reason."""
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """(extension, width, height as displayed) of decodable image bytes; BadImageError(reason) otherwise.
+
+    The bytes are decoded exactly as embed and queries will decode them (model.decode_image), so an
+    object that is admitted here can be embedded later.
+    """
+    from PIL import Image
+
+    if not data:
+        raise BadImageError("empty body")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImageError("image too large to decode")
+            fmt = (img.format or "").lower()
+        width, height = decode_image(data).size  # a truncated or corrupt body fails here, not in embed
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImageError("image too large to decode") from None
+    except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
+        raise BadImageError("decode error") from None
+    return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height

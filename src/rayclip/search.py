@@ -3,13 +3,16 @@
 A Searcher loads the CURRENT build (index + mapping) and its model once, then answers many
 queries. `refresh()` picks up a build published later (the HTTP service calls it per request);
 a build is only ever read after CURRENT names it, so a reader never sees a partial build.
+
+A build on a local data root is read in place. A build on an object store is downloaded once into
+this machine's cache (storage.cache_home(), keyed by the root, model_version and build_id; a
+committed build never changes), so a restart on the same build downloads nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -17,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import ann, catalog, filters, layout, storage
+from .catalog import BuildInfo
 from .errors import UserError
 from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
+from .storage import Location
 
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
 COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short
@@ -77,16 +81,16 @@ class Term:
 @dataclasses.dataclass(frozen=True)
 class _Build:
     build_id: str
-    info: dict
+    info: BuildInfo
     index: object
     mapping: object  # pyarrow Table ordered by faiss_id
 
 
-def _spec_from_build(info: dict) -> ModelSpec:
+def _spec_from_build(info: BuildInfo) -> ModelSpec:
     """The model the build's vectors came from; a local checkpoint must still be the same file."""
-    if not info.get("model"):
-        raise UserError(f"build {info['build_id']} does not record its model; rebuild with `rayclip index`")
-    recorded = ModelSpec.from_dict(info["model"])
+    if not info.model:
+        raise UserError(f"build {info.build_id} does not record its model; rebuild with `rayclip index`")
+    recorded = ModelSpec.from_dict(info.model)
     if recorded.pretrained == REFERENCE_ALIAS:
         spec = resolve(None, REFERENCE_ALIAS)
     elif recorded.checkpoint:
@@ -94,36 +98,40 @@ def _spec_from_build(info: dict) -> ModelSpec:
     else:
         spec = ModelSpec(recorded.name, recorded.pretrained)
     if recorded.checkpoint_sha256 and spec.checkpoint_sha256 != recorded.checkpoint_sha256:
-        raise UserError(f"the checkpoint of build {info['build_id']} changed on disk since it was embedded; re-embed")
-    return dataclasses.replace(spec, version=info["model_version"])
+        raise UserError(f"the checkpoint of build {info.build_id} changed on disk since it was embedded; re-embed")
+    return dataclasses.replace(spec, version=info.model_version)
 
 
-def _load_build(root: Path, model_version: str, build_id: str) -> _Build:
-    import faiss
-
+def _load_build(root: Location, model_version: str, build_id: str) -> _Build:
+    """A committed build: read in place from a local root, through the local cache from an object store."""
     folder = layout.build_dir(root, model_version, build_id)
+    cache = layout.build_cache(storage.cache_home(), root, model_version, build_id)
+
+    def local(file_of: Callable[[Location], Location]) -> Location:
+        return storage.cached(file_of(folder), file_of(cache))
+
     try:
-        info = json.loads((folder / "build.json").read_text())
-        index = faiss.read_index(str(folder / "index.faiss"))
-        mapping = pq.read_table(folder / "mapping.parquet")
+        info = BuildInfo.read(local(layout.build_info_file))
+        index = catalog.read_index(local(layout.index_file))
+        mapping = catalog.read_parquet(local(layout.mapping_file))
     except (OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"build {build_id} of {model_version} cannot be read: {str(exc).splitlines()[0]}") from None
     ids = mapping.column("faiss_id").to_numpy()
-    if not (index.ntotal == mapping.num_rows == info["count"]) or not np.array_equal(ids, np.arange(len(ids))):
+    if not (index.ntotal == mapping.num_rows == info.count) or not np.array_equal(ids, np.arange(len(ids))):
         raise UserError(
             f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
-            f"mapping {mapping.num_rows} rows, build.json {info['count']}; roll back with `rayclip index --rollback`"
+            f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
     _prepare(index, info)
     return _Build(build_id, info, index, mapping)
 
 
-def _prepare(index, info: dict) -> None:
+def _prepare(index, info: BuildInfo) -> None:
     """Apply the knobs the build tuned for its recall target; let an IVF index look vectors up by id
     (collapse and --like read stored vectors back)."""
     import faiss
 
-    ann.apply_parameters(index, info.get("search_params") or {})
+    ann.apply_parameters(index, info.search_params or {})
     if ann.nlist_of(index) is not None:
         faiss.extract_index_ivf(index).make_direct_map()
 
@@ -131,7 +139,7 @@ def _prepare(index, info: dict) -> None:
 class Searcher:
     """Text→image and image→image search over one model_version's CURRENT build."""
 
-    def __init__(self, root: Path, model_version: str, model: ClipModel, build: _Build):
+    def __init__(self, root: Location, model_version: str, model: ClipModel, build: _Build):
         self.root = root
         self.model_version = model_version
         self.model = model
@@ -169,8 +177,8 @@ class Searcher:
         return {
             "model_version": self.model_version,
             "build_id": b.build_id,
-            "count": b.info["count"],
-            "model": b.info["model"],
+            "count": b.info.count,
+            "model": b.info.model,
         }
 
     @property
@@ -344,7 +352,7 @@ def _search(build: _Build, queries: np.ndarray, k: int, allowed: np.ndarray | No
     mask[allowed] = True
     bitmap = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
-    knobs = build.info.get("search_params") or {}
+    knobs = build.info.search_params or {}
     effort = 1
     while True:
         params, exhaustive = ann.search_parameters(index, knobs, selector, effort)

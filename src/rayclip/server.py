@@ -2,7 +2,8 @@
 
 The Searcher is opened once, on the first request that needs it, and asked on every request
 whether CURRENT moved (one small file read), so a build published later is served without a
-restart. Images are only ever served from the content-addressed store, by a validated media_id.
+restart, on a local data root and an object store alike. Images are only ever served from the
+content-addressed store, by a validated media_id, streamed in chunks through storage.
 
 Off loopback: an API key guards /api/* and /metrics (`require_api_key`), queries that encode
 are admitted only while fewer than `queue_depth` are in flight (503 + Retry-After beyond), and
@@ -19,20 +20,21 @@ import ipaddress
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from . import catalog, layout, storage
+from . import catalog, storage
 from .errors import UserError
-from .ingest import BadImageError, inspect_image
+from .model import BadImageError, inspect_image
 from .search import Searcher, SearchResults, Term
+from .storage import Location
 
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "RAYCLIP_API_KEY"
@@ -45,6 +47,7 @@ MULTIPART_OVERHEAD_BYTES = 64 << 10  # a body may exceed the largest upload by t
 MAX_QUERY_CHARS = 1000
 MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
+IMAGE_CACHE = "private, max-age=31536000, immutable"  # its name is the hash of its bytes; private: it may be keyed
 # Module level: with postponed annotations FastAPI must be able to resolve the alias by name.
 TopK = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 Collapse = Annotated[
@@ -89,7 +92,7 @@ class _SearcherHolder:
     """Opens the Searcher once (503 until an index exists), then follows CURRENT."""
 
     def __init__(
-        self, data_dir: Path, model_version: str | None, precision: str = "auto", metrics: _Metrics | None = None
+        self, data_dir: Location, model_version: str | None, precision: str = "auto", metrics: _Metrics | None = None
     ):
         self.data_dir = data_dir
         self.model_version = model_version
@@ -352,11 +355,17 @@ def create_app(
         return _payload(searcher, results, {"upload": file.filename, "k": k, "collapse": collapse, "where": where})
 
     @app.get("/api/images/{media_id}")
-    def image(media_id: str) -> FileResponse:
+    def image(media_id: str) -> StreamingResponse:
         if not re.match(MEDIA_ID, media_id):
             raise HTTPException(status_code=422, detail="media_id must be 64 lowercase hex characters")
-        path = _object_path(root, media_id)
-        return FileResponse(path, media_type=CONTENT_TYPES.get(path.suffix[1:], "application/octet-stream"))
+        stored = catalog.find_object(root, media_id)
+        if stored is None:
+            raise HTTPException(status_code=404, detail=f"no image {media_id}")
+        return StreamingResponse(
+            _chunks(stored),
+            media_type=CONTENT_TYPES.get(stored.suffix[1:], "application/octet-stream"),
+            headers={"Content-Length": str(storage.size(stored)), "Cache-Control": IMAGE_CACHE},
+        )
 
     _add_clip_back(app, holder, encode_slot, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
     return app
@@ -442,9 +451,9 @@ def _add_limits_and_counts(app: FastAPI, metrics: _Metrics, max_body_bytes: int)
         return response
 
 
-def _object_path(root: Path, media_id: str) -> Path:
-    """The stored object of a validated media_id; only ever a file inside bronze/objects."""
-    matches = sorted(layout.objects_dir(root).glob(f"{media_id[:2]}/{media_id}.*"))
-    if not matches:
-        raise HTTPException(status_code=404, detail=f"no image {media_id}")
-    return matches[0]
+def _chunks(stored: Location) -> Iterator[bytes]:
+    """The object's bytes a chunk at a time (Starlette runs this in its thread pool); a client that
+    goes away closes the generator, and with it the object."""
+    with storage.open_input(stored) as f:
+        while chunk := f.read(storage.CHUNK_BYTES):
+            yield chunk

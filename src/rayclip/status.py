@@ -2,60 +2,59 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pyarrow.compute as pc
 
 from . import catalog, debris, layout, storage
+from .catalog import BuildInfo
+from .storage import Location
 
 
-def bronze_status(root: Path) -> dict:
+def bronze_status(root: Location) -> dict:
     manifest = catalog.read_manifest(root, ["media_id"])
-    objects = [p for p in layout.objects_dir(root).glob("*/*") if not p.name.startswith(".")]
+    objects = [p for p in storage.glob(layout.objects_dir(root), "*/*") if not p.name.startswith(".")]
     return {
         "manifest_rows": manifest.num_rows,
         "unique_media_ids": len(pc.unique(manifest.column("media_id"))),
         "objects": len(objects),
-        "object_bytes": sum(p.stat().st_size for p in objects),
-        "ingest_runs": len(list(layout.ingest_runs_dir(root).glob("*.json"))),
+        "object_bytes": sum(storage.size(p) for p in objects),
+        "ingest_runs": len(storage.glob(layout.ingest_runs_dir(root), "*.json")),
     }
 
 
-def silver_status(root: Path) -> list[dict]:
-    """One entry per (model_version, dt) partition."""
-    import pyarrow.parquet as pq
-
+def silver_status(root: Location) -> list[dict]:
+    """One entry per (model_version, dt) partition, counting committed files only."""
     out = []
-    for part in sorted(layout.embeddings_dir(root).glob("model_version=*/dt=*")):
-        files = sorted(part.glob("*.parquet"))
-        out.append(
+    for model_version in catalog.silver_model_versions(root):
+        partitions: dict[str, list[Location]] = {}
+        for f in catalog.silver_files(root, model_version):
+            partitions.setdefault(f.parent.name.split("=", 1)[1], []).append(f)
+        out += [
             {
-                "model_version": part.parent.name.split("=", 1)[1],
-                "dt": part.name.split("=", 1)[1],
+                "model_version": model_version,
+                "dt": day,
                 "files": len(files),
-                "rows": sum(pq.read_metadata(f).num_rows for f in files),  # from the footers, no data read
+                "rows": sum(catalog.parquet_metadata(f).num_rows for f in files),  # from the footers, no data read
             }
-        )
+            for day, files in sorted(partitions.items())
+        ]
     return out
 
 
-def gold_status(root: Path) -> list[dict]:
+def gold_status(root: Location) -> list[dict]:
     """One entry per build, CURRENT marked."""
     out = []
-    gold = root / "gold"
     # Every model_version folder, even one whose CURRENT was never written (a build then stays listed).
-    for model_version in sorted(p.name for p in gold.iterdir() if p.is_dir()) if gold.is_dir() else []:
+    for model_version in catalog.gold_model_versions(root, published=False):
         current_id = catalog.current_build(root, model_version)
         for build_id in catalog.builds(root, model_version):
             folder = layout.build_dir(root, model_version, build_id)
-            info = json.loads((folder / "build.json").read_text())
+            info = BuildInfo.read(layout.build_info_file(folder))
             out.append(
                 {
                     "model_version": model_version,
                     "build_id": build_id,
-                    "count": info["count"],
-                    "created_at": info["created_at"],
+                    "count": info.count,
+                    "created_at": info.created_at,
                     "current": build_id == current_id,
                     **_build_details(folder, info),
                 }
@@ -63,27 +62,26 @@ def gold_status(root: Path) -> list[dict]:
     return out
 
 
-def _build_details(folder: Path, info: dict) -> dict:
+def _build_details(folder: Location, info: BuildInfo) -> dict:
     """Index type, its size (what a server holds in memory), what the build measured of itself
     (recall; builds before measured recall show none) and its eval, where known."""
-    index_file = folder / "index.faiss"
-    eval_file = folder / "eval.json"
-    recall = info.get("recall") or {}
+    index_file = layout.index_file(folder)
+    eval_file = layout.eval_file(folder)
     return {
-        "index_type": info.get("index_type"),
-        "index_bytes": info.get("index_bytes") or (index_file.stat().st_size if index_file.is_file() else None),
-        "recall_at_10": recall.get("recall_at_10"),
-        "base_build": info.get("base_build"),
-        "eval": json.loads(eval_file.read_text()) if eval_file.is_file() else None,
+        "index_type": info.index_type,
+        "index_bytes": info.index_bytes or (storage.size(index_file) if storage.exists(index_file) else None),
+        "recall_at_10": info.recall.get("recall_at_10"),
+        "base_build": info.base_build,
+        "eval": storage.read_json(eval_file) if storage.exists(eval_file) else None,
     }
 
 
-def debris_status(root: Path) -> list[dict]:
+def debris_status(root: Location) -> list[dict]:
     """Leftovers of killed runs (no reader sees them; `rayclip gc` or the next run sweeps them)."""
     return [{"path": str(p.relative_to(root)), "bytes": storage.tree_size(p)} for p in debris.find(root)]
 
 
-def recent_runs(root: Path, limit: int = 12) -> list[dict]:
+def recent_runs(root: Location, limit: int = 12) -> list[dict]:
     """The newest ingest and embed run records (newest first): rows through, failures by reason."""
     rows_key = {"ingest": "downloaded", "embed": "rows_embedded"}
     runs = [
@@ -100,9 +98,9 @@ def recent_runs(root: Path, limit: int = 12) -> list[dict]:
     return sorted(runs, key=lambda r: r["run_id"], reverse=True)[:limit]
 
 
-def status(root: Path) -> dict:
+def status(root: Location) -> dict:
     return {
-        "data_dir": str(root),
+        "data_dir": storage.uri(root),
         "bronze": bronze_status(root),
         "silver": silver_status(root),
         "gold": gold_status(root),

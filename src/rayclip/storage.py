@@ -35,6 +35,8 @@ LEASE_NAME = ".lease"
 LEASE_BEAT_S = 30.0  # how often a live run on an object store rewrites its lease
 LEASE_STALE_S = 180.0  # a lease older than this belonged to a run that died
 
+CHUNK_BYTES = 1 << 20  # what a streamed read or copy moves at a time
+
 Location = Path | UPath
 
 
@@ -126,6 +128,23 @@ def tree_size(loc: Location) -> int:
     if not is_dir(loc):
         return size(loc)
     return sum(size(p) for p in loc.rglob("*") if not is_dir(p))
+
+
+def cache_home() -> Path:
+    """This machine's cache of copies from object stores: $XDG_CACHE_HOME/rayclip, else ~/.cache/rayclip."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rayclip"
+
+
+def cached(loc: Location, copy: Path) -> Location:
+    """`loc` itself when it is local; else the local file `copy` of it, downloaded on first use in
+    chunks and renamed into place whole (a killed download leaves no partial copy). Only for objects
+    that never change once written (a committed build's files): a copy is never checked again."""
+    if is_local(loc):
+        return loc
+    if not copy.is_file():
+        with open_input(loc) as source, open_output(copy) as target:
+            shutil.copyfileobj(source, target, CHUNK_BYTES)
+    return copy
 
 
 # writing
@@ -226,12 +245,14 @@ def temp_sibling(loc: Location) -> Location:
 
 # leases: which work folders belong to a live run
 @contextlib.contextmanager
-def working(folder: Location) -> Iterator[Location]:
+def working(folder: Location, keep: bool = False) -> Iterator[Location]:
     """Mark a run's work folder live while the block runs, and remove what is left of it after.
 
     Local: an exclusive flock on the folder, which the kernel drops when the process dies, even by
     kill -9. Object store: a lease object rewritten every LEASE_BEAT_S; a run that died stops
-    rewriting it, and after LEASE_STALE_S its folder is debris.
+    rewriting it, and after LEASE_STALE_S its folder is debris. With `keep` the folder is the
+    run's product (a gold build, committed by a file inside it): a block that ends without an error
+    leaves it in place and only the lease goes.
     """
     if is_local(folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -239,8 +260,12 @@ def working(folder: Location) -> Iterator[Location]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield folder
+        except BaseException:
+            keep = False  # a product that failed half-way is debris like any work folder
+            raise
         finally:
-            shutil.rmtree(folder, ignore_errors=True)  # it may have been renamed into place already
+            if not keep:
+                shutil.rmtree(folder, ignore_errors=True)  # it may have been renamed into place already
             os.close(fd)
         return
     lease, stop = folder / LEASE_NAME, threading.Event()
@@ -255,10 +280,13 @@ def working(folder: Location) -> Iterator[Location]:
     beater.start()
     try:
         yield folder
+    except BaseException:
+        keep = False
+        raise
     finally:
         stop.set()
         beater.join()
-        delete(folder)
+        delete(lease if keep else folder)
 
 
 @contextlib.contextmanager
