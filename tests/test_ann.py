@@ -60,7 +60,7 @@ def test_auto_ivf_reaches_target_recall_on_clustered_vectors(tmp_path, ivf_thres
     write_silver(root, DAY1, media_ids(4000), clustered(4000, DIM, seed=1))
     report = index.build(root, target_recall=0.9)
     info = info_of(report)
-    assert info["index_type"] == "IVF256_HNSW32,SQ6"  # d=32: with 8-byte ids, no room for a shortlist code
+    assert info["index_type"] == "IVF256,SQ6"  # d=32: with 8-byte ids, no room for a shortlist code
     assert info["recall"]["recall_at_10"] >= 0.9 and report.recall_target_met
     assert info["search_params"]["nprobe"] >= 1 and info["index_bytes"] < 4000 * DIM * 4 / 2
     # The Searcher applies the tuned nprobe: fresh queries from the same mixture reach the target too.
@@ -161,9 +161,9 @@ def test_choice_follows_count_and_memory_budget():
     assert choose(50_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "flat"
     assert choose(500_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "HNSW32"
     big = choose(1_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192)
-    assert big == "IVF4096_HNSW32,PQ128x4fs,Refine(SQ6)"
+    assert big == "IVF4096,PQ128x4fs,Refine(SQ6)"
     assert ann.index_bytes(big, 1_000_000, 512) <= 1_000_000 * 512 * 4 / 4
-    assert choose(10_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "IVF8192_HNSW32,PQ64x4fs,Refine(SQ6)"
+    assert choose(10_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "IVF8192,PQ64x4fs,Refine(SQ6)"
     assert choose(10_000_000, 512, 3 << 30, 100_000, 1_000_000, 32, 8192).startswith("OPQ")
     tight = choose(1_000_000, 512, 200 << 20, 100_000, 1_000_000, 32, 8192)
     assert tight.startswith("OPQ") and ann.index_bytes(tight, 1_000_000, 512) <= 200 << 20
@@ -184,7 +184,7 @@ def test_filter_on_a_refined_index_returns_the_top_k_among_matching_rows(tmp_pat
     write_silver(root, DAY1, ids, vectors)
     manifest = write_manifest(root, ids)
     report = index.build(root, target_recall=0.9)
-    assert report.index_type == "IVF256_HNSW32,PQ32x4fs,Refine(SQ6)" and report.recall_target_met
+    assert report.index_type == "IVF256,PQ32x4fs,Refine(SQ6)" and report.recall_target_met
     searcher = Searcher.open(root)
     wide = set(manifest.filter(pc.field("width") >= 900).column("media_id").to_pylist())
     allowed = np.array([i for i, m in enumerate(ids) if m in wide])
@@ -204,6 +204,6 @@ def test_auto_falls_back_to_residual_codes_when_the_refined_index_misses_the_tar
     write_silver(root, DAY1, media_ids(4000), clustered(4000, 128, spread=0.35, seed=1))
     report = index.build(root, target_recall=0.9)
     info = info_of(report)
-    assert info["auto_rejected"]["index_type"] == "IVF256_HNSW32,PQ32x4fs,Refine(SQ6)"
+    assert info["auto_rejected"]["index_type"] == "IVF256,PQ32x4fs,Refine(SQ6)"
     assert info["auto_rejected"]["recall_at_10"] < 0.9
-    assert info["index_type"] == "IVF256_HNSW32,SQ6" and report.recall_target_met
+    assert info["index_type"] == "IVF256,SQ6" and report.recall_target_met

@@ -53,13 +53,14 @@ def index_bytes(index_type: str, count: int, dim: int) -> int:
     # every code a vector has: IVF codes (SQ or PQ) and, behind Refine(...), the re-ranking codes
     scalar = sum(dim * int(bits) // 8 for bits in re.findall(r"SQ(\d+)", index_type))
     product = sum(int(m) * int(bits) // 8 for m, bits in re.findall(r"PQ(\d+)x(\d+)", index_type))
-    return count * (scalar + product + ID_BYTES) + nlist * dim * 4 * 2  # centroids, twice with the HNSW over them
+    centroids = nlist * dim * 4 * (2 if "_HNSW" in index_type else 1)  # twice with an HNSW graph over them
+    return count * (scalar + product + ID_BYTES) + centroids
 
 
 def choose_index_type(
     count: int, dim: int, max_bytes: int, flat_below: int, hnsw_below: int, hnsw_links: int, max_nlist: int
 ) -> str:
-    """Flat, then HNSW, then an IVF index (HNSW over its centroids) whose codes take the most bytes
+    """Flat, then HNSW, then an IVF index whose codes take the most bytes
     that fit both the budget and a quarter of the flat index.
 
     First choice: 4-bit fast-scan PQ codes (dim/8 bytes, else dim/16), scanned from SIMD
@@ -74,7 +75,9 @@ def choose_index_type(
     if count < hnsw_below and index_bytes(hnsw, count, dim) <= max_bytes:
         return hnsw
     nlist = nlist_for(count, max_nlist)
-    ivf = f"IVF{nlist}_HNSW32"
+    # Lists are found by brute force over the centroids: at most MAX_NLIST·dim multiply-adds, cheaper
+    # than an HNSW walk over them at the efSearch that probing hundreds of lists needs.
+    ivf = f"IVF{nlist}"
     candidates = (
         [f"{ivf},PQ{m}x4fs,Refine(SQ6)" for m in (dim // 4, dim // 8)]
         + [f"{ivf},SQ6"]
