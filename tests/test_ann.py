@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
@@ -59,7 +60,7 @@ def test_auto_ivf_reaches_target_recall_on_clustered_vectors(tmp_path, ivf_thres
     write_silver(root, DAY1, media_ids(4000), clustered(4000, DIM, seed=1))
     report = index.build(root, target_recall=0.9)
     info = info_of(report)
-    assert info["index_type"].startswith("IVF") and "SQ6" in info["index_type"]
+    assert info["index_type"] == "IVF256,SQ6"  # d=32: with 8-byte ids, no room for a shortlist code
     assert info["recall"]["recall_at_10"] >= 0.9 and report.recall_target_met
     assert info["search_params"]["nprobe"] >= 1 and info["index_bytes"] < 4000 * DIM * 4 / 2
     # The Searcher applies the tuned nprobe: fresh queries from the same mixture reach the target too.
@@ -84,13 +85,13 @@ def current(root: Path) -> str:
     return catalog.current_build(root, "clip_rayclip_ref_reference")
 
 
-def two_days(root: Path, n1: int = 3000, n2: int = 600, changed: int = 100) -> list[str]:
+def two_days(root: Path, n1: int = 3000, n2: int = 600, changed: int = 100, **mixture) -> list[str]:
     """day1: n1 media_ids; day2: n2 new ones and new vectors for the first `changed` of day1."""
     ids = media_ids(n1 + n2)
-    vectors = clustered(n1 + n2, DIM, seed=1)
+    vectors = clustered(n1 + n2, seed=1, **mixture)
     write_silver(root, DAY1, ids[:n1], vectors[:n1])
     write_manifest(root, ids)
-    return ids, np.concatenate([vectors[n1:], clustered(changed, DIM, seed=1)]), ids[n1:] + ids[:changed]
+    return ids, np.concatenate([vectors[n1:], clustered(changed, seed=1, **mixture)]), ids[n1:] + ids[:changed]
 
 
 def by_media_id(root: Path, build_id: str):
@@ -98,20 +99,24 @@ def by_media_id(root: Path, build_id: str):
     return mapping.drop_columns(["faiss_id"]).sort_by("media_id")
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "refined"])
 def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
-    if kind == "ivf":
+    if kind != "flat":
         monkeypatch.setattr(index, "FLAT_BELOW", 500)
         monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+    # At 128 dims a fast-scan shortlist fits beside the 6-bit codes; its clusters are as loose as
+    # bench_index's (cosine to the 10th neighbour ~0.6), where the re-ranking codes reach the target.
+    mixture = {"dim": 128, "spread": 1.0} if kind == "refined" else {"dim": DIM}
     root = tmp_path / "data"
-    ids, day2_vectors, day2_ids = two_days(root)
+    ids, day2_vectors, day2_ids = two_days(root, **mixture)
     first = index.build(root, target_recall=0.9)
+    assert ("Refine(SQ6)" in info_of(first)["index_type"]) == (kind == "refined")
     write_silver(root, DAY2, day2_ids, day2_vectors)
     incremental = index.build(root, target_recall=0.9)
     info = info_of(incremental)
     assert info["base_build"] == first.build_id and info["incremental"] == {"added": 600, "replaced": 100}
     assert info["index_type"] == info_of(first)["index_type"]
-    queries = clustered(1000, DIM, seed=1)  # same mixture, other noise
+    queries = clustered(1000, seed=1, **mixture)  # same mixture, other noise
     inc_searcher = Searcher.open(root)
     full = index.build(root, retrain=True, target_recall=0.9)
     assert info_of(full)["base_build"] is None and info_of(full)["full_build_reason"] == "--retrain"
@@ -156,7 +161,10 @@ def test_choice_follows_count_and_memory_budget():
     assert choose(50_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "flat"
     assert choose(500_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "HNSW32"
     big = choose(1_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192)
-    assert big == "IVF4096_HNSW32,SQ6" and ann.index_bytes(big, 1_000_000, 512) <= 1_000_000 * 512 * 4 / 4
+    assert big == "IVF4096,PQ128x4fs,Refine(SQ6)"
+    assert ann.index_bytes(big, 1_000_000, 512) <= 1_000_000 * 512 * 4 / 4
+    assert choose(10_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "IVF8192,PQ64x4fs,Refine(SQ6)"
+    assert choose(10_000_000, 512, 3 << 30, 100_000, 1_000_000, 32, 8192).startswith("OPQ")
     tight = choose(1_000_000, 512, 200 << 20, 100_000, 1_000_000, 32, 8192)
     assert tight.startswith("OPQ") and ann.index_bytes(tight, 1_000_000, 512) <= 200 << 20
     assert choose(500_000, 512, 600 << 20, 100_000, 1_000_000, 32, 8192).startswith("IVF")  # HNSW would not fit
@@ -167,3 +175,35 @@ def test_choice_follows_count_and_memory_budget():
         choose(10_000_000, 512, 1 << 20, 100_000, 1_000_000, 32, 8192)
     with pytest.raises(UserError, match="not a size"):
         ann.parse_bytes("lots")
+
+
+def test_filter_on_a_refined_index_returns_the_top_k_among_matching_rows(tmp_path, ivf_thresholds):
+    """The IDSelector reaches the shortlist (IVF) stage, so the re-ranked k all match the filter."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(4000), clustered(4000, 128, spread=1.0, seed=1)
+    write_silver(root, DAY1, ids, vectors)
+    manifest = write_manifest(root, ids)
+    report = index.build(root, target_recall=0.9)
+    assert report.index_type == "IVF256,PQ32x4fs,Refine(SQ6)" and report.recall_target_met
+    searcher = Searcher.open(root)
+    wide = set(manifest.filter(pc.field("width") >= 900).column("media_id").to_pylist())
+    allowed = np.array([i for i, m in enumerate(ids) if m in wide])
+    assert 0 < len(allowed) < len(ids) / 2
+    queries = clustered(50, 128, spread=1.0, seed=1)
+    exact = allowed[np.argsort(-(queries @ vectors[allowed].T), axis=1)[:, :10]]
+    found = searcher.search_vectors(queries, 10, where="width >= 900")
+    assert all(len(f) == 10 and {r.media_id for r in f} <= wide for f in found)
+    hits = [len({r.media_id for r in f} & {ids[i] for i in e}) / 10 for f, e in zip(found, exact)]
+    assert np.mean(hits) >= 0.85
+
+
+def test_auto_falls_back_to_residual_codes_when_the_refined_index_misses_the_target(tmp_path, ivf_thresholds):
+    """Tight clusters: 6-bit codes of whole vectors rank too coarsely, so auto measures the refined
+    index, records it as rejected, and builds 6-bit codes of residuals on the same lists."""
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(4000), clustered(4000, 128, spread=0.35, seed=1))
+    report = index.build(root, target_recall=0.9)
+    info = info_of(report)
+    assert info["auto_rejected"]["index_type"] == "IVF256,PQ32x4fs,Refine(SQ6)"
+    assert info["auto_rejected"]["recall_at_10"] < 0.9
+    assert info["index_type"] == "IVF256,SQ6" and report.recall_target_met

@@ -21,6 +21,7 @@ from .errors import UserError
 FLAT = "flat"  # IndexFlatIP: exact
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+REFINE_K_FACTOR = 32  # a refined index re-ranks a shortlist of this many times k
 ID_BYTES = 8  # an inverted list stores each vector's int64 id next to its code
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -49,35 +50,54 @@ def index_bytes(index_type: str, count: int, dim: int) -> int:
         links = int(index_type[4:])
         return count * (dim * 4 + links * 2 * 4 + 16)
     nlist = int(re.search(r"IVF(\d+)", index_type).group(1))
-    sq = re.search(r"SQ(\d+)", index_type)
-    code = dim * int(sq.group(1)) // 8 if sq else int(re.search(r"PQ(\d+)x", index_type).group(1))
-    return count * (code + ID_BYTES) + nlist * dim * 4 * 2  # centroids, twice with the HNSW over them
+    # every code a vector has: IVF codes (SQ or PQ) and, behind Refine(...), the re-ranking codes
+    scalar = sum(dim * int(bits) // 8 for bits in re.findall(r"SQ(\d+)", index_type))
+    product = sum(int(m) * int(bits) // 8 for m, bits in re.findall(r"PQ(\d+)x(\d+)", index_type))
+    centroids = nlist * dim * 4 * (2 if "_HNSW" in index_type else 1)  # twice with an HNSW graph over them
+    return count * (scalar + product + ID_BYTES) + centroids
 
 
 def choose_index_type(
     count: int, dim: int, max_bytes: int, flat_below: int, hnsw_below: int, hnsw_links: int, max_nlist: int
 ) -> str:
-    """Flat, then HNSW, then an IVF index (HNSW over its centroids) whose codes take the most bytes
-    that fit both the budget and a quarter of the flat index: 6-bit scalar quantisation (best
-    recall per byte here), then PQ with dim/2 bytes, then OPQ-rotated PQ with shorter codes."""
+    """Flat, then HNSW, then an IVF index whose codes take the most bytes
+    that fit both the budget and a quarter of the flat index.
+
+    First choice: 4-bit fast-scan PQ codes (dim/8 bytes, else dim/16), scanned from SIMD
+    registers, find a shortlist of REFINE_K_FACTOR·k that 6-bit scalar codes of the whole vector
+    re-rank. Short codes scan fast, so probing many lists costs little, and the re-ranking codes
+    decide the recall (8-bit ones would not fit a quarter of flat's bytes next to the PQ codes and
+    ids; 4-bit ones rank too coarsely). Where ids weigh too much for both (small dim), 6-bit codes
+    of each vector's residual to its list alone. Then, for tight budgets, OPQ-rotated PQ."""
     if count < flat_below and index_bytes(FLAT, count, dim) <= max_bytes:
         return FLAT
     hnsw = f"HNSW{hnsw_links}"
     if count < hnsw_below and index_bytes(hnsw, count, dim) <= max_bytes:
         return hnsw
     nlist = nlist_for(count, max_nlist)
-    ivf = f"IVF{nlist}_HNSW32"
-    candidates = [f"{ivf},SQ6", f"{ivf},PQ{dim // 2}x8"] + [
-        f"OPQ{code}_{dim},{ivf},PQ{code}x8" for code in (dim // 4, dim // 8, dim // 16) if code >= 4
-    ]
+    # Lists are found by brute force over the centroids: at most MAX_NLIST·dim multiply-adds, cheaper
+    # than an HNSW walk over them at the efSearch that probing hundreds of lists needs.
+    ivf = f"IVF{nlist}"
+    candidates = (
+        [f"{ivf},PQ{m}x4fs,Refine(SQ6)" for m in (dim // 4, dim // 8)]
+        + [f"{ivf},SQ6"]
+        + [f"OPQ{code}_{dim},{ivf},PQ{code}x8" for code in (dim // 4, dim // 8, dim // 16) if code >= 4]
+    )
     for candidate in candidates:
-        per_vector = index_bytes(candidate, 1, dim) - index_bytes(candidate, 0, dim)  # code + id
+        per_vector = index_bytes(candidate, 1, dim) - index_bytes(candidate, 0, dim)  # codes + id
         if per_vector <= dim and index_bytes(candidate, count, dim) <= max_bytes:  # dim bytes: ¼ of flat's
             return candidate
     smallest = index_bytes(candidates[-1], count, dim)
     raise UserError(
         f"{count} vectors of {dim} dimensions need at least {smallest / 2**20:.0f} MiB; raise --max-index-memory"
     )
+
+
+def fallback_for(index_type: str) -> str | None:
+    """What auto builds instead when a refined index misses the recall target: 6-bit codes of
+    each vector's residual to its list, on the same lists. Residuals span a smaller range than
+    whole vectors, so these codes rank more precisely (tight clusters need it); they scan slower."""
+    return index_type.split(",")[0] + ",SQ6" if ",Refine(" in index_type else None
 
 
 def nlist_of(index) -> int | None:
@@ -104,13 +124,23 @@ def _hnsw_of(index):
     return inner if hasattr(inner, "hnsw") else None
 
 
+def _refine_of(index):
+    """The IndexRefine whose codes re-rank a shortlist, or None."""
+    import faiss
+
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
 def candidate_parameters(index) -> list[dict]:
     """Knob settings from cheapest to most thorough; [{}] for an exact index."""
     nlist = nlist_of(index)
     if nlist is not None:
         graph = _hnsw_quantizer(index)
+        refine = {"k_factor_rf": REFINE_K_FACTOR} if _refine_of(index) is not None else {}
         return [
-            {"nprobe": n} | ({"quantizer_efSearch": max(64, 2 * n)} if graph else {}) for n in NPROBES if n <= nlist
+            {"nprobe": n} | ({"quantizer_efSearch": max(64, 2 * n)} if graph else {}) | refine
+            for n in NPROBES
+            if n <= nlist
         ]
     if _hnsw_of(index) is not None:
         return [{"efSearch": ef} for ef in EF_SEARCHES]
@@ -132,6 +162,12 @@ def search_parameters(index, params: dict, selector=None, effort: int = 1):
     """
     import faiss
 
+    refine = _refine_of(index)
+    if refine is not None:  # the shortlist comes from the base index, which applies the selector
+        inner, exhaustive = search_parameters(faiss.downcast_index(refine.base_index), params, selector, effort)
+        found = faiss.IndexRefineSearchParameters(k_factor=params.get("k_factor_rf", 1), base_index_params=inner)
+        found.keep = inner  # the C++ side holds a bare pointer: keep the Python object alive with it
+        return found, exhaustive
     nlist = nlist_of(index)
     if nlist is not None:
         nprobe = min(nlist, params.get("nprobe", 1) * effort)
@@ -139,12 +175,55 @@ def search_parameters(index, params: dict, selector=None, effort: int = 1):
         if _hnsw_quantizer(index):
             quantizer = faiss.SearchParametersHNSW(efSearch=max(params.get("quantizer_efSearch", 64), 2 * nprobe))
             found.quantizer_params = quantizer
-            found.keep = quantizer  # the C++ side holds a bare pointer: keep the Python object alive with it
+            found.keep = quantizer
         return found, nprobe >= nlist
     if _hnsw_of(index) is not None:
         ef = params.get("efSearch", 16) * effort
         return faiss.SearchParametersHNSW(sel=selector, efSearch=ef), ef >= index.ntotal
     return faiss.SearchParameters(sel=selector), True
+
+
+def _parts(index) -> tuple:
+    """(the index that finds candidates, the flat codes that re-rank them or None)."""
+    import faiss
+
+    refine = _refine_of(index)
+    if refine is None:
+        return index, None
+    return faiss.downcast_index(refine.base_index), faiss.downcast_index(refine.refine_index)
+
+
+def replaceable(index) -> bool:
+    """Whether `replace_vectors` can give stored ids new vectors (an HNSW graph cannot remove)."""
+    import faiss
+
+    base, _ = _parts(index)
+    return isinstance(base, faiss.IndexFlatCodes) or nlist_of(base) is not None
+
+
+def replace_vectors(index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Give these faiss_ids new vectors, keeping their ids (the index must be `replaceable`).
+
+    Flat and scalar codes are overwritten in place; an IVF index removes the ids and adds them
+    again; a refined index does both, to its shortlist codes and to its re-ranking codes."""
+    import faiss
+
+    base, refine = _parts(index)
+    if isinstance(base, faiss.IndexFlatCodes):
+        _overwrite_codes(base, ids, vectors)
+    else:
+        base.remove_ids(faiss.IDSelectorBatch(ids))
+        base.add_with_ids(vectors, ids)
+    if refine is not None:
+        _overwrite_codes(refine, ids, vectors)
+
+
+def _overwrite_codes(index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """A flat-codes index stores vector i's code at row i: encode the new vectors into those rows."""
+    import faiss
+
+    codes = faiss.rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)
+    codes.reshape(index.ntotal, index.code_size)[ids] = index.sa_encode(vectors)
 
 
 @dataclasses.dataclass

@@ -87,6 +87,7 @@ class BuildInfo:
     source_partitions: list[str]
     source_files: int
     index_type_asked: str | None = None
+    auto_rejected: dict | None = None  # {"index_type", "recall_at_10"}: auto's first pick, when it missed the target
     silver_files: list[str] | None = None  # None: built before incremental builds
     base_build: str | None = None
     incremental: dict | None = None  # {"added", "replaced"} when the build extended base_build

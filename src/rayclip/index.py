@@ -243,7 +243,6 @@ def _extend(
     (IVF: remove_ids + add_with_ids; flat: overwritten in place), so mapping row i still describes
     faiss_id i. New media_ids get the next faiss_ids, in file-then-row order.
     """
-    import faiss
 
     folder = layout.build_dir(root, model_version, base.build_id)
     seen = set(base.silver_files)
@@ -267,8 +266,7 @@ def _extend(
     if keep.sum() > REBUILD_SHARE * count:
         return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
     index = catalog.read_index(layout.index_file(folder))
-    flat = isinstance(index, faiss.IndexFlat)
-    if replace.any() and not flat and ann.nlist_of(index) is None:
+    if replace.any() and not ann.replaceable(index):
         return None, f"{base.index_type} cannot replace the vectors of {replace.sum()} changed media_ids"
     with storage.open_input(layout.tuning_file(folder)) as f:
         truth = ann.Truth.load(f)
@@ -284,17 +282,10 @@ def _extend(
         vectors = _vectors(f, row_idx[in_file])
         _check_vectors(vectors, f)
         ids, old = faiss_ids[in_file], replace[in_file]
-        if flat:
-            stored = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
-            stored[ids[old]] = vectors[old]
-        elif old.any():
-            index.remove_ids(faiss.IDSelectorBatch(ids[old]))
-            index.add_with_ids(vectors[old], ids[old])
+        if old.any():
+            ann.replace_vectors(index, ids[old], vectors[old])
         if (~old).any():
-            if ann.nlist_of(index) is None:  # flat and HNSW number vectors in the order they come
-                index.add(vectors[~old])
-            else:
-                index.add_with_ids(vectors[~old], ids[~old])
+            index.add(vectors[~old])  # new media_ids take the next faiss_ids: the numbers add gives them
         truth.add(vectors, ids)
     media_ids = pa.concat_arrays(
         [at.combine_chunks(), chosen.column("media_id").filter(pa.array(fresh)).combine_chunks()]
@@ -364,9 +355,15 @@ def build(
         tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
         if not tuning.target_met and ann.nlist_of(made.index) is not None:
             made, why_full = None, f"recall@{RECALL_K} {tuning.recall_at_k:.3f} fell below {target_recall}"
+    rejected = None
     if made is None:
         made = _fill(files, dim, index_type, max_bytes, progress)
         tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+        fallback = ann.fallback_for(made.index_type) if index_type == "auto" and not tuning.target_met else None
+        if fallback:  # the measured recall, not the rule, has the last word
+            rejected = {"index_type": made.index_type, f"recall_at_{RECALL_K}": tuning.recall_at_k}
+            made = _fill(files, dim, fallback, max_bytes, progress)
+            tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
     built_s = time.monotonic() - started
 
     mapping = _mapping(made.rows, root)
@@ -387,6 +384,7 @@ def build(
         metric="inner_product (cosine on L2-normalised vectors)",
         index_type=made.index_type,
         index_type_asked=index_type,
+        auto_rejected=rejected,
         count=int(index.ntotal),
         duplicates_dropped=made.dropped,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
