@@ -179,12 +179,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with _stage(layout.ingest_runs_dir(root), args.verbose) as stage:
         if args.folder:
             report = ingest.ingest_folder(
-                root, Path(args.folder), limit=args.limit, store_progress=stage.progress("ingest store")
+                root, args.folder, limit=args.limit, store_progress=stage.progress("ingest store")
             )
         else:
             report = ingest.ingest_metadata(
                 root,
-                Path(args.metadata),
+                args.metadata,
                 url_col=args.url_col,
                 caption_col=args.caption_col,
                 limit=args.limit,
@@ -193,6 +193,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 retries=args.retries,
                 refetch=args.refetch,
+                distributor=args.distributor,
                 progress=stage.progress("ingest download"),
                 store_progress=stage.progress("ingest store"),
             )
@@ -776,6 +777,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_int, default=10, help="seconds per download")
     p.add_argument("--retries", type=int, default=0, help="retries per URL")
     p.add_argument("--refetch", action="store_true", help="fetch URLs the manifest already holds again (re-check)")
+    p.add_argument(
+        "--distributor",
+        choices=("multiprocessing", "ray"),
+        default="multiprocessing",
+        help="img2dataset's distributor: multiprocessing (--processes here) or ray (a task per shard on the "
+        "cluster ray.init() joins: $RAY_ADDRESS, else a local one)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     model_args = argparse.ArgumentParser(add_help=False)

@@ -17,15 +17,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from . import storage
 
-def _tee(read_fd: int, log: TextIO, terminal_fd: int) -> None:
-    """Copy what the libraries write to both the log file and the terminal (--verbose)."""
+
+def _tee(read_fd: int, log: TextIO, terminal_fd: int | None) -> None:
+    """Copy what the libraries write to the log file, and to the terminal when given (--verbose)."""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         try:
             while chunk := pipe.read(65536):
                 log.buffer.write(chunk)
                 log.flush()
-                os.write(terminal_fd, chunk)
+                if terminal_fd is not None:
+                    os.write(terminal_fd, chunk)
         except (OSError, ValueError):  # the stage ended while a child process still held the pipe
             return
 
@@ -38,17 +41,19 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
     capture, for progress and notes during the stage. When that sys stream is not backed by its
     fd (a test's capture object), it is that object itself.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    local = storage.is_local(log_path)
+    storage.make_dirs(log_path.parent)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = _terminal(terminal_fd, saved[terminal_fd])
     try:
         tee = None
-        with open(log_path, "a", encoding="utf-8") as log:
-            if verbose:
+        with open(log_path, "a", encoding="utf-8") if local else _store_log(log_path) as log:
+            if verbose or not local:  # an object has no file descriptor: the log is read off a pipe
                 read_fd, target = os.pipe()
-                tee = threading.Thread(target=_tee, args=(read_fd, log, saved[2]), daemon=True)
+                tee_to = saved[2] if verbose else None
+                tee = threading.Thread(target=_tee, args=(read_fd, log, tee_to), daemon=True)
                 tee.start()
             else:
                 target = log.fileno()
@@ -73,8 +78,18 @@ def capture(log_path: Path, verbose: bool = False, terminal_fd: int = 1) -> Iter
                 for fd in saved.values():
                     os.close(fd)
     finally:
-        if log_path.is_file() and not log_path.stat().st_size:
+        if local and log_path.is_file() and not log_path.stat().st_size:
             log_path.unlink()  # nothing was said: no empty file beside the run record
+
+
+@contextlib.contextmanager
+def _store_log(log_path) -> Iterator[TextIO]:
+    """A log bound for an object store: kept in memory, written as one object at the end (if any)."""
+    buffer = io.BytesIO()
+    log = io.TextIOWrapper(buffer, encoding="utf-8", write_through=True)
+    yield log
+    if buffer.getvalue():
+        storage.write_atomic(log_path, buffer.getvalue())
 
 
 def _on_fd(fd: int) -> TextIO:
