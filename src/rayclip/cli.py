@@ -556,7 +556,7 @@ def _shown(path: Path | str) -> str:
     """A path as the user can type it: relative to the working directory when under it."""
     try:
         return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
+    except (ValueError, TypeError):  # elsewhere, or an object-store URL
         return str(path)
 
 
