@@ -141,8 +141,8 @@ def test_ingest_on_s3_killed_leaves_nothing_half_visible(s3_root, good_metadata,
     check_objects(s3_root)
     [work] = downloads(s3_root)
     # Its lease is fresh: as far as anyone can tell the run may still be alive, so it is not debris.
-    assert storage.exists(work / storage.LEASE_NAME)
     assert status_debris(s3_root, capsys) == []
+    assert storage.exists(work / storage.LEASE_NAME)
     monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)  # time passes: the lease goes stale
     assert status_debris(s3_root, capsys) == [f"bronze/downloads/{work.name}"]
 

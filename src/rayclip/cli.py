@@ -767,8 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", parents=[common, as_json], help="download metadata URLs (img2dataset) or copy a folder into bronze"
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl")
-    source.add_argument("--folder", help="a local folder of images (recursive); captions from name.txt sidecars")
+    source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl (a path or a URL)")
+    source.add_argument("--folder", help="a folder of images (recursive; path or URL); captions from name.txt sidecars")
     p.add_argument("--url-col", default=None, help="URL column (default: URL, else url)")
     p.add_argument("--caption-col", default=None, help="caption column (default: TEXT, else caption/text)")
     p.add_argument("--limit", type=_positive_int, default=None, help="read at most N rows")

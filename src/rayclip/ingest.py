@@ -26,7 +26,6 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -253,6 +252,9 @@ def _download_and_admit(
         finally:
             finished.set()
         following.result()
+    # A shard img2dataset gave up on (an exception, after its retry) has no output: its rows failed.
+    if missing := table.num_rows - admitter.rows_seen:
+        admitter.failed["shard failed"] += missing
 
 
 def _follow_shards(output_dir: Location, admitter: _Admitter, finished: threading.Event) -> None:
@@ -382,19 +384,20 @@ class _Admitter:
                         self.rows_done += 1
                 self.admit(shard.name, candidates)
 
-    def admit(self, key: str, candidates: Iterable[Candidate]) -> None:
+    def admit(self, key: str, candidates: list[Candidate]) -> None:
         rows = self.rows.setdefault(key, [])
-        for outcome in self.pool.map(self._admit_one, candidates):
-            self.rows_done += 1
-            if self.progress:
-                self.progress(self.rows_done, max(self.total, self.rows_seen, self.rows_done))
-            if outcome.row is None:
-                self.failed[outcome.reason] += 1
-                continue
-            self.report.downloaded += 1
-            self.report.stored += outcome.stored
-            self.report.duplicates += not outcome.stored
-            rows.append(outcome.row)
+        for start in range(0, len(candidates), CHECK_BATCH):  # a batch's futures in memory at once
+            for outcome in self.pool.map(self._admit_one, candidates[start : start + CHECK_BATCH]):
+                self.rows_done += 1
+                if self.progress:
+                    self.progress(self.rows_done, max(self.total, self.rows_seen, self.rows_done))
+                if outcome.row is None:
+                    self.failed[outcome.reason] += 1
+                    continue
+                self.report.downloaded += 1
+                self.report.stored += outcome.stored
+                self.report.duplicates += not outcome.stored
+                rows.append(outcome.row)
 
     def _admit_one(self, candidate: Candidate) -> Admitted:
         try:
