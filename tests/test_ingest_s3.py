@@ -7,6 +7,8 @@ import hashlib
 import json
 import tempfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import test_faults
 from conftest import GOOD_IMAGES, cli, run_ingest
@@ -98,6 +100,17 @@ def test_metadata_ingest_on_s3_equals_the_local_one_and_uses_no_local_disk(
     assert len(objects(s3_root)) == GOOD_IMAGES
 
     assert_no_local_files(*empty_local_dirs)
+
+
+def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
+    """Checked side by side on the thread pool, the copies still make one object and one stored count."""
+    first = site["images"].column("filename")[0].as_py()
+    urls = [f"{site['base']}/{first}?copy={i}" for i in range(16)]  # the site ignores the query
+    meta = tmp_path / "copies.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"copy {i}" for i in range(16)]}), meta)
+    report = run_ingest(s3_root, meta)
+    assert (report.downloaded, report.stored, report.duplicates) == (16, 1, 15)
+    assert len(objects(s3_root)) == 1 and catalog.read_manifest(s3_root).num_rows == 16
 
 
 def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site):
