@@ -48,11 +48,16 @@ def status(root: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def objects(root: Path) -> list[Path]:
+    """The objects under their final names (a writer killed mid-write leaves a hidden .*.tmp: debris)."""
+    return [obj for obj in layout.objects_dir(root).glob("*/*") if not obj.name.startswith(".")]
+
+
 def check_objects(root: Path) -> None:
     """Every manifest row names an object whose sha256 is its media_id; no object is half-written."""
     for row in catalog.read_manifest(root).to_pylist():
         assert hashlib.sha256((root / row["path"]).read_bytes()).hexdigest() == row["media_id"]
-    for obj in layout.objects_dir(root).glob("*/*"):
+    for obj in objects(root):
         assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.stem
 
 
@@ -75,7 +80,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
     assert_killed(*rayclip("ingest", "--metadata", str(good_metadata), "--data-dir", str(root), kill_at=point))
 
     # Objects were renamed into the store, but no manifest row is visible: the layer is as before.
-    assert len(list(layout.objects_dir(root).glob("*/*"))) >= 1
+    assert len(objects(root)) >= 1
     assert catalog.read_manifest(root).num_rows == 0
     check_objects(root)
     [work] = list((root / "bronze" / "downloads").iterdir())
@@ -91,7 +96,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
     assert report.stored + report.duplicates == GOOD_IMAGES + 1  # objects the killed run renamed count as dups
     rows = catalog.read_manifest(root)
     assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
-    assert len(list(layout.objects_dir(root).glob("*/*"))) == GOOD_IMAGES
+    assert len(objects(root)) == GOOD_IMAGES
     check_objects(root)
     assert status(root, capsys)["debris"] == []
 

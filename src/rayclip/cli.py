@@ -169,12 +169,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with pipeline.stage(layout.ingest_runs_dir(root), _hooks(args.verbose)) as stage:
         if args.folder:
             report = ingest.ingest_folder(
-                root, Path(args.folder), limit=args.limit, store_progress=stage.progress("ingest store")
+                root, args.folder, limit=args.limit, store_progress=stage.progress("ingest store")
             )
         else:
             report = ingest.ingest_metadata(
                 root,
-                Path(args.metadata),
+                args.metadata,
                 url_col=args.url_col,
                 caption_col=args.caption_col,
                 limit=args.limit,
@@ -183,6 +183,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 retries=args.retries,
                 refetch=args.refetch,
+                distributor=args.distributor,
                 progress=stage.progress("ingest download"),
                 store_progress=stage.progress("ingest store"),
             )
@@ -480,7 +481,7 @@ def _shown(path: Path | str) -> str:
     """A path as the user can type it: relative to the working directory when under it."""
     try:
         return str(Path(str(path)).relative_to(Path.cwd()))  # str: an s3:// location is not a path
-    except ValueError:
+    except ValueError:  # elsewhere
         return str(path)
 
 
@@ -667,8 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", parents=[common, as_json], help="download metadata URLs (img2dataset) or copy a folder into bronze"
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl")
-    source.add_argument("--folder", help="a local folder of images (recursive); captions from name.txt sidecars")
+    source.add_argument("--metadata", help="LAION-style metadata: .parquet, .csv, .tsv or .jsonl (a path or a URL)")
+    source.add_argument("--folder", help="a folder of images (recursive; path or URL); captions from name.txt sidecars")
     p.add_argument("--url-col", default=None, help="URL column (default: URL, else url)")
     p.add_argument("--caption-col", default=None, help="caption column (default: TEXT, else caption/text)")
     p.add_argument("--limit", type=_positive_int, default=None, help="read at most N rows")
@@ -677,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_int, default=10, help="seconds per download")
     p.add_argument("--retries", type=int, default=0, help="retries per URL")
     p.add_argument("--refetch", action="store_true", help="fetch URLs the manifest already holds again (re-check)")
+    p.add_argument(
+        "--distributor",
+        choices=("multiprocessing", "ray"),
+        default="multiprocessing",
+        help="img2dataset's distributor: multiprocessing (--processes here) or ray (a task per shard on the "
+        "cluster ray.init() joins: $RAY_ADDRESS, else a local one)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     model_args = argparse.ArgumentParser(add_help=False)

@@ -1,12 +1,16 @@
-"""Bronze layer: metadata (via img2dataset) or a local folder → content-addressed objects + manifest.
+"""Bronze layer: metadata (via img2dataset) or a folder → content-addressed objects + manifest.
 
-Order of commits, so that a run killed at any point leaves nothing half-written:
+The data root is a local folder or an object-store prefix (storage.py); the steps are the same on
+both. Order of commits, so that a run killed at any point leaves nothing half-written:
 0. URLs the manifest already names are set aside (never handed to img2dataset) unless refetch;
-1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode), a work
-   folder the run holds locked (storage.working) and that the next run or `rayclip gc` sweeps;
-2. each valid image is renamed (atomic) to bronze/objects/<aa>/<sha256>.<ext>;
-3. the new manifest rows are written into the work folder and renamed into bronze/manifest/
-   (the commit: readers list only committed parts);
+1. img2dataset downloads into bronze/downloads/<run_id>/ (original bytes, no re-encode, one Parquet
+   shard of bytes and statuses per few hundred to 10,000 URLs), a work folder the run holds
+   (storage.working) and that the next run or `rayclip gc` sweeps;
+2. while img2dataset downloads the next shards, each finished shard's images are checked (they
+   decode), hashed and put at bronze/objects/<aa>/<sha256>.<ext> unless already there, on a pool of
+   threads (one whole write each: content-addressed, so a present key holds these very bytes);
+3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.parquet, after
+   every object they name is stored (the commit: readers list only committed parts);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import math
 import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,11 +35,19 @@ import pyarrow.parquet as pq
 from . import catalog, debris, faults, layout, storage
 from .errors import UserError
 from .model import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
-from .progress import Progress, watch
+from .progress import POLL_S, Progress, watch
+from .storage import Location
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
+DISTRIBUTORS = ("multiprocessing", "ray")
+# img2dataset's shard size: about SHARDS_PER_WORKER shards per worker, so that checking one shard
+# overlaps downloading the next, within bounds (tiny shards cost a worker start-up each few).
+SHARD_ROWS = (256, 10_000)
+SHARDS_PER_WORKER = 8
+BYTES_COLUMN = "jpg"  # img2dataset's parquet output names its bytes column so; they are the originals
+CHECK_BATCH = 256  # rows of a shard in memory at once while their images are checked
 
 
 @dataclasses.dataclass
@@ -60,25 +74,37 @@ class IngestReport:
 
 @dataclasses.dataclass
 class Candidate:
-    """One sample on its way in: where its bytes are now, and what the metadata said of it."""
+    """One sample on its way in: its bytes (or the file that holds them), and what the metadata said."""
 
-    file: Path
     url: str
     caption: str
+    data: bytes | None = None  # a download's bytes, straight from img2dataset's shard
+    file: Location | None = None  # a folder ingest's file, read when its turn comes
     expected_sha256: str | None = None  # img2dataset's own hash, checked against ours
-    movable: bool = False  # a download we own may be renamed; a user's file is copied
+
+
+class Admitted(NamedTuple):
+    """What became of one candidate."""
+
+    row: dict | None  # its manifest row; None when refused
+    reason: str | None  # why it was refused
+    stored: bool  # this run stored its object (else the bytes were there already)
 
 
 # ---------------------------------------------------------------- reading metadata
 
 
 def read_metadata(
-    path: Path, url_col: str | None = None, caption_col: str | None = None, limit: int | None = None
+    path: str | os.PathLike,
+    url_col: str | None = None,
+    caption_col: str | None = None,
+    limit: int | None = None,
 ) -> pa.Table:
-    """Read LAION-style metadata into a table with two string columns: url, caption."""
-    if not path.is_file():
+    """Read LAION-style metadata (a local file or a URL) into a table with two string columns: url, caption."""
+    source = storage.location(path)
+    if not storage.exists(source) or storage.is_dir(source):
         raise UserError(f"metadata file not found: {path}")
-    table = _read_table(path)
+    table = _read_table(source, path)
     columns = table.column_names
     url_name = _pick_column(columns, url_col, URL_COLUMNS, "--url-col")
     caption_name = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", required=False)
@@ -95,24 +121,26 @@ def read_metadata(
     return pa.table({"url": urls, "caption": captions})
 
 
-def _read_table(path: Path) -> pa.Table:
-    name = path.name.lower().removesuffix(".gz")
+def _read_table(source: Location, shown: str | os.PathLike) -> pa.Table:
+    name = source.name.lower().removesuffix(".gz")
+    fs, where = storage.arrow(source)
     try:
         if name.endswith(".parquet"):
-            return pq.read_table(path)
-        if name.endswith((".csv", ".tsv")):
-            import pyarrow.csv as pacsv
+            return pq.read_table(where, filesystem=fs)
+        if name.endswith((".csv", ".tsv", ".jsonl", ".json")):
+            with fs.open_input_stream(where, compression="detect") as stream:  # .gz by its name
+                if name.endswith((".jsonl", ".json")):
+                    import pyarrow.json as pajson
 
-            delimiter = "\t" if name.endswith(".tsv") else ","
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-        if name.endswith((".jsonl", ".json")):
-            import pyarrow.json as pajson
+                    return pajson.read_json(stream)
+                import pyarrow.csv as pacsv
 
-            return pajson.read_json(path)
+                delimiter = "\t" if name.endswith(".tsv") else ","
+                return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
     except (pa.ArrowInvalid, OSError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot read metadata {path}: {first_line}") from None
-    raise UserError(f"unsupported metadata format: {path.name} (use .parquet, .csv, .tsv or .jsonl)")
+        raise UserError(f"cannot read metadata {shown}: {first_line}") from None
+    raise UserError(f"unsupported metadata format: {source.name} (use .parquet, .csv, .tsv or .jsonl)")
 
 
 def _pick_column(
@@ -143,68 +171,98 @@ def _url_problem(url: str | None) -> str | None:
 # ---------------------------------------------------------------- downloading
 
 
-def _download(
-    table: pa.Table,
-    work_dir: Path,
-    processes: int,
-    threads: int,
-    timeout: int,
-    retries: int,
-    progress: Progress | None = None,
-) -> Path:
-    """Run img2dataset on the url/caption table; returns its output folder."""
-    # Decode checks in the img2dataset workers (OpenCV) respect this limit too.
-    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
-    # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    input_file = work_dir / "input.parquet"
-    output_dir = work_dir / "out"
-    pq.write_table(table, input_file)
-    # img2dataset has no callback: count the per-sample .json files its workers have written.
-    with watch(lambda: sum(1 for _ in output_dir.glob("*/*.json")), table.num_rows, progress):
-        _img2dataset(input_file, output_dir, processes, threads, timeout, retries)
-    return output_dir
+def _downloader_env() -> dict[str, str]:
+    """Settings img2dataset's workers read from their environment."""
+    return {
+        # Its decode checks (OpenCV) respect our pixel limit too.
+        "CV_IO_MAX_IMAGE_PIXELS": os.environ.get("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS)),
+        # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
 
 
-def _img2dataset(input_file: Path, output_dir: Path, processes: int, threads: int, timeout: int, retries: int) -> None:
+def _workers(distributor: str, processes: int) -> int:
+    """How many shards img2dataset works on at once: its processes, or the Ray cluster's CPUs."""
+    if distributor == "multiprocessing":
+        os.environ.update(_downloader_env())  # its spawned processes inherit ours
+        return processes
+    import ray
+
+    if not ray.is_initialized():  # joins $RAY_ADDRESS when set, else starts a local cluster
+        local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+        ray.init(log_to_driver=False, runtime_env={"env_vars": _downloader_env()}, **local)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _shard_rows(rows: int, workers: int) -> int:
+    low, high = SHARD_ROWS
+    return min(high, max(low, math.ceil(rows / (workers * SHARDS_PER_WORKER))))
+
+
+def _img2dataset(input_file: Location, output_dir: Location, distributor: str, shard_rows: int, **options) -> None:
     from img2dataset import download
 
     download(
-        url_list=str(input_file),
+        url_list=storage.uri(input_file),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
-        output_folder=str(output_dir),
-        output_format="files",
+        output_folder=storage.uri(output_dir),  # fsspec: a local folder or an object-store prefix
+        # One Parquet object per shard, bytes and statuses together: on an object store one write
+        # per shard instead of three per image, and one read back.
+        output_format="parquet",
         resize_mode="no",
         # Keep the original bytes of every format: media_id is the sha256 of what the server sent.
         disable_all_reencoding=True,
         compute_hash="sha256",
-        processes_count=processes,
-        thread_count=threads,
-        timeout=timeout,
-        retries=retries,
-        number_sample_per_shard=10_000,
+        distributor=distributor,
+        number_sample_per_shard=shard_rows,
         enable_wandb=False,
+        **options,
     )
 
 
-def _download_candidates(output_dir: Path, failed: Counter) -> Iterator[Candidate]:
-    """Read img2dataset's per-shard parquet: successes become candidates, failures reasons."""
-    files = {p.stem: p for p in output_dir.glob("*/*") if p.suffix not in (".txt", ".json")}
-    for shard in sorted(output_dir.glob("*.parquet")):
-        rows = pq.read_table(shard, columns=["key", "url", "caption", "status", "error_message", "sha256"])
-        for row in rows.to_pylist():
-            if row["status"] == "success" and row["key"] in files:
-                yield Candidate(
-                    file=files[row["key"]],
-                    url=row["url"],
-                    caption=row["caption"] or "",
-                    expected_sha256=row["sha256"],
-                    movable=True,
-                )
-            else:
-                failed[_reason(row["error_message"])] += 1
+def _download_and_admit(
+    table: pa.Table,
+    work_dir: Location,
+    admitter: _Admitter,
+    distributor: str,
+    processes: int,
+    progress: Progress | None,
+    **options,
+) -> None:
+    """Run img2dataset on the url/caption table, admitting each shard as soon as it is finished."""
+    input_file, output_dir = work_dir / "input.parquet", work_dir / "out"
+    with storage.open_output(input_file) as f:
+        pq.write_table(table, f)
+    shard_rows = _shard_rows(table.num_rows, _workers(distributor, processes))
+    finished = threading.Event()
+    # img2dataset stays on this thread (it installs a signal handler); its shards are followed on another.
+    with ThreadPoolExecutor(1, thread_name_prefix="rayclip-shards") as follower:
+        following = follower.submit(_follow_shards, output_dir, admitter, finished)
+        try:
+            with watch(lambda: admitter.rows_seen, table.num_rows, progress):
+                _img2dataset(input_file, output_dir, distributor, shard_rows, processes_count=processes, **options)
+        finally:
+            finished.set()
+        following.result()
+    # A shard img2dataset gave up on (an exception, after its retry) has no output: its rows failed.
+    if missing := table.num_rows - admitter.rows_seen:
+        admitter.failed["shard failed"] += missing
+
+
+def _follow_shards(output_dir: Location, admitter: _Admitter, finished: threading.Event) -> None:
+    """Admit each shard once img2dataset has finished it (its stats file is written after its parquet)."""
+    done: set[str] = set()
+    while True:
+        last_pass = finished.is_set()  # read before listing: the last pass sees every shard
+        for stats in storage.glob(output_dir, "*_stats.json"):
+            if stats.name not in done:
+                done.add(stats.name)
+                admitter.admit_shard(output_dir / stats.name.replace("_stats.json", ".parquet"))
+        if last_pass:
+            return
+        finished.wait(POLL_S)
 
 
 def _reason(message: str | None) -> str:
@@ -224,83 +282,126 @@ def _reason(message: str | None) -> str:
     return text[:80]
 
 
-def _folder_candidates(folder: Path, limit: int | None) -> Iterator[Candidate]:
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
-    for path in images[:limit]:
+def _folder_candidates(folder: Location, limit: int | None) -> list[Candidate]:
+    listed = storage.glob(folder, "**/*")
+    names = {storage.uri(p) for p in listed}
+    images = [p for p in listed if p.suffix.lower() in FOLDER_EXTENSIONS and not storage.is_dir(p)][:limit]
+    candidates = []
+    for path in images:
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
+        caption = ""
+        if storage.uri(sidecar) in names:
+            caption = storage.read_bytes(sidecar).decode("utf-8", errors="replace").strip()
         # A link's url names the file it points at: where the bytes live (eval ingests links to a split).
-        yield Candidate(file=path, url=path.resolve().as_uri(), caption=caption)
+        candidates.append(Candidate(url=storage.resolved_url(path), caption=caption, file=path))
+    return candidates
 
 
 # ---------------------------------------------------------------- storing
 
 
-def _store(root: Path, candidate: Candidate, data: bytes, media_id: str, ext: str) -> bool:
-    """Put the bytes at their content address; False when they were already stored."""
-    target = root / layout.object_relpath(media_id, ext)
-    if target.exists():
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if candidate.movable:
-        os.replace(candidate.file, target)
-    else:
-        storage.write_atomic(target, data)
-    return True
+class _Admitter:
+    """Checks, hashes and stores candidates on a pool of threads (decoding, hashing and writing release
+    the GIL), and tallies what became of them into the report, the failures and the manifest rows."""
 
+    def __init__(self, root: Location, report: IngestReport, max_pixels: int, progress: Progress | None) -> None:
+        self.root, self.report, self.max_pixels, self.progress = root, report, max_pixels, progress
+        self.failed: Counter = Counter()
+        self.rows: dict[str, list[dict]] = {}  # by shard, joined in shard order at the end
+        self.rows_seen = 0  # rows of finished shards (the download's progress)
+        self.total = 0  # rows to admit, once known (the store step's progress)
+        self.rows_done = 0
+        self.claimed: set[str] = set()  # media_ids this run stores: a second URL of the same bytes is a duplicate
+        self.lock = threading.Lock()
+        self.now = dt.datetime.now(dt.timezone.utc)
+        self.pool = ThreadPoolExecutor(thread_name_prefix="rayclip-admit")
 
-def _admit(
-    root: Path,
-    candidates: list[Candidate],
-    report: IngestReport,
-    failed: Counter,
-    max_pixels: int,
-    progress: Progress | None = None,
-) -> list[dict]:
-    """Validate and store each candidate, counting failures by reason; returns the new manifest rows."""
-    now = dt.datetime.now(dt.timezone.utc)
-    rows = []
-    for done, candidate in enumerate(candidates):
-        if progress:
-            progress(done, len(candidates))
-        data = candidate.file.read_bytes()
+    def __enter__(self) -> _Admitter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.progress and self.rows_done and exc[0] is None:
+            self.progress(self.rows_done, self.rows_done)
+
+    def manifest_rows(self) -> list[dict]:
+        return [row for shard in sorted(self.rows) for row in self.rows[shard]]
+
+    def admit_shard(self, shard: Location) -> None:
+        """One finished img2dataset shard: its failures counted by reason, its successes admitted."""
+        with storage.open_input(shard) as f:
+            parquet = pq.ParquetFile(f)
+            self.rows_seen += parquet.metadata.num_rows
+            columns = ["url", "caption", "status", "error_message", "sha256", BYTES_COLUMN]
+            for batch in parquet.iter_batches(batch_size=CHECK_BATCH, columns=columns):
+                candidates = []
+                for row in batch.to_pylist():
+                    if row["status"] == "success":
+                        candidates.append(
+                            Candidate(
+                                url=row["url"],
+                                caption=row["caption"] or "",
+                                data=row[BYTES_COLUMN],
+                                expected_sha256=row["sha256"],
+                            )
+                        )
+                    else:
+                        self.failed[_reason(row["error_message"])] += 1
+                        self.rows_done += 1
+                self.admit(shard.name, candidates)
+
+    def admit(self, key: str, candidates: list[Candidate]) -> None:
+        rows = self.rows.setdefault(key, [])
+        for start in range(0, len(candidates), CHECK_BATCH):  # a batch's futures in memory at once
+            for outcome in self.pool.map(self._admit_one, candidates[start : start + CHECK_BATCH]):
+                self.rows_done += 1
+                if self.progress:
+                    self.progress(self.rows_done, max(self.total, self.rows_seen, self.rows_done))
+                if outcome.row is None:
+                    self.failed[outcome.reason] += 1
+                    continue
+                self.report.downloaded += 1
+                self.report.stored += outcome.stored
+                self.report.duplicates += not outcome.stored
+                rows.append(outcome.row)
+
+    def _admit_one(self, candidate: Candidate) -> Admitted:
         try:
-            ext, width, height = inspect_image(data, max_pixels)
+            data = candidate.data if candidate.data is not None else storage.read_bytes(candidate.file)
+        except OSError:  # a folder's file that vanished, or a broken link
+            return Admitted(None, "unreadable file", False)
+        try:
+            ext, width, height = inspect_image(data, self.max_pixels)
         except BadImageError as bad:
-            failed[str(bad)] += 1
-            continue
+            return Admitted(None, str(bad), False)
         media_id = hashlib.sha256(data).hexdigest()
         if candidate.expected_sha256 and candidate.expected_sha256 != media_id:
-            failed["hash mismatch"] += 1
-            continue
-        report.downloaded += 1
-        if _store(root, candidate, data, media_id, ext):
-            report.stored += 1
-            faults.point("ingest.object_stored")  # some objects renamed, the manifest not yet committed
-        else:
-            report.duplicates += 1
-        rows.append(
-            {
-                "media_id": media_id,
-                "path": layout.object_relpath(media_id, ext),
-                "url": candidate.url,
-                "caption": candidate.caption,
-                "width": width,
-                "height": height,
-                "format": ext,
-                "size_bytes": len(data),
-                "source": report.source,
-                "run_id": report.run_id,
-                "ingested_at": now,
-            }
-        )
-    if progress:
-        progress(len(candidates), len(candidates))
-    return rows
+            return Admitted(None, "hash mismatch", False)
+        path = layout.object_relpath(media_id, ext)
+        with self.lock:
+            first = media_id not in self.claimed
+            self.claimed.add(media_id)
+        stored = first and storage.put_if_absent(self.root / path, data)
+        if stored:
+            faults.point("ingest.object_stored")  # some objects stored, the manifest not yet committed
+        row = {
+            "media_id": media_id,
+            "path": path,
+            "url": candidate.url,
+            "caption": candidate.caption,
+            "width": width,
+            "height": height,
+            "format": ext,
+            "size_bytes": len(data),
+            "source": self.report.source,
+            "run_id": self.report.run_id,
+            "ingested_at": self.now,
+        }
+        return Admitted(row, None, stored)
 
 
-def _commit_manifest(root: Path, rows: list[dict], report: IngestReport, work_dir: Path) -> None:
-    """Append rows for (media_id, url) pairs not yet in the manifest, as one part renamed into place."""
+def _commit_manifest(root: Location, rows: list[dict], report: IngestReport) -> None:
+    """Append rows for (media_id, url) pairs not yet in the manifest, as one part written whole."""
     known = catalog.read_manifest(root, ["media_id", "url"])
     seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
     fresh = []
@@ -314,22 +415,21 @@ def _commit_manifest(root: Path, rows: list[dict], report: IngestReport, work_di
     report.manifest_rows_added = len(fresh)
     if not fresh:
         return
-    target = layout.manifest_dir(root) / f"part-{report.run_id}.parquet"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = work_dir / target.name  # outside bronze/manifest: no reader lists it until the rename
-    pq.write_table(pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA), staged)
-    faults.point("ingest.manifest_commit")
-    os.replace(staged, target)
+    part = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA), part)
+    faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
+    storage.write_atomic(layout.manifest_part(root, report.run_id), part.getvalue().to_pybytes())
 
 
-def _known_urls(root: Path, table: pa.Table) -> pa.Array:
+def _known_urls(root: Location, table: pa.Table) -> pa.Array:
     """Per row of the url table: is its URL already in the manifest?"""
     known = catalog.read_manifest(root, ["url"]).column("url").combine_chunks()
     return pc.is_in(table.column("url"), value_set=known)
 
 
-def _finish(root: Path, rows: list[dict], report: IngestReport, started: float, work_dir: Path) -> IngestReport:
-    _commit_manifest(root, rows, report, work_dir)
+def _finish(root: Location, admitter: _Admitter, report: IngestReport, started: float) -> IngestReport:
+    report.failed = dict(admitter.failed.most_common())
+    _commit_manifest(root, admitter.manifest_rows(), report)
     report.wall_s = round(time.monotonic() - started, 3)
     storage.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
     return report
@@ -339,8 +439,8 @@ def _finish(root: Path, rows: list[dict], report: IngestReport, started: float, 
 
 
 def ingest_metadata(
-    root: Path,
-    metadata: Path,
+    root: Location | str,
+    metadata: str | os.PathLike,
     url_col: str | None = None,
     caption_col: str | None = None,
     limit: int | None = None,
@@ -350,52 +450,68 @@ def ingest_metadata(
     retries: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     refetch: bool = False,
+    distributor: str = "multiprocessing",
     progress: Progress | None = None,
     store_progress: Progress | None = None,
 ) -> IngestReport:
     """Download the images a LAION-style metadata file points at into the bronze layer.
 
     URLs the manifest already holds are not fetched again unless `refetch` (to re-check them).
+    `distributor` is img2dataset's: "multiprocessing" (`processes` on this machine) or "ray" (a task
+    per shard on the cluster `ray.init()` joins, $RAY_ADDRESS when set).
     progress(done, total) follows the download, store_progress(done, total) the decode/store step.
     """
+    if distributor not in DISTRIBUTORS:
+        raise UserError(f"unknown distributor {distributor!r}; use one of: {', '.join(DISTRIBUTORS)}")
     started = time.monotonic()
+    root = storage.data_root(root)
     table = read_metadata(metadata, url_col, caption_col, limit)
-    report = IngestReport(run_id=layout.new_run_id(), source=f"metadata:{metadata.name}", rows_read=table.num_rows)
+    name = storage.location(metadata).name
+    report = IngestReport(run_id=layout.new_run_id(), source=f"metadata:{name}", rows_read=table.num_rows)
     problems = [_url_problem(u) for u in table.column("url").to_pylist()]
-    failed = Counter(p for p in problems if p)
     fetchable = table.filter(pa.array([p is None for p in problems]))
     if not refetch and fetchable.num_rows:
         known = _known_urls(root, fetchable)
         report.skipped_known_urls = pc.sum(known).as_py() or 0
         fetchable = fetchable.filter(pc.invert(known))
     debris.sweep(root, debris.WORK_FOLDERS[:1])  # download folders of killed runs
+    # The run holds its work folder until its manifest part is committed.
     with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
-        rows: list[dict] = []
-        if fetchable.num_rows:
-            output_dir = _download(fetchable, work_dir, processes, threads, timeout, retries, progress)
-            candidates = list(_download_candidates(output_dir, failed))
-            rows = _admit(root, candidates, report, failed, max_pixels, store_progress)
-        report.failed = dict(failed.most_common())
-        return _finish(root, rows, report, started, work_dir)
+        with _Admitter(root, report, max_pixels, store_progress) as admitter:
+            admitter.failed.update(p for p in problems if p)
+            admitter.total = fetchable.num_rows
+            if fetchable.num_rows:
+                _download_and_admit(
+                    fetchable,
+                    work_dir,
+                    admitter,
+                    distributor,
+                    processes,
+                    progress,
+                    thread_count=threads,
+                    timeout=timeout,
+                    retries=retries,
+                )
+        return _finish(root, admitter, report, started)
 
 
 def ingest_folder(
-    root: Path,
-    folder: Path,
+    root: Location | str,
+    folder: str | os.PathLike,
     limit: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     store_progress: Progress | None = None,
 ) -> IngestReport:
-    """Copy the images under a local folder (recursively) into the bronze layer."""
+    """Copy the images under a folder (recursively; local or a URL) into the bronze layer."""
     started = time.monotonic()
-    if not folder.is_dir():
+    root, source = storage.data_root(root), storage.location(folder)
+    if not storage.is_dir(source):
         raise UserError(f"folder not found: {folder}")
-    candidates = list(_folder_candidates(folder, limit))
+    candidates = _folder_candidates(source, limit)
     if not candidates:
         raise UserError(f"no images ({', '.join(sorted(FOLDER_EXTENSIONS))}) found under {folder}")
-    report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{folder.name}", rows_read=len(candidates))
-    failed: Counter = Counter()
-    with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
-        rows = _admit(root, candidates, report, failed, max_pixels, store_progress)
-        report.failed = dict(failed.most_common())
-        return _finish(root, rows, report, started, work_dir)
+    report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{source.name}", rows_read=len(candidates))
+    with _Admitter(root, report, max_pixels, store_progress) as admitter:
+        admitter.total = len(candidates)
+        admitter.admit(source.name, candidates)
+    return _finish(root, admitter, report, started)

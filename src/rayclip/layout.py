@@ -38,6 +38,11 @@ def manifest_dir(root: Location) -> Location:
     return root / "bronze" / "manifest"
 
 
+def manifest_part(root: Location, run_id: str) -> Location:
+    """The one manifest object an ingest run commits."""
+    return manifest_dir(root) / f"part-{run_id}.parquet"
+
+
 def ingest_runs_dir(root: Location) -> Location:
     return root / "bronze" / "runs"
 

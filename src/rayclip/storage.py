@@ -46,7 +46,9 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Location:
     if given.startswith("file://"):
         return Path(given.removeprefix("file://")).absolute()
     if "://" in given:
-        return UPath(given.rstrip("/"))
+        # No listings cache: another process's commits (a manifest part, CURRENT, a finished shard)
+        # must show in the next listing, not after the cache expires.
+        return UPath(given.rstrip("/"), use_listings_cache=False)
     return Path(given).absolute()
 
 
@@ -145,6 +147,11 @@ def cached(loc: Location, copy: Path) -> Location:
         with open_input(loc) as source, open_output(copy) as target:
             shutil.copyfileobj(source, target, CHUNK_BYTES)
     return copy
+
+
+def resolved_url(loc: Location) -> str:
+    """Where the bytes of `loc` really are, as a URL: a local link is followed to its target (file:///…)."""
+    return loc.resolve().as_uri() if is_local(loc) else uri(loc)
 
 
 # writing

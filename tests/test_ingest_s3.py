@@ -1,0 +1,203 @@
+"""Ingest on an object-store data root (moto's S3 on loopback): the same bronze layer as a local run,
+nothing half-visible after a kill -9, debris swept once its lease is stale, no local disk used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import test_faults
+from conftest import GOOD_IMAGES, cli, run_ingest
+from test_faults import assert_killed, rayclip
+
+from rayclip import catalog, layout, storage
+
+good_metadata = test_faults.good_metadata  # the fixture: good images plus one duplicate URL
+
+# What an ingest decides about a row; run_id, source and ingested_at differ between runs.
+ROW_FIELDS = ("media_id", "path", "url", "caption", "width", "height", "format", "size_bytes")
+
+
+def manifest_rows(root) -> list[tuple]:
+    rows = catalog.read_manifest(root).to_pylist()
+    return sorted(tuple(row[f] for f in ROW_FIELDS) for row in rows)
+
+
+def objects(root) -> dict[str, bytes]:
+    """name -> bytes of every object under bronze/objects/ (an object store has no hidden temporaries)."""
+    return {obj.name: storage.read_bytes(obj) for obj in storage.glob(layout.objects_dir(root), "*/*")}
+
+
+def check_objects(root) -> None:
+    """Every object is whole (its sha256 is its name) and every manifest row names one of them."""
+    stored = objects(root)
+    for name, data in stored.items():
+        assert hashlib.sha256(data).hexdigest() == name.split(".")[0], f"partial object {name}"
+    for row in catalog.read_manifest(root).to_pylist():
+        assert row["path"].rsplit("/", 1)[1] in stored
+
+
+def downloads(root) -> list:
+    return storage.glob(root / "bronze" / "downloads", "*")
+
+
+def status_debris(root, capsys) -> list[str]:
+    capsys.readouterr()
+    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
+    return [d["path"] for d in json.loads(capsys.readouterr().out)["debris"]]
+
+
+@pytest.fixture
+def empty_local_dirs(tmp_path, monkeypatch):
+    """TMPDIR and the working directory pointed at empty folders, to prove nothing lands on local disk."""
+    scratch, cwd = tmp_path / "tmpdir", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(cwd)
+    return scratch, cwd
+
+
+def assert_no_local_files(scratch, cwd) -> None:
+    """Not one file under TMPDIR or the working directory; wandb (imported by img2dataset) makes its
+    empty temporary folders at import, the only thing allowed there."""
+    assert [p for p in scratch.rglob("*") if p.is_file()] == []
+    assert all("wandb" in p.name for p in scratch.iterdir())
+    assert list(cwd.iterdir()) == []
+
+
+def test_metadata_ingest_on_s3_equals_the_local_one_and_uses_no_local_disk(
+    s3_root, metadata, ingested, site, empty_local_dirs
+):
+    report = run_ingest(s3_root, metadata)
+
+    # The same decisions as the local run of the same metadata (conftest's `ingested`).
+    assert (report.stored, report.downloaded, report.duplicates) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
+    assert report.failed == catalog.run_records(ingested)[0][2]["failed"]
+    assert manifest_rows(s3_root) == manifest_rows(ingested)
+    # Two URLs with the same bytes: one object, two rows.
+    assert len(objects(s3_root)) == GOOD_IMAGES
+    first = site["images"].column("filename")[0].as_py()
+    twins = [r for r in catalog.read_manifest(s3_root).to_pylist() if r["url"].endswith(("/" + first, "/dup.jpg"))]
+    assert len(twins) == 2 and twins[0]["media_id"] == twins[1]["media_id"]
+    check_objects(s3_root)
+    saved = storage.read_json(layout.ingest_runs_dir(s3_root) / f"{report.run_id}.json")
+    assert saved["stored"] == GOOD_IMAGES
+    assert downloads(s3_root) == []  # the work folder is gone with its run
+
+    # A rerun asks the site only for the URLs that failed; nothing is downloaded or added.
+    requests_before = sum(site["requests"].values())
+    again = run_ingest(s3_root, metadata)
+    assert (again.downloaded, again.stored, again.manifest_rows_added) == (0, 0, 0)
+    assert again.skipped_known_urls == GOOD_IMAGES + 1
+    assert sum(site["requests"].values()) - requests_before == 6  # missing, truncated, page, empty, huge, slow
+    assert manifest_rows(s3_root) == manifest_rows(ingested)
+    assert len(objects(s3_root)) == GOOD_IMAGES
+
+    assert_no_local_files(*empty_local_dirs)
+
+
+def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
+    """Checked side by side on the thread pool, the copies still make one object and one stored count."""
+    first = site["images"].column("filename")[0].as_py()
+    urls = [f"{site['base']}/{first}?copy={i}" for i in range(16)]  # the site ignores the query
+    meta = tmp_path / "copies.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"copy {i}" for i in range(16)]}), meta)
+    report = run_ingest(s3_root, meta)
+    assert (report.downloaded, report.stored, report.duplicates) == (16, 1, 15)
+    assert len(objects(s3_root)) == 1 and catalog.read_manifest(s3_root).num_rows == 16
+
+
+def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site):
+    assert run_ingest(s3_root, good_metadata).stored == GOOD_IMAGES
+    before = site["requests"].copy()
+    rerun = run_ingest(s3_root, good_metadata)
+    assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored, rerun.manifest_rows_added) == (
+        GOOD_IMAGES + 1,
+        0,
+        0,
+        0,
+    )
+    assert site["requests"] == before  # img2dataset was not even started
+
+
+def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):
+    from rayclip import ingest, synthetic
+
+    folder = tmp_path / "photos"
+    names = synthetic.write_images(folder, 4, seed=5).column("filename").to_pylist()
+    (folder / names[0]).with_suffix(".txt").write_text("a sidecar caption\n")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+
+    report = ingest.ingest_folder(storage.uri(s3_root), folder)
+    assert (report.rows_read, report.stored, report.failed) == (5, 4, {"decode error": 1})
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in catalog.read_manifest(s3_root).to_pylist()}
+    assert rows[names[0]]["caption"] == "a sidecar caption" and rows[names[1]]["caption"] == ""
+    check_objects(s3_root)
+    assert (ingest.ingest_folder(s3_root, folder).stored, len(objects(s3_root))) == (0, 4)
+    assert_no_local_files(*empty_local_dirs)
+
+
+@pytest.mark.parametrize("point, sweep_by", [("ingest.object_stored", "gc"), ("ingest.manifest_commit", "rerun")])
+def test_ingest_on_s3_killed_leaves_nothing_half_visible(s3_root, good_metadata, capsys, monkeypatch, point, sweep_by):
+    uri = storage.uri(s3_root)
+    assert_killed(*rayclip("ingest", "--metadata", str(good_metadata), "--data-dir", uri, kill_at=point))
+
+    # Objects may be stored, whole; no manifest row is visible: the layer is as before.
+    assert len(objects(s3_root)) >= 1
+    assert catalog.read_manifest(s3_root).num_rows == 0
+    check_objects(s3_root)
+    [work] = downloads(s3_root)
+    # Its lease is fresh: as far as anyone can tell the run may still be alive, so it is not debris.
+    assert status_debris(s3_root, capsys) == []
+    assert storage.exists(work / storage.LEASE_NAME)
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)  # time passes: the lease goes stale
+    assert status_debris(s3_root, capsys) == [f"bronze/downloads/{work.name}"]
+
+    if sweep_by == "gc":
+        capsys.readouterr()
+        assert cli("gc", "--data-dir", uri) == 0
+        assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
+        assert downloads(s3_root) == []
+    capsys.readouterr()
+    assert cli("ingest", "--metadata", str(good_metadata), "--data-dir", uri, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert downloads(s3_root) == []
+    assert (report["downloaded"], report["manifest_rows_added"], report["failed_total"]) == (
+        GOOD_IMAGES + 1,
+        GOOD_IMAGES + 1,
+        0,
+    )
+    assert report["stored"] + report["duplicates"] == GOOD_IMAGES + 1  # what the killed run stored counts as dups
+    rows = catalog.read_manifest(s3_root)
+    assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
+    assert len(objects(s3_root)) == GOOD_IMAGES
+    check_objects(s3_root)
+    assert status_debris(s3_root, capsys) == []
+
+
+def test_distributor_ray_downloads_through_ray_tasks(ray_session, s3_root, good_metadata, monkeypatch):
+    import importlib
+
+    img2dataset_main = importlib.import_module("img2dataset.main")  # the package's `main` is a function
+
+    def no_multiprocessing(*args, **kwargs):
+        raise AssertionError("the multiprocessing distributor ran")
+
+    monkeypatch.setattr(img2dataset_main, "multiprocessing_distributor", no_multiprocessing)
+    report = run_ingest(s3_root, good_metadata, distributor="ray")
+    assert (report.downloaded, report.stored, report.duplicates, report.failed_total) == (
+        GOOD_IMAGES + 1,
+        GOOD_IMAGES,
+        1,
+        0,
+    )
+    assert catalog.read_manifest(s3_root).num_rows == GOOD_IMAGES + 1
+    assert len(objects(s3_root)) == GOOD_IMAGES
+    check_objects(s3_root)
+    assert downloads(s3_root) == []
