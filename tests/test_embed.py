@@ -50,7 +50,9 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     )
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    assert not list((store / "silver" / "_staging").glob("*/*.parquet"))
+    # Every file Ray wrote is committed, and the run's work folder is gone.
+    assert sorted(store.glob("silver/embeddings/*/dt=*/*.parquet")) == catalog.silver_files(store, "clip_vit_b32_none")
+    assert not list((store / "silver" / "_work").glob("*"))
 
     rc = cli("embed", "--data-dir", str(store), "--actors", "4", "--batch_size", "8", "--pretrained", "none")
     assert rc == 0 and "nothing new to embed" in capsys.readouterr().out

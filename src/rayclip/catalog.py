@@ -51,14 +51,24 @@ def read_manifest(root: Location, columns: list[str] | None = None) -> pa.Table:
 
 # silver
 def silver_model_versions(root: Location) -> list[str]:
-    folders = storage.glob(layout.embeddings_dir(root), "model_version=*")
-    return sorted(f.name.split("=", 1)[1] for f in folders if storage.is_dir(f))
+    """Model versions with at least one committed embed run."""
+    found = storage.glob(layout.embeddings_dir(root), "model_version=*/_commits/*.json")
+    return sorted({f.parent.parent.name.split("=", 1)[1] for f in found})
+
+
+def silver_commits(root: Location, model_version: str) -> list[dict]:
+    """The commit records of a model_version's runs, oldest first: run_id, dt, files (name, rows), rows.
+
+    A run's Parquet files are data only once its record, written after all of them, exists."""
+    return [storage.read_json(f) for f in storage.glob(layout.silver_commits_dir(root, model_version), "*.json")]
 
 
 def silver_files(root: Location, model_version: str, day: str | None = None) -> list[Location]:
-    """The committed silver Parquet files of a model_version (one dt partition, or all)."""
-    pattern = f"dt={layout.check_day(day)}/*.parquet" if day else "dt=*/*.parquet"
-    return storage.glob(layout.silver_model_dir(root, model_version), pattern)
+    """The committed silver Parquet files of a model_version (one dt partition, or all), by name."""
+    day = layout.check_day(day) if day else None
+    folder = layout.silver_model_dir(root, model_version)
+    names = [f["name"] for c in silver_commits(root, model_version) if day in (None, c["dt"]) for f in c["files"]]
+    return sorted((folder / name for name in names), key=str)
 
 
 # gold
