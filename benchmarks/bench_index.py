@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from _common import mixture_chunk
 
 MODEL_VERSION = "bench_vectors"
@@ -34,17 +33,18 @@ GOALS_1M = "goals at 1M: p50 <= 2 ms, p99 <= 10 ms, recall@10 >= 0.95, index <= 
 def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
     """Silver files of `count` vectors with media_ids first…first+count, chunk by chunk."""
     from rayclip import layout, storage
-    from rayclip.embed import silver_table
+    from rayclip.embed import silver_table, write_run
 
-    folder = layout.silver_partition(root, MODEL_VERSION, day)
-    folder.mkdir(parents=True, exist_ok=True)
     spec = {"name": "ViT-B-32", "pretrained": "none", "checkpoint": None, "checkpoint_sha256": None}
     storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec | {"model_version": MODEL_VERSION})
-    for start in range(first, first + count, args.chunk):
-        rows = min(args.chunk, first + count - start)
-        vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
-        ids = [f"{i:064x}" for i in range(start, start + rows)]
-        pq.write_table(silver_table(ids, vectors), folder / f"part-{start:012d}.parquet")
+
+    def chunks():
+        for start in range(first, first + count, args.chunk):
+            rows = min(args.chunk, first + count - start)
+            vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
+            yield silver_table([f"{i:064x}" for i in range(start, start + rows)], vectors)
+
+    write_run(root, MODEL_VERSION, day, chunks())
 
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:

@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -314,6 +315,20 @@ def commit(root: storage.Location, model_version: str, day: str, run_id: str) ->
         return None
     storage.write_json_atomic(layout.silver_commit_file(root, model_version, run_id), record)
     return record
+
+
+def write_run(root: storage.Location, model_version: str, day: str, tables: Iterable[pa.Table]) -> dict | None:
+    """Silver written without Ray (tests, benchmarks): each table one file of a new run, then the
+    run's commit record, under the same protocol as embed(). Returns the record."""
+    run_id = layout.new_run_id()
+    partition = layout.silver_partition(root, model_version, day)
+    with storage.working(layout.silver_work_dir(root, run_id)):
+        for task_index, table in enumerate(tables):
+            with storage.open_output(
+                partition / f"{layout.silver_file_stem(run_id, 'direct', task_index)}-0.parquet"
+            ) as f:
+                pq.write_table(table, f)
+        return commit(root, model_version, day, run_id)
 
 
 def embed(
