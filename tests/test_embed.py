@@ -132,7 +132,7 @@ def test_runs_unchanged_on_a_two_node_cluster(store):
     helper = Path(__file__).with_name("multinode_embed.py")
     done = subprocess.run([sys.executable, str(helper), str(store)], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = json.loads(done.stdout[done.stdout.index("{") :])
+    run = json.loads(done.stdout[done.stdout.index("{") :])["run"]
     assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
     assert run["actors_used"] == 2 and run["nodes_used"] == 2
 
