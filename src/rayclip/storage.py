@@ -44,7 +44,9 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Location:
     if given.startswith("file://"):
         return Path(given.removeprefix("file://")).absolute()
     if "://" in given:
-        return UPath(given.rstrip("/"))
+        # No listings cache: another process's commits (a manifest part, CURRENT, a finished shard)
+        # must show in the next listing, not after the cache expires.
+        return UPath(given.rstrip("/"), use_listings_cache=False)
     return Path(given).absolute()
 
 
