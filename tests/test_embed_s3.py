@@ -113,7 +113,7 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     cmd = [sys.executable, str(helper), storage.uri(s3_store)]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
     out = json.loads(done.stdout[done.stdout.index("{") :])
     run = out["run"]
     assert run["rows_embedded"] == GOOD_IMAGES and run["actors_used"] == 2 and run["nodes_used"] == 2
