@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -67,16 +66,25 @@ def _unit(n: int) -> np.ndarray:
     return np.tile(np.array([[1, 0, 0, 0]], np.float32), (n, 1))
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: getrusage's ru_maxrss would carry over the parent's
+    high-water mark across fork and exec, and the parent just generated the data)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
+
+
 def plan_only(root: Path) -> dict:
     """In this (fresh) process: start Ray, plan, and report the planner's own figures."""
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    after_init = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after_init = peak_rss()
     started = time.perf_counter()
     rows = embed.plan_work(root, MODEL_VERSION).count()
     plan_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     ray.shutdown()
     return {"rows_planned": rows, "plan_s": round(plan_s, 2), "rss_after_init": after_init, "peak_rss": peak}
 
