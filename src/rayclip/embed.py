@@ -104,6 +104,7 @@ def _not_embedded(batch: pa.Table) -> pa.Table:
 
 
 def _manifest_parts(root: storage.Location) -> list[storage.Location]:
+    """The committed manifest parts; none is one clear line, before Ray starts."""
     parts = catalog.manifest_parts(root)
     if not parts:
         raise UserError("the manifest is empty; run `rayclip ingest` first")
@@ -114,7 +115,7 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     """(media_id, path) to embed, one row per media_id, minus those already embedded: a Ray dataset
     held in the object store (rows never come to the driver; its count is in the blocks' metadata).
 
-    The manifest and silver's ids are read by Ray Data and grouped by media_id in one hash
+    The manifest and silver's ids are read by Ray Data and grouped by media_id in one sort-based
     aggregation: min(path) (a media_id's rows share their path) and max(embedded) (1 when silver has
     it). `limit` takes the first rows in media_id order.
     """
