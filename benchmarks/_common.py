@@ -32,14 +32,13 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
     """n clustered unit vectors (mixture_chunk: uniform noise would make any approximate index look
     worse than on CLIP vectors) filed as silver for spec, in files of 50k rows, and a manifest naming
     them: sha256-like ids, paths, URLs and captions, so the mapping join costs what a real one does."""
-    folder = layout.silver_partition(root, spec.model_version, "2026-01-01")
-    folder.mkdir(parents=True, exist_ok=True)
     storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
-    for start in range(0, n, 50_000):
-        count = min(50_000, n - start)
-        vectors = mixture_chunk(start, count, dim, clusters=1000, seed=seed)
-        pq.write_table(embed.silver_table(ids[start : start + count], vectors), folder / f"part-{start:09d}.parquet")
+    chunks = (
+        embed.silver_table(ids[start : start + 50_000], mixture_chunk(start, min(50_000, n - start), dim, 1000, seed))
+        for start in range(0, n, 50_000)
+    )
+    embed.write_run(root, spec.model_version, "2026-01-01", chunks)
     manifest = {
         "media_id": ids,
         "path": [layout.object_relpath(m, "jpg") for m in ids],

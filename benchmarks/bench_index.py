@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from _common import mixture_chunk
 
 from rayclip import layout
@@ -48,22 +47,19 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
     """Silver files of `count` vectors with media_ids first…first+count, chunk by chunk; a file
     already there is kept (each is written whole, then renamed), so a killed run resumes."""
     from rayclip import layout, storage
-    from rayclip.embed import silver_table
+    from rayclip.embed import silver_table, write_run
     from rayclip.model import ModelSpec
 
-    folder = layout.silver_partition(root, MODEL_VERSION, day)
-    folder.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec("ViT-B-32", "none", version=MODEL_VERSION)
     storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec.to_dict())
-    for start in range(first, first + count, args.chunk):
-        path = folder / f"part-{start:012d}.parquet"
-        if path.is_file():
-            continue
-        rows = min(args.chunk, first + count - start)
-        vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
-        ids = [f"{i:064x}" for i in range(start, start + rows)]
-        pq.write_table(silver_table(ids, vectors), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+
+    def chunks():
+        for start in range(first, first + count, args.chunk):
+            rows = min(args.chunk, first + count - start)
+            vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
+            yield silver_table([f"{i:064x}" for i in range(start, start + rows)], vectors)
+
+    write_run(root, MODEL_VERSION, day, chunks())
 
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:

@@ -174,10 +174,14 @@ def s3_root(s3_server):
 
 
 def read_silver(root: Path, model_version: str) -> pa.Table:
-    """Every committed silver row of a model_version, read back from Parquet."""
-    from rayclip import catalog
+    """Every committed silver row of a model_version, read back from Parquet (local or object store)."""
+    from rayclip import catalog, storage
 
-    return pa.concat_tables(pq.read_table(f) for f in catalog.silver_files(root, model_version))
+    tables = []
+    for f in catalog.silver_files(root, model_version):
+        with storage.open_input(f) as opened:
+            tables.append(pq.read_table(opened))
+    return pa.concat_tables(tables)
 
 
 def cli(*args: str) -> int:

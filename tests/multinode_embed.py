@@ -1,15 +1,18 @@
 """Run `rayclip embed` unchanged against a two-node Ray cluster (two raylets on this machine).
 
-Used by test_embed.py in a subprocess so that it does not share the test session's Ray.
-Usage: python multinode_embed.py DATA_DIR   (prints the run's JSON)
+Used by test_embed.py and test_embed_s3.py in a subprocess so that it does not share the test
+session's Ray. Usage: python multinode_embed.py DATA_DIR   (DATA_DIR: a local path or s3://…)
+Prints one JSON object: the run's record ("run") and the cluster's session folder ("session_dir").
 """
 
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from ray.cluster_utils import Cluster
+
+from rayclip import catalog, storage
 
 if __name__ == "__main__":
     data_dir = sys.argv[1]
@@ -22,7 +25,13 @@ if __name__ == "__main__":
         env = os.environ | {"RAY_ADDRESS": cluster.address}
         # 24 images at batch 8: three batches for two actors (at the default 32 they would be one).
         done = subprocess.run(cmd + ["--actors", "2", "--batch-size", "8"], env=env, timeout=300)
-        runs = sorted(Path(data_dir, "silver", "runs").glob("*.json"))
-        print(runs[-1].read_text() if done.returncode == 0 and runs else f"failed: {done.returncode}")
+        runs = sorted(
+            (r for stage, _, r in catalog.run_records(storage.data_root(data_dir)) if stage == "embed"),
+            key=lambda r: r["run_id"],
+        )
+        if done.returncode or not runs:
+            print(f"failed: {done.returncode}")
+        else:
+            print(json.dumps({"run": runs[-1], "session_dir": cluster.head_node.get_session_dir_path()}))
     finally:
         cluster.shutdown()

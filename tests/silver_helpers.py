@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayclip import layout, model, storage
-from rayclip.embed import silver_table
+from rayclip.embed import silver_table, write_run
 
 REFERENCE_DIM = 128
 
@@ -34,14 +34,12 @@ def clustered(n: int, dim: int = REFERENCE_DIM, clusters: int = 32, spread: floa
     return normalised(points)
 
 
-def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray, part: str = "part-0") -> Path:
+def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray) -> Path:
     """One committed silver file in dt=day, as the embed stage would leave it."""
     spec = reference_spec()
     storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-    path = layout.silver_partition(root, spec.model_version, day) / f"{part}.parquet"
-    with storage.open_output(path) as f:
-        pq.write_table(silver_table(media_ids, normalised(vectors)), f)
-    return path
+    record = write_run(root, spec.model_version, day, [silver_table(media_ids, normalised(vectors))])
+    return layout.silver_model_dir(root, spec.model_version) / record["files"][0]["name"]
 
 
 def media_ids(n: int, prefix: str = "") -> list[str]:

@@ -50,7 +50,9 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     )
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    assert not list((store / "silver" / "_staging").glob("*/*.parquet"))
+    # Every file Ray wrote is committed, and the run's work folder is gone.
+    assert sorted(store.glob("silver/embeddings/*/dt=*/*.parquet")) == catalog.silver_files(store, "clip_vit_b32_none")
+    assert not list((store / "silver" / "_work").glob("*"))
 
     rc = cli("embed", "--data-dir", str(store), "--actors", "4", "--batch_size", "8", "--pretrained", "none")
     assert rc == 0 and "nothing new to embed" in capsys.readouterr().out
@@ -130,7 +132,7 @@ def test_runs_unchanged_on_a_two_node_cluster(store):
     helper = Path(__file__).with_name("multinode_embed.py")
     done = subprocess.run([sys.executable, str(helper), str(store)], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = json.loads(done.stdout[done.stdout.index("{") :])
+    run = json.loads(done.stdout[done.stdout.index("{") :])["run"]
     assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
     assert run["actors_used"] == 2 and run["nodes_used"] == 2
 

@@ -126,35 +126,38 @@ def test_embed_killed_during_commit_into_an_existing_partition(store, ray_sessio
     first = embed.embed(store, spec, actors=2, batch_size=4, limit=10, day="2026-01-01")
     assert first.rows_embedded == 10
     partition = store / first.partition
-    before = sorted(p.name for p in partition.iterdir())
+    committed = catalog.silver_files(store, REFERENCE)
 
     rc, out = embed_cli(store, ray_session, "--dt", "2026-01-01", "--actors", "2", kill_at="embed.commit")
     assert_killed(rc, out)
-    # The killed run merged part of its rows, but silver shows exactly the first run: nothing of the second.
-    assert sorted(p.name for p in partition.iterdir()) == before
-    assert silver_rows(store).num_rows == 10
-    [staging] = list((store / "silver" / "_staging").iterdir())
-    assert [d["path"] for d in status(store, capsys)["debris"]] == [f"silver/_staging/{staging.name}"]
+    # Ray wrote the killed run's files into the same partition, but silver shows exactly the first run.
+    written = sorted(set(partition.iterdir()) - set(committed))
+    assert written and all(layout.silver_file_run(f.name) not in (None, first.run_id) for f in written)
+    assert catalog.silver_files(store, REFERENCE) == committed and silver_rows(store).num_rows == 10
+    [work] = list((store / "silver" / "_work").iterdir())
+    expected = sorted(str(p.relative_to(store)) for p in [*written, work])
+    assert sorted(d["path"] for d in status(store, capsys)["debris"]) == expected
 
     rerun = embed.embed(store, spec, actors=2, batch_size=4, day="2026-01-01")
     assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 10, 0)
     ids = silver_rows(store).column("media_id").to_pylist()
     assert len(ids) == len(set(ids)) == GOOD_IMAGES
-    assert not list((store / "silver" / "_staging").iterdir())  # the commit swept the killed run's staging
+    # The rerun swept the killed run's files and work folder: every file left is committed.
+    assert sorted(partition.iterdir()) == catalog.silver_files(store, REFERENCE)
+    assert not list((store / "silver" / "_work").iterdir()) and status(store, capsys)["debris"] == []
     assert index.build(store).count == GOOD_IMAGES
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
-def test_embed_driver_killed_while_ray_writes_staging(store, ray_session, capsys):
+def test_embed_driver_killed_while_ray_writes(store, ray_session, capsys):
     """No named point can stop the driver inside Ray's write, so the test kills it from outside as
-    soon as the first staged file lands, and checks that the run had not finished."""
+    soon as the first file lands, and checks that the run had not finished."""
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference"]
     cmd += ["--actors", "2", "--batch-size", "1", "--blocks", str(GOOD_IMAGES)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    # The first Parquet file anywhere under silver/ (where a non-atomic write would put it too).
     while time.monotonic() < deadline and proc.poll() is None and not list(store.glob("silver/**/*.parquet")):
         time.sleep(0.005)
     proc.kill()
@@ -162,8 +165,8 @@ def test_embed_driver_killed_while_ray_writes_staging(store, ray_session, capsys
     assert proc.returncode == -signal.SIGKILL
     assert not list(layout.embed_runs_dir(store).glob("*.json")), "the run finished before the kill"
     assert silver_rows(store).num_rows == 0 and not catalog.silver_files(store, REFERENCE)
-    assert list(store.glob("silver/_staging/*/*.parquet")), "killed before Ray wrote anything"
-    assert len(status(store, capsys)["debris"]) == 1
+    assert list(store.glob("silver/embeddings/*/dt=*/*.parquet")), "killed before Ray wrote anything"
+    assert status(store, capsys)["debris"]  # the dead run's files and work folder
 
     rerun = embed.embed(store, model.resolve(None, "reference"), actors=2, batch_size=8)
     assert rerun.rows_embedded == GOOD_IMAGES and silver_rows(store).num_rows == GOOD_IMAGES

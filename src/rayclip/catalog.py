@@ -59,14 +59,34 @@ def find_object(root: Location, media_id: str) -> Location | None:
 
 # silver
 def silver_model_versions(root: Location) -> list[str]:
-    folders = storage.glob(layout.embeddings_dir(root), "model_version=*")
-    return sorted(f.name.split("=", 1)[1] for f in folders if storage.is_dir(f))
+    """Model versions with at least one committed embed run (or silver from before commit records)."""
+    found = storage.glob(layout.embeddings_dir(root), "model_version=*/_commits/*.json")
+    versions = {f.parent.parent.name for f in found} | {f.parent.parent.name for f in _legacy_silver(root, "*")}
+    return sorted(v.split("=", 1)[1] for v in versions)
+
+
+def _legacy_silver(root: Location, model_version: str, day: str | None = None) -> list[Location]:
+    """Silver written before commit records: each run's rows went into one file renamed whole into its
+    partition, so such a file is committed by construction. Its name does not carry a run the way
+    a new file's does (layout.silver_file_run), which is how it is told apart."""
+    pattern = f"dt={day or '*'}/*.parquet"
+    files = storage.glob(layout.embeddings_dir(root), f"model_version={model_version}/{pattern}")
+    return [f for f in files if layout.silver_file_run(f.name) is None]
+
+
+def silver_commits(root: Location, model_version: str) -> list[dict]:
+    """The commit records of a model_version's runs, oldest first: run_id, dt, files (name, rows), rows.
+
+    A run's Parquet files are data only once its record, written after all of them, exists."""
+    return [storage.read_json(f) for f in storage.glob(layout.silver_commits_dir(root, model_version), "*.json")]
 
 
 def silver_files(root: Location, model_version: str, day: str | None = None) -> list[Location]:
-    """The committed silver Parquet files of a model_version (one dt partition, or all)."""
-    pattern = f"dt={layout.check_day(day)}/*.parquet" if day else "dt=*/*.parquet"
-    return storage.glob(layout.silver_model_dir(root, model_version), pattern)
+    """The committed silver Parquet files of a model_version (one dt partition, or all), by name."""
+    day = layout.check_day(day) if day else None
+    folder = layout.silver_model_dir(root, model_version)
+    names = [f["name"] for c in silver_commits(root, model_version) if day in (None, c["dt"]) for f in c["files"]]
+    return sorted([folder / name for name in names] + _legacy_silver(root, model_version, day), key=str)
 
 
 # gold

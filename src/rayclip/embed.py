@@ -1,10 +1,13 @@
 """Silver layer: Ray Data batch inference from the manifest to versioned Parquet embeddings.
 
-The driver plans the work (one row per media_id not yet embedded for this model_version),
-then Ray streams it: from_items(override_num_blocks) → map_batches(EmbedUDF,
-compute=ActorPoolStrategy) → write_parquet into a staging folder, which is renamed into
-silver/embeddings/model_version=<mv>/dt=<day>/ only when the whole write has succeeded.
-Each actor loads the model once; bad images are reported to a small stats actor and skipped.
+Ray Data plans the work (one row per media_id of the manifest not yet embedded for this
+model_version: read_parquet of the manifest and of silver's ids, one hash aggregation by media_id)
+and streams it: repartition(blocks) → map_batches(EmbedUDF, compute=ActorPoolStrategy) →
+write_parquet into silver/embeddings/model_version=<mv>/dt=<day>/ on the data root's own
+filesystem, local or an object store. The driver holds block references, never the rows.
+The run's files are silver data only once its commit record, written last, names them.
+Each actor loads the model once, reads the image bytes through storage and reports bad images to a
+small stats actor, which are skipped.
 
 Decode overlaps encode inside each actor: Ray Data runs two calls per actor at once
 (`max_concurrent_calls_per_actor=2`), and a lock lets only one of them encode, so one batch is
@@ -23,8 +26,8 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -77,27 +80,68 @@ class EmbedReport:
         return dataclasses.asdict(self)
 
 
-def embedded_ids(root: Path, model_version: str) -> pa.Array:
-    """media_ids already in silver for this model_version, across every dt partition."""
-    files = catalog.silver_files(root, model_version)
-    if not files:
-        return pa.array([], pa.string())
-    return pa.concat_arrays([pq.read_table(f, columns=["media_id"]).column("media_id").combine_chunks() for f in files])
+def _read_parquet(files: list[storage.Location], columns: list[str]):
+    """A Ray dataset of these Parquet files' columns, read on the data root's own filesystem."""
+    import ray
+
+    filesystem = storage.arrow(files[0])[0]
+    paths = [storage.arrow(f)[1] for f in files]
+    # partitioning=None: silver's dt=… folders must not come back as columns.
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, partitioning=None)
 
 
-def plan_work(root: Path, model_version: str, limit: int | None = None, force: bool = False) -> pa.Table:
-    """(media_id, path) to embed: one row per media_id, minus those already embedded."""
-    manifest = catalog.read_manifest(root, ["media_id", "path"])
-    if manifest.num_rows == 0:
+def _tagged(batch: pa.Table, embedded: int) -> pa.Table:
+    """(media_id, path, embedded): the manifest's rows with 0, silver's ids with 1 and no path."""
+    path = batch.column("path") if "path" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+    return pa.table(
+        {
+            "media_id": batch.column("media_id"),
+            "path": path,
+            "embedded": pa.array(np.full(batch.num_rows, embedded, np.int8)),
+        }
+    )
+
+
+def _not_embedded(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("embedded"), 0)).select(["media_id", "path"])
+
+
+def _manifest_parts(root: storage.Location) -> list[storage.Location]:
+    """The committed manifest parts; none is one clear line, before Ray starts."""
+    parts = catalog.manifest_parts(root)
+    if not parts:
         raise UserError("the manifest is empty; run `rayclip ingest` first")
-    # The manifest can hold a media_id several times (one row per url); its path is the same.
-    unique = manifest.group_by("media_id").aggregate([("path", "min")]).rename_columns(["media_id", "path"])
-    unique = unique.sort_by("media_id")
-    if not force:
-        unique = unique.filter(
-            pc.invert(pc.is_in(unique.column("media_id"), value_set=embedded_ids(root, model_version)))
+    return parts
+
+
+def plan_work(root: storage.Location, model_version: str, limit: int | None = None, force: bool = False):
+    """(media_id, path) to embed, one row per media_id, minus those already embedded: a Ray dataset
+    held in the object store (rows never come to the driver; its count is in the blocks' metadata).
+
+    The manifest and silver's ids are read by Ray Data and grouped by media_id in one sort-based
+    aggregation: min(path) (a media_id's rows share their path) and max(embedded) (1 when silver has
+    it). `limit` takes the first rows in media_id order.
+    """
+    from ray.data.aggregate import Max, Min
+    from ray.data.context import ShuffleStrategy
+
+    tagged = _read_parquet(_manifest_parts(root), ["media_id", "path"]).map_batches(
+        _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 0}, batch_size=None
+    )
+    silver = [] if force else catalog.silver_files(root, model_version)
+    if silver:
+        ids = _read_parquet(silver, ["media_id"]).map_batches(
+            _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 1}, batch_size=None
         )
-    return unique.slice(0, limit) if limit is not None else unique
+        tagged = tagged.union(ids)
+    # The sort-based shuffle: Ray tasks only (a hash shuffle's aggregator actors take seconds to start
+    # even for a small manifest), and its output is sorted by media_id, so --limit takes the smallest.
+    tagged.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    grouped = tagged.groupby("media_id").aggregate(
+        Min("path", alias_name="path"), Max("embedded", alias_name="embedded")
+    )
+    work = grouped.map_batches(_not_embedded, batch_format="pyarrow", batch_size=None).materialize()
+    return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
 
 
 class RunStats:
@@ -141,7 +185,7 @@ class EmbedUDF:
 
         self.model = load_model(ModelSpec.from_dict(spec), device=device, threads=threads, precision=precision)
         self.decoders = ThreadPoolExecutor(decode_threads, "rayclip-decode") if decode_threads > 1 else None
-        self.root = Path(data_root)
+        self.root = storage.location(data_root)  # this process's own client for the data root
         self.stats = stats
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
@@ -164,7 +208,7 @@ class EmbedUDF:
         """(media_id, preprocessed pixels, None), or (media_id, None, why it failed)."""
         media_id, path = row
         try:
-            return media_id, self.model.preprocess(decode_image((self.root / path).read_bytes())), None
+            return media_id, self.model.preprocess(decode_image(storage.read_bytes(self.root / path))), None
         except FileNotFoundError:
             return media_id, None, "missing object"
         except Exception:  # a bad image must not kill the job; it is counted and skipped
@@ -261,34 +305,53 @@ def _remote_wall_s(stats_text: str, operator: str) -> float:
     return float(total.group(1)) / {"s": 1, "ms": 1e3, "us": 1e6}[total.group(2)]
 
 
-def _commit(staging: Path, partition: Path, run_id: str) -> list[Path]:
-    """Make the run's staged files visible in the partition all at once, by one rename.
+class _RunFiles:
+    """Names the files Ray writes for a run (layout.silver_file_stem); picklable for the write tasks."""
 
-    Ray writes several files; they are streamed (row group by row group) into one file inside the
-    locked staging folder, which is then renamed to dt=<day>/<run_id>.parquet. A new and an existing
-    partition take the same path, so a kill at any point leaves silver as it was before the run or
-    with the whole run in it, never part of it; the staging folder is debris the next commit sweeps.
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return layout.silver_file_stem(self.run_id, write_uuid, task_index)
+
+
+def commit(root: storage.Location, model_version: str, day: str, run_id: str) -> dict | None:
+    """Make a run's silver files data: one commit record naming them, written after all of them.
+
+    Until the record exists no silver reader sees any of the run's files (catalog.silver_files reads
+    records, not folders), so a kill at any point leaves silver as before the run or with the whole
+    run in it; a dead run's files are debris. Returns the record, or None when the run wrote no rows.
     """
-    files = sorted(staging.glob("*.parquet"))
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
-    if not rows:
-        return []
-    merged = staging / f"{run_id}.parquet"
-    with pq.ParquetWriter(merged, pq.read_schema(files[0])) as writer:
-        for f in files:
-            source = pq.ParquetFile(f)
-            for group in range(source.num_row_groups):
-                writer.write_table(source.read_row_group(group))
-            faults.point("embed.commit")  # part of the run merged, nothing of it visible yet
-    partition.mkdir(parents=True, exist_ok=True)
-    target = partition / merged.name
-    os.replace(merged, target)
-    debris.sweep(staging.parent, ("*",))  # staging folders of killed runs (a live run's stays locked)
-    return [target]
+    partition = layout.silver_partition(root, model_version, day)
+    files = [f for f in storage.glob(partition, "*.parquet") if layout.silver_file_run(f.name) == run_id]
+    named = []
+    for f in files:
+        with storage.open_input(f) as opened:
+            named.append({"name": f"{partition.name}/{f.name}", "rows": pq.read_metadata(opened).num_rows})
+        faults.point("embed.commit")  # some of the run's files checked, no record yet
+    record = {"run_id": run_id, "dt": day, "rows": sum(f["rows"] for f in named), "files": named}
+    if not record["rows"]:
+        return None
+    storage.write_json_atomic(layout.silver_commit_file(root, model_version, run_id), record)
+    return record
+
+
+def write_run(root: storage.Location, model_version: str, day: str, tables: Iterable[pa.Table]) -> dict | None:
+    """Silver written without Ray (tests, benchmarks): each table one file of a new run, then the
+    run's commit record, under the same protocol as embed(). Returns the record."""
+    run_id = layout.new_run_id()
+    partition = layout.silver_partition(root, model_version, day)
+    with storage.working(layout.silver_work_dir(root, run_id)):
+        for task_index, table in enumerate(tables):
+            with storage.open_output(
+                partition / f"{layout.silver_file_stem(run_id, 'direct', task_index)}-0.parquet"
+            ) as f:
+                pq.write_table(table, f)
+        return commit(root, model_version, day, run_id)
 
 
 def embed(
-    root: Path,
+    root: storage.Location | str,
     spec: ModelSpec,
     actors: int | None = None,
     batch_size: int = 32,
@@ -308,6 +371,7 @@ def embed(
     """
     import ray
 
+    root = storage.data_root(root)
     started = time.monotonic()
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
     device = "cuda" if gpus_per_actor else "cpu"
@@ -316,14 +380,15 @@ def embed(
     )
     report.precision, report.device = choose_precision(precision, device), device
     spec = dataclasses.replace(spec, precision=report.precision)
-    work = plan_work(root, spec.model_version, limit, force)
-    report.rows_planned = work.num_rows
     report.actors, report.batch_size = actors or 0, batch_size
-    if work.num_rows == 0:
-        return _save(root, report)
     check_available(spec)  # a missing model fails here, once, not in every actor
+    _manifest_parts(root)  # an empty manifest fails before Ray starts
 
     init_ray()
+    work = plan_work(root, spec.model_version, limit, force)
+    report.rows_planned = work.count()
+    if report.rows_planned == 0:
+        return _save(root, report)
     report.cluster = ray.get_runtime_context().gcs_address
     resources = ray.cluster_resources()
     report.cluster_cpus = float(resources.get("CPU", 0))
@@ -332,8 +397,9 @@ def embed(
     report.decode_threads = report.torch_threads if gpus_per_actor else 1
     report.blocks = blocks or actors * 8
     stats = ray.remote(num_cpus=0)(RunStats).remote()
-    ds = ray.data.from_items(work.to_pylist(), override_num_blocks=min(report.blocks, work.num_rows))
-    ds = ds.map_batches(
+    # Split before the actor pool exists: its actors may hold the CPUs that split tasks would need.
+    work = work.repartition(min(report.blocks, report.rows_planned)).materialize()
+    ds = work.map_batches(
         EmbedUDF,
         batch_format="pyarrow",
         batch_size=batch_size,
@@ -349,7 +415,7 @@ def embed(
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
             "spec": spec.to_dict(),
-            "data_root": str(root),
+            "data_root": storage.uri(root),
             "threads": report.torch_threads,
             "decode_threads": report.decode_threads,
             "device": device,
@@ -368,18 +434,26 @@ def embed(
     report.plan = plan.getvalue().strip()
 
     partition = layout.silver_partition(root, spec.model_version, report.dt)
-    # The staging folder stays locked while this run lives: a concurrent run's sweep leaves it alone.
-    with storage.working(layout.silver_staging(root, report.run_id)) as staging:
-        with watch(lambda: ray.get(stats.rows_done.remote()), work.num_rows, progress):
-            ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0.1})
+    filesystem, partition_path = storage.arrow(partition)
+    # The work folder stays held while this run lives: until its commit record exists, a sweep by a
+    # concurrent run or `rayclip gc` leaves the run's files alone.
+    with storage.working(layout.silver_work_dir(root, report.run_id)):
+        with watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress):
+            ds.write_parquet(
+                partition_path,
+                filesystem=filesystem,
+                filename_provider=_RunFiles(report.run_id),
+                ray_remote_args={"num_cpus": 0.1},
+            )
         stats_text = ds.stats()
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
         storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-        files = _commit(staging, partition, report.run_id)
+        committed = commit(root, spec.model_version, report.dt, report.run_id)
+    debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs
 
     workers, failures, seconds, first_encode_at = ray.get(stats.summary.remote())
-    report.rows_embedded = sum(pq.read_metadata(f).num_rows for f in files)
+    report.rows_embedded = committed["rows"] if committed else 0
     report.actors_used = len({actor for _, actor in workers})
     report.nodes_used = len({node for node, _ in workers})
     report.rows_failed = len(failures)
@@ -396,6 +470,6 @@ def embed(
     return _save(root, report)
 
 
-def _save(root: Path, report: EmbedReport) -> EmbedReport:
+def _save(root: storage.Location, report: EmbedReport) -> EmbedReport:
     storage.write_json_atomic(layout.embed_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
     return report

@@ -65,9 +65,30 @@ def silver_model_file(root: Location, model_version: str) -> Location:
     return silver_model_dir(root, model_version) / "_model.json"
 
 
-def silver_staging(root: Location, run_id: str) -> Location:
-    # Outside silver/embeddings so that no reader of the dataset ever sees staged files.
-    return root / "silver" / "_staging" / run_id
+def silver_commits_dir(root: Location, model_version: str) -> Location:
+    """One commit record per run ('_' keeps it out of Parquet dataset readers)."""
+    return silver_model_dir(root, model_version) / "_commits"
+
+
+def silver_commit_file(root: Location, model_version: str, run_id: str) -> Location:
+    return silver_commits_dir(root, model_version) / f"{run_id}.json"
+
+
+def silver_file_stem(run_id: str, write_uuid: str, task_index: int) -> str:
+    """A silver file of a run, less the `-<n>.parquet` Ray Data's writer adds: the run_id first, so an
+    uncommitted file names its run (and Ray asks for its write's uuid in the name)."""
+    return f"{run_id}_{write_uuid}_{task_index:06d}"
+
+
+def silver_file_run(name: str) -> str | None:
+    """The run_id a silver file's name starts with (silver_file_stem), or None for any other name."""
+    match = re.fullmatch(r"(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6})_[\w-]+\.parquet", name)
+    return match.group(1) if match else None
+
+
+def silver_work_dir(root: Location, run_id: str) -> Location:
+    """Held while an embed run lives (storage.working): its files are not debris until it dies."""
+    return root / "silver" / "_work" / run_id
 
 
 def embed_runs_dir(root: Location) -> Location:

@@ -1,0 +1,148 @@
+"""Embedding with the data root on an object store (moto's S3 on loopback): the local tests'
+assertions, a kill -9 inside the commit, a two-node cluster that writes nothing to local disk, and
+the streaming planner against the planner it replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import GOOD_IMAGES, read_silver
+from silver_helpers import media_ids, write_manifest, write_silver
+from test_embed import own_embeddings
+
+from rayclip import catalog, debris, embed, faults, layout, model, storage
+
+REFERENCE = "clip_rayclip_ref_reference"
+
+
+@pytest.fixture
+def s3_store(ingested, s3_root):
+    """The ingested local data root copied, byte for byte, into a fresh S3 root."""
+    for path in ingested.rglob("*"):
+        if path.is_file():
+            storage.write_atomic(s3_root / path.relative_to(ingested).as_posix(), path.read_bytes())
+    return s3_root
+
+
+def embed_runs(root) -> list[dict]:
+    return sorted((r for stage, _, r in catalog.run_records(root) if stage == "embed"), key=lambda r: r["run_id"])
+
+
+def partition_files(root) -> list[str]:
+    """Every Parquet file under silver's partitions, committed or not."""
+    return [str(f) for f in storage.glob(layout.embeddings_dir(root), "*/dt=*/*.parquet")]
+
+
+def committed_files(root) -> list[str]:
+    return [str(f) for f in catalog.silver_files(root, REFERENCE)]
+
+
+def test_embed_on_s3_equals_open_clip_dedups_and_reruns_idempotently(s3_store, ingested, ray_session):
+    spec = model.resolve(None, "reference")
+    report = embed.embed(storage.uri(s3_store), spec, actors=2, batch_size=8)  # a URL, as --data-dir gives it
+    assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in report.plan
+    [run] = embed_runs(s3_store)
+    assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0 and run["actors_used"] == 2
+    assert storage.read_json(layout.silver_model_file(s3_store, REFERENCE))["model_version"] == REFERENCE
+
+    table = read_silver(s3_store, REFERENCE)
+    ids = table.column("media_id").to_pylist()
+    manifest_ids = catalog.read_manifest(s3_store, ["media_id"]).column("media_id").to_pylist()
+    assert len(manifest_ids) > GOOD_IMAGES  # the same bytes under two URLs: one manifest row each
+    assert len(ids) == len(set(ids)) == GOOD_IMAGES and set(ids) == set(manifest_ids)
+    # The vectors are open_clip's own for the bytes (read here from the local copy of the same objects).
+    ours = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    cosine = ours @ own_embeddings(ingested, ids).T
+    assert np.all(np.diag(cosine) > 0.9999) and cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
+    # One commit record names every file the run wrote; the run's work folder is gone.
+    [record] = catalog.silver_commits(s3_store, REFERENCE)
+    assert record["rows"] == GOOD_IMAGES and committed_files(s3_store) == partition_files(s3_store)
+    assert storage.glob(s3_store, "silver/_work/*") == []
+
+    rerun = embed.embed(storage.uri(s3_store), spec, actors=2, batch_size=8)
+    assert (rerun.rows_planned, rerun.rows_embedded) == (0, 0) and embed_runs(s3_store)[-1]["rows_planned"] == 0
+    assert len(catalog.silver_commits(s3_store, REFERENCE)) == 1 and read_silver(s3_store, REFERENCE).equals(table)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two embed runs and a subprocess start under load
+def test_embed_killed_during_commit_on_s3_shows_nothing_and_rerun_completes(s3_store, ray_session, monkeypatch):
+    env = os.environ | {
+        faults.KILL_AT_ENV: "embed.commit",
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+    }
+    run = "from rayclip import embed, model; embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=2)"
+    cmd = [sys.executable, "-c", f"import sys; {run}", storage.uri(s3_store)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
+
+    # Ray wrote the run's files into the partition, but no reader sees any of them.
+    written = partition_files(s3_store)
+    assert written and committed_files(s3_store) == [] and catalog.silver_model_versions(s3_store) == []
+    assert embed_runs(s3_store) == []
+    # Its lease is fresh: a sweep now leaves it alone; once stale, the files and work folder are debris.
+    assert debris.find(s3_store) == []
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
+    [work] = storage.glob(s3_store, "silver/_work/*")
+    assert sorted(map(str, debris.find(s3_store))) == sorted([*written, str(work)])
+
+    rerun = embed.embed(s3_store, model.resolve(None, "reference"), actors=2, batch_size=8)
+    assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES, GOOD_IMAGES, 0)
+    ids = read_silver(s3_store, REFERENCE).column("media_id").to_pylist()
+    assert len(ids) == len(set(ids)) == GOOD_IMAGES
+    # The rerun swept the killed run's files: every file left is committed.
+    assert partition_files(s3_store) == committed_files(s3_store)
+    assert debris.find(s3_store) == []
+
+
+@pytest.mark.slow
+def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path):
+    """Two raylets with 1 CPU each, the data root on S3: both nodes embed, and neither the working
+    folder nor the cluster's session folder (every node's scratch here) holds a data file after."""
+    helper = Path(__file__).with_name("multinode_embed.py")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cmd = [sys.executable, str(helper), storage.uri(s3_store)]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{") :])
+    run = out["run"]
+    assert run["rows_embedded"] == GOOD_IMAGES and run["actors_used"] == 2 and run["nodes_used"] == 2
+    assert read_silver(s3_store, REFERENCE).num_rows == GOOD_IMAGES
+    data_suffixes = {".parquet", ".jpg", ".png", ".lease"}
+    local = [p for folder in (cwd, Path(out["session_dir"])) for p in folder.rglob("*") if p.suffix in data_suffixes]
+    assert local == [] and not (cwd / "data").exists()
+
+
+def test_plan_equals_the_in_driver_plan_it_replaced(tmp_path, ray_session):
+    """Duplicated manifest rows, some ids already embedded: the same rows as the old planner's
+    group_by + is_in in the driver, and --limit takes the smallest media_ids as it did."""
+    root = tmp_path / "data"
+    ids = media_ids(300)
+    write_manifest(root, ids[:200], seed=0)
+    write_manifest(root, ids[150:] + ids[:20], seed=1)  # 150..199 and 0..19 twice
+    write_silver(root, "2026-01-01", ids[100:180], np.eye(80, 128))
+    write_silver(root, "2026-01-02", ids[250:260], np.eye(10, 128))
+
+    manifest = catalog.read_manifest(root, ["media_id", "path"])
+    unique = manifest.group_by("media_id").aggregate([("path", "min")]).rename_columns(["media_id", "path"])
+    done = pa.array(ids[100:180] + ids[250:260])
+    expected = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done))).sort_by("media_id")
+
+    def planned(**kwargs) -> pa.Table:
+        work = embed.plan_work(root, REFERENCE, **kwargs)
+        return pa.concat_tables(work.iter_batches(batch_format="pyarrow", batch_size=None)).sort_by("media_id")
+
+    assert planned().equals(expected)
+    assert expected.num_rows == 300 - 90
+    assert planned(limit=7).equals(expected.slice(0, 7))
+    assert planned(force=True).num_rows == 300
