@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,12 @@ def test_embed_killed_during_commit_on_s3_shows_nothing_and_rerun_completes(s3_s
     assert debris.find(s3_store) == []
 
 
+def is_data_file(path: Path) -> bool:
+    """An image, Parquet, a lease, a model file, or a record named by a run (commit or run record, log)."""
+    named_by_run = re.match(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}", path.name) is not None
+    return path.suffix in {".parquet", ".jpg", ".png"} or path.name in {".lease", "_model.json"} or named_by_run
+
+
 @pytest.mark.slow
 def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path):
     """Two raylets with 1 CPU each, the data root on S3: both nodes embed, and neither the working
@@ -118,8 +125,7 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     run = out["run"]
     assert run["rows_embedded"] == GOOD_IMAGES and run["actors_used"] == 2 and run["nodes_used"] == 2
     assert read_silver(s3_store, REFERENCE).num_rows == GOOD_IMAGES
-    data_suffixes = {".parquet", ".jpg", ".png", ".lease"}
-    local = [p for folder in (cwd, Path(out["session_dir"])) for p in folder.rglob("*") if p.suffix in data_suffixes]
+    local = [p for folder in (cwd, Path(out["session_dir"])) for p in folder.rglob("*") if is_data_file(p)]
     assert local == [] and not (cwd / "data").exists()
 
 

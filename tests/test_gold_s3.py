@@ -23,10 +23,10 @@ ROWS = 400
 DAY = "2026-01-02"
 
 
-def fill(root, rows: int = ROWS, part: str = "part-0", prefix: str = "") -> list[str]:
+def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
     """The same silver file (and manifest rows) on any root: made-up vectors around fixed centres."""
     ids = media_ids(rows, prefix)
-    write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)), part=part)
+    write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)))
     write_manifest(root, ids, seed=len(prefix))
     return ids
 
@@ -81,7 +81,7 @@ def test_index_and_search_on_s3_equal_the_same_silver_locally_and_touch_no_local
 
     # An incremental build on S3 reads its base build (index, mapping, tuning) back from the store.
     for root in (local, s3_root):
-        fill(root, 50, part="part-1", prefix="new")
+        fill(root, 50, prefix="new")
     again_disk, again_s3 = index.build(local), index.build(s3_root)
     assert again_s3.base_build == on_s3.build_id and again_disk.base_build == on_disk.build_id
     assert again_s3.count == again_disk.count == ROWS + 50
@@ -119,7 +119,7 @@ def test_a_second_open_on_the_same_build_reads_only_current_from_the_store(s3_ro
 def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, monkeypatch, capsys, point):
     fill(s3_root)
     published = index.build(s3_root).build_id
-    fill(s3_root, 50, part="part-1", prefix="new")
+    fill(s3_root, 50, prefix="new")
     assert_killed(*rayclip("index", "--data-dir", storage.uri(s3_root), kill_at=point, timeout=120))
 
     assert catalog.current_build(s3_root, mv) == published
@@ -212,7 +212,7 @@ def test_serve_on_s3_searches_streams_images_and_follows_current(s3_root, cache,
     assert image.headers["content-type"] == "image/png" and image.headers["content-length"] == str(len(picture))
     assert client.get("/api/images/" + "0" * 64).status_code == 404
 
-    fill(s3_root, 50, part="part-1", prefix="new")
+    fill(s3_root, 50, prefix="new")
     second = index.build(s3_root)
     status = client.get("/api/status").json()
     assert status["build_id"] == second.build_id and status["count"] == ROWS + 50

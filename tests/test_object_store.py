@@ -90,8 +90,9 @@ def test_search_cli_on_s3(s3_pipeline, capsys):
     root, _ = s3_pipeline
     capsys.readouterr()
     assert cli("search", "--data-dir", storage.uri(root), "--q", QUERIES[0], "--k", "3", "--json") == 0
-    results = json.loads(capsys.readouterr().out)["results"]
-    assert len(results) == 3
+    results = json.loads(capsys.readouterr().out)
+    want = Searcher.open(root).search_text(QUERIES[0], k=3)
+    assert [r["media_id"] for r in results] == [r.media_id for r in want]
 
 
 def test_server_answers_and_streams_images_from_s3(s3_pipeline):
