@@ -501,7 +501,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "  rayclip ingest --metadata laion_part.parquet --processes 8 --threads 64\n"
         "  rayclip embed --model ViT-B-32 --pretrained openai --actors 8 --batch-size 64\n"
         "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
-        "  On a Ray cluster: RAY_ADDRESS=ray://head:10001 rayclip embed …\n"
+        "  On a Ray cluster: RAY_ADDRESS=head:6379 rayclip embed --data-dir s3://bucket/rayclip …\n"
         "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
         f"  Explore this demo: rayclip search --data-dir {_shown(demo.root)} --q 'a small green square'\n"
         f"                     rayclip serve --data-dir {_shown(demo.root)}",

@@ -1,7 +1,7 @@
 """Silver layer: Ray Data batch inference from the manifest to versioned Parquet embeddings.
 
 Ray Data plans the work (one row per media_id of the manifest not yet embedded for this
-model_version: read_parquet of the manifest and of silver's ids, one hash aggregation by media_id)
+model_version: read_parquet of the manifest and of silver's ids, one sort-based aggregation by media_id)
 and streams it: repartition(blocks) → map_batches(EmbedUDF, compute=ActorPoolStrategy) →
 write_parquet into silver/embeddings/model_version=<mv>/dt=<day>/ on the data root's own
 filesystem, local or an object store. The driver holds block references, never the rows.
