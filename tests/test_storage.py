@@ -134,3 +134,15 @@ def test_cached_downloads_a_remote_object_once_and_reads_a_local_file_in_place(r
     assert storage.cached(source, copy) == copy and copy.read_bytes() == storage.read_bytes(source)
     monkeypatch.setattr(storage, "open_input", lambda loc: pytest.fail(f"read {loc} again"))
     assert storage.cached(source, copy) == copy
+
+
+def test_a_long_run_on_an_object_store_keeps_its_lease_fresh(root, monkeypatch):
+    if storage.is_local(root):
+        return  # a local run holds a flock for as long as it lives
+    monkeypatch.setattr(storage, "LEASE_BEAT_S", 0.5)
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 3.0)  # S3 times its objects to the second
+    folder = root / "work" / "run-long"
+    with storage.working(folder):
+        time.sleep(4.0)  # longer than the stale time: only the heartbeat keeps the lease young
+        with storage.unless_held(folder) as free:
+            assert not free
