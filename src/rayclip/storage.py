@@ -19,7 +19,6 @@ import fcntl
 import io
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -155,12 +154,6 @@ def resolved_url(loc: Location) -> str:
 
 
 # writing
-def make_dirs(loc: Location) -> None:
-    """Create a local folder; a no-op on object stores, which have no folders."""
-    if is_local(loc):
-        loc.mkdir(parents=True, exist_ok=True)
-
-
 def write_atomic(loc: Location, data: bytes | str) -> None:
     """Write the whole of `data`; readers see the old content (or nothing) until it is complete."""
     with open_output(loc) as f:
@@ -245,11 +238,6 @@ def delete(loc: Location) -> None:
         loc.fs.rm(loc.path, recursive=True)
 
 
-def temp_sibling(loc: Location) -> Location:
-    """A hidden name beside `loc` for writers that must be handed a path rather than bytes."""
-    return loc.parent / f".{loc.name}.{secrets.token_hex(4)}.tmp"
-
-
 # leases: which work folders belong to a live run
 @contextlib.contextmanager
 def working(folder: Location, keep: bool = False) -> Iterator[Location]:
@@ -272,7 +260,7 @@ def working(folder: Location, keep: bool = False) -> Iterator[Location]:
             raise
         finally:
             if not keep:
-                shutil.rmtree(folder, ignore_errors=True)  # it may have been renamed into place already
+                delete(folder)
             os.close(fd)
         return
     lease, stop = folder / LEASE_NAME, threading.Event()
