@@ -17,7 +17,7 @@ with no finer structure (near-duplicates, sub-topics), so its neighbours lie in 
     python benchmarks/bench_index.py                      # 1M and 10M (hours on 2 cores, ~25 GB disk)
     python benchmarks/bench_index.py --sizes 100000       # a quick check
     python benchmarks/bench_index.py --sizes 1000000 --index-types IVF4096_HNSW32,SQ6 auto   # compare
-    python benchmarks/bench_index.py --sizes 10000000 --data-dir big/   # kept; a rerun resumes the silver
+    python benchmarks/bench_index.py --sizes 10000000 --data-dir big/   # silver kept: a rerun reuses it
 """
 
 from __future__ import annotations
@@ -37,18 +37,21 @@ from pathlib import Path
 import numpy as np
 from _common import mixture_chunk
 
-from rayclip import layout
+from rayclip import catalog, layout, storage
 
 MODEL_VERSION = "bench_vectors"
 GOALS_1M = "goals at 1M: p50 <= 2 ms, p99 <= 10 ms, recall@10 >= 0.95, index <= 1/4 of flat; at 10M recall >= 0.90"
 
 
-def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
-    """Silver files of `count` vectors with media_ids first…first+count, chunk by chunk; a file
-    already there is kept (each is written whole, then renamed), so a killed run resumes."""
-    from rayclip import layout, storage
+def write_silver(root: Path, day: str, first: int, count: int, args) -> bool:
+    """Silver of `count` vectors with media_ids first…first+count, chunk by chunk, committed as one
+    run. A day already committed (a rerun over the same --data-dir) is kept: False. A killed
+    write left no commit record, so it is written again (its files are debris the build ignores)."""
     from rayclip.embed import silver_table, write_run
     from rayclip.model import ModelSpec
+
+    if any(commit["dt"] == day for commit in catalog.silver_commits(root, MODEL_VERSION)):
+        return False
 
     spec = ModelSpec("ViT-B-32", "none", version=MODEL_VERSION)
     storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec.to_dict())
@@ -60,6 +63,15 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> None:
             yield silver_table([f"{i:064x}" for i in range(start, start + rows)], vectors)
 
     write_run(root, MODEL_VERSION, day, chunks())
+    return True
+
+
+def drop_day(root: Path, day: str) -> None:
+    """Remove a day of silver with its commit records, so a rerun starts from the first day alone."""
+    for commit in catalog.silver_commits(root, MODEL_VERSION):
+        if commit["dt"] == day:
+            storage.delete(layout.silver_commit_file(root, MODEL_VERSION, commit["run_id"]))
+    shutil.rmtree(layout.silver_partition(root, MODEL_VERSION, day))
 
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
@@ -151,8 +163,10 @@ def main() -> None:
         for size in args.sizes:
             root = top / f"n{size}"
             started = time.perf_counter()
-            write_silver(root, "2026-01-01", 0, size, args)
-            print(f"{size:>11,} vectors written as silver in {time.perf_counter() - started:.1f} s", flush=True)
+            if write_silver(root, "2026-01-01", 0, size, args):
+                print(f"{size:>11,} vectors written as silver in {time.perf_counter() - started:.1f} s", flush=True)
+            else:
+                print(f"{size:>11,} vectors of silver kept from an earlier run in {root}", flush=True)
             flat_bytes = size * args.dim * 4
             if size <= args.flat_max:
                 show(size, "flat", run_child(root, "flat", True, args), flat_bytes)
@@ -173,8 +187,7 @@ def main() -> None:
                     f"recall {incremental['recall_at_10']:.3f} vs {retrained['recall_at_10']:.3f}",
                     flush=True,
                 )
-                # a rerun over the same --data-dir starts from the same silver as this one
-                shutil.rmtree(layout.silver_partition(root, MODEL_VERSION, "2026-01-02"))
+                drop_day(root, "2026-01-02")  # a rerun over the same --data-dir starts from the same silver
 
 
 def _options_only(argv: list[str]) -> list[str]:

@@ -183,3 +183,21 @@ def test_other_faiss_index_types(built, tmp_path, index_type):
     assert Searcher.open(root).search_image(root / row["path"], k=1)[0].media_id == row["media_id"]
     with pytest.raises(UserError, match="unknown --index-type"):
         index.build(root, index_type="NoSuchIndex")
+
+
+def test_mapping_rows_find_ids_in_any_chunk():
+    """The join's row lookup slices the chunk each id falls in (a Parquet mapping has one chunk per
+    row group); it must give what Table.take gives, across chunk boundaries and in the order asked."""
+    import pyarrow as pa
+
+    from rayclip.search import MappingRows
+
+    table = pa.table({"faiss_id": np.arange(10), "media_id": [f"m{i}" for i in range(10)]})
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=3))  # chunks 0-2, 3-5, 6-8, 9
+    ids = [9, 0, 3, 2, 6, 5, 8, 3]
+    assert chunked.column("media_id").num_chunks == 4
+    assert (
+        MappingRows(chunked).take(ids, ["media_id", "faiss_id"])
+        == chunked.take(ids).to_pylist()
+        == [{"media_id": f"m{i}", "faiss_id": i} for i in ids]
+    )

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -33,7 +32,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from . import catalog
 from .errors import UserError
-from .search import DEFAULT_COLLAPSE, Searcher, SearchResults
+from .search import DEFAULT_COLLAPSE, MappingRows, Searcher, SearchResults
 from .storage import Location
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
@@ -105,7 +104,7 @@ class _Served:
 
     searcher: Searcher
     build_id: str
-    mapping: object  # pyarrow Table, row i = faiss_id i
+    rows: MappingRows  # the build's mapping, row i = faiss_id i
     faiss_ids: object  # pandas Index over mapping.media_id: media_id -> faiss_id
 
 
@@ -146,9 +145,9 @@ class Indices:
                 raise HTTPException(503, str(err)) from None
             build_id = searcher.info["build_id"]
             if served is None or served.build_id != build_id:
-                mapping = searcher.mapping
-                ids = pd.Index(mapping.column("media_id").to_numpy(zero_copy_only=False))
-                served = self._served[name] = _Served(searcher, build_id, mapping, ids)
+                rows = searcher.mapping_rows
+                ids = pd.Index(rows.table.column("media_id").to_numpy(zero_copy_only=False))
+                served = self._served[name] = _Served(searcher, build_id, rows, ids)
             return served
 
 
@@ -192,7 +191,7 @@ def router(
     api = APIRouter(tags=["clip-retrieval"], route_class=_AnyJsonRoute)
 
     def metadata_of(served: _Served, faiss_ids: list[int], request: Request) -> list[dict]:
-        rows = served.mapping.take(pa.array(faiss_ids, pa.int64())).select(["media_id", "url", "caption"]).to_pylist()
+        rows = served.rows.take(faiss_ids, ["media_id", "url", "caption"])
         if serve_images:
             base = str(request.base_url).rstrip("/")
             for row in rows:
@@ -245,7 +244,7 @@ def router(
         if query.build_id is not None and query.build_id != served.build_id:
             stale = f"build {query.build_id} is no longer served (now {served.build_id}); search again"
             raise HTTPException(409, stale, headers={BUILD_HEADER: served.build_id})
-        count = served.mapping.num_rows
+        count = served.rows.table.num_rows
         if bad := [i for i in query.ids if not 0 <= i < count]:
             raise HTTPException(422, f"id {bad[0]} is not in build {served.build_id} (ids 0..{count - 1})")
         return [{"id": i, "metadata": m} for i, m in zip(query.ids, metadata_of(served, query.ids, request))]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import ann, catalog, filters, layout, storage
@@ -78,12 +79,33 @@ class Term:
         return cls(kind, value, sign * weight)
 
 
+class MappingRows:
+    """A build's mapping rows by faiss_id, in time independent of its size.
+
+    A mapping read from Parquet has one chunk per row group, and pyarrow's Table.take on a
+    many-chunk table concatenates every chunk first: ~25 ms per query at 1M rows, 100 times the
+    FAISS search. This finds each id's chunk and slices it."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table  # ordered by faiss_id
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
+
+    def take(self, faiss_ids, columns: list[str]) -> list[dict]:
+        ids = np.asarray(faiss_ids, dtype=np.int64)
+        chunks = np.searchsorted(self._starts, ids, side="right") - 1
+        return [
+            self._batches[c].select(columns).slice(int(i - self._starts[c]), 1).to_pylist()[0]
+            for c, i in zip(chunks, ids)
+        ]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Build:
     build_id: str
     info: BuildInfo
     index: object
-    mapping: object  # pyarrow Table ordered by faiss_id
+    rows: MappingRows
 
 
 def _spec_from_build(info: BuildInfo) -> ModelSpec:
@@ -123,7 +145,7 @@ def _load_build(root: Location, model_version: str, build_id: str) -> _Build:
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
     _prepare(index, info)
-    return _Build(build_id, info, index, mapping)
+    return _Build(build_id, info, index, MappingRows(mapping))
 
 
 def _prepare(index, info: BuildInfo) -> None:
@@ -182,9 +204,14 @@ class Searcher:
         }
 
     @property
-    def mapping(self):
+    def mapping(self) -> pa.Table:
         """The CURRENT build's mapping table (row i describes faiss_id i)."""
-        return self._build.mapping
+        return self._build.rows.table
+
+    @property
+    def mapping_rows(self) -> MappingRows:
+        """The CURRENT build's mapping rows by faiss_id (fast for a few ids)."""
+        return self._build.rows
 
     def vectors(self, faiss_ids: list[int]) -> np.ndarray:
         """The indexed vectors of these faiss_ids (exact for the flat index)."""
@@ -276,7 +303,7 @@ class Searcher:
         """The indexed vector of a media_id, reused instead of decoding and encoding its image again
         (a compressed index gives back its approximation, normalised)."""
         build = self._build
-        position = pc.index(build.mapping.column("media_id"), media_id).as_py()
+        position = pc.index(build.rows.table.column("media_id"), media_id).as_py()
         if position < 0:
             raise UserError(f"media_id {media_id} is not in build {build.build_id}")
         return _stored_vectors(build.index, np.array([position]))[0]
@@ -290,7 +317,7 @@ class Searcher:
         build = self._build  # one consistent build for the whole call, even if refresh() swaps it
         if collapse is not None and not -1.0 <= collapse <= 1.0:
             raise UserError(f"collapse threshold {collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96")
-        allowed = None if where is None else filters.matching_ids(build.mapping, where).to_numpy()
+        allowed = None if where is None else filters.matching_ids(build.rows.table, where).to_numpy()
         total = build.index.ntotal if allowed is None else len(allowed)
         queries = np.ascontiguousarray(vectors, np.float32)
         if total == 0:
@@ -330,7 +357,7 @@ class Searcher:
     @staticmethod
     def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
         keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
-        rows = build.mapping.take(ids[keep]).select(["media_id", "path", "url", "caption"]).to_pylist()
+        rows = build.rows.take(ids[keep], ["media_id", "path", "url", "caption"])
         return [
             SearchResult(rank=r + 1, score=round(float(s), 6), **row)
             for r, (s, row) in enumerate(zip(scores[keep], rows))
