@@ -129,9 +129,13 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     assert local == [] and not (cwd / "data").exists()
 
 
-def test_plan_equals_the_in_driver_plan_it_replaced(tmp_path, ray_session):
-    """Duplicated manifest rows, some ids already embedded: the same rows as the old planner's
-    group_by + is_in in the driver, and --limit takes the smallest media_ids as it did."""
+@pytest.mark.parametrize("planner", ["in the driver", "streaming"])
+def test_both_planners_plan_the_same_rows(tmp_path, ray_session, monkeypatch, planner):
+    """Duplicated manifest rows, some ids already embedded: each planner gives the rows of a
+    group_by + is_in computed here, and --limit takes the smallest media_ids."""
+    if planner == "streaming":
+        monkeypatch.setattr(embed, "DRIVER_PLAN_ROWS", 0)
+        monkeypatch.setattr(embed, "_plan_in_driver", None)  # never called
     root = tmp_path / "data"
     ids = media_ids(300)
     write_manifest(root, ids[:200], seed=0)

@@ -41,6 +41,7 @@ from .progress import Progress, watch
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
+DRIVER_PLAN_ROWS = 1_000_000  # manifest + silver rows the driver plans in memory (~200 MB at most)
 
 
 @dataclasses.dataclass
@@ -115,20 +116,40 @@ def _manifest_parts(root: storage.Location) -> list[storage.Location]:
 
 
 def plan_work(root: storage.Location, model_version: str, limit: int | None = None, force: bool = False):
-    """(media_id, path) to embed, one row per media_id, minus those already embedded: a Ray dataset
-    held in the object store (rows never come to the driver; its count is in the blocks' metadata).
+    """(media_id, path) to embed, one row per media_id (the smallest path among its manifest rows),
+    minus those already embedded, sorted by media_id: a Ray dataset. `limit` takes the first rows.
 
-    The manifest and silver's ids are read by Ray Data and grouped by media_id in one sort-based
-    aggregation: min(path) (a media_id's rows share their path) and max(embedded) (1 when silver has
-    it). `limit` takes the first rows in media_id order.
-    """
+    Up to DRIVER_PLAN_ROWS manifest and silver rows, the driver plans with pyarrow: a Ray Data
+    shuffle costs seconds of task start-up however few rows it has. Above, Ray Data plans and the
+    rows never come to the driver."""
+    manifest = _manifest_parts(root)
+    silver = [] if force else catalog.silver_files(root, model_version)
+    rows = sum(catalog.parquet_metadata(f).num_rows for f in manifest + silver)
+    work = _plan_in_driver(root, silver) if rows <= DRIVER_PLAN_ROWS else _plan_streaming(manifest, silver)
+    return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
+
+
+def _plan_in_driver(root: storage.Location, silver: list[storage.Location]):
+    import ray
+
+    unique = catalog.read_manifest(root, ["media_id", "path"]).group_by("media_id").aggregate([("path", "min")])
+    unique = unique.rename_columns(["media_id", "path"])
+    if silver:
+        done = pa.chunked_array(catalog.read_parquet(f, ["media_id"]).column("media_id") for f in silver)
+        unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done.combine_chunks())))
+    return ray.data.from_arrow(unique.sort_by("media_id"))
+
+
+def _plan_streaming(manifest: list[storage.Location], silver: list[storage.Location]):
+    """The manifest and silver's ids are read by Ray Data and grouped by media_id in one sort-based
+    aggregation: min(path) and max(embedded) (1 when silver has it); the driver holds block
+    references only."""
     from ray.data.aggregate import Max, Min
     from ray.data.context import ShuffleStrategy
 
-    tagged = _read_parquet(_manifest_parts(root), ["media_id", "path"]).map_batches(
+    tagged = _read_parquet(manifest, ["media_id", "path"]).map_batches(
         _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 0}, batch_size=None
     )
-    silver = [] if force else catalog.silver_files(root, model_version)
     if silver:
         ids = _read_parquet(silver, ["media_id"]).map_batches(
             _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 1}, batch_size=None
@@ -140,8 +161,7 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     grouped = tagged.groupby("media_id").aggregate(
         Min("path", alias_name="path"), Max("embedded", alias_name="embedded")
     )
-    work = grouped.map_batches(_not_embedded, batch_format="pyarrow", batch_size=None).materialize()
-    return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
+    return grouped.map_batches(_not_embedded, batch_format="pyarrow", batch_size=None).materialize()
 
 
 class RunStats:
