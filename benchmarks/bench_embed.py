@@ -10,8 +10,10 @@ ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-
   (c) `rayclip embed` as a user runs it (a fresh process: imports, Ray start, actors, Parquet, commit) at fp32;
   (d) the same at the default precision (auto);
   the ratios d/a and d/b; the machine's measured GEMM GFLOP/s at fp32 and bf16, ViT-B-32's FLOPs per
-  image (torch's flop counter) and d as a fraction of that compute limit; and for c and d the
-  steady-state images/s (start-up excluded) with startup_s beside it.
+  image (torch's flop counter) and d as a fraction of that compute limit; the ceiling once each
+  image's decode + preprocess (measured on one core) is added to the encoder at the GEMM rate, as
+  a multiple of a; and for c and d the steady-state images/s (start-up excluded) with startup_s
+  beside it.
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
@@ -117,6 +119,20 @@ def gemm_gflops(dtype_name: str, device: str, seconds: float = 3.0) -> float:
     return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
 
 
+def decode_seconds(paths: list[Path], count: int = 256) -> float:
+    """CPU seconds one core spends per image on read + PIL decode + open_clip preprocess, which no
+    precision speeds up: what the encoder's compute limit leaves out."""
+    import torch
+
+    torch.set_num_threads(1)
+    clip = model.load_model(model.resolve(MODEL, "none"), precision="fp32")
+    sample = paths[:count]
+    started = time.process_time()
+    for p in sample:
+        clip.preprocess_images([model.decode_image(p.read_bytes())])
+    return (time.process_time() - started) / len(sample)
+
+
 def flops_per_image() -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -184,6 +200,14 @@ def main() -> None:
             + f" ({GEMM_SIZE[device]}^2 on {device})"
         )
         print(f"compute limit at {run_d['precision']}: {limit:.1f} images/s; d steady is {steady / limit:.0%} of it")
+        # Every image is also decoded and preprocessed on some core: with the encoder at the GEMM
+        # rate on every core, a machine of `cpus` cores still spends decode/cpus seconds per image.
+        decode = decode_seconds(paths)
+        ceiling = 1 / (1 / limit + decode / cpus)
+        print(
+            f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; ceiling with the encoder at the "
+            f"GEMM rate: {ceiling:.1f} images/s = {ceiling / a:.2f}x a, {ceiling / a1:.2f}x a(1 process)"
+        )
 
 
 if __name__ == "__main__":
