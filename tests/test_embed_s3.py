@@ -123,7 +123,8 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
     out = json.loads(done.stdout[done.stdout.index("{") :])
     run = out["run"]
-    assert run["rows_embedded"] == GOOD_IMAGES and run["actors_used"] == 2 and run["nodes_used"] == 2
+    assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
+    assert run["actors_used"] == 2 and run["nodes_used"] == 2
     assert read_silver(s3_store, REFERENCE).num_rows == GOOD_IMAGES
     local = [p for folder in (cwd, Path(out["session_dir"])) for p in folder.rglob("*") if is_data_file(p)]
     assert local == [] and not (cwd / "data").exists()
