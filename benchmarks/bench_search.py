@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_search.py [--sizes 10000 100000] [--queries 200] [--precision auto]
 
-ViT-B-32 (random init: latency does not depend on the weights) over random unit vectors filed
-under sha256-like ids, with a manifest that has paths, URLs and captions (so the join is real).
+ViT-B-32 (random init: latency does not depend on the weights) over clustered unit vectors (the
+Gaussian mixture bench_index uses) filed under sha256-like ids, with a manifest that has paths,
+URLs and captions (so the join is real).
 Two kinds of warm query, each with p50/p99 and its encode / search / join split:
   new text      every query a text not seen before: the text tower runs each time;
   repeated text a few texts asked again and again: the encoder's LRU answers, no text tower.

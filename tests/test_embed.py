@@ -39,6 +39,9 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     assert run["model_version"] == "clip_vit_b32_none"
     assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0
     assert run["actors_used"] > 1 and run["tasks"] > 1 and run["blocks"] == 32
+    # Start-up apart from the steady rate, and the time of each stage.
+    assert 0 < run["startup_s"] < run["wall_s"] and run["steady_images_per_s"] > run["images_per_s"] > 0
+    assert run["decode_s"] > 0 and run["encode_s"] > 0 and run["write_s"] > 0
     assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
 
     table = read_silver(store, "clip_vit_b32_none")

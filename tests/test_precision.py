@@ -60,6 +60,14 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch):
         model.choose_precision("int8")
 
 
+def test_auto_precision_on_a_gpu_is_bf16_where_it_runs_natively_else_fp16(monkeypatch):
+    import torch
+
+    for native, expected in [(True, "bf16"), (False, "fp16")]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        assert model.choose_precision("auto", "cuda") == expected
+
+
 def test_repeated_text_queries_come_from_the_cache(monkeypatch):
     clip = model.load_model(model.resolve(None, model.REFERENCE_ALIAS), threads=1, precision="fp32")
     first = clip.encode_texts(["a red circle", "a blue star"])

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -124,9 +124,15 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     rows never come to the driver."""
     manifest = _manifest_parts(root)
     silver = [] if force else catalog.silver_files(root, model_version)
-    rows = sum(catalog.parquet_metadata(f).num_rows for f in manifest + silver)
+    rows = sum(_each(lambda f: catalog.parquet_metadata(f).num_rows, manifest + silver))
     work = _plan_in_driver(root, silver) if rows <= DRIVER_PLAN_ROWS else _plan_streaming(manifest, silver)
     return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
+
+
+def _each(read: Callable, files: list[storage.Location]) -> list:
+    """read(file) for every file, many at once: on an object store each is a round trip."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, files))
 
 
 def _plan_in_driver(root: storage.Location, silver: list[storage.Location]):
@@ -135,7 +141,7 @@ def _plan_in_driver(root: storage.Location, silver: list[storage.Location]):
     unique = catalog.read_manifest(root, ["media_id", "path"]).group_by("media_id").aggregate([("path", "min")])
     unique = unique.rename_columns(["media_id", "path"])
     if silver:
-        done = pa.chunked_array(catalog.read_parquet(f, ["media_id"]).column("media_id") for f in silver)
+        done = pa.concat_tables(_each(lambda f: catalog.read_parquet(f, ["media_id"]), silver)).column("media_id")
         unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done.combine_chunks())))
     return ray.data.from_arrow(unique.sort_by("media_id"))
 
