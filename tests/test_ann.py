@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
 from rayclip import ann, catalog, index, layout
@@ -115,6 +117,7 @@ def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
     incremental = index.build(root, target_recall=0.9)
     info = info_of(incremental)
     assert info["base_build"] == first.build_id and info["incremental"] == {"added": 600, "replaced": 100}
+    assert info["recall"]["queries"] == index.TUNING_QUERIES  # as many as a full build measures on
     assert info["index_type"] == info_of(first)["index_type"]
     queries = clustered(1000, seed=1, **mixture)  # same mixture, other noise
     inc_searcher = Searcher.open(root)
@@ -207,3 +210,80 @@ def test_auto_falls_back_to_residual_codes_when_the_refined_index_misses_the_tar
     assert info["auto_rejected"]["index_type"] == "IVF256,PQ32x4fs,Refine(SQ6)"
     assert info["auto_rejected"]["recall_at_10"] < 0.9
     assert info["index_type"] == "IVF256,SQ6" and report.recall_target_met
+
+
+def test_incremental_build_below_the_target_is_published_as_a_full_build(tmp_path, ivf_thresholds):
+    """An extended IVF index keeps lists trained on yesterday's vectors; when its measured recall
+    misses the target, a full build (lists trained again) is published instead, saying why."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(2200), clustered(2200, DIM, seed=1)
+    write_silver(root, DAY1, ids[:2000], vectors[:2000])
+    first = index.build(root, target_recall=0.9)
+    assert first.index_type.startswith("IVF")
+    write_silver(root, DAY2, ids[2000:], vectors[2000:])
+    report = index.build(root, target_recall=1.0)  # 6-bit codes never rank every neighbour exactly
+    info = info_of(report)
+    assert info["base_build"] is None and info["incremental"] is None and info["count"] == 2200
+    assert re.fullmatch(r"recall@10 0\.\d{3} fell below 1\.0", info["full_build_reason"])
+    assert info["recall"]["target"] == 1.0 and info["recall"]["queries"] == index.TUNING_QUERIES
+
+
+def test_changed_neighbourhood_leaves_too_few_tuning_queries_so_the_build_is_full(tmp_path, ivf_thresholds):
+    """Day 2 re-embeds one neighbourhood: held-out queries in it lose most of their exact
+    neighbours (the true ones may lie below the TRUTH_DEPTH kept), so they stop measuring recall,
+    and a full build measures on all TUNING_QUERIES again."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(2000), clustered(2000, DIM, seed=1)
+    write_silver(root, DAY1, ids, vectors)
+    index.build(root, target_recall=0.9)
+    near = np.argsort(-(vectors @ vectors[0]))[:200]  # vector 0's cluster and then some: 10% of the rows
+    write_silver(root, DAY2, [ids[i] for i in near], clustered(200, DIM, seed=7))
+    info = info_of(index.build(root, target_recall=0.9))
+    assert info["base_build"] is None and info["incremental"] is None
+    wanted = r"recall@10 measured on (\d+) held-out queries, fewer than the 1000 wanted"
+    assert int(re.fullmatch(wanted, info["full_build_reason"]).group(1)) < index.TUNING_QUERIES
+    assert info["recall"]["queries"] == index.TUNING_QUERIES
+
+
+def test_searcher_applies_the_tuned_knobs_whatever_the_index_file_holds(tmp_path, ivf_thresholds):
+    """build.json's search_params, not the nprobe saved inside the index file, decide how a
+    Searcher probes: an index file rewritten with nprobe 1 still searches at the tuned nprobe."""
+    import faiss
+
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(2000), clustered(2000, DIM, seed=1))
+    report = index.build(root, target_recall=0.9)
+    params = info_of(report)["search_params"]
+    assert params["nprobe"] > 1
+    path = str(layout.index_file(Path(report.path)))
+    stale = faiss.read_index(path)
+    faiss.extract_index_ivf(stale).nprobe = 1
+    faiss.write_index(stale, path)
+    assert faiss.extract_index_ivf(faiss.read_index(path)).nprobe == 1
+    searcher = Searcher.open(root)
+    assert faiss.extract_index_ivf(searcher._build.index).nprobe == params["nprobe"]
+
+
+def test_index_command_passes_its_index_flags_to_the_build(tmp_path, ivf_thresholds):
+    """`rayclip index --retrain --index-type auto --max-index-memory 200K --target-recall 0.9`:
+    a full build although CURRENT could be extended, an IVF index because the HNSW graph auto
+    picks within 4G does not fit the budget, tuned for 0.9. Then a factory string: built as asked."""
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(800), clustered(800, DIM, seed=1))
+    first = index.build(root)
+    assert first.index_type == "HNSW32"  # 800 vectors, between the thresholds: ~320 KB of graph
+    flags = ["--retrain", "--index-type", "auto", "--max-index-memory", "200K", "--target-recall", "0.9"]
+    assert cli("index", "--data-dir", str(root), *flags) == 0
+    info = current_info(root)
+    assert info["index_type_asked"] == "auto" and info["index_type"] == "IVF128,SQ6"
+    assert info["index_bytes"] <= 200 << 10
+    assert info["base_build"] is None and info["full_build_reason"] == "--retrain"
+    assert info["recall"]["target"] == 0.9
+    assert cli("index", "--data-dir", str(root), "--index-type", "IVF32,Flat") == 0
+    info = current_info(root)
+    assert info["index_type_asked"] == info["index_type"] == "IVF32,Flat"
+    assert info["full_build_reason"].startswith("--index-type IVF32,Flat differs from base build")
+
+
+def current_info(root: Path) -> dict:
+    return json.loads((layout.build_dir(root, "clip_rayclip_ref_reference", current(root)) / "build.json").read_text())

@@ -178,6 +178,7 @@ def test_index_search_and_status_commands_on_s3(s3_root, cache, mv, capsys):
     [gold] = info["gold"]
     assert gold["build_id"] == built and gold["current"] and gold["count"] == ROWS
     assert gold["index_bytes"] == storage.size(layout.index_file(layout.build_dir(s3_root, mv, built)))
+    assert gold["index_type"] == "flat" and gold["recall_at_10"] == 1.0  # what the build measured: exact
     assert info["debris"] == []
 
 
