@@ -131,6 +131,46 @@ def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch
         assert len({r.media_id for r in results} & set(expected)) >= 8  # 6-bit codes: near-exact order
 
 
+def test_filter_on_an_hnsw_index_returns_the_exact_k_past_the_graph_walk(described, tmp_path, monkeypatch):
+    """A graph walk at the build's efSearch finds too few rows of a selective filter; the searcher
+    raises the effort until k come back, and falls back to exact search over the allowed rows."""
+    import shutil
+
+    import faiss
+
+    from rayclip import ann, layout
+
+    root = tmp_path / "data"
+    shutil.copytree(described[0], root)
+    report = index.build(root, index_type="HNSW32", retrain=True)
+    assert report.index_type == "HNSW32" and "efSearch" in report.search_params
+    searcher = Searcher.open(root)
+    _, _, vectors, manifest = described
+    where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows
+    keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
+    row_of = {r["media_id"]: r for r in manifest.to_pylist()}
+    allowed = np.array([i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist()) if keep(row_of[m])])
+    assert 10 < len(allowed) < 30
+    # The same query straight to FAISS, at the efSearch the build tuned: fewer than k allowed rows.
+    graph = catalog.read_index(layout.index_file(layout.build_dir(root, report.model_version, report.build_id)))
+    at_build_effort = faiss.SearchParametersHNSW(
+        sel=faiss.IDSelectorBatch(allowed), efSearch=report.search_params["efSearch"]
+    )
+    queries = clustered(5, 32, seed=4)
+    found = (graph.search(queries, 10, params=at_build_effort)[1] >= 0).sum(axis=1)
+    assert found.max() < 10, found
+
+    def exact(results, query):
+        expected = brute_force_filtered(vectors, manifest, query, keep, 10)
+        return [r.media_id for r in results] == expected and all(keep_row(manifest, r.media_id, keep) for r in results)
+
+    assert all(exact(results, q) for q, results in zip(queries, searcher.search_vectors(queries, k=10, where=where)))
+    # No raised effort (the first walk says it looked everywhere): the exact fallback alone delivers k.
+    once = ann.search_parameters
+    monkeypatch.setattr(ann, "search_parameters", lambda *a, **kw: (once(*a, **kw)[0], True))
+    assert all(exact(results, q) for q, results in zip(queries, searcher.search_vectors(queries, k=10, where=where)))
+
+
 def keep_row(manifest, media_id, keep) -> bool:
     return keep(next(r for r in manifest.to_pylist() if r["media_id"] == media_id))
 
@@ -156,19 +196,25 @@ def test_filter_collapse_and_combined_terms_over_http(described):
     root, searcher, vectors, manifest = described
     client = TestClient(create_app(root))
     first, second = manifest.column("media_id")[0].as_py(), manifest.column("media_id")[1].as_py()
-    body = {"terms": [{"media_id": first, "weight": 2}, {"media_id": second}], "k": 5, "where": "width >= 512"}
+    where = "width >= 900 AND source = 'folder:b'"  # about 6% of the rows
+    body = {"terms": [{"media_id": first, "weight": 2}, {"media_id": second}], "k": 5, "where": where}
     response = client.post("/api/search", json=body)
     assert response.status_code == 200, response.text
     combined = normalised((2 * vectors[0] + vectors[1])[None])[0]
-    keep = lambda r: r["width"] >= 512  # noqa: E731
-    assert [r["media_id"] for r in response.json()["results"]] == brute_force_filtered(
-        vectors, manifest, combined, keep, 5
-    )
+    keep = lambda r: r["width"] >= 900 and r["source"] == "folder:b"  # noqa: E731
+    expected = brute_force_filtered(vectors, manifest, combined, keep, 5)
+    assert [r["media_id"] for r in response.json()["results"]] == expected
+    assert expected != brute_force_filtered(vectors, manifest, combined, lambda r: True, 5)  # the filter bites
     assert client.post("/api/search", json=body | {"where": "width >"}).status_code == 422
     assert client.post("/api/search", json={"terms": [{"text": "a", "media_id": first}]}).status_code == 422
     assert client.post("/api/search", json={"terms": []}).status_code == 422
-    similar = client.get("/api/search/similar", params={"media_id": first, "k": 3, "where": "width >= 0"}).json()
+    similar = client.get("/api/search/similar", params={"media_id": first, "k": 3}).json()
     assert similar["results"][0]["media_id"] == first and similar["results"][0]["score"] > 0.999
+    where, keep = "caption LIKE '%cat%' AND width < 300", lambda r: "cat" in r["caption"] and r["width"] < 300
+    assert not keep(manifest.to_pylist()[0])  # the query's own row is filtered out
+    similar = client.get("/api/search/similar", params={"media_id": first, "k": 3, "where": where}).json()
+    assert [r["media_id"] for r in similar["results"]] == brute_force_filtered(vectors, manifest, vectors[0], keep, 3)
+    assert similar["query"]["where"] == where
     assert client.get("/api/search/similar", params={"media_id": "0" * 64}).status_code == 404
 
 
@@ -215,6 +261,60 @@ def test_the_same_picture_at_two_jpeg_qualities_collapses_into_one(pictures):
     assert folded[0].media_id in twins and folded[0].duplicates == 1
     assert len(folded) == 5 and not twins & {r.media_id for r in folded[1:]}
     assert len({r.media_id for r in folded}) == 5
+
+
+def brute_force_ranked(vectors, rows, query, keep, k, collapse=None):
+    """Exact top-k media_ids among the rows `keep` accepts (numpy, no FAISS). With `collapse`, the
+    ranking is walked: a row within that cosine of an earlier leader is folded, else it leads."""
+    allowed = np.flatnonzero([keep(r) for r in rows])
+    leaders = []
+    for i in allowed[np.argsort(-(vectors[allowed] @ query))]:
+        if collapse is None or not leaders or (vectors[leaders] @ vectors[i]).max() < collapse:
+            leaders.append(i)
+    return [rows[i]["media_id"] for i in leaders[:k]]
+
+
+def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
+    from fastapi.testclient import TestClient
+
+    from rayclip.model import decode_image
+    from rayclip.server import create_app
+
+    root, folder, _, searcher = pictures
+    client = TestClient(create_app(root))
+    rows = searcher.mapping.to_pylist()  # row i is faiss_id i
+    vectors = searcher.vectors(list(range(len(rows))))  # a flat index: the exact vectors
+    twins = {r["media_id"] for r in rows if "twin_q" in r["url"]}
+
+    # GET /api/search: the twins (a yellow cross) and the red scenes only, the twins folded into one.
+    text = "a large yellow cross in the center on a black background"
+    where = "url LIKE '%twin_q%' OR caption LIKE '%red%'"
+    keep = lambda r: "twin_q" in r["url"] or "red" in (r["caption"] or "")  # noqa: E731
+    params = {"q": text, "k": 4, "where": where, "collapse": DEFAULT_COLLAPSE}
+    response = client.get("/api/search", params=params)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    query = searcher.model.encode_texts([text])[0]
+    assert not set(brute_force_ranked(vectors, rows, query, keep, 4)) & set(
+        brute_force_ranked(vectors, rows, query, lambda r: "twin_q" not in r["url"], 4)
+    )  # the filter bites: without it, other scenes fill the top 4
+    assert [r["media_id"] for r in results] == brute_force_ranked(vectors, rows, query, keep, 4, DEFAULT_COLLAPSE)
+    assert len(twins & {r["media_id"] for r in results}) == 1
+    assert [r["duplicates"] for r in results if r["media_id"] in twins] == [1]
+    assert all(keep(next(row for row in rows if row["media_id"] == r["media_id"])) for r in results)
+    assert response.json()["query"] == params
+    unfolded = client.get("/api/search", params={p: v for p, v in params.items() if p != "collapse"}).json()
+    assert [r["media_id"] for r in unfolded["results"]] == brute_force_ranked(vectors, rows, query, keep, 4)
+    assert twins <= {r["media_id"] for r in unfolded["results"]}  # without collapse both twins come back
+
+    # POST /api/search/image: a twin as the query, the filter keeping red scenes only.
+    data = (folder / "twin_q95.jpg").read_bytes()
+    where, keep = "caption LIKE '%red%'", lambda r: "red" in (r["caption"] or "")
+    upload = client.post("/api/search/image", params={"k": 5, "where": where}, files={"file": ("q.jpg", data)})
+    assert upload.status_code == 200, upload.text
+    query = searcher.model.encode_images([decode_image(data)])[0]
+    assert [r["media_id"] for r in upload.json()["results"]] == brute_force_ranked(vectors, rows, query, keep, 5)
+    assert not twins & {r["media_id"] for r in upload.json()["results"]} and upload.json()["query"]["where"] == where
 
 
 def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_path, capsys):

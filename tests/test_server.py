@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import GOOD_IMAGES
@@ -110,11 +111,30 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_server(gold_store):
+def page_store(gold_store, tmp_path):
+    """The gold store plus a near-duplicate (cosine ~0.99) of its first image's vector, under a
+    media_id of its own with no image: (data root, the original's media_id, the copy's)."""
+    import numpy as np
+    from conftest import read_silver
+    from silver_helpers import media_ids, write_silver
+
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root)
+    original, copy = a_media(root)["media_id"], media_ids(1, "near-duplicate")[0]
+    silver = read_silver(root, gold_store[1].model_version)
+    vector = np.asarray(silver.column("embedding")[silver.column("media_id").to_pylist().index(original)].as_py())
+    noise = np.random.default_rng(5).standard_normal(len(vector)) * 0.01
+    write_silver(root, "2030-01-01", [copy], (vector + noise)[None])
+    index.build(root)
+    return root, original, copy
+
+
+@pytest.fixture
+def live_server(page_store):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gold_store[0]), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(page_store[0]), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -138,7 +158,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def test_search_page_in_headless_chromium(live_server, gold_store):
+def test_search_page_in_headless_chromium(live_server, page_store):
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed and `make test` could not install it (needs apt-get as root)")
     from playwright.sync_api import sync_playwright
@@ -147,10 +167,14 @@ def test_search_page_in_headless_chromium(live_server, gold_store):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
+        searches = []  # the query strings of the page's search requests, in order
+        page.on("request", lambda r: "/api/search" in r.url and searches.append(parse_qs(urlsplit(r.url).query)))
         page.goto(live_server + "/")
+        assert page.is_checked("#collapse") and page.input_value("#where") == ""  # hiding duplicates: on by default
         page.fill("#q", "a large red circle on the left on a white background")
         page.click("button[type=submit]")
         page.wait_for_function("document.querySelectorAll('#results img').length > 0")
+        assert searches == [{"q": [page.input_value("#q")], "k": ["24"], "collapse": ["0.96"]}]
         page.wait_for_function(
             "[...document.querySelectorAll('#results img')].slice(0, 6).every(i => i.complete && i.naturalWidth > 0)"
         )
@@ -172,6 +196,38 @@ def test_search_page_in_headless_chromium(live_server, gold_store):
         page.goto(live_server + "/?q=a+small+blue+star")
         page.wait_for_function("document.querySelectorAll('#results .card').length > 0")
         assert page.input_value("#q") == "a small blue star"
+        assert searches[-1]["collapse"] == ["0.96"]
+
+        # Near-duplicates are folded into the result they resemble, and say so.
+        root, original, copy = page_store
+        page.goto(live_server + f"/?like={original}")
+        page.wait_for_function(f"document.querySelector('#results .card')?.dataset.mediaId === '{original}'")
+        assert searches[-1]["collapse"] == ["0.96"]
+        assert page.locator("#results .duplicates").all_inner_texts() == ["+1 near-duplicate hidden"]
+        assert page.locator("#results .card").first.locator(".duplicates").count() == 1
+        assert page.locator(f"#results .card[data-media-id='{copy}']").count() == 0
+        # Unchecking the toggle searches again without collapse: the copy comes back, second.
+        with page.expect_request(lambda r: "/api/search/" in r.url) as unfolded:
+            page.uncheck("#collapse")
+        assert "collapse" not in parse_qs(urlsplit(unfolded.value.url).query) and "collapse=off" in page.url
+        page.wait_for_function(f"document.querySelectorAll('#results .card')[1]?.dataset.mediaId === '{copy}'")
+        assert page.locator("#results .duplicates").count() == 0
+        # The filter box adds where= to the next search.
+        page.fill("#q", "a small blue star")
+        page.fill("#where", "caption LIKE '%red%'")
+        with page.expect_request(lambda r: "/api/search?" in r.url) as filtered:
+            page.click("button[type=submit]")
+        sent = parse_qs(urlsplit(filtered.value.url).query)
+        assert sent["where"] == ["caption LIKE '%red%'"] and "collapse" not in sent
+        red = sum("red" in (r["caption"] or "") for r in catalog.read_manifest(root).to_pylist())
+        assert 0 < red < GOOD_IMAGES
+        page.wait_for_function(f"document.querySelectorAll('#results .card').length === {red}")
+        assert all(" red " in c for c in page.locator("#results .caption").all_inner_texts())
+        # The filter and the toggle travel in the URL: a reload searches the same way.
+        with page.expect_request(lambda r: "/api/search?" in r.url) as reloaded:
+            page.reload()
+        assert parse_qs(urlsplit(reloaded.value.url).query) == sent
+        assert not page.is_checked("#collapse") and page.input_value("#where") == "caption LIKE '%red%'"
         browser.close()
 
 
