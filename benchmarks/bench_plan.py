@@ -1,13 +1,14 @@
 """The embed planner at scale: plan time and the driver's peak RSS for synthetic manifests.
 
-    .venv/bin/python benchmarks/bench_plan.py [--rows 1000000 10000000] [--duplicates 0.1] [--embedded 0.5]
+    .venv/bin/python benchmarks/bench_plan.py [--rows 500000 1000000 10000000] [--duplicates 0.1] [--embedded 0.5]
 
 For each size: a local data root with a manifest of that many rows in parts of 1M rows (a share of
 them repeat a media_id, as when one image has several URLs) and committed silver for a share of the
 unique media_ids (4-d vectors: the planner reads only media_id). Then, in a fresh process so that its
 peak RSS is the planner's own, Ray starts with the machine's CPUs and embed.plan_work plans the run
 (read manifest and silver ids, group by media_id, drop the embedded). Prints, per size: rows planned
-(checked against what the generator knows), plan seconds, the driver's RSS after ray.init (Ray's own
+(checked against what the generator knows), which planner ran (in the driver up to
+embed.DRIVER_PLAN_ROWS manifest + silver rows, else streaming), plan seconds, the driver's RSS after ray.init (Ray's own
 floor) and its peak RSS over the whole plan, against the goal of < 1 GB at 10M rows.
 """
 
@@ -86,12 +87,20 @@ def plan_only(root: Path) -> dict:
     plan_s = time.perf_counter() - started
     peak = peak_rss()
     ray.shutdown()
-    return {"rows_planned": rows, "plan_s": round(plan_s, 2), "rss_after_init": after_init, "peak_rss": peak}
+    inputs = catalog.manifest_parts(root) + catalog.silver_files(root, MODEL_VERSION)
+    in_driver = sum(catalog.parquet_metadata(f).num_rows for f in inputs) <= embed.DRIVER_PLAN_ROWS
+    return {
+        "rows_planned": rows,
+        "planner": "driver" if in_driver else "streaming",
+        "plan_s": round(plan_s, 2),
+        "rss_after_init": after_init,
+        "peak_rss": peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[500_000, 1_000_000, 10_000_000])
     parser.add_argument("--duplicates", type=float, default=0.1, help="share of manifest rows repeating a media_id")
     parser.add_argument("--embedded", type=float, default=0.5, help="share of unique media_ids already in silver")
     parser.add_argument("--plan-only", type=Path, help=argparse.SUPPRESS)  # the measured child process
@@ -101,7 +110,8 @@ def main() -> None:
         return
 
     mb = 1 << 20
-    print(f"{'rows':>12} {'planned':>12} {'plan s':>8} {'RSS after init MB':>18} {'peak RSS MB':>12}  goal")
+    header = f"{'rows':>12} {'planned':>12} {'planner':>10} {'plan s':>8} {'RSS after init MB':>18} {'peak RSS MB':>12}"
+    print(f"{header}  goal")
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "data"
@@ -115,7 +125,7 @@ def main() -> None:
             raise SystemExit(f"planned {out['rows_planned']} rows, expected {expected}")
         goal = "< 1 GB at 10M: " + ("met" if out["peak_rss"] < GOAL_10M_BYTES else "NOT met") if rows >= 10**7 else ""
         print(
-            f"{rows:>12,} {out['rows_planned']:>12,} {out['plan_s']:>8} "
+            f"{rows:>12,} {out['rows_planned']:>12,} {out['planner']:>10} {out['plan_s']:>8} "
             f"{out['rss_after_init'] / mb:>18.0f} {out['peak_rss'] / mb:>12.0f}  {goal}"
         )
 
