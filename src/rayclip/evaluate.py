@@ -18,6 +18,7 @@ Chance level is reported beside each figure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,14 +26,12 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from . import catalog, layout, storage
 from .errors import UserError
-from .model import ModelSpec
 from .progress import Progress
 from .search import Searcher
 
@@ -406,44 +405,27 @@ def score_benchmark(searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] 
     )
 
 
-def _stage_links(evaluated: Gallery, folder: Path) -> None:
-    """Links to the evaluated files (one per media_id) for the folder ingest, each with its first
+@contextlib.contextmanager
+def staged_links(evaluated: Gallery):
+    """A temporary folder of links to the evaluated files (one per media_id), each with its first
     caption as the sidecar the folder ingest reads; the rest of the images folder stays out."""
     first_caption = {int(owner): c for owner, c in reversed(list(zip(evaluated.text_image, evaluated.captions)))}
-    for i, file in enumerate(evaluated.files):
-        link = folder / f"{i:08d}-{file.name}"  # numbered: files of different subfolders may share a name
-        os.symlink(file.absolute(), link)
-        if i in first_caption:
-            link.with_suffix(".txt").write_text(first_caption[i] + "\n", encoding="utf-8")
-
-
-def evaluate_benchmark(
-    root: Path,
-    dataset: str,
-    annotations: Path,
-    images: Path,
-    spec: ModelSpec,
-    split: str | None = None,
-    ks: tuple[int, ...] = (1, 5, 10),
-    actors: int = 2,
-    batch_size: int = 32,
-    precision: str = "auto",
-    stage_done: Callable[[object], None] | None = None,
-) -> BenchmarkReport:
-    """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K.
-
-    Writes eval.json and eval.html next to the build; `stage_done` receives each stage's report.
-    """
-    from . import embed, eval_html, index, ingest
-
-    evaluated = gallery(read_annotations(dataset, annotations, images, split))
-    done = stage_done or (lambda report: None)
     with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as staging:
-        _stage_links(evaluated, Path(staging))
-        done(ingest.ingest_folder(root, Path(staging)))
-    done(embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision))
-    done(index.build(root, spec.model_version))
-    report = score_benchmark(Searcher.open(root, spec.model_version, precision=precision), evaluated, ks)
+        folder = Path(staging)
+        for i, file in enumerate(evaluated.files):
+            link = folder / f"{i:08d}-{file.name}"  # numbered: files of different subfolders may share a name
+            os.symlink(file.absolute(), link)
+            if i in first_caption:
+                link.with_suffix(".txt").write_text(first_caption[i] + "\n", encoding="utf-8")
+        yield folder
+
+
+def save_benchmark(
+    root: Path, report: BenchmarkReport, dataset: str, annotations: Path, split: str | None
+) -> BenchmarkReport:
+    """Name the set the report scored, then write eval.json and eval.html next to the build."""
+    from . import eval_html
+
     report.dataset, report.annotations = dataset, annotations.name
     report.split = None if dataset == "coco" else split or "test"
     report.html = str(eval_html.write(root, report))

@@ -200,30 +200,26 @@ def evaluate_benchmark(
     precision: str = "auto",
     hooks: Hooks = QUIET,
 ) -> BenchmarkReport:
-    """evaluate.evaluate_benchmark (clip_benchmark's Recall@K) in one stage whose log is kept
-    beside the embed run; each stage's report goes to hooks.report. Returns the BenchmarkReport."""
-    from . import embed, evaluate
+    """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K, in one
+    stage whose log is kept beside the embed run; eval.json and eval.html go next to the build.
+    Each stage's report goes to hooks.report. Returns the BenchmarkReport."""
+    from . import embed, evaluate, index, ingest
+    from .search import Searcher
 
-    root = storage.data_root(data_dir)
-    done: list[object] = []  # the stages' reports, passed on once the stage is over (stdout is its log till then)
+    root, annotations = storage.data_root(data_dir), Path(annotations)
+    evaluated = evaluate.gallery(evaluate.read_annotations(dataset, annotations, Path(images), split))
     with stage(layout.embed_runs_dir(root), hooks) as running:
         start_ray(running)
-        report = evaluate.evaluate_benchmark(
-            root,
-            dataset,
-            Path(annotations),
-            Path(images),
-            spec,
-            split=split,
-            ks=tuple(ks),
-            actors=actors,
-            batch_size=batch_size,
-            precision=precision,
-            stage_done=done.append,
+        with evaluate.staged_links(evaluated) as folder:
+            ingested = ingest.ingest_folder(root, folder)
+        embedded = embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision)
+        built = index.build(root, spec.model_version)
+        searcher = Searcher.open(root, spec.model_version, precision=precision)
+        report = evaluate.save_benchmark(
+            root, evaluate.score_benchmark(searcher, evaluated, tuple(ks)), dataset, annotations, split
         )
-    embedded = next(r for r in done if isinstance(r, embed.EmbedReport))
     running.keep_log_as(embedded.run_id)  # the libraries' output, beside the embed run
-    for finished in done:
+    for finished in (ingested, embedded, built):  # passed on once the stage is over: stdout is its log till then
         hooks.report(finished, hooks.terminal())
     return report
 
