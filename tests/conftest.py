@@ -195,7 +195,7 @@ def gold_store(ingested, ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gold") / "data"
     shutil.copytree(ingested, root)
-    embed.embed(root, model.resolve(None, "reference"), actors=2, batch_size=8)
+    embed.embed(root, model.resolve(None, "reference"), actors=1, batch_size=8)
     return root, index.build(root)
 
 

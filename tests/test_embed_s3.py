@@ -21,6 +21,7 @@ from test_embed import own_embeddings
 from rayclip import catalog, debris, embed, faults, layout, model, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
+DAY = "2026-01-01"
 
 
 @pytest.fixture
@@ -73,29 +74,36 @@ def test_embed_on_s3_equals_open_clip_dedups_and_reruns_idempotently(s3_store, i
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two embed runs and a subprocess start under load
-def test_embed_killed_during_commit_on_s3_shows_nothing_and_rerun_completes(s3_store, ray_session, monkeypatch):
+@pytest.mark.timeout(900)  # three embed runs and a subprocess start under load
+def test_embed_killed_during_commit_on_s3_shows_only_the_committed_run_and_rerun_completes(
+    s3_store, ray_session, monkeypatch
+):
+    """Killed between Ray's write and its commit, into a partition that already holds a committed run."""
+    spec = model.resolve(None, "reference")
+    first = embed.embed(s3_store, spec, actors=1, batch_size=4, limit=10, day=DAY)
+    committed = committed_files(s3_store)
     env = os.environ | {
         faults.KILL_AT_ENV: "embed.commit",
         "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
     }
-    run = "from rayclip import embed, model; embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=2)"
-    cmd = [sys.executable, "-c", f"import sys; {run}", storage.uri(s3_store)]
+    run = "embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=1, day=sys.argv[2])"
+    cmd = [sys.executable, "-c", f"import sys; from rayclip import embed, model; {run}", storage.uri(s3_store), DAY]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
 
-    # Ray wrote the run's files into the partition, but no reader sees any of them.
-    written = partition_files(s3_store)
-    assert written and committed_files(s3_store) == [] and catalog.silver_model_versions(s3_store) == []
-    assert embed_runs(s3_store) == []
+    # Ray wrote the run's files into the same partition, but readers see exactly the first run.
+    written = sorted(set(partition_files(s3_store)) - set(committed))
+    assert written and committed_files(s3_store) == committed
+    assert read_silver(s3_store, REFERENCE).num_rows == 10
+    assert [r["run_id"] for r in embed_runs(s3_store)] == [first.run_id]
     # Its lease is fresh: a sweep now leaves it alone; once stale, the files and work folder are debris.
     assert debris.find(s3_store) == []
     monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
     [work] = storage.glob(s3_store, "silver/_work/*")
     assert sorted(map(str, debris.find(s3_store))) == sorted([*written, str(work)])
 
-    rerun = embed.embed(s3_store, model.resolve(None, "reference"), actors=2, batch_size=8)
-    assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES, GOOD_IMAGES, 0)
+    rerun = embed.embed(s3_store, spec, actors=1, batch_size=8, day=DAY)
+    assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 10, 0)
     ids = read_silver(s3_store, REFERENCE).column("media_id").to_pylist()
     assert len(ids) == len(set(ids)) == GOOD_IMAGES
     # The rerun swept the killed run's files: every file left is committed.

@@ -44,7 +44,7 @@ def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
     try:
         url = storage.uri(root)
         assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
-        assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "2", "--batch-size", "8") == 0
+        assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 0
         assert cli("index", "--data-dir", url) == 0
         yield root, {"cwd": cwd, "tmp": tmp, "cache": cache}
     finally:

@@ -71,16 +71,13 @@ def test_pipeline_off_a_terminal_prints_no_library_logs_one_plan_and_two_lines_p
 
 
 def test_verbose_brings_img2dataset_back_and_still_writes_the_log(metadata, tmp_path):
+    """The quiet side (no library chatter, two progress lines per stage) is the demo test's."""
     root = tmp_path / "data"
-    quiet = _rayclip("ingest", "--metadata", str(metadata), "--data-dir", str(root), "--timeout", "3")
     loud = _rayclip("ingest", "--metadata", str(metadata), "--data-dir", str(root), "--timeout", "3", "--verbose")
-    assert quiet.returncode == 0 and loud.returncode == 0
-    assert not LIBRARY_CHATTER.search(quiet.stdout + quiet.stderr)
+    assert loud.returncode == 0
     assert "Downloading starting" in loud.stdout + loud.stderr
-    assert len(list(layout.ingest_runs_dir(root).glob("*.log"))) == 2
-    assert all("Downloading starting" in log.read_text() for log in layout.ingest_runs_dir(root).glob("*.log"))
-    for progress in ("ingest download: ", "ingest store: "):
-        assert sum(line.startswith(progress) for line in quiet.stdout.splitlines()) == 2
+    (log,) = layout.ingest_runs_dir(root).glob("*.log")
+    assert "Downloading starting" in log.read_text()
 
 
 def test_json_on_every_command_is_one_document_with_the_run_record_keys(
@@ -100,7 +97,7 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
     (record,) = [p for p in layout.ingest_runs_dir(root).glob("*.json") if ingest_doc["run_id"] in p.name]
     assert ingest_doc == json.loads(record.read_text())
 
-    embed_doc = run("embed", "--pretrained", "reference", "--actors", "2")
+    embed_doc = run("embed", "--pretrained", "reference", "--actors", "1")
     record = layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.json"
     assert embed_doc == json.loads(record.read_text()) and embed_doc["images_per_s"] > 0
 
@@ -130,7 +127,7 @@ def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp
     root = tmp_path / "data"
     shutil.copytree(ingested, root)
     cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--pretrained", "none"]
-    cmd += ["--actors", "2", "--batch-size", "2", "--dashboard", "--json"]
+    cmd += ["--actors", "1", "--batch-size", "2", "--dashboard", "--json"]
     # Ray's token authentication guards the dashboard: give the cluster a token this test knows.
     token = secrets.token_hex(32)
     env = _env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
