@@ -39,19 +39,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each form is timed")
     args = parser.parse_args()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    # A fresh Inductor cache for each run, as a new machine has; removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        measure(args.precision, args.batch_size, args.seconds)
+
+
+def measure(precision: str, batch_size: int, seconds: float) -> None:
     import torch
     import torch._inductor.config as inductor
 
     cpus = os.cpu_count() or 1
-    clip = model.load_model(model.resolve(MODEL, "none"), threads=cpus, precision=args.precision)
-    pixels = torch.randn(args.batch_size, 3, 224, 224).to(clip.input_dtype)
+    clip = model.load_model(model.resolve(MODEL, "none"), threads=cpus, precision=precision)
+    pixels = torch.randn(batch_size, 3, 224, 224).to(clip.input_dtype)
     tower = clip.model.visual
-    print(f"{MODEL} image tower at {clip.precision}, batch {args.batch_size}, 1 process x {cpus} torch threads")
+    print(f"{MODEL} image tower at {clip.precision}, batch {batch_size}, 1 process x {cpus} torch threads")
 
     with torch.no_grad():
         eager_out = tower(pixels).float()
-        eager = images_per_s(tower, pixels, args.seconds)
+        eager = images_per_s(tower, pixels, seconds)
         print(f"eager (open_clip):         {eager:8.2f} images/s")
 
         inductor.freezing = True  # weights are constants: Inductor folds and prepacks them
@@ -59,7 +65,7 @@ def main() -> None:
         started = time.perf_counter()
         compiled_out = compiled(pixels).float()
         compile_s = time.perf_counter() - started
-        fast = images_per_s(compiled, pixels, args.seconds)
+        fast = images_per_s(compiled, pixels, seconds)
     cosine = torch.nn.functional.cosine_similarity(eager_out, compiled_out).min().item()
     saved_per_image = 1 / eager - 1 / fast
     print(f"torch.compile (Inductor):  {fast:8.2f} images/s after {compile_s:.1f} s of compiling")

@@ -87,8 +87,7 @@ def plan_only(root: Path) -> dict:
     plan_s = time.perf_counter() - started
     peak = peak_rss()
     ray.shutdown()
-    inputs = catalog.manifest_parts(root) + catalog.silver_files(root, MODEL_VERSION)
-    in_driver = sum(catalog.parquet_metadata(f).num_rows for f in inputs) <= embed.DRIVER_PLAN_ROWS
+    in_driver = embed.plans_in_driver(catalog.manifest_parts(root), catalog.silver_files(root, MODEL_VERSION))
     return {
         "rows_planned": rows,
         "planner": "driver" if in_driver else "streaming",

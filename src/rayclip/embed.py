@@ -124,9 +124,14 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     rows never come to the driver."""
     manifest = _manifest_parts(root)
     silver = [] if force else catalog.silver_files(root, model_version)
-    rows = sum(_each(lambda f: catalog.parquet_metadata(f).num_rows, manifest + silver))
-    work = _plan_in_driver(root, silver) if rows <= DRIVER_PLAN_ROWS else _plan_streaming(manifest, silver)
+    work = _plan_in_driver(root, silver) if plans_in_driver(manifest, silver) else _plan_streaming(manifest, silver)
     return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
+
+
+def plans_in_driver(manifest: list[storage.Location], silver: list[storage.Location]) -> bool:
+    """Whether plan_work plans these manifest parts and silver files in the driver: the rows their
+    Parquet footers count are at most DRIVER_PLAN_ROWS."""
+    return sum(_each(lambda f: catalog.parquet_metadata(f).num_rows, manifest + silver)) <= DRIVER_PLAN_ROWS
 
 
 def _each(read: Callable, files: list[storage.Location]) -> list:
