@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import catalog, embed, index, layout, storage
 from rayclip.model import ModelSpec
+from rayclip.stages import embed, index
+from rayclip.store import catalog, layout, storage
 
 
 def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:

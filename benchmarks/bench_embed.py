@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayclip import ingest, layout, model, synthetic
+from rayclip import model, synthetic
+from rayclip.stages import ingest
+from rayclip.store import layout
 
 MODEL = "ViT-B-32"
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}  # a GPU needs larger products to be kept busy

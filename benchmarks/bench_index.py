@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from _common import mixture_chunk
 
-from rayclip import catalog, layout, storage
+from rayclip.store import catalog, layout, storage
 
 MODEL_VERSION = "bench_vectors"
 GOALS_1M = "goals at 1M: p50 <= 2 ms, p99 <= 10 ms, recall@10 >= 0.95, index <= 1/4 of flat; at 10M recall >= 0.90"
@@ -47,8 +47,8 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> bool:
     """Silver of `count` vectors with media_ids first…first+count, chunk by chunk, committed as one
     run. A day already committed (a rerun over the same --data-dir) is kept: False. A killed
     write left no commit record, so it is written again (its files are debris the build ignores)."""
-    from rayclip.embed import silver_table, write_run
     from rayclip.model import ModelSpec
+    from rayclip.stages.embed import silver_table, write_run
 
     if any(commit["dt"] == day for commit in catalog.silver_commits(root, MODEL_VERSION)):
         return False
@@ -76,7 +76,8 @@ def drop_day(root: Path, day: str) -> None:
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     """Runs in a child process: build, then time one-query searches through the Searcher."""
-    from rayclip import index, search
+    from rayclip.query import searcher
+    from rayclip.stages import index
 
     if args.flat_below is not None:
         index.FLAT_BELOW = args.flat_below
@@ -93,7 +94,7 @@ def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     )
     build_s = time.perf_counter() - started
     info = json.loads((Path(report.path) / "build.json").read_text())
-    searcher = search.Searcher(root, MODEL_VERSION, None, search._load_build(root, MODEL_VERSION, report.build_id))
+    searcher = searcher.Searcher(root, MODEL_VERSION, None, searcher._load_build(root, MODEL_VERSION, report.build_id))
     queries = mixture_chunk(10**12, args.queries, args.dim, args.clusters, args.seed)  # not in the index
     times = []
     for query in queries:

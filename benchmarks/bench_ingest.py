@@ -29,7 +29,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import ingest, storage, synthetic
+from rayclip import synthetic
+from rayclip.stages import ingest
+from rayclip.store import storage
 
 
 def make_site(folder: Path, images: int, distinct: int) -> list[str]:

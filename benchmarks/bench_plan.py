@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import catalog, embed, layout
+from rayclip.stages import embed
+from rayclip.store import catalog, layout
 
 PART_ROWS = 1_000_000
 MODEL_VERSION = "bench_plan"

@@ -25,8 +25,9 @@ import httpx
 import uvicorn
 from _common import percentiles, random_silver, timed_build
 
-from rayclip import index, model
-from rayclip.server import create_app
+from rayclip import model
+from rayclip.http.app import create_app
+from rayclip.stages import index
 
 QUERIES = [
     "a large red circle on the left",

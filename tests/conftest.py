@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayclip import ingest, synthetic
+from rayclip import synthetic
 from rayclip.cli import main
+from rayclip.stages import ingest
 
 GOOD_IMAGES = 24
 SLOW_SECONDS = 8
@@ -168,14 +169,14 @@ def s3_server():
 @pytest.fixture
 def s3_root(s3_server):
     """A fresh, empty data root on the S3 server."""
-    from rayclip import storage
+    from rayclip.store import storage
 
     return storage.data_root(f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
 
 
 def read_silver(root: Path, model_version: str) -> pa.Table:
     """Every committed silver row of a model_version, read back from Parquet (local or object store)."""
-    from rayclip import catalog, storage
+    from rayclip.store import catalog, storage
 
     tables = []
     for f in catalog.silver_files(root, model_version):
@@ -191,7 +192,8 @@ def cli(*args: str) -> int:
 @pytest.fixture(scope="session")
 def gold_store(ingested, ray_session, tmp_path_factory):
     """ingest → embed (reference model, real Ray) → index: (data root, BuildReport). Read-only."""
-    from rayclip import embed, index, model
+    from rayclip import model
+    from rayclip.stages import embed, index
 
     root = tmp_path_factory.mktemp("gold") / "data"
     shutil.copytree(ingested, root)

@@ -12,7 +12,7 @@ import sys
 
 from ray.cluster_utils import Cluster
 
-from rayclip import catalog, storage
+from rayclip.store import catalog, storage
 
 if __name__ == "__main__":
     data_dir = sys.argv[1]

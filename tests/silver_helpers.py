@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayclip import layout, model, storage
-from rayclip.embed import silver_table, write_run
+from rayclip import model
+from rayclip.stages.embed import silver_table, write_run
+from rayclip.store import layout, storage
 
 REFERENCE_DIM = 128
 
@@ -53,7 +54,7 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
     """A bronze manifest part naming these media_ids, with varied width, height, caption and source."""
     import datetime as dt
 
-    from rayclip.catalog import MANIFEST_SCHEMA
+    from rayclip.store.catalog import MANIFEST_SCHEMA
 
     rng = np.random.default_rng(seed)
     animals = ["dog", "cat", "bird", "fish"]

@@ -13,8 +13,9 @@ import pytest
 from conftest import cli
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
-from rayclip import ann, catalog, index, layout
-from rayclip.search import Searcher
+from rayclip.query.searcher import Searcher
+from rayclip.stages import ann, index
+from rayclip.store import catalog, layout
 
 DIM = 32  # small vectors keep FAISS training quick; the contracts do not depend on the width
 DAY1, DAY2 = "2026-01-01", "2026-01-02"

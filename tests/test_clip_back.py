@@ -24,11 +24,13 @@ from fastapi.testclient import TestClient
 from silver_helpers import media_ids, normalised, write_silver
 from test_server import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, _free_port, a_media
 
-from rayclip import clip_back, index, synthetic
+from rayclip import synthetic
 from rayclip.cli import build_parser
+from rayclip.http import clip_back
+from rayclip.http.app import create_app
 from rayclip.model import decode_image
-from rayclip.search import DEFAULT_COLLAPSE, Searcher
-from rayclip.server import create_app
+from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.stages import index
 
 MODEL_VERSION = "clip_rayclip_ref_reference"
 # `make clip-front` unpacks clip-retrieval's wheel here (its front and its client), never installs it.

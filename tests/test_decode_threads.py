@@ -8,7 +8,9 @@ import time
 
 import torch
 
-from rayclip import catalog, embed, model
+from rayclip import model
+from rayclip.stages import embed
+from rayclip.store import catalog
 
 
 def test_a_batch_decoded_on_threads_equals_one_thread(store, ray_session, monkeypatch):

@@ -13,7 +13,9 @@ import pyarrow as pa
 import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
-from rayclip import UserError, catalog, embed, layout, model
+from rayclip import UserError, model
+from rayclip.stages import embed
+from rayclip.store import catalog, layout
 
 
 def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_session, capsys):

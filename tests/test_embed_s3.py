@@ -18,7 +18,9 @@ from conftest import GOOD_IMAGES, read_silver
 from silver_helpers import media_ids, write_manifest, write_silver
 from test_embed import own_embeddings
 
-from rayclip import catalog, debris, embed, faults, layout, model, storage
+from rayclip import faults, model
+from rayclip.stages import embed
+from rayclip.store import catalog, debris, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
 DAY = "2026-01-01"

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import cli, held_out_site
 
-from rayclip import Searcher, UserError, storage
+from rayclip import Searcher, UserError
+from rayclip.store import storage
 
 HELD_OUT_SEED = 4321  # training renders with seed 0; the demo uses 1234
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import cli
 
-from rayclip import UserError, evaluate, storage, synthetic
+from rayclip import UserError, synthetic
+from rayclip.eval import recall
+from rayclip.store import storage
 
 # ---------------------------------------------------------------- the annotation files
 
@@ -27,14 +29,14 @@ def captioned(tmp_path):
 
 def test_karpathy_reader_keeps_one_split_in_file_order_with_every_caption(captioned):
     folder, images = captioned["folder"], captioned["images"]
-    test = evaluate.read_annotations("karpathy", captioned["karpathy"], folder)  # the test split by default
+    test = recall.read_annotations("karpathy", captioned["karpathy"], folder)  # the test split by default
     assert [a.file.name for a in test] == [images[i]["filename"] for i in (0, 2, 4)]
     assert [list(a.captions) for a in test] == [images[i]["captions"] for i in (0, 2, 4)]
     assert all(len(a.captions) == 5 for a in test)
-    val = evaluate.read_annotations("karpathy", captioned["karpathy"], folder, split="val")
+    val = recall.read_annotations("karpathy", captioned["karpathy"], folder, split="val")
     assert [a.file.name for a in val] == [images[3]["filename"]]
     with pytest.raises(UserError, match="no images in split 'dev'.*its splits: restval, test, train, val"):
-        evaluate.read_annotations("karpathy", captioned["karpathy"], folder, split="dev")
+        recall.read_annotations("karpathy", captioned["karpathy"], folder, split="dev")
 
 
 def test_karpathy_filepath_names_a_subfolder_as_in_dataset_coco(captioned, tmp_path):
@@ -45,7 +47,7 @@ def test_karpathy_filepath_names_a_subfolder_as_in_dataset_coco(captioned, tmp_p
         entry["filepath"] = "val2014"
         (captioned["folder"] / entry["filename"]).rename(nested / entry["filename"])
     captioned["karpathy"].write_text(json.dumps(data))
-    test = evaluate.read_annotations("karpathy", captioned["karpathy"], tmp_path / "coco")
+    test = recall.read_annotations("karpathy", captioned["karpathy"], tmp_path / "coco")
     assert [a.file for a in test] == [nested / captioned["images"][i]["filename"] for i in (0, 2, 4)]
 
 
@@ -54,29 +56,29 @@ def test_coco_reader_orders_images_by_id_and_groups_captions_in_annotation_order
     data["images"].reverse()  # the file's order must not matter: clip_benchmark sorts by id
     data["annotations"] = data["annotations"][1::2] + data["annotations"][0::2]
     captioned["coco"].write_text(json.dumps(data))
-    read = evaluate.read_annotations("coco", captioned["coco"], captioned["folder"])
+    read = recall.read_annotations("coco", captioned["coco"], captioned["folder"])
     assert [a.file.name for a in read] == [image["filename"] for image in captioned["images"]]
     first = captioned["images"][0]["captions"]
     assert list(read[0].captions) == first[1::2] + first[0::2]
     with pytest.raises(UserError, match="--split is for --dataset karpathy"):
-        evaluate.read_annotations("coco", captioned["coco"], captioned["folder"], split="test")
+        recall.read_annotations("coco", captioned["coco"], captioned["folder"], split="test")
 
 
 def test_wrong_files_get_one_clear_line(captioned, tmp_path):
     folder = captioned["folder"]
     with pytest.raises(UserError, match="not a COCO captions file"):
-        evaluate.read_annotations("coco", captioned["karpathy"], folder)
+        recall.read_annotations("coco", captioned["karpathy"], folder)
     with pytest.raises(UserError, match="not a Karpathy split file"):
-        evaluate.read_annotations("karpathy", captioned["coco"], folder)
+        recall.read_annotations("karpathy", captioned["coco"], folder)
     with pytest.raises(UserError, match="annotation file not found"):
-        evaluate.read_annotations("karpathy", tmp_path / "nope.json", folder)
+        recall.read_annotations("karpathy", tmp_path / "nope.json", folder)
     silent = json.loads(captioned["coco"].read_text()) | {"annotations": []}
     (tmp_path / "silent.json").write_text(json.dumps(silent))
     with pytest.raises(UserError, match="holds no captions"):
-        evaluate.read_annotations("coco", tmp_path / "silent.json", folder)
+        recall.read_annotations("coco", tmp_path / "silent.json", folder)
     (folder / captioned["images"][2]["filename"]).unlink()
     with pytest.raises(UserError, match=r"1 of the 3 images in dataset_synthetic.json are not under"):
-        evaluate.read_annotations("karpathy", captioned["karpathy"], folder)
+        recall.read_annotations("karpathy", captioned["karpathy"], folder)
     assert cli("eval", "--dataset", "karpathy", "--images", str(folder), "--data-dir", str(tmp_path / "d")) == 2
 
 
@@ -84,9 +86,9 @@ def test_gallery_names_images_by_sha256_and_merges_identical_bytes(captioned):
     folder, images = captioned["folder"], captioned["images"]
     copy = folder / "copy_of_first.jpg"
     copy.write_bytes((folder / images[0]["filename"]).read_bytes())
-    annotated = [evaluate.AnnotatedImage(folder / images[i]["filename"], ("a", "b")) for i in (0, 1)]
-    annotated.append(evaluate.AnnotatedImage(copy, ("c",)))
-    gallery = evaluate.gallery(annotated)
+    annotated = [recall.AnnotatedImage(folder / images[i]["filename"], ("a", "b")) for i in (0, 1)]
+    annotated.append(recall.AnnotatedImage(copy, ("c",)))
+    gallery = recall.gallery(annotated)
     assert gallery.media_ids == [
         hashlib.sha256((folder / images[i]["filename"]).read_bytes()).hexdigest() for i in (0, 1)
     ]
@@ -126,8 +128,8 @@ def clip_benchmark_style(scores: np.ndarray, text_image: np.ndarray, k: int) -> 
 
 
 def ours(scores: np.ndarray, text_image: np.ndarray, ks: tuple[int, ...]) -> tuple[dict, dict]:
-    ranks = evaluate.retrieval_ranks(scores, text_image)
-    return evaluate.recall_at(ranks.text_to_image, ks), evaluate.recall_at(ranks.image_to_text, ks)
+    ranks = recall.retrieval_ranks(scores, text_image)
+    return recall.recall_at(ranks.text_to_image, ks), recall.recall_at(ranks.image_to_text, ks)
 
 
 def test_hand_computed_ranks_with_an_image_of_one_caption_and_one_without():
@@ -143,12 +145,12 @@ def test_hand_computed_ranks_with_an_image_of_one_caption_and_one_without():
             [0.3, 0.2, 0.25, 0.1],  # 0.3 above its 0.25: rank 2
         ]
     )
-    ranks = evaluate.retrieval_ranks(scores, text_image)
+    ranks = recall.retrieval_ranks(scores, text_image)
     assert ranks.text_to_image.tolist() == [1, 3, 2, 4, 1, 2]
     # Columns: image 0's best caption 0.9 is first; image 1's 0.6 is under caption 1's 0.8;
     # image 2's best, caption 4's 0.6, is first. Image 3 asks nothing.
     assert ranks.image_to_text.tolist() == [1, 2, 1] and ranks.image_queries.tolist() == [0, 1, 2]
-    t2i, i2t = evaluate.recall_at(ranks.text_to_image, (1, 2, 3)), evaluate.recall_at(ranks.image_to_text, (1, 2))
+    t2i, i2t = recall.recall_at(ranks.text_to_image, (1, 2, 3)), recall.recall_at(ranks.image_to_text, (1, 2))
     assert t2i == {1: round(2 / 6, 4), 2: round(4 / 6, 4), 3: round(5 / 6, 4)} and i2t == {1: round(2 / 3, 4), 2: 1.0}
     assert (t2i[2], i2t[2]) == pytest.approx(brute_force(scores, text_image, 2), abs=1e-4)
 
@@ -163,7 +165,7 @@ def test_hand_computed_ties_rank_the_lower_index_first():
             [0.9, 0.4, 0.4],  # 0.9 above, image 1 ties first: rank 3
         ]
     )
-    ranks = evaluate.retrieval_ranks(scores, text_image)
+    ranks = recall.retrieval_ranks(scores, text_image)
     assert ranks.text_to_image.tolist() == [1, 3, 2, 3]
     # Columns. Image 0: caption 3's 0.9 above its 0.5 (caption 1 ties but comes later): 2. Image 1: caption
     # 2's 0.7 above, caption 0 ties first: 3. Image 2: its best, caption 2's 0.7, ties with caption 1: 2.
@@ -187,7 +189,7 @@ def random_case(rng: np.random.Generator, n_images: int, ties: bool) -> tuple[np
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_metric_agrees_with_brute_force_on_random_matrices(ties, monkeypatch):
-    monkeypatch.setattr(evaluate, "RANK_CHUNK", 7)  # several chunks per matrix
+    monkeypatch.setattr(recall, "RANK_CHUNK", 7)  # several chunks per matrix
     rng = np.random.default_rng(5)
     for _ in range(25):
         scores, text_image = random_case(rng, int(rng.integers(3, 30)), ties)
@@ -215,13 +217,13 @@ def test_an_image_without_captions_asks_nothing_where_clip_benchmark_counts_a_mi
 
 
 def test_chance_is_the_expected_recall_of_a_random_ranking():
-    assert evaluate._chance(1000, [1] * 5000, 10) == pytest.approx(0.01)
+    assert recall._chance(1000, [1] * 5000, 10) == pytest.approx(0.01)
     # 5 captions, an image with 2 of them, top 2: 1 - C(3,2)/C(5,2) = 0.7; enumerate every ranking to check.
     import itertools
 
     hits = [bool({0, 1} & set(order[:2])) for order in itertools.permutations(range(5))]
-    assert evaluate._chance(5, [2], 2) == pytest.approx(np.mean(hits)) == pytest.approx(0.7)
-    assert evaluate._chance(5, [2, 1], 9) == 1.0  # K beyond the gallery finds everything
+    assert recall._chance(5, [2], 2) == pytest.approx(np.mean(hits)) == pytest.approx(0.7)
+    assert recall._chance(5, [2, 1], 9) == 1.0  # K beyond the gallery finds everything
 
 
 # ---------------------------------------------------------------- the reference model, end to end
@@ -256,7 +258,7 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
 
     assert cli("eval", "--dataset", "karpathy", "--annotations", str(karpathy), *common) == 0
     report = newest_eval(root)
-    assert report["definition"] == evaluate.BENCHMARK_DEFINITION and report["split"] == "test"
+    assert report["definition"] == recall.BENCHMARK_DEFINITION and report["split"] == "test"
     assert (report["images"], report["captions"]) == (TEST_IMAGES, 5 * TEST_IMAGES)
     for direction, expected in EXPECTED.items():
         for k, value in expected.items():
@@ -265,7 +267,7 @@ def test_reference_model_on_a_karpathy_format_set_is_pinned_and_coco_format_agre
         assert report[direction]["10"] > 5 * report[f"chance_{direction}"]["10"]
 
     # Only the split was ingested, and each url names the annotated file itself.
-    from rayclip.catalog import read_manifest
+    from rayclip.store.catalog import read_manifest
 
     urls = read_manifest(storage.data_root(root), ["url"]).column("url").to_pylist()
     assert sorted(urls) == sorted((folder / image["filename"]).resolve().as_uri() for image in images[:TEST_IMAGES])

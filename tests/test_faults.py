@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
 
-from rayclip import Searcher, catalog, embed, faults, index, layout, model
+from rayclip import Searcher, faults, model
+from rayclip.stages import embed, index
+from rayclip.store import catalog, layout
 
 REFERENCE = "clip_rayclip_ref_reference"
 

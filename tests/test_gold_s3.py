@@ -15,9 +15,11 @@ from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
 from test_faults import assert_killed, rayclip
 
-from rayclip import Searcher, catalog, debris, index, layout, storage
-from rayclip.catalog import BuildInfo
-from rayclip.server import create_app
+from rayclip import Searcher
+from rayclip.http.app import create_app
+from rayclip.stages import index
+from rayclip.store import catalog, debris, layout, storage
+from rayclip.store.catalog import BuildInfo
 
 ROWS = 400
 DAY = "2026-01-02"

@@ -13,8 +13,10 @@ import pytest
 from conftest import read_silver, run_ingest, serve
 from PIL import Image
 
-from rayclip import catalog, embed, ingest, model, synthetic
+from rayclip import model, synthetic
 from rayclip.model import TRANSPARENT_BACKGROUND, decode_image
+from rayclip.stages import embed, ingest
+from rayclip.store import catalog
 
 WIDTH, HEIGHT = 320, 256  # not square, so that a missed rotation changes the shape
 

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
 
-from rayclip import catalog, ingest, layout, synthetic
+from rayclip import synthetic
+from rayclip.stages import ingest
+from rayclip.store import catalog, layout
 
 
 def manifest(root: Path) -> list[dict]:

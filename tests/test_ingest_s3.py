@@ -14,7 +14,7 @@ import test_faults
 from conftest import GOOD_IMAGES, cli, run_ingest
 from test_faults import assert_killed, rayclip
 
-from rayclip import catalog, layout, storage
+from rayclip.store import catalog, layout, storage
 
 good_metadata = test_faults.good_metadata  # the fixture: good images plus one duplicate URL
 
@@ -127,7 +127,8 @@ def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site
 
 
 def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):
-    from rayclip import ingest, synthetic
+    from rayclip import synthetic
+    from rayclip.stages import ingest
 
     folder = tmp_path / "photos"
     names = synthetic.write_images(folder, 4, seed=5).column("filename").to_pylist()

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from conftest import cli, read_silver
 
-from rayclip import Searcher, catalog, storage
-from rayclip.server import create_app
+from rayclip import Searcher
+from rayclip.http.app import create_app
+from rayclip.store import catalog, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
 QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
@@ -111,8 +112,8 @@ def test_silver_from_before_commit_records_is_still_read_and_never_swept(tmp_pat
     """Before commit records each run's silver was one file renamed whole to dt=<day>/<run_id>.parquet."""
     import pyarrow.parquet as pq
 
-    from rayclip import debris, layout
-    from rayclip.embed import silver_table
+    from rayclip.stages.embed import silver_table
+    from rayclip.store import debris, layout
 
     root = storage.data_root(tmp_path / "data")
     old = layout.silver_partition(root, REFERENCE, "2026-01-02") / f"{layout.new_run_id()}.parquet"

@@ -21,9 +21,10 @@ import httpx
 import pytest
 from conftest import GOOD_IMAGES, cli
 
-from rayclip import evaluate, layout
-from rayclip.search import Searcher
-from rayclip.server import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.eval import recall
+from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.query.searcher import Searcher
+from rayclip.store import layout
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -181,7 +182,7 @@ def evaluated_store(gold_store, tmp_path_factory):
     """The gold store plus an eval.json for its build (what the status page charts)."""
     root = tmp_path_factory.mktemp("evaluated") / "data"
     shutil.copytree(gold_store[0], root)
-    evaluate.save(root, evaluate.evaluate(Searcher.open(root)))
+    recall.save(root, recall.evaluate(Searcher.open(root)))
     return root
 
 

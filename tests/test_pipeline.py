@@ -10,7 +10,9 @@ import pytest
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
 
 import rayclip
-from rayclip import Hooks, ModelSpec, Searcher, UserError, embed, index, ingest, layout, pipeline, storage
+from rayclip import Hooks, ModelSpec, Searcher, UserError, pipeline
+from rayclip.stages import embed, index, ingest
+from rayclip.store import layout, storage
 
 DEMO_IMAGES = 16
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import cli, held_out_site, read_silver, run_ingest
 
-from rayclip import Searcher, UserError, evaluate, index, layout, model
-from rayclip.embed import embed
+from rayclip import Searcher, UserError, model
+from rayclip.stages import index
+from rayclip.stages.embed import embed
+from rayclip.store import layout
 
 HELD_OUT_SEED = 2468  # not the training seed (0), nor the demo's or test_eval's
 
@@ -98,7 +100,7 @@ def test_reference_recall_at_bf16_is_within_a_point_of_fp32(held_out, ray_sessio
         index.build(root, spec.model_version)
         searcher = Searcher.open(root, spec.model_version, threads=2, precision=precision)
         assert searcher.model.precision == precision
-        report = evaluate.evaluate(searcher)
+        report = recall.evaluate(searcher)
         recall[precision] = {"t2i": report.text_to_image, "i2t": report.image_to_text}
     fp32, bf16 = recall["fp32"], recall["bf16"]
     assert fp32["t2i"][5] >= 0.9, recall  # the bar the reference model clears (test_eval)

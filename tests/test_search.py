@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, read_silver
 
-from rayclip import Searcher, UserError, catalog, index, layout
+from rayclip import Searcher, UserError
+from rayclip.stages import index
+from rayclip.store import catalog, layout
 
 PUBLISHES = 30
 
@@ -190,7 +192,7 @@ def test_mapping_rows_find_ids_in_any_chunk():
     row group); it must give what Table.take gives, across chunk boundaries and in the order asked."""
     import pyarrow as pa
 
-    from rayclip.search import MappingRows
+    from rayclip.query.searcher import MappingRows
 
     table = pa.table({"faiss_id": np.arange(10), "media_id": [f"m{i}" for i in range(10)]})
     chunked = pa.Table.from_batches(table.to_batches(max_chunksize=3))  # chunks 0-2, 3-5, 6-8, 9

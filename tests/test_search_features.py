@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from silver_helpers import clustered, media_ids, normalised, write_manifest, write_silver
 
-from rayclip import UserError, catalog, index
-from rayclip.search import DEFAULT_COLLAPSE, Searcher
+from rayclip import UserError
+from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.stages import index
+from rayclip.store import catalog
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,8 @@ def test_filter_on_an_hnsw_index_returns_the_exact_k_past_the_graph_walk(describ
 
     import faiss
 
-    from rayclip import ann, layout
+    from rayclip.stages import ann
+    from rayclip.store import layout
 
     root = tmp_path / "data"
     shutil.copytree(described[0], root)
@@ -191,7 +194,7 @@ def test_malformed_filter_is_one_line(described, where, capsys):
 def test_filter_collapse_and_combined_terms_over_http(described):
     from fastapi.testclient import TestClient
 
-    from rayclip.server import create_app
+    from rayclip.http.app import create_app
 
     root, searcher, vectors, manifest = described
     client = TestClient(create_app(root))
@@ -225,7 +228,8 @@ def test_filter_collapse_and_combined_terms_over_http(described):
 def pictures(ray_session, tmp_path_factory):
     """Synthetic scenes, one of them saved twice (JPEG quality 95 and 40: other bytes, other
     media_id), through ingest (folder) → embed (reference model, real Ray) → index."""
-    from rayclip import embed, ingest, model, synthetic
+    from rayclip import model, synthetic
+    from rayclip.stages import embed, ingest
 
     folder = tmp_path_factory.mktemp("pictures")
     rng = np.random.default_rng(21)
@@ -277,8 +281,8 @@ def brute_force_ranked(vectors, rows, query, keep, k, collapse=None):
 def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
     from fastapi.testclient import TestClient
 
+    from rayclip.http.app import create_app
     from rayclip.model import decode_image
-    from rayclip.server import create_app
 
     root, folder, _, searcher = pictures
     client = TestClient(create_app(root))
@@ -323,7 +327,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     from conftest import cli
 
     from rayclip import synthetic
-    from rayclip.search import Term
+    from rayclip.query.searcher import Term
 
     root, _, scenes, searcher = pictures
     query = tmp_path / "blue_square_left.jpg"

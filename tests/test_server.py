@@ -15,8 +15,9 @@ import pytest
 from conftest import GOOD_IMAGES
 from fastapi.testclient import TestClient
 
-from rayclip import catalog, index
-from rayclip.server import create_app
+from rayclip.http.app import create_app
+from rayclip.stages import index
+from rayclip.store import catalog
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

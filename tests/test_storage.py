@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayclip import storage
+from rayclip.store import storage
 
 
 @pytest.fixture(params=["local", "s3", "memory"])

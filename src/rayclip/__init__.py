@@ -14,8 +14,8 @@ __all__ = [
 
 # Lazy, so that `import rayclip` (and `rayclip --help`) stays light: name -> the module that holds it.
 _EXPORTS = {
-    "Searcher": "search",
-    "SearchResult": "search",
+    "Searcher": "query.searcher",
+    "SearchResult": "query.searcher",
     "UserError": "errors",
     "ModelSpec": "model",
     "Hooks": "pipeline",

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from . import layout, storage
 from .errors import UserError
+from .store import layout, storage
 
 # With --json, stdout carries the one JSON document and everything meant for people goes to stderr.
 _OUTPUT = {"json": False}
@@ -130,7 +130,8 @@ def _hooks(verbose: bool = False, stage_reports: bool = True):
 
 
 def _show_event(event, terminal: TextIO, stage_reports: bool = True) -> None:
-    from . import embed, index, ingest, pipeline
+    from . import pipeline
+    from .stages import embed, index, ingest
 
     if isinstance(event, pipeline.RayDashboard):
         print(f"Ray dashboard: {event.url or 'not running on this cluster'}", file=terminal, flush=True)
@@ -163,7 +164,8 @@ def _print_kv(title: str, items: dict) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from . import ingest, pipeline
+    from . import pipeline
+    from .stages import ingest
 
     root = storage.data_root(args.data_dir)
     with pipeline.stage(layout.ingest_runs_dir(root), _hooks(args.verbose)) as stage:
@@ -228,7 +230,8 @@ def _spec(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from . import embed, pipeline
+    from . import pipeline
+    from .stages import embed
 
     root = storage.data_root(args.data_dir)
     spec = _spec(args)
@@ -278,7 +281,8 @@ def _optimized_physical_plan(explained: str) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from . import index, pipeline
+    from . import pipeline
+    from .stages import index
 
     root = storage.data_root(args.data_dir)
     if args.rollback:
@@ -334,7 +338,7 @@ def _print_results(results, as_json: bool, title: str) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import Searcher
+    from .query.searcher import Searcher
 
     terms = _query_terms(args)
     searcher = Searcher.open(args.data_dir, args.model_version, precision=args.precision)
@@ -359,7 +363,7 @@ _TERM_FLAGS = [
 
 
 def _query_terms(args: argparse.Namespace) -> list:
-    from .search import Term
+    from .query.searcher import Term
 
     terms = [Term.parse(kind, value, sign) for flag, kind, sign in _TERM_FLAGS for value in getattr(args, flag) or []]
     if not any(term.weight > 0 for term in terms):
@@ -379,7 +383,7 @@ def _cosine_or_default(text: str) -> float | str:
 
 def _collapse_threshold(asked: float | str | None) -> float | None:
     """--collapse alone means the library's default threshold; with a number, that cosine."""
-    from .search import DEFAULT_COLLAPSE
+    from .query.searcher import DEFAULT_COLLAPSE
 
     return DEFAULT_COLLAPSE if asked == "default" else asked
 
@@ -536,7 +540,7 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import API_KEY_ENV, check_bind, create_app
+    from .http.app import API_KEY_ENV, check_bind, create_app
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.allow_anonymous)
@@ -565,7 +569,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import status
+    from .store.status import status
 
     info = status(storage.data_root(args.data_dir))
     if args.json:
@@ -613,7 +617,7 @@ def _show_debris(found: list[dict]) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from . import debris
+    from .store import debris
 
     root = storage.data_root(args.data_dir)
     removed = debris.sweep(root)

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import UserError
-from .layout import slug
+from .store.layout import slug
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"

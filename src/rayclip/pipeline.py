@@ -15,17 +15,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from . import layout, storage
 from .progress import Progress
-from .storage import Location
+from .store import layout, storage
+from .store.storage import Location
 
 if TYPE_CHECKING:  # the stages import heavy libraries; the CLI imports this module for every command
-    from .embed import EmbedReport
-    from .evaluate import BenchmarkReport, EvalReport
-    from .index import BuildReport
-    from .ingest import IngestReport
+    from .eval.recall import BenchmarkReport, EvalReport
     from .model import ModelSpec
-    from .search import Searcher, SearchResults
+    from .query.searcher import Searcher, SearchResults
+    from .stages.embed import EmbedReport
+    from .stages.index import BuildReport
+    from .stages.ingest import IngestReport
 
 # The demo's images are served on a fixed port, so a rerun's URLs are the ones the manifest holds.
 DEMO_PORT = 8731
@@ -97,7 +97,7 @@ def stage(runs_dir: Location | None, hooks: Hooks = QUIET) -> Iterator[Stage]:
     with contextlib.ExitStack() as stack:
         terminal, log = hooks.terminal(), None
         if runs_dir is not None:
-            from . import runlog
+            from .store import runlog
 
             log = runs_dir / f"{layout.new_run_id()}.log"  # renamed after the run by keep_log_as
             terminal = stack.enter_context(runlog.capture(log, hooks.verbose, terminal_fd=hooks.terminal_fd))
@@ -118,7 +118,7 @@ class RayDashboard:
 def start_ray(running: Stage, dashboard: bool = False) -> None:
     """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
     only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
-    from . import embed
+    from .stages import embed
 
     joins = bool(os.environ.get("RAY_ADDRESS"))
     if dashboard or running.hooks.verbose or joins:
@@ -155,8 +155,9 @@ def evaluate_metadata(
 ) -> EvalRun:
     """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names
     (data_dir as `--data-dir`: None is $RAYCLIP_DATA_DIR, else ./data)."""
-    from . import embed, evaluate, index, ingest
-    from .search import Searcher
+    from .eval import recall
+    from .query.searcher import Searcher
+    from .stages import embed, index, ingest
 
     root, metadata = storage.data_root(data_dir), Path(metadata)
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
@@ -183,8 +184,8 @@ def evaluate_metadata(
     hooks.report(built, hooks.terminal())
     searcher = Searcher.open(root, spec.model_version, precision=precision)
     with stage(None, hooks) as running:
-        measured = evaluate.evaluate(searcher, urls, tuple(ks), progress=running.progress("eval"))
-    return EvalRun(ingested, embedded, built, evaluate.save(root, measured), searcher)
+        measured = recall.evaluate(searcher, urls, tuple(ks), progress=running.progress("eval"))
+    return EvalRun(ingested, embedded, built, recall.save(root, measured), searcher)
 
 
 def evaluate_benchmark(
@@ -203,20 +204,21 @@ def evaluate_benchmark(
     """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K, in one
     stage whose log is kept beside the embed run; eval.json and eval.html go next to the build.
     Each stage's report goes to hooks.report. Returns the BenchmarkReport."""
-    from . import embed, evaluate, index, ingest
-    from .search import Searcher
+    from .eval import recall
+    from .query.searcher import Searcher
+    from .stages import embed, index, ingest
 
     root, annotations = storage.data_root(data_dir), Path(annotations)
-    evaluated = evaluate.gallery(evaluate.read_annotations(dataset, annotations, Path(images), split))
+    evaluated = recall.gallery(recall.read_annotations(dataset, annotations, Path(images), split))
     with stage(layout.embed_runs_dir(root), hooks) as running:
         start_ray(running)
-        with evaluate.staged_links(evaluated) as folder:
+        with recall.staged_links(evaluated) as folder:
             ingested = ingest.ingest_folder(root, folder)
         embedded = embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision)
         built = index.build(root, spec.model_version)
         searcher = Searcher.open(root, spec.model_version, precision=precision)
-        report = evaluate.save_benchmark(
-            root, evaluate.score_benchmark(searcher, evaluated, tuple(ks)), dataset, annotations, split
+        report = recall.save_benchmark(
+            root, recall.score_benchmark(searcher, evaluated, tuple(ks)), dataset, annotations, split
         )
     running.keep_log_as(embedded.run_id)  # the libraries' output, beside the embed run
     for finished in (ingested, embedded, built):  # passed on once the stage is over: stdout is its log till then

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage, synthetic
+from . import synthetic
 from .model import REFERENCE_MODEL, quiet_root_logger, register_configs
+from .store import storage
 
 
 def _render_training_set(n: int, rng: np.random.Generator, preprocess) -> tuple[object, np.ndarray]:

@@ -34,10 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import catalog, debris, faults, layout, storage
-from .errors import UserError
-from .model import ModelSpec, check_available, choose_precision, decode_image, load_model
-from .progress import Progress, watch
+from .. import faults
+from ..errors import UserError
+from ..model import ModelSpec, check_available, choose_precision, decode_image, load_model
+from ..progress import Progress, watch
+from ..store import catalog, debris, layout, storage
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched

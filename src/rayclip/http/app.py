@@ -30,11 +30,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from . import catalog, storage
-from .errors import UserError
-from .model import BadImageError, inspect_image
-from .search import Searcher, SearchResults, Term
-from .storage import Location
+from ..errors import UserError
+from ..model import BadImageError, inspect_image
+from ..query.searcher import Searcher, SearchResults, Term
+from ..store import catalog, storage
+from ..store.storage import Location
 
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "RAYCLIP_API_KEY"
@@ -290,7 +290,7 @@ def create_app(
     @app.get("/api/overview")
     def overview() -> dict:
         """What the status page draws: the layers, builds (CURRENT marked, with eval), recent runs."""
-        from .status import status as layer_status
+        from ..store.status import status as layer_status
 
         return layer_status(root)
 

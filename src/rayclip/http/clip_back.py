@@ -30,10 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
-from . import catalog
-from .errors import UserError
-from .search import DEFAULT_COLLAPSE, MappingRows, Searcher, SearchResults
-from .storage import Location
+from ..errors import UserError
+from ..query.searcher import DEFAULT_COLLAPSE, MappingRows, Searcher, SearchResults
+from ..store import catalog
+from ..store.storage import Location
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
 MAX_METADATA_IDS = 10_000

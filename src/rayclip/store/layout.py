@@ -168,7 +168,7 @@ def check_day(day: str) -> str:
     try:
         dt.date.fromisoformat(day)
     except ValueError:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError(f"--dt {day!r} is not a date; use YYYY-MM-DD") from None
     return day

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 FLAT = "flat"  # IndexFlatIP: exact
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -12,7 +12,7 @@ import io
 import math
 from pathlib import Path
 
-from . import layout, storage
+from ..store import layout, storage
 
 THUMB_PX = 96
 THUMB_QUALITY = 70

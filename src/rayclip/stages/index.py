@@ -21,12 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import ann, catalog, debris, faults, layout, storage
-from .catalog import BuildInfo
-from .errors import UserError
-from .model import ModelSpec
-from .progress import Progress
-from .storage import Location
+from .. import faults
+from ..errors import UserError
+from ..model import ModelSpec
+from ..progress import Progress
+from ..store import catalog, debris, layout, storage
+from ..store.catalog import BuildInfo
+from ..store.storage import Location
+from . import ann
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)

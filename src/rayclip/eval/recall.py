@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import catalog, layout, storage
-from .errors import UserError
-from .progress import Progress
-from .search import Searcher
+from ..errors import UserError
+from ..progress import Progress
+from ..query.searcher import Searcher
+from ..store import catalog, layout, storage
 
 METADATA_DEFINITION = "rayclip metadata: distinct captions; a hit is any image carrying the caption"
 BENCHMARK_DEFINITION = "clip_benchmark zeroshot_retrieval: each caption's own image; any of an image's captions"
@@ -424,9 +424,9 @@ def save_benchmark(
     root: Path, report: BenchmarkReport, dataset: str, annotations: Path, split: str | None
 ) -> BenchmarkReport:
     """Name the set the report scored, then write eval.json and eval.html next to the build."""
-    from . import eval_html
+    from . import html
 
     report.dataset, report.annotations = dataset, annotations.name
     report.split = None if dataset == "coco" else split or "test"
-    report.html = str(eval_html.write(root, report))
+    report.html = str(html.write(root, report))
     return save(root, report)

@@ -22,11 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import ann, catalog, filters, layout, storage
-from .catalog import BuildInfo
-from .errors import UserError
-from .model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
-from .storage import Location
+from ..errors import UserError
+from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
+from ..stages import ann
+from ..store import catalog, layout, storage
+from ..store.catalog import BuildInfo
+from ..store.storage import Location
+from . import filters
 
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
 COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short

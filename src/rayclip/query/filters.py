@@ -24,7 +24,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import UserError
+from ..errors import UserError
 
 FILTER_COLUMNS = (
     "media_id",

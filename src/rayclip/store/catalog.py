@@ -11,8 +11,8 @@ import dataclasses
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from . import layout, storage
-from .errors import UserError
 from .storage import Location
 
 MANIFEST_SCHEMA = pa.schema(

@@ -32,11 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import catalog, debris, faults, layout, storage
-from .errors import UserError
-from .model import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
-from .progress import POLL_S, Progress, watch
-from .storage import Location
+from .. import faults
+from ..errors import UserError
+from ..model import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
+from ..progress import POLL_S, Progress, watch
+from ..store import catalog, debris, layout, storage
+from ..store.storage import Location
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 URL_COLUMNS = ("URL", "url")
