@@ -192,14 +192,36 @@ def test_mapping_rows_find_ids_in_any_chunk():
     row group); it must give what Table.take gives, across chunk boundaries and in the order asked."""
     import pyarrow as pa
 
-    from rayclip.query.searcher import MappingRows
+    from rayclip.query.mapping import Mapping
 
     table = pa.table({"faiss_id": np.arange(10), "media_id": [f"m{i}" for i in range(10)]})
     chunked = pa.Table.from_batches(table.to_batches(max_chunksize=3))  # chunks 0-2, 3-5, 6-8, 9
     ids = [9, 0, 3, 2, 6, 5, 8, 3]
     assert chunked.column("media_id").num_chunks == 4
     assert (
-        MappingRows(chunked).take(ids, ["media_id", "faiss_id"])
+        Mapping(chunked).rows(ids, ["media_id", "faiss_id"])
         == chunked.take(ids).to_pylist()
         == [{"media_id": f"m{i}", "faiss_id": i} for i in ids]
     )
+
+
+def test_mapping_finds_faiss_ids_by_media_id():
+    """The one media_id → faiss_id lookup: every id in any chunk, -1 for one the build lacks
+    (a hex id not there, a prefix of a real one, something that is not hex at all)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from rayclip.query.mapping import ABSENT, Mapping
+
+    media_ids = [hashlib.sha256(bytes([i])).hexdigest() for i in range(50)]
+    table = pa.Table.from_batches(pa.table({"faiss_id": np.arange(50), "media_id": media_ids}).to_batches(7))
+    asked = [
+        media_ids[49],
+        media_ids[0],
+        hashlib.sha256(b"other").hexdigest(),
+        media_ids[3][:20],
+        "not-hex",
+        media_ids[8],
+    ]
+    assert Mapping(table).faiss_ids(asked).tolist() == [49, 0, ABSENT, ABSENT, ABSENT, 8]

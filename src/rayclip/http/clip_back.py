@@ -31,7 +31,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
 from ..errors import UserError
-from ..query.searcher import DEFAULT_COLLAPSE, MappingRows, Searcher, SearchResults
+from ..query.mapping import Mapping
+from ..query.searcher import DEFAULT_COLLAPSE, Searcher, SearchResults
 from ..store import catalog
 from ..store.storage import Location
 
@@ -104,8 +105,7 @@ class _Served:
 
     searcher: Searcher
     build_id: str
-    rows: MappingRows  # the build's mapping, row i = faiss_id i
-    faiss_ids: object  # pandas Index over mapping.media_id: media_id -> faiss_id
+    rows: Mapping  # the build's mapping, row i = faiss_id i
 
 
 class Indices:
@@ -126,8 +126,6 @@ class Indices:
         return catalog.gold_model_versions(self.root)
 
     def get(self, name: str | None) -> _Served:
-        import pandas as pd
-
         names = self.names()
         name = name or self.default or (names[0] if len(names) == 1 else None)
         if name not in names:
@@ -145,9 +143,7 @@ class Indices:
                 raise HTTPException(503, str(err)) from None
             build_id = searcher.info["build_id"]
             if served is None or served.build_id != build_id:
-                rows = searcher.mapping_rows
-                ids = pd.Index(rows.table.column("media_id").to_numpy(zero_copy_only=False))
-                served = self._served[name] = _Served(searcher, build_id, rows, ids)
+                served = self._served[name] = _Served(searcher, build_id, searcher.mapping_rows)
             return served
 
 
@@ -191,7 +187,7 @@ def router(
     api = APIRouter(tags=["clip-retrieval"], route_class=_AnyJsonRoute)
 
     def metadata_of(served: _Served, faiss_ids: list[int], request: Request) -> list[dict]:
-        rows = served.rows.take(faiss_ids, ["media_id", "url", "caption"])
+        rows = served.rows.rows(faiss_ids, ["media_id", "url", "caption"])
         if serve_images:
             base = str(request.base_url).rstrip("/")
             for row in rows:
@@ -222,7 +218,7 @@ def router(
         results = _search(served.searcher, query, wanted, max_image_bytes)
         if served.searcher.info["build_id"] != served.build_id:
             raise HTTPException(503, "the index was republished during this query; send it again")
-        ids = served.faiss_ids.get_indexer([r.media_id for r in results]).tolist()
+        ids = served.rows.faiss_ids([r.media_id for r in results]).tolist()
         described = metadata_of(served, ids[: query.num_images], request)
         response.headers[BUILD_HEADER] = served.build_id
         if ignored := query.ignored_flags():

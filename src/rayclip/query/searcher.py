@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import UserError
 from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
@@ -29,6 +28,7 @@ from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import filters
+from .mapping import ABSENT, Mapping
 
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
 COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short
@@ -81,36 +81,12 @@ class Term:
         return cls(kind, value, sign * weight)
 
 
-class MappingRows:
-    """A build's mapping rows by faiss_id, in time independent of its size.
-
-    A mapping read from Parquet has one chunk per row group, and pyarrow's Table.take on a
-    many-chunk table concatenates every chunk first: ~25 ms per query at 1M rows, 100 times the
-    FAISS search. This finds each id's chunk and slices it."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table  # ordered by faiss_id
-        self._batches = table.to_batches()
-        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
-
-    def take(self, faiss_ids, columns: list[str]) -> list[dict]:
-        """Rows in the order asked. Slicing row by row beats Table.take at every size asked here
-        (~0.015 ms an id at 1M rows): 10 ids in well under a millisecond, and clip-retrieval's
-        10,000 in less time than Table.take's concatenation."""
-        ids = np.asarray(faiss_ids, dtype=np.int64)
-        chunks = np.searchsorted(self._starts, ids, side="right") - 1
-        return [
-            self._batches[c].select(columns).slice(int(i - self._starts[c]), 1).to_pylist()[0]
-            for c, i in zip(chunks, ids)
-        ]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Build:
     build_id: str
     info: BuildInfo
     index: object
-    rows: MappingRows
+    rows: Mapping
 
 
 def _spec_from_build(info: BuildInfo) -> ModelSpec:
@@ -150,7 +126,7 @@ def _load_build(root: Location, model_version: str, build_id: str) -> _Build:
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
     _prepare(index, info)
-    return _Build(build_id, info, index, MappingRows(mapping))
+    return _Build(build_id, info, index, Mapping(mapping))
 
 
 def _prepare(index, info: BuildInfo) -> None:
@@ -214,8 +190,8 @@ class Searcher:
         return self._build.rows.table
 
     @property
-    def mapping_rows(self) -> MappingRows:
-        """The CURRENT build's mapping rows by faiss_id (fast for a few ids)."""
+    def mapping_rows(self) -> Mapping:
+        """The CURRENT build's mapping: rows by faiss_id, faiss_ids by media_id."""
         return self._build.rows
 
     def vectors(self, faiss_ids: list[int]) -> np.ndarray:
@@ -308,8 +284,8 @@ class Searcher:
         """The indexed vector of a media_id, reused instead of decoding and encoding its image again
         (a compressed index gives back its approximation, normalised)."""
         build = self._build
-        position = pc.index(build.rows.table.column("media_id"), media_id).as_py()
-        if position < 0:
+        position = int(build.rows.faiss_ids([media_id])[0])
+        if position == ABSENT:
             raise UserError(f"media_id {media_id} is not in build {build.build_id}")
         return _stored_vectors(build.index, np.array([position]))[0]
 
@@ -362,7 +338,7 @@ class Searcher:
     @staticmethod
     def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
         keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
-        rows = build.rows.take(ids[keep], ["media_id", "path", "url", "caption"])
+        rows = build.rows.rows(ids[keep], ["media_id", "path", "url", "caption"])
         return [
             SearchResult(rank=r + 1, score=round(float(s), 6), **row)
             for r, (s, row) in enumerate(zip(scores[keep], rows))
