@@ -1,0 +1,184 @@
+"""Every option of every stage and query, each default written once.
+
+One frozen dataclass per stage (ingest, embed, index, eval, demo, train) and per query side
+(search, serve). The library functions take their defaults from these classes; `rayclip.cli`
+generates its parser from them (flag, help, choices), so a flag cannot drift from the library.
+
+A field's metadata says how it appears on the command line:
+  help     the flag's help text (the default is appended by the parser)
+  flags    extra spellings: hidden aliases kept for one release, or the seed's spellings
+  cli      False: library only (not a flag)
+  choices  the values allowed
+  nargs    "+" for a list, "?" for an optional value (with `const`)
+  positive True: a positive integer
+
+A flag name means one thing across commands: a field of the same name in two classes must have
+the same type, default and help (tests/test_options.py holds every class to that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+# The facts more than one class refers to, written here once.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
+DEFAULT_MAX_INDEX_MEMORY = "4G"
+DEFAULT_TARGET_RECALL = 0.95
+DISTRIBUTORS = ("multiprocessing", "ray")
+INDEX_TYPES_HELP = "auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string"
+PRECISION_HELP = (
+    "compute precision; vectors are stored as float32 either way "
+    "(auto: bf16 where the CPU has AMX or AVX-512 BF16 or the GPU runs it, else fp32)"
+)
+
+
+def _opt(default, help: str, **meta):  # noqa: A002 - the flag's help
+    """A field with its default and how it shows on the command line."""
+    if isinstance(default, list | tuple):
+        value = tuple(default)
+        return field(default_factory=lambda: value, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Which CLIP model: an open_clip name and pretrained tag, a checkpoint, or the reference model."""
+
+    model: str | None = _opt(None, f"open_clip model name or hf-hub: id (default: {DEFAULT_MODEL})")
+    pretrained: str | None = _opt(
+        None,
+        f"pretrained tag (default: {DEFAULT_PRETRAINED}), a checkpoint path, `none` (random init) or `reference`",
+    )
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestOptions:
+    """img2dataset's knobs and what to read."""
+
+    url_col: str | None = _opt(None, "URL column (default: URL, else url)")
+    caption_col: str | None = _opt(None, "caption column (default: TEXT, else caption/text)")
+    limit: int | None = _opt(None, "read at most N rows", positive=True)
+    processes: int = _opt(1, "img2dataset processes", positive=True)
+    threads: int = _opt(16, "img2dataset threads per process", positive=True)
+    timeout: int = _opt(10, "seconds per download", positive=True)
+    retries: int = _opt(0, "retries per URL")
+    refetch: bool = _opt(False, "fetch URLs the manifest already holds again (re-check)")
+    distributor: str = _opt(
+        "multiprocessing",
+        "img2dataset's distributor: multiprocessing (--processes here) or ray (a task per shard on the "
+        "cluster ray.init() joins: $RAY_ADDRESS, else a local one)",
+        choices=DISTRIBUTORS,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+    """The Ray Data job: actor pool, batches, partitioning, precision."""
+
+    actors: int | None = _opt(
+        None,
+        "actors in the pool, one model each (default: one per GPU asked for, else one per two CPUs)",
+        positive=True,
+    )
+    batch_size: int = _opt(32, "images per batch", positive=True, flags=("--batch_size",))
+    limit: int | None = _opt(None, "embed at most N new media_ids", positive=True)
+    dt: str | None = _opt(None, "partition date YYYY-MM-DD (default: today, UTC)")
+    blocks: int | None = _opt(None, "override_num_blocks (default: actors x 8)", positive=True)
+    force: bool = _opt(False, "re-embed media_ids already in silver")
+    gpus_per_actor: float = _opt(0.0, "GPUs per actor on a cluster (0: CPU)")
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+    # embed files its vectors under a name; every other command *selects* by --model-version
+    save_as: str | None = _opt(
+        None, "file the embeddings under this model_version instead of the model's own", flags=("--model-version",)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexOptions:
+    """Which silver to index and how."""
+
+    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
+    dt: str | None = _opt(None, "only this silver partition (default: all)")
+    index_type: str = _opt("auto", INDEX_TYPES_HELP)
+    max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, "memory budget auto picks the index for")
+    target_recall: float = _opt(DEFAULT_TARGET_RECALL, "recall@10 vs exact search the build tunes for")
+    retrain: bool = _opt(False, "full build: do not extend the CURRENT index")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """One query's knobs (CLI, Python API, /api/* and clip-retrieval's routes alike)."""
+
+    k: int = _opt(10, "results to return")
+    where: str | None = _opt(None, "filter, e.g. \"width >= 512 AND caption LIKE '%%dog%%'\"")
+    collapse: float | None = _opt(
+        None,
+        f"fold near-duplicates (cosine >= COSINE, default {DEFAULT_COLLAPSE}) into the result above them",
+        nargs="?",
+        const=DEFAULT_COLLAPSE,
+        metavar="COSINE",
+    )
+    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """The HTTP service."""
+
+    host: str = _opt("127.0.0.1", "bind address (default: loopback only)")
+    port: int = _opt(8000, "port")
+    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
+    max_upload_mb: int = _opt(10, "largest image upload accepted, in MiB", positive=True)
+    cors_origin: tuple[str, ...] = _opt(
+        (),
+        "an origin allowed to call the API from a browser, e.g. a clip-retrieval front (repeatable; `*` for any)",
+        action="append",
+    )
+    allow_url_queries: bool = _opt(False, "let /knn-service fetch image_url (public http(s) only)")
+    serve_images: bool = _opt(False, "/knn-service urls point at our stored copies")
+    precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+    api_key: str | None = _opt(None, "require Authorization: Bearer KEY on /api/* (or $RAYCLIP_API_KEY)")
+    allow_anonymous: bool = _opt(False, "serve a non-loopback address without an API key")
+    queue_depth: int = _opt(8, "queries encoding at once; more get 503 + Retry-After", positive=True)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """Recall@K through the whole pipeline."""
+
+    recall_at: tuple[int, ...] = _opt((1, 5, 10), "recall cut-offs", nargs="+", positive=True, flags=("--k",))
+    annotations: str | None = _opt(None, "Karpathy split JSON (dataset_flickr30k.json) or COCO captions JSON")
+    images_dir: str | None = _opt(None, "the folder the annotation file's image names are under", flags=("--images",))
+    split: str | None = _opt(None, "Karpathy split to evaluate (default: test)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """The offline demo."""
+
+    images: int = _opt(500, "synthetic images to generate", positive=True)
+    seed: int = _opt(1234, "generator seed (training uses 0)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Retraining the shipped reference model."""
+
+    out: str | None = _opt(None, "where to write the weights (default: the packaged file)")
+    steps: int = _opt(700, "training steps", positive=True)
+    seed: int = _opt(0, "training data seed")
+
+
+def defaults(cls: type) -> dict:
+    """A class's defaults by field name (what the parser and the tests compare against)."""
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
