@@ -288,3 +288,81 @@ def test_index_command_passes_its_index_flags_to_the_build(tmp_path, ivf_thresho
 
 def current_info(root: Path) -> dict:
     return json.loads((layout.build_dir(root, "clip_rayclip_ref_reference", current(root)) / "build.json").read_text())
+
+
+# ---------------------------------------------------------------- the incremental build's fallbacks
+
+
+def drop_silver_day(root: Path, day: str) -> None:
+    """Retire one dt partition: its commit records and its files, as a retention job would."""
+    import shutil
+
+    model_version = "clip_rayclip_ref_reference"
+    for record in layout.silver_commits_dir(root, model_version).glob("*.json"):
+        if json.loads(record.read_text())["dt"] == day:
+            record.unlink()
+    shutil.rmtree(layout.silver_partition(root, model_version, day))
+
+
+def published_ids(root: Path, build_id: str) -> list[str]:
+    return sorted(by_media_id(root, build_id).column("media_id").to_pylist())
+
+
+def test_base_build_whose_silver_is_gone_gives_a_full_build(tmp_path):
+    """CURRENT was built from day 1, whose silver has since been retired: extending CURRENT would
+    keep serving day 1's vectors, so the build starts from the silver there is, saying why."""
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(1000), clustered(1000, DIM, seed=1))
+    first = index.build(root)
+    drop_silver_day(root, DAY1)
+    write_silver(root, DAY2, media_ids(300, "day2"), clustered(300, DIM, seed=2))
+    report = index.build(root)
+    info = info_of(report)
+    assert report.count == 300 and info["source_partitions"] == [f"dt={DAY2}"]
+    assert published_ids(root, report.build_id) == sorted(media_ids(300, "day2"))
+    assert info["base_build"] is None and info["incremental"] is None
+    assert info["full_build_reason"] == f"silver files of base build {first.build_id} are gone"
+    assert report.base_build == f"none (full build: silver files of base build {first.build_id} are gone)"
+
+
+def test_hnsw_index_with_changed_vectors_gives_a_full_build(tmp_path):
+    """An HNSW graph cannot remove a vector: new media_ids extend it, but a day that re-embeds
+    indexed ones is a full build, and the published vectors are the new ones."""
+    root = tmp_path / "data"
+    ids = media_ids(1300)
+    write_silver(root, DAY1, ids[:1200], clustered(1200, DIM, seed=1))
+    first = index.build(root, index_type="HNSW32")
+    write_silver(root, DAY2, ids[1200:], clustered(100, DIM, seed=2))
+    extended = index.build(root, index_type="HNSW32")  # new media_ids only: an HNSW graph takes them
+    assert info_of(extended)["base_build"] == first.build_id
+    assert info_of(extended)["incremental"] == {"added": 100, "replaced": 0}
+    changed = clustered(30, DIM, seed=3)
+    write_silver(root, "2026-01-03", ids[:30], changed)  # re-embedded: newer vectors for 30 indexed ids
+    report = index.build(root, index_type="HNSW32")
+    info = info_of(report)
+    assert info["base_build"] is None and info["incremental"] is None
+    assert info["full_build_reason"] == "HNSW32 cannot replace the vectors of 30 changed media_ids"
+    assert report.base_build.startswith("none (full build: HNSW32 cannot replace")
+    assert info["index_type"] == "HNSW32" and report.count == 1300 and report.duplicates_dropped == 30
+    searcher = Searcher.open(root)
+    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    assert np.allclose(searcher.vectors([position[m] for m in ids[:30]]), changed, atol=1e-6)
+
+
+def test_building_one_partition_gives_a_full_build(tmp_path):
+    """`--dt`: the build holds that partition only, never CURRENT's other days, even where CURRENT
+    could be extended (it was built from that very partition)."""
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(1000), clustered(1000, DIM, seed=1))
+    write_silver(root, DAY2, media_ids(200, "day2"), clustered(200, DIM, seed=2))
+    first = index.build(root, day=DAY1)
+    assert info_of(first)["full_build_reason"] == "--dt picks one partition"
+    assert first.count == 1000 and info_of(first)["source_partitions"] == [f"dt={DAY1}"]
+    write_silver(root, DAY1, media_ids(100, "late"), clustered(100, DIM, seed=3))  # more of day 1
+    report = index.build(root, day=DAY1)
+    info = info_of(report)
+    assert info["base_build"] is None and info["incremental"] is None
+    assert info["full_build_reason"] == "--dt picks one partition"
+    assert report.base_build == "none (full build: --dt picks one partition)"
+    assert report.count == 1100 and info["source_partitions"] == [f"dt={DAY1}"]
+    assert published_ids(root, report.build_id) == sorted(media_ids(1000) + media_ids(100, "late"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from conftest import GOOD_IMAGES, cli, run_ingest
 
 from rayclip import synthetic
 from rayclip.stages import ingest
-from rayclip.store import catalog, layout
+from rayclip.store import catalog, layout, storage
 
 
 def manifest(root: Path) -> list[dict]:
@@ -175,3 +178,131 @@ def test_help_does_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _GateHandler(synthetic._QuietHandler):
+    """Serves a folder; /gate.jpg answers only once `opened` is set (or after GATE_WAIT_S)."""
+
+    opened = threading.Event()
+    waited: list[bool] = []  # per /gate.jpg request: was it opened (True) or did the wait run out
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/gate.jpg":
+            self.waited.append(self.opened.wait(GATE_WAIT_S))
+            self.path = "/" + self.server.gate_file
+        super().do_GET()
+
+
+GATE_WAIT_S = 15
+
+
+def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatch):
+    """Six URLs a shard: 30 URLs in 5 shards (one img2dataset worker process: it takes 5 shards
+    before it is replaced), the same bytes under other URLs in other shards. The manifest
+    holds every URL once, each object is stored once; and shards are admitted while img2dataset
+    still runs: the last shard's /gate.jpg is answered only after an earlier shard was admitted
+    (a run admitting only after the download would leave the gate shut until GATE_WAIT_S)."""
+    monkeypatch.setattr(ingest, "SHARD_ROWS", (6, 6))
+    names = site["images"].column("filename").to_pylist()
+    captions = site["images"].column("caption").to_pylist()
+    folder = site["folder"]
+    gate = names[5]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_GateHandler, directory=str(folder)))
+    server.gate_file = gate
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    # 24 distinct images (shards 0-3), then 5 of them again under other URLs and the gate (shard 4).
+    urls = [f"{base}/{n}" for n in names] + [f"{base}/{n}?again" for n in names[:5]] + [f"{base}/gate.jpg"]
+    texts = captions + [f"again {i}" for i in range(5)] + ["the gate"]
+    meta = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": texts}), meta)
+    served = {
+        u: hashlib.sha256((folder / n).read_bytes()).hexdigest() for u, n in zip(urls, names + names[:5] + [gate])
+    }
+
+    events: list[tuple[str, bool]] = []  # (what, had img2dataset returned yet)
+    returned = threading.Event()
+    download, admit_shard = ingest._img2dataset, ingest._Admitter.admit_shard
+
+    def timed_download(input_file, output_dir, distributor, shard_rows, **options):
+        events.append((f"download starts, {shard_rows} rows a shard", False))
+        try:
+            download(input_file, output_dir, distributor, shard_rows, **options)
+        finally:
+            returned.set()
+
+    def timed_admit_shard(self, shard):
+        events.append((f"admit {shard.name}", returned.is_set()))
+        admit_shard(self, shard)
+        _GateHandler.opened.set()
+
+    monkeypatch.setattr(ingest, "_img2dataset", timed_download)
+    monkeypatch.setattr(ingest._Admitter, "admit_shard", timed_admit_shard)
+    _GateHandler.opened.clear()
+    _GateHandler.waited.clear()
+    stored_while_downloading = []
+    root = tmp_path / "data"
+    try:
+        report = ingest.ingest_metadata(
+            root,
+            meta,
+            timeout=GATE_WAIT_S + 5,
+            store_progress=lambda done, total: stored_while_downloading.append((done, not returned.is_set())),
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert events[0] == ("download starts, 6 rows a shard", False)
+    shards = [what for what, _ in events[1:]]
+    assert len(shards) == 5 and len(set(shards)) == 5  # 30 rows, six a shard, each admitted once
+    # The gate opened when a shard was admitted, before the wait ran out: admission overlapped the download.
+    assert _GateHandler.waited == [True]
+    early = [what for what, after in events[1:] if not after]
+    assert len(early) >= 1, events
+    assert any(during for _, during in stored_while_downloading)  # the store progress moved meanwhile
+
+    assert (report.rows_read, report.downloaded, report.stored, report.duplicates) == (30, 30, 24, 6)
+    assert report.failed == {} and report.manifest_rows_added == 30
+    rows = manifest(root)
+    assert sorted(r["url"] for r in rows) == sorted(urls)  # every URL once
+    assert all(r["media_id"] == served[r["url"]] for r in rows)
+    assert {r["url"]: r["caption"] for r in rows} == dict(zip(urls, texts))
+    assert len({r["media_id"] for r in rows}) == 24
+    objects = sorted(p.stem for p in layout.objects_dir(root).glob("*/*"))
+    assert objects == sorted(set(served.values()))  # one object per distinct bytes
+    check_store_invariants(root)
+
+
+def test_shards_finished_as_the_download_ends_are_admitted_too(tmp_path, monkeypatch):
+    """The follower's last pass, after img2dataset returned, lists the shards again: those finished
+    since its previous pass (here every one: it would not poll again for a minute) are admitted."""
+    monkeypatch.setattr(ingest, "POLL_S", 60)
+    admitted = []
+
+    class Recorder:
+        def admit_shard(self, shard):
+            admitted.append(shard.name)
+
+    class Finished(threading.Event):
+        """img2dataset's end; says when the follower, its first pass done, waits for it."""
+
+        waiting = threading.Event()
+
+        def wait(self, timeout=None):
+            self.waiting.set()
+            return super().wait(timeout)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    finished = Finished()
+    follower = threading.Thread(target=ingest._follow_shards, args=(storage.location(out), Recorder(), finished))
+    follower.start()
+    assert finished.waiting.wait(10)  # the first pass found nothing; the next is a minute away
+    for i in range(3):  # as img2dataset leaves a shard: its parquet, then its stats
+        (out / f"{i:05d}.parquet").write_bytes(b"")
+        (out / f"{i:05d}_stats.json").write_text("{}")
+    finished.set()
+    follower.join(10)
+    assert not follower.is_alive() and sorted(admitted) == ["00000.parquet", "00001.parquet", "00002.parquet"]

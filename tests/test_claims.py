@@ -1,0 +1,81 @@
+"""Claims the docs make about the whole tool, each checked where a user would see it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+
+import pytest
+from conftest import cli
+from silver_helpers import clustered, media_ids, write_silver
+
+from rayclip import pipeline
+from rayclip.store import layout
+
+
+def test_index_missing_its_recall_target_warns_on_stderr(tmp_path, capsys):
+    """`rayclip index` whose measured recall@10 stays below --target-recall publishes the build and
+    says so on stderr (stdout keeps the report), exit 0; a build that meets it does not warn."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1200), clustered(1200, 32, seed=1))
+    # 4 bytes of 4-bit PQ codes for 32 dimensions: far too coarse to rank the 10 nearest exactly.
+    args = ["index", "--data-dir", str(root), "--index-type", "IVF16,PQ4x4", "--target-recall", "0.9"]
+    assert cli(*args) == 0
+    out, err = capsys.readouterr()
+    build = json.loads(next(layout.gold_root(root).glob("*/builds/*/build.json")).read_text())
+    assert build["recall"]["met"] is False and build["recall"]["recall_at_10"] < 0.9
+    warning = f"warning: recall@10 {build['recall']['recall_at_10']:.3f} is below the target"
+    assert re.search(rf"^{re.escape(warning)}; allow more memory", err, re.MULTILINE), err
+    assert "warning" not in out
+    assert cli("index", "--data-dir", str(root), "--index-type", "flat", "--retrain") == 0
+    assert "warning" not in capsys.readouterr().err  # exact search: recall 1.0, nothing to warn about
+
+
+def test_api_overview_is_status_json(gold_store, tmp_path, capsys):
+    """The status page's /api/overview and `rayclip status --json` are one document: same layers,
+    builds, debris and runs, compared whole (nothing volatile: both read the same files, and
+    neither reports a time of its own)."""
+    from fastapi.testclient import TestClient
+
+    from rayclip.http.app import create_app
+
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root)
+    killed = layout.downloads_dir(root, "20260101T000000.000000Z-dead00")  # a killed ingest's work folder
+    killed.mkdir(parents=True)
+    (killed / "input.parquet").write_bytes(b"x" * 10)
+    assert cli("status", "--data-dir", str(root), "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    overview = TestClient(create_app(root)).get("/api/overview")
+    assert overview.status_code == 200
+    assert overview.json() == printed
+    # Every part is there to compare: both layers' counts, the build, the debris, both stages' runs.
+    assert printed["bronze"]["objects"] > 0 and printed["silver"] and printed["gold"][0]["current"]
+    assert printed["debris"] == [{"path": str(killed.relative_to(root)), "bytes": 10}]
+    assert {run["stage"] for run in printed["runs"]} == {"ingest", "embed"}
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_demo_rerun_fetches_nothing_because_its_port_is_fixed(tmp_path, ray_session):
+    """The demo serves its images on DEMO_PORT, so a second run's URLs are those the manifest holds:
+    it hands img2dataset nothing and skips every image as known."""
+    if port_taken(pipeline.DEMO_PORT):
+        pytest.skip(f"port {pipeline.DEMO_PORT} is taken by another process: the demo would serve elsewhere")
+    first = pipeline.run_demo(tmp_path / "demo", images=12, actors=1, batch_size=8)
+    assert first.run.ingest.downloaded == 12 and first.run.ingest.skipped_known_urls == 0
+    second = pipeline.run_demo(tmp_path / "demo", images=12, actors=1, batch_size=8)
+    assert second.run.ingest.downloaded == 0
+    assert second.run.ingest.skipped_known_urls == first.run.ingest.downloaded == 12
+    assert second.run.embed.rows_embedded == 0 and second.run.build.count == 12
+    assert first.site.base_url == second.site.base_url == f"http://127.0.0.1:{pipeline.DEMO_PORT}"
