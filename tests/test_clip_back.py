@@ -28,7 +28,7 @@ from rayclip import synthetic
 from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
-from rayclip.model import decode_image
+from rayclip.images import decode_image
 from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
 from rayclip.stages import index
 

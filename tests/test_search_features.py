@@ -282,7 +282,7 @@ def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
     from fastapi.testclient import TestClient
 
     from rayclip.http.app import create_app
-    from rayclip.model import decode_image
+    from rayclip.images import decode_image
 
     root, folder, _, searcher = pictures
     client = TestClient(create_app(root))

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
-from ..model import BadImageError, inspect_image
+from ..images import BadImageError, inspect_image
 from ..query.searcher import Searcher, SearchResults, Term
 from ..store import catalog, storage
 from ..store.storage import Location

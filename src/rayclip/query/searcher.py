@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError
-from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
+from ..images import decode_image
+from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
 from ..stages import ann
 from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
