@@ -127,7 +127,7 @@ class _Metrics:
         from prometheus_client import generate_latest
 
         if searcher is not None:
-            info = summary(searcher.build)
+            info = summary(searcher)
             self.build.clear()
             self.build.labels(info["model_version"], info["build_id"]).set(1)
             self.vectors.set(info["count"])
@@ -278,7 +278,7 @@ def create_app(
 
     @app.get("/api/status")
     def status() -> dict:
-        return summary(served().build)
+        return summary(served())
 
     @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
     def status_page() -> HTMLResponse:

@@ -213,7 +213,7 @@ class Searcher:
     def info(self) -> dict:
         """Deprecated: `build` (the BuildInfo) is the record; this is the summary /api/status shows,
         kept until cli.py and tests outside the query floor read `build` or a result's build_id."""
-        return summary(self._build.info)
+        return summary(self)
 
     @property
     def mapping(self) -> pa.Table:
@@ -361,9 +361,15 @@ class Searcher:
             return [SearchResults(_collapsed(build, q, k, collapse, allowed), list(notes), **labels) for q in queries]
 
 
-def summary(info: BuildInfo) -> dict:
-    """What /api/status shows of a build: its model_version, build_id, vector count and model."""
-    return {"model_version": info.model_version, "build_id": info.build_id, "count": info.count, "model": info.model}
+def summary(searcher: Searcher) -> dict:
+    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model."""
+    build = searcher.snapshot()
+    return {
+        "model_version": searcher.model_version,
+        "build_id": build.build_id,
+        "count": build.info.count,
+        "model": build.info.model,
+    }
 
 
 def _options(k: int | None, knobs: dict) -> SearchOptions:
