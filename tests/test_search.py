@@ -167,7 +167,7 @@ def test_cli_json_and_status(built, capsys):
     assert cli("search", "--data-dir", root, "--q", "a small yellow triangle", "--k", "5", "--json") == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
-    assert set(results[0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates"}
+    assert set(results[0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates", "faiss_id"}
     assert cli("status", "--data-dir", root, "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert status["bronze"]["unique_media_ids"] == GOOD_IMAGES
