@@ -84,7 +84,7 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
     assert (old, new) == (second.build_id, first.build_id)
     # Read back: CURRENT names the earlier build, and a new reader serves it.
     assert layout.current_file(root, first.model_version).read_text().strip() == first.build_id
-    assert Searcher.open(root).info["build_id"] == first.build_id
+    assert Searcher.open(root).build.build_id == first.build_id
 
 
 READER = """
@@ -98,8 +98,8 @@ deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
     mapping, index = searcher.mapping, searcher._build.index
-    assert searcher.info["count"] == mapping.num_rows == index.ntotal == expected, searcher.info
-    seen.add(searcher.info["build_id"])
+    assert searcher.build.count == mapping.num_rows == index.ntotal == expected, searcher.build
+    seen.add(searcher.build.build_id)
     checks += 1
 print(json.dumps({"builds_seen": len(seen), "checks": checks}))
 """
