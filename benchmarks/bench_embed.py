@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayclip import model, synthetic
+from rayclip import images, model, synthetic
 from rayclip.stages import ingest
 from rayclip.store import layout
 
@@ -61,11 +61,11 @@ def bare_worker(
 ) -> None:
     """Load the model, wait for the others, then read + decode + preprocess + encode serially."""
     clip = model.load_model(model.resolve(MODEL, "none"), device=device, threads=threads, precision=precision)
-    clip.encode_images([model.decode_image(paths[0].read_bytes())])  # warm: first call allocates
+    clip.encode_images([images.decode_image(paths[0].read_bytes())])  # warm: first call allocates
     barrier.wait()
     started = time.perf_counter()
     for i in range(0, len(paths), batch_size):
-        clip.encode_images([model.decode_image(p.read_bytes()) for p in paths[i : i + batch_size]])
+        clip.encode_images([images.decode_image(p.read_bytes()) for p in paths[i : i + batch_size]])
     results.put(time.perf_counter() - started)
 
 
@@ -131,7 +131,7 @@ def decode_seconds(paths: list[Path], count: int = 256) -> float:
     sample = paths[:count]
     started = time.process_time()
     for p in sample:
-        clip.preprocess_images([model.decode_image(p.read_bytes())])
+        clip.preprocess_images([images.decode_image(p.read_bytes())])
     return (time.process_time() - started) / len(sample)
 
 

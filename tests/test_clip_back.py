@@ -28,7 +28,7 @@ from rayclip import synthetic
 from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
-from rayclip.model import decode_image
+from rayclip.images import decode_image
 from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
 from rayclip.stages import index
 
@@ -240,7 +240,7 @@ def test_openapi_documents_the_routes(client):
         ({"text": "cat", "image": "AAAA"}, 422, "; got text and image"),
         ({"text": "cat", "modality": "text"}, 422, 'modality "text" (searching captions) is not supported'),
         ({"image": "not base64!"}, 422, "image is not valid base64"),
-        ({"image": base64.b64encode(b"<html>").decode()}, 422, "cannot read the query image"),
+        ({"image": base64.b64encode(b"<html>").decode()}, 415, "cannot read the query image"),
         ({"text": "   "}, 422, "the query is empty"),
         ({"text": "cat", "num_images": "many"}, 422, "num_images: Input should be a valid integer"),
         ({"text": "cat", "num_images": 10_001}, 422, "num_images: Input should be less than or equal to 10000"),

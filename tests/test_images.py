@@ -14,7 +14,7 @@ from conftest import read_silver, run_ingest, serve
 from PIL import Image
 
 from rayclip import model, synthetic
-from rayclip.model import TRANSPARENT_BACKGROUND, decode_image
+from rayclip.images import TRANSPARENT_BACKGROUND, decode_image
 from rayclip.stages import embed, ingest
 from rayclip.store import catalog
 

@@ -244,13 +244,13 @@ def test_metrics_are_scraped_in_prometheus_format(gold_store):
 
 def test_a_burst_of_four_times_the_queue_depth_is_answered_with_200s_and_503s(gold_store, monkeypatch):
     depth = 2
-    slow = Searcher.search_texts
+    slow = Searcher.find  # every query goes through it
 
-    def search_slowly(self, texts, k=10, **options):
+    def search_slowly(self, queries, options=None):
         time.sleep(1.0)  # hold the slot long enough for the burst to find the queue full
-        return slow(self, texts, k, **options)
+        return slow(self, queries, options)
 
-    monkeypatch.setattr(Searcher, "search_texts", search_slowly)
+    monkeypatch.setattr(Searcher, "find", search_slowly)
     with serving(create_app(gold_store[0], queue_depth=depth)) as base:
         httpx.get(f"{base}/api/search", params={"q": "warm up"}, timeout=60)
         started = time.monotonic()

@@ -84,7 +84,7 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
     assert (old, new) == (second.build_id, first.build_id)
     # Read back: CURRENT names the earlier build, and a new reader serves it.
     assert layout.current_file(root, first.model_version).read_text().strip() == first.build_id
-    assert Searcher.open(root).info["build_id"] == first.build_id
+    assert Searcher.open(root).build.build_id == first.build_id
 
 
 READER = """
@@ -98,8 +98,8 @@ deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
     mapping, index = searcher.mapping, searcher._build.index
-    assert searcher.info["count"] == mapping.num_rows == index.ntotal == expected, searcher.info
-    seen.add(searcher.info["build_id"])
+    assert searcher.build.count == mapping.num_rows == index.ntotal == expected, searcher.build
+    seen.add(searcher.build.build_id)
     checks += 1
 print(json.dumps({"builds_seen": len(seen), "checks": checks}))
 """
@@ -167,7 +167,7 @@ def test_cli_json_and_status(built, capsys):
     assert cli("search", "--data-dir", root, "--q", "a small yellow triangle", "--k", "5", "--json") == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
-    assert set(results[0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates"}
+    assert set(results[0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates", "faiss_id"}
     assert cli("status", "--data-dir", root, "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert status["bronze"]["unique_media_ids"] == GOOD_IMAGES

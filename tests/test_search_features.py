@@ -45,7 +45,7 @@ def test_collapse_returns_k_distinct_groups_with_folded_counts(near_duplicates):
     assert len(folded) == 8 and len(set(groups)) == 8  # searched past the 31 copies of group 0
     # Brute force: groups ranked by their best member's cosine to the query.
     best = {}
-    vectors = searcher.vectors(list(range(searcher.info["count"])))
+    vectors = searcher.vectors(list(range(searcher.build.count)))
     for faiss_id, score in enumerate(vectors @ query[0]):
         g = group_of[searcher.mapping.column("media_id")[faiss_id].as_py()]
         best[g] = max(best.get(g, -2.0), float(score))
@@ -282,7 +282,7 @@ def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
     from fastapi.testclient import TestClient
 
     from rayclip.http.app import create_app
-    from rayclip.model import decode_image
+    from rayclip.images import decode_image
 
     root, folder, _, searcher = pictures
     client = TestClient(create_app(root))

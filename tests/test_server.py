@@ -34,7 +34,7 @@ def a_media(root) -> dict:
 def test_text_search_returns_the_cli_result_objects(client):
     body = client.get("/api/search", params={"q": "a large red circle", "k": 5}).json()
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
-    assert set(body["results"][0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates"}
+    assert set(body["results"][0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates", "faiss_id"}
     assert body["model_version"] == "clip_rayclip_ref_reference" and body["build_id"]
 
 

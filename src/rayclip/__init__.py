@@ -4,8 +4,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Hooks",
     "ModelSpec",
+    "QueryService",
+    "SearchOptions",
     "Searcher",
     "SearchResult",
+    "SearchResults",
+    "Term",
     "UserError",
     "evaluate_benchmark",
     "evaluate_metadata",
@@ -16,6 +20,10 @@ __all__ = [
 _EXPORTS = {
     "Searcher": "query.searcher",
     "SearchResult": "query.searcher",
+    "SearchResults": "query.searcher",
+    "Term": "query.searcher",
+    "QueryService": "query.service",
+    "SearchOptions": "stages.options",
     "UserError": "errors",
     "ModelSpec": "model",
     "Hooks": "pipeline",

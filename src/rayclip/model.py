@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import logging
 import os
 import socket
@@ -322,66 +321,3 @@ class _TrimmedText:
 
 def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto") -> ClipModel:
     return ClipModel(spec, device=device, threads=threads, precision=precision)
-
-
-# Transparent pixels are composited onto this colour before RGB: what a browser shows on a white page.
-TRANSPARENT_BACKGROUND = (255, 255, 255)
-
-
-def decode_image(data: bytes):
-    """Bytes → RGB PIL image as a person sees it (raises on undecodable bytes).
-
-    The first frame of an animation; EXIF orientation applied (phone photos upright); transparency
-    (alpha, or a palette / tRNS transparent colour) composited onto TRANSPARENT_BACKGROUND;
-    16-bit samples scaled to 8 bits instead of clipped; CMYK through Pillow's conversion.
-    """
-    from PIL import Image, ImageOps
-
-    img = Image.open(io.BytesIO(data))
-    img.seek(0)  # animations: the first frame
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit greyscale PNGs open as I;16 or I: convert("L") would clip every value above 255 to white.
-        scale = 1 / 257 if img.mode != "F" else 255.0
-        pixels = np.asarray(img, dtype=np.float64) * scale
-        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-# Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
-DEFAULT_MAX_PIXELS = 2**27
-
-
-class BadImageError(Exception):
-    """The bytes are not an image we can decode safely; the message is the failure reason."""
-
-
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
-    """(extension, width, height as displayed) of decodable image bytes; BadImageError(reason) otherwise.
-
-    The bytes are decoded exactly as embed and queries will decode them (model.decode_image), so an
-    object that is admitted here can be embedded later.
-    """
-    from PIL import Image
-
-    if not data:
-        raise BadImageError("empty body")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadImageError("image too large to decode")
-            fmt = (img.format or "").lower()
-        width, height = decode_image(data).size  # a truncated or corrupt body fails here, not in embed
-    except BadImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise BadImageError("image too large to decode") from None
-    except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
-        raise BadImageError("decode error") from None
-    return {"jpeg": "jpg", "tiff": "tiff"}.get(fmt, fmt), width, height

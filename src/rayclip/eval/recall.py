@@ -13,6 +13,11 @@ Two definitions, kept apart and labelled in every report:
   (several images may share one). Image→text: one of the image's captions is among the K captions
   closest to its vector.
 
+Both definitions score both directions from one matrix: the captions, encoded in batches by the
+build's model, against the build's own vectors (Searcher.vectors: what FAISS searches, normalised),
+ranked with `first_hit_ranks` (equal scores in faiss_id order, as FAISS returns them). For a flat
+index that is exactly the ranking search serves.
+
 Chance level is reported beside each figure.
 """
 
@@ -32,6 +37,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..progress import Progress
+from ..query.mapping import ABSENT
 from ..query.searcher import Searcher
 from ..store import catalog, layout, storage
 
@@ -76,51 +82,41 @@ def evaluate(
 ) -> EvalReport:
     """Recall@K over the indexed images ingested from `urls` (all indexed images when None).
 
+    Text→image ranks every image of the build for each distinct caption; image→text ranks the
+    captions for each evaluated image; both read the same (captions x images) score matrix.
     progress(done, total) counts queries answered: captions (text→image), then images (image→text).
     """
-    mapping = searcher.mapping.select(["faiss_id", "media_id"]).to_pylist()
-    indexed = {row["media_id"]: row["faiss_id"] for row in mapping}
+    build = searcher.snapshot()  # one build for the whole evaluation
     rows = catalog.read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
     wanted = set(urls) if urls is not None else None
-    rows = [r for r in rows if r["media_id"] in indexed and (wanted is None or r["url"] in wanted) and r["caption"]]
+    rows = [r for r in rows if (wanted is None or r["url"] in wanted) and r["caption"]]
+    found = build.rows.faiss_ids([r["media_id"] for r in rows])
+    rows = [r | {"faiss_id": int(f)} for r, f in zip(rows, found) if f != ABSENT]
     captions = sorted({r["caption"] for r in rows})
-    images_by_caption: dict[str, set[str]] = {c: set() for c in captions}
-    captions_by_image: dict[str, set[str]] = {}
+    caption_ids = {c: i for i, c in enumerate(captions)}
+    carries = np.zeros((len(captions), build.info.count), dtype=bool)  # caption i is on image j
     for r in rows:
-        images_by_caption[r["caption"]].add(r["media_id"])
-        captions_by_image.setdefault(r["media_id"], set()).add(r["caption"])
+        carries[caption_ids[r["caption"]], r["faiss_id"]] = True
 
-    k_max = max(ks)
-    text_vectors = searcher.model.encode_texts(captions)  # once, for both directions
-    hits_t2i = {k: 0 for k in ks}
-    for caption, results in zip(captions, searcher.search_vectors(text_vectors, k=k_max)):
-        ranked = [r.media_id for r in results]
-        for k in ks:
-            hits_t2i[k] += bool(images_by_caption[caption] & set(ranked[:k]))
-
-    image_ids = sorted(captions_by_image)
+    scores = _encode_texts(searcher, captions) @ searcher.vectors(np.arange(build.info.count)).T
+    text_to_image = first_hit_ranks(scores, carries)
+    image_ids = np.unique([r["faiss_id"] for r in rows])
     total = len(captions) + len(image_ids)
     if progress:
         progress(len(captions), total)
-    image_vectors = searcher.vectors([indexed[m] for m in image_ids])
-    order = np.argsort(-(image_vectors @ text_vectors.T), axis=1)[:, :k_max]
-    hits_i2t = {k: 0 for k in ks}
-    for media_id, top in zip(image_ids, order):
-        for k in ks:
-            hits_i2t[k] += bool(captions_by_image[media_id] & {captions[j] for j in top[:k]})
+    image_to_text = first_hit_ranks(scores.T[image_ids], carries.T[image_ids])
     if progress:
         progress(total, total)
 
-    gallery = searcher.info["count"]
-    relevant = [len(images_by_caption[c]) for c in captions]
+    relevant = carries.sum(axis=1).tolist()
     return EvalReport(
         model_version=searcher.model_version,
-        build_id=searcher.info["build_id"],
+        build_id=build.build_id,
         images=len(image_ids),
         queries=len(captions),
-        text_to_image={k: round(hits_t2i[k] / len(captions), 4) for k in ks},
-        image_to_text={k: round(hits_i2t[k] / len(image_ids), 4) for k in ks},
-        chance_text_to_image={k: round(_chance(gallery, relevant, k), 4) for k in ks},
+        text_to_image=recall_at(text_to_image, ks),
+        image_to_text=recall_at(image_to_text, ks),
+        chance_text_to_image={k: round(_chance(build.info.count, relevant, k), 4) for k in ks},
     )
 
 
@@ -326,21 +322,22 @@ class BenchmarkReport:
 
 
 def _encode_texts(searcher: Searcher, texts: list[str]) -> np.ndarray:
+    """The captions by the build's model, TEXT_BATCH at a time (one batched encode, both directions)."""
     batches = [searcher.model.encode_texts(texts[i : i + TEXT_BATCH]) for i in range(0, len(texts), TEXT_BATCH)]
-    return np.concatenate(batches)
+    return np.concatenate(batches) if batches else np.zeros((0, searcher.build.dim), np.float32)
 
 
 def _indexed(searcher: Searcher, media_ids: list[str]) -> tuple[list[int], list[str]]:
     """faiss_id and store path of each media_id; every evaluated image must be in the build."""
-    mapping = searcher.mapping.select(["faiss_id", "media_id", "path"]).to_pylist()
-    rows = {row["media_id"]: row for row in mapping}
-    missing = [m for m in media_ids if m not in rows]
+    build = searcher.snapshot()
+    faiss_ids = build.rows.faiss_ids(media_ids)
+    missing = [m for m, f in zip(media_ids, faiss_ids) if f == ABSENT]
     if missing:
         raise UserError(
-            f"{len(missing)} of the {len(media_ids)} evaluated images are not in build {searcher.info['build_id']} "
+            f"{len(missing)} of the {len(media_ids)} evaluated images are not in build {build.build_id} "
             f"(undecodable or failed to embed; see the ingest and embed summaries), e.g. media_id {missing[0]}"
         )
-    return [rows[m]["faiss_id"] for m in media_ids], [rows[m]["path"] for m in media_ids]
+    return faiss_ids.tolist(), [row["path"] for row in build.rows.rows(faiss_ids, ["path"])]
 
 
 def _worst(scores: np.ndarray, ranks: Ranks, evaluated: Gallery, paths: list[str], top: int = 5) -> dict[str, list]:
@@ -391,7 +388,7 @@ def score_benchmark(searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] 
         curve[f"chance_{direction}"] = [chance(direction, k) for k in curve_ks]
     return BenchmarkReport(
         model_version=searcher.model_version,
-        build_id=searcher.info["build_id"],
+        build_id=searcher.build.build_id,
         images=n_images,
         captions=n_texts,
         images_without_captions=n_images - len(ranks.image_queries),

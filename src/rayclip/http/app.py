@@ -1,9 +1,12 @@
 """HTTP search service and its web page (FastAPI).
 
-The Searcher is opened once, on the first request that needs it, and asked on every request
-whether CURRENT moved (one small file read), so a build published later is served without a
-restart, on a local data root and an object store alike. Images are only ever served from the
-content-addressed store, by a validated media_id, streamed in chunks through storage.
+Every route asks one QueryService (query/service.py) for its Searcher: opened at startup, before
+the port opens, when an index exists (else on the first request after one is published; 503
+until then), and asked on every request whether CURRENT moved (one small file read), so a build
+published later is served without a restart, on a local data root and an object store alike.
+Results name the build they came from; the status of every error is decided in http/errors.py.
+Images are only ever served from the content-addressed store, by a validated media_id, streamed
+in chunks through storage.
 
 Off loopback: an API key guards /api/* and /metrics (`require_api_key`), queries that encode
 are admitted only while fewer than `queue_depth` are in flight (503 + Retry-After beyond), and
@@ -12,13 +15,11 @@ bodies and query strings have hard size limits. /metrics speaks Prometheus.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import contextlib
 import functools
 import hmac
 import ipaddress
 import re
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,14 +28,17 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
-from ..model import BadImageError, inspect_image
-from ..query.searcher import Searcher, SearchResults, Term
+from ..images import ImageTooLargeError, decode_base64
+from ..query.searcher import NotIndexedError, Searcher, SearchOptions, SearchResults, Term, summary
+from ..query.service import NoIndexError, QueryService, UnknownIndexError
 from ..store import catalog, storage
 from ..store.storage import Location
+from . import errors
+from .errors import Body
 
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "RAYCLIP_API_KEY"
@@ -56,7 +60,7 @@ Collapse = Annotated[
 Where = Annotated[str | None, Query(max_length=1000, description="filter, e.g. width >= 512 AND caption LIKE '%dog%'")]
 
 
-class QueryTerm(BaseModel):
+class QueryTerm(Body):
     """Exactly one of text, media_id (its stored vector) or image (base64 bytes), with a weight."""
 
     text: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS)
@@ -71,7 +75,7 @@ class QueryTerm(BaseModel):
         return self
 
 
-class CombinedQuery(BaseModel):
+class CombinedQuery(Body):
     terms: list[QueryTerm] = Field(min_length=1, max_length=16)
     k: int = Field(10, ge=1, le=MAX_K)
     where: str | None = Field(None, max_length=1000)
@@ -86,33 +90,6 @@ CONTENT_TYPES = {
     "bmp": "image/bmp",
     "tiff": "image/tiff",
 }
-
-
-class _SearcherHolder:
-    """Opens the Searcher once (503 until an index exists), then follows CURRENT."""
-
-    def __init__(
-        self, data_dir: Location, model_version: str | None, precision: str = "auto", metrics: _Metrics | None = None
-    ):
-        self.data_dir = data_dir
-        self.model_version = model_version
-        self.precision = precision
-        self.searcher: Searcher | None = None
-        self.metrics = metrics
-        self.lock = threading.Lock()
-
-    def get(self) -> Searcher:
-        try:
-            with self.lock:
-                if self.searcher is None:
-                    self.searcher = Searcher.open(self.data_dir, self.model_version, precision=self.precision)
-                    if self.metrics:
-                        self.searcher.observe = self.metrics.observe_phase
-                else:
-                    self.searcher.refresh()
-                return self.searcher
-        except UserError as err:
-            raise HTTPException(status_code=503, detail=str(err)) from None
 
 
 class _Metrics:
@@ -150,7 +127,7 @@ class _Metrics:
         from prometheus_client import generate_latest
 
         if searcher is not None:
-            info = searcher.info
+            info = summary(searcher)
             self.build.clear()
             self.build.labels(info["model_version"], info["build_id"]).set(1)
             self.vectors.set(info["count"])
@@ -231,11 +208,12 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def _payload(searcher: Searcher, results: SearchResults, query: dict) -> dict:
+def _payload(results: SearchResults, query: dict) -> dict:
+    """The answer of every /api search: the build named is the one the results came from."""
     return {
         "query": query,
-        "model_version": searcher.model_version,
-        "build_id": searcher.info["build_id"],
+        "model_version": results.model_version,
+        "build_id": results.build_id,
         "notes": results.notes,
         "results": [r.to_dict() for r in results],
     }
@@ -256,20 +234,38 @@ def create_app(
     """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
     root = storage.data_root(data_dir)
     metrics = _Metrics()
-    holder = _SearcherHolder(root, model_version, precision, metrics)
+    service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase)
     encode_slot = Depends(_EncodeGate(queue_depth, metrics))
+
+    @contextlib.asynccontextmanager
+    async def load_before_listening(_app: FastAPI):
+        """Open the served Searcher (model and index) before the server takes connections, so the
+        first query is as fast as the next; with no index yet, queries answer 503 until there is one."""
+        with contextlib.suppress(NoIndexError, UnknownIndexError):
+            await run_in_threadpool(service.searcher)
+        yield
+
     app = FastAPI(
         title="rayclip",
         summary="Text→image and image→image search over a rayclip gold build.",
         dependencies=[Depends(_guard_api)],
+        lifespan=load_before_listening,
     )
     app.state.api_key = api_key
+    app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_limits_and_counts(app, metrics, max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    errors.install(app)
 
-    @app.exception_handler(UserError)
-    async def user_error(_request, err: UserError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(err)})
+    def served() -> Searcher:
+        """The served model_version's Searcher; several published and none chosen is 503 as well."""
+        try:
+            return service.searcher()
+        except UnknownIndexError as err:
+            raise NoIndexError(str(err)) from None
+
+    def find(terms: list[Term], k: int, where: str | None, collapse: float | None) -> SearchResults:
+        return served().find([terms], SearchOptions(k=k, where=where, collapse=collapse))[0]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -277,11 +273,12 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
+        """Up: when served by `rayclip serve`, the port opened after the model and index loaded."""
         return {"ok": True}
 
     @app.get("/api/status")
     def status() -> dict:
-        return holder.get().info
+        return summary(served())
 
     @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
     def status_page() -> HTMLResponse:
@@ -298,7 +295,7 @@ def create_app(
     def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.exposition(holder.searcher), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(service.cached()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/search", dependencies=[encode_slot])
     def search_text(
@@ -307,31 +304,25 @@ def create_app(
         collapse: Collapse = None,
         where: Where = None,
     ) -> dict:
-        if not q.strip():
-            raise HTTPException(status_code=422, detail="the query is empty")
-        searcher = holder.get()
-        results = searcher.search_text(q, k, collapse=collapse, where=where)
-        return _payload(searcher, results, {"q": q, "k": k, "collapse": collapse, "where": where})
+        results = find([Term("text", q)], k, where, collapse)
+        return _payload(results, {"q": q, "k": k, "collapse": collapse, "where": where})
 
     @app.post("/api/search", dependencies=[encode_slot])
     def search_combined(query: CombinedQuery) -> dict:
         """rclip-style arithmetic: the weighted sum of text, image and stored-vector terms."""
         terms = [_term(term, max_upload_bytes) for term in query.terms]
-        searcher = holder.get()
-        results = searcher.search(terms, query.k, where=query.where, collapse=query.collapse)
-        return _payload(searcher, results, query.model_dump(exclude={"terms"}) | {"terms": len(terms)})
+        results = find(terms, query.k, query.where, query.collapse)
+        return _payload(results, query.model_dump(exclude={"terms"}) | {"terms": len(terms)})
 
     @app.get("/api/search/similar", dependencies=[encode_slot])
     def search_similar(
         media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10, collapse: Collapse = None, where: Where = None
     ) -> dict:
-        searcher = holder.get()
-        try:
-            vector = searcher.stored_vector(media_id)  # the indexed vector: no decode, no encode
-        except UserError as err:
+        try:  # the indexed vector: no decode, no encode
+            results = find([Term("media_id", media_id)], k, where, collapse)
+        except NotIndexedError as err:
             raise HTTPException(status_code=404, detail=str(err)) from None
-        results = searcher.search_vectors(vector[None], k, collapse=collapse, where=where)[0]
-        return _payload(searcher, results, {"media_id": media_id, "k": k, "collapse": collapse, "where": where})
+        return _payload(results, {"media_id": media_id, "k": k, "collapse": collapse, "where": where})
 
     @app.post("/api/search/image", dependencies=[encode_slot])
     async def search_image(
@@ -342,17 +333,10 @@ def create_app(
     ) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(status_code=413, detail=f"image larger than {max_upload_bytes} bytes")
-        try:
-            inspect_image(data)
-        except BadImageError as bad:
-            raise HTTPException(status_code=415, detail=f"not an image we can read: {bad}") from None
-        searcher = holder.get()
-        # Encoding is CPU work: off the event loop, like the sync endpoints.
-        results = await run_in_threadpool(
-            functools.partial(searcher.search_image, data, k, collapse=collapse, where=where)
-        )
-        return _payload(searcher, results, {"upload": file.filename, "k": k, "collapse": collapse, "where": where})
+            raise ImageTooLargeError(f"image larger than {max_upload_bytes} bytes")
+        # Decoding and encoding are CPU work: off the event loop, like the sync endpoints.
+        results = await run_in_threadpool(functools.partial(find, [Term("image", data)], k, where, collapse))
+        return _payload(results, {"upload": file.filename, "k": k, "collapse": collapse, "where": where})
 
     @app.get("/api/images/{media_id}")
     def image(media_id: str) -> StreamingResponse:
@@ -367,7 +351,7 @@ def create_app(
             headers={"Content-Length": str(storage.size(stored)), "Cache-Control": IMAGE_CACHE},
         )
 
-    _add_clip_back(app, holder, encode_slot, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
+    _add_clip_back(app, service, encode_slot, max_upload_bytes, cors_origins, allow_url_queries, serve_images)
     return app
 
 
@@ -376,18 +360,12 @@ def _term(term: QueryTerm, max_bytes: int) -> Term:
         return Term("text", term.text, term.weight)
     if term.media_id is not None:
         return Term("media_id", term.media_id, term.weight)
-    try:
-        data = base64.b64decode(term.image, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(status_code=422, detail="an image term must be base64") from None
-    if len(data) > max_bytes:
-        raise HTTPException(status_code=413, detail=f"image larger than {max_bytes} bytes")
-    return Term("image", data, term.weight)
+    return Term("image", decode_base64(term.image, max_bytes, "an image term"), term.weight)
 
 
 def _add_clip_back(
     app: FastAPI,
-    holder: _SearcherHolder,
+    service: QueryService,
     encode_slot,
     max_upload_bytes: int,
     cors_origins: Sequence[str],
@@ -400,16 +378,8 @@ def _add_clip_back(
 
     from . import clip_back
 
-    def open_searcher(model_version: str) -> Searcher:
-        # The model_version the page serves shares its Searcher: one model and index in memory.
-        if model_version == holder.model_version or catalog.gold_model_versions(holder.data_dir) == [model_version]:
-            return holder.get()
-        return Searcher.open(holder.data_dir, model_version, precision=holder.precision)
-
     routes = clip_back.router(
-        holder.data_dir,
-        holder.model_version,
-        open_searcher=open_searcher,
+        service,  # the same Searchers as /api/*: one model and index in memory per model_version
         max_image_bytes=max_upload_bytes,
         allow_url_queries=allow_url_queries,
         serve_images=serve_images,

@@ -4,7 +4,11 @@ clip-retrieval's `ClipClient` and its web front speak this protocol (read from c
 2.45's clip_back.py and clip_client.py); with these routes they become rayclip clients by a URL
 change. An `indice_name` is a model_version with a published build, and an `id` is the faiss_id of
 the build being served: ids are scoped to a build, so every response names it in
-`X-Rayclip-Build-Id`, and /metadata refuses (409) a `build_id` that is no longer served.
+`X-Rayclip-Build-Id` (for /knn-service, the build the results and their ids came from, even when
+another is published mid-query), and /metadata refuses (409) a `build_id` that is no longer served.
+
+The Searchers are the query service's (query/service.py), shared with /api/*; the statuses of
+bad images and missing indices are http/errors.py's, the same as /api/*'s.
 
 The flags rayclip has no model for (safety, violence, mclip, aesthetic) are accepted and
 ignored, and each response names the ones it ignored in `X-Rayclip-Ignored-Flags`.
@@ -12,13 +16,8 @@ ignored, and each response names the ones it ignored in `X-Rayclip-Ignored-Flags
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
-import functools
 import ipaddress
 import socket
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -30,11 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
-from ..errors import UserError
-from ..query.mapping import Mapping
-from ..query.searcher import DEFAULT_COLLAPSE, Searcher, SearchResults
-from ..store import catalog
-from ..store.storage import Location
+from ..images import decode_base64
+from ..query.searcher import DEFAULT_COLLAPSE, Searcher, SearchOptions, SearchResults, Term
+from ..query.service import QueryService, UnknownIndexError
+from .errors import Body, one_line
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
 MAX_METADATA_IDS = 10_000
@@ -45,7 +43,7 @@ BUILD_HEADER = "X-Rayclip-Build-Id"
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
 
 
-class KnnQuery(BaseModel):
+class KnnQuery(Body):
     """The body clip-retrieval's ClipClient and front post; defaults are clip_back.py's."""
 
     text: str | None = Field(None, description="a text query")
@@ -88,7 +86,7 @@ class KnnResult(BaseModel):
     duplicates: int | None = Field(None, description="near-duplicates folded into this result (deduplicate)")
 
 
-class MetadataQuery(BaseModel):
+class MetadataQuery(Body):
     ids: list[int] = Field(max_length=MAX_METADATA_IDS)
     indice_name: str | None = None
     build_id: str | None = Field(None, description="409 when this is not the build served now")
@@ -97,54 +95,6 @@ class MetadataQuery(BaseModel):
 class MetadataItem(BaseModel):
     id: int
     metadata: dict[str, str | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Served:
-    """One Searcher with the build it served at this moment (ids resolve against that build)."""
-
-    searcher: Searcher
-    build_id: str
-    rows: Mapping  # the build's mapping, row i = faiss_id i
-
-
-class Indices:
-    """One Searcher per published model_version, opened on first use and following its CURRENT.
-
-    The only place clip_back opens Searchers; `open_searcher(model_version)` is how (the server
-    passes its own options through it).
-    """
-
-    def __init__(self, root: Location, default: str | None, open_searcher: Callable[[str], Searcher]):
-        self.root = root
-        self.default = default
-        self.open_searcher = open_searcher
-        self._served: dict[str, _Served] = {}
-        self._lock = threading.Lock()
-
-    def names(self) -> list[str]:
-        return catalog.gold_model_versions(self.root)
-
-    def get(self, name: str | None) -> _Served:
-        names = self.names()
-        name = name or self.default or (names[0] if len(names) == 1 else None)
-        if name not in names:
-            asked = f"no index {name!r}" if name else "several indices; name one in indice_name"
-            raise HTTPException(404, f"{asked}; /indices-list has: {', '.join(names) or 'none (run `rayclip index`)'}")
-        with self._lock:
-            served = self._served.get(name)
-            try:
-                if served is None:
-                    searcher = self.open_searcher(name)
-                else:
-                    searcher = served.searcher
-                    searcher.refresh()
-            except UserError as err:
-                raise HTTPException(503, str(err)) from None
-            build_id = searcher.info["build_id"]
-            if served is None or served.build_id != build_id:
-                served = self._served[name] = _Served(searcher, build_id, searcher.mapping_rows)
-            return served
 
 
 class _AnyJsonRoute(APIRoute):
@@ -164,39 +114,36 @@ class _AnyJsonRoute(APIRoute):
             try:
                 return await handler(Request(scope, request.receive))
             except RequestValidationError as exc:
-                error = exc.errors()[0]
-                if error["type"] == "json_invalid":
-                    raise HTTPException(422, "the body is not valid JSON") from None
-                where = ".".join(str(part) for part in error["loc"] if part != "body")
-                raise HTTPException(422, f"{where}: {error['msg']}" if where else error["msg"]) from None
+                raise HTTPException(422, one_line(exc)) from None
 
         return json_route_handler
 
 
 def router(
-    root: Location,
-    default_index: str | None = None,
+    service: QueryService,
     *,
-    open_searcher: Callable[[str], Searcher] | None = None,
     max_image_bytes: int = 10 << 20,
     allow_url_queries: bool = False,
     serve_images: bool = False,
 ) -> APIRouter:
-    """The clip-retrieval routes; include it with `dependencies=[...]` to put auth in front of them."""
-    indices = Indices(root, default_index, open_searcher or functools.partial(Searcher.open, root))
+    """The clip-retrieval routes over the service's Searchers; include it in an app that installs
+    http/errors.py's handlers, with `dependencies=[...]` to put auth in front of them."""
     api = APIRouter(tags=["clip-retrieval"], route_class=_AnyJsonRoute)
 
-    def metadata_of(served: _Served, faiss_ids: list[int], request: Request) -> list[dict]:
-        rows = served.rows.rows(faiss_ids, ["media_id", "url", "caption"])
-        if serve_images:
-            base = str(request.base_url).rstrip("/")
-            for row in rows:
-                row["url"] = f"{base}/api/images/{row['media_id']}"
-        return rows
+    def searcher_of(name: str | None) -> Searcher:
+        try:
+            return service.searcher(name)
+        except UnknownIndexError as err:
+            asked = f"no index {name!r}" if name else "several indices; name one in indice_name"
+            listed = ", ".join(err.names) or "none (run `rayclip index`)"
+            raise HTTPException(404, f"{asked}; /indices-list has: {listed}") from None
+
+    def url_of(media_id: str, url: str | None, request: Request) -> str | None:
+        return f"{str(request.base_url).rstrip('/')}/api/images/{media_id}" if serve_images else url
 
     @api.get("/indices-list", summary="model_versions with a published build")
     def indices_list() -> list[str]:
-        return indices.names()
+        return service.names()
 
     @api.post("/knn-service", summary="clip-retrieval's k-NN query", response_model_exclude_none=True)
     def knn_service(query: KnnQuery, request: Request, response: Response) -> list[KnnResult]:
@@ -211,55 +158,57 @@ def router(
             raise HTTPException(
                 422, 'modality "text" (searching captions) is not supported: rayclip indexes images; use "image"'
             )
-        served = indices.get(query.indice_name)
+        searcher = searcher_of(query.indice_name)
         if query.image_url and not allow_url_queries:
             raise HTTPException(422, "image_url queries are off; start the server with --allow-url-queries")
         wanted = query.num_result_ids or query.num_images
-        results = _search(served.searcher, query, wanted, max_image_bytes)
-        if served.searcher.info["build_id"] != served.build_id:
-            raise HTTPException(503, "the index was republished during this query; send it again")
-        ids = served.rows.faiss_ids([r.media_id for r in results]).tolist()
-        described = metadata_of(served, ids[: query.num_images], request)
-        response.headers[BUILD_HEADER] = served.build_id
+        results = _search(searcher, query, wanted, max_image_bytes)
+        response.headers[BUILD_HEADER] = results.build_id  # the build these faiss_ids are rows of
         if ignored := query.ignored_flags():
             response.headers[IGNORED_HEADER] = ", ".join(ignored)
         return [
             KnnResult(
-                id=faiss_id,
+                id=r.faiss_id,
                 similarity=r.score,
                 duplicates=r.duplicates if query.deduplicate else None,
-                **(described[i] if i < len(described) else {}),
+                **(
+                    {"media_id": r.media_id, "url": url_of(r.media_id, r.url, request), "caption": r.caption}
+                    if i < query.num_images
+                    else {}
+                ),
             )
-            for i, (faiss_id, r) in enumerate(zip(ids, results))
+            for i, r in enumerate(results)
         ]
 
     @api.post("/metadata", summary="url and caption of ids from /knn-service (same build)")
     def metadata(query: MetadataQuery, request: Request, response: Response) -> list[MetadataItem]:
-        served = indices.get(query.indice_name)
+        served = searcher_of(query.indice_name).snapshot()  # id, mapping: one build
         response.headers[BUILD_HEADER] = served.build_id
         if query.build_id is not None and query.build_id != served.build_id:
             stale = f"build {query.build_id} is no longer served (now {served.build_id}); search again"
             raise HTTPException(409, stale, headers={BUILD_HEADER: served.build_id})
-        count = served.rows.table.num_rows
+        count = len(served.rows)
         if bad := [i for i in query.ids if not 0 <= i < count]:
             raise HTTPException(422, f"id {bad[0]} is not in build {served.build_id} (ids 0..{count - 1})")
-        return [{"id": i, "metadata": m} for i, m in zip(query.ids, metadata_of(served, query.ids, request))]
+        rows = served.rows.rows(query.ids, ["media_id", "url", "caption"])
+        for row in rows:
+            row["url"] = url_of(row["media_id"], row["url"], request)
+        return [{"id": i, "metadata": m} for i, m in zip(query.ids, rows)]
 
     return api
 
 
 def _search(searcher: Searcher, query: KnnQuery, k: int, max_image_bytes: int) -> SearchResults:
-    collapse = DEFAULT_COLLAPSE if query.deduplicate else None
+    options = SearchOptions(k=k, collapse=DEFAULT_COLLAPSE if query.deduplicate else None)
     if query.text:
-        return searcher.search_text(query.text, k, collapse=collapse)
-    if query.embedding_input:
-        vector = _query_vector(query.embedding_input, searcher.model.dim)
-        return searcher.search_vectors(vector, k, collapse=collapse)[0]
-    if query.image:
-        data = _decode_base64(query.image, max_image_bytes)
+        term = Term("text", query.text)
+    elif query.embedding_input:
+        term = Term("vector", _query_vector(query.embedding_input, searcher.model.dim))
+    elif query.image:
+        term = Term("image", decode_base64(query.image, max_image_bytes))
     else:
-        data = fetch_image(query.image_url, max_image_bytes)
-    return searcher.search_image(data, k, collapse=collapse)
+        term = Term("image", fetch_image(query.image_url, max_image_bytes))
+    return searcher.find([[term]], options)[0]
 
 
 def _query_vector(values: list[float], dim: int | None) -> np.ndarray:
@@ -269,16 +218,7 @@ def _query_vector(values: list[float], dim: int | None) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm == 0:
         raise HTTPException(422, "embedding_input must be finite and not all zero")
-    return (vector / norm)[None]  # cosine, like every other query
-
-
-def _decode_base64(text: str, max_bytes: int) -> bytes:
-    if len(text) > (max_bytes + 2) // 3 * 4 + 4:
-        raise HTTPException(413, f"image larger than {max_bytes} bytes")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(422, "image is not valid base64") from None
+    return vector / norm  # cosine, like every other query
 
 
 # ------------------------------------------------------------------ image_url (no SSRF)

@@ -1,8 +1,14 @@
 """Query side: encode a text or an image, FAISS top-k, join the mapping.
 
 A Searcher loads the CURRENT build (index + mapping) and its model once, then answers many
-queries. `refresh()` picks up a build published later (the HTTP service calls it per request);
+queries. `refresh()` picks up a build published later (the query service calls it per request);
 a build is only ever read after CURRENT names it, so a reader never sees a partial build.
+
+One entry point, `find(queries, options)`: a query is a list of Terms (text, image, a stored
+media_id, or a vector), the knobs (k, where, collapse) a SearchOptions passed once. The other
+methods (search_text, search_texts, search_image, search, search_vectors) are spellings of it.
+Every result list names the build it came from (`build_id`, `model_version`) and each result its
+`faiss_id` in that build: a build published mid-query can never mislabel them.
 
 A build on a local data root is read in place. A build on an object store is downloaded once into
 this machine's cache (storage.cache_home(), keyed by the root, model_version and build_id; a
@@ -22,15 +28,18 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError
-from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, decode_image, load_model, resolve
+from ..images import open_query_image
+from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
 from ..stages import ann
+from ..stages.options import DEFAULT_COLLAPSE, SearchOptions
 from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import filters
 from .mapping import ABSENT, Mapping
 
-DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
+__all__ = ["DEFAULT_COLLAPSE", "SearchOptions", "SearchResult", "SearchResults", "Searcher", "Term", "NotIndexedError"]
+
 COLLAPSE_DEPTH = 4  # candidates fetched per wanted group, multiplied again while groups are short
 
 
@@ -43,29 +52,40 @@ class SearchResult:
     url: str | None
     caption: str | None
     duplicates: int = 0  # near-duplicate results folded into this one (collapse)
+    faiss_id: int = -1  # its row in the build named by SearchResults.build_id
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class SearchResults(list):
-    """A list of SearchResult, plus notes on how the query was adjusted (clamped k, truncated text)."""
+    """A list of SearchResult, plus notes on how the query was adjusted (clamped k, truncated text)
+    and the build the results come from: its faiss_ids are rows of that build's mapping."""
 
-    def __init__(self, results: list[SearchResult], notes: list[str] | None = None):
+    def __init__(
+        self,
+        results: list[SearchResult],
+        notes: list[str] | None = None,
+        *,
+        build_id: str | None = None,
+        model_version: str | None = None,
+    ):
         super().__init__(results)
         self.notes = notes or []
+        self.build_id = build_id
+        self.model_version = model_version
 
 
-TERM_KINDS = ("text", "image", "media_id")
+TERM_KINDS = ("text", "image", "media_id", "vector")
 
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """One part of a combined query: a text, an image (path or bytes) or an indexed media_id
-    (its stored vector is reused), with a weight; a negative weight subtracts it."""
+    """One part of a combined query: a text, an image (path or bytes), an indexed media_id (its
+    stored vector is reused) or a query vector, with a weight; a negative weight subtracts it."""
 
     kind: str
-    value: str | Path | bytes
+    value: str | Path | bytes | np.ndarray
     weight: float = 1.0
 
     @classmethod
@@ -81,8 +101,14 @@ class Term:
         return cls(kind, value, sign * weight)
 
 
+class NotIndexedError(UserError):
+    """A media_id the build does not hold."""
+
+
 @dataclasses.dataclass(frozen=True)
-class _Build:
+class Build:
+    """One loaded build: its build.json, FAISS index and mapping; a Searcher swaps the whole object."""
+
     build_id: str
     info: BuildInfo
     index: object
@@ -105,7 +131,7 @@ def _spec_from_build(info: BuildInfo) -> ModelSpec:
     return dataclasses.replace(spec, version=info.model_version)
 
 
-def _load_build(root: Location, model_version: str, build_id: str) -> _Build:
+def _load_build(root: Location, model_version: str, build_id: str) -> Build:
     """A committed build: read in place from a local root, through the local cache from an object store."""
     folder = layout.build_dir(root, model_version, build_id)
     cache = layout.build_cache(storage.cache_home(), root, model_version, build_id)
@@ -126,7 +152,7 @@ def _load_build(root: Location, model_version: str, build_id: str) -> _Build:
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
     _prepare(index, info)
-    return _Build(build_id, info, index, Mapping(mapping))
+    return Build(build_id, info, index, Mapping(mapping))
 
 
 def _prepare(index, info: BuildInfo) -> None:
@@ -142,7 +168,7 @@ def _prepare(index, info: BuildInfo) -> None:
 class Searcher:
     """Text→image and image→image search over one model_version's CURRENT build."""
 
-    def __init__(self, root: Location, model_version: str, model: ClipModel, build: _Build):
+    def __init__(self, root: Location, model_version: str, model: ClipModel, build: Build):
         self.root = root
         self.model_version = model_version
         self.model = model
@@ -174,15 +200,20 @@ class Searcher:
         query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
         return cls(root, model_version, query_model, build)
 
+    def snapshot(self) -> Build:
+        """The build served now, as one object: its id, mapping and index always belong together."""
+        return self._build
+
+    @property
+    def build(self) -> BuildInfo:
+        """The build.json of the build served now (what /api/status shows)."""
+        return self._build.info
+
     @property
     def info(self) -> dict:
-        b = self._build
-        return {
-            "model_version": self.model_version,
-            "build_id": b.build_id,
-            "count": b.info.count,
-            "model": b.info.model,
-        }
+        """Deprecated: `build` (the BuildInfo) is the record; this is the summary /api/status shows,
+        kept until cli.py and tests outside the query floor read `build` or a result's build_id."""
+        return summary(self)
 
     @property
     def mapping(self) -> pa.Table:
@@ -194,15 +225,18 @@ class Searcher:
         """The CURRENT build's mapping: rows by faiss_id, faiss_ids by media_id."""
         return self._build.rows
 
-    def vectors(self, faiss_ids: list[int]) -> np.ndarray:
-        """The indexed vectors of these faiss_ids (exact for the flat index)."""
-        return self._build.index.reconstruct_batch(np.asarray(faiss_ids, dtype=np.int64))
+    def vectors(self, faiss_ids) -> np.ndarray:
+        """The indexed vectors of these faiss_ids, as every query and collapse uses them (stored_vectors)."""
+        return stored_vectors(self._build.index, faiss_ids)
 
     def refresh(self) -> bool:
-        """Switch to the build CURRENT names now, if it changed; True when it did."""
+        """Switch to the build CURRENT names now, if it changed; True when it did. A UserError when
+        CURRENT is gone (the model_version was removed) or names a build that cannot be read."""
         build_id = catalog.current_build(self.root, self.model_version)
         if build_id == self._build.build_id:
             return False
+        if build_id is None:
+            raise UserError(f"no index for model_version {self.model_version!r} any more; run `rayclip index`")
         with self._lock:
             if build_id != self._build.build_id:
                 self._build = _load_build(self.root, self.model_version, build_id)
@@ -210,99 +244,109 @@ class Searcher:
 
     # ---------------------------------------------------------------- queries
 
-    def search_text(
-        self, text: str, k: int = 10, *, where: str | None = None, collapse: float | None = None
-    ) -> SearchResults:
-        return self.search_texts([text], k, where=where, collapse=collapse)[0]
-
-    def search_texts(
-        self, texts: list[str], k: int = 10, *, where: str | None = None, collapse: float | None = None
-    ) -> list[SearchResults]:
-        """Many text queries in one encoder batch."""
-        if any(not text or not text.strip() for text in texts):
-            raise UserError("the query is empty; give some words to search for")
-        with self._phase("encode"):
-            vectors = self.model.encode_texts([t.strip() for t in texts])
-        results = self.search_vectors(vectors, k, where=where, collapse=collapse)
-        limit = self.model.context_length
-        for text, result in zip(texts, results):
-            tokens = self.model.token_count(text)
-            if tokens > limit:
-                result.notes.insert(0, f"query truncated to the model's {limit} tokens (it has {tokens})")
-        return results
-
-    def search_image(
-        self, image: str | Path | bytes, k: int = 10, *, where: str | None = None, collapse: float | None = None
-    ) -> SearchResults:
-        with self._phase("encode"):
-            vector = self._image_vector(image)
-        return self.search_vectors(vector[None], k, where=where, collapse=collapse)[0]
-
-    def search(
-        self, terms: list[Term], k: int = 10, *, where: str | None = None, collapse: float | None = None
-    ) -> SearchResults:
-        """A combined query: the weighted sum of the terms' vectors, normalised, searched."""
-        if not terms:
-            raise UserError("give at least one query term (text, image or media_id)")
-        notes: list[str] = []
-        with self._phase("encode"):
-            vectors = [self._term_vector(term, notes) for term in terms]
-        combined = np.sum([term.weight * vector for term, vector in zip(terms, vectors)], axis=0)
-        norm = float(np.linalg.norm(combined))
-        if norm < 1e-6:
-            raise UserError("the query terms cancel out; change their weights")
-        results = self.search_vectors((combined / norm)[None], k, where=where, collapse=collapse)[0]
-        results.notes[:0] = notes
-        return results
-
-    def _term_vector(self, term: Term, notes: list[str]) -> np.ndarray:
-        if term.kind == "text":
-            text = str(term.value).strip()
-            if not text:
-                raise UserError("a text term is empty; give some words to search for")
-            tokens, limit = self.model.token_count(text), self.model.context_length
-            if tokens > limit:
-                notes.append(f"query truncated to the model's {limit} tokens (it has {tokens})")
-            return self.model.encode_texts([text])[0]
-        if term.kind == "image":
-            return self._image_vector(term.value)
-        if term.kind == "media_id":
-            return self.stored_vector(str(term.value))
-        raise UserError(f"unknown query term kind {term.kind!r}; use one of {', '.join(TERM_KINDS)}")
-
-    def _image_vector(self, image: str | Path | bytes) -> np.ndarray:
-        try:
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
-            picture = decode_image(data)
-        except Exception:  # unreadable file or undecodable bytes: both are the user's to fix
+    def find(self, queries: list[list[Term]], options: SearchOptions | None = None) -> list[SearchResults]:
+        """The one way in: each query is a list of terms, their weighted sum (normalised) is searched;
+        a query of one term of weight 1 searches that term's vector as it is. Texts of all the
+        queries are encoded in one batch. `options` carries k, where and collapse (its
+        model_version and precision are the Searcher's own, chosen at open)."""
+        options = options or SearchOptions()
+        if options.collapse is not None and not -1.0 <= options.collapse <= 1.0:
             raise UserError(
-                f"cannot read the query image{'' if isinstance(image, bytes) else ' ' + str(image)}"
-            ) from None
-        return self.model.encode_images([picture])[0]
+                f"collapse threshold {options.collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96"
+            )
+        build = self._build  # one consistent build for the whole call, even if refresh() swaps it
+        notes: list[list[str]] = [[] for _ in queries]
+        with self._phase("encode"):
+            vectors = self._query_vectors(build, queries, notes)
+        results = self._search_vectors(build, vectors, options)
+        for note, result in zip(notes, results):
+            result.notes[:0] = note
+        return results
+
+    def search_text(self, text: str, k: int | None = None, **knobs) -> SearchResults:
+        return self.search_texts([text], k, **knobs)[0]
+
+    def search_texts(self, texts: list[str], k: int | None = None, **knobs) -> list[SearchResults]:
+        """Many text queries in one encoder batch."""
+        return self.find([[Term("text", text)] for text in texts], _options(k, knobs))
+
+    def search_image(self, image: str | Path | bytes, k: int | None = None, **knobs) -> SearchResults:
+        return self.find([[Term("image", image)]], _options(k, knobs))[0]
+
+    def search(self, terms: list[Term], k: int | None = None, **knobs) -> SearchResults:
+        """A combined query: the weighted sum of the terms' vectors, normalised, searched."""
+        return self.find([terms], _options(k, knobs))[0]
+
+    def search_vectors(self, vectors: np.ndarray, k: int | None = None, **knobs) -> list[SearchResults]:
+        """Top-k per query vector, searched as given (normalise them for cosine scores)."""
+        return self.find([[Term("vector", vector)] for vector in vectors], _options(k, knobs))
 
     def stored_vector(self, media_id: str) -> np.ndarray:
-        """The indexed vector of a media_id, reused instead of decoding and encoding its image again
-        (a compressed index gives back its approximation, normalised)."""
-        build = self._build
+        """The indexed vector of a media_id, reused instead of decoding and encoding its image again."""
+        return self._stored_vector(self._build, media_id)
+
+    @staticmethod
+    def _stored_vector(build: Build, media_id: str) -> np.ndarray:
         position = int(build.rows.faiss_ids([media_id])[0])
         if position == ABSENT:
-            raise UserError(f"media_id {media_id} is not in build {build.build_id}")
-        return _stored_vectors(build.index, np.array([position]))[0]
+            raise NotIndexedError(f"media_id {media_id} is not in build {build.build_id}")
+        return stored_vectors(build.index, [position])[0]
 
-    def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, *, where: str | None = None, collapse: float | None = None
-    ) -> list[SearchResults]:
+    def _query_vectors(self, build: Build, queries: list[list[Term]], notes: list[list[str]]) -> np.ndarray:
+        """One vector per query: texts in one encoder batch, images decoded and encoded, media_ids
+        read back from the index, vectors taken as given."""
+        texts: dict[str, np.ndarray] = {}
+        for note, terms in zip(notes, queries):
+            if not terms:
+                raise UserError("give at least one query term (text, image or media_id)")
+            for term in terms:
+                if term.kind not in TERM_KINDS:
+                    raise UserError(f"unknown query term kind {term.kind!r}; use one of {', '.join(TERM_KINDS)}")
+                if term.kind == "text":
+                    text = str(term.value).strip()
+                    if not text:
+                        raise UserError("the query is empty; give some words to search for")
+                    tokens, limit = self.model.token_count(text), self.model.context_length
+                    if tokens > limit:
+                        note.append(f"query truncated to the model's {limit} tokens (it has {tokens})")
+                    texts[text] = None
+        if texts:
+            texts = dict(zip(texts, self.model.encode_texts(list(texts))))
+
+        def vector(term: Term) -> np.ndarray:
+            if term.kind == "text":
+                return texts[str(term.value).strip()]
+            if term.kind == "image":
+                return self.model.encode_images([open_query_image(term.value)])[0]
+            if term.kind == "media_id":
+                return self._stored_vector(build, str(term.value))
+            return np.asarray(term.value, dtype=np.float32)
+
+        combined = []
+        for terms in queries:
+            if len(terms) == 1 and terms[0].weight == 1.0:
+                combined.append(vector(terms[0]))
+                continue
+            total = np.sum([term.weight * vector(term) for term in terms], axis=0)
+            norm = float(np.linalg.norm(total))
+            if not norm >= 1e-6:
+                raise UserError("the query terms cancel out; change their weights")
+            combined.append(total / norm)
+        dim = build.index.d
+        if any(v.shape != (dim,) for v in combined):
+            raise UserError(f"a query vector needs {dim} numbers, the dimension of build {build.build_id}")
+        return np.ascontiguousarray(np.stack(combined) if combined else np.zeros((0, dim)), np.float32)
+
+    def _search_vectors(self, build: Build, queries: np.ndarray, options: SearchOptions) -> list[SearchResults]:
         """Top-k per query vector, among the rows `where` keeps (filtered inside FAISS, so k come
         back whenever k rows match). With `collapse` (a cosine threshold), a result that close to a
         higher-ranked one is folded into it, and the k results are k distinct groups."""
-        build = self._build  # one consistent build for the whole call, even if refresh() swaps it
-        if collapse is not None and not -1.0 <= collapse <= 1.0:
-            raise UserError(f"collapse threshold {collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96")
+        k, where, collapse = options.k, options.where, options.collapse
+        labels = {"build_id": build.build_id, "model_version": self.model_version}
         allowed = None if where is None else filters.matching_ids(build.rows.table, where).to_numpy()
         total = build.index.ntotal if allowed is None else len(allowed)
-        queries = np.ascontiguousarray(vectors, np.float32)
         if total == 0:
-            return [SearchResults([], ["no indexed row matches the filter"]) for _ in queries]
+            return [SearchResults([], ["no indexed row matches the filter"], **labels) for _ in queries]
         notes = []
         if k < 1 or k > total:
             held = "the index holds" if allowed is None else "the filter keeps"
@@ -312,40 +356,61 @@ class Searcher:
             with self._phase("search"):
                 scores, ids = _search(build, queries, k, allowed)
             with self._phase("join"):
-                return [SearchResults(self._join(build, s, i), list(notes)) for s, i in zip(scores, ids)]
+                return [SearchResults(_join(build, s, i), list(notes), **labels) for s, i in zip(scores, ids)]
         with self._phase("search"):  # grouping searches deeper and joins as it goes
-            return [SearchResults(self._collapsed(build, q, k, collapse, allowed), list(notes)) for q in queries]
-
-    @classmethod
-    def _collapsed(
-        cls, build: _Build, query: np.ndarray, k: int, threshold: float, allowed: np.ndarray | None
-    ) -> list[SearchResult]:
-        """Search deeper until the hits form k groups of near-duplicates (or the rows run out)."""
-        total = build.index.ntotal if allowed is None else len(allowed)
-        depth = min(total, k * COLLAPSE_DEPTH)
-        while True:
-            scores, ids = _search(build, query[None], depth, allowed)
-            keep = ids[0] >= 0
-            scores, ids = scores[0][keep], ids[0][keep]
-            leaders, folded = _group_near_duplicates(_stored_vectors(build.index, ids), threshold)
-            if len(leaders) >= k or depth >= total:
-                break
-            depth = min(total, depth * COLLAPSE_DEPTH)
-        leaders, folded = leaders[:k], folded[:k]
-        results = cls._join(build, scores[leaders], ids[leaders])
-        return [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(results, folded)]
-
-    @staticmethod
-    def _join(build: _Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
-        keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
-        rows = build.rows.rows(ids[keep], ["media_id", "path", "url", "caption"])
-        return [
-            SearchResult(rank=r + 1, score=round(float(s), 6), **row)
-            for r, (s, row) in enumerate(zip(scores[keep], rows))
-        ]
+            return [SearchResults(_collapsed(build, q, k, collapse, allowed), list(notes), **labels) for q in queries]
 
 
-def _search(build: _Build, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def summary(searcher: Searcher) -> dict:
+    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model."""
+    build = searcher.snapshot()
+    return {
+        "model_version": searcher.model_version,
+        "build_id": build.build_id,
+        "count": build.info.count,
+        "model": build.info.model,
+    }
+
+
+def _options(k: int | None, knobs: dict) -> SearchOptions:
+    """The SearchOptions of the spelled-out methods: k positionally, where/collapse by name."""
+    if k is not None:
+        knobs["k"] = k
+    unknown = set(knobs) - {"k", "where", "collapse"}
+    if unknown:
+        raise TypeError(f"unknown search option(s): {', '.join(sorted(unknown))}")
+    return SearchOptions(**knobs)
+
+
+def _collapsed(
+    build: Build, query: np.ndarray, k: int, threshold: float, allowed: np.ndarray | None
+) -> list[SearchResult]:
+    """Search deeper until the hits form k groups of near-duplicates (or the rows run out)."""
+    total = build.index.ntotal if allowed is None else len(allowed)
+    depth = min(total, k * COLLAPSE_DEPTH)
+    while True:
+        scores, ids = _search(build, query[None], depth, allowed)
+        keep = ids[0] >= 0
+        scores, ids = scores[0][keep], ids[0][keep]
+        leaders, folded = _group_near_duplicates(stored_vectors(build.index, ids), threshold)
+        if len(leaders) >= k or depth >= total:
+            break
+        depth = min(total, depth * COLLAPSE_DEPTH)
+    leaders, folded = leaders[:k], folded[:k]
+    results = _join(build, scores[leaders], ids[leaders])
+    return [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(results, folded)]
+
+
+def _join(build: Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
+    keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
+    rows = build.rows.rows(ids[keep], ["media_id", "path", "url", "caption"])
+    return [
+        SearchResult(rank=r + 1, score=round(float(s), 6), **row, faiss_id=int(i))
+        for r, (s, i, row) in enumerate(zip(scores[keep], ids[keep], rows))
+    ]
+
+
+def _search(build: Build, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """FAISS top-k, restricted to `allowed` faiss_ids by an IDSelector when given.
 
     An approximate index can find fewer than k allowed rows near the query (a selective filter):
@@ -369,14 +434,16 @@ def _search(build: _Build, queries: np.ndarray, k: int, allowed: np.ndarray | No
             break
         effort *= 4
     if (ids >= 0).sum(axis=1).min() < k:
-        vectors = _stored_vectors(index, allowed)
+        vectors = stored_vectors(index, allowed)
         scores, positions = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
         ids = allowed[positions]
     return scores, ids
 
 
-def _stored_vectors(index, ids: np.ndarray) -> np.ndarray:
-    """The indexed vectors of these ids, L2-normalised again (a compressed index returns approximations)."""
+def stored_vectors(index, ids) -> np.ndarray:
+    """The indexed vectors of these faiss_ids, each L2-normalised: the index's own reconstruction
+    (exact for a flat index, an approximation for a compressed one), scaled back to unit length so
+    that inner products stay cosines. The one way anything reads vectors back from a build."""
     vectors = index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 

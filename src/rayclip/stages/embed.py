@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..errors import UserError
-from ..model import ModelSpec, check_available, choose_precision, decode_image, load_model
+from ..images import decode_image
+from ..model import ModelSpec, check_available, choose_precision, load_model
 from ..progress import Progress, watch
 from ..store import catalog, debris, layout, storage
 

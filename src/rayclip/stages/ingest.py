@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..errors import UserError
-from ..model import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
+from ..images import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
 from ..progress import POLL_S, Progress, watch
 from ..store import catalog, debris, layout, storage
 from ..store.storage import Location
