@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
+from .errors import UserError
 from .progress import Progress
 from .stages.options import DemoOptions, EmbedOptions, EvalOptions, IngestOptions, ModelOptions
 from .store import layout, storage
@@ -128,6 +129,33 @@ def start_ray(running: Stage, dashboard: bool = False) -> None:
             running.report(RayDashboard(url))
 
 
+Report = TypeVar("Report")
+
+
+def run_stage(
+    function: Callable[..., Report],
+    *args,
+    hooks: Hooks = QUIET,
+    runs_dir: Location | None = None,
+    progress: dict[str, str] | None = None,
+    ray: bool = False,
+    dashboard: bool = False,
+    **kwargs,
+) -> Report:
+    """function(*args, **kwargs) as one stage, as `rayclip ingest|embed|index` run it: with runs_dir, the
+    libraries' output goes to a log kept beside the run's record (<runs_dir>/<run_id>.log); `progress`
+    names the function's progress keywords and their labels for hooks.progress; `ray` starts or joins
+    Ray up front (start_ray); the report it returns goes to hooks.report once the stage is over."""
+    with stage(runs_dir, hooks) as running:
+        if ray:
+            start_ray(running, dashboard)
+        report = function(*args, **kwargs, **{key: running.progress(label) for key, label in (progress or {}).items()})
+    if runs_dir is not None:
+        running.keep_log_as(report.run_id)
+    hooks.report(report, hooks.terminal())
+    return report
+
+
 # ------------------------------------------------------------------ eval through the pipeline
 
 
@@ -162,27 +190,30 @@ def evaluate_metadata(
 
     root, metadata = storage.data_root(data_dir), Path(metadata)
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
-    with stage(layout.ingest_runs_dir(root), hooks) as running:
-        ingested = ingest.ingest_metadata(
-            root,
-            metadata,
-            url_col=url_col,
-            caption_col=caption_col,
-            progress=running.progress("ingest download"),
-            store_progress=running.progress("ingest store"),
-        )
-    running.keep_log_as(ingested.run_id)
-    hooks.report(ingested, hooks.terminal())
-    with stage(layout.embed_runs_dir(root), hooks) as running:
-        start_ray(running)
-        embedded = embed.embed(
-            root, spec, actors=actors, batch_size=batch_size, precision=precision, progress=running.progress("embed")
-        )
-    running.keep_log_as(embedded.run_id)
-    hooks.report(embedded, hooks.terminal())
-    with stage(None, hooks) as running:
-        built = index.build(root, spec.model_version, progress=running.progress("index"))
-    hooks.report(built, hooks.terminal())
+    downloads = {"progress": "ingest download", "store_progress": "ingest store"}
+    ingested = run_stage(
+        ingest.ingest_metadata,
+        root,
+        metadata,
+        url_col=url_col,
+        caption_col=caption_col,
+        hooks=hooks,
+        runs_dir=layout.ingest_runs_dir(root),
+        progress=downloads,
+    )
+    embedded = run_stage(
+        embed.embed,
+        root,
+        spec,
+        actors=actors,
+        batch_size=batch_size,
+        precision=precision,
+        hooks=hooks,
+        runs_dir=layout.embed_runs_dir(root),
+        progress={"progress": "embed"},
+        ray=True,
+    )
+    built = run_stage(index.build, root, spec.model_version, hooks=hooks, progress={"progress": "index"})
     searcher = Searcher.open(root, spec.model_version, precision=precision)
     with stage(None, hooks) as running:
         measured = recall.evaluate(searcher, urls, tuple(recall_at), progress=running.progress("eval"))
@@ -209,6 +240,8 @@ def evaluate_benchmark(
     from .query.searcher import Searcher
     from .stages import embed, index, ingest
 
+    if not (annotations and images_dir):
+        raise UserError("--dataset needs --annotations FILE and --images-dir DIR")
     root, annotations = storage.data_root(data_dir), Path(annotations)
     evaluated = recall.gallery(recall.read_annotations(dataset, annotations, Path(images_dir), split))
     with stage(layout.embed_runs_dir(root), hooks) as running:

@@ -82,6 +82,12 @@ class EmbedReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def physical_plan(self) -> str:
+        """The last of the plans ds.explain() prints (logical, optimized, physical, optimized physical)."""
+        marker = "-------- Physical Plan (Optimized) --------"
+        return marker + self.plan.split(marker, 1)[1] if marker in self.plan else self.plan
+
 
 def _read_parquet(files: list[storage.Location], columns: list[str]):
     """A Ray dataset of these Parquet files' columns, read on the data root's own filesystem."""

@@ -65,6 +65,9 @@ class BuildReport:
     index_bytes: int
     base_build: str
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
     """Per media_id, the (file, row) of its newest embedding, in file-then-row order; and rows dropped."""
