@@ -41,10 +41,12 @@ def _emit(args: argparse.Namespace, document, show=None, *shown) -> None:
         show(*shown)
 
 
-def _table(title: str, rows: list[list] | dict, columns: list[str] | None = None) -> None:
-    """rows under the columns; a dict's key, value pairs without a header."""
+def _table(title: str, rows: list[list] | dict, columns: list[str] | None = None, empty: str | None = None) -> None:
+    """rows under the columns, a dict's key, value pairs without a header; no rows and `empty`: that line instead."""
     from rich.table import Table
 
+    if not rows and empty is not None:
+        return _console().print(empty) if empty else None
     table = Table(title=title, title_justify="left", show_header=columns is not None)
     for name in columns or ["", ""]:
         table.add_column(name)
@@ -82,7 +84,10 @@ class _Progress:
         with self.lock:
             if self.total < 0:
                 self.started = time.monotonic()
-                self.bar.start() if self.bar else print(f"{self.label}: {total} to do", file=self.stream, flush=True)
+                if self.bar is None:
+                    print(f"{self.label}: {total} to do", file=self.stream, flush=True)
+                else:
+                    self.bar.start()
             self.done, self.total = done, total
             if self.bar is not None:
                 self.bar.update(self.task, completed=done, total=total, rate=f"{self._rate():.1f}/s")
@@ -119,8 +124,8 @@ def _show_event(event, terminal: TextIO, stage_reports: bool = True) -> None:
         _console().print(f"generated {event.images} captioned JPEGs in {_shown(event.folder)} ({held_out})")
         _console().print(f"serving them at {event.base_url}; metadata in LAION format (URL, TEXT)")
     elif stage_reports:  # a stage's report
-        show = {"IngestReport": _show_run, "EmbedReport": functools.partial(_show_run, stage="embed")}
-        show.get(type(event).__name__, _show_index)(event)
+        embed = functools.partial(_show_run, stage="embed")
+        {"IngestReport": _show_run, "EmbedReport": embed, "BuildReport": _show_index}[type(event).__name__](event)
 
 
 def _show_run(report, stage: str = "ingest") -> None:
@@ -134,8 +139,7 @@ def _show_run(report, stage: str = "ingest") -> None:
         del summary["plan"], summary["failed_ids"]  # in the run's JSON
     failed = summary.pop("failed")
     _table(f"{stage} {report.run_id}", summary)
-    if failed:
-        _table("failed, by reason", failed.items(), ["reason", "count"])
+    _table("failed, by reason", failed.items(), ["reason", "count"], empty="")
 
 
 def _show_index(report) -> None:
@@ -336,21 +340,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _emit(args, info)
         return 0
-    console, silver, gold = _console(), info["silver"], info["gold"]
-    console.print(f"data dir: {info['data_dir']}")
+    _console().print(f"data dir: {info['data_dir']}")
     _table("bronze", info["bronze"])
-    if not silver:
-        console.print("silver: no embeddings yet (run `rayclip embed`)")
-    else:
-        _table("silver embeddings", [list(p.values()) for p in silver], ["model_version", "dt", "files", "rows"])
-    if not gold:
-        console.print("gold: no index yet (run `rayclip index`)")
-    else:
-        columns = ["model_version", "build_id", "count", "index", "size", "recall@10", "R@1 t→i", "created", ""]
-        _table("gold builds", [_gold_row(b) for b in gold], columns)
-    if info["debris"]:
-        title = "debris of killed runs (no reader sees it; `rayclip gc` removes it)"
-        _table(title, [[d["path"], d["bytes"]] for d in info["debris"]], ["path", "bytes"])
+    silver, columns = [list(p.values()) for p in info["silver"]], ["model_version", "dt", "files", "rows"]
+    _table("silver embeddings", silver, columns, empty="silver: no embeddings yet (run `rayclip embed`)")
+    columns = ["model_version", "build_id", "count", "index", "size", "recall@10", "R@1 t→i", "created", ""]
+    _table(
+        "gold builds", [_gold_row(b) for b in info["gold"]], columns, empty="gold: no index yet (run `rayclip index`)"
+    )
+    debris = [[d["path"], d["bytes"]] for d in info["debris"]]
+    _table("debris of killed runs (no reader sees it; `rayclip gc` removes it)", debris, ["path", "bytes"], empty="")
     return 0
 
 
@@ -362,10 +361,13 @@ def _gold_row(b: dict) -> list:
 
 
 def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n is None or n < 1024 or unit == "GiB":
-            return "" if n is None else f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    return ""
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -414,12 +416,11 @@ _TERMS = [
 def option_fields(command: str) -> dict[str, tuple[dataclasses.Field, object]]:
     """A command's options by name: (field, its type). A field two of its classes share is one flag."""
     fields: dict[str, tuple[dataclasses.Field, object]] = {}
-    for entry in COMMANDS[command][1].split():
-        kind, _, names = entry.partition(":")
-        cls = getattr(options, f"{kind}Options")
+    for kind, _, names in (entry.partition(":") for entry in COMMANDS[command][1].split()):
+        cls, chosen = getattr(options, f"{kind}Options"), names.split(",") if names else None
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if (not names or f.name in names.split(",")) and f.metadata.get("cli", True) and f.name not in fields:
+            if (chosen is None or f.name in chosen) and f.metadata.get("cli", True) and f.name not in fields:
                 fields[f.name] = (f, hints[f.name])
     return fields
 
