@@ -442,7 +442,8 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> 
         kwargs["type"] = _positive_int if meta.get("positive") else kind
         kwargs |= {key: meta[key] for key in ("choices", "nargs", "const", "metavar", "action") if key in meta}
     shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-    tail = f" (default: {shown})" if default not in (None, False, ()) and "default" not in meta["help"] else ""
+    shown = None if hint is bool or default == () or "default" in meta["help"] else shown  # nothing to show
+    tail = "" if shown is None else f" (default: {shown})"
     kwargs["help"] = (meta["help"] + tail).replace("%", "%%")
     parser.add_argument("--" + f.name.replace("_", "-"), *meta.get("flags", ()), **kwargs)
     for old in meta.get("hidden", ()):  # old spellings kept for one release: parsed, not shown
