@@ -23,10 +23,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import UserError
+from .stages.options import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS
 from .store.layout import slug
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "openai"
 REFERENCE_MODEL = "RayCLIP-Ref"
 REFERENCE_ALIAS = "reference"
 RANDOM_INIT = "none"
@@ -34,7 +33,6 @@ RANDOM_SEED = 0
 PACKAGE_DIR = Path(__file__).parent
 CONFIG_DIR = PACKAGE_DIR / "model_configs"
 REFERENCE_WEIGHTS = PACKAGE_DIR / "weights" / "rayclip-ref.pt"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # CPU flags of units that run bf16 matrix products natively; without them torch emulates bf16 slowly.
 NATIVE_BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 TEXT_CACHE_SIZE = 1024  # recent query embeddings kept per model

@@ -13,9 +13,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
+from .errors import UserError
 from .progress import Progress
+from .stages.options import DemoOptions, EmbedOptions, EvalOptions, IngestOptions, ModelOptions
 from .store import layout, storage
 from .store.storage import Location
 
@@ -127,6 +129,33 @@ def start_ray(running: Stage, dashboard: bool = False) -> None:
             running.report(RayDashboard(url))
 
 
+Report = TypeVar("Report")
+
+
+def run_stage(
+    function: Callable[..., Report],
+    *args,
+    hooks: Hooks = QUIET,
+    runs_dir: Location | None = None,
+    progress: dict[str, str] | None = None,
+    ray: bool = False,
+    dashboard: bool = False,
+    **kwargs,
+) -> Report:
+    """function(*args, **kwargs) as one stage, as `rayclip ingest|embed|index` run it: with runs_dir, the
+    libraries' output goes to a log kept beside the run's record (<runs_dir>/<run_id>.log); `progress`
+    names the function's progress keywords and their labels for hooks.progress; `ray` starts or joins
+    Ray up front (start_ray); the report it returns goes to hooks.report once the stage is over."""
+    with stage(runs_dir, hooks) as running:
+        if ray:
+            start_ray(running, dashboard)
+        report = function(*args, **kwargs, **{key: running.progress(label) for key, label in (progress or {}).items()})
+    if runs_dir is not None:
+        running.keep_log_as(report.run_id)
+    hooks.report(report, hooks.terminal())
+    return report
+
+
 # ------------------------------------------------------------------ eval through the pipeline
 
 
@@ -145,12 +174,12 @@ def evaluate_metadata(
     data_dir: str | os.PathLike | None,
     metadata: str | os.PathLike,
     spec: ModelSpec,
-    ks: tuple[int, ...] = (1, 5, 10),
-    actors: int = 2,
-    batch_size: int = 32,
-    url_col: str | None = None,
-    caption_col: str | None = None,
-    precision: str = "auto",
+    recall_at: tuple[int, ...] = EvalOptions.recall_at,
+    actors: int | None = EmbedOptions.actors,
+    batch_size: int = EmbedOptions.batch_size,
+    url_col: str | None = IngestOptions.url_col,
+    caption_col: str | None = IngestOptions.caption_col,
+    precision: str = ModelOptions.precision,
     hooks: Hooks = QUIET,
 ) -> EvalRun:
     """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names
@@ -161,30 +190,33 @@ def evaluate_metadata(
 
     root, metadata = storage.data_root(data_dir), Path(metadata)
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
-    with stage(layout.ingest_runs_dir(root), hooks) as running:
-        ingested = ingest.ingest_metadata(
-            root,
-            metadata,
-            url_col=url_col,
-            caption_col=caption_col,
-            progress=running.progress("ingest download"),
-            store_progress=running.progress("ingest store"),
-        )
-    running.keep_log_as(ingested.run_id)
-    hooks.report(ingested, hooks.terminal())
-    with stage(layout.embed_runs_dir(root), hooks) as running:
-        start_ray(running)
-        embedded = embed.embed(
-            root, spec, actors=actors, batch_size=batch_size, precision=precision, progress=running.progress("embed")
-        )
-    running.keep_log_as(embedded.run_id)
-    hooks.report(embedded, hooks.terminal())
-    with stage(None, hooks) as running:
-        built = index.build(root, spec.model_version, progress=running.progress("index"))
-    hooks.report(built, hooks.terminal())
+    downloads = {"progress": "ingest download", "store_progress": "ingest store"}
+    ingested = run_stage(
+        ingest.ingest_metadata,
+        root,
+        metadata,
+        url_col=url_col,
+        caption_col=caption_col,
+        hooks=hooks,
+        runs_dir=layout.ingest_runs_dir(root),
+        progress=downloads,
+    )
+    embedded = run_stage(
+        embed.embed,
+        root,
+        spec,
+        actors=actors,
+        batch_size=batch_size,
+        precision=precision,
+        hooks=hooks,
+        runs_dir=layout.embed_runs_dir(root),
+        progress={"progress": "embed"},
+        ray=True,
+    )
+    built = run_stage(index.build, root, spec.model_version, hooks=hooks, progress={"progress": "index"})
     searcher = Searcher.open(root, spec.model_version, precision=precision)
     with stage(None, hooks) as running:
-        measured = recall.evaluate(searcher, urls, tuple(ks), progress=running.progress("eval"))
+        measured = recall.evaluate(searcher, urls, tuple(recall_at), progress=running.progress("eval"))
     return EvalRun(ingested, embedded, built, recall.save(root, measured), searcher)
 
 
@@ -192,13 +224,13 @@ def evaluate_benchmark(
     data_dir: str | os.PathLike | None,
     dataset: str,
     annotations: str | os.PathLike,
-    images: str | os.PathLike,
+    images_dir: str | os.PathLike,
     spec: ModelSpec,
-    split: str | None = None,
-    ks: tuple[int, ...] = (1, 5, 10),
-    actors: int = 2,
-    batch_size: int = 32,
-    precision: str = "auto",
+    split: str | None = EvalOptions.split,
+    recall_at: tuple[int, ...] = EvalOptions.recall_at,
+    actors: int | None = EmbedOptions.actors,
+    batch_size: int = EmbedOptions.batch_size,
+    precision: str = ModelOptions.precision,
     hooks: Hooks = QUIET,
 ) -> BenchmarkReport:
     """Folder ingest of the annotated images → embed → index → clip_benchmark's Recall@K, in one
@@ -208,8 +240,10 @@ def evaluate_benchmark(
     from .query.searcher import Searcher
     from .stages import embed, index, ingest
 
+    if not (annotations and images_dir):
+        raise UserError("--dataset needs --annotations FILE and --images-dir DIR")
     root, annotations = storage.data_root(data_dir), Path(annotations)
-    evaluated = recall.gallery(recall.read_annotations(dataset, annotations, Path(images), split))
+    evaluated = recall.gallery(recall.read_annotations(dataset, annotations, Path(images_dir), split))
     with stage(layout.embed_runs_dir(root), hooks) as running:
         start_ray(running)
         with recall.staged_links(evaluated) as folder:
@@ -218,7 +252,7 @@ def evaluate_benchmark(
         built = index.build(root, spec.model_version)
         searcher = Searcher.open(root, spec.model_version, precision=precision)
         report = recall.save_benchmark(
-            root, recall.score_benchmark(searcher, evaluated, tuple(ks)), dataset, annotations, split
+            root, recall.score_benchmark(searcher, evaluated, tuple(recall_at)), dataset, annotations, split
         )
     running.keep_log_as(embedded.run_id)  # the libraries' output, beside the embed run
     for finished in (ingested, embedded, built):  # passed on once the stage is over: stdout is its log till then
@@ -263,11 +297,11 @@ def serve_demo_site(site: Path) -> Iterator[str]:
 
 def run_demo(
     data_dir: str | os.PathLike | None = None,
-    images: int = 500,
-    seed: int = 1234,
-    actors: int = 2,
-    batch_size: int = 32,
-    ks: tuple[int, ...] = (1, 5, 10),
+    images: int = DemoOptions.images,
+    seed: int = DemoOptions.seed,
+    actors: int | None = EmbedOptions.actors,
+    batch_size: int = EmbedOptions.batch_size,
+    recall_at: tuple[int, ...] = EvalOptions.recall_at,
     hooks: Hooks = QUIET,
 ) -> DemoRun:
     """The whole pipeline offline: `images` synthetic captioned JPEGs (a seed training never used)
@@ -283,7 +317,7 @@ def run_demo(
         site = DemoSite(folder, generated.num_rows, seed, base, root / "metadata.parquet")
         synthetic.write_metadata(generated, base, site.metadata)
         hooks.report(site, hooks.terminal())
-        run = evaluate_metadata(root, site.metadata, spec, ks, actors, batch_size, hooks=hooks)
+        run = evaluate_metadata(root, site.metadata, spec, recall_at, actors, batch_size, hooks=hooks)
     # Captions spread over the generated set, so each query has at least one true match.
     captions = generated.column("caption").to_pylist()
     queries = captions[:: max(1, len(captions) // DEMO_SAMPLE_QUERIES)][:DEMO_SAMPLE_QUERIES]

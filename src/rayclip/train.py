@@ -16,6 +16,7 @@ import numpy as np
 
 from . import synthetic
 from .model import REFERENCE_MODEL, quiet_root_logger, register_configs
+from .stages.options import TrainOptions
 from .store import storage
 
 
@@ -32,8 +33,8 @@ def _render_training_set(n: int, rng: np.random.Generator, preprocess) -> tuple[
 
 def train_reference(
     out: Path,
-    seed: int = 0,
-    steps: int = 700,
+    seed: int = TrainOptions.seed,
+    steps: int = TrainOptions.steps,
     batch_size: int = 192,
     images: int = 12_000,
     lr: float = 2e-3,

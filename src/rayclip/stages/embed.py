@@ -40,6 +40,7 @@ from ..images import decode_image
 from ..model import ModelSpec, check_available, choose_precision, load_model
 from ..progress import Progress, watch
 from ..store import catalog, debris, layout, storage
+from .options import EmbedOptions
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
@@ -81,6 +82,12 @@ class EmbedReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def physical_plan(self) -> str:
+        """The last of the plans ds.explain() prints (logical, optimized, physical, optimized physical)."""
+        marker = "-------- Physical Plan (Optimized) --------"
+        return marker + self.plan.split(marker, 1)[1] if marker in self.plan else self.plan
 
 
 def _read_parquet(files: list[storage.Location], columns: list[str]):
@@ -383,28 +390,37 @@ def write_run(root: storage.Location, model_version: str, day: str, tables: Iter
         return commit(root, model_version, day, run_id)
 
 
+def filed_as(spec: ModelSpec, save_as: str | None = EmbedOptions.save_as) -> ModelSpec:
+    """The spec whose vectors are filed under model_version `save_as` (--save-as), when one is given."""
+    return dataclasses.replace(spec, version=layout.slug(save_as)) if save_as else spec
+
+
 def embed(
     root: storage.Location | str,
     spec: ModelSpec,
-    actors: int | None = None,
-    batch_size: int = 32,
-    limit: int | None = None,
-    day: str | None = None,
-    blocks: int | None = None,
-    force: bool = False,
-    gpus_per_actor: float = 0.0,
-    precision: str = "auto",
+    actors: int | None = EmbedOptions.actors,
+    batch_size: int = EmbedOptions.batch_size,
+    limit: int | None = EmbedOptions.limit,
+    dt: str | None = EmbedOptions.dt,
+    blocks: int | None = EmbedOptions.blocks,
+    force: bool = EmbedOptions.force,
+    gpus_per_actor: float = EmbedOptions.gpus_per_actor,
+    precision: str = EmbedOptions.precision,
+    save_as: str | None = EmbedOptions.save_as,
+    *,
     progress: Progress | None = None,
+    day: str | None = None,
 ) -> EmbedReport:
     """Embed what the manifest holds and silver lacks for this model; returns the run's signals.
 
     `actors` defaults to default_actors() of the cluster; `precision` is chosen once, here, so
     every actor of a run computes at the same one (model.choose_precision says what auto picks).
+    The vectors go to partition `dt` (`day` is its old name) under filed_as(spec, save_as).
     progress(done, total) counts rows embedded or failed, as the actors report them.
     """
     import ray
 
-    root = storage.data_root(root)
+    root, spec, day = storage.data_root(root), filed_as(spec, save_as), dt or day
     started = time.monotonic()
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
     device = "cuda" if gpus_per_actor else "cpu"

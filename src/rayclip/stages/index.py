@@ -13,7 +13,7 @@ build.json that no live build holds is debris.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
+import datetime
 import time
 
 import numpy as np
@@ -29,6 +29,7 @@ from ..store import catalog, debris, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import ann
+from .options import IndexOptions
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -40,8 +41,6 @@ FLAT_BELOW = 100_000
 HNSW_BELOW = 1_000_000
 HNSW_LINKS = 32
 MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core build can spend
-DEFAULT_MAX_INDEX_MEMORY = 4 << 30
-DEFAULT_TARGET_RECALL = 0.95
 RECALL_K = 10
 TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every build
 TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
@@ -65,6 +64,9 @@ class BuildReport:
     search_params: dict
     index_bytes: int
     base_build: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
@@ -335,18 +337,18 @@ def _extend(
 
 def build(
     root: Location | str,
-    model_version: str | None = None,
-    day: str | None = None,
-    index_type: str = "auto",
-    max_index_memory: int | str = DEFAULT_MAX_INDEX_MEMORY,
-    target_recall: float = DEFAULT_TARGET_RECALL,
-    retrain: bool = False,
+    model_version: str | None = IndexOptions.model_version,
+    dt: str | None = IndexOptions.dt,
+    index_type: str = IndexOptions.index_type,
+    max_index_memory: int | str = IndexOptions.max_index_memory,
+    target_recall: float = IndexOptions.target_recall,
+    retrain: bool = IndexOptions.retrain,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build and publish a new gold build; returns what was published.
 
     Extends CURRENT (same model_version, trained index) with only the new silver files unless
-    `retrain`, a `day` filter, too many new rows, or a recall below `target_recall` or measured on
+    `retrain`, a `dt` filter, too many new rows, or a recall below `target_recall` or measured on
     fewer held-out queries than a full build's call for a full build. progress(done, total) counts
     silver files added."""
     import faiss  # noqa: F401 - faiss first: it and numpy must agree on the BLAS threads
@@ -354,9 +356,9 @@ def build(
     started = time.monotonic()
     root = storage.data_root(root)
     model_version = catalog.pick_model_version(root, model_version, catalog.silver_model_versions(root), "embeddings")
-    files = catalog.silver_files(root, model_version, day)
+    files = catalog.silver_files(root, model_version, dt)
     if not files:
-        raise UserError(f"no silver files for {model_version}{' on ' + day if day else ''}; run `rayclip embed`")
+        raise UserError(f"no silver files for {model_version}{' on ' + dt if dt else ''}; run `rayclip embed`")
     spec_file = layout.silver_model_file(root, model_version)
     if not storage.exists(spec_file):
         raise UserError(
@@ -368,9 +370,7 @@ def build(
     dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (
-        (None, "--dt picks one partition")
-        if day
-        else _incremental_base(root, model_version, files, index_type, retrain)
+        (None, "--dt picks one partition") if dt else _incremental_base(root, model_version, files, index_type, retrain)
     )
     made = None
     if base is not None:
@@ -412,7 +412,7 @@ def build(
         auto_rejected=rejected,
         count=int(index.ntotal),
         duplicates_dropped=made.dropped,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         source_partitions=partitions,
         source_files=len(files),
         silver_files=[_silver_name(root, model_version, f) for f in files],

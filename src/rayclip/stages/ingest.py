@@ -38,11 +38,11 @@ from ..images import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
 from ..progress import POLL_S, Progress, watch
 from ..store import catalog, debris, layout, storage
 from ..store.storage import Location
+from .options import DISTRIBUTORS, IngestOptions
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
-DISTRIBUTORS = ("multiprocessing", "ray")
 # img2dataset's shard size: about SHARDS_PER_WORKER shards per worker, so that checking one shard
 # overlaps downloading the next, within bounds (tiny shards cost a worker start-up each few).
 SHARD_ROWS = (256, 10_000)
@@ -97,9 +97,9 @@ class Admitted(NamedTuple):
 
 def read_metadata(
     path: str | os.PathLike,
-    url_col: str | None = None,
-    caption_col: str | None = None,
-    limit: int | None = None,
+    url_col: str | None = IngestOptions.url_col,
+    caption_col: str | None = IngestOptions.caption_col,
+    limit: int | None = IngestOptions.limit,
 ) -> pa.Table:
     """Read LAION-style metadata (a local file or a URL) into a table with two string columns: url, caption."""
     source = storage.location(path)
@@ -442,16 +442,16 @@ def _finish(root: Location, admitter: _Admitter, report: IngestReport, started: 
 def ingest_metadata(
     root: Location | str,
     metadata: str | os.PathLike,
-    url_col: str | None = None,
-    caption_col: str | None = None,
-    limit: int | None = None,
-    processes: int = 1,
-    threads: int = 16,
-    timeout: int = 10,
-    retries: int = 0,
+    url_col: str | None = IngestOptions.url_col,
+    caption_col: str | None = IngestOptions.caption_col,
+    limit: int | None = IngestOptions.limit,
+    processes: int = IngestOptions.processes,
+    threads: int = IngestOptions.threads,
+    timeout: int = IngestOptions.timeout,
+    retries: int = IngestOptions.retries,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    refetch: bool = False,
-    distributor: str = "multiprocessing",
+    refetch: bool = IngestOptions.refetch,
+    distributor: str = IngestOptions.distributor,
     progress: Progress | None = None,
     store_progress: Progress | None = None,
 ) -> IngestReport:
@@ -499,7 +499,7 @@ def ingest_metadata(
 def ingest_folder(
     root: Location | str,
     folder: str | os.PathLike,
-    limit: int | None = None,
+    limit: int | None = IngestOptions.limit,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     store_progress: Progress | None = None,
 ) -> IngestReport:

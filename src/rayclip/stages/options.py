@@ -5,15 +5,19 @@ One frozen dataclass per stage (ingest, embed, index, eval, demo, train) and per
 generates its parser from them (flag, help, choices), so a flag cannot drift from the library.
 
 A field's metadata says how it appears on the command line:
-  help     the flag's help text (the default is appended by the parser)
-  flags    extra spellings: hidden aliases kept for one release, or the seed's spellings
+  help     the flag's help text (the parser appends the default unless the text names it)
+  flags    extra spellings shown beside the flag (the seed's, e.g. --batch_size)
+  hidden   old spellings kept for one release: still parsed, not shown in --help
   cli      False: library only (not a flag)
   choices  the values allowed
-  nargs    "+" for a list, "?" for an optional value (with `const`)
+  nargs    "+" for a list, "?" for an optional value (with `const`); `metavar` names the value
+  action   "append": repeatable, each use adds one value
   positive True: a positive integer
 
 A flag name means one thing across commands: a field of the same name in two classes must have
-the same type, default and help (tests/test_options.py holds every class to that).
+the same type, default and help (tests/test_options.py holds every class and command to that; the
+one listed exception is --seed, the synthetic set's seed, whose default is each command's own).
+Library functions take their defaults from here: `batch_size: int = EmbedOptions.batch_size`.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ PRECISION_HELP = (
     "compute precision; vectors are stored as float32 either way "
     "(auto: bf16 where the CPU has AMX or AVX-512 BF16 or the GPU runs it, else fp32)"
 )
+# Flags that more than one command has: one help each, written here.
+LIMIT_HELP = "at most N: rows of the metadata or files of the folder (ingest), new media_ids (embed)"
+DT_HELP = "silver partition YYYY-MM-DD: embed writes into it (default: today, UTC), index reads only it (default: all)"
+MODEL_VERSION_HELP = "which embeddings or index (default: the only one present)"
+SEED_HELP = "seed of the synthetic images (train-reference trains on 0; the demo's are from a seed training never saw)"
 
 
 def _opt(default, help: str, **meta):  # noqa: A002 - the flag's help
-    """A field with its default and how it shows on the command line."""
-    if isinstance(default, list | tuple):
-        value = tuple(default)
-        return field(default_factory=lambda: value, metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+    """A field with its default and how it shows on the command line. The default is a plain class
+    attribute (a tuple, never a list), so a signature can say `k: int = SearchOptions.k`."""
+    return field(default=tuple(default) if isinstance(default, list) else default, metadata={"help": help, **meta})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +69,7 @@ class IngestOptions:
 
     url_col: str | None = _opt(None, "URL column (default: URL, else url)")
     caption_col: str | None = _opt(None, "caption column (default: TEXT, else caption/text)")
-    limit: int | None = _opt(None, "read at most N rows", positive=True)
+    limit: int | None = _opt(None, LIMIT_HELP, positive=True)
     processes: int = _opt(1, "img2dataset processes", positive=True)
     threads: int = _opt(16, "img2dataset threads per process", positive=True)
     timeout: int = _opt(10, "seconds per download", positive=True)
@@ -86,15 +93,15 @@ class EmbedOptions:
         positive=True,
     )
     batch_size: int = _opt(32, "images per batch", positive=True, flags=("--batch_size",))
-    limit: int | None = _opt(None, "embed at most N new media_ids", positive=True)
-    dt: str | None = _opt(None, "partition date YYYY-MM-DD (default: today, UTC)")
+    limit: int | None = _opt(None, LIMIT_HELP, positive=True)
+    dt: str | None = _opt(None, DT_HELP)
     blocks: int | None = _opt(None, "override_num_blocks (default: actors x 8)", positive=True)
     force: bool = _opt(False, "re-embed media_ids already in silver")
     gpus_per_actor: float = _opt(0.0, "GPUs per actor on a cluster (0: CPU)")
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
     # embed files its vectors under a name; every other command *selects* by --model-version
     save_as: str | None = _opt(
-        None, "file the embeddings under this model_version instead of the model's own", flags=("--model-version",)
+        None, "file the embeddings under this model_version instead of the model's own", hidden=("--model-version",)
     )
 
 
@@ -102,8 +109,8 @@ class EmbedOptions:
 class IndexOptions:
     """Which silver to index and how."""
 
-    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
-    dt: str | None = _opt(None, "only this silver partition (default: all)")
+    model_version: str | None = _opt(None, MODEL_VERSION_HELP)
+    dt: str | None = _opt(None, DT_HELP)
     index_type: str = _opt("auto", INDEX_TYPES_HELP)
     max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, "memory budget auto picks the index for")
     target_recall: float = _opt(DEFAULT_TARGET_RECALL, "recall@10 vs exact search the build tunes for")
@@ -115,7 +122,7 @@ class SearchOptions:
     """One query's knobs (CLI, Python API, /api/* and clip-retrieval's routes alike)."""
 
     k: int = _opt(10, "results to return")
-    where: str | None = _opt(None, "filter, e.g. \"width >= 512 AND caption LIKE '%%dog%%'\"")
+    where: str | None = _opt(None, "filter, e.g. \"width >= 512 AND caption LIKE '%dog%'\"")
     collapse: float | None = _opt(
         None,
         f"fold near-duplicates (cosine >= COSINE, default {DEFAULT_COLLAPSE}) into the result above them",
@@ -123,7 +130,7 @@ class SearchOptions:
         const=DEFAULT_COLLAPSE,
         metavar="COSINE",
     )
-    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
+    model_version: str | None = _opt(None, MODEL_VERSION_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
 
 
@@ -133,7 +140,7 @@ class ServeOptions:
 
     host: str = _opt("127.0.0.1", "bind address (default: loopback only)")
     port: int = _opt(8000, "port")
-    model_version: str | None = _opt(None, "which embeddings or index (default: the only one present)")
+    model_version: str | None = _opt(None, MODEL_VERSION_HELP)
     max_upload_mb: int = _opt(10, "largest image upload accepted, in MiB", positive=True)
     cors_origin: tuple[str, ...] = _opt(
         (),
@@ -156,9 +163,9 @@ class ServeOptions:
 class EvalOptions:
     """Recall@K through the whole pipeline."""
 
-    recall_at: tuple[int, ...] = _opt((1, 5, 10), "recall cut-offs", nargs="+", positive=True, flags=("--k",))
+    recall_at: tuple[int, ...] = _opt((1, 5, 10), "recall cut-offs", nargs="+", positive=True, hidden=("--k",))
     annotations: str | None = _opt(None, "Karpathy split JSON (dataset_flickr30k.json) or COCO captions JSON")
-    images_dir: str | None = _opt(None, "the folder the annotation file's image names are under", flags=("--images",))
+    images_dir: str | None = _opt(None, "the folder the annotation file's image names are under", hidden=("--images",))
     split: str | None = _opt(None, "Karpathy split to evaluate (default: test)")
 
 
@@ -167,7 +174,7 @@ class DemoOptions:
     """The offline demo."""
 
     images: int = _opt(500, "synthetic images to generate", positive=True)
-    seed: int = _opt(1234, "generator seed (training uses 0)")
+    seed: int = _opt(1234, SEED_HELP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +183,7 @@ class TrainOptions:
 
     out: str | None = _opt(None, "where to write the weights (default: the packaged file)")
     steps: int = _opt(700, "training steps", positive=True)
-    seed: int = _opt(0, "training data seed")
+    seed: int = _opt(0, SEED_HELP)
 
 
 def defaults(cls: type) -> dict:

@@ -1,0 +1,208 @@
+"""Every option is written once, in rayclip.stages.options: the CLI's flags are generated from it and
+the library's defaults are its defaults, so a default, a help text or a flag's meaning cannot drift."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+
+import pytest
+
+from rayclip import cli, model, pipeline, train
+from rayclip.http import app
+from rayclip.query.searcher import Searcher
+from rayclip.stages import embed, index, ingest
+from rayclip.stages.options import (
+    DEFAULT_COLLAPSE,
+    DemoOptions,
+    EmbedOptions,
+    EvalOptions,
+    IndexOptions,
+    IngestOptions,
+    ModelOptions,
+    SearchOptions,
+    ServeOptions,
+    TrainOptions,
+)
+
+ALL = [ModelOptions, IngestOptions, EmbedOptions, IndexOptions, SearchOptions, ServeOptions, EvalOptions, DemoOptions]
+ALL.append(TrainOptions)
+# What each command offers: a whole class, or (class, the fields it takes from it).
+OFFERS = {
+    "ingest": [IngestOptions],
+    "embed": [ModelOptions, EmbedOptions],
+    "index": [IndexOptions],
+    "search": [SearchOptions],
+    "eval": [ModelOptions, EvalOptions, (EmbedOptions, {"actors", "batch_size"}),
+             (IngestOptions, {"url_col", "caption_col"})],
+    "demo": [DemoOptions, (EmbedOptions, {"actors", "batch_size"}), (EvalOptions, {"recall_at"})],
+    "train-reference": [TrainOptions],
+    "serve": [ServeOptions],
+    "status": [],
+    "gc": [],
+}  # fmt: skip
+MINIMAL = {"ingest": ["--metadata", "m.parquet"], "eval": ["--metadata", "m.parquet"]}  # the least each command needs
+# Where each command's options go: every one of them must be a parameter of one of these.
+CONSUMERS = {
+    "ingest": [ingest.ingest_metadata],
+    "embed": [model.resolve, embed.embed],
+    "index": [index.build],
+    "search": [Searcher.open, Searcher.search],
+    "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
+    "demo": [pipeline.run_demo],
+    "train-reference": [train.train_reference],
+}
+# The library's functions and the classes their defaults come from (the first class that has a field wins).
+LIBRARY = {
+    ingest.read_metadata: [IngestOptions],
+    ingest.ingest_metadata: [IngestOptions],
+    ingest.ingest_folder: [IngestOptions],
+    embed.filed_as: [EmbedOptions],
+    embed.embed: [EmbedOptions],
+    index.build: [IndexOptions],
+    model.resolve: [ModelOptions],
+    pipeline.evaluate_metadata: [EvalOptions, EmbedOptions, IngestOptions, ModelOptions],
+    pipeline.evaluate_benchmark: [EvalOptions, EmbedOptions, ModelOptions],
+    pipeline.run_demo: [DemoOptions, EvalOptions, EmbedOptions],
+    train.train_reference: [TrainOptions],
+    Searcher.open: [SearchOptions],
+    Searcher.search: [SearchOptions],
+    app.create_app: [ServeOptions],
+}
+# Old spellings kept for one release: parsed into the new option, hidden from --help. The only flags
+# whose meaning differs between commands; every one must be listed here.
+HIDDEN = {
+    ("embed", "--model-version"): "save_as",  # elsewhere --model-version selects; embed's named its output
+    ("eval", "--k"): "recall_at",  # search's --k is how many results
+    ("demo", "--k"): "recall_at",
+    ("eval", "--images"): "images_dir",  # demo's --images is how many images to generate
+}
+# One meaning, each command's own default: the synthetic set's seed (training's, or one training never saw).
+PER_COMMAND_DEFAULT = {"--seed"}
+
+
+def parse(command: str, *args: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args([command, *MINIMAL.get(command, []), *args])
+
+
+def offered(command: str) -> dict[str, object]:
+    """The options a command must have, by name, with their dataclass defaults."""
+    defaults: dict[str, object] = {}
+    for entry in OFFERS[command]:
+        cls, names = entry if isinstance(entry, tuple) else (entry, None)
+        defaults |= {k: v for k, v in dataclasses.asdict(cls()).items() if names is None or k in names}
+    return defaults
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", list(OFFERS))
+def test_a_bare_command_line_parses_to_the_dataclass_defaults(command):
+    assert set(OFFERS) == set(cli.COMMANDS)
+    parsed = vars(parse(command))
+    expected = offered(command)
+    assert sorted(parsed["options"]) == sorted(expected)
+    got = {name: tuple(parsed[name]) if isinstance(parsed[name], list) else parsed[name] for name in expected}
+    assert got == expected
+
+
+@pytest.mark.parametrize("function", list(LIBRARY), ids=lambda f: f.__qualname__)
+def test_library_defaults_are_the_dataclass_defaults(function):
+    defaults: dict[str, object] = {}
+    for cls in reversed(LIBRARY[function]):
+        defaults |= dataclasses.asdict(cls())
+    parameters = inspect.signature(function).parameters
+    checked = {name: p.default for name, p in parameters.items() if name in defaults and p.default is not p.empty}
+    assert checked == {name: defaults[name] for name in checked}
+    if function is app.create_app:  # the service takes bytes, the flag MiB
+        assert parameters["max_upload_bytes"].default == ServeOptions().max_upload_bytes
+    assert checked  # each takes at least one option
+
+
+@pytest.mark.parametrize("command", list(CONSUMERS))
+def test_every_option_of_a_command_reaches_the_library(command):
+    taken = {name for function in CONSUMERS[command] for name in inspect.signature(function).parameters}
+    missing = set(offered(command)) - taken - ({"out"} if command == "train-reference" else set())
+    assert not missing, f"{command}: the CLI would drop {sorted(missing)}"
+
+
+def test_a_field_name_means_one_thing_in_every_class():
+    meanings: dict[str, set] = {}
+    for cls in ALL:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = None if f.name in {flag[2:] for flag in PER_COMMAND_DEFAULT} else f.default
+            meanings.setdefault(f.name, set()).add((str(hints[f.name]), default, tuple(sorted(f.metadata.items()))))
+    assert {name: m for name, m in meanings.items() if len(m) > 1} == {}
+
+
+def test_a_flag_means_one_thing_in_every_command():
+    meanings: dict[str, dict[str, tuple]] = {}
+    hidden = {}
+    for command, sub in subparsers().items():
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if action.help == argparse.SUPPRESS:
+                    hidden[(command, flag)] = action.dest
+                    continue
+                shown = (action.help, action.default)
+                if flag in PER_COMMAND_DEFAULT:  # the same words; the default each command's own
+                    shown = (re.sub(r" \(default: [^)]*\)$", "", action.help),)
+                meaning = (type(action), action.dest, action.type, action.choices, action.nargs, action.const, *shown)
+                meanings.setdefault(flag, {})[command] = repr(meaning)  # lists (choices, defaults) are not hashable
+    assert hidden == HIDDEN
+    differing = {flag: by_command for flag, by_command in meanings.items() if len(set(by_command.values())) > 1}
+    assert differing == {}
+    assert {"--actors", "--batch-size", "--precision", "--model-version", "--dt", "--limit"} <= {
+        flag for flag, by_command in meanings.items() if len(by_command) > 1
+    }
+
+
+def test_help_appends_the_default_and_hides_old_spellings():
+    helps = {command: sub.format_help() for command, sub in subparsers().items()}
+    assert "images per batch (default: 32)" in " ".join(helps["embed"].split())
+    assert "recall cut-offs (default: 1 5 10)" in " ".join(helps["eval"].split())
+    for (command, flag), _ in HIDDEN.items():
+        assert not re.search(re.escape(flag) + r"(?![\w-])", helps[command]), (command, flag)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # the seed's spellings
+        (["embed", "--batch_size", "8"], {"batch_size": 8}),
+        (["eval", "--batch_size", "8"], {"batch_size": 8}),
+        (["search", "--q", "a", "--query", "b", "--k", "3"], {"q": ["a", "b"], "k": 3}),
+        # old spellings, hidden
+        (["embed", "--model-version", "mine"], {"save_as": "mine"}),
+        (["eval", "--k", "1", "5"], {"recall_at": [1, 5]}),
+        (["demo", "--k", "3"], {"recall_at": [3]}),
+        (["eval", "--images", "pics"], {"images_dir": "pics"}),
+        # the new ones
+        (["embed", "--save-as", "mine", "--dt", "2026-01-02"], {"save_as": "mine", "dt": "2026-01-02"}),
+        (["eval", "--recall-at", "2", "--images-dir", "pics"], {"recall_at": [2], "images_dir": "pics"}),
+        (["search", "--collapse"], {"collapse": DEFAULT_COLLAPSE}),
+        (["search", "--collapse", "0.9", "--where", "width > 1"], {"collapse": 0.9, "where": "width > 1"}),
+        (["serve", "--cors-origin", "a", "--cors-origin", "*"], {"cors_origin": ["a", "*"]}),
+        (["ingest", "--distributor", "ray", "--refetch"], {"distributor": "ray", "refetch": True}),
+    ],
+)
+def test_spellings_parse_to_their_option(argv, expected):
+    parsed = vars(parse(*argv))
+    assert {name: parsed[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["embed", "--actors", "0"], ["eval", "--recall-at", "0"], ["ingest", "--distributor", "spark"]],
+)
+def test_bad_values_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert "error:" in capsys.readouterr().err
