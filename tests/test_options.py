@@ -50,7 +50,7 @@ CONSUMERS = {
     "ingest": [ingest.ingest_metadata],
     "embed": [model.resolve, embed.embed],
     "index": [index.build],
-    "search": [Searcher.open, Searcher.search],
+    "search": [SearchOptions],  # the CLI builds the whole SearchOptions and hands it to query.service.search
     "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
     "demo": [pipeline.run_demo],
     "train-reference": [train.train_reference],

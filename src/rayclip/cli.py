@@ -5,7 +5,6 @@ module that prints; heavy libraries (torch, ray, faiss) are imported by the comm
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import inspect
 import json
@@ -13,7 +12,6 @@ import os
 import sys
 import threading
 import time
-import typing
 from pathlib import Path
 from typing import TextIO
 
@@ -248,23 +246,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _term_title(term) -> str:
-    shown = {"text": repr(term.value), "image": f"image {term.value}", "media_id": f"like {str(term.value)[:12]}"}
-    weight = abs(term.weight)
-    return f"{'+' if term.weight > 0 else '-'} {'' if weight == 1 else f'{weight:g}×'}{shown[term.kind]}"
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     """text→image or image→image search"""
-    from .query.searcher import Searcher, Term
+    from .query import service
+    from .query.searcher import Term
 
     terms = [Term.parse(kind, value, sign) for dest, kind, sign in args.terms for value in getattr(args, dest) or []]
     if not any(term.weight > 0 for term in terms):
         raise UserError("give something to search for: --q TEXT, --image FILE or --like MEDIA_ID")
-    searcher = _run(Searcher.open, args, args.data_dir)
-    results = _run(searcher.search, args, terms)
-    title = " ".join(_term_title(term) for term in terms).lstrip("+ ") + (f" where {args.where}" if args.where else "")
-    _print_results(results, args.json, f"{title} — {searcher.model_version}, build {searcher.info['build_id']}")
+    results = service.search(terms, _run(options.SearchOptions, args), args.data_dir)
+    title = " ".join(term.title for term in terms).lstrip("+ ") + (f" where {args.where}" if args.where else "")
+    _print_results(results, args.json, f"{title} — {results.model_version}, build {results.build_id}")
     return 0
 
 
@@ -286,15 +278,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for query, results in demo.samples:
         _print_results(results, False, f"{query!r}")
     _show_recall(demo.run.eval)
+    root = _shown(demo.root)
     _console().print(
-        "\nNext: the same pipeline on real data and a cluster\n"
-        "  rayclip ingest --metadata laion_part.parquet --processes 8 --threads 64\n"
-        "  rayclip embed --model ViT-B-32 --pretrained openai --actors 8 --batch-size 64\n"
-        "  rayclip index && rayclip search --q 'a dog running on grass' --k 10 && rayclip serve\n"
-        "  On a Ray cluster: RAY_ADDRESS=head:6379 rayclip embed --data-dir s3://bucket/rayclip …\n"
-        "    (or: ray job submit --working-dir . -- rayclip embed …)\n"
-        f"  Explore this demo: rayclip search --data-dir {_shown(demo.root)} --q 'a small green square'\n"
-        f"                     rayclip serve --data-dir {_shown(demo.root)}",
+        "\nNext: the same pipeline on real data and a cluster: README.md, Commands and Object stores and Ray clusters\n"
+        f"  Explore this demo: rayclip search --data-dir {root} --q 'a small green square'\n"
+        f"                     rayclip serve --data-dir {root}",
         markup=False,
     )
     return 0
@@ -363,11 +351,11 @@ def _gold_row(b: dict) -> list:
 def _bytes(n: int | None) -> str:
     if n is None:
         return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return ""
+    return f"{n:.1f} GiB"
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -413,48 +401,11 @@ _TERMS = [
 ]
 
 
-def option_fields(command: str) -> dict[str, tuple[dataclasses.Field, object]]:
-    """A command's options by name: (field, its type). A field two of its classes share is one flag."""
-    fields: dict[str, tuple[dataclasses.Field, object]] = {}
-    for kind, _, names in (entry.partition(":") for entry in COMMANDS[command][1].split()):
-        cls, chosen = getattr(options, f"{kind}Options"), names.split(",") if names else None
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if (chosen is None or f.name in chosen) and f.metadata.get("cli", True) and f.name not in fields:
-                fields[f.name] = (f, hints[f.name])
-    return fields
-
-
-def _positive_int(text: str) -> int:
-    if int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return int(text)
-
-
-def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> None:
-    """The flag of one option: --field-name, its help with the default appended, type, choices and spellings."""
-    meta, default = f.metadata, f.default
-    kwargs: dict = {"dest": f.name, "default": list(default) if isinstance(default, tuple) else default}
-    if hint is bool:
-        kwargs["action"] = "store_true"
-    else:  # int | None -> int, tuple[int, ...] -> int
-        kind = next((a for a in typing.get_args(hint) if a not in (type(None), Ellipsis)), hint)
-        kwargs["type"] = _positive_int if meta.get("positive") else kind
-        kwargs |= {key: meta[key] for key in ("choices", "nargs", "const", "metavar", "action") if key in meta}
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-    shown = None if hint is bool or default == () or "default" in meta["help"] else shown  # nothing to show
-    tail = "" if shown is None else f" (default: {shown})"
-    kwargs["help"] = (meta["help"] + tail).replace("%", "%%")
-    parser.add_argument("--" + f.name.replace("_", "-"), *meta.get("flags", ()), **kwargs)
-    for old in meta.get("hidden", ()):  # old spellings kept for one release: parsed, not shown
-        parser.add_argument(old, **kwargs | {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
-
-
 def build_parser() -> argparse.ArgumentParser:
     description = "Multimodal embedding and retrieval: img2dataset ingest, CLIP on Ray Data, FAISS search."
     parser = argparse.ArgumentParser(prog="rayclip", description=description)
     sub, made = parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), {}
-    for name, (handler, _) in COMMANDS.items():
+    for name, (handler, spec) in COMMANDS.items():
         p = made[name] = sub.add_parser(name, help=handler.__doc__)
         if name not in _WITHOUT["--data-dir"]:
             p.add_argument("--data-dir", help=f"data root (default: ${storage.DATA_DIR_ENV}, else ./data)")
@@ -462,10 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verbose", action="store_true", help=verbose)
         if name not in _WITHOUT["--json"]:
             p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
-        fields = option_fields(name)
-        for f, hint in fields.values():
-            _add_option(p, f, hint)
-        p.set_defaults(func=handler, options=list(fields))
+        p.set_defaults(func=handler, options=options.add_flags(p, spec))
     metadata = "LAION-style metadata (URL, TEXT): .parquet, .csv, .tsv or .jsonl (a path or a URL)"
     ingest, evaluate = (made[name].add_mutually_exclusive_group(required=True) for name in ("ingest", "eval"))
     ingest.add_argument("--metadata", help=metadata)
@@ -475,11 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metadata", help=metadata)
     made["embed"].add_argument("--dashboard", action="store_true", help="start Ray's dashboard too; print its URL")
     made["index"].add_argument("--rollback", action="store_true", help="point CURRENT back at the previous build")
-    search = made["search"]
-    terms = []
-    for flags, kind, sign, metavar, help_text in _TERMS:
-        terms.append((search.add_argument(*flags, action="append", metavar=metavar, help=help_text).dest, kind, sign))
-    search.set_defaults(terms=terms)
+    search = made["search"]  # each term flag's dest with the kind and sign of the terms it gives
+    added = [
+        (search.add_argument(*flags, action="append", metavar=m, help=h), kind, sign)
+        for flags, kind, sign, m, h in _TERMS
+    ]
+    search.set_defaults(terms=[(action.dest, kind, sign) for action, kind, sign in added])
     return parser
 
 

@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..images import ImageTooLargeError, decode_base64
 from ..query.searcher import NotIndexedError, Searcher, SearchOptions, SearchResults, Term, summary
 from ..query.service import NoIndexError, QueryService, UnknownIndexError
+from ..stages.options import ServeOptions
 from ..store import catalog, storage
 from ..store.storage import Location
 from . import errors
@@ -43,7 +44,7 @@ from .errors import Body
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "RAYCLIP_API_KEY"
 KEY_COOKIE = "rayclip_api_key"  # set by the page (static/auth.js) for image requests only
-DEFAULT_QUEUE_DEPTH = 8  # queries encoding or waiting to encode at once; the next gets a 503
+DEFAULT_QUEUE_DEPTH = ServeOptions.queue_depth  # queries encoding or waiting to encode at once; the next gets a 503
 RETRY_AFTER_S = 1
 MAX_QUERY_STRING_BYTES = 4096
 CLIP_BACK_PATHS = ("/knn-service", "/metadata", "/indices-list")  # clip-retrieval's routes (clip_back.py)
@@ -77,7 +78,7 @@ class QueryTerm(Body):
 
 class CombinedQuery(Body):
     terms: list[QueryTerm] = Field(min_length=1, max_length=16)
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(SearchOptions.k, ge=1, le=MAX_K)
     where: str | None = Field(None, max_length=1000)
     collapse: float | None = Field(None, ge=-1, le=1)
 
@@ -222,14 +223,14 @@ def _payload(results: SearchResults, query: dict) -> dict:
 def create_app(
     data_dir: str | Path | None = None,
     model_version: str | None = None,
-    max_upload_bytes: int = 10 << 20,
+    max_upload_bytes: int = ServeOptions.max_upload_mb << 20,
     *,
-    cors_origins: Sequence[str] = (),
-    allow_url_queries: bool = False,
-    serve_images: bool = False,
-    precision: str = "auto",
-    api_key: str | None = None,
-    queue_depth: int = DEFAULT_QUEUE_DEPTH,
+    cors_origins: Sequence[str] = ServeOptions.cors_origin,
+    allow_url_queries: bool = ServeOptions.allow_url_queries,
+    serve_images: bool = ServeOptions.serve_images,
+    precision: str = ServeOptions.precision,
+    api_key: str | None = ServeOptions.api_key,
+    queue_depth: int = ServeOptions.queue_depth,
 ) -> FastAPI:
     """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
     root = storage.data_root(data_dir)
@@ -300,7 +301,7 @@ def create_app(
     @app.get("/api/search", dependencies=[encode_slot])
     def search_text(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
-        k: TopK = 10,
+        k: TopK = SearchOptions.k,
         collapse: Collapse = None,
         where: Where = None,
     ) -> dict:
@@ -316,7 +317,10 @@ def create_app(
 
     @app.get("/api/search/similar", dependencies=[encode_slot])
     def search_similar(
-        media_id: Annotated[str, Query(pattern=MEDIA_ID)], k: TopK = 10, collapse: Collapse = None, where: Where = None
+        media_id: Annotated[str, Query(pattern=MEDIA_ID)],
+        k: TopK = SearchOptions.k,
+        collapse: Collapse = None,
+        where: Where = None,
     ) -> dict:
         try:  # the indexed vector: no decode, no encode
             results = find([Term("media_id", media_id)], k, where, collapse)
@@ -327,7 +331,7 @@ def create_app(
     @app.post("/api/search/image", dependencies=[encode_slot])
     async def search_image(
         file: Annotated[UploadFile, File(description="an image")],
-        k: TopK = 10,
+        k: TopK = SearchOptions.k,
         collapse: Collapse = None,
         where: Where = None,
     ) -> dict:

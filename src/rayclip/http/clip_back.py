@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, field_validator
 from ..images import decode_base64
 from ..query.searcher import DEFAULT_COLLAPSE, Searcher, SearchOptions, SearchResults, Term
 from ..query.service import QueryService, UnknownIndexError
+from ..stages.options import ServeOptions
 from .errors import Body, one_line
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
@@ -122,7 +123,7 @@ class _AnyJsonRoute(APIRoute):
 def router(
     service: QueryService,
     *,
-    max_image_bytes: int = 10 << 20,
+    max_image_bytes: int = ServeOptions.max_upload_mb << 20,
     allow_url_queries: bool = False,
     serve_images: bool = False,
 ) -> APIRouter:

@@ -100,6 +100,13 @@ class Term:
                 pass  # a colon that is part of the text or path
         return cls(kind, value, sign * weight)
 
+    @property
+    def title(self) -> str:
+        """The term as a person reads it in a query's title: `+ 'red car'`, `- 2×image a.jpg`."""
+        shown = {"text": repr(self.value), "image": f"image {self.value}", "media_id": f"like {str(self.value)[:12]}"}
+        sign, weight = "+" if self.weight > 0 else "-", abs(self.weight)
+        return f"{sign} {'' if weight == 1 else f'{weight:g}×'}{shown.get(self.kind, self.kind)}"
+
 
 class NotIndexedError(UserError):
     """A media_id the build does not hold."""
@@ -190,7 +197,7 @@ class Searcher:
         data_dir: str | Path | None = None,
         model_version: str | None = None,
         threads: int | None = None,
-        precision: str = "auto",
+        precision: str = SearchOptions.precision,
     ) -> Searcher:
         """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively)."""
         root = storage.data_root(data_dir)
@@ -263,23 +270,23 @@ class Searcher:
             result.notes[:0] = note
         return results
 
-    def search_text(self, text: str, k: int | None = None, **knobs) -> SearchResults:
+    def search_text(self, text: str, k: int = SearchOptions.k, **knobs) -> SearchResults:
         return self.search_texts([text], k, **knobs)[0]
 
-    def search_texts(self, texts: list[str], k: int | None = None, **knobs) -> list[SearchResults]:
+    def search_texts(self, texts: list[str], k: int = SearchOptions.k, **knobs) -> list[SearchResults]:
         """Many text queries in one encoder batch."""
-        return self.find([[Term("text", text)] for text in texts], _options(k, knobs))
+        return self.find([[Term("text", text)] for text in texts], SearchOptions(k=k, **knobs))
 
-    def search_image(self, image: str | Path | bytes, k: int | None = None, **knobs) -> SearchResults:
-        return self.find([[Term("image", image)]], _options(k, knobs))[0]
+    def search_image(self, image: str | Path | bytes, k: int = SearchOptions.k, **knobs) -> SearchResults:
+        return self.find([[Term("image", image)]], SearchOptions(k=k, **knobs))[0]
 
-    def search(self, terms: list[Term], k: int | None = None, **knobs) -> SearchResults:
+    def search(self, terms: list[Term], k: int = SearchOptions.k, **knobs) -> SearchResults:
         """A combined query: the weighted sum of the terms' vectors, normalised, searched."""
-        return self.find([terms], _options(k, knobs))[0]
+        return self.find([terms], SearchOptions(k=k, **knobs))[0]
 
-    def search_vectors(self, vectors: np.ndarray, k: int | None = None, **knobs) -> list[SearchResults]:
+    def search_vectors(self, vectors: np.ndarray, k: int = SearchOptions.k, **knobs) -> list[SearchResults]:
         """Top-k per query vector, searched as given (normalise them for cosine scores)."""
-        return self.find([[Term("vector", vector)] for vector in vectors], _options(k, knobs))
+        return self.find([[Term("vector", vector)] for vector in vectors], SearchOptions(k=k, **knobs))
 
     def stored_vector(self, media_id: str) -> np.ndarray:
         """The indexed vector of a media_id, reused instead of decoding and encoding its image again."""
@@ -370,16 +377,6 @@ def summary(searcher: Searcher) -> dict:
         "count": build.info.count,
         "model": build.info.model,
     }
-
-
-def _options(k: int | None, knobs: dict) -> SearchOptions:
-    """The SearchOptions of the spelled-out methods: k positionally, where/collapse by name."""
-    if k is not None:
-        knobs["k"] = k
-    unknown = set(knobs) - {"k", "where", "collapse"}
-    if unknown:
-        raise TypeError(f"unknown search option(s): {', '.join(sorted(unknown))}")
-    return SearchOptions(**knobs)
 
 
 def _collapsed(

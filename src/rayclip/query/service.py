@@ -44,7 +44,7 @@ class QueryService:
         data_dir: str | Path | Location | None = None,
         model_version: str | None = None,
         *,
-        precision: str = "auto",
+        precision: str = SearchOptions.precision,
         threads: int | None = None,
         observe: Callable[[str, float], None] | None = None,
     ):

@@ -22,7 +22,9 @@ Library functions take their defaults from here: `batch_size: int = EmbedOptions
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from dataclasses import field
 
 # The facts more than one class refers to, written here once.
@@ -189,3 +191,49 @@ class TrainOptions:
 def defaults(cls: type) -> dict:
     """A class's defaults by field name (what the parser and the tests compare against)."""
     return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+
+
+def fields_of(spec: str) -> dict[str, tuple[dataclasses.Field, object]]:
+    """A command's options by name: (field, its type). `spec` names the classes by their stem, each whole
+    ("Embed") or some of its fields ("Embed:actors,batch_size"); a field two of them share is one flag."""
+    fields: dict[str, tuple[dataclasses.Field, object]] = {}
+    for kind, _, names in (entry.partition(":") for entry in spec.split()):
+        cls, chosen = globals()[f"{kind}Options"], names.split(",") if names else None
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if (chosen is None or f.name in chosen) and f.metadata.get("cli", True) and f.name not in fields:
+                fields[f.name] = (f, hints[f.name])
+    return fields
+
+
+def add_flags(parser: argparse.ArgumentParser, spec: str) -> list[str]:
+    """Every option `spec` names (see fields_of) as a flag of this parser; returns their names."""
+    fields = fields_of(spec)
+    for f, hint in fields.values():
+        add_flag(parser, f, hint)
+    return list(fields)
+
+
+def _positive_int(text: str) -> int:
+    if int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text)
+
+
+def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> None:
+    """The flag of one option: --field-name, its help with the default appended, type, choices and spellings."""
+    meta, default = f.metadata, f.default
+    kwargs: dict = {"dest": f.name, "default": list(default) if isinstance(default, tuple) else default}
+    if hint is bool:
+        kwargs["action"] = "store_true"
+    else:  # int | None -> int, tuple[int, ...] -> int
+        kind = next((a for a in typing.get_args(hint) if a not in (type(None), Ellipsis)), hint)
+        kwargs["type"] = _positive_int if meta.get("positive") else kind
+        kwargs |= {key: meta[key] for key in ("choices", "nargs", "const", "metavar", "action") if key in meta}
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = None if hint is bool or default == () or "default" in meta["help"] else shown  # nothing to show
+    tail = "" if shown is None else f" (default: {shown})"
+    kwargs["help"] = (meta["help"] + tail).replace("%", "%%")
+    parser.add_argument("--" + f.name.replace("_", "-"), *meta.get("flags", ()), **kwargs)
+    for old in meta.get("hidden", ()):  # old spellings kept for one release: parsed, not shown
+        parser.add_argument(old, **kwargs | {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
