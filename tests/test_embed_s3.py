@@ -89,7 +89,13 @@ def test_embed_killed_during_commit_on_s3_shows_only_the_committed_run_and_rerun
         "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
     }
     run = "embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=1, day=sys.argv[2])"
-    cmd = [sys.executable, "-c", f"import sys; from rayclip import embed, model; {run}", storage.uri(s3_store), DAY]
+    cmd = [
+        sys.executable,
+        "-c",
+        f"import sys; from rayclip import model; from rayclip.stages import embed; {run}",
+        storage.uri(s3_store),
+        DAY,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
 

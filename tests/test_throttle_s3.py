@@ -57,7 +57,7 @@ def throttled(s3_server, metadata, ray_session, tmp_path_factory):
 def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
     root, found, spoilt = throttled
     methods = {method for method, _ in spoilt}
-    assert {"HEAD", "GET", "PUT"} <= methods and sum(spoilt.values()) >= 20, spoilt  # the store did throttle
+    assert {"HEAD", "GET"} <= methods and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
     here = gold_store[0]  # the same site and model on a clean local root (test_gold_s3: = a clean S3 root)
     assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
         catalog.read_manifest(here).column("media_id").to_pylist()
@@ -72,6 +72,24 @@ def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
         want = clean.search_text(query, k=5)
         assert [m for m, _ in got] == [r.media_id for r in want]
         assert [s for _, s in got] == pytest.approx([r.score for r in want], abs=1e-5)
+
+
+def test_writes_through_every_client_survive_half_the_puts_failing(s3_proxy, s3_root):
+    """s3fs (storage's own writes) and pyarrow's S3 client (what Ray Data writes silver with)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"x": list(range(100))})
+    s3_proxy.throttle(0.5, seed=3, methods=("PUT",))
+    for i in range(6):
+        storage.write_atomic(s3_root / f"s3fs-{i}.bin", bytes([i]) * 1000)
+        filesystem, path = storage.arrow(s3_root / f"arrow-{i}.parquet")
+        pq.write_table(table, path, filesystem=filesystem)
+    assert sum(n for (method, _), n in s3_proxy.spoilt.items() if method == "PUT") >= 3, s3_proxy.spoilt
+    s3_proxy.clean()
+    for i in range(6):
+        assert storage.read_bytes(s3_root / f"s3fs-{i}.bin") == bytes([i]) * 1000
+        assert catalog.read_parquet(s3_root / f"arrow-{i}.parquet").equals(table)
 
 
 # ---------------------------------------------------------------- when the retries run out

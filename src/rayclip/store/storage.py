@@ -208,7 +208,7 @@ def _refusal(loc: Location, exc: BaseException) -> StoreError:
     if status is None:
         innermost = [c for c in _chain(exc) if _from_store(c)][-1:] or [exc]
         status = (str(innermost[0]).strip().splitlines() or [type(exc).__name__])[0]
-    tried = f"{attempts} attempts" if attempts else f"up to {max_attempts()} attempts"
+    tried = f"{attempts} attempt{'s' * (attempts != 1)}" if attempts else f"up to {max_attempts()} attempt(s)"
     return StoreError(
         f"the object store gave up on {uri(loc)} after {tried}: {status} (${S3_MAX_ATTEMPTS_ENV} sets the attempts)"
     )
