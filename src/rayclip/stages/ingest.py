@@ -9,7 +9,7 @@ both. Order of commits, so that a run killed at any point leaves nothing half-wr
 2. while img2dataset downloads the next shards, each finished shard's images are checked (they
    decode), hashed and put at bronze/objects/<aa>/<sha256>.<ext> unless already there, on a pool of
    threads (one whole write each: content-addressed, so a present key holds these very bytes);
-3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.parquet, after
+3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.<bytes>B.parquet, after
    every object they name is stored (the commit: readers list only committed parts);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.

@@ -202,7 +202,8 @@ def _refusal(loc: Location, exc: BaseException) -> StoreError:
         response = getattr(cause, "response", None)
         if isinstance(response, dict) and "Error" in response:
             meta = response.get("ResponseMetadata", {})
-            status = f"{meta.get('HTTPStatusCode', '?')} {response['Error'].get('Code', '')}".strip()
+            code, http = str(response["Error"].get("Code", "")), str(meta.get("HTTPStatusCode", "?"))
+            status = http if code in ("", http) else f"{http} {code}"  # a HEAD's error has no body: no code
             attempts = meta.get("RetryAttempts", 0) + 1
             break
     if status is None:
