@@ -153,17 +153,29 @@ def store(ingested, tmp_path):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 API on the loopback port AWS_ENDPOINT_URL names, with one bucket."""
+    """moto's S3 API behind a throttling proxy (tests/s3_proxy.py) on the loopback port
+    AWS_ENDPOINT_URL names, with one bucket. The proxy forwards everything untouched until a test
+    asks it to spoil a share of the requests (the `s3_proxy` fixture)."""
     import boto3
     from moto.server import ThreadedMotoServer
+    from s3_proxy import ThrottlingProxy
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    proxy = ThrottlingProxy(port, server.get_host_and_port()).start()
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
-    yield server
+    yield proxy
+    proxy.stop()
     server.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """The proxy in front of the S3 server, forwarding untouched again after the test."""
+    yield s3_server
+    s3_server.clean()
 
 
 @pytest.fixture

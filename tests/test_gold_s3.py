@@ -43,10 +43,10 @@ def remote_reads(monkeypatch) -> list[str]:
     for name in ("open_input", "read_bytes"):
         real = getattr(storage, name)
 
-        def counted(loc, real=real):
+        def counted(loc, *args, real=real, **kwargs):
             if not storage.is_local(loc):
                 reads.append(loc.name)
-            return real(loc)
+            return real(loc, *args, **kwargs)
 
         monkeypatch.setattr(storage, name, counted)
     return reads

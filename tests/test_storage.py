@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayclip.errors import UserError
 from rayclip.store import storage
 
 
@@ -146,3 +147,71 @@ def test_a_long_run_on_an_object_store_keeps_its_lease_fresh(root, monkeypatch):
         time.sleep(4.0)  # longer than the stale time: only the heartbeat keeps the lease young
         with storage.unless_held(folder) as free:
             assert not free
+
+
+# ---------------------------------------------------------------- retries, and what rayclip gives Ray
+
+
+def test_every_s3_client_retries_as_the_one_knob_says(monkeypatch):
+    import pickle
+
+    root = storage.data_root("s3://bucket/prefix")
+    assert root.fs.config_kwargs["retries"] == {
+        "total_max_attempts": storage.DEFAULT_S3_MAX_ATTEMPTS,
+        "mode": "standard",
+    }
+    arrow_fs, path = storage.arrow(root)
+    shipped = pickle.loads(pickle.dumps(arrow_fs))  # as Ray Data ships it to its read and write tasks
+    assert path == "bucket/prefix" and shipped.attempts == storage.DEFAULT_S3_MAX_ATTEMPTS
+    assert shipped.options["endpoint_override"] == os.environ["AWS_ENDPOINT_URL"]
+
+    monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert storage.data_root("s3://bucket/other").fs.config_kwargs["retries"]["total_max_attempts"] == 3
+    assert storage.arrow(storage.data_root("s3://bucket/other"))[0].attempts == 3
+    assert storage.retry_env() == {
+        storage.S3_MAX_ATTEMPTS_ENV: "3",
+        "AWS_MAX_ATTEMPTS": "3",
+        "AWS_RETRY_MODE": "adaptive",
+    }
+    monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "none")
+    with pytest.raises(UserError, match="RAYCLIP_S3_MAX_ATTEMPTS"):
+        storage.data_root("s3://bucket/again")
+
+
+@pytest.fixture
+def fresh_env(monkeypatch):
+    """The variables rayclip sets for Ray and img2dataset, unset now and restored after."""
+    for name in ("RAY_USAGE_STATS_ENABLED", "NO_ALBUMENTATIONS_UPDATE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+
+
+def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, monkeypatch):
+    """Both places that start Ray (embed's init_ray for embed/eval/demo, ingest's for its ray
+    distributor) go through cluster.init: RAY_USAGE_STATS_ENABLED=0 in this process (ray.init reads
+    it) and in the job's runtime_env with the S3 retries (the workers of a joined cluster)."""
+    import ray
+
+    from rayclip.stages import embed, ingest
+
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr("ray._private.worker.get_dashboard_url", lambda: None)
+    embed.init_ray()
+    assert ingest._workers("ray", 1) == 2
+    for kwargs in started:
+        env = kwargs["runtime_env"]["env_vars"]
+        assert (
+            env["RAY_USAGE_STATS_ENABLED"] == "0" and env["AWS_MAX_ATTEMPTS"] == env["RAYCLIP_S3_MAX_ATTEMPTS"] == "10"
+        )
+    assert started[1]["runtime_env"]["env_vars"]["NO_ALBUMENTATIONS_UPDATE"] == "1"
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    # img2dataset (albumentations) is imported in this process too: the variables are set here first.
+    assert os.environ["NO_ALBUMENTATIONS_UPDATE"] == "1" and os.environ["AWS_MAX_ATTEMPTS"] == "10"
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")  # the user's choice wins
+    embed.init_ray()
+    assert started[-1]["runtime_env"]["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "1"

@@ -83,7 +83,7 @@ class Stage:
     def keep_log_as(self, run_id: str) -> None:
         """Name the log after the run, beside its JSON record (<runs>/<run_id>.log)."""
         if self.log is not None and storage.exists(self.log):
-            storage.move(self.log, self.log.with_name(f"{run_id}.log"))
+            storage.move(self.log, layout.run_log(self.log.parent, run_id))
 
     def _close(self) -> None:
         for made in self._progress:
@@ -101,7 +101,7 @@ def stage(runs_dir: Location | None, hooks: Hooks = QUIET) -> Iterator[Stage]:
         if runs_dir is not None:
             from .store import runlog
 
-            log = runs_dir / f"{layout.new_run_id()}.log"  # renamed after the run by keep_log_as
+            log = layout.run_log(runs_dir, layout.new_run_id())  # renamed after the run by keep_log_as
             terminal = stack.enter_context(runlog.capture(log, hooks.verbose, terminal_fd=hooks.terminal_fd))
         running = Stage(hooks, terminal, log)
         try:

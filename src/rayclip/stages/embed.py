@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import faults
+from .. import cluster, faults
 from ..errors import UserError
 from ..images import decode_image
 from ..model import ModelSpec, check_available, choose_precision, load_model
@@ -97,7 +97,7 @@ def _read_parquet(files: list[storage.Location], columns: list[str]):
     filesystem = storage.arrow(files[0])[0]
     paths = [storage.arrow(f)[1] for f in files]
     # partitioning=None: silver's dt=… folders must not come back as columns.
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, partitioning=None)
+    return ray.data.read_parquet(paths, filesystem=filesystem, partitioning=None).select_columns(columns)
 
 
 def _tagged(batch: pa.Table, embedded: int) -> pa.Table:
@@ -248,9 +248,11 @@ class EmbedUDF:
         """(media_id, preprocessed pixels, None), or (media_id, None, why it failed)."""
         media_id, path = row
         try:
-            return media_id, self.model.preprocess(decode_image(storage.read_bytes(self.root / path))), None
+            data = storage.read_bytes(self.root / path)  # a store that gives up fails the job (StoreError)
         except FileNotFoundError:
             return media_id, None, "missing object"
+        try:
+            return media_id, self.model.preprocess(decode_image(data)), None
         except Exception:  # a bad image must not kill the job; it is counted and skipped
             return media_id, None, "decode error"
 
@@ -298,10 +300,10 @@ def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
         # Set when the cluster is started or joined: a later init_ray() (embed's own) keeps it.
         ray.data.DataContext.get_current().enable_progress_bars = verbose
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=verbose)
+            cluster.init(log_to_driver=verbose)
         else:
             # Loopback: the dashboard has no authentication of its own.
-            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
+            cluster.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
     url = get_dashboard_url()
     return (url if "://" in url else f"http://{url}") if url else None
 
@@ -366,8 +368,9 @@ def commit(root: storage.Location, model_version: str, day: str, run_id: str) ->
     files = [f for f in storage.glob(partition, "*.parquet") if layout.silver_file_run(f.name) == run_id]
     named = []
     for f in files:
-        with storage.open_input(f) as opened:
-            named.append({"name": f"{partition.name}/{f.name}", "rows": pq.read_metadata(opened).num_rows})
+        with storage.open_input(f) as opened:  # its size is recorded: readers check theirs against it
+            rows = pq.read_metadata(opened).num_rows
+            named.append({"name": f"{partition.name}/{f.name}", "rows": rows, "bytes": storage.file_size(opened)})
         faults.point("embed.commit")  # some of the run's files checked, no record yet
     record = {"run_id": run_id, "dt": day, "rows": sum(f["rows"] for f in named), "files": named}
     if not record["rows"]:
@@ -383,9 +386,7 @@ def write_run(root: storage.Location, model_version: str, day: str, tables: Iter
     partition = layout.silver_partition(root, model_version, day)
     with storage.working(layout.silver_work_dir(root, run_id)):
         for task_index, table in enumerate(tables):
-            with storage.open_output(
-                partition / f"{layout.silver_file_stem(run_id, 'direct', task_index)}-0.parquet"
-            ) as f:
+            with storage.open_output(partition / layout.silver_file_name(run_id, "direct", task_index)) as f:
                 pq.write_table(table, f)
         return commit(root, model_version, day, run_id)
 
@@ -434,7 +435,8 @@ def embed(
     _manifest_parts(root)  # an empty manifest fails before Ray starts
 
     init_ray()
-    work = plan_work(root, spec.model_version, limit, force)
+    with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line
+        work = plan_work(root, spec.model_version, limit, force)
     report.rows_planned = work.count()
     if report.rows_planned == 0:
         return _save(root, report)
@@ -487,7 +489,10 @@ def embed(
     # The work folder stays held while this run lives: until its commit record exists, a sweep by a
     # concurrent run or `rayclip gc` leaves the run's files alone.
     with storage.working(layout.silver_work_dir(root, report.run_id)):
-        with watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress):
+        with (
+            watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress),
+            storage.refusals_surfaced(root),
+        ):
             ds.write_parquet(
                 partition_path,
                 filesystem=filesystem,
@@ -520,5 +525,5 @@ def embed(
 
 
 def _save(root: storage.Location, report: EmbedReport) -> EmbedReport:
-    storage.write_json_atomic(layout.embed_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    storage.write_json_atomic(layout.embed_run_record(root, report.run_id), report.to_dict())
     return report

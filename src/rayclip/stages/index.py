@@ -292,7 +292,8 @@ def _extend(
     index = catalog.read_index(layout.index_file(folder))
     if replace.any() and not ann.replaceable(index):
         return None, f"{base.index_type} cannot replace the vectors of {replace.sum()} changed media_ids"
-    with storage.open_input(layout.tuning_file(folder)) as f:
+    tuning = layout.tuning_file(folder)
+    with storage.open_input(tuning, catalog.recorded_size(tuning)) as f:
         truth = ann.Truth.load(f)
     truth.forget(faiss_ids[replace])
     truth = _still_exact(truth)
@@ -469,6 +470,11 @@ def _write_build(
         with storage.open_output(layout.tuning_file(folder)) as f:
             truth.save(f)
         info.index_bytes = storage.size(layout.index_file(folder))
+        # What build.json commits, byte for byte: readers check every file against it.
+        info.file_bytes = {
+            f.name: storage.size(f)
+            for f in (layout.index_file(folder), layout.mapping_file(folder), layout.tuning_file(folder))
+        }
         info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
         info.write(layout.build_info_file(folder))
 

@@ -9,7 +9,7 @@ both. Order of commits, so that a run killed at any point leaves nothing half-wr
 2. while img2dataset downloads the next shards, each finished shard's images are checked (they
    decode), hashed and put at bronze/objects/<aa>/<sha256>.<ext> unless already there, on a pool of
    threads (one whole write each: content-addressed, so a present key holds these very bytes);
-3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.parquet, after
+3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.<bytes>B.parquet, after
    every object they name is stored (the commit: readers list only committed parts);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import faults
+from .. import cluster, faults
 from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
 from ..progress import POLL_S, Progress, watch
@@ -173,25 +173,30 @@ def _url_problem(url: str | None) -> str | None:
 
 
 def _downloader_env() -> dict[str, str]:
-    """Settings img2dataset's workers read from their environment."""
+    """Settings img2dataset reads from its environment, in this process and its workers (a user's own
+    setting of each wins)."""
     return {
         # Its decode checks (OpenCV) respect our pixel limit too.
         "CV_IO_MAX_IMAGE_PIXELS": os.environ.get("CV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS)),
         # albumentations (imported by img2dataset) otherwise checks the network for a newer release.
-        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "NO_ALBUMENTATIONS_UPDATE": os.environ.get("NO_ALBUMENTATIONS_UPDATE", "1"),
+        # Its writer's S3 clients (fsspec.url_to_fs, no options) take botocore's retries from here.
+        **storage.retry_env(),
     }
 
 
 def _workers(distributor: str, processes: int) -> int:
     """How many shards img2dataset works on at once: its processes, or the Ray cluster's CPUs."""
+    # Before img2dataset is imported here: this process runs its reader and writer's bookkeeping too,
+    # and its spawned processes inherit this environment.
+    os.environ.update(_downloader_env())
     if distributor == "multiprocessing":
-        os.environ.update(_downloader_env())  # its spawned processes inherit ours
         return processes
     import ray
 
-    if not ray.is_initialized():  # joins $RAY_ADDRESS when set, else starts a local cluster
-        local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
-        ray.init(log_to_driver=False, runtime_env={"env_vars": _downloader_env()}, **local)
+    # Joins $RAY_ADDRESS when set, else starts a local cluster.
+    local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+    cluster.init(_downloader_env(), log_to_driver=False, **local)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -418,8 +423,9 @@ def _commit_manifest(root: Location, rows: list[dict], report: IngestReport) -> 
         return
     part = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA), part)
+    data = part.getvalue().to_pybytes()
     faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
-    storage.write_atomic(layout.manifest_part(root, report.run_id), part.getvalue().to_pybytes())
+    storage.write_atomic(layout.manifest_part(root, report.run_id, len(data)), data)
 
 
 def _known_urls(root: Location, table: pa.Table) -> pa.Array:
@@ -432,7 +438,7 @@ def _finish(root: Location, admitter: _Admitter, report: IngestReport, started: 
     report.failed = dict(admitter.failed.most_common())
     _commit_manifest(root, admitter.manifest_rows(), report)
     report.wall_s = round(time.monotonic() - started, 3)
-    storage.write_json_atomic(layout.ingest_runs_dir(root) / f"{report.run_id}.json", report.to_dict())
+    storage.write_json_atomic(layout.ingest_run_record(root, report.run_id), report.to_dict())
     return report
 
 

@@ -2,18 +2,55 @@
 
 The stages write their own layer and read the others only through here, so they stand side by side:
 ingest, embed, index, search, status and the server import the catalog, not each other.
+
+A committed object is read against the size its commit recorded (a manifest part's name, a silver
+commit record, build.json), so what a store hands back short or empty is refused, never parsed.
+Objects committed before sizes were recorded are read as before, but an empty one is refused too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
 from . import layout, storage
-from .storage import Location
+from .storage import Location, StoreError
+
+# The size each commit record read so far gives the object it names (by URI). A committed object never
+# changes, so what a record said holds for the life of the process; every reader below checks it.
+_RECORDED: dict[str, int] = {}
+
+
+def _remember(loc: Location, size: int | None) -> None:
+    if size is not None:
+        _RECORDED[storage.uri(loc)] = int(size)
+
+
+def recorded_size(loc: Location) -> int | None:
+    """The size a commit record gave this object (once that record was read), else None."""
+    return _RECORDED.get(storage.uri(loc))
+
+
+@contextlib.contextmanager
+def _committed(loc: Location, size: int | None, what: str) -> Iterator[object]:
+    """A committed object opened for reading, checked against its recorded size; what cannot be
+    parsed (an empty or cut object from before sizes were recorded) is one clear line."""
+    size = recorded_size(loc) if size is None else size
+    with storage.open_input(loc, size) as f:
+        if not storage.file_size(f):
+            raise StoreError(f"{storage.uri(loc)} is empty; a committed {what} never is")
+        try:
+            with storage.on_store(loc):  # the store refusing a read: its own line (a StoreError)
+                yield f
+        except (pa.ArrowInvalid, OSError, RuntimeError) as exc:  # the bytes themselves are not whole
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise StoreError(f"{storage.uri(loc)} is not a whole {what}: {first}") from exc
+
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -35,7 +72,10 @@ MANIFEST_SCHEMA = pa.schema(
 # bronze
 def manifest_parts(root: Location) -> list[Location]:
     """The committed manifest parts: each is one object written whole, so listed means committed."""
-    return storage.glob(layout.manifest_dir(root), "part-*.parquet")
+    parts = storage.glob(layout.manifest_dir(root), layout.MANIFEST_PARTS)
+    for part in parts:
+        _remember(part, layout.manifest_part_size(part.name))
+    return parts
 
 
 def read_manifest(root: Location, columns: list[str] | None = None) -> pa.Table:
@@ -46,7 +86,7 @@ def read_manifest(root: Location, columns: list[str] | None = None) -> pa.Table:
         return schema.empty_table()
     tables = []
     for part in parts:
-        with storage.open_input(part) as f:
+        with _committed(part, None, "manifest part") as f:
             tables.append(pq.read_table(f, columns=columns, schema=MANIFEST_SCHEMA))
     return pa.concat_tables(tables)
 
@@ -60,25 +100,30 @@ def find_object(root: Location, media_id: str) -> Location | None:
 # silver
 def silver_model_versions(root: Location) -> list[str]:
     """Model versions with at least one committed embed run (or silver from before commit records)."""
-    found = storage.glob(layout.embeddings_dir(root), "model_version=*/_commits/*.json")
+    found = storage.glob(layout.embeddings_dir(root), layout.SILVER_COMMITS)
     versions = {f.parent.parent.name for f in found} | {f.parent.parent.name for f in _legacy_silver(root, "*")}
-    return sorted(v.split("=", 1)[1] for v in versions)
+    return sorted(layout.partition_value(v) for v in versions)
 
 
 def _legacy_silver(root: Location, model_version: str, day: str | None = None) -> list[Location]:
     """Silver written before commit records: each run's rows went into one file renamed whole into its
     partition, so such a file is committed by construction. Its name does not carry a run the way
     a new file's does (layout.silver_file_run), which is how it is told apart."""
-    pattern = f"dt={day or '*'}/*.parquet"
-    files = storage.glob(layout.embeddings_dir(root), f"model_version={model_version}/{pattern}")
+    files = storage.glob(layout.embeddings_dir(root), layout.silver_files_glob(model_version, day))
     return [f for f in files if layout.silver_file_run(f.name) is None]
 
 
 def silver_commits(root: Location, model_version: str) -> list[dict]:
-    """The commit records of a model_version's runs, oldest first: run_id, dt, files (name, rows), rows.
+    """The commit records of a model_version's runs, oldest first: run_id, dt, files (name, rows, bytes:
+    absent in records from before sizes were recorded), rows.
 
     A run's Parquet files are data only once its record, written after all of them, exists."""
-    return [storage.read_json(f) for f in storage.glob(layout.silver_commits_dir(root, model_version), "*.json")]
+    folder = layout.silver_model_dir(root, model_version)
+    records = [storage.read_json(f) for f in storage.glob(layout.silver_commits_dir(root, model_version), "*.json")]
+    for record in records:
+        for f in record["files"]:
+            _remember(folder / f["name"], f.get("bytes"))
+    return records
 
 
 def silver_files(root: Location, model_version: str, day: str | None = None) -> list[Location]:
@@ -116,6 +161,7 @@ class BuildInfo:
     recall: dict = dataclasses.field(default_factory=dict)
     query_ms: dict = dataclasses.field(default_factory=dict)
     index_bytes: int | None = None
+    file_bytes: dict | None = None  # name -> bytes of each file of the build; None: built before sizes
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
 
@@ -132,7 +178,15 @@ class BuildInfo:
 
     @classmethod
     def read(cls, loc: Location) -> BuildInfo:
-        return cls.from_dict(storage.read_json(loc))
+        """build.json at `loc`; the sizes it records are checked by every later read of the files
+        beside it (the build folder, or a local copy of it)."""
+        try:
+            info = cls.from_dict(storage.read_json(loc))
+        except ValueError as exc:  # an empty or cut build.json (JSONDecodeError)
+            raise StoreError(f"{storage.uri(loc)} is not a whole build record: {exc}") from None
+        for name, size in (info.file_bytes or {}).items():
+            _remember(loc.parent / name, size)
+        return info
 
     def write(self, loc: Location) -> None:
         storage.write_json_atomic(loc, self.to_dict())
@@ -146,7 +200,7 @@ def gold_model_versions(root: Location, published: bool = True) -> list[str]:
 
 def builds(root: Location, model_version: str) -> list[str]:
     """Committed builds (build.json written) of a model_version, oldest first (build ids sort in time order)."""
-    found = storage.glob(layout.builds_dir(root, model_version), f"*/{layout.BUILD_INFO}")
+    found = storage.glob(layout.builds_dir(root, model_version), layout.BUILD_INFOS)
     return sorted(f.parent.name for f in found if not f.parent.name.startswith("."))
 
 
@@ -154,23 +208,24 @@ def build_info(root: Location, model_version: str, build_id: str) -> BuildInfo:
     return BuildInfo.read(layout.build_info_file(layout.build_dir(root, model_version, build_id)))
 
 
-def read_index(loc: Location):
-    """A FAISS index from its file or object, streamed through storage (no local copy is made)."""
+def read_index(loc: Location, size: int | None = None):
+    """A FAISS index from its file or object, streamed through storage (no local copy is made).
+    `size`: what its commit recorded, when the caller has it (else the size build.json gave, if read)."""
     import faiss
 
-    with storage.open_input(loc) as f:
+    with _committed(loc, size, "FAISS index") as f:
         return faiss.read_index(faiss.PyCallbackIOReader(f.read, storage.CHUNK_BYTES))
 
 
-def read_parquet(loc: Location, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(loc: Location, columns: list[str] | None = None, size: int | None = None) -> pa.Table:
     """One committed Parquet file or object (a silver file, a build's mapping), whole or these columns."""
-    with storage.open_input(loc) as f:
+    with _committed(loc, size, "Parquet file") as f:
         return pq.read_table(f, columns=columns)
 
 
-def parquet_metadata(loc: Location) -> pq.FileMetaData:
+def parquet_metadata(loc: Location, size: int | None = None) -> pq.FileMetaData:
     """A Parquet file's footer (schema, row count): no data read."""
-    with storage.open_input(loc) as f:
+    with _committed(loc, size, "Parquet file") as f:
         return pq.read_metadata(f)
 
 
@@ -198,5 +253,5 @@ def run_records(root: Location) -> list[tuple[str, Location, dict]]:
     """(stage, record location, record) for every ingest and embed run record."""
     records = []
     for stage, folder in (("ingest", layout.ingest_runs_dir(root)), ("embed", layout.embed_runs_dir(root))):
-        records += [(stage, path, storage.read_json(path)) for path in storage.glob(folder, "*.json")]
+        records += [(stage, path, storage.read_json(path)) for path in storage.glob(folder, layout.RUN_RECORDS)]
     return records

@@ -18,11 +18,12 @@ from . import layout, storage
 from .storage import Location
 
 TEMP_GRACE_S = 600.0  # far longer than any rename of a small file takes
-WORK_FOLDERS = ("bronze/downloads/*", "silver/_work/*")
-BUILD_FOLDERS = ("gold/*/builds/*",)  # debris only while build.json is missing
-TEMP_FILES = ("bronze/manifest/.*.tmp", "bronze/objects/*/.*.tmp", "bronze/runs/.*.tmp", "silver/**/.*.tmp")
-GOLD_TEMP_FILES = ("gold/*/.*.tmp", "gold/*/builds/*/.*.tmp")
-SILVER_WORK = WORK_FOLDERS[1]
+# Which patterns to sweep (layout spells them): a stage sweeps its own kind, `rayclip gc` all.
+WORK_FOLDERS = (layout.DOWNLOAD_FOLDERS, layout.SILVER_WORK_FOLDERS)
+BUILD_FOLDERS = (layout.BUILD_FOLDERS,)  # debris only while build.json is missing
+TEMP_FILES = layout.TEMP_FILES
+GOLD_TEMP_FILES = layout.GOLD_TEMP_FILES
+SILVER_WORK = layout.SILVER_WORK_FOLDERS
 EVERYTHING = WORK_FOLDERS + BUILD_FOLDERS + TEMP_FILES + GOLD_TEMP_FILES
 
 
@@ -71,14 +72,14 @@ def uncommitted_silver(root: Location) -> list[Location]:
     after its commit record, so a listed file whose run holds nothing either was committed (the
     record exists) or belongs to a run that died. Files not named by silver_file_stem are left alone.
     """
-    files = storage.glob(layout.embeddings_dir(root), "model_version=*/dt=*/*.parquet")
+    files = storage.glob(layout.embeddings_dir(root), layout.SILVER_FILES)
     dead: dict[tuple[str, str], bool] = {}
     found = []
     for path in files:
         run_id = layout.silver_file_run(path.name)
         if run_id is None:
             continue
-        model_version = path.parent.parent.name.split("=", 1)[1]
+        model_version = layout.partition_value(path.parent.parent.name)
         if (model_version, run_id) not in dead:
             dead[model_version, run_id] = not _embed_run_live(root, run_id) and not storage.exists(
                 layout.silver_commit_file(root, model_version, run_id)

@@ -38,13 +38,43 @@ def manifest_dir(root: Location) -> Location:
     return root / "bronze" / "manifest"
 
 
-def manifest_part(root: Location, run_id: str) -> Location:
-    """The one manifest object an ingest run commits."""
-    return manifest_dir(root) / f"part-{run_id}.parquet"
+def manifest_part(root: Location, run_id: str, size: int) -> Location:
+    """The one manifest object an ingest run commits; its name records its size (the part is its own
+    commit, so the name is the only record a reader lists with it)."""
+    return manifest_dir(root) / f"part-{run_id}.{size}B.parquet"
+
+
+MANIFEST_PARTS = "part-*.parquet"  # under manifest_dir; the parts of every version
+
+
+def manifest_part_size(name: str) -> int | None:
+    """The size a manifest part's name records (manifest_part); None for a part from before sizes."""
+    match = re.fullmatch(r"part-.+\.(\d+)B\.parquet", name)
+    return int(match.group(1)) if match else None
 
 
 def ingest_runs_dir(root: Location) -> Location:
     return root / "bronze" / "runs"
+
+
+# run records (bronze/runs/, silver/runs/): <run_id>.json, and the libraries' output as <run_id>.log
+RUN_RECORDS = "*.json"
+
+
+def run_record(runs_dir: Location, run_id: str) -> Location:
+    return runs_dir / f"{run_id}.json"
+
+
+def run_log(runs_dir: Location, run_id: str) -> Location:
+    return runs_dir / f"{run_id}.log"
+
+
+def ingest_run_record(root: Location, run_id: str) -> Location:
+    return run_record(ingest_runs_dir(root), run_id)
+
+
+def embed_run_record(root: Location, run_id: str) -> Location:
+    return run_record(embed_runs_dir(root), run_id)
 
 
 # silver
@@ -58,6 +88,21 @@ def silver_partition(root: Location, model_version: str, day: str) -> Location:
 
 def silver_model_dir(root: Location, model_version: str) -> Location:
     return embeddings_dir(root) / f"model_version={model_version}"
+
+
+def partition_value(folder_name: str) -> str:
+    """What a hive-style folder name says: model_version=<mv> -> <mv>, dt=<day> -> <day>."""
+    return folder_name.split("=", 1)[1]
+
+
+# under embeddings_dir
+SILVER_COMMITS = "model_version=*/_commits/*.json"
+SILVER_FILES = "model_version=*/dt=*/*.parquet"
+
+
+def silver_files_glob(model_version: str, day: str | None = None) -> str:
+    """The Parquet files of a model_version's partitions (one day, or all), under embeddings_dir."""
+    return f"model_version={model_version}/dt={day or '*'}/*.parquet"
 
 
 def silver_model_file(root: Location, model_version: str) -> Location:
@@ -74,15 +119,25 @@ def silver_commit_file(root: Location, model_version: str, run_id: str) -> Locat
     return silver_commits_dir(root, model_version) / f"{run_id}.json"
 
 
+# Ray Data's Parquet writer names a write task's files <stem>-<i>.parquet (its pyarrow basename_template).
+RAY_FILE_SUFFIX = "-{i}.parquet"
+RUN_ID = r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}"  # new_run_id's shape
+
+
 def silver_file_stem(run_id: str, write_uuid: str, task_index: int) -> str:
-    """A silver file of a run, less the `-<n>.parquet` Ray Data's writer adds: the run_id first, so an
+    """A silver file of a run, less the RAY_FILE_SUFFIX Ray Data's writer adds: the run_id first, so an
     uncommitted file names its run (and Ray asks for its write's uuid in the name)."""
     return f"{run_id}_{write_uuid}_{task_index:06d}"
 
 
+def silver_file_name(run_id: str, write_uuid: str, task_index: int, i: int = 0) -> str:
+    """The whole name of a run's silver file, as Ray Data's writer completes silver_file_stem."""
+    return silver_file_stem(run_id, write_uuid, task_index) + RAY_FILE_SUFFIX.format(i=i)
+
+
 def silver_file_run(name: str) -> str | None:
-    """The run_id a silver file's name starts with (silver_file_stem), or None for any other name."""
-    match = re.fullmatch(r"(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6})_[\w-]+\.parquet", name)
+    """The run_id a silver file's name starts with (silver_file_name), or None for any other name."""
+    match = re.fullmatch(rf"({RUN_ID})_[\w-]+" + re.escape(RAY_FILE_SUFFIX).replace(r"\{i\}", r"\d+"), name)
     return match.group(1) if match else None
 
 
@@ -97,6 +152,7 @@ def embed_runs_dir(root: Location) -> Location:
 
 # gold: a build folder holds the files below; build.json is written last (the build's commit record)
 BUILD_INFO = "build.json"
+BUILD_INFOS = f"*/{BUILD_INFO}"  # under builds_dir: one per committed build
 
 
 def gold_root(root: Location) -> Location:
@@ -150,6 +206,16 @@ def build_cache(cache_home: Path, root: Location, model_version: str, build_id: 
     keyed by the root's URI, the model_version and the build_id, so two stores never share one."""
     store = hashlib.sha256(str(root).encode()).hexdigest()[:16]
     return cache_home / "builds" / store / model_version / build_id
+
+
+# debris: what runs killed mid-way leave, as patterns under the data root (debris.py judges them)
+DOWNLOAD_FOLDERS = "bronze/downloads/*"  # downloads_dir of every run
+SILVER_WORK_FOLDERS = "silver/_work/*"  # silver_work_dir of every run
+BUILD_FOLDERS = "gold/*/builds/*"  # build_dir of every build: debris only while build.json is missing
+# storage.write_atomic's temporaries, locally: a hidden .<name>.<random>.tmp beside the file
+TEMP_FILES = ("bronze/manifest/.*.tmp", "bronze/objects/*/.*.tmp", "bronze/runs/.*.tmp", "silver/**/.*.tmp")
+GOLD_TEMP_FILES = ("gold/*/.*.tmp", "gold/*/builds/*/.*.tmp")
+STORED_OBJECTS = "*/*"  # under objects_dir
 
 
 # names

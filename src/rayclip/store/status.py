@@ -11,13 +11,13 @@ from .storage import Location
 
 def bronze_status(root: Location) -> dict:
     manifest = catalog.read_manifest(root, ["media_id"])
-    objects = [p for p in storage.glob(layout.objects_dir(root), "*/*") if not p.name.startswith(".")]
+    objects = [p for p in storage.glob(layout.objects_dir(root), layout.STORED_OBJECTS) if not p.name.startswith(".")]
     return {
         "manifest_rows": manifest.num_rows,
         "unique_media_ids": len(pc.unique(manifest.column("media_id"))),
         "objects": len(objects),
         "object_bytes": sum(storage.size(p) for p in objects),
-        "ingest_runs": len(storage.glob(layout.ingest_runs_dir(root), "*.json")),
+        "ingest_runs": len(storage.glob(layout.ingest_runs_dir(root), layout.RUN_RECORDS)),
     }
 
 
@@ -27,7 +27,7 @@ def silver_status(root: Location) -> list[dict]:
     for model_version in catalog.silver_model_versions(root):
         partitions: dict[str, list[Location]] = {}
         for f in catalog.silver_files(root, model_version):
-            partitions.setdefault(f.parent.name.split("=", 1)[1], []).append(f)
+            partitions.setdefault(layout.partition_value(f.parent.name), []).append(f)
         out += [
             {
                 "model_version": model_version,
@@ -91,7 +91,7 @@ def recent_runs(root: Location, limit: int = 12) -> list[dict]:
             "rows": record.get(rows_key[stage], 0),
             "failed": record.get("failed", {}),
             "wall_s": record.get("wall_s", 0.0),
-            "log": storage.exists(path.with_suffix(".log")),
+            "log": storage.exists(layout.run_log(path.parent, record["run_id"])),
         }
         for stage, path, record in catalog.run_records(root)
     ]

@@ -10,12 +10,22 @@ Writes are all-or-nothing on both kinds. A local file is written under a hidden 
 renamed. An object store has no rename, but a PUT is atomic: the object appears whole when the
 upload completes, never in part (a killed multipart upload is never completed). So every writer here
 finishes its bytes before the single PUT, and a commit on an object store is an object written last.
+
+An object store throttles (503 SlowDown), fails inside (500) and drops connections. Every client
+rayclip builds for one retries each request up to `max_attempts()` times with backoff ($RAYCLIP_S3_
+MAX_ATTEMPTS, default DEFAULT_S3_MAX_ATTEMPTS): s3fs/botocore here, pyarrow's S3 client (also in
+Ray Data's read and write tasks), and, through AWS_MAX_ATTEMPTS/AWS_RETRY_MODE (`retry_env`), every
+process that builds its own (img2dataset's, Ray's workers). When the store still refuses, the
+error is one line naming the object, the status and the attempts (StoreError). A read of a
+committed object whose size is recorded checks the bytes it got against it (`read_bytes(size=)`),
+so a short or empty answer is never taken for data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
@@ -29,7 +39,13 @@ from typing import BinaryIO
 
 from upath import UPath
 
+from ..errors import UserError
+
 DATA_DIR_ENV = "RAYCLIP_DATA_DIR"
+S3_MAX_ATTEMPTS_ENV = "RAYCLIP_S3_MAX_ATTEMPTS"
+DEFAULT_S3_MAX_ATTEMPTS = 10  # attempts per request: a 503 storm of about a minute is ridden out
+DEFAULT_RETRY_MODE = "standard"  # botocore's and the AWS C++ SDK's own; $AWS_RETRY_MODE=adaptive also limits the rate
+VERIFY_ATTEMPTS = 3  # reads of a committed object that came back the wrong size, before giving up
 LEASE_NAME = ".lease"
 LEASE_BEAT_S = 30.0  # how often a live run on an object store rewrites its lease
 LEASE_STALE_S = 180.0  # a lease older than this belonged to a run that died
@@ -37,6 +53,41 @@ LEASE_STALE_S = 180.0  # a lease older than this belonged to a run that died
 CHUNK_BYTES = 1 << 20  # what a streamed read or copy moves at a time
 
 Location = Path | UPath
+
+
+class StoreError(UserError):
+    """The object store refused after every retry, or gave back a committed object the wrong size."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
+# retries
+def max_attempts() -> int:
+    """Attempts per object-store request: $RAYCLIP_S3_MAX_ATTEMPTS, else DEFAULT_S3_MAX_ATTEMPTS."""
+    given = os.environ.get(S3_MAX_ATTEMPTS_ENV, "").strip()
+    if not given:
+        return DEFAULT_S3_MAX_ATTEMPTS
+    if not given.isdigit() or int(given) < 1:
+        raise UserError(f"${S3_MAX_ATTEMPTS_ENV}={given!r} must be a whole number of attempts, 1 or more")
+    return int(given)
+
+
+def retry_mode() -> str:
+    return os.environ.get("AWS_RETRY_MODE") or DEFAULT_RETRY_MODE
+
+
+def retry_env() -> dict[str, str]:
+    """The environment that gives a process's own S3 clients our retries (botocore reads AWS_*;
+    rayclip's own clients in Ray's workers read the knob)."""
+    attempts = str(max_attempts())
+    return {S3_MAX_ATTEMPTS_ENV: attempts, "AWS_MAX_ATTEMPTS": attempts, "AWS_RETRY_MODE": retry_mode()}
+
+
+def _fsspec_options(protocol: str) -> dict:
+    if protocol not in ("s3", "s3a"):
+        return {}
+    return {"config_kwargs": {"retries": {"total_max_attempts": max_attempts(), "mode": retry_mode()}}}
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Location:
@@ -47,7 +98,13 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Location:
     if "://" in given:
         # No listings cache: another process's commits (a manifest part, CURRENT, a finished shard)
         # must show in the next listing, not after the cache expires.
-        return UPath(given.rstrip("/"), use_listings_cache=False)
+        protocol = given.split("://", 1)[0].lower()
+        root = UPath(given.rstrip("/"), use_listings_cache=False, **_fsspec_options(protocol))
+        if protocol in ("s3", "s3a"):
+            # botocore alone retries: s3fs's own loop around it would repeat a SlowDown's whole round of
+            # attempts again (its `retries` is an attribute, not an argument).
+            root.fs.retries = 1
+        return root
     return Path(given).absolute()
 
 
@@ -71,22 +128,159 @@ def arrow(loc: Location):
 
     if is_local(loc):
         return pafs.LocalFileSystem(), str(loc)
-    if loc.protocol in ("s3", "s3a", "gs", "gcs"):
+    if loc.protocol in ("s3", "s3a"):
+        # pyarrow's own client (faster than s3fs through FSSpecHandler), as from_uri configures it from
+        # the environment (endpoint, the bucket's region), plus our retries.
+        found, path = pafs.FileSystem.from_uri(str(loc))
+        _, (options,) = found.__reduce__()
+        return _arrow_s3(max_attempts(), options), path
+    if loc.protocol in ("gs", "gcs"):
         return pafs.FileSystem.from_uri(str(loc))  # pyarrow's own client: same environment, faster
     return pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs)), loc.path
 
 
+@functools.cache
+def _arrow_s3_class():
+    import pyarrow.fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        """pyarrow's S3 client with our retries, kept when pickled (Ray Data ships it to its read and
+        write tasks; pyarrow's own pickle drops the retry strategy)."""
+
+        def __init__(self, attempts: int, options: dict) -> None:
+            super().__init__(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+            self.attempts, self.options = attempts, options
+
+        def __reduce__(self):
+            return _arrow_s3, (self.attempts, self.options)
+
+    return RetryingS3FileSystem
+
+
+def _arrow_s3(attempts: int, options: dict):
+    """pyarrow's S3FileSystem(**options) retrying each request up to `attempts` times."""
+    return _arrow_s3_class()(attempts, options)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """An exception and its causes, through Ray's wrapping (a task's error keeps its own as .cause)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        cause = getattr(exc, "cause", None)
+        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ or exc.__context__
+
+
+def gave_up(exc: BaseException) -> StoreError | None:
+    """The innermost StoreError in an exception's chain (raised in a Ray task, wrapped by Ray), if any."""
+    found = [e for e in _chain(exc) if isinstance(e, StoreError)]
+    return StoreError(str(found[-1].args[0])) if found else None
+
+
+@contextlib.contextmanager
+def refusals_surfaced(root: Location) -> Iterator[None]:
+    """Inside: the store giving up in another process (a Ray task's read or write, wrapped in Ray's
+    errors) comes out as the one-line StoreError, as it does in this one."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        found = gave_up(exc)
+        if found is not None:
+            raise found from None
+        if not is_local(root) and _from_store(exc):
+            raise _refusal(root, exc) from None
+        raise
+
+
+def _refusal(loc: Location, exc: BaseException) -> StoreError:
+    """One line: the object, what the store answered, and how many attempts were made."""
+    status, attempts = None, None
+    for cause in _chain(exc):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            meta = response.get("ResponseMetadata", {})
+            code, http = str(response["Error"].get("Code", "")), str(meta.get("HTTPStatusCode", "?"))
+            status = http if code in ("", http) else f"{http} {code}"  # a HEAD's error has no body: no code
+            attempts = meta.get("RetryAttempts", 0) + 1
+            break
+    if status is None:
+        innermost = [c for c in _chain(exc) if _from_store(c)][-1:] or [exc]
+        status = (str(innermost[0]).strip().splitlines() or [type(exc).__name__])[0]
+    tried = f"{attempts} attempt{'s' * (attempts != 1)}" if attempts else f"up to {max_attempts()} attempt(s)"
+    return StoreError(
+        f"the object store gave up on {uri(loc)} after {tried}: {status} (${S3_MAX_ATTEMPTS_ENV} sets the attempts)"
+    )
+
+
+_KEPT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StoreError)
+
+
+@contextlib.contextmanager
+def on_store(loc: Location) -> Iterator[None]:
+    """An object-store request's failure, after its retries, as one StoreError line."""
+    try:
+        yield
+    except _KEPT:
+        raise
+    except Exception as exc:
+        if is_local(loc) or not _from_store(exc):
+            raise
+        raise _refusal(loc, exc) from exc
+
+
+def _from_store(exc: BaseException) -> bool:
+    """Whether the store (or the way to it) failed: the S3 clients' own errors (s3fs's OSErrors carry
+    botocore's as their cause), pyarrow's "AWS Error …"; not bytes that fail to parse."""
+    for cause in _chain(exc):
+        if type(cause).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp"):
+            return True
+        if isinstance(cause, OSError) and "AWS Error" in str(cause):
+            return True
+    return False
+
+
+def _store_call(fn):
+    @functools.wraps(fn)
+    def call(loc, *args, **kwargs):
+        with on_store(loc):
+            return fn(loc, *args, **kwargs)
+
+    return call
+
+
 # reading
+@_store_call
 def exists(loc: Location) -> bool:
     return loc.exists()
 
 
+@_store_call
 def is_dir(loc: Location) -> bool:
     return loc.is_dir()
 
 
-def read_bytes(loc: Location) -> bytes:
-    return loc.read_bytes()
+def read_bytes(loc: Location, size: int | None = None) -> bytes:
+    """The whole file or object. With `size` (what its commit recorded) the bytes are checked against
+    it: a short or empty answer is read again, then refused with one clear line, never returned."""
+    for attempt in range(VERIFY_ATTEMPTS if size is not None else 1):
+        with on_store(loc):
+            data = loc.read_bytes()
+        if size is None or len(data) == size:
+            return data
+        _forget(loc)
+        time.sleep(0.2 * 2**attempt)
+    raise StoreError(
+        f"{uri(loc)} read back as {len(data)} bytes {VERIFY_ATTEMPTS} times; its commit recorded {size} bytes"
+    )
+
+
+def _forget(loc: Location) -> None:
+    """Drop what the client remembers of `loc` (sizes it was told), so the next read asks again."""
+    if not is_local(loc):
+        loc.fs.invalidate_cache(loc.path)
 
 
 def read_text(loc: Location) -> str:
@@ -97,14 +291,33 @@ def read_json(loc: Location) -> dict:
     return json.loads(read_bytes(loc))
 
 
-def open_input(loc: Location) -> BinaryIO:
-    """A readable, seekable binary file (for streaming out or for pyarrow's readers)."""
-    return loc.open("rb")
+@_store_call
+def open_input(loc: Location, size: int | None = None) -> BinaryIO:
+    """A readable, seekable binary file (for streaming out or for pyarrow's readers). With `size` (what
+    its commit recorded), a file the store reports at another size is refused (see read_bytes)."""
+    for attempt in range(VERIFY_ATTEMPTS if size is not None else 1):
+        f = loc.open("rb")
+        got = file_size(f)
+        if size is None or got == size:
+            return f
+        f.close()
+        _forget(loc)
+        time.sleep(0.2 * 2**attempt)
+    raise StoreError(
+        f"{uri(loc)} has {got} bytes by the store's account {VERIFY_ATTEMPTS} times; its commit recorded {size} bytes"
+    )
 
 
+def file_size(f) -> int:
+    """The size of an open_input file: what the store said of it when opened, or the local file's."""
+    known = getattr(f, "size", None)  # fsspec's files: what the store said at open
+    return known if isinstance(known, int) else os.fstat(f.fileno()).st_size
+
+
+@_store_call
 def glob(loc: Location, pattern: str) -> list[Location]:
     """Locations under `loc` matching `pattern` (pathlib glob syntax), sorted."""
-    if not exists(loc):
+    if not loc.exists():
         return []
     return sorted(loc.glob(pattern), key=str)
 
@@ -113,10 +326,12 @@ def children(loc: Location) -> list[Location]:
     return glob(loc, "*")
 
 
+@_store_call
 def size(loc: Location) -> int:
     return loc.stat().st_size
 
 
+@_store_call
 def mtime(loc: Location) -> float:
     """Seconds since the epoch when the file or object was last written."""
     if is_local(loc):
@@ -136,16 +351,30 @@ def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rayclip"
 
 
-def cached(loc: Location, copy: Path) -> Location:
+def cached(loc: Location, copy: Path, size: int | None = None) -> Location:
     """`loc` itself when it is local; else the local file `copy` of it, downloaded on first use in
     chunks and renamed into place whole (a killed download leaves no partial copy). Only for objects
-    that never change once written (a committed build's files): a copy is never checked again."""
+    that never change once written (a committed build's files): a copy is never checked again, so
+    one is kept only when it has every byte: `size` when its commit recorded it, else what the store
+    says the object holds, and never none."""
     if is_local(loc):
         return loc
     if not copy.is_file():
-        with open_input(loc) as source, open_output(copy) as target:
-            shutil.copyfileobj(source, target, CHUNK_BYTES)
+        with open_input(loc, size) as source, open_output(copy) as target:
+            with on_store(loc):
+                copied = _copy(source, target)
+            expected = file_size(source)
+            if not copied or copied != expected:
+                raise StoreError(f"{uri(loc)} read back as {copied} bytes; the store says it holds {expected}")
     return copy
+
+
+def _copy(source: BinaryIO, target: BinaryIO) -> int:
+    copied = 0
+    while chunk := source.read(CHUNK_BYTES):
+        target.write(chunk)
+        copied += len(chunk)
+    return copied
 
 
 def resolved_url(loc: Location) -> str:
@@ -171,7 +400,8 @@ def open_output(loc: Location) -> Iterator[BinaryIO]:
     if not is_local(loc):
         buffer = io.BytesIO()
         yield buffer
-        loc.write_bytes(buffer.getvalue())  # one PUT of complete bytes
+        with on_store(loc):
+            loc.write_bytes(buffer.getvalue())  # one PUT of complete bytes
         return
     loc.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=loc.parent, prefix=f".{loc.name}.", suffix=".tmp")
@@ -205,6 +435,7 @@ def open_append(loc: Location) -> Iterator[BinaryIO]:
         write_atomic(loc, (read_bytes(loc) if exists(loc) else b"") + added)
 
 
+@_store_call
 def move(source: Location, target: Location) -> None:
     """Give a finished file a new name, for files no reader waits on (a run's log): a rename
     locally; on an object store a copy and a delete, since there is no rename."""
@@ -234,7 +465,7 @@ def delete(loc: Location) -> None:
         else:
             loc.unlink(missing_ok=True)
         return
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError), on_store(loc):
         loc.fs.rm(loc.path, recursive=True)
 
 
@@ -267,7 +498,7 @@ def working(folder: Location, keep: bool = False) -> Iterator[Location]:
 
     def beat() -> None:
         while not stop.wait(LEASE_BEAT_S):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, StoreError):  # the next beat tries again
                 write_atomic(lease, str(time.time()))
 
     write_atomic(lease, str(time.time()))

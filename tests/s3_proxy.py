@@ -1,0 +1,172 @@
+"""A throttling proxy in front of moto's S3 server: every request the pipeline makes to the store
+passes through it, and a seeded share of them gets what a busy S3 answers instead of the real reply.
+
+Stdlib only (http.server + http.client). By default it forwards everything untouched; a test sets
+`proxy.throttle(share, ...)` for the requests it wants spoilt and `proxy.clean()` after. Ray's
+workers, started with the session, reach the store through the same proxy (the endpoint they
+inherited), so a rule set here reaches them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import http.server
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+# What S3 answers when it sheds load, and when it fails inside.
+SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
+INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
+FAULTS = ("slowdown", "internal", "reset")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
+
+
+@dataclasses.dataclass
+class Rule:
+    share: float = 0.0  # of the matching requests, how many are spoilt
+    methods: tuple[str, ...] = ("HEAD", "GET", "PUT", "POST", "DELETE")
+    match: Callable[[str, str], bool] = lambda method, path: True  # (method, path) -> spoil it?
+    kinds: tuple[str, ...] = FAULTS  # which faults, drawn evenly
+
+
+def _error_body(code: str, message: str, path: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><Resource>{path}</Resource>"
+        "<RequestId>0000000000000000</RequestId></Error>"
+    ).encode()
+
+
+class ThrottlingProxy:
+    """Listens on `port` of 127.0.0.1 and forwards to `upstream` (host, port), spoiling some requests."""
+
+    def __init__(self, port: int, upstream: tuple[str, int], seed: int = 0) -> None:
+        self.upstream = upstream
+        self.rule = Rule()
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.local = threading.local()  # each handler thread's connection to the upstream server
+        self.seen: Counter = Counter()  # method -> requests
+        self.spoilt: Counter = Counter()  # (method, fault) -> requests answered with a fault
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as clients expect of S3
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body leave in separate writes: without this, Nagle meets delayed ACKs.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's names
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD  # noqa: N815
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="s3-proxy", daemon=True)
+
+    def start(self) -> ThrottlingProxy:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def throttle(self, share: float, seed: int = 0, **rule) -> None:
+        """Spoil `share` of the matching requests from now on (a fresh seeded draw)."""
+        with self.lock:
+            self.rule = Rule(share, **rule)
+            self.rng = random.Random(seed)
+            self.spoilt.clear()
+
+    def clean(self) -> None:
+        self.throttle(0.0)
+
+    def _draw(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.seen[method] += 1
+            rule = self.rule
+            if not rule.share or method not in rule.methods or not rule.match(method, path):
+                return None
+            if self.rng.random() >= rule.share:
+                return None
+            fault = self.rng.choice(rule.kinds)
+            self.spoilt[method, fault] += 1
+            return fault
+
+    def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        method, path = handler.command, handler.path
+        body = _read_body(handler)
+        fault = self._draw(method, path)
+        if fault == "reset":
+            # RST instead of an answer: linger 0 and close, as a load balancer dropping the connection.
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.close_connection = True
+            handler.connection.close()
+            return
+        if fault is not None:
+            status, code, message = SLOW_DOWN if fault == "slowdown" else INTERNAL
+            payload = b"" if method == "HEAD" else _error_body(code, message, path)
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/xml")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload)
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP}
+        if body is not None:
+            headers["Content-Length"] = str(len(body))
+        reply, data = self._forward(method, path, body, headers)
+        handler.send_response_only(reply.status, reply.reason)
+        for key, value in reply.getheaders():
+            if key.lower() not in HOP_BY_HOP and not (key.lower() == "content-length" and method != "HEAD"):
+                handler.send_header(key, value)
+        if method != "HEAD":
+            handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if method != "HEAD":
+            handler.wfile.write(data)
+
+    def _forward(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple:
+        """(reply, its body) from the upstream server, on this thread's kept-alive connection."""
+        for attempt in range(2):
+            upstream = getattr(self.local, "upstream", None)
+            if upstream is None:
+                upstream = self.local.upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
+            try:
+                upstream.request(method, path, body=body, headers=headers)
+                reply = upstream.getresponse()
+                return reply, reply.read()
+            except (ConnectionError, http.client.HTTPException):
+                upstream.close()
+                self.local.upstream = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _read_body(handler: http.server.BaseHTTPRequestHandler) -> bytes | None:
+    """The request's body, whole (a chunked upload's chunks joined)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(chunks)
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+    length = handler.headers.get("Content-Length")
+    return handler.rfile.read(int(length)) if length else None

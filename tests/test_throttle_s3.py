@@ -1,0 +1,199 @@
+"""An object store that throttles (issue 25): moto behind a proxy (tests/s3_proxy.py) that answers a
+share of the requests with S3's 503 SlowDown, a 500 or a reset connection.
+
+At 5 % the whole pipeline gives what a clean endpoint gives; where the retries run out, one clear line
+names the object and nothing half-done becomes visible; and a committed object that the store hands
+back short or empty is never read as data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import cli, read_silver
+from silver_helpers import clustered, media_ids, write_manifest, write_silver
+
+from rayclip import Searcher
+from rayclip.stages import index
+from rayclip.store import catalog, debris, layout, storage
+
+REFERENCE = "clip_rayclip_ref_reference"
+ROWS = 200
+DAY = "2026-01-02"
+QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def throttled(s3_server, metadata, ray_session, tmp_path_factory):
+    """ingest → embed → index → search through the CLI on a fresh S3 root, 5 % of every request
+    (HEAD, GET, PUT, LIST) spoilt: (root, the search results the CLI printed, the faults served)."""
+    proxy = s3_server
+    root = storage.data_root(f"s3://rayclip-test/throttled-{os.getpid()}")
+    url = storage.uri(root)
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("throttled-cache"))
+    proxy.throttle(0.05, seed=25)
+    try:
+        assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
+        assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 0
+        assert cli("index", "--data-dir", url) == 0
+        found = []
+        for query in QUERIES:
+            searched = Searcher.open(root).search_text(query, k=5)
+            found.append([(r.media_id, r.score) for r in searched])
+        spoilt = dict(proxy.spoilt)
+    finally:
+        proxy.clean()
+        if saved is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved
+    yield root, found, spoilt
+
+
+def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
+    root, found, spoilt = throttled
+    methods = {method for method, _ in spoilt}
+    assert {"HEAD", "GET"} <= methods and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
+    here = gold_store[0]  # the same site and model on a clean local root (test_gold_s3: = a clean S3 root)
+    assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
+        catalog.read_manifest(here).column("media_id").to_pylist()
+    )
+    on_s3, local = read_silver(root, REFERENCE), read_silver(here, REFERENCE)
+    by_id = dict(zip(local.column("media_id").to_pylist(), local.column("embedding").to_pylist()))
+    assert sorted(on_s3.column("media_id").to_pylist()) == sorted(by_id)
+    for media_id, vector in zip(on_s3.column("media_id").to_pylist(), on_s3.column("embedding").to_pylist()):
+        assert np.allclose(vector, by_id[media_id], atol=1e-5)
+    clean = Searcher.open(here)
+    for query, got in zip(QUERIES, found):
+        want = clean.search_text(query, k=5)
+        assert [m for m, _ in got] == [r.media_id for r in want]
+        assert [s for _, s in got] == pytest.approx([r.score for r in want], abs=1e-5)
+
+
+def test_writes_through_every_client_survive_half_the_puts_failing(s3_proxy, s3_root):
+    """s3fs (storage's own writes) and pyarrow's S3 client (what Ray Data writes silver with)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"x": list(range(100))})
+    s3_proxy.throttle(0.5, seed=3, methods=("PUT",))
+    for i in range(6):
+        storage.write_atomic(s3_root / f"s3fs-{i}.bin", bytes([i]) * 1000)
+        filesystem, path = storage.arrow(s3_root / f"arrow-{i}.parquet")
+        pq.write_table(table, path, filesystem=filesystem)
+    assert sum(n for (method, _), n in s3_proxy.spoilt.items() if method == "PUT") >= 3, s3_proxy.spoilt
+    s3_proxy.clean()
+    for i in range(6):
+        assert storage.read_bytes(s3_root / f"s3fs-{i}.bin") == bytes([i]) * 1000
+        assert catalog.read_parquet(s3_root / f"arrow-{i}.parquet").equals(table)
+
+
+# ---------------------------------------------------------------- when the retries run out
+
+
+def silver_path(method: str, path: str) -> bool:
+    return "/silver/embeddings/" in path and path.split("?")[0].endswith(".parquet")
+
+
+def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done_shows(
+    s3_proxy, s3_root, tmp_path, monkeypatch, capsys
+):
+    """Every GET of a silver file answered 503 SlowDown, two attempts a request: `rayclip index` fails
+    with one line naming the object, the status and the attempts; CURRENT still names the old build,
+    no new build is listed; on a clean endpoint the rerun publishes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "2")
+    url = storage.uri(s3_root)
+    fill(s3_root)
+    assert cli("index", "--data-dir", url) == 0
+    published = catalog.current_build(s3_root, REFERENCE)
+    fill(s3_root, 40, prefix="new")
+
+    s3_proxy.throttle(1.0, methods=("GET",), match=silver_path, kinds=("slowdown",))
+    capsys.readouterr()
+    assert cli("index", "--data-dir", url) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.fullmatch(
+        rf"rayclip index: error: the object store gave up on {re.escape(url)}/silver/embeddings/\S+\.parquet "
+        r"after 2 attempts: 503 SlowDown \(\$RAYCLIP_S3_MAX_ATTEMPTS sets the attempts\)",
+        err[0],
+    ), err[0]
+    assert s3_proxy.spoilt["GET", "slowdown"] >= 2
+    assert catalog.current_build(s3_root, REFERENCE) == published
+    assert catalog.builds(s3_root, REFERENCE) == [published]
+    assert debris.find(s3_root) == []
+
+    s3_proxy.clean()
+    assert cli("index", "--data-dir", url) == 0
+    rerun = catalog.current_build(s3_root, REFERENCE)
+    assert rerun != published and Searcher.open(s3_root).info["count"] == ROWS + 40
+
+
+# ---------------------------------------------------------------- short or empty committed objects
+
+
+def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
+    """Made-up silver (one committed file) and a manifest part that records its size."""
+    ids = media_ids(rows, prefix)
+    write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)))
+    legacy = layout.manifest_dir(root) / f"part-{len(prefix)}.parquet"
+    write_manifest(root, ids, seed=len(prefix))
+    data = storage.read_bytes(legacy)
+    storage.delete(legacy)
+    storage.write_atomic(layout.manifest_part(root, layout.new_run_id(), len(data)), data)
+    return ids
+
+
+def spoil(loc, how: str) -> int:
+    """Cut the object in the store (half of it, or nothing): what a bad disk, a bad copy or a client
+    that took a 503 for an empty body leaves. Returns the size it had."""
+    data = storage.read_bytes(loc)
+    storage.write_atomic(loc, data[: len(data) // 2] if how == "half" else b"")
+    return len(data)
+
+
+@pytest.mark.parametrize(
+    "kind, how",
+    [
+        ("manifest part", "empty"),
+        ("silver file", "half"),
+        ("index.faiss", "half"),
+        ("mapping.parquet", "empty"),
+        ("tuning.npz", "half"),
+    ],
+)
+def test_a_committed_object_cut_in_the_store_is_refused_never_read(s3_root, tmp_path, monkeypatch, kind, how):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(storage, "VERIFY_ATTEMPTS", 2)
+    fill(s3_root)
+    if kind == "manifest part":
+        [part] = catalog.manifest_parts(s3_root)
+        size = spoil(part, how)
+        read = lambda: catalog.read_manifest(s3_root)  # noqa: E731
+        target = part
+    elif kind == "silver file":
+        [target] = catalog.silver_files(s3_root, REFERENCE)
+        size = spoil(target, how)
+        read = lambda: index.build(s3_root)  # noqa: E731
+    else:
+        built = index.build(s3_root)
+        target = layout.build_dir(s3_root, REFERENCE, built.build_id) / kind
+        size = spoil(target, how)
+        if kind == "tuning.npz":  # read by the next build, which extends this one
+            fill(s3_root, 20, prefix="more")
+            read = lambda: index.build(s3_root)  # noqa: E731
+        else:
+            read = lambda: Searcher.open(s3_root)  # noqa: E731
+    with pytest.raises(storage.StoreError) as refused:
+        read()
+    message = str(refused.value)
+    assert "\n" not in message and target.name in message, message
+    if kind == "mapping.parquet":  # the Searcher copies it first: an empty object is never cached
+        assert message.endswith("read back as 0 bytes; the store says it holds 0"), message
+    else:
+        assert f"its commit recorded {size} bytes" in message, message
