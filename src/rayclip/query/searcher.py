@@ -143,13 +143,16 @@ def _load_build(root: Location, model_version: str, build_id: str) -> Build:
     folder = layout.build_dir(root, model_version, build_id)
     cache = layout.build_cache(storage.cache_home(), root, model_version, build_id)
 
-    def local(file_of: Callable[[Location], Location]) -> Location:
-        return storage.cached(file_of(folder), file_of(cache))
+    def local(file_of: Callable[[Location], Location], recorded: dict | None = None) -> Location:
+        """A build file to read: checked against the size build.json records (where it does) as it
+        is copied, so a short read from the store is refused naming the object, not the copy."""
+        source = file_of(folder)
+        return storage.cached(source, file_of(cache), (recorded or {}).get(source.name))
 
     try:
         info = BuildInfo.read(local(layout.build_info_file))
-        index = catalog.read_index(local(layout.index_file))
-        mapping = catalog.read_parquet(local(layout.mapping_file))
+        index = catalog.read_index(local(layout.index_file, info.file_bytes))
+        mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
     except (OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"build {build_id} of {model_version} cannot be read: {str(exc).splitlines()[0]}") from None
     ids = mapping.column("faiss_id").to_numpy()
