@@ -43,14 +43,9 @@ ALLOWED = {
     ("synthetic.py", ".write_bytes"): "writes the generated JPEGs into that folder",
     ("synthetic.py", ".write_text"): "writes the generated annotation files (COCO/Flickr JSON) beside them",
     ("http/app.py", ".read_text"): "serves the web page's static files, packaged with rayclip",
-    ("query/searcher.py", ".read_bytes"): "reads a query image the user names (--image FILE)",
+    ("images.py", ".read_bytes"): "reads a query image the user names (--image FILE)",
     ("eval/recall.py", ".read_text"): "reads the benchmark's annotation file the user names",
     ("eval/recall.py", ".read_bytes"): "hashes the benchmark's local image files",
-    # staged_links: a temporary local folder of links to the benchmark's images, with caption
-    # sidecars, that the folder ingest reads (eval/ owns it; it could move into storage).
-    ("eval/recall.py", "import tempfile"): "staged_links: the temporary folder",
-    ("eval/recall.py", "os.symlink()"): "staged_links: one link per evaluated image",
-    ("eval/recall.py", ".write_text"): "staged_links: each link's caption sidecar",
 }
 
 # Stage modules never import each other; these two are shared by the stages (options: every stage's

@@ -28,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -407,13 +405,12 @@ def staged_links(evaluated: Gallery):
     """A temporary folder of links to the evaluated files (one per media_id), each with its first
     caption as the sidecar the folder ingest reads; the rest of the images folder stays out."""
     first_caption = {int(owner): c for owner, c in reversed(list(zip(evaluated.text_image, evaluated.captions)))}
-    with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as staging:
-        folder = Path(staging)
+    with storage.scratch_folder("rayclip-eval-") as folder:
         for i, file in enumerate(evaluated.files):
             link = folder / f"{i:08d}-{file.name}"  # numbered: files of different subfolders may share a name
-            os.symlink(file.absolute(), link)
+            storage.link(file, link)
             if i in first_caption:
-                link.with_suffix(".txt").write_text(first_caption[i] + "\n", encoding="utf-8")
+                storage.write_atomic(link.with_suffix(".txt"), first_caption[i] + "\n")
         yield folder
 
 

@@ -383,6 +383,18 @@ def resolved_url(loc: Location) -> str:
 
 
 # writing
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A local temporary folder, removed with everything in it when the block ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)
+
+
+def link(target: Path, link_path: Path) -> None:
+    """A local symbolic link to `target` (an absolute link: the folder holding it may move)."""
+    os.symlink(target.absolute(), link_path)
+
+
 def write_atomic(loc: Location, data: bytes | str) -> None:
     """Write the whole of `data`; readers see the old content (or nothing) until it is complete."""
     with open_output(loc) as f:
