@@ -355,11 +355,11 @@ def test_building_one_partition_gives_a_full_build(tmp_path):
     root = tmp_path / "data"
     write_silver(root, DAY1, media_ids(1000), clustered(1000, DIM, seed=1))
     write_silver(root, DAY2, media_ids(200, "day2"), clustered(200, DIM, seed=2))
-    first = index.build(root, day=DAY1)
+    first = index.build(root, dt=DAY1)
     assert info_of(first)["full_build_reason"] == "--dt picks one partition"
     assert first.count == 1000 and info_of(first)["source_partitions"] == [f"dt={DAY1}"]
     write_silver(root, DAY1, media_ids(100, "late"), clustered(100, DIM, seed=3))  # more of day 1
-    report = index.build(root, day=DAY1)
+    report = index.build(root, dt=DAY1)
     info = info_of(report)
     assert info["base_build"] is None and info["incremental"] is None
     assert info["full_build_reason"] == "--dt picks one partition"

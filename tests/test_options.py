@@ -1,4 +1,4 @@
-"""Every option is written once, in rayclip.stages.options: the CLI's flags are generated from it and
+"""Every option is written once, in rayclip.options: the CLI's flags are generated from it and
 the library's defaults are its defaults, so a default, a help text or a flag's meaning cannot drift."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import typing
 import pytest
 
 from rayclip import cli, model, pipeline, train
+from rayclip.eval import recall
 from rayclip.http import app
-from rayclip.query.searcher import Searcher
-from rayclip.stages import embed, index, ingest
-from rayclip.stages.options import (
+from rayclip.options import (
     DEFAULT_COLLAPSE,
     DemoOptions,
     EmbedOptions,
@@ -27,6 +26,8 @@ from rayclip.stages.options import (
     ServeOptions,
     TrainOptions,
 )
+from rayclip.query.searcher import Searcher
+from rayclip.stages import embed, index, ingest
 
 ALL = [ModelOptions, IngestOptions, EmbedOptions, IndexOptions, SearchOptions, ServeOptions, EvalOptions, DemoOptions]
 ALL.append(TrainOptions)
@@ -54,6 +55,13 @@ CONSUMERS = {
     "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
     "demo": [pipeline.run_demo],
     "train-reference": [train.train_reference],
+    "serve": [app.create_app],
+}
+# Options a command uses itself rather than hand to the library: where to listen and whether anonymous
+# is allowed (uvicorn, check_bind), the MiB and origins it converts to create_app's bytes and list.
+USED_BY_THE_CLI = {
+    "train-reference": {"out"},
+    "serve": {"host", "port", "allow_anonymous", "max_upload_mb", "cors_origin"},
 }
 # The library's functions and the classes their defaults come from (the first class that has a field wins).
 LIBRARY = {
@@ -70,7 +78,12 @@ LIBRARY = {
     train.train_reference: [TrainOptions],
     Searcher.open: [SearchOptions],
     Searcher.search: [SearchOptions],
+    Searcher.search_text: [SearchOptions],
+    Searcher.search_image: [SearchOptions],
+    Searcher.search_vectors: [SearchOptions],
     app.create_app: [ServeOptions],
+    model.choose_precision: [ModelOptions],
+    model.load_model: [ModelOptions],
 }
 # Old spellings kept for one release: parsed into the new option, hidden from --help. The only flags
 # whose meaning differs between commands; every one must be listed here.
@@ -125,10 +138,16 @@ def test_library_defaults_are_the_dataclass_defaults(function):
     assert checked  # each takes at least one option
 
 
+def test_the_scorers_cut_offs_are_the_eval_options():
+    """eval's scorers call the cut-offs `ks` (recall_at is their metric function): checked by hand."""
+    for scorer in (recall.evaluate, recall.score_benchmark):
+        assert inspect.signature(scorer).parameters["ks"].default == EvalOptions.recall_at
+
+
 @pytest.mark.parametrize("command", list(CONSUMERS))
 def test_every_option_of_a_command_reaches_the_library(command):
     taken = {name for function in CONSUMERS[command] for name in inspect.signature(function).parameters}
-    missing = set(offered(command)) - taken - ({"out"} if command == "train-reference" else set())
+    missing = set(offered(command)) - taken - USED_BY_THE_CLI.get(command, set())
     assert not missing, f"{command}: the CLI would drop {sorted(missing)}"
 
 
@@ -166,8 +185,9 @@ def test_a_flag_means_one_thing_in_every_command():
 
 def test_help_appends_the_default_and_hides_old_spellings():
     helps = {command: sub.format_help() for command, sub in subparsers().items()}
-    assert "images per batch (default: 32)" in " ".join(helps["embed"].split())
-    assert "recall cut-offs (default: 1 5 10)" in " ".join(helps["eval"].split())
+    batch, cut_offs = EmbedOptions.batch_size, " ".join(map(str, EvalOptions.recall_at))
+    assert f"images per batch (default: {batch})" in " ".join(helps["embed"].split())
+    assert f"recall cut-offs (default: {cut_offs})" in " ".join(helps["eval"].split())
     for (command, flag), _ in HIDDEN.items():
         assert not re.search(re.escape(flag) + r"(?![\w-])", helps[command]), (command, flag)
 

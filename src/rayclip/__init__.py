@@ -23,7 +23,7 @@ _EXPORTS = {
     "SearchResults": "query.searcher",
     "Term": "query.searcher",
     "QueryService": "query.service",
-    "SearchOptions": "stages.options",
+    "SearchOptions": "options",
     "UserError": "errors",
     "ModelSpec": "model",
     "Hooks": "pipeline",

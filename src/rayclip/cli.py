@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from . import pipeline
+from . import options, pipeline
 from .errors import UserError
-from .stages import options
 from .store import layout, storage
 
 _OUTPUT: dict = {"json": False, "console": None}  # with --json, stdout carries the JSON document, the rest stderr

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import UserError
-from .stages.options import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS
+from .options import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelOptions
 from .store.layout import slug
 
 REFERENCE_MODEL = "RayCLIP-Ref"
@@ -171,7 +171,7 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def choose_precision(precision: str = "auto", device: str = "cpu") -> str:
+def choose_precision(precision: str = ModelOptions.precision, device: str = "cpu") -> str:
     """`auto` → bf16 where the hardware runs it natively (AMX or AVX-512 BF16; a bf16 GPU), fp16 on
     older GPUs, fp32 otherwise; an explicit precision is kept as asked."""
     if precision not in PRECISIONS:
@@ -203,7 +203,9 @@ class ClipModel:
     precision with LayerNorm kept fp32 (open_clip's mixed mode); the vectors leave as fp32.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto"):
+    def __init__(
+        self, spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = ModelOptions.precision
+    ):
         import open_clip
         import torch
 
@@ -317,5 +319,7 @@ class _TrimmedText:
         return getattr(self._model, name)
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = "auto") -> ClipModel:
+def load_model(
+    spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = ModelOptions.precision
+) -> ClipModel:
     return ClipModel(spec, device=device, threads=threads, precision=precision)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from .errors import UserError
+from .options import DemoOptions, EmbedOptions, EvalOptions, IngestOptions, ModelOptions
 from .progress import Progress
-from .stages.options import DemoOptions, EmbedOptions, EvalOptions, IngestOptions, ModelOptions
 from .store import layout, storage
 from .store.storage import Location
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import synthetic
 from .model import REFERENCE_MODEL, quiet_root_logger, register_configs
-from .stages.options import TrainOptions
+from .options import TrainOptions
 from .store import storage
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..options import EvalOptions
 from ..progress import Progress
 from ..query.mapping import ABSENT
 from ..query.searcher import Searcher
@@ -75,7 +76,7 @@ def _chance(gallery: int, relevant: list[int], k: int) -> float:
 def evaluate(
     searcher: Searcher,
     urls: list[str] | None = None,
-    ks: tuple[int, ...] = (1, 5, 10),
+    ks: tuple[int, ...] = EvalOptions.recall_at,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Recall@K over the indexed images ingested from `urls` (all indexed images when None).
@@ -211,7 +212,7 @@ def read_annotations(dataset: str, annotations: Path, images: Path, split: str |
     if missing:
         raise UserError(
             f"{len(missing)} of the {len(chosen)} images in {annotations.name} are not under {images} "
-            f"(first: {missing[0]}); pass the folder that holds them as --images"
+            f"(first: {missing[0]}); pass the folder that holds them as --images-dir"
         )
     return chosen
 
@@ -366,7 +367,9 @@ def _worst(scores: np.ndarray, ranks: Ranks, evaluated: Gallery, paths: list[str
     return {"text_to_image": by_text, "image_to_text": by_image}
 
 
-def score_benchmark(searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] = (1, 5, 10)) -> BenchmarkReport:
+def score_benchmark(
+    searcher: Searcher, evaluated: Gallery, ks: tuple[int, ...] = EvalOptions.recall_at
+) -> BenchmarkReport:
     """clip_benchmark's Recall@K of the published build: its vectors, its model for the captions."""
     faiss_ids, paths = _indexed(searcher, evaluated.media_ids)
     scores = _encode_texts(searcher, evaluated.captions) @ searcher.vectors(faiss_ids).T

@@ -33,9 +33,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
 from ..images import ImageTooLargeError, decode_base64
-from ..query.searcher import NotIndexedError, Searcher, SearchOptions, SearchResults, Term, summary
+from ..options import SearchOptions, ServeOptions
+from ..query.searcher import Searcher, SearchResults, Term, summary
 from ..query.service import NoIndexError, QueryService, UnknownIndexError
-from ..stages.options import ServeOptions
 from ..store import catalog, storage
 from ..store.storage import Location
 from . import errors
@@ -322,10 +322,7 @@ def create_app(
         collapse: Collapse = None,
         where: Where = None,
     ) -> dict:
-        try:  # the indexed vector: no decode, no encode
-            results = find([Term("media_id", media_id)], k, where, collapse)
-        except NotIndexedError as err:
-            raise HTTPException(status_code=404, detail=str(err)) from None
+        results = find([Term("media_id", media_id)], k, where, collapse)  # the indexed vector: no decode, no encode
         return _payload(results, {"media_id": media_id, "k": k, "collapse": collapse, "where": where})
 
     @app.post("/api/search/image", dependencies=[encode_slot])

@@ -30,8 +30,8 @@ import pyarrow as pa
 from ..errors import UserError
 from ..images import open_query_image
 from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
+from ..options import DEFAULT_COLLAPSE, SearchOptions
 from ..stages import ann
-from ..stages.options import DEFAULT_COLLAPSE, SearchOptions
 from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location

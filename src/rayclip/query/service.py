@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from ..stages.options import SearchOptions
+from ..options import SearchOptions
 from ..store import catalog, storage
 from ..store.storage import Location
 from .searcher import Searcher, SearchResults, Term

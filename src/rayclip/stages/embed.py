@@ -38,9 +38,9 @@ from .. import cluster, faults
 from ..errors import UserError
 from ..images import decode_image
 from ..model import ModelSpec, check_available, choose_precision, load_model
+from ..options import EmbedOptions
 from ..progress import Progress, watch
 from ..store import catalog, debris, layout, storage
-from .options import EmbedOptions
 
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched

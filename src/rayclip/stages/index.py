@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 from .. import faults
 from ..errors import UserError
 from ..model import ModelSpec
+from ..options import IndexOptions
 from ..progress import Progress
 from ..store import catalog, debris, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import ann
-from .options import IndexOptions
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 from .. import cluster, faults
 from ..errors import UserError
 from ..images import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
+from ..options import DISTRIBUTORS, IngestOptions
 from ..progress import POLL_S, Progress, watch
 from ..store import catalog, debris, layout, storage
 from ..store.storage import Location
-from .options import DISTRIBUTORS, IngestOptions
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 URL_COLUMNS = ("URL", "url")
