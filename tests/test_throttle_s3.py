@@ -28,14 +28,19 @@ QUERIES = ["a large red circle on the left on a white background", "a small blue
 
 @pytest.fixture(scope="module")
 def throttled(s3_server, metadata, ray_session, tmp_path_factory):
-    """ingest → embed → index → search through the CLI on a fresh S3 root, 5 % of every request
-    (HEAD, GET, PUT, LIST) spoilt: (root, the search results the CLI printed, the faults served)."""
+    """ingest → embed → index through the CLI, then search in Python and through the HTTP service,
+    on a fresh S3 root with 5 % of every request (HEAD, GET, PUT, LIST) answered 503 SlowDown:
+    (root, the Searcher's results, the service's results, the faults served)."""
+    from fastapi.testclient import TestClient
+
+    from rayclip.http.app import create_app
+
     proxy = s3_server
     root = storage.data_root(f"s3://rayclip-test/throttled-{os.getpid()}")
     url = storage.uri(root)
     saved = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("throttled-cache"))
-    proxy.throttle(0.05, seed=25)
+    proxy.throttle(0.05, seed=25, kinds=("slowdown",))
     try:
         assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
         assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 0
@@ -44,6 +49,8 @@ def throttled(s3_server, metadata, ray_session, tmp_path_factory):
         for query in QUERIES:
             searched = Searcher.open(root).search_text(query, k=5)
             found.append([(r.media_id, r.score) for r in searched])
+        with TestClient(create_app(url)) as client:  # serve: opens the build from the store at start
+            served = [client.get("/api/search", params={"q": query, "k": 5}).json()["results"] for query in QUERIES]
         spoilt = dict(proxy.spoilt)
     finally:
         proxy.clean()
@@ -51,13 +58,14 @@ def throttled(s3_server, metadata, ray_session, tmp_path_factory):
             os.environ.pop("XDG_CACHE_HOME", None)
         else:
             os.environ["XDG_CACHE_HOME"] = saved
-    yield root, found, spoilt
+    yield root, found, served, spoilt
 
 
 def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
-    root, found, spoilt = throttled
+    root, found, served, spoilt = throttled
     methods = {method for method, _ in spoilt}
     assert {"HEAD", "GET"} <= methods and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
+    assert {fault for _, fault in spoilt} == {"slowdown"}
     here = gold_store[0]  # the same site and model on a clean local root (test_gold_s3: = a clean S3 root)
     assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
         catalog.read_manifest(here).column("media_id").to_pylist()
@@ -72,6 +80,7 @@ def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
         want = clean.search_text(query, k=5)
         assert [m for m, _ in got] == [r.media_id for r in want]
         assert [s for _, s in got] == pytest.approx([r.score for r in want], abs=1e-5)
+    assert [[r["media_id"] for r in results] for results in served] == [[m for m, _ in got] for got in found]
 
 
 def test_writes_through_every_client_survive_half_the_puts_failing(s3_proxy, s3_root):
@@ -194,3 +203,23 @@ def test_a_committed_object_cut_in_the_store_is_refused_never_read(s3_root, tmp_
     message = str(refused.value)
     assert "\n" not in message and target.name in message, message
     assert f"its commit recorded {size} bytes" in message, message
+
+
+@pytest.mark.parametrize("kind", ["build.json", "silver commit record", "CURRENT"])
+def test_a_cut_record_is_refused_by_name_never_parsed(s3_root, tmp_path, monkeypatch, kind):
+    """The records that say what is committed: an empty or cut one is one line naming it, not a
+    traceback and not an empty build id."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fill(s3_root)
+    built = index.build(s3_root)
+    if kind == "build.json":
+        target = layout.build_info_file(layout.build_dir(s3_root, REFERENCE, built.build_id))
+    elif kind == "silver commit record":
+        [target] = storage.glob(layout.silver_commits_dir(s3_root, REFERENCE), "*.json")
+    else:
+        target = layout.current_file(s3_root, REFERENCE)
+    spoil(target, "empty" if kind == "CURRENT" else "half")
+    with pytest.raises(storage.ShortReadError) as refused:
+        Searcher.open(s3_root) if kind != "silver commit record" else index.build(s3_root, retrain=True)
+    message = str(refused.value)
+    assert "\n" not in message and target.name in message, message

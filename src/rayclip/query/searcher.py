@@ -153,6 +153,9 @@ def _load_build(root: Location, model_version: str, build_id: str) -> Build:
         info = BuildInfo.read(local(layout.build_info_file))
         index = catalog.read_index(local(layout.index_file, info.file_bytes))
         mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
+    except storage.ShortReadError as err:  # a file is not what build.json recorded
+        rollback = "roll back with `rayclip index --rollback`"
+        raise storage.ShortReadError(f"build {build_id} of {model_version} is broken: {err}; {rollback}") from None
     except (OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"build {build_id} of {model_version} cannot be read: {str(exc).splitlines()[0]}") from None
     ids = mapping.column("faiss_id").to_numpy()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UserError
 from . import layout, storage
-from .storage import Location, StoreError
+from .storage import Location, ShortReadError
 
 # The size each commit record read so far gives the object it names (by URI). A committed object never
 # changes, so what a record said holds for the life of the process; every reader below checks it.
@@ -43,13 +43,13 @@ def _committed(loc: Location, size: int | None, what: str) -> Iterator[object]:
     size = recorded_size(loc) if size is None else size
     with storage.open_input(loc, size) as f:
         if not storage.file_size(f):
-            raise StoreError(f"{storage.uri(loc)} is empty; a committed {what} never is")
+            raise ShortReadError(f"{storage.uri(loc)} is empty; a committed {what} never is")
         try:
             with storage.on_store(loc):  # the store refusing a read: its own line (a StoreError)
                 yield f
         except (pa.ArrowInvalid, OSError, RuntimeError) as exc:  # the bytes themselves are not whole
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise StoreError(f"{storage.uri(loc)} is not a whole {what}: {first}") from exc
+            raise ShortReadError(f"{storage.uri(loc)} is not a whole {what}: {first}") from exc
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -183,7 +183,7 @@ class BuildInfo:
         try:
             info = cls.from_dict(storage.read_json(loc))
         except ValueError as exc:  # an empty or cut build.json (JSONDecodeError)
-            raise StoreError(f"{storage.uri(loc)} is not a whole build record: {exc}") from None
+            raise ShortReadError(f"{storage.uri(loc)} is not a whole build record: {exc}") from None
         for name, size in (info.file_bytes or {}).items():
             _remember(loc.parent / name, size)
         return info
@@ -230,8 +230,15 @@ def parquet_metadata(loc: Location, size: int | None = None) -> pq.FileMetaData:
 
 
 def current_build(root: Location, model_version: str) -> str | None:
+    """The build CURRENT names (None: nothing published). CURRENT is written whole in one PUT or
+    rename, so an empty read is the store's failure, refused rather than taken for a build id."""
     current = layout.current_file(root, model_version)
-    return storage.read_text(current).strip() if storage.exists(current) else None
+    if not storage.exists(current):
+        return None
+    build_id = storage.read_text(current).strip()
+    if not build_id:
+        raise ShortReadError(f"{storage.uri(current)} read back empty; it always names a build")
+    return build_id
 
 
 def pick_model_version(root: Location, asked: str | None, available: list[str], layer: str) -> str:

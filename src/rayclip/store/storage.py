@@ -62,6 +62,10 @@ class StoreError(UserError):
         super().__init__(message, exit_code=1)
 
 
+class ShortReadError(StoreError):
+    """A committed object is not what its commit recorded: another size, empty, or not whole."""
+
+
 # retries
 def max_attempts() -> int:
     """Attempts per object-store request: $RAYCLIP_S3_MAX_ATTEMPTS, else DEFAULT_S3_MAX_ATTEMPTS."""
@@ -288,7 +292,13 @@ def read_text(loc: Location) -> str:
 
 
 def read_json(loc: Location) -> dict:
-    return json.loads(read_bytes(loc))
+    """A JSON record (commit record, run record, build.json): one that is empty or cut is refused
+    naming the object, never parsed into something else."""
+    data = read_bytes(loc)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ShortReadError(f"{uri(loc)} is not a whole JSON record ({len(data)} bytes): {exc}") from None
 
 
 @_store_call
@@ -303,7 +313,7 @@ def open_input(loc: Location, size: int | None = None) -> BinaryIO:
         f.close()
         _forget(loc)
         time.sleep(0.2 * 2**attempt)
-    raise StoreError(
+    raise ShortReadError(
         f"{uri(loc)} has {got} bytes by the store's account {VERIFY_ATTEMPTS} times; its commit recorded {size} bytes"
     )
 
@@ -365,7 +375,7 @@ def cached(loc: Location, copy: Path, size: int | None = None) -> Location:
                 copied = _copy(source, target)
             expected = file_size(source)
             if not copied or copied != expected:
-                raise StoreError(f"{uri(loc)} read back as {copied} bytes; the store says it holds {expected}")
+                raise ShortReadError(f"{uri(loc)} read back as {copied} bytes; the store says it holds {expected}")
     return copy
 
 
