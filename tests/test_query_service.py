@@ -52,14 +52,8 @@ def mapping_of(root, build_id: str) -> list[str]:
     )
 
 
-def test_a_build_published_mid_query_never_mislabels_the_results(tmp_path, monkeypatch):
-    """The query's FAISS call blocks; a full build with other rows is published and another request
-    makes the shared Searcher switch to it; the blocked query must still name the build its
-    faiss_ids and rows come from."""
-    root = tmp_path / "data"
-    ids = vectors_store(root)
-    first = index.build(root)
-    client = TestClient(create_app(root))
+def first_search_blocked(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """The next query's FAISS call waits for `release`; `entered` is set once it is waiting."""
     entered, release = threading.Event(), threading.Event()
     search = searcher_module._search
 
@@ -70,6 +64,18 @@ def test_a_build_published_mid_query_never_mislabels_the_results(tmp_path, monke
         return search(build, queries, k, allowed)
 
     monkeypatch.setattr(searcher_module, "_search", blocking_search)
+    return entered, release
+
+
+def test_a_build_published_mid_query_never_mislabels_the_results(tmp_path, monkeypatch):
+    """The query's FAISS call blocks; a full build with other rows is published and another request
+    makes the shared Searcher switch to it; the blocked query must still name the build its
+    faiss_ids and rows come from."""
+    root = tmp_path / "data"
+    ids = vectors_store(root)
+    first = index.build(root)
+    client = TestClient(create_app(root))
+    entered, release = first_search_blocked(monkeypatch)
     body = {"terms": [{"media_id": ids[7]}], "k": 10}
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/api/search", json=body)
@@ -95,16 +101,7 @@ def test_knn_service_names_the_build_its_ids_come_from(tmp_path, monkeypatch):
     vectors_store(root)
     first = index.build(root)
     client = TestClient(create_app(root))
-    entered, release = threading.Event(), threading.Event()
-    search = searcher_module._search
-
-    def blocking_search(build, queries, k, allowed):
-        if not entered.is_set():
-            entered.set()
-            assert release.wait(60)
-        return search(build, queries, k, allowed)
-
-    monkeypatch.setattr(searcher_module, "_search", blocking_search)
+    entered, release = first_search_blocked(monkeypatch)
     query = {"embedding_input": clustered(1, seed=9)[0].tolist(), "num_images": 5, "indice_name": MODEL_VERSION}
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/knn-service", content=json.dumps(query))
