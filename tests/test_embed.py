@@ -106,17 +106,24 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     spec = model.resolve(None, "reference")
     first = embed.embed(store, spec, actors=1, batch_size=4, limit=10)
     assert first.rows_embedded == 10
-    # Bit rot after ingest: an object no longer decodes. The run records it and goes on.
+    # After ingest, one object rots (no longer decodes) and another is overwritten with a different
+    # image that decodes fine: neither is embedded, since an object's bytes must hash to its media_id.
     done = set(read_silver(store, spec.model_version).column("media_id").to_pylist())
-    rotten = next(r for r in catalog.read_manifest(store).to_pylist() if r["media_id"] not in done)
+    rotten, swapped = [r for r in catalog.read_manifest(store).to_pylist() if r["media_id"] not in done][:2]
     (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
+    other = next(r for r in catalog.read_manifest(store).to_pylist() if r["media_id"] in done)
+    (store / swapped["path"]).write_bytes((store / other["path"]).read_bytes())
 
     second = embed.embed(store, spec, actors=1, batch_size=4, day="2026-01-02")
-    assert (second.rows_planned, second.rows_embedded, second.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 11, 1)
+    assert (second.rows_planned, second.rows_embedded, second.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 12, 2)
     assert second.partition.endswith("dt=2026-01-02")
-    assert second.failed_ids == [{"media_id": rotten["media_id"], "reason": "decode error"}]
+    assert sorted(second.failed_ids, key=lambda f: f["media_id"]) == sorted(
+        [{"media_id": r["media_id"], "reason": embed.CHANGED_OBJECT} for r in (rotten, swapped)],
+        key=lambda f: f["media_id"],
+    )
     assert len(list((store / second.partition).glob("*.parquet"))) >= 1
-    assert rotten["media_id"] not in read_silver(store, spec.model_version).column("media_id").to_pylist()
+    embedded = read_silver(store, spec.model_version).column("media_id").to_pylist()
+    assert rotten["media_id"] not in embedded and swapped["media_id"] not in embedded
 
 
 def test_joins_the_cluster_named_by_ray_address(store, ray_session):

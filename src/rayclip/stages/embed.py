@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import os
 import re
@@ -209,6 +210,20 @@ class RunStats:
         return sum(self.rows_by_worker.values()) + len(self.failures)
 
 
+CHANGED_OBJECT = "object changed since ingest"  # its bytes no longer hash to its media_id
+OBJECT_READS = 2  # a short or wrong read from a store is read once more before the row fails
+
+
+def _object_bytes(loc, media_id: str) -> bytes | None:
+    """A bronze object's bytes, only when they hash to its media_id (the name *is* the content's
+    hash, so no short, empty or rotten read is ever embedded); None when they never do."""
+    for _ in range(OBJECT_READS):
+        data = storage.read_bytes(loc)
+        if hashlib.sha256(data).hexdigest() == media_id:
+            return data
+    return None
+
+
 class EmbedUDF:
     """Loads the model once per actor; turns (media_id, path) batches into silver rows.
 
@@ -248,9 +263,11 @@ class EmbedUDF:
         """(media_id, preprocessed pixels, None), or (media_id, None, why it failed)."""
         media_id, path = row
         try:
-            data = storage.read_bytes(self.root / path)  # a store that gives up fails the job (StoreError)
+            data = _object_bytes(self.root / path, media_id)  # a store that gives up fails the job (StoreError)
         except FileNotFoundError:
             return media_id, None, "missing object"
+        if data is None:
+            return media_id, None, CHANGED_OBJECT
         try:
             return media_id, self.model.preprocess(decode_image(data)), None
         except Exception:  # a bad image must not kill the job; it is counted and skipped
