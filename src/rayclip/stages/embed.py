@@ -382,7 +382,7 @@ def commit(root: storage.Location, model_version: str, day: str, run_id: str) ->
     run in it; a dead run's files are debris. Returns the record, or None when the run wrote no rows.
     """
     partition = layout.silver_partition(root, model_version, day)
-    files = [f for f in storage.glob(partition, "*.parquet") if layout.silver_file_run(f.name) == run_id]
+    files = [f for f in storage.glob(partition, layout.PARTITION_FILES) if layout.silver_file_run(f.name) == run_id]
     named = []
     for f in files:
         with storage.open_input(f) as opened:  # its size is recorded: readers check theirs against it

@@ -262,7 +262,7 @@ def _follow_shards(output_dir: Location, admitter: _Admitter, finished: threadin
     done: set[str] = set()
     while True:
         last_pass = finished.is_set()  # read before listing: the last pass sees every shard
-        for stats in storage.glob(output_dir, "*_stats.json"):
+        for stats in storage.glob(output_dir, layout.IMG2DATASET_SHARD_STATS):
             if stats.name not in done:
                 done.add(stats.name)
                 admitter.admit_shard(output_dir / stats.name.replace("_stats.json", ".parquet"))

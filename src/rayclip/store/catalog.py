@@ -119,7 +119,8 @@ def silver_commits(root: Location, model_version: str) -> list[dict]:
 
     A run's Parquet files are data only once its record, written after all of them, exists."""
     folder = layout.silver_model_dir(root, model_version)
-    records = [storage.read_json(f) for f in storage.glob(layout.silver_commits_dir(root, model_version), "*.json")]
+    committed = storage.glob(layout.silver_commits_dir(root, model_version), layout.COMMIT_RECORDS)
+    records = [storage.read_json(f) for f in committed]
     for record in records:
         for f in record["files"]:
             _remember(folder / f["name"], f.get("bytes"))

@@ -119,6 +119,11 @@ def silver_commit_file(root: Location, model_version: str, run_id: str) -> Locat
     return silver_commits_dir(root, model_version) / f"{run_id}.json"
 
 
+COMMIT_RECORDS = "*.json"  # under silver_commits_dir
+PARTITION_FILES = "*.parquet"  # a silver partition's files, committed or not
+IMG2DATASET_SHARD_STATS = "*_stats.json"  # img2dataset writes one when a shard is finished
+
+
 # Ray Data's Parquet writer names a write task's files <stem>-<i>.parquet (its pyarrow basename_template).
 RAY_FILE_SUFFIX = "-{i}.parquet"
 RUN_ID = r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}"  # new_run_id's shape
