@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import GOOD_IMAGES, cli
+from silver_helpers import media_ids, normalised, write_silver
 
 from rayclip.eval import recall
 from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
 from rayclip.query.searcher import Searcher
+from rayclip.stages import index
 from rayclip.store import layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +113,32 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
     assert [r["rank"] for r in search_doc] == [1, 2, 3]
     eval_doc = run("eval", "--metadata", str(metadata), "--pretrained", "reference")
     assert set(eval_doc) >= {"text_to_image", "image_to_text", "chance_text_to_image", "build_id"}
+
+
+def test_search_collapse_with_a_threshold_folds_the_pair_that_threshold_joins(tmp_path, capsys):
+    """Twenty vectors: a, its near-copy at cosine 0.93, and 18 orthogonal to both. `--collapse 0.9`
+    folds the copy into a; without collapse, or at the default (0.96), both come back. (Twenty, not
+    four: index.build cannot tune a build of 10 vectors or fewer.)"""
+    a, u, *others = np.linalg.qr(np.random.default_rng(11).standard_normal((128, 20)))[0].T  # orthonormal
+    near = 0.93 * a + np.sqrt(1 - 0.93**2) * u  # cosine(a, near) == 0.93
+    ids = media_ids(20, "collapse-cli")
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", ids, normalised(np.stack([a, near, *others])))
+    index.build(root)
+
+    def search(*flags: str) -> list[dict]:
+        assert cli("search", "--data-dir", str(root), "--like", ids[0], "--k", "20", "--json", *flags) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain = search()
+    assert [r["media_id"] for r in plain[:2]] == ids[:2] and len(plain) == 20
+    assert not any(r["duplicates"] for r in plain)
+    folded = search("--collapse", "0.9")
+    assert len(folded) == 19 and ids[1] not in {r["media_id"] for r in folded}
+    assert folded[0]["media_id"] == ids[0] and [r["duplicates"] for r in folded] == [1] + [0] * 18
+    default = search("--collapse")  # 0.96: the pair stays apart, so 0.9 above was the threshold used
+    assert [r["media_id"] for r in default[:2]] == ids[:2] and len(default) == 20
+    assert not any(r["duplicates"] for r in default)
 
 
 # ------------------------------------------------------------------ the Ray dashboard
