@@ -21,7 +21,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import GOOD_IMAGES, cli
-from silver_helpers import media_ids, normalised, write_silver
+from fastapi.testclient import TestClient
+from silver_helpers import clustered, media_ids, normalised, write_silver
 
 from rayclip.eval import recall
 from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
@@ -215,6 +216,16 @@ def evaluated_store(gold_store, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def vectors_root(tmp_path_factory):
+    """A published build of made-up vectors filed under the reference model (no Ray, no images):
+    text queries encode with the reference model as on a real store."""
+    root = tmp_path_factory.mktemp("vectors") / "data"
+    write_silver(root, "2026-01-01", media_ids(40), clustered(40))
+    index.build(root)
+    return root
+
+
 def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages(gold_store):
     from fastapi.testclient import TestClient
 
@@ -311,6 +322,22 @@ def test_oversized_query_strings_and_bodies_are_refused_before_any_work(gold_sto
     assert long_query.status_code == 414
     huge = client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 400_000, "image/jpeg")}, params={"k": 1})
     assert huge.status_code == 413 and "request body" in huge.json()["detail"]
+
+
+def test_a_post_without_content_length_is_refused_411(vectors_root):
+    client = TestClient(create_app(vectors_root))
+
+    def chunked(body: bytes):
+        yield body  # a generator body: httpx sends it chunked, with no Content-Length
+
+    bodies = {"/api/search": {"terms": [{"text": "a red circle"}]}, "/knn-service": {"text": "a red circle"}}
+    for path, body in bodies.items():
+        content = chunked(json.dumps(body).encode())
+        response = client.post(path, content=content, headers={"Content-Type": "application/json"})
+        sent = response.request.headers
+        assert sent["transfer-encoding"] == "chunked" and "content-length" not in sent
+        assert response.status_code == 411, (path, response.status_code)
+        assert response.json()["detail"] == "a request body needs a Content-Length"
 
 
 # ------------------------------------------------------------------ the status page in Chromium
