@@ -26,6 +26,7 @@ from silver_helpers import clustered, media_ids, normalised, write_silver
 
 from rayclip.eval import recall
 from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.query import searcher as searcher_module
 from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 from rayclip.store import layout
@@ -312,6 +313,54 @@ def test_a_burst_of_four_times_the_queue_depth_is_answered_with_200s_and_503s(go
     assert elapsed < 20  # nothing waited behind the queue: the 503s came at once
     assert after.status_code == 200  # and the slots were given back
     assert DEFAULT_QUEUE_DEPTH >= 1
+
+
+def _scrape(http: httpx.Client):
+    """/metrics read once: value(name, **labels) sums the samples with those labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http.get("/metrics").text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return lambda name, **labels: sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_the_queue_depth_plus_one_query_is_shed_and_the_gauge_and_total_phase_count_them(vectors_root, monkeypatch):
+    """`depth` queries held inside FAISS fill the queue: the next is a 503 with Retry-After at once,
+    the in-flight gauge reads `depth` meanwhile and 0 after, and every answer is a `total` observation."""
+    depth = 2
+    entered, release = threading.Semaphore(0), threading.Event()
+    search = searcher_module._search
+
+    def held(build, queries, k, allowed):
+        entered.release()
+        assert release.wait(60)
+        return search(build, queries, k, allowed)
+
+    monkeypatch.setattr(searcher_module, "_search", held)
+    total = {"name": "rayclip_query_phase_seconds_count", "phase": "total"}
+    requests = {"name": "rayclip_requests_total", "endpoint": "/api/search"}
+    with serving(create_app(vectors_root, queue_depth=depth)) as base, ThreadPoolExecutor(depth) as pool:
+        with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+            before = _scrape(http)
+            try:
+                queries = [{"q": f"a red circle {i}"} for i in range(depth)]
+                pending = [pool.submit(http.get, "/api/search", params=q) for q in queries]
+                assert all(entered.acquire(timeout=30) for _ in range(depth))  # both inside FAISS now
+                refused = http.get("/api/search", params={"q": "one too many"}, timeout=10)
+                during = _scrape(http)
+            finally:
+                release.set()
+            answered = [f.result(60) for f in pending]
+            deadline = time.monotonic() + 10
+            while (after := _scrape(http))("rayclip_queries_in_flight") and time.monotonic() < deadline:
+                time.sleep(0.05)  # the slot is given back as the response goes out
+    assert [r.status_code for r in answered] == [200] * depth
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+    assert during("rayclip_queries_in_flight") == depth
+    assert during(**requests, status="503") - before(**requests, status="503") == 1
+    assert after("rayclip_queries_in_flight") == 0
+    assert after(**requests, status="200") - before(**requests, status="200") == depth
+    assert after(**total) - before(**total) == depth + 1  # the 503 is a query answered too
 
 
 def test_oversized_query_strings_and_bodies_are_refused_before_any_work(gold_store):
