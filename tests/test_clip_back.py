@@ -513,7 +513,7 @@ def test_fetch_gives_up_at_its_total_deadline_while_bytes_keep_coming():
         server.shutdown()
         server.server_close()
     assert slow.value.status_code == 422 and slow.value.detail == "image_url took too long to download"
-    assert 1.0 <= elapsed < 2.0
+    assert 1.0 <= elapsed < 2.5  # the whole body would take 3 s
 
 
 def test_url_query_end_to_end_equals_base64_query(gold_store, recorder, monkeypatch):
