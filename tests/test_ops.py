@@ -20,12 +20,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import GOOD_IMAGES, cli
+from conftest import GOOD_IMAGES, _free_port, cli
 from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, normalised, write_silver
 
 from rayclip.eval import recall
-from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.http.app import API_KEY_ENV, DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
 from rayclip.query import searcher as searcher_module
 from rayclip.query.searcher import Searcher
 from rayclip.stages import index
@@ -251,6 +251,39 @@ def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages
         assert client.post(path, json=body).status_code == 401, path
         assert client.post(path, json=body, headers=good).status_code == 200, path
     assert client.get("/indices-list").status_code == 401
+
+
+@pytest.mark.parametrize("given_by", ["environment", "flag"])
+def test_rayclip_serve_takes_the_key_from_the_flag_or_the_environment(vectors_root, given_by):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rayclip.cli", "serve", "--data-dir", str(vectors_root), "--port", str(port)]
+    env = {k: v for k, v in _env().items() if k != API_KEY_ENV}
+    if given_by == "environment":
+        env[API_KEY_ENV] = KEY
+    else:
+        cmd += ["--api-key", KEY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    good = {"Authorization": f"Bearer {KEY}"}
+    metadata = {"ids": [0], "indice_name": "clip_rayclip_ref_reference"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get("/healthz", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            assert http.get("/healthz").status_code == 200  # open: the port is up
+            assert http.get("/api/search", params={"q": "a red circle"}).status_code == 401
+            wrong = http.get("/api/search", params={"q": "a red circle"}, headers={"Authorization": "Bearer no"})
+            assert wrong.status_code == 401
+            assert http.get("/api/search", params={"q": "a red circle"}, headers=good).status_code == 200
+            assert http.post("/metadata", json=metadata).status_code == 401  # clip-retrieval's routes too
+            assert http.post("/metadata", json=metadata, headers=good).status_code == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "API key required on /api/* and /metrics" in output
 
 
 def test_serving_off_loopback_without_a_key_is_refused_with_one_line(gold_store):
