@@ -478,6 +478,44 @@ def test_fetch_checks_every_redirect_and_limits_size_time_and_hops(recorder):
     assert slow.value.status_code == 422 and time.monotonic() - started < 2.5
 
 
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """An image body one byte every 0.2 s for 3 s: never idle long enough for a read timeout."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for _ in range(15):
+                self.wfile.write(b"\0")
+                time.sleep(0.2)
+        except OSError:
+            pass  # the client hung up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_fetch_gives_up_at_its_total_deadline_while_bytes_keep_coming():
+    """fetch_image's own deadline, not httpx's read timeout: every read gets a byte within 0.2 s of a
+    1 s timeout, but the whole body would take 3 s."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/trickle.jpg"
+    try:
+        started = time.monotonic()
+        with pytest.raises(HTTPException) as slow:
+            clip_back.fetch_image(url, 1 << 20, timeout_s=1.0, allowed=only("127.0.0.1"))
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert slow.value.status_code == 422 and slow.value.detail == "image_url took too long to download"
+    assert 1.0 <= elapsed < 2.5  # the whole body would take 3 s
+
+
 def test_url_query_end_to_end_equals_base64_query(gold_store, recorder, monkeypatch):
     # The public-address rule is the one thing swapped: loopback is all a test may reach.
     monkeypatch.setattr(clip_back, "is_public_address", only("127.0.0.1"))

@@ -18,12 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from conftest import GOOD_IMAGES, cli
+from conftest import GOOD_IMAGES, _free_port, cli
+from fastapi.testclient import TestClient
+from silver_helpers import clustered, media_ids, normalised, write_silver
 
 from rayclip.eval import recall
-from rayclip.http.app import DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.http.app import API_KEY_ENV, DEFAULT_QUEUE_DEPTH, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.query import searcher as searcher_module
 from rayclip.query.searcher import Searcher
+from rayclip.stages import index
 from rayclip.store import layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +117,32 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
     assert set(eval_doc) >= {"text_to_image", "image_to_text", "chance_text_to_image", "build_id"}
 
 
+def test_search_collapse_with_a_threshold_folds_the_pair_that_threshold_joins(tmp_path, capsys):
+    """Twenty vectors: a, its near-copy at cosine 0.93, and 18 orthogonal to both. `--collapse 0.9`
+    folds the copy into a; without collapse, or at the default (0.96), both come back. (Twenty, not
+    four: index.build cannot tune a build of 10 vectors or fewer.)"""
+    a, u, *others = np.linalg.qr(np.random.default_rng(11).standard_normal((128, 20)))[0].T  # orthonormal
+    near = 0.93 * a + np.sqrt(1 - 0.93**2) * u  # cosine(a, near) == 0.93
+    ids = media_ids(20, "collapse-cli")
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", ids, normalised(np.stack([a, near, *others])))
+    index.build(root)
+
+    def search(*flags: str) -> list[dict]:
+        assert cli("search", "--data-dir", str(root), "--like", ids[0], "--k", "20", "--json", *flags) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain = search()
+    assert [r["media_id"] for r in plain[:2]] == ids[:2] and len(plain) == 20
+    assert not any(r["duplicates"] for r in plain)
+    folded = search("--collapse", "0.9")
+    assert len(folded) == 19 and ids[1] not in {r["media_id"] for r in folded}
+    assert folded[0]["media_id"] == ids[0] and [r["duplicates"] for r in folded] == [1] + [0] * 18
+    default = search("--collapse")  # 0.96: the pair stays apart, so 0.9 above was the threshold used
+    assert [r["media_id"] for r in default[:2]] == ids[:2] and len(default) == 20
+    assert not any(r["duplicates"] for r in default)
+
+
 # ------------------------------------------------------------------ the Ray dashboard
 
 
@@ -186,6 +217,16 @@ def evaluated_store(gold_store, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def vectors_root(tmp_path_factory):
+    """A published build of made-up vectors filed under the reference model (no Ray, no images):
+    text queries encode with the reference model as on a real store."""
+    root = tmp_path_factory.mktemp("vectors") / "data"
+    write_silver(root, "2026-01-01", media_ids(40), clustered(40))
+    index.build(root)
+    return root
+
+
 def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages(gold_store):
     from fastapi.testclient import TestClient
 
@@ -210,6 +251,39 @@ def test_api_key_is_required_on_the_api_and_metrics_but_not_on_healthz_and_pages
         assert client.post(path, json=body).status_code == 401, path
         assert client.post(path, json=body, headers=good).status_code == 200, path
     assert client.get("/indices-list").status_code == 401
+
+
+@pytest.mark.parametrize("given_by", ["environment", "flag"])
+def test_rayclip_serve_takes_the_key_from_the_flag_or_the_environment(vectors_root, given_by):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rayclip.cli", "serve", "--data-dir", str(vectors_root), "--port", str(port)]
+    env = {k: v for k, v in _env().items() if k != API_KEY_ENV}
+    if given_by == "environment":
+        env[API_KEY_ENV] = KEY
+    else:
+        cmd += ["--api-key", KEY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    good = {"Authorization": f"Bearer {KEY}"}
+    metadata = {"ids": [0], "indice_name": "clip_rayclip_ref_reference"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get("/healthz", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            assert http.get("/healthz").status_code == 200  # open: the port is up
+            assert http.get("/api/search", params={"q": "a red circle"}).status_code == 401
+            wrong = http.get("/api/search", params={"q": "a red circle"}, headers={"Authorization": "Bearer no"})
+            assert wrong.status_code == 401
+            assert http.get("/api/search", params={"q": "a red circle"}, headers=good).status_code == 200
+            assert http.post("/metadata", json=metadata).status_code == 401  # clip-retrieval's routes too
+            assert http.post("/metadata", json=metadata, headers=good).status_code == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "API key required on /api/* and /metrics" in output
 
 
 def test_serving_off_loopback_without_a_key_is_refused_with_one_line(gold_store):
@@ -274,6 +348,54 @@ def test_a_burst_of_four_times_the_queue_depth_is_answered_with_200s_and_503s(go
     assert DEFAULT_QUEUE_DEPTH >= 1
 
 
+def _scrape(http: httpx.Client):
+    """/metrics read once: value(name, **labels) sums the samples with those labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http.get("/metrics").text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return lambda name, **labels: sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_the_queue_depth_plus_one_query_is_shed_and_the_gauge_and_total_phase_count_them(vectors_root, monkeypatch):
+    """`depth` queries held inside FAISS fill the queue: the next is a 503 with Retry-After at once,
+    the in-flight gauge reads `depth` meanwhile and 0 after, and every answer is a `total` observation."""
+    depth = 2
+    entered, release = threading.Semaphore(0), threading.Event()
+    search = searcher_module._search
+
+    def held(build, queries, k, allowed):
+        entered.release()
+        assert release.wait(60)
+        return search(build, queries, k, allowed)
+
+    monkeypatch.setattr(searcher_module, "_search", held)
+    total = {"name": "rayclip_query_phase_seconds_count", "phase": "total"}
+    requests = {"name": "rayclip_requests_total", "endpoint": "/api/search"}
+    with serving(create_app(vectors_root, queue_depth=depth)) as base, ThreadPoolExecutor(depth) as pool:
+        with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+            before = _scrape(http)
+            try:
+                queries = [{"q": f"a red circle {i}"} for i in range(depth)]
+                pending = [pool.submit(http.get, "/api/search", params=q) for q in queries]
+                assert all(entered.acquire(timeout=30) for _ in range(depth))  # both inside FAISS now
+                refused = http.get("/api/search", params={"q": "one too many"}, timeout=10)
+                during = _scrape(http)
+            finally:
+                release.set()
+            answered = [f.result(60) for f in pending]
+            deadline = time.monotonic() + 10
+            while (after := _scrape(http))("rayclip_queries_in_flight") and time.monotonic() < deadline:
+                time.sleep(0.05)  # the slot is given back as the response goes out
+    assert [r.status_code for r in answered] == [200] * depth
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+    assert during("rayclip_queries_in_flight") == depth
+    assert during(**requests, status="503") - before(**requests, status="503") == 1
+    assert after("rayclip_queries_in_flight") == 0
+    assert after(**requests, status="200") - before(**requests, status="200") == depth
+    assert after(**total) - before(**total) == depth + 1  # the 503 is a query answered too
+
+
 def test_oversized_query_strings_and_bodies_are_refused_before_any_work(gold_store):
     from fastapi.testclient import TestClient
 
@@ -282,6 +404,22 @@ def test_oversized_query_strings_and_bodies_are_refused_before_any_work(gold_sto
     assert long_query.status_code == 414
     huge = client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 400_000, "image/jpeg")}, params={"k": 1})
     assert huge.status_code == 413 and "request body" in huge.json()["detail"]
+
+
+def test_a_post_without_content_length_is_refused_411(vectors_root):
+    client = TestClient(create_app(vectors_root))
+
+    def chunked(body: bytes):
+        yield body  # a generator body: httpx sends it chunked, with no Content-Length
+
+    bodies = {"/api/search": {"terms": [{"text": "a red circle"}]}, "/knn-service": {"text": "a red circle"}}
+    for path, body in bodies.items():
+        content = chunked(json.dumps(body).encode())
+        response = client.post(path, content=content, headers={"Content-Type": "application/json"})
+        sent = response.request.headers
+        assert sent["transfer-encoding"] == "chunked" and "content-length" not in sent
+        assert response.status_code == 411, (path, response.status_code)
+        assert response.json()["detail"] == "a request body needs a Content-Length"
 
 
 # ------------------------------------------------------------------ the status page in Chromium

@@ -52,6 +52,8 @@ def test_images_are_served_from_the_store_only(client, gold_store):
     response = client.get(f"/api/images/{row['media_id']}")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content == (gold_store[0] / row["path"]).read_bytes()
+    # Named by the hash of its bytes, it never changes: cached for a year, by the browser only.
+    assert response.headers["cache-control"] == "private, max-age=31536000, immutable"
     assert client.get("/api/images/" + "0" * 64).status_code == 404  # well-formed, not stored
     # Malformed ids are refused by the media_id check (422) before a path or glob is built from them:
     # without it, "*" or a prefix plus "*" would glob their way to some stored object.
