@@ -272,7 +272,8 @@ class Truth:
         last one kept could be missing."""
         known = (self.ids >= 0).sum(axis=1)
         usable = np.flatnonzero(known >= min(k + 1, self.ids.shape[1]))
-        return usable, np.stack([_without(self.ids[q], self.query_ids[q], k) for q in usable]).reshape(-1, k)
+        exact = [_without(self.ids[q], self.query_ids[q], k) for q in usable]
+        return usable, np.array(exact, dtype=np.int64).reshape(-1, k)  # none usable: (0, k), not a crash
 
     def save(self, path) -> None:
         np.savez(path, queries=self.queries, query_ids=self.query_ids, ids=self.ids, scores=self.scores)
