@@ -29,6 +29,9 @@ def test_index_missing_its_recall_target_warns_on_stderr(tmp_path, capsys):
     warning = f"warning: recall@10 {build['recall']['recall_at_10']:.3f} is below the target"
     assert re.search(rf"^{re.escape(warning)}; allow more memory", err, re.MULTILINE), err
     assert "warning" not in out
+    assert cli(*args, "--retrain", "--json") == 0  # stdout is the JSON document; the warning still on stderr
+    out, err = capsys.readouterr()
+    assert json.loads(out)["recall_target_met"] is False and re.search(r"^warning: recall@10 .*; allow", err, re.M)
     assert cli("index", "--data-dir", str(root), "--index-type", "flat", "--retrain") == 0
     assert "warning" not in capsys.readouterr().err  # exact search: recall 1.0, nothing to warn about
 

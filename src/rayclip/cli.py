@@ -142,6 +142,10 @@ def _show_run(report, stage: str = "ingest") -> None:
 def _show_index(report) -> None:
     shown = {k: v for k, v in vars(report).items() if k != "build_id"} | {"path": _shown(report.path)}
     _table(f"published build {report.build_id}", shown)
+    _warn_recall(report)
+
+
+def _warn_recall(report) -> None:  # on stderr, with or without --json: the build is published all the same
     if not report.recall_target_met:
         advice = "allow more memory (--max-index-memory) or pick another --index-type"
         print(f"warning: recall@10 {report.recall_at_10:.3f} is below the target; {advice}", file=sys.stderr)
@@ -241,7 +245,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         document = {"model_version": args.model_version, "current": new, "previous": old}
         _emit(args, document, _console().print, f"CURRENT now {new} (was {old})")
         return 0
-    _stage(args, index.build, root, progress={"progress": "index"})
+    report = _stage(args, index.build, root, progress={"progress": "index"})
+    if args.json:  # without --json the report's table ends with the warning
+        _warn_recall(report)
     return 0
 
 
@@ -340,21 +346,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int | None) -> str:
+    from rich.filesize import decimal
+
+    return "" if n is None else decimal(n)
+
+
 def _gold_row(b: dict) -> list:
     recall = "" if b.get("recall_at_10") is None else f"{b['recall_at_10']:.3f}"
     first = f"{next(iter(b['eval']['text_to_image'].values())):.3f}" if b["eval"] else ""
-    built = [b["model_version"], b["build_id"], b["count"], b["index_type"] or "", _bytes(b["index_bytes"])]
+    built = [b["model_version"], b["build_id"], b["count"], b["index_type"] or "", _size(b["index_bytes"])]
     return built + [recall, first, b["created_at"], "CURRENT" if b["current"] else ""]
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
