@@ -188,11 +188,6 @@ class TrainOptions:
     seed: int = _opt(0, SEED_HELP)
 
 
-def defaults(cls: type) -> dict:
-    """A class's defaults by field name (what the parser and the tests compare against)."""
-    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
-
-
 def fields_of(spec: str) -> dict[str, tuple[dataclasses.Field, object]]:
     """A command's options by name: (field, its type). `spec` names the classes by their stem, each whole
     ("Embed") or some of its fields ("Embed:actors,batch_size"); a field two of them share is one flag."""

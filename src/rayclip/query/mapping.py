@@ -61,10 +61,6 @@ class Mapping:
             self._sorted = keys[order], order
         return self._sorted
 
-    def column(self, name: str) -> list:
-        """One column for every row, in faiss_id order."""
-        return self.table.column(name).to_pylist()
-
 
 def _prefixes(media_ids: list[str]) -> np.ndarray:
     """The first 64 bits of each hex media_id as an unsigned integer (0 for one that is not hex)."""
