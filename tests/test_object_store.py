@@ -1,20 +1,19 @@
 """The whole pipeline on an S3 data root (moto's S3 API on loopback) gives what it gives locally.
 
-`rayclip ingest/embed/index/search --data-dir s3://…` against the same loopback site as the local
-session store (conftest's `gold_store`): the same media_ids, the same silver vectors, the same search
-results, and the server answers from S3. Nothing is written to the local disk but the Searcher's
-cache.
+`rayclip ingest/embed/index/search --data-dir s3://…` (conftest's `s3_pipeline`, which throttles
+5 % of the requests) against the same loopback site as the local session store (`gold_store`): the
+same media_ids, the same silver vectors, the same search results, and the server answers from S3.
+Nothing is written to the local disk but the Searcher's cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import S3_QUERIES as QUERIES
 from conftest import cli, read_silver
 
 from rayclip import Searcher
@@ -22,43 +21,14 @@ from rayclip.http.app import create_app
 from rayclip.store import catalog, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
-QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
 
 
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-@pytest.fixture(scope="module")
-def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
-    """ingest → embed → index through the CLI on a fresh S3 root, from an empty working folder with
-    its own temp and cache folders: (root, the local folders it ran in)."""
-    root = storage.data_root(f"s3://rayclip-test/pipeline-{os.getpid()}")
-    here = tmp_path_factory.mktemp("s3-run")
-    cwd, tmp, cache = here / "cwd", here / "tmp", here / "cache"
-    for folder in (cwd, tmp, cache):
-        folder.mkdir()
-    saved = os.getcwd(), tempfile.tempdir, os.environ.get("XDG_CACHE_HOME")
-    os.chdir(cwd)
-    tempfile.tempdir = str(tmp)
-    os.environ["XDG_CACHE_HOME"] = str(cache)
-    try:
-        url = storage.uri(root)
-        assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
-        assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 0
-        assert cli("index", "--data-dir", url) == 0
-        yield root, {"cwd": cwd, "tmp": tmp, "cache": cache}
-    finally:
-        os.chdir(saved[0])
-        tempfile.tempdir = saved[1]
-        if saved[2] is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved[2]
-
-
 def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
-    root, local = s3_pipeline
+    root, local = s3_pipeline["root"], s3_pipeline["local"]
     assert catalog.read_manifest(root).num_rows > 0
     assert catalog.silver_files(root, REFERENCE)
     assert catalog.current_build(root, REFERENCE) in catalog.builds(root, REFERENCE)
@@ -66,7 +36,7 @@ def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
 
 
 def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):
-    root, _ = s3_pipeline
+    root = s3_pipeline["root"]
     local_root = gold_store[0]
     assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
         catalog.read_manifest(local_root).column("media_id").to_pylist()
@@ -79,7 +49,7 @@ def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):
 
 
 def test_same_search_results_as_local(s3_pipeline, gold_store):
-    root, _ = s3_pipeline
+    root = s3_pipeline["root"]
     on_s3, here = Searcher.open(root), Searcher.open(gold_store[0])
     for query in QUERIES:
         got, want = on_s3.search_text(query, k=5), here.search_text(query, k=5)
@@ -88,7 +58,7 @@ def test_same_search_results_as_local(s3_pipeline, gold_store):
 
 
 def test_search_cli_on_s3(s3_pipeline, capsys):
-    root, _ = s3_pipeline
+    root = s3_pipeline["root"]
     capsys.readouterr()
     assert cli("search", "--data-dir", storage.uri(root), "--q", QUERIES[0], "--k", "3", "--json") == 0
     results = json.loads(capsys.readouterr().out)
@@ -99,7 +69,7 @@ def test_search_cli_on_s3(s3_pipeline, capsys):
 def test_server_answers_and_streams_images_from_s3(s3_pipeline):
     from fastapi.testclient import TestClient
 
-    root, _ = s3_pipeline
+    root = s3_pipeline["root"]
     client = TestClient(create_app(root))
     hits = client.get("/api/search", params={"q": QUERIES[1], "k": 3}).json()["results"]
     assert len(hits) == 3

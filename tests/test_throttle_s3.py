@@ -8,11 +8,11 @@ back short or empty is never read as data.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 import pytest
+from conftest import S3_QUERIES as QUERIES
 from conftest import cli, read_silver
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
@@ -23,46 +23,14 @@ from rayclip.store import catalog, debris, layout, storage
 REFERENCE = "clip_rayclip_ref_reference"
 ROWS = 200
 DAY = "2026-01-02"
-QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
 
 
-@pytest.fixture(scope="module")
-def throttled(s3_server, metadata, ray_session, tmp_path_factory):
-    """ingest → embed → index through the CLI, then search in Python and through the HTTP service,
-    on a fresh S3 root with 5 % of every request (HEAD, GET, PUT, LIST) answered 503 SlowDown:
-    (root, the Searcher's results, the service's results, the faults served)."""
-    from fastapi.testclient import TestClient
-
-    from rayclip.http.app import create_app
-
-    proxy = s3_server
-    root = storage.data_root(f"s3://rayclip-test/throttled-{os.getpid()}")
-    url = storage.uri(root)
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("throttled-cache"))
-    proxy.throttle(0.05, seed=25, kinds=("slowdown",))
-    try:
-        assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
-        assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 0
-        assert cli("index", "--data-dir", url) == 0
-        found = []
-        for query in QUERIES:
-            searched = Searcher.open(root).search_text(query, k=5)
-            found.append([(r.media_id, r.score) for r in searched])
-        with TestClient(create_app(url)) as client:  # serve: opens the build from the store at start
-            served = [client.get("/api/search", params={"q": query, "k": 5}).json()["results"] for query in QUERIES]
-        spoilt = dict(proxy.spoilt)
-    finally:
-        proxy.clean()
-        if saved is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved
-    yield root, found, served, spoilt
-
-
-def test_a_throttled_store_gives_what_a_clean_one_gives(throttled, gold_store):
-    root, found, served, spoilt = throttled
+def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store):
+    """conftest's `s3_pipeline` ran ingest, embed, index, search and serve with 5 % of the requests
+    answered 503 SlowDown."""
+    root, spoilt = s3_pipeline["root"], s3_pipeline["spoilt"]
+    found = [[(r.media_id, r.score) for r in results] for results in s3_pipeline["found"]]
+    served = s3_pipeline["served"]
     methods = {method for method, _ in spoilt}
     assert {"HEAD", "GET"} <= methods and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
     assert {fault for _, fault in spoilt} == {"slowdown"}
