@@ -123,6 +123,16 @@ def metadata(site, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def good_metadata(site, tmp_path_factory) -> Path:
+    """The site's good images plus one duplicate URL: GOOD_IMAGES objects, GOOD_IMAGES + 1 rows."""
+    names = site["images"].column("filename").to_pylist()
+    urls = [f"{site['base']}/{n}" for n in names] + [f"{site['base']}/dup.jpg"]
+    path = tmp_path_factory.mktemp("good") / "good.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), path)
+    return path
+
+
 def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestReport:
     return ingest.ingest_metadata(data_dir, metadata_path, timeout=3, **kwargs)
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 
-import pytest
 from conftest import cli
 from silver_helpers import clustered, media_ids, write_silver
 
-from rayclip import pipeline
 from rayclip.store import layout
 
 
@@ -58,27 +55,3 @@ def test_api_overview_is_status_json(gold_store, tmp_path, capsys):
     assert printed["bronze"]["objects"] > 0 and printed["silver"] and printed["gold"][0]["current"]
     assert printed["debris"] == [{"path": str(killed.relative_to(root)), "bytes": 10}]
     assert {run["stage"] for run in printed["runs"]} == {"ingest", "embed"}
-
-
-def port_taken(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-@pytest.mark.slow
-def test_demo_rerun_fetches_nothing_because_its_port_is_fixed(tmp_path, ray_session):
-    """The demo serves its images on DEMO_PORT, so a second run's URLs are those the manifest holds:
-    it hands img2dataset nothing and skips every image as known."""
-    if port_taken(pipeline.DEMO_PORT):
-        pytest.skip(f"port {pipeline.DEMO_PORT} is taken by another process: the demo would serve elsewhere")
-    first = pipeline.run_demo(tmp_path / "demo", images=12, actors=1, batch_size=8)
-    assert first.run.ingest.downloaded == 12 and first.run.ingest.skipped_known_urls == 0
-    second = pipeline.run_demo(tmp_path / "demo", images=12, actors=1, batch_size=8)
-    assert second.run.ingest.downloaded == 0
-    assert second.run.ingest.skipped_known_urls == first.run.ingest.downloaded == 12
-    assert second.run.embed.rows_embedded == 0 and second.run.build.count == 12
-    assert first.site.base_url == second.site.base_url == f"http://127.0.0.1:{pipeline.DEMO_PORT}"

@@ -66,16 +66,6 @@ def check_objects(root: Path) -> None:
 # ---------------------------------------------------------------- ingest
 
 
-@pytest.fixture
-def good_metadata(site, tmp_path) -> Path:
-    """The site's good images plus one duplicate URL: GOOD_IMAGES objects, GOOD_IMAGES + 1 rows."""
-    names = site["images"].column("filename").to_pylist()
-    urls = [f"{site['base']}/{n}" for n in names] + [f"{site['base']}/dup.jpg"]
-    path = tmp_path / "good.parquet"
-    pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), path)
-    return path
-
-
 def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metadata, capsys):
     """Killed before the manifest commit on a local root, swept by the rerun (the other kill point,
     swept by gc, is test_ingest_s3's on S3: one code path serves both stores)."""

@@ -10,13 +10,10 @@ import tempfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import test_faults
 from conftest import GOOD_IMAGES, cli, run_ingest
 from test_faults import assert_killed, rayclip
 
 from rayclip.store import catalog, layout, storage
-
-good_metadata = test_faults.good_metadata  # the fixture: good images plus one duplicate URL
 
 # What an ingest decides about a row; run_id, source and ingested_at differ between runs.
 ROW_FIELDS = ("media_id", "path", "url", "caption", "width", "height", "format", "size_bytes")

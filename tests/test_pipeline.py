@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,12 @@ from rayclip.stages import embed, index, ingest
 from rayclip.store import layout, storage
 
 DEMO_IMAGES = 16
+# What Ray and img2dataset print on their own (seen in `make demo | cat` before this was fixed).
+LIBRARY_CHATTER = re.compile(
+    r"\bINFO\b|\bWARNING\b|core_worker|logging_progress|Sharding file|File sharded|Downloading starting"
+    r"|worker\s+- success|total\s+- success|it/s\]|Starting the downloading|Started a local Ray"
+)
+STAGES = ("ingest download", "ingest store", "embed", "index", "eval")
 
 
 class Recorder:
@@ -45,7 +54,9 @@ class Recorder:
 
 
 @pytest.mark.slow
-def test_run_demo_from_python_returns_every_stage_and_prints_nothing(tmp_path, ray_session, capfd):
+def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetching_nothing(
+    tmp_path, ray_session, capfd
+):
     seen = Recorder()
     demo = rayclip.run_demo(str(tmp_path / "demo"), images=DEMO_IMAGES, actors=1, batch_size=8, hooks=seen.hooks())
     out, _ = capfd.readouterr()
@@ -72,6 +83,47 @@ def test_run_demo_from_python_returns_every_stage_and_prints_nothing(tmp_path, r
     assert len(demo.samples) == pipeline.DEMO_SAMPLE_QUERIES
     for caption, results in demo.samples:
         assert len(results) == 3 and caption in {r.caption for r in results}
+
+    # The demo serves its images on DEMO_PORT, so a rerun's URLs are those the manifest holds: it
+    # hands img2dataset nothing and skips every image as known.
+    assert demo.site.base_url == f"http://127.0.0.1:{pipeline.DEMO_PORT}", "DEMO_PORT was taken by another process"
+    again = rayclip.run_demo(str(tmp_path / "demo"), images=DEMO_IMAGES, actors=1, batch_size=8)
+    assert again.site.base_url == demo.site.base_url
+    assert again.run.ingest.downloaded == 0 and again.run.ingest.skipped_known_urls == DEMO_IMAGES
+    assert again.run.embed.rows_embedded == 0 and again.run.build.count == DEMO_IMAGES
+
+
+# ------------------------------------------------------------------ the demo from the CLI, off a terminal
+# Every test that serves the demo's site on its fixed port lives in this file (one test worker).
+
+
+def rayclip_process(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`rayclip ARGS` in its own process, off a terminal, starting its own Ray (RAY_ADDRESS left out)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(rayclip.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "rayclip.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_pipeline_off_a_terminal_prints_no_library_logs_one_plan_and_two_lines_per_stage(tmp_path):
+    done = rayclip_process("demo", "--images", "24", "--data-dir", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in lines if LIBRARY_CHATTER.search(line)]
+    assert sum("Physical Plan (Optimized)" in line for line in lines) == 1
+    assert not [line for line in lines if "Logical Plan" in line or line == "-------- Physical Plan --------"]
+    for stage in STAGES:
+        progress = [line for line in lines if line.startswith(f"{stage}: ")]
+        assert len(progress) == 2, (stage, progress)
+        assert re.fullmatch(rf"{stage}: (\d+)/\1 in [\d.]+ s \([\d.]+/s\)", progress[1]), progress[1]
+    # What the libraries said went to the runs' log files instead.
+    root = tmp_path / "demo"
+    (ingest_log,) = layout.ingest_runs_dir(root).glob("*.log")
+    (embed_log,) = layout.embed_runs_dir(root).glob("*.log")
+    assert ingest_log.with_suffix(".json").is_file() and embed_log.with_suffix(".json").is_file()
+    assert "Downloading starting" in ingest_log.read_text()
+    assert "core_worker" in embed_log.read_text() and "Started a local Ray" in embed_log.read_text()
 
 
 # ------------------------------------------------------------------ the stage wrapper
