@@ -46,6 +46,9 @@ os.environ.update(
     AWS_SECRET_ACCESS_KEY="testing",
     AWS_DEFAULT_REGION="us-east-1",
 )
+# Nothing leaves loopback: Ray's usage reporting and albumentations' update check (img2dataset
+# imports it) stay off in this process and every process the tests start, whatever starts them.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
 
 
 def huge_png_header(side: int = 60_000) -> bytes:

@@ -2,7 +2,8 @@
 
 Used by test_embed.py and test_embed_s3.py in a subprocess so that it does not share the test
 session's Ray. Usage: python multinode_embed.py DATA_DIR   (DATA_DIR: a local path or s3://…)
-Prints one JSON object: the run's record ("run") and the cluster's session folder ("session_dir").
+Prints one JSON object: the run's record ("run"), the cluster's session folder ("session_dir") and
+the temp folder a worker on each node sees ("actor_temp_dirs").
 """
 
 import json
@@ -10,9 +11,28 @@ import os
 import subprocess
 import sys
 
+import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayclip.store import catalog, storage
+
+
+@ray.remote(num_cpus=0.1)
+def temp_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def worker_temp_dirs(address: str) -> list[str]:
+    """tempfile.gettempdir() in a worker on each node: where an actor's temporary files would go."""
+    ray.init(address=address, log_to_driver=False)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    return ray.get(
+        [temp_dir.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+    )
+
 
 if __name__ == "__main__":
     data_dir = sys.argv[1]
@@ -32,6 +52,8 @@ if __name__ == "__main__":
         if done.returncode or not runs:
             print(f"failed: {done.returncode}")
         else:
-            print(json.dumps({"run": runs[-1], "session_dir": cluster.head_node.get_session_dir_path()}))
+            session_dir = cluster.head_node.get_session_dir_path()
+            temps = worker_temp_dirs(cluster.address)
+            print(json.dumps({"run": runs[-1], "session_dir": session_dir, "actor_temp_dirs": temps}))
     finally:
         cluster.shutdown()

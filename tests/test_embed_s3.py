@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -128,21 +130,30 @@ def is_data_file(path: Path) -> bool:
 @pytest.mark.slow
 def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path):
     """Two raylets with 1 CPU each, the data root on S3: both nodes embed, and neither the working
-    folder nor the cluster's session folder (every node's scratch here) holds a data file after."""
+    folder nor TMPDIR holds a data file after. Every process of the cluster inherits TMPDIR: Ray keeps
+    its session folder (each node's scratch) there, and the actors' own temp files go there."""
     helper = Path(__file__).with_name("multinode_embed.py")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    # Short: Ray's sockets live under it, and a Unix socket path is limited to about 100 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="rc-"))
     cmd = [sys.executable, str(helper), storage.uri(s3_store)]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout[done.stdout.index("{") :])
-    run = out["run"]
-    assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
-    assert run["actors_used"] == 2 and run["nodes_used"] == 2
-    assert read_silver(s3_store, REFERENCE).num_rows == GOOD_IMAGES
-    local = [p for folder in (cwd, Path(out["session_dir"])) for p in folder.rglob("*") if is_data_file(p)]
-    assert local == [] and not (cwd / "data").exists()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(scratch)}
+    env.pop("RAY_TMPDIR", None)
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
+        out = json.loads(done.stdout[done.stdout.index("{") :])
+        run = out["run"]
+        assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
+        assert run["actors_used"] == 2 and run["nodes_used"] == 2
+        assert read_silver(s3_store, REFERENCE).num_rows == GOOD_IMAGES
+        assert Path(out["session_dir"]).is_relative_to(scratch)  # the cluster did take TMPDIR
+        assert out["actor_temp_dirs"] and all(Path(d).is_relative_to(scratch) for d in out["actor_temp_dirs"])
+        local = [p for folder in (cwd, scratch) for p in folder.rglob("*") if is_data_file(p)]
+        assert local == [] and not (cwd / "data").exists()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.mark.parametrize("planner", ["in the driver", "streaming"])
