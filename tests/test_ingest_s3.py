@@ -110,10 +110,22 @@ def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
     assert len(objects(s3_root)) == 1 and catalog.read_manifest(s3_root).num_rows == 16
 
 
+def uploaded(local_file, to: str) -> str:
+    """`local_file` put on the S3 server as a user would (boto3, not rayclip); its s3:// URL."""
+    import boto3
+
+    bucket, key = to.removeprefix("s3://").split("/", 1)
+    boto3.client("s3").upload_file(str(local_file), bucket, key)
+    return to
+
+
 def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site):
-    assert run_ingest(s3_root, good_metadata).stored == GOOD_IMAGES
+    """The metadata is read from an s3:// URL too (`--metadata s3://…`)."""
+    metadata_url = uploaded(good_metadata, f"{storage.uri(s3_root)}-inbox/laion/good.parquet")
+    first = run_ingest(s3_root, metadata_url)
+    assert (first.rows_read, first.stored, first.source) == (GOOD_IMAGES + 1, GOOD_IMAGES, "metadata:good.parquet")
     before = site["requests"].copy()
-    rerun = run_ingest(s3_root, good_metadata)
+    rerun = run_ingest(s3_root, metadata_url)
     assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored, rerun.manifest_rows_added) == (
         GOOD_IMAGES + 1,
         0,
@@ -124,18 +136,23 @@ def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site
 
 
 def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):
+    """A folder on S3 (`--folder s3://…`, recursive, with a sidecar caption) into an S3 data root."""
     from rayclip import synthetic
     from rayclip.stages import ingest
 
-    folder = tmp_path / "photos"
-    names = synthetic.write_images(folder, 4, seed=5).column("filename").to_pylist()
-    (folder / names[0]).with_suffix(".txt").write_text("a sidecar caption\n")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    local = tmp_path / "photos"
+    names = synthetic.write_images(local, 4, seed=5).column("filename").to_pylist()
+    (local / names[0]).with_suffix(".txt").write_text("a sidecar caption\n")
+    (local / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    folder = f"{storage.uri(s3_root)}-inbox/photos"
+    for file in local.iterdir():  # the last image one level down: the listing is recursive
+        uploaded(file, f"{folder}/{'nested/' * (file.name == names[-1])}{file.name}")
 
     report = ingest.ingest_folder(storage.uri(s3_root), folder)
     assert (report.rows_read, report.stored, report.failed) == (5, 4, {"decode error": 1})
     rows = {r["url"].rsplit("/", 1)[1]: r for r in catalog.read_manifest(s3_root).to_pylist()}
     assert rows[names[0]]["caption"] == "a sidecar caption" and rows[names[1]]["caption"] == ""
+    assert rows[names[-1]]["url"] == f"{folder}/nested/{names[-1]}"  # where the bytes came from
     check_objects(s3_root)
     assert (ingest.ingest_folder(s3_root, folder).stored, len(objects(s3_root))) == (0, 4)
     assert_no_local_files(*empty_local_dirs)

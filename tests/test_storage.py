@@ -137,12 +137,19 @@ def test_cached_downloads_a_remote_object_once_and_reads_a_local_file_in_place(r
     assert storage.cached(source, copy) == copy
 
 
-def test_a_long_run_on_an_object_store_keeps_its_lease_fresh(root, monkeypatch):
+def test_a_long_run_keeps_its_folder_held(root, monkeypatch):
+    """However long a run lives, its folder stays held: locally by a flock, which does not age (no
+    lease, so no stale time applies); on an object store by a lease its heartbeat keeps young."""
+    folder = root / "work" / "run-long"
     if storage.is_local(root):
-        return  # a local run holds a flock for as long as it lives
+        monkeypatch.setattr(storage, "LEASE_STALE_S", -1.0)  # any lease would be stale at once
+        with storage.working(folder):
+            with storage.unless_held(folder) as free:
+                assert not free
+            assert not storage.exists(folder / storage.LEASE_NAME)
+        return
     monkeypatch.setattr(storage, "LEASE_BEAT_S", 0.5)
     monkeypatch.setattr(storage, "LEASE_STALE_S", 3.0)  # S3 times its objects to the second
-    folder = root / "work" / "run-long"
     with storage.working(folder):
         time.sleep(4.0)  # longer than the stale time: only the heartbeat keeps the lease young
         with storage.unless_held(folder) as free:
