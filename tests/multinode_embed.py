@@ -28,10 +28,12 @@ def temp_dir() -> str:
 def worker_temp_dirs(address: str) -> list[str]:
     """tempfile.gettempdir() in a worker on each node: where an actor's temporary files would go."""
     ray.init(address=address, log_to_driver=False)
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    return ray.get(
-        [temp_dir.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
-    )
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        on_each = [NodeAffinitySchedulingStrategy(node, soft=False) for node in nodes]
+        return ray.get([temp_dir.options(scheduling_strategy=strategy).remote() for strategy in on_each])
+    finally:
+        ray.shutdown()  # the cluster's nodes can only be removed once this driver has left
 
 
 if __name__ == "__main__":
