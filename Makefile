@@ -37,11 +37,15 @@ clip-front: install
 	  echo "clip-retrieval's front and client unpacked in $(CLIP_RETRIEVAL)"; \
 	} || echo "note: clip-retrieval 2.45 could not be downloaded: its front and client tests will skip"
 
+# Two workers, each with its own Ray and session fixtures; a test file stays on one worker (its
+# module fixtures are built once, and the demo's fixed port is used by one file only).
+TEST_WORKERS ?= 2
+
 test: install browser clip-front
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 demo: install
 	$(VENV)/bin/rayclip demo

@@ -144,7 +144,8 @@ def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestRe
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of its own, even when `ray start` (or `rayclip up`) left one running here.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

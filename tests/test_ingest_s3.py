@@ -87,15 +87,7 @@ def test_metadata_ingest_on_s3_equals_the_local_one_and_uses_no_local_disk(
     assert saved["stored"] == GOOD_IMAGES
     assert downloads(s3_root) == []  # the work folder is gone with its run
 
-    # A rerun asks the site only for the URLs that failed; nothing is downloaded or added.
-    requests_before = sum(site["requests"].values())
-    again = run_ingest(s3_root, metadata)
-    assert (again.downloaded, again.stored, again.manifest_rows_added) == (0, 0, 0)
-    assert again.skipped_known_urls == GOOD_IMAGES + 1
-    assert sum(site["requests"].values()) - requests_before == 6  # missing, truncated, page, empty, huge, slow
-    assert manifest_rows(s3_root) == manifest_rows(ingested)
-    assert len(objects(s3_root)) == GOOD_IMAGES
-
+    # What a rerun asks of the site is test_ingest's (local) and test_rerun_of_known_urls_on_s3_makes_no_request's.
     assert_no_local_files(*empty_local_dirs)
 
 
