@@ -3,11 +3,13 @@
 Two passes over the silver files keep one copy of the vectors in memory (the index itself):
 the first reads only (media_id, embedded_at) to choose the newest row per media_id, the second
 streams each file's chosen vectors into the index. faiss_id i is the i-th vector added, and
-mapping.parquet row i says which media_id it is. The same protocol on a local folder and an
-object store (no rename needed): every file of a build is written whole into builds/<build_id>/
-(the index streamed through storage), build.json last (the build's commit record: readers list only
-builds that have it), and only then CURRENT names the build (one atomic write). A folder without
-build.json that no live build holds is debris.
+mapping.parquet row i says which media_id it is (and its best clip_score over its captions).
+When silver holds caption vectors, the build also carries a caption index: captions.faiss row j is
+one distinct caption, captions.parquet row j its text and the faiss_ids that carry it.
+The same protocol on a local folder and an object store (no rename needed): every file of a build
+is written whole into builds/<build_id>/ (the index streamed through storage), build.json last (the
+build's commit record: readers list only builds that have it), and only then CURRENT names the
+build (one atomic write). A folder without build.json that no live build holds is debris.
 """
 
 from __future__ import annotations
