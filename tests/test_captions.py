@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -23,7 +24,7 @@ from rayclip.http.app import create_app
 from rayclip.options import SearchOptions
 from rayclip.query.searcher import Searcher, Term
 from rayclip.stages import captions, index
-from rayclip.store import catalog, layout, storage
+from rayclip.store import catalog, debris, layout, storage
 
 QUERY = "a large red circle on the left on a white background"
 
@@ -165,3 +166,23 @@ def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, r
     assert silver(root, layout.CAPTIONS, ["caption_id"]).num_rows == 6
     index.build(root)
     assert Searcher.open(root).mapping["clip_score"].null_count == 0
+
+
+def test_a_dead_caption_runs_files_are_never_read_and_are_debris(tmp_path):
+    """Files a caption run wrote before it died (no commit record, no live work folder): no reader
+    sees them, and `rayclip gc` finds them, in either caption table."""
+    root = storage.data_root(tmp_path / "data")
+    run_id = layout.new_run_id()
+    vectors = clustered(2)
+    rows = captions.caption_table(pa.array([layout.caption_id(t) for t in "ab"]), pa.array(list("ab")), vectors)
+    captions.write_files(root, MODEL_VERSION, layout.CAPTIONS, "2026-01-01", run_id, [rows])
+    scores = pa.table({"media_id": media_ids(1), "caption_id": rows["caption_id"][:1], "clip_score": [0.5]})
+    captions.write_files(root, MODEL_VERSION, layout.CLIP_SCORES, "2026-01-01", run_id, [scores])
+    assert catalog.silver_latest(root, MODEL_VERSION, layout.CAPTIONS, ["caption_id"], [], "embedded_at") is None
+    assert catalog.read_silver(root, MODEL_VERSION, layout.CLIP_SCORES, ["clip_score"]) is None
+    found = sorted(str(p.relative_to(root)) for p in debris.find(root))
+    name = layout.silver_file_name
+    assert found == [
+        f"silver/captions/model_version={MODEL_VERSION}/dt=2026-01-01/{name(run_id, layout.CAPTIONS, 0)}",
+        f"silver/clip_scores/model_version={MODEL_VERSION}/dt=2026-01-01/{name(run_id, layout.CLIP_SCORES, 0)}",
+    ]

@@ -412,9 +412,8 @@ class Searcher:
             with self._phase("join"):
                 return [SearchResults(_join(build, s, i), list(notes), **labels) for s, i in zip(scores, ids)]
         with self._phase("search"):  # grouping searches deeper and joins as it goes
-            results = []
+            results, search = [], functools.partial(_search, build)
             for query in queries:
-                search = functools.partial(_search, build)
                 scores, ids, folded = _collapsed(build.index, search, query, k, collapse, allowed)
                 joined = [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(_join(build, scores, ids), folded)]
                 results.append(SearchResults(joined, list(notes), **labels))
