@@ -152,17 +152,17 @@ def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, r
 
     monkeypatch.setattr(captions, "DRIVER_ENCODE_CAPTIONS", 0)  # what a run of more captions does
     _, first = pipeline.embed_silver(root, spec, batch_size=4)
-    assert (first.rows_embedded, first.pairs_scored, first.actors) == (6, 6, 1)
+    assert (first.captions_embedded, first.pairs_scored, first.actors) == (6, 6, 1)
     monkeypatch.undo()
     _, again = pipeline.embed_silver(root, spec)
-    assert (again.captions_planned, again.rows_embedded, again.pairs_scored) == (0, 0, 0)
+    assert (again.captions_planned, again.captions_embedded, again.pairs_scored) == (0, 0, 0)
     assert len(catalog.silver_commits(storage.data_root(root), MODEL_VERSION, layout.CLIP_SCORES)) == 1
 
     manifest = catalog.read_manifest(storage.data_root(root)).to_pylist()[:1]
     write_manifest(root, [ids[6]], seed=1)  # caption "a dog number 0": known
     write_silver(root, "2026-01-02", [ids[6]], clustered(1, seed=1))
     _, new = pipeline.embed_silver(root, spec)
-    assert (new.rows_embedded, new.pairs_scored) == (0, 1) and manifest[0]["caption"] == "a dog number 0"
+    assert (new.captions_embedded, new.pairs_scored) == (0, 1) and manifest[0]["caption"] == "a dog number 0"
     assert silver(root, layout.CAPTIONS, ["caption_id"]).num_rows == 6
     index.build(root)
     assert Searcher.open(root).mapping["clip_score"].null_count == 0

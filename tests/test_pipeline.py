@@ -58,7 +58,8 @@ def test_run_demo_from_python_returns_every_stage_and_prints_nothing(tmp_path, r
     assert run.ingest.downloaded == DEMO_IMAGES and run.embed.rows_embedded == DEMO_IMAGES
     assert run.build.count == DEMO_IMAGES == run.eval.images
     assert (
-        run.captions.pairs_scored == DEMO_IMAGES and run.searcher.build.captions["count"] == run.captions.rows_embedded
+        run.captions.pairs_scored == DEMO_IMAGES
+        and run.searcher.build.captions["count"] == run.captions.captions_embedded
     )
     # What the "done when" asks of a demo: clip_score filters, and captions are searchable.
     caption = demo.samples[0][0]

@@ -168,20 +168,21 @@ def embed_silver(
 ) -> tuple[EmbedReport, CaptionReport | None]:
     """`rayclip embed`: the image embeddings (embed.embed with these options), then, unless
     `no_captions`, the caption vectors and clip_scores of the embedded images (captions.embed_captions,
-    same model_version, partition, precision and actors), each a stage with its record in silver/runs/."""
+    same model_version, partition, precision and actors), each a stage with its own run record and log
+    (silver/runs/, silver/caption_runs/)."""
     from .stages import captions, embed
 
-    runs = layout.embed_runs_dir(root)
     embedded = run_stage(
-        embed.embed, root, spec, hooks=hooks, runs_dir=runs, progress={"progress": "embed"}, ray=True,
-        dashboard=dashboard, **options,
+        embed.embed, root, spec, hooks=hooks, runs_dir=layout.embed_runs_dir(root), progress={"progress": "embed"},
+        ray=True, dashboard=dashboard, **options,
     )  # fmt: skip
     if no_captions:
         return embedded, None
     shared = {name: options[name] for name in ("actors", "batch_size", "force") if name in options}
     captioned = run_stage(
         captions.embed_captions, root, embed.filed_as(spec, options.get("save_as")), dt=embedded.dt,
-        precision=embedded.precision, hooks=hooks, runs_dir=runs, progress={"progress": "captions"}, **shared,
+        precision=embedded.precision, hooks=hooks, runs_dir=layout.caption_runs_dir(root),
+        progress={"progress": "captions"}, **shared,
     )  # fmt: skip
     return embedded, captioned
 

@@ -49,9 +49,8 @@ class CaptionReport:
     run_id: str
     model_version: str
     dt: str
-    kind: str = "captions"  # beside the image embed runs in silver/runs/
     captions_planned: int = 0
-    rows_embedded: int = 0  # captions encoded and committed
+    captions_embedded: int = 0  # captions encoded and committed
     pairs_scored: int = 0  # (media_id, caption_id) clip_scores committed
     actors: int = 0  # 0: encoded by the driver (DRIVER_ENCODE_CAPTIONS)
     batch_size: int = 0
@@ -238,7 +237,7 @@ def embed_captions(
                     else _encoded_here(captions, spec, report, progress)
                 )
                 named = write_files(root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, encoding)
-                report.rows_embedded = commit(
+                report.captions_embedded = commit(
                     root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, named
                 )
             report.encode_s = round(time.monotonic() - started, 3)
@@ -247,5 +246,5 @@ def embed_captions(
             report.pairs_scored = commit(root, spec.model_version, layout.CLIP_SCORES, report.dt, report.run_id, named)
             report.score_s = round(time.monotonic() - started - report.encode_s, 3)
     report.wall_s = round(time.monotonic() - started, 3)
-    storage.write_json_atomic(layout.embed_run_record(root, report.run_id), report.to_dict())
+    storage.write_json_atomic(layout.run_record(layout.caption_runs_dir(root), report.run_id), report.to_dict())
     return report

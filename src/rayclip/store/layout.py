@@ -170,6 +170,11 @@ def embed_runs_dir(root: Location) -> Location:
     return root / "silver" / "runs"
 
 
+def caption_runs_dir(root: Location) -> Location:
+    """The caption runs' records and logs (stages/captions.py), apart from the image embed runs'."""
+    return root / "silver" / "caption_runs"
+
+
 # gold: a build folder holds the files below; build.json is written last (the build's commit record)
 BUILD_INFO = "build.json"
 BUILD_INFOS = f"*/{BUILD_INFO}"  # under builds_dir: one per committed build
