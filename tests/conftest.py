@@ -274,13 +274,16 @@ def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gold_store(ingested, ray_session, tmp_path_factory):
-    """ingest → embed (reference model, real Ray) → index: (data root, BuildReport). Read-only."""
+    """ingest → embed images and captions (reference model, real Ray) → index, with its caption
+    index: (data root, BuildReport). Read-only."""
     from rayclip import model
-    from rayclip.stages import embed, index
+    from rayclip.stages import captions, embed, index
 
     root = tmp_path_factory.mktemp("gold") / "data"
     shutil.copytree(ingested, root)
-    embed.embed(root, model.resolve(None, "reference"), actors=1, batch_size=8)
+    spec = model.resolve(None, "reference")
+    embed.embed(root, spec, actors=1, batch_size=8)
+    captions.embed_captions(root, spec, batch_size=8)
     return root, index.build(root)
 
 

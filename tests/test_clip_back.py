@@ -238,7 +238,6 @@ def test_openapi_documents_the_routes(client):
         ({}, 422, "give exactly one of text, image, image_url, embedding_input; got none"),
         ({"text": "", "image": None}, 422, "give exactly one of text, image, image_url, embedding_input; got none"),
         ({"text": "cat", "image": "AAAA"}, 422, "; got text and image"),
-        ({"text": "cat", "modality": "text"}, 422, 'modality "text" (searching captions) is not supported'),
         ({"image": "not base64!"}, 422, "image is not valid base64"),
         ({"image": base64.b64encode(b"<html>").decode()}, 415, "cannot read the query image"),
         ({"text": "   "}, 422, "the query is empty"),

@@ -18,7 +18,7 @@ from conftest import cli, read_silver
 
 from rayclip import Searcher
 from rayclip.http.app import create_app
-from rayclip.store import catalog, storage
+from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
 
@@ -31,7 +31,9 @@ def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
     root, local = s3_pipeline["root"], s3_pipeline["local"]
     assert catalog.read_manifest(root).num_rows > 0
     assert catalog.silver_files(root, REFERENCE)
+    assert catalog.silver_files(root, REFERENCE, table=layout.CAPTIONS)  # embed's caption vectors, on the store too
     assert catalog.current_build(root, REFERENCE) in catalog.builds(root, REFERENCE)
+    assert catalog.build_info(root, REFERENCE, catalog.current_build(root, REFERENCE)).captions["count"] > 0
     assert files_under(local["cwd"]) == [] and files_under(local["tmp"]) == []
 
 

@@ -79,7 +79,10 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
 
     embed_doc = run("embed", "--pretrained", "reference", "--actors", "1")
     record = layout.embed_runs_dir(root) / f"{embed_doc['run_id']}.json"
+    captions_doc = embed_doc.pop("captions")  # the caption run's record, inside the one document
     assert embed_doc == json.loads(record.read_text()) and embed_doc["images_per_s"] > 0
+    record = layout.caption_runs_dir(root) / f"{captions_doc['run_id']}.json"
+    assert captions_doc == json.loads(record.read_text()) and captions_doc["pairs_scored"] > GOOD_IMAGES
 
     index_doc = run("index")
     assert index_doc["count"] == GOOD_IMAGES and index_doc["build_id"]

@@ -27,7 +27,7 @@ from rayclip.options import (
     TrainOptions,
 )
 from rayclip.query.searcher import Searcher
-from rayclip.stages import embed, index, ingest
+from rayclip.stages import captions, embed, index, ingest
 
 ALL = [ModelOptions, IngestOptions, EmbedOptions, IndexOptions, SearchOptions, ServeOptions, EvalOptions, DemoOptions]
 ALL.append(TrainOptions)
@@ -49,7 +49,7 @@ MINIMAL = {"ingest": ["--metadata", "m.parquet"], "eval": ["--metadata", "m.parq
 # Where each command's options go: every one of them must be a parameter of one of these.
 CONSUMERS = {
     "ingest": [ingest.ingest_metadata],
-    "embed": [model.resolve, embed.embed],
+    "embed": [model.resolve, embed.embed, pipeline.embed_silver],
     "index": [index.build],
     "search": [SearchOptions],  # the CLI builds the whole SearchOptions and hands it to query.service.search
     "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
@@ -70,6 +70,8 @@ LIBRARY = {
     ingest.ingest_folder: [IngestOptions],
     embed.filed_as: [EmbedOptions],
     embed.embed: [EmbedOptions],
+    captions.embed_captions: [EmbedOptions],
+    pipeline.embed_silver: [EmbedOptions],
     index.build: [IndexOptions],
     model.resolve: [ModelOptions],
     pipeline.evaluate_metadata: [EvalOptions, EmbedOptions, IngestOptions, ModelOptions],

@@ -13,8 +13,8 @@ import pytest
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
 
 import rayclip
-from rayclip import Hooks, ModelSpec, Searcher, UserError, pipeline
-from rayclip.stages import embed, index, ingest
+from rayclip import Hooks, ModelSpec, Searcher, SearchOptions, Term, UserError, pipeline
+from rayclip.stages import captions, embed, index, ingest
 from rayclip.store import layout, storage
 
 DEMO_IMAGES = 16
@@ -62,15 +62,24 @@ def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetc
     out, _ = capfd.readouterr()
     assert out == ""  # the library reports through the hooks; only the CLI prints
 
-    stages = [pipeline.DemoSite, ingest.IngestReport, embed.EmbedReport, index.BuildReport]
+    stages = [pipeline.DemoSite, ingest.IngestReport, embed.EmbedReport, captions.CaptionReport, index.BuildReport]
     assert [type(e) for e in seen.events] == stages
     assert seen.events[0] == demo.site and demo.site.images == DEMO_IMAGES and demo.site.metadata.is_file()
     run = demo.run
     assert run.ingest.downloaded == DEMO_IMAGES and run.embed.rows_embedded == DEMO_IMAGES
     assert run.build.count == DEMO_IMAGES == run.eval.images
+    assert (
+        run.captions.pairs_scored == DEMO_IMAGES
+        and run.searcher.build.captions["count"] == run.captions.captions_embedded
+    )
+    # What the "done when" asks of a demo: clip_score filters, and captions are searchable.
+    caption = demo.samples[0][0]
+    assert run.searcher.search_text(caption, k=3, where="clip_score > 0")
+    found = run.searcher.find([[Term("text", caption)]], SearchOptions(k=3, over="captions"))[0]
+    assert found[0].caption == caption and found[0].score > 0.99
     assert run.eval.model_version == "clip_rayclip_ref_reference" and run.eval.build_id == run.build.build_id
     assert json.loads(Path(run.eval.path).read_text())["text_to_image"]["10"] > 0.5
-    for label in ("ingest download", "ingest store", "embed", "index", "eval"):
+    for label in ("ingest download", "ingest store", "embed", "captions", "index", "eval"):
         done, total = seen.progress[label][-1]
         assert done == total > 0, label
     assert sorted(seen.closed) == sorted(seen.progress)  # every callback closed when its stage ended

@@ -122,7 +122,8 @@ def _show_event(event, terminal: TextIO, stage_reports: bool = True) -> None:
         _console().print(f"serving them at {event.base_url}; metadata in LAION format (URL, TEXT)")
     elif stage_reports:  # a stage's report
         embed = functools.partial(_show_run, stage="embed")
-        {"IngestReport": _show_run, "EmbedReport": embed, "BuildReport": _show_index}[type(event).__name__](event)
+        shows = {"IngestReport": _show_run, "EmbedReport": embed, "CaptionReport": _show_captions}
+        (shows | {"BuildReport": _show_index})[type(event).__name__](event)
 
 
 def _show_run(report, stage: str = "ingest") -> None:
@@ -137,6 +138,12 @@ def _show_run(report, stage: str = "ingest") -> None:
     failed = summary.pop("failed")
     _table(f"{stage} {report.run_id}", summary)
     _table("failed, by reason", failed.items(), ["reason", "count"], empty="")
+
+
+def _show_captions(report) -> None:
+    if not report.captions_planned and not report.pairs_scored:
+        return _console().print(f"captions: nothing new to encode or score for {report.model_version}")
+    _table(f"captions {report.run_id}", report.to_dict())
 
 
 def _show_index(report) -> None:
@@ -230,8 +237,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     root, spec = storage.data_root(args.data_dir), _spec(args)
     filed_as = embed.filed_as(spec, args.save_as).model_version
     _console().print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={filed_as}")
-    runs, labels = layout.embed_runs_dir(root), {"progress": "embed"}
-    report = _stage(args, embed.embed, root, spec, runs_dir=runs, progress=labels, ray=True, dashboard=args.dashboard)
+    hooks, chosen = _hooks(args.verbose, stage_reports=not args.json), _options(args, embed.embed)
+    embedded = pipeline.embed_silver(root, spec, args.no_captions, hooks=hooks, dashboard=args.dashboard, **chosen)
+    report, captioned = embedded  # with --json one document: the image run's record, the captions' inside it
+    _emit(args, report.to_dict() | ({"captions": captioned.to_dict()} if captioned else {}))
     return 0 if report.rows_embedded or not report.rows_planned else 1
 
 

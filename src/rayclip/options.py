@@ -35,6 +35,7 @@ DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a n
 DEFAULT_MAX_INDEX_MEMORY = "4G"
 DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")
+SEARCH_OVER = ("images", "captions")  # what a query searches: a build's image index or its caption index
 INDEX_TYPES_HELP = "auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string"
 PRECISION_HELP = (
     "compute precision; vectors are stored as float32 either way "
@@ -105,6 +106,7 @@ class EmbedOptions:
     save_as: str | None = _opt(
         None, "file the embeddings under this model_version instead of the model's own", hidden=("--model-version",)
     )
+    no_captions: bool = _opt(False, "embed images only: no caption vectors and no clip_score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,11 @@ class SearchOptions:
     )
     model_version: str | None = _opt(None, MODEL_VERSION_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+    over: str = _opt(
+        "images",
+        "search the image index, or the caption index (results: the images carrying each caption found)",
+        choices=SEARCH_OVER,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

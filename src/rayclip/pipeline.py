@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the stages import heavy libraries; the CLI imports this mod
     from .eval.recall import BenchmarkReport, EvalReport
     from .model import ModelSpec
     from .query.searcher import Searcher, SearchResults
+    from .stages.captions import CaptionReport
     from .stages.embed import EmbedReport
     from .stages.index import BuildReport
     from .stages.ingest import IngestReport
@@ -156,6 +157,36 @@ def run_stage(
     return report
 
 
+def embed_silver(
+    root: Location,
+    spec: ModelSpec,
+    no_captions: bool = EmbedOptions.no_captions,
+    *,
+    hooks: Hooks = QUIET,
+    dashboard: bool = False,
+    **options,
+) -> tuple[EmbedReport, CaptionReport | None]:
+    """`rayclip embed`: the image embeddings (embed.embed with these options), then, unless
+    `no_captions`, the caption vectors and clip_scores of the embedded images (captions.embed_captions,
+    same model_version, partition, precision and actors), each a stage with its own run record and log
+    (silver/runs/, silver/caption_runs/)."""
+    from .stages import captions, embed
+
+    embedded = run_stage(
+        embed.embed, root, spec, hooks=hooks, runs_dir=layout.embed_runs_dir(root), progress={"progress": "embed"},
+        ray=True, dashboard=dashboard, **options,
+    )  # fmt: skip
+    if no_captions:
+        return embedded, None
+    shared = {name: options[name] for name in ("actors", "batch_size", "force") if name in options}
+    captioned = run_stage(
+        captions.embed_captions, root, embed.filed_as(spec, options.get("save_as")), dt=embedded.dt,
+        precision=embedded.precision, hooks=hooks, runs_dir=layout.caption_runs_dir(root),
+        progress={"progress": "captions"}, **shared,
+    )  # fmt: skip
+    return embedded, captioned
+
+
 # ------------------------------------------------------------------ eval through the pipeline
 
 
@@ -168,6 +199,7 @@ class EvalRun:
     build: BuildReport
     eval: EvalReport  # saved as eval.json beside the build
     searcher: Searcher  # on the published build
+    captions: CaptionReport | None = None  # the caption vectors and clip_scores embedded beside the images
 
 
 def evaluate_metadata(
@@ -180,13 +212,14 @@ def evaluate_metadata(
     url_col: str | None = IngestOptions.url_col,
     caption_col: str | None = IngestOptions.caption_col,
     precision: str = ModelOptions.precision,
+    no_captions: bool = EmbedOptions.no_captions,
     hooks: Hooks = QUIET,
 ) -> EvalRun:
-    """ingest → embed → index → rayclip's metadata Recall@K over the images `metadata` names
-    (data_dir as `--data-dir`: None is $RAYCLIP_DATA_DIR, else ./data)."""
+    """ingest → embed (images, then captions unless `no_captions`) → index → rayclip's metadata
+    Recall@K over the images `metadata` names (data_dir as `--data-dir`: None is $RAYCLIP_DATA_DIR, else ./data)."""
     from .eval import recall
     from .query.searcher import Searcher
-    from .stages import embed, index, ingest
+    from .stages import index, ingest
 
     root, metadata = storage.data_root(data_dir), Path(metadata)
     urls = ingest.read_metadata(metadata, url_col, caption_col).column("url").to_pylist()
@@ -201,23 +234,14 @@ def evaluate_metadata(
         runs_dir=layout.ingest_runs_dir(root),
         progress=downloads,
     )
-    embedded = run_stage(
-        embed.embed,
-        root,
-        spec,
-        actors=actors,
-        batch_size=batch_size,
-        precision=precision,
-        hooks=hooks,
-        runs_dir=layout.embed_runs_dir(root),
-        progress={"progress": "embed"},
-        ray=True,
+    embedded, captioned = embed_silver(
+        root, spec, no_captions, hooks=hooks, actors=actors, batch_size=batch_size, precision=precision
     )
     built = run_stage(index.build, root, spec.model_version, hooks=hooks, progress={"progress": "index"})
     searcher = Searcher.open(root, spec.model_version, precision=precision)
     with stage(None, hooks) as running:
         measured = recall.evaluate(searcher, urls, tuple(recall_at), progress=running.progress("eval"))
-    return EvalRun(ingested, embedded, built, recall.save(root, measured), searcher)
+    return EvalRun(ingested, embedded, built, recall.save(root, measured), searcher, captioned)
 
 
 def evaluate_benchmark(

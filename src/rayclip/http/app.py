@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
 from ..images import ImageTooLargeError, decode_base64
-from ..options import SearchOptions, ServeOptions
+from ..options import SEARCH_OVER, SearchOptions, ServeOptions
 from ..query.searcher import Searcher, SearchResults, Term, summary
 from ..query.service import NoIndexError, QueryService, UnknownIndexError
 from ..store import catalog, storage
@@ -59,6 +59,7 @@ Collapse = Annotated[
     float | None, Query(ge=-1, le=1, description="fold results within this cosine of a higher one (e.g. 0.96)")
 ]
 Where = Annotated[str | None, Query(max_length=1000, description="filter, e.g. width >= 512 AND caption LIKE '%dog%'")]
+Over = Annotated[Literal[SEARCH_OVER], Query(description="search the image index or the caption index")]
 
 
 class QueryTerm(Body):
@@ -81,6 +82,7 @@ class CombinedQuery(Body):
     k: int = Field(SearchOptions.k, ge=1, le=MAX_K)
     where: str | None = Field(None, max_length=1000)
     collapse: float | None = Field(None, ge=-1, le=1)
+    over: Literal[SEARCH_OVER] = SearchOptions.over
 
 
 CONTENT_TYPES = {
@@ -265,8 +267,10 @@ def create_app(
         except UnknownIndexError as err:
             raise NoIndexError(str(err)) from None
 
-    def find(terms: list[Term], k: int, where: str | None, collapse: float | None) -> SearchResults:
-        return served().find([terms], SearchOptions(k=k, where=where, collapse=collapse))[0]
+    def find(
+        terms: list[Term], k: int, where: str | None, collapse: float | None, over: str = SearchOptions.over
+    ) -> SearchResults:
+        return served().find([terms], SearchOptions(k=k, where=where, collapse=collapse, over=over))[0]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -304,15 +308,17 @@ def create_app(
         k: TopK = SearchOptions.k,
         collapse: Collapse = None,
         where: Where = None,
+        over: Over = SearchOptions.over,
     ) -> dict:
-        results = find([Term("text", q)], k, where, collapse)
-        return _payload(results, {"q": q, "k": k, "collapse": collapse, "where": where})
+        results = find([Term("text", q)], k, where, collapse, over)
+        echoed = {"q": q, "k": k, "collapse": collapse, "where": where}
+        return _payload(results, echoed | ({"over": over} if over != SearchOptions.over else {}))
 
     @app.post("/api/search", dependencies=[encode_slot])
     def search_combined(query: CombinedQuery) -> dict:
         """rclip-style arithmetic: the weighted sum of text, image and stored-vector terms."""
         terms = [_term(term, max_upload_bytes) for term in query.terms]
-        results = find(terms, query.k, query.where, query.collapse)
+        results = find(terms, query.k, query.where, query.collapse, query.over)
         return _payload(results, query.model_dump(exclude={"terms"}) | {"terms": len(terms)})
 
     @app.get("/api/search/similar", dependencies=[encode_slot])

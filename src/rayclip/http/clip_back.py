@@ -10,6 +10,10 @@ another is published mid-query), and /metadata refuses (409) a `build_id` that i
 The Searchers are the query service's (query/service.py), shared with /api/*; the statuses of
 bad images and missing indices are http/errors.py's, the same as /api/*'s.
 
+`modality: "text"` searches the build's caption index (one vector per distinct caption), as
+clip-retrieval searches its text index; each caption found yields the images that carry it, so every
+`id` is still an image's faiss_id and /metadata answers for it.
+
 The flags rayclip has no model for (safety, violence, mclip, aesthetic) are accepted and
 ignored, and each response names the ones it ignored in `X-Rayclip-Ignored-Flags`.
 """
@@ -51,7 +55,10 @@ class KnnQuery(Body):
     image: str | None = Field(None, description="a base64-encoded image")
     image_url: str | None = Field(None, description="an http(s) image URL (only with `serve --allow-url-queries`)")
     embedding_input: list[float] | None = Field(None, description="a query vector of the index's dimension")
-    modality: Literal["image", "text"] = Field("image", description="search images; `text` (captions) gets 422")
+    modality: Literal["image", "text"] = Field(
+        "image",
+        description="search the image index, or `text`: the caption index (results: images carrying each caption)",
+    )
     num_images: int = Field(100, ge=1, le=MAX_RESULT_IDS, description="results that carry their metadata")
     num_result_ids: int | None = Field(
         None, ge=1, le=MAX_RESULT_IDS, description="results returned (default num_images); beyond num_images only id"
@@ -85,6 +92,9 @@ class KnnResult(BaseModel):
     caption: str | None = None
     media_id: str | None = None
     duplicates: int | None = Field(None, description="near-duplicates folded into this result (deduplicate)")
+    caption_row: int | None = Field(
+        None, description="modality text: the caption found, a row of the build's caption index"
+    )
 
 
 class MetadataQuery(Body):
@@ -155,10 +165,6 @@ def router(
                 f"give exactly one of {', '.join(QUERY_FIELDS)}"
                 + (f"; got {' and '.join(given)}" if given else "; got none"),
             )
-        if query.modality == "text":
-            raise HTTPException(
-                422, 'modality "text" (searching captions) is not supported: rayclip indexes images; use "image"'
-            )
         searcher = searcher_of(query.indice_name)
         if query.image_url and not allow_url_queries:
             raise HTTPException(422, "image_url queries are off; start the server with --allow-url-queries")
@@ -172,6 +178,7 @@ def router(
                 id=r.faiss_id,
                 similarity=r.score,
                 duplicates=r.duplicates if query.deduplicate else None,
+                caption_row=r.caption_row,
                 **(
                     {"media_id": r.media_id, "url": url_of(r.media_id, r.url, request), "caption": r.caption}
                     if i < query.num_images
@@ -200,7 +207,8 @@ def router(
 
 
 def _search(searcher: Searcher, query: KnnQuery, k: int, max_image_bytes: int) -> SearchResults:
-    options = SearchOptions(k=k, collapse=DEFAULT_COLLAPSE if query.deduplicate else None)
+    over = "captions" if query.modality == "text" else "images"  # clip-retrieval's text index: our caption index
+    options = SearchOptions(k=k, collapse=DEFAULT_COLLAPSE if query.deduplicate else None, over=over)
     if query.text:
         term = Term("text", query.text)
     elif query.embedding_input:

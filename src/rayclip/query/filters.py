@@ -13,7 +13,8 @@ pyarrow compute expression. Nothing the user typed reaches an engine as text.
     value      := number | 'text' (a quote inside is doubled: 'it''s')
 
 Keywords are case-insensitive; column names are the mapping's (FILTER_COLUMNS). A timestamp column
-compares with an ISO date or time in quotes: ingested_at >= '2026-01-01'.
+compares with an ISO date or time in quotes: ingested_at >= '2026-01-01'. A row whose value is null
+(clip_score of an image without a caption) matches no comparison: `clip_score >= 0.28` drops it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ FILTER_COLUMNS = (
     "source_count",
     "ingested_at",
     "embedded_at",
+    "clip_score",  # the best cosine between the image and one of its captions (null: no caption scored)
 )
 MAX_FILTER_CHARS = 1000
 _TOKEN = re.compile(

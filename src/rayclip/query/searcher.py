@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -53,9 +54,13 @@ class SearchResult:
     caption: str | None
     duplicates: int = 0  # near-duplicate results folded into this one (collapse)
     faiss_id: int = -1  # its row in the build named by SearchResults.build_id
+    caption_row: int | None = None  # searching captions: the caption found (its row in the build's caption index)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        shown = dataclasses.asdict(self)
+        if self.caption_row is None:  # an image search's results read as they always did
+            del shown["caption_row"]
+        return shown
 
 
 class SearchResults(list):
@@ -113,6 +118,30 @@ class NotIndexedError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Captions:
+    """A build's caption index: row i is one distinct caption; images[starts[i]:starts[i + 1]] are the
+    faiss_ids of the images that carry it, best clip_score first."""
+
+    index: object
+    texts: pa.Array
+    starts: np.ndarray
+    images: np.ndarray
+
+    @classmethod
+    def of(cls, index, table: pa.Table) -> Captions:
+        carriers = table.column("faiss_ids").combine_chunks()
+        starts = carriers.offsets.to_numpy().astype(np.int64)
+        return cls(index, table.column("caption").combine_chunks(), starts, carriers.values.to_numpy())
+
+    def carrying(self, allowed: np.ndarray, image_count: int) -> np.ndarray:
+        """The caption rows carried by at least one of these faiss_ids."""
+        kept = np.zeros(image_count, bool)
+        kept[allowed] = True
+        owner = np.repeat(np.arange(len(self.starts) - 1), np.diff(self.starts))
+        return np.unique(owner[kept[self.images]])
+
+
+@dataclasses.dataclass(frozen=True)
 class Build:
     """One loaded build: its build.json, FAISS index and mapping; a Searcher swaps the whole object."""
 
@@ -120,6 +149,7 @@ class Build:
     info: BuildInfo
     index: object
     rows: Mapping
+    captions: Captions | None = None  # the caption index, when the build carries one
 
 
 def _spec_from_build(info: BuildInfo) -> ModelSpec:
@@ -153,6 +183,12 @@ def _load_build(root: Location, model_version: str, build_id: str) -> Build:
         info = BuildInfo.read(local(layout.build_info_file))
         index = catalog.read_index(local(layout.index_file, info.file_bytes))
         mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
+        captions = None
+        if info.captions:
+            caption_index = catalog.read_index(local(layout.caption_index_file, info.file_bytes))
+            captions = Captions.of(
+                caption_index, catalog.read_parquet(local(layout.caption_mapping_file, info.file_bytes))
+            )
     except storage.ShortReadError as err:  # a file is not what build.json recorded
         rollback = "roll back with `rayclip index --rollback`"
         raise storage.ShortReadError(f"build {build_id} of {model_version} is broken: {err}; {rollback}") from None
@@ -165,7 +201,7 @@ def _load_build(root: Location, model_version: str, build_id: str) -> Build:
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
     _prepare(index, info)
-    return Build(build_id, info, index, Mapping(mapping))
+    return Build(build_id, info, index, Mapping(mapping), captions)
 
 
 def _prepare(index, info: BuildInfo) -> None:
@@ -365,13 +401,23 @@ class Searcher:
             held = "the index holds" if allowed is None else "the filter keeps"
             notes.append(f"k={k} clamped to {min(max(k, 1), total)} ({held} {total} vectors)")
             k = min(max(k, 1), total)
+        if options.over == "captions":
+            with self._phase("search"):
+                return [
+                    SearchResults(_caption_hits(build, q, k, collapse, allowed), list(notes), **labels) for q in queries
+                ]
         if collapse is None:
             with self._phase("search"):
                 scores, ids = _search(build, queries, k, allowed)
             with self._phase("join"):
                 return [SearchResults(_join(build, s, i), list(notes), **labels) for s, i in zip(scores, ids)]
         with self._phase("search"):  # grouping searches deeper and joins as it goes
-            return [SearchResults(_collapsed(build, q, k, collapse, allowed), list(notes), **labels) for q in queries]
+            results, search = [], functools.partial(_search, build)
+            for query in queries:
+                scores, ids, folded = _collapsed(build.index, search, query, k, collapse, allowed)
+                joined = [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(_join(build, scores, ids), folded)]
+                results.append(SearchResults(joined, list(notes), **labels))
+            return results
 
 
 def summary(searcher: Searcher) -> dict:
@@ -386,22 +432,68 @@ def summary(searcher: Searcher) -> dict:
 
 
 def _collapsed(
-    build: Build, query: np.ndarray, k: int, threshold: float, allowed: np.ndarray | None
-) -> list[SearchResult]:
-    """Search deeper until the hits form k groups of near-duplicates (or the rows run out)."""
-    total = build.index.ntotal if allowed is None else len(allowed)
+    index, search: Callable, query: np.ndarray, k: int, threshold: float, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search deeper until the hits form k groups of near-duplicates (or the rows run out):
+    (scores, ids, members folded) of the k group leaders. search(queries, depth, allowed) searches `index`."""
+    total = index.ntotal if allowed is None else len(allowed)
     depth = min(total, k * COLLAPSE_DEPTH)
     while True:
-        scores, ids = _search(build, query[None], depth, allowed)
+        scores, ids = search(query[None], depth, allowed)
         keep = ids[0] >= 0
         scores, ids = scores[0][keep], ids[0][keep]
-        leaders, folded = _group_near_duplicates(stored_vectors(build.index, ids), threshold)
+        leaders, folded = _group_near_duplicates(stored_vectors(index, ids), threshold)
         if len(leaders) >= k or depth >= total:
             break
         depth = min(total, depth * COLLAPSE_DEPTH)
     leaders, folded = leaders[:k], folded[:k]
-    results = _join(build, scores[leaders], ids[leaders])
-    return [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(results, folded)]
+    return scores[leaders], ids[leaders], folded
+
+
+def _caption_hits(
+    build: Build, query: np.ndarray, k: int, collapse: float | None, allowed: np.ndarray | None
+) -> list[SearchResult]:
+    """Search the caption index; each caption found names the images that carry it (best
+    clip_score first), one result each with the caption's cosine, until k. `allowed` keeps images
+    (and so the captions that some allowed image carries); `collapse` folds near-duplicate captions."""
+    captions = build.captions
+    if captions is None:
+        fix = "run `rayclip embed` (without --no-captions), then `rayclip index`"
+        raise UserError(f"build {build.build_id} has no caption index; {fix}")
+    rows = None if allowed is None else captions.carrying(allowed, build.index.ntotal)
+    total = captions.index.ntotal if rows is None else len(rows)
+    if total == 0:
+        return []
+    depth = min(k, total)  # each caption carries at least one allowed image
+    search = functools.partial(_search_index, captions.index, {})  # exact: no knobs to apply
+    if collapse is None:
+        scores, found = (a[0] for a in search(query[None], depth, rows))
+        folded = np.zeros(len(found), np.int64)
+    else:
+        scores, found, folded = _collapsed(captions.index, search, query, depth, collapse, rows)
+    kept = None if allowed is None else np.isin(captions.images, allowed)
+    hits: list[tuple[float, int, int, int]] = []  # score, faiss_id, caption row, captions folded
+    for score, row, n in zip(scores, found, folded):
+        if row < 0:
+            continue
+        span = np.arange(captions.starts[row], captions.starts[row + 1])
+        images = captions.images[span if kept is None else span[kept[span]]]
+        hits += [(float(score), int(i), int(row), int(n)) for i in images[: k - len(hits)]]
+        if len(hits) >= k:
+            break
+    joined = build.rows.rows([i for _, i, _, _ in hits], ["media_id", "path", "url"])
+    return [
+        SearchResult(
+            rank + 1,
+            round(s, 6),
+            **image,
+            caption=captions.texts[row].as_py(),
+            duplicates=n,
+            faiss_id=i,
+            caption_row=row,
+        )
+        for rank, ((s, i, row, n), image) in enumerate(zip(hits, joined))
+    ]
 
 
 def _join(build: Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
@@ -414,21 +506,27 @@ def _join(build: Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResul
 
 
 def _search(build: Build, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top-k, restricted to `allowed` faiss_ids by an IDSelector when given.
+    """FAISS top-k in the build's image index, with the knobs the build tuned (_search_index)."""
+    return _search_index(build.index, build.info.search_params or {}, queries, k, allowed)
+
+
+def _search_index(
+    index, knobs: dict, queries: np.ndarray, k: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS top-k in an index searched with these knobs, restricted to `allowed` ids by an
+    IDSelector when given.
 
     An approximate index can find fewer than k allowed rows near the query (a selective filter):
     it searches again with four times the effort until k come back or it has looked everywhere;
     an HNSW graph that still falls short is searched exactly over the allowed rows."""
     import faiss
 
-    index = build.index
     if allowed is None:
         return index.search(queries, k)
     mask = np.zeros(index.ntotal, bool)
     mask[allowed] = True
     bitmap = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
-    knobs = build.info.search_params or {}
     effort = 1
     while True:
         params, exhaustive = ann.search_parameters(index, knobs, selector, effort)

@@ -3,11 +3,13 @@
 Two passes over the silver files keep one copy of the vectors in memory (the index itself):
 the first reads only (media_id, embedded_at) to choose the newest row per media_id, the second
 streams each file's chosen vectors into the index. faiss_id i is the i-th vector added, and
-mapping.parquet row i says which media_id it is. The same protocol on a local folder and an
-object store (no rename needed): every file of a build is written whole into builds/<build_id>/
-(the index streamed through storage), build.json last (the build's commit record: readers list only
-builds that have it), and only then CURRENT names the build (one atomic write). A folder without
-build.json that no live build holds is debris.
+mapping.parquet row i says which media_id it is (and its best clip_score over its captions).
+When silver holds caption vectors, the build also carries a caption index: captions.faiss row j is
+one distinct caption, captions.parquet row j its text and the faiss_ids that carry it.
+The same protocol on a local folder and an object store (no rename needed): every file of a build
+is written whole into builds/<build_id>/ (the index streamed through storage), build.json last (the
+build's commit record: readers list only builds that have it), and only then CURRENT names the
+build (one atomic write). A folder without build.json that no live build holds is debris.
 """
 
 from __future__ import annotations
@@ -161,9 +163,64 @@ def _sources(root: Location) -> pa.Table:
     )
 
 
-def _mapping(rows: pa.Table, root: Location) -> pa.Table:
-    """(faiss_id, media_id, embedded_at) joined with what the manifest says, ordered by faiss_id."""
-    return rows.join(_sources(root), "media_id", join_type="left outer").sort_by("faiss_id")
+def _clip_scores(root: Location, model_version: str) -> pa.Table:
+    """media_id, caption_id, clip_score: the newest score of every (image, caption) pair in silver."""
+    keys = ["media_id", "caption_id"]
+    scores = catalog.silver_latest(root, model_version, layout.CLIP_SCORES, keys, ["clip_score"], "scored_at")
+    if scores is None:
+        return pa.schema([(k, pa.string()) for k in keys] + [("clip_score", pa.float32())]).empty_table()
+    return scores
+
+
+def _mapping(rows: pa.Table, root: Location, scores: pa.Table) -> pa.Table:
+    """(faiss_id, media_id, embedded_at) joined with what the manifest says and the best clip_score
+    over each media_id's captions (null: none scored), ordered by faiss_id."""
+    best = scores.group_by("media_id").aggregate([("clip_score", "max")])
+    best = pa.table({"media_id": best["media_id"], "clip_score": best["clip_score_max"]})
+    mapping = rows.join(_sources(root), "media_id", join_type="left outer")
+    return mapping.join(best, "media_id", join_type="left outer").sort_by("faiss_id")
+
+
+@dataclasses.dataclass
+class _Captions:
+    """The build's caption index: one vector per distinct caption carried by an indexed image."""
+
+    index: object
+    rows: pa.Table  # caption_row i, caption_id, caption, faiss_ids (its images, best clip_score first)
+
+
+def _caption_index(root: Location, model_version: str, mapping: pa.Table, scores: pa.Table) -> _Captions | None:
+    """Captions of the mapping's images (the pairs silver scored), deduplicated by text (caption_id):
+    an exact inner-product index over their stored vectors, and the faiss_ids that carry each, best
+    clip_score first. None when no indexed image has a scored caption."""
+    import faiss
+
+    ids = mapping.select(["media_id", "faiss_id"])
+    pairs = scores.join(ids, "media_id", join_type="inner")
+    if not pairs.num_rows:
+        return None
+    pairs = pairs.sort_by([("caption_id", "ascending"), ("clip_score", "descending"), ("faiss_id", "ascending")])
+    carriers = pairs.group_by("caption_id", use_threads=False).aggregate([("faiss_id", "list")])
+    wanted = carriers["caption_id"]
+    stored = catalog.silver_latest(
+        root, model_version, layout.CAPTIONS, ["caption_id"], ["caption", "embedding"], "embedded_at", wanted
+    )
+    rows = stored  # sorted by caption_id; a join cannot carry the vectors along (pyarrow: no fixed_size_list)
+    carried = carriers["faiss_id_list"].take(pc.index_in(rows["caption_id"], value_set=carriers["caption_id"]))
+    column = rows["embedding"].combine_chunks()
+    vectors = np.ascontiguousarray(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size))
+    _check_vectors(vectors, layout.silver_table_dir(root, layout.CAPTIONS))
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    table = pa.table(
+        {
+            "caption_row": pa.array(np.arange(rows.num_rows, dtype=np.int64)),
+            "caption_id": rows["caption_id"],
+            "caption": rows["caption"],
+            "faiss_ids": carried,
+        }
+    )
+    return _Captions(index, table)
 
 
 @dataclasses.dataclass
@@ -392,7 +449,9 @@ def build(
             tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
     built_s = time.monotonic() - started
 
-    mapping = _mapping(made.rows, root)
+    scores = _clip_scores(root, model_version)
+    mapping = _mapping(made.rows, root, scores)
+    captions = _caption_index(root, model_version, mapping, scores)
     index = made.index
     unique = len(pc.unique(mapping.column("media_id")))
     if not index.ntotal == mapping.num_rows == unique:
@@ -430,10 +489,11 @@ def build(
             "tried": tuning.tried,
         },
         query_ms={"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, tuning.queries)},
+        captions={"count": captions.index.ntotal, "index_type": ann.FLAT} if captions else None,
     )
     folder = layout.build_dir(root, model_version, build_id)
     debris.sweep(root, debris.BUILD_FOLDERS)  # folders of builds killed before their build.json
-    _write_build(folder, index, mapping, made.truth, info, started, built_s)
+    _write_build(folder, index, mapping, made.truth, info, started, built_s, captions)
     faults.point("index.publish")  # the build committed, CURRENT still names the previous one
     storage.write_atomic(layout.current_file(root, model_version), build_id + "\n")
     return BuildReport(
@@ -454,27 +514,42 @@ def build(
     )
 
 
-def _write_build(
-    folder: Location, index, mapping: pa.Table, truth: ann.Truth, info: BuildInfo, started: float, built_s: float
-) -> None:
-    """Every file of the build, each written whole, then build.json: the commit. The folder is held
-    while it is written (a concurrent build's sweep leaves it alone) and kept when done."""
+def _write_index(loc: Location, index) -> None:
     import faiss
 
+    with storage.open_output(loc) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # streamed, no second copy in memory
+
+
+def _write_build(
+    folder: Location,
+    index,
+    mapping: pa.Table,
+    truth: ann.Truth,
+    info: BuildInfo,
+    started: float,
+    built_s: float,
+    captions: _Captions | None = None,
+) -> None:
+    """Every file of the build, each written whole (the caption index too, when there is one), then
+    build.json: the commit. The folder is held while it is written (a concurrent build's sweep leaves
+    it alone) and kept when done."""
     with storage.working(folder, keep=True):
-        with storage.open_output(layout.index_file(folder)) as f:
-            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # streamed, no second copy in memory
+        _write_index(layout.index_file(folder), index)
         faults.point("index.build")  # the build half written, without its build.json
         with storage.open_output(layout.mapping_file(folder)) as f:
             pq.write_table(mapping, f)
         with storage.open_output(layout.tuning_file(folder)) as f:
             truth.save(f)
+        written = [layout.index_file(folder), layout.mapping_file(folder), layout.tuning_file(folder)]
+        if captions is not None:
+            _write_index(layout.caption_index_file(folder), captions.index)
+            with storage.open_output(layout.caption_mapping_file(folder)) as f:
+                pq.write_table(captions.rows, f)
+            written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
         info.index_bytes = storage.size(layout.index_file(folder))
         # What build.json commits, byte for byte: readers check every file against it.
-        info.file_bytes = {
-            f.name: storage.size(f)
-            for f in (layout.index_file(folder), layout.mapping_file(folder), layout.tuning_file(folder))
-        }
+        info.file_bytes = {f.name: storage.size(f) for f in written}
         info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
         info.write(layout.build_info_file(folder))
 

@@ -14,7 +14,9 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UserError
@@ -113,13 +115,13 @@ def _legacy_silver(root: Location, model_version: str, day: str | None = None) -
     return [f for f in files if layout.silver_file_run(f.name) is None]
 
 
-def silver_commits(root: Location, model_version: str) -> list[dict]:
-    """The commit records of a model_version's runs, oldest first: run_id, dt, files (name, rows, bytes:
-    absent in records from before sizes were recorded), rows.
+def silver_commits(root: Location, model_version: str, table: str = layout.EMBEDDINGS) -> list[dict]:
+    """The commit records of a model_version's runs into a silver table, oldest first: run_id, dt,
+    files (name, rows, bytes: absent in records from before sizes were recorded), rows.
 
     A run's Parquet files are data only once its record, written after all of them, exists."""
-    folder = layout.silver_model_dir(root, model_version)
-    committed = storage.glob(layout.silver_commits_dir(root, model_version), layout.COMMIT_RECORDS)
+    folder = layout.silver_model_dir(root, model_version, table)
+    committed = storage.glob(layout.silver_commits_dir(root, model_version, table), layout.COMMIT_RECORDS)
     records = [storage.read_json(f) for f in committed]
     for record in records:
         for f in record["files"]:
@@ -127,12 +129,43 @@ def silver_commits(root: Location, model_version: str) -> list[dict]:
     return records
 
 
-def silver_files(root: Location, model_version: str, day: str | None = None) -> list[Location]:
-    """The committed silver Parquet files of a model_version (one dt partition, or all), by name."""
+def silver_files(
+    root: Location, model_version: str, day: str | None = None, table: str = layout.EMBEDDINGS
+) -> list[Location]:
+    """The committed Parquet files of a model_version in a silver table (one dt partition, or all), by name."""
     day = layout.check_day(day) if day else None
-    folder = layout.silver_model_dir(root, model_version)
-    names = [f["name"] for c in silver_commits(root, model_version) if day in (None, c["dt"]) for f in c["files"]]
-    return sorted([folder / name for name in names] + _legacy_silver(root, model_version, day), key=str)
+    folder = layout.silver_model_dir(root, model_version, table)
+    commits = silver_commits(root, model_version, table)
+    names = [f["name"] for c in commits if day in (None, c["dt"]) for f in c["files"]]
+    legacy = _legacy_silver(root, model_version, day) if table == layout.EMBEDDINGS else []
+    return sorted([folder / name for name in names] + legacy, key=str)
+
+
+def read_silver(root: Location, model_version: str, table: str, columns: list[str]) -> pa.Table | None:
+    """These columns of every committed row of a silver table (all days); None when it has none."""
+    files = silver_files(root, model_version, table=table)
+    return pa.concat_tables([read_parquet(f, columns) for f in files]) if files else None
+
+
+def silver_latest(
+    root: Location, model_version: str, table: str, keys: list[str], columns: list[str], at: str, wanted=None
+) -> pa.Table | None:
+    """The newest committed row (latest `at`) of each key in a silver table (a rerun with --force adds
+    rows, never rewrites one): keys + columns, sorted by key; with `wanted` (values of keys[0]) only
+    those, filtered file by file. None when the table has no rows."""
+    parts = []
+    for f in silver_files(root, model_version, table=table):
+        part = read_parquet(f, list(dict.fromkeys([*keys, *columns, at])))
+        parts.append(part if wanted is None else part.filter(pc.is_in(part[keys[0]], value_set=wanted)))
+    if not parts:
+        return None
+    ordered = pa.concat_tables(parts).sort_by([(k, "ascending") for k in keys] + [(at, "descending")])
+    first = np.zeros(ordered.num_rows, bool)
+    first[:1] = True
+    for key in keys:
+        values = ordered[key].to_numpy(zero_copy_only=False)
+        first[1:] |= values[1:] != values[:-1]
+    return ordered.filter(pa.array(first)).select(list(dict.fromkeys([*keys, *columns])))
 
 
 # gold
@@ -163,6 +196,7 @@ class BuildInfo:
     query_ms: dict = dataclasses.field(default_factory=dict)
     index_bytes: int | None = None
     file_bytes: dict | None = None  # name -> bytes of each file of the build; None: built before sizes
+    captions: dict | None = None  # {"count", "index_type"} of the caption index; None: the build has none
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
 

@@ -66,25 +66,28 @@ def sweep(root: Location, patterns: tuple[str, ...] = EVERYTHING) -> list[Locati
 
 
 def uncommitted_silver(root: Location) -> list[Location]:
-    """Silver files of embed runs that are neither live nor committed.
+    """Silver files (of every silver table) of embed runs that are neither live nor committed.
 
     Listed first, judged after: a live run holds its work folder from before its first file until
     after its commit record, so a listed file whose run holds nothing either was committed (the
     record exists) or belongs to a run that died. Files not named by silver_file_stem are left alone.
     """
-    files = storage.glob(layout.embeddings_dir(root), layout.SILVER_FILES)
-    dead: dict[tuple[str, str], bool] = {}
+    tables = [
+        (table, storage.glob(layout.silver_table_dir(root, table), layout.SILVER_FILES))
+        for table in layout.SILVER_TABLES
+    ]
+    dead: dict[tuple[str, str, str], bool] = {}
     found = []
-    for path in files:
+    for table, path in ((table, path) for table, files in tables for path in files):
         run_id = layout.silver_file_run(path.name)
         if run_id is None:
             continue
         model_version = layout.partition_value(path.parent.parent.name)
-        if (model_version, run_id) not in dead:
-            dead[model_version, run_id] = not _embed_run_live(root, run_id) and not storage.exists(
-                layout.silver_commit_file(root, model_version, run_id)
+        if (table, model_version, run_id) not in dead:
+            dead[table, model_version, run_id] = not _embed_run_live(root, run_id) and not storage.exists(
+                layout.silver_commit_file(root, model_version, run_id, table)
             )
-        if dead[model_version, run_id]:
+        if dead[table, model_version, run_id]:
             found.append(path)
     return found
 

@@ -77,17 +77,32 @@ def embed_run_record(root: Location, run_id: str) -> Location:
     return run_record(embed_runs_dir(root), run_id)
 
 
-# silver
+# silver: three tables, each partitioned by model_version and dt, each committed by run records
+EMBEDDINGS = "embeddings"  # media_id, embedding, embedded_at
+CAPTIONS = "captions"  # caption_id (caption_id()), caption, embedding, embedded_at: one row per distinct caption
+CLIP_SCORES = "clip_scores"  # media_id, caption_id, clip_score, scored_at: one row per (image, caption) pair
+SILVER_TABLES = (EMBEDDINGS, CAPTIONS, CLIP_SCORES)
+
+
+def silver_table_dir(root: Location, table: str = EMBEDDINGS) -> Location:
+    return root / "silver" / table
+
+
 def embeddings_dir(root: Location) -> Location:
-    return root / "silver" / "embeddings"
+    return silver_table_dir(root, EMBEDDINGS)
 
 
-def silver_partition(root: Location, model_version: str, day: str) -> Location:
-    return silver_model_dir(root, model_version) / f"dt={day}"
+def silver_partition(root: Location, model_version: str, day: str, table: str = EMBEDDINGS) -> Location:
+    return silver_model_dir(root, model_version, table) / f"dt={day}"
 
 
-def silver_model_dir(root: Location, model_version: str) -> Location:
-    return embeddings_dir(root) / f"model_version={model_version}"
+def silver_model_dir(root: Location, model_version: str, table: str = EMBEDDINGS) -> Location:
+    return silver_table_dir(root, table) / f"model_version={model_version}"
+
+
+def caption_id(caption: str) -> str:
+    """A caption's key in silver: the lowercase hex sha256 of its UTF-8 text (as media_id is of the bytes)."""
+    return hashlib.sha256(caption.encode()).hexdigest()
 
 
 def partition_value(folder_name: str) -> str:
@@ -110,13 +125,13 @@ def silver_model_file(root: Location, model_version: str) -> Location:
     return silver_model_dir(root, model_version) / "_model.json"
 
 
-def silver_commits_dir(root: Location, model_version: str) -> Location:
+def silver_commits_dir(root: Location, model_version: str, table: str = EMBEDDINGS) -> Location:
     """One commit record per run ('_' keeps it out of Parquet dataset readers)."""
-    return silver_model_dir(root, model_version) / "_commits"
+    return silver_model_dir(root, model_version, table) / "_commits"
 
 
-def silver_commit_file(root: Location, model_version: str, run_id: str) -> Location:
-    return silver_commits_dir(root, model_version) / f"{run_id}.json"
+def silver_commit_file(root: Location, model_version: str, run_id: str, table: str = EMBEDDINGS) -> Location:
+    return silver_commits_dir(root, model_version, table) / f"{run_id}.json"
 
 
 COMMIT_RECORDS = "*.json"  # under silver_commits_dir
@@ -155,6 +170,11 @@ def embed_runs_dir(root: Location) -> Location:
     return root / "silver" / "runs"
 
 
+def caption_runs_dir(root: Location) -> Location:
+    """The caption runs' records and logs (stages/captions.py), apart from the image embed runs'."""
+    return root / "silver" / "caption_runs"
+
+
 # gold: a build folder holds the files below; build.json is written last (the build's commit record)
 BUILD_INFO = "build.json"
 BUILD_INFOS = f"*/{BUILD_INFO}"  # under builds_dir: one per committed build
@@ -186,6 +206,16 @@ def build_info_file(build: Location) -> Location:
 
 def index_file(build: Location) -> Location:
     return build / "index.faiss"
+
+
+def caption_index_file(build: Location) -> Location:
+    """The build's caption index (optional): one vector per distinct caption, its own id space."""
+    return build / "captions.faiss"
+
+
+def caption_mapping_file(build: Location) -> Location:
+    """Row i describes caption index row i: its text and the faiss_ids of the images carrying it."""
+    return build / "captions.parquet"
 
 
 def mapping_file(build: Location) -> Location:
