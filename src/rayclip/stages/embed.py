@@ -436,8 +436,12 @@ def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
         if os.environ.get("RAY_ADDRESS"):
             cluster.init(log_to_driver=verbose)
         else:
+            # address="local": a new cluster, as documented, not the last one `ray start` left on this
+            # machine (ray.init's own default joins that, and waits forever if it has died).
             # Loopback: the dashboard has no authentication of its own.
-            cluster.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
+            cluster.init(
+                address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose
+            )
     url = get_dashboard_url()
     return (url if "://" in url else f"http://{url}") if url else None
 
@@ -632,9 +636,10 @@ def embed(
     report.blocks = blocks or max(actors * 8, int(report.cluster_cpus) * 2 if report.decode == "tasks" else 0)
     report.blocks = min(report.blocks, report.rows_planned)
     stats = ray.remote(num_cpus=0)(RunStats).remote()
-    if planned is not None:  # split here: no Ray task needed
+    if planned is not None:  # split here, and described here: from_arrow would ask Ray tasks for each block's
+        # metadata, seconds of worker start-up on a fresh cluster; from_blocks reads it in this process
         bounds = [planned.num_rows * i // report.blocks for i in range(report.blocks + 1)]
-        work = ray.data.from_arrow([planned.slice(a, b - a) for a, b in zip(bounds, bounds[1:])])
+        work = ray.data.from_blocks([planned.slice(a, b - a) for a, b in zip(bounds, bounds[1:])])
     else:  # split before the actor pool exists: its actors may hold the CPUs that split tasks would need
         work = work.repartition(report.blocks).materialize()
     if report.decode == "tasks":
