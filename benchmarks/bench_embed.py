@@ -1,19 +1,26 @@
-"""Embedding throughput: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
+"""Embedding throughput and start-up: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
 
-    .venv/bin/python benchmarks/bench_embed.py [--images 4096] [--batch-size 32] [--gpus-per-actor 0]
+    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts ade] [--gpus-per-actor 0]
 
 ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-sized JPEGs
-(256–640 px, photo-like noise so they compress like photos). Prints, in one run:
-  (a) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image): one process
-      with all cores as torch threads, and the whole machine (one process per core, 1 thread each);
-  (b) the whole-machine bare loop at the precision `auto` picks here;
-  (c) `rayclip embed` as a user runs it (a fresh process: imports, Ray start, actors, Parquet, commit) at fp32;
-  (d) the same at the default precision (auto);
-  the ratios d/a and d/b; the machine's measured GEMM GFLOP/s at fp32 and bf16, ViT-B-32's FLOPs per
-  image (torch's flop counter) and d as a fraction of that compute limit; the ceiling once each
-  image's decode + preprocess (measured on one core) is added to the encoder at the GEMM rate, as
-  a multiple of a; and for c and d the steady-state images/s (start-up excluded) with startup_s
-  beside it.
+(256–640 px, photo-like noise so they compress like photos). Prints first the machine's ceiling: GEMM
+GFLOP/s at fp32 and at the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop
+counter), the compute limit that gives, each image's decode + preprocess on one core, and the
+ceiling once that decode is spread over the cores. Then, as `--parts` asks:
+  (p) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image) in one process
+      with all cores as torch threads;
+  (a) the same on the whole machine, one process per core, 1 thread each (the baseline);
+  (b) (a) at the precision `auto` picks;
+  (c) `rayclip embed --precision fp32` as a user runs it (a fresh process: imports, Ray start,
+      actors, Parquet, commit);
+  (d) `rayclip embed` with its defaults;
+  (e) the same with the other decode layout (`--decode tasks` where auto picks actor, and back);
+  (g) `rayclip embed --decode gpu` (with --gpus-per-actor only).
+For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
+by phase (the run record's startup_breakdown) with the seconds before and after the run, the
+ratios run / steady, whole command / steady and steady / ceiling, and the GPU's utilisation (or
+"no GPU"); then each run over (a), (b) and (p) where they ran. The default (1,024 images, parts ade)
+takes about four minutes on a quiet 2-core machine.
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
