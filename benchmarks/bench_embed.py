@@ -1,19 +1,26 @@
-"""Embedding throughput: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
+"""Embedding throughput and start-up: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
 
-    .venv/bin/python benchmarks/bench_embed.py [--images 4096] [--batch-size 32] [--gpus-per-actor 0]
+    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts ade] [--gpus-per-actor 0]
 
 ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-sized JPEGs
-(256–640 px, photo-like noise so they compress like photos). Prints, in one run:
-  (a) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image): one process
-      with all cores as torch threads, and the whole machine (one process per core, 1 thread each);
-  (b) the whole-machine bare loop at the precision `auto` picks here;
-  (c) `rayclip embed` as a user runs it (a fresh process: imports, Ray start, actors, Parquet, commit) at fp32;
-  (d) the same at the default precision (auto);
-  the ratios d/a and d/b; the machine's measured GEMM GFLOP/s at fp32 and bf16, ViT-B-32's FLOPs per
-  image (torch's flop counter) and d as a fraction of that compute limit; the ceiling once each
-  image's decode + preprocess (measured on one core) is added to the encoder at the GEMM rate, as
-  a multiple of a; and for c and d the steady-state images/s (start-up excluded) with startup_s
-  beside it.
+(256–640 px, photo-like noise so they compress like photos). Prints first the machine's ceiling: GEMM
+GFLOP/s at fp32 and at the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop
+counter), the compute limit that gives, each image's decode + preprocess on one core, and the
+ceiling once that decode is spread over the cores. Then, as `--parts` asks:
+  (p) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image) in one process
+      with all cores as torch threads;
+  (a) the same on the whole machine, one process per core, 1 thread each (the baseline);
+  (b) (a) at the precision `auto` picks;
+  (c) `rayclip embed --precision fp32` as a user runs it (a fresh process: imports, Ray start,
+      actors, Parquet, commit);
+  (d) `rayclip embed` with its defaults;
+  (e) the same with the other decode layout (`--decode tasks` where auto picks actor, and back);
+  (g) `rayclip embed --decode gpu` (with --gpus-per-actor only).
+For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
+by phase (the run record's startup_breakdown) with the seconds before and after the run, the
+ratios run / steady, whole command / steady and steady / ceiling, and the GPU's utilisation (or
+"no GPU"); then each run over (a), (b) and (p) where they ran. The default (1,024 images, parts ade)
+should take about four minutes on a quiet 2-core machine (estimated).
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
@@ -28,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,21 +94,75 @@ def bare_loop(paths: list[Path], batch_size: int, processes: int, threads: int, 
     return len(paths) / slowest
 
 
-def rayclip_embed(root: Path, precision: str, batch_size: int | None, gpus_per_actor: float) -> tuple[float, dict]:
-    """The whole CLI command in a fresh process: (images/s over its wall time, its run record)."""
-    version = f"bench_{precision}"
+def rayclip_embed(
+    root: Path, precision: str, batch_size: int | None, gpus_per_actor: float, decode: str = "auto"
+) -> tuple[float, dict, dict]:
+    """The whole CLI command in a fresh process: (images/s over its wall time, its run record, the
+    seconds around the run: before it (process start, imports, model resolve) and after (Ray's
+    shut-down, exit), and the GPU's utilisation while it ran)."""
+    version = f"bench_{precision}_{decode}"
     command = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--model", MODEL]
-    command += ["--pretrained", "none", "--precision", precision, "--model-version", version]
+    command += ["--pretrained", "none", "--precision", precision, "--model-version", version, "--decode", decode]
     command += ["--batch-size", str(batch_size)] if batch_size else []
     command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": ""})
+    launched, started = time.time(), time.perf_counter()
+    with GpuSampler() as gpu:
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": ""})
     wall = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"rayclip embed --precision {precision} exited {done.returncode}:\n{done.stderr[-4000:]}")
     runs = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
     run = next(r for r in runs if r["model_version"] == version and r["rows_embedded"])
-    return run["rows_embedded"] / wall, run
+    before = run["started_at"] - launched
+    around = {"before": before, "after": wall - before - run["wall_s"], "wall": wall, "gpu": gpu.summary()}
+    return run["rows_embedded"] / wall, run, around
+
+
+class GpuSampler:
+    """The GPU's utilisation sampled every half second while the block runs (pynvml, else nvidia-smi);
+    summary() says "no GPU" where neither answers."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> GpuSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        read = _gpu_reader()
+        while read is not None and not self.stop.wait(0.5):
+            self.samples.append(read())
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "no GPU"
+        mean, busiest = sum(self.samples) / len(self.samples), max(self.samples)
+        return f"GPU busy {mean:.0f} % on average, {busiest:.0f} % at most ({len(self.samples)} samples)"
+
+
+def _gpu_reader():
+    """A function returning GPU 0's utilisation in percent, or None when there is no GPU to ask."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:  # not installed, or no driver
+        pass
+    query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+    try:
+        subprocess.run(query, capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lambda: float(subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip() or 0)
 
 
 def gemm_gflops(dtype_name: str, device: str, seconds: float = 3.0) -> float:
@@ -146,70 +208,90 @@ def flops_per_image() -> float:
     return float(counter.get_total_flops())
 
 
+def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float) -> None:
+    """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in."""
+    steady, startup = run["steady_images_per_s"], run["startup_s"]
+    print(
+        f"{label}: {whole:8.2f} images/s whole command ({around['wall']:.1f} s); run record {run['images_per_s']} "
+        f"images/s over wall_s {run['wall_s']}; steady {steady} images/s after startup_s {startup} "
+        f"(decode {run['decode']}; actors {run['actors']} x {run['torch_threads']} threads, "
+        f"{run.get('decode_threads', 1)} decoding, batch {run['batch_size']}, {run['precision']} on {run['device']}; "
+        f"decode {run['decode_s']} s, encode {run['encode_s']} s, write {run['write_s']} s)"
+    )
+    phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in run["startup_breakdown"].items())
+    outside = f"{around['before']:.2f} s before, {around['after']:.2f} s after"
+    print(f"    start-up: {phases} (s); outside the run: {outside}")
+    print(
+        f"    run / steady = {run['images_per_s'] / steady:.2f}; whole command / steady = {whole / steady:.2f}; "
+        f"steady / ceiling = {steady / ceiling:.2f}; {around['gpu']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run (c) and (d) on GPUs")
-    parser.add_argument("--parts", default="abcd", help="which of (a)-(d) to run, e.g. ad (ratios need a, b and d)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run the embeds (and the bare loops) on GPUs")
+    parser.add_argument(
+        "--parts", default="ade", help="which of (p), (a)-(e) and (g) to run, e.g. abcde (d/a needs a and d)"
+    )
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     device = "cuda" if args.gpus_per_actor else "cpu"
     chosen = model.choose_precision("auto", device)
+    from rayclip.stages.embed import choose_decode
+
+    layout_auto = choose_decode("auto", args.gpus_per_actor)
+    layout_other = "actor" if layout_auto == "tasks" else "tasks"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         paths = make_images(Path(tmp) / "images", args.images)
         ingest.ingest_folder(root, Path(tmp) / "images")
         print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; {device}; auto picks {chosen} here")
 
-        runs: dict[str, tuple[float, dict]] = {}
+        # The machine's ceiling first: what the goals are measured against.
+        flops = flops_per_image()
+        gemm = {p: gemm_gflops(p, device) for p in dict.fromkeys(["fp32", chosen])}
+        limit = gemm[chosen] * 1e9 / flops
+        decode = decode_seconds(paths)
+        ceiling = 1 / (1 / limit + decode / cpus)
+        print(f"{MODEL} encode_image: {flops / 1e9:.2f} GFLOP per image (torch.utils.flop_counter)")
+        gemms = ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items())
+        print(f"GEMM {gemms} ({GEMM_SIZE[device]}^2 on {device}); compute limit at {chosen}: {limit:.1f} images/s")
+        # Every image is also decoded and preprocessed on some core: with the encoder at the GEMM
+        # rate on every core, a machine of `cpus` cores still spends decode/cpus seconds per image.
+        print(
+            f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; "
+            f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
+        )
+
         a1 = a = b = float("nan")
-        if "a" in args.parts:
+        if "p" in args.parts:
             a1 = bare_loop(paths, args.batch_size, 1, cpus, device, "fp32")
+            print(f"(p) bare fp32 loop on {device}, 1 process x {cpus} threads:          {a1:8.2f} images/s")
+        if "a" in args.parts:
             a = bare_loop(paths, args.batch_size, cpus, 1, device, "fp32")
-            print(f"(a) bare fp32 loop on {device}, 1 process x {cpus} threads:          {a1:8.2f} images/s")
             print(f"(a) bare fp32 loop on {device}, {cpus} processes x 1 thread (baseline): {a:8.2f} images/s")
         if "b" in args.parts:
             b = bare_loop(paths, args.batch_size, cpus, 1, device, chosen)
             print(f"(b) bare {chosen} loop on {device}, {cpus} processes x 1 thread:           {b:8.2f} images/s")
-        commands = (("c", "(c) rayclip embed --precision fp32", "fp32"), ("d", "(d) rayclip embed", "auto"))
-        for part, label, precision in commands:
-            if part not in args.parts:
-                continue
-            whole, run = runs[part] = rayclip_embed(root, precision, None, args.gpus_per_actor)
-            print(
-                f"{label}: {whole:8.2f} images/s whole command; steady {run['steady_images_per_s']} images/s "
-                f"after startup_s {run['startup_s']} (actors {run['actors']} x {run['torch_threads']} threads, "
-                f"{run.get('decode_threads', 1)} decoding, "
-                f"batch {run['batch_size']}, {run['precision']} on {run['device']}; decode {run['decode_s']} s, "
-                f"encode {run['encode_s']} s, write {run['write_s']} s)"
-            )
-        if "d" not in runs:
-            return
-        d, run_d = runs["d"]
-        steady = run_d["steady_images_per_s"]
-        print(f"d/a = {d / a:.2f} whole command, {steady / a:.2f} steady")
-        print(f"d/a(1 process) = {d / a1:.2f} whole command, {steady / a1:.2f} steady")
-        print(f"d/b = {d / b:.2f} whole command, {steady / b:.2f} steady")
-
-        flops = flops_per_image()
-        gemm = {p: gemm_gflops(p, device) for p in dict.fromkeys(["fp32", chosen])}
-        limit = gemm[run_d["precision"]] * 1e9 / flops if run_d["precision"] in gemm else float("nan")
-        print(f"{MODEL} encode_image: {flops / 1e9:.2f} GFLOP per image (torch.utils.flop_counter)")
-        print(
-            "GEMM "
-            + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items())
-            + f" ({GEMM_SIZE[device]}^2 on {device})"
-        )
-        print(f"compute limit at {run_d['precision']}: {limit:.1f} images/s; d steady is {steady / limit:.0%} of it")
-        # Every image is also decoded and preprocessed on some core: with the encoder at the GEMM
-        # rate on every core, a machine of `cpus` cores still spends decode/cpus seconds per image.
-        decode = decode_seconds(paths)
-        ceiling = 1 / (1 / limit + decode / cpus)
-        print(
-            f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; ceiling with the encoder at the "
-            f"GEMM rate: {ceiling:.1f} images/s = {ceiling / a:.2f}x a, {ceiling / a1:.2f}x a(1 process)"
-        )
+        commands = {
+            "c": ("(c) rayclip embed --precision fp32", "fp32", "auto"),
+            "d": (f"(d) rayclip embed (defaults: decode {layout_auto})", "auto", "auto"),
+            "e": (f"(e) rayclip embed --decode {layout_other}", "auto", layout_other),
+            "g": ("(g) rayclip embed --decode gpu", "auto", "gpu"),
+        }
+        runs = {}
+        for part, (label, precision, where) in commands.items():
+            if part in args.parts and (part != "g" or args.gpus_per_actor):
+                whole, run, around = runs[part] = rayclip_embed(root, precision, None, args.gpus_per_actor, where)
+                show_run(label, whole, run, around, ceiling)
+        for part, (whole, run, _) in runs.items():
+            steady = run["steady_images_per_s"]
+            ratios = [f"{part}/a = {whole / a:.2f} whole command, {steady / a:.2f} steady"]
+            ratios += [f"{part}/b = {whole / b:.2f}, {steady / b:.2f}"] if "b" in args.parts else []
+            ratios += [f"{part}/a(1 process) = {whole / a1:.2f}, {steady / a1:.2f}"] if "p" in args.parts else []
+            print("; ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -13,7 +12,7 @@ from rayclip.stages import embed
 from rayclip.store import catalog
 
 
-def test_a_batch_decoded_on_threads_equals_one_thread(store, ray_session, monkeypatch):
+def test_a_batch_decoded_on_threads_equals_one_thread(store, monkeypatch):
     threads_seen = set()
     decode = embed.decode_image
 
@@ -24,16 +23,17 @@ def test_a_batch_decoded_on_threads_equals_one_thread(store, ray_session, monkey
 
     monkeypatch.setattr(embed, "decode_image", watched)
     batch = catalog.read_manifest(store, ["media_id", "path"]).slice(0, 12)
-    spec = dataclasses.asdict(model.resolve(None, "reference"))
+    pixels = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32").pixels
 
-    def pixels(decode_threads: int):
+    def decoded(threads: int):
         threads_seen.clear()
-        udf = embed.EmbedUDF(spec, str(store), 1, decode_threads, "cpu", "fp32", stats=None)
-        ids, tensors, failures = udf._pixels(batch)
+        decoder = embed.Decoder(str(store), pixels, threads)
+        ids, tensors, failures = decoder(batch.column("media_id").to_pylist(), batch.column("path").to_pylist())
         return ids, tensors, failures, len(threads_seen)
 
-    ids1, tensors1, failures1, used1 = pixels(1)
-    ids4, tensors4, failures4, used4 = pixels(4)
+    ids1, tensors1, failures1, used1 = decoded(1)
+    ids4, tensors4, failures4, used4 = decoded(4)
     assert used1 == 1 and used4 > 1
     assert ids4 == ids1 and failures4 == failures1 and len(ids1) == 12
-    assert all(torch.equal(a, b) for a, b in zip(tensors1, tensors4))
+    assert tensors1.dtype == torch.uint8 and tensors1.shape == (12, 3, *pixels.size)
+    assert torch.equal(tensors1, tensors4)

@@ -22,6 +22,7 @@ from .errors import UserError
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 # Beyond this many pixels an image is refused before it is decoded (a decompression bomb).
 DEFAULT_MAX_PIXELS = 2**27
+EXIF_ORIENTATION = 0x0112  # the EXIF tag decode_image applies (ImageOps.exif_transpose)
 
 
 class BadImageError(UserError):
@@ -55,6 +56,65 @@ def decode_image(data: bytes):
         background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def decode_batch(datas: list[bytes], device: str) -> list:
+    """Many images' bytes decoded at once, each to a picture or to the exception that refused it.
+
+    Baseline JPEGs in RGB or greyscale with no EXIF rotation go to torchvision's batched JPEG decoder
+    on `device` (nvjpeg on a CUDA device) and come back as uint8 CHW RGB tensors there; every other
+    image, and every JPEG that decoder refuses, is decoded by decode_image (an RGB PIL image), so
+    whatever the device cannot do is done as it always is.
+    """
+    pictures: list = [None] * len(datas)
+    on_device = [i for i, data in enumerate(datas) if _device_decodable(data)]
+    for i, picture in zip(on_device, _decode_jpegs([datas[i] for i in on_device], device)):
+        pictures[i] = picture
+    for i, data in enumerate(datas):
+        if pictures[i] is None:
+            try:
+                pictures[i] = decode_image(data)
+            except Exception as exc:  # a bad image is its caller's to count, not the batch's end
+                pictures[i] = exc
+    return pictures
+
+
+def _device_decodable(data: bytes) -> bool:
+    """Whether torchvision's JPEG decoder gives what decode_image would: a JPEG in RGB (YCbCr) or
+    greyscale, no CMYK, with no EXIF rotation to apply (the CUDA decoder applies none); read from the header."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except Exception:  # not an image at all: decode_image says why
+        return False
+
+
+def _decode_jpegs(datas: list[bytes], device: str) -> list:
+    """uint8 CHW RGB tensors on `device`, None where the decoder failed: all at once, or one by one
+    when the batch fails (torchvision returns nothing of a batch with one bad image)."""
+    import warnings
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 calls its image decoders deprecated
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
+        except RuntimeError:
+            return [_decode_one(one, device) for one in encoded]
+
+
+def _decode_one(encoded, device: str):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg([encoded], mode=ImageReadMode.RGB, device=device)[0]
+    except RuntimeError:
+        return None
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:

@@ -85,6 +85,13 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def import_model_libraries() -> None:
+    """Import what building a model needs (torch, open_clip), so a caller can time it apart from the build."""
+    import open_clip  # noqa: F401 - imported for its cost
+
+    register_configs()
+
+
 @functools.cache
 def register_configs() -> None:
     import open_clip
@@ -196,6 +203,61 @@ def quiet_root_logger():
         root.setLevel(level)
 
 
+@dataclasses.dataclass
+class ModelParts:
+    """A loaded model as plain data (ClipModel.parts): put once into Ray's object store, every actor
+    rebuilds the model from it (ClipModel.from_parts) instead of loading or initialising its own."""
+
+    spec: ModelSpec  # with the precision the weights are in
+    tensors: dict[str, object]  # every parameter and buffer by name, as numpy (_as_numpy)
+    preprocess: object  # open_clip's image transform
+
+
+def _as_numpy(tensor):
+    """A CPU tensor as numpy, which Ray's object store shares without copying; numpy has no bfloat16,
+    so 16-bit floats travel as their bits with the dtype's name."""
+    import torch
+
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.view(torch.int16).numpy(), str(tensor.dtype).removeprefix("torch.")
+    return tensor.numpy()
+
+
+def _from_numpy(array):
+    """Back from _as_numpy (an array from the object store is read-only: torch warns, and the model never writes it)."""
+    import warnings
+
+    import torch
+
+    array, dtype = array if isinstance(array, tuple) else (array, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.view(getattr(torch, dtype)) if dtype else tensor
+
+
+class Pixels:
+    """A model's preprocessing up to its input pixels: a decoded picture (an RGB PIL image, or a uint8
+    CHW tensor on any device) resized and cropped to the model's input size as a uint8 CHW tensor,
+    a quarter of the bytes of float pixels. Picklable: Ray's decode tasks get it without the model."""
+
+    def __init__(self, geometry, size: tuple[int, int]) -> None:
+        self.geometry, self.size = geometry, size
+
+    def __call__(self, picture) -> object:
+        import torch
+        from torchvision.transforms.functional import pil_to_tensor
+
+        shaped = self.geometry(picture)  # torchvision's Resize and CenterCrop take either kind
+        return shaped if isinstance(shaped, torch.Tensor) else pil_to_tensor(shaped)
+
+    @staticmethod
+    def stack(tensors: list) -> object:
+        import torch
+
+        return torch.stack(tensors)
+
+
 class ClipModel:
     """An open_clip model in eval mode with its preprocessing and tokenizer.
 
@@ -224,18 +286,69 @@ class ClipModel:
                 )
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise UserError(f"cannot load {spec.name} ({spec.pretrained}): {str(exc).splitlines()[0]}") from None
-        self.spec = dataclasses.replace(spec, precision=precision)
-        self.device = device
-        self.precision = precision
-        self.input_dtype = open_clip.get_input_dtype(precision) or torch.float32
+        self._ready(dataclasses.replace(spec, precision=precision), model, preprocess, device)
+
+    def _ready(self, spec: ModelSpec, model, preprocess, device: str) -> None:
+        """The loaded model in eval mode, and its preprocessing split where the pixels become floats."""
+        import open_clip
+        import torch
+        from torchvision.transforms import Compose, ToTensor
+
+        self.spec, self.device, self.precision = spec, device, spec.precision
+        self.input_dtype = open_clip.get_input_dtype(self.precision) or torch.float32
         self.model = model.eval()
         self.preprocess = preprocess
-        self.tokenizer = open_clip.get_tokenizer(spec.name)
-        self.context_length = getattr(self.tokenizer, "context_length", 77)
+        steps = list(preprocess.transforms)
+        cut = next(i for i, step in enumerate(steps) if isinstance(step, ToTensor))
+        # Split where the pixels become floats: resize and crop before (Pixels), /255 and Normalize after.
+        self.pixels = Pixels(Compose(steps[:cut]), tuple(model.visual.image_size))
+        self._normalize = Compose(steps[cut + 1 :])
         self.dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
         self._torch = torch
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Built on first use: an embed actor never tokenizes (an hf-hub model's would import transformers)."""
+        import open_clip
+
+        return open_clip.get_tokenizer(self.spec.name)
+
+    @property
+    def context_length(self) -> int:
+        return getattr(self.tokenizer, "context_length", 77)
+
+    def parts(self) -> ModelParts:
+        """What another process needs to rebuild this model without loading or initialising it again."""
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        return ModelParts(
+            self.spec, {name: _as_numpy(t.detach().cpu()) for name, t in tensors.items()}, self.preprocess
+        )
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts, device: str = "cpu", threads: int | None = None) -> ClipModel:
+        """The model parts() describes, on `device`: its architecture built without initialising weights
+        (on torch's meta device), then every parameter and buffer set from the parts."""
+        import open_clip
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        register_configs()
+        with quiet_root_logger(), torch.device("meta"):
+            model = open_clip.create_model(parts.spec.name, precision=parts.spec.precision, device="meta")
+        for name, array in parts.tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            tensor = _from_numpy(array).to(device)
+            if leaf in module._parameters:
+                module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[leaf] = tensor
+        clip = cls.__new__(cls)
+        clip._ready(parts.spec, model, parts.preprocess, device)
+        return clip
 
     def _normalised(self, features) -> np.ndarray:
         features = features.float()  # normalise in fp32 whatever the model computed in
@@ -245,6 +358,16 @@ class ClipModel:
     def stack(self, pixels: list) -> object:
         """Preprocessed images (one tensor each) → one batch tensor for encode_pixels."""
         return self._torch.stack(pixels)
+
+    def normalise(self, pixels) -> object:
+        """A uint8 batch of Pixels → the model's input on its device: the rest of preprocess (/255 as
+        ToTensor does it, Normalize), for the whole batch on the device; equal to preprocess() image by image."""
+        floats = pixels.to(self.device, non_blocking=True).float().div_(255)
+        return self._normalize(floats)
+
+    def encode_uint8(self, pixels) -> np.ndarray:
+        """A uint8 NCHW batch of Pixels (a tensor, or numpy from Ray) → (n, dim) L2-normalised float32."""
+        return self.encode_pixels(self.normalise(_from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels))
 
     def preprocess_images(self, images: list) -> object:
         return self.stack([self.preprocess(img) for img in images])

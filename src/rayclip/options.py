@@ -29,6 +29,7 @@ from dataclasses import field
 
 # The facts more than one class refers to, written here once.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODES = ("auto", "actor", "tasks", "gpu")
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
@@ -102,6 +103,12 @@ class EmbedOptions:
     force: bool = _opt(False, "re-embed media_ids already in silver")
     gpus_per_actor: float = _opt(0.0, "GPUs per actor on a cluster (0: CPU)")
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+    decode: str = _opt(
+        "auto",
+        "where images are decoded: actor (inside it, overlapped with the encode), tasks (Ray Data CPU tasks "
+        "feeding the actors uint8 pixels), gpu (JPEGs on the actors' GPUs); auto: tasks with GPUs, else actor",
+        choices=DECODES,
+    )
     # embed files its vectors under a name; every other command *selects* by --model-version
     save_as: str | None = _opt(
         None, "file the embeddings under this model_version instead of the model's own", hidden=("--model-version",)

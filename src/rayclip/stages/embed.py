@@ -37,13 +37,25 @@ import pyarrow.parquet as pq
 
 from .. import cluster, faults
 from ..errors import UserError
-from ..images import decode_image
-from ..model import ModelSpec, check_available, choose_precision, load_model
-from ..options import EmbedOptions
+from ..images import decode_batch, decode_image
+from ..model import (
+    ClipModel,
+    ModelParts,
+    ModelSpec,
+    Pixels,
+    check_available,
+    choose_precision,
+    import_model_libraries,
+    load_model,
+)
+from ..options import DECODES, EmbedOptions
 from ..progress import Progress, watch
 from ..store import catalog, debris, layout, storage
 
+# In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
+IMPORTED_AT = time.time()
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
+WRITE_TASK_CPUS = 0.1  # what a Parquet write task asks for: it mostly waits on the store
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 DRIVER_PLAN_ROWS = 250_000  # manifest + silver rows the driver plans in memory (bench_plan: 412 MB peak at 217k)
 
@@ -69,11 +81,15 @@ class EmbedReport:
     batch_size: int = 0
     precision: str = ""  # what the model computed in: fp32, bf16 or fp16
     device: str = ""  # where the actors ran the model: cpu, or cuda with --gpus-per-actor
+    decode: str = ""  # where images were decoded: actor, tasks or gpu (choose_decode)
     blocks: int = 0
     tasks: int = 0
     wall_s: float = 0.0
     images_per_s: float = 0.0
+    started_at: float = 0.0  # wall clock (time.time) when the run started
     startup_s: float = 0.0  # from the start of the run until the first batch reached a model
+    # startup_s phase by phase along its critical path (STARTUP_PHASES; they add up to startup_s)
+    startup_breakdown: dict[str, float] = dataclasses.field(default_factory=dict)
     steady_images_per_s: float = 0.0  # rows over wall_s - startup_s
     decode_s: float = 0.0  # read + decode + preprocess, summed over actors
     encode_s: float = 0.0  # the model's time, summed over actors
@@ -132,9 +148,25 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     Up to DRIVER_PLAN_ROWS manifest and silver rows, the driver plans with pyarrow: a Ray Data
     shuffle costs seconds of task start-up however few rows it has. Above, Ray Data plans and the
     rows never come to the driver."""
-    manifest = _manifest_parts(root)
-    silver = [] if force else catalog.silver_files(root, model_version)
-    work = _plan_in_driver(root, silver) if plans_in_driver(manifest, silver) else _plan_streaming(manifest, silver)
+    import ray
+
+    manifest, silver = _plan_sources(root, model_version, force)
+    planned = _planned_in_driver(root, manifest, silver, limit)
+    return ray.data.from_arrow(planned) if planned is not None else _plan_in_ray(manifest, silver, limit)
+
+
+def _plan_sources(root: storage.Location, model_version: str, force: bool) -> tuple[list, list]:
+    """The manifest parts and the silver files (none with force) a plan reads."""
+    return _manifest_parts(root), [] if force else catalog.silver_files(root, model_version)
+
+
+def _planned_in_driver(root: storage.Location, manifest: list, silver: list, limit: int | None) -> pa.Table | None:
+    """plan_work's rows as a table, when the driver plans them (no Ray needed); None when Ray Data must."""
+    return _plan_in_driver(root, silver).slice(0, limit) if plans_in_driver(manifest, silver) else None
+
+
+def _plan_in_ray(manifest: list, silver: list, limit: int | None):
+    work = _plan_streaming(manifest, silver)
     return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
 
 
@@ -150,15 +182,13 @@ def _each(read: Callable, files: list[storage.Location]) -> list:
         return list(pool.map(read, files))
 
 
-def _plan_in_driver(root: storage.Location, silver: list[storage.Location]):
-    import ray
-
+def _plan_in_driver(root: storage.Location, silver: list[storage.Location]) -> pa.Table:
     unique = catalog.read_manifest(root, ["media_id", "path"]).group_by("media_id").aggregate([("path", "min")])
     unique = unique.rename_columns(["media_id", "path"])
     if silver:
         done = pa.concat_tables(_each(lambda f: catalog.read_parquet(f, ["media_id"]), silver)).column("media_id")
         unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done.combine_chunks())))
-    return ray.data.from_arrow(unique.sort_by("media_id"))
+    return unique.sort_by("media_id")
 
 
 def _plan_streaming(manifest: list[storage.Location], silver: list[storage.Location]):
@@ -185,6 +215,24 @@ def _plan_streaming(manifest: list[storage.Location], silver: list[storage.Locat
     return grouped.map_batches(_not_embedded, batch_format="pyarrow", batch_size=None).materialize()
 
 
+# Start-up's phases, each named by the event that ends it: the work planned, Ray up, the model built
+# (in the driver, while Ray starts), the job submitted (blocks split, the actor pool asked for), an
+# actor's process up with Python, Ray and rayclip loaded, torch and open_clip imported, the model
+# assembled from the shared parts, its first batch encoding.
+STARTUP_PHASES = ("plan", "ray_start", "model_build", "submit", "actor_process", "imports", "model_load", "first_batch")
+
+
+def startup_breakdown(started_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """Start-up's timeline cut at the wall-clock times (time.time) the phases ended, in the order they
+    did: each phase gets the seconds since the one before ended, so they add up to the last mark
+    minus started_at (a phase that overlapped an earlier one gets only what it added)."""
+    breakdown, reached = {}, started_at
+    for phase, at in sorted(((p, marks[p]) for p in STARTUP_PHASES if p in marks), key=lambda mark: mark[1]):
+        breakdown[phase] = round(max(0.0, at - reached), 3)
+        reached = max(reached, at)
+    return breakdown
+
+
 class RunStats:
     """Collects what the actors did (a Ray actor with no CPU, created per run)."""
 
@@ -192,7 +240,16 @@ class RunStats:
         self.rows_by_worker: Counter = Counter()  # (node_id, actor_id) -> rows embedded
         self.failures: list[tuple[str, str]] = []
         self.seconds: Counter = Counter()  # stage -> seconds, summed over actors
-        self.first_encode_at = float("inf")  # wall clock (time.time) of the first batch's encode
+        self.started: dict[tuple[str, str], dict[str, float]] = {}  # worker -> its start-up marks
+        self.first_encode: dict[tuple[str, str], float] = {}  # worker -> wall clock of its first encode
+
+    def actor_started(self, worker: tuple[str, str], marks: dict[str, float]) -> None:
+        self.started[worker] = marks
+
+    def record_decode(self, failures: list[tuple[str, str]], seconds: float) -> None:
+        """What a decode task (decode="tasks") did: its failures and its seconds."""
+        self.failures.extend(failures)
+        self.seconds["decode"] += seconds
 
     def record(
         self, worker: tuple[str, str], ok: int, failures: list[tuple[str, str]], seconds: dict, encode_at: float
@@ -200,11 +257,15 @@ class RunStats:
         self.rows_by_worker[worker] += ok
         self.failures.extend(failures)
         self.seconds.update(seconds)
-        self.first_encode_at = min(self.first_encode_at, encode_at)
+        self.first_encode[worker] = min(self.first_encode.get(worker, encode_at), encode_at)
 
-    def summary(self) -> tuple[list, list, dict, float]:
+    def summary(self) -> tuple[list, list, dict, dict]:
+        """(workers that embedded rows, failures, seconds by stage, the start-up marks of the actor
+        that encoded first, its first encode included)."""
         workers = [worker for worker, rows in self.rows_by_worker.items() if rows]
-        return workers, self.failures, dict(self.seconds), self.first_encode_at
+        first = min(self.first_encode, key=self.first_encode.get, default=None)
+        marks = self.started.get(first, {}) | {"first_batch": self.first_encode[first]} if first else {}
+        return workers, self.failures, dict(self.seconds), marks
 
     def rows_done(self) -> int:
         return sum(self.rows_by_worker.values()) + len(self.failures)
@@ -224,67 +285,123 @@ def _object_bytes(loc, media_id: str) -> bytes | None:
     return None
 
 
-class EmbedUDF:
-    """Loads the model once per actor; turns (media_id, path) batches into silver rows.
+class Decoder:
+    """(media_id, path) rows → the model's uint8 input pixels: read from the store (only bytes that hash
+    to their media_id), decode (rayclip.images, the one decode path), resize and crop (the model's
+    `pixels`). The same code in an actor (decode="actor", "gpu") and in a decode task ("tasks").
 
-    Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
+    With `device`, JPEGs are decoded together on it (images.decode_batch) and the rest as always.
+    `threads` read (and, without a device, decode) that many images at once: Pillow and torch release
+    the GIL while they work. Picklable: the store client and the threads are made where it runs.
+    """
+
+    def __init__(self, data_root: str, pixels: Callable, threads: int = 1, device: str | None = None) -> None:
+        self.data_root, self.pixels, self.threads, self.device = data_root, pixels, threads, device
+        self._start()
+
+    def _start(self) -> None:
+        self._root = storage.location(self.data_root)  # this process's own client for the data root
+        self._pool = ThreadPoolExecutor(self.threads, "rayclip-decode") if self.threads > 1 else None
+
+    def __getstate__(self) -> dict:
+        return {key: self.__dict__[key] for key in ("data_root", "pixels", "threads", "device")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start()
+
+    def _map(self, function: Callable, items: Iterable) -> list:
+        return list(self._pool.map(function, items) if self._pool else map(function, items))
+
+    def __call__(self, media_ids: Iterable[str], paths: Iterable[str]) -> tuple[list[str], object, list]:
+        """(media_ids that decoded, their pixels as one uint8 NCHW tensor or None, (media_id, why) failures)."""
+        read = self._map(self._read, zip(media_ids, paths))
+        if self.device:
+            pictures = iter(decode_batch([data for _, data, _ in read if data is not None], self.device))
+            shaped = [(m, None, why) if data is None else self._shaped(m, next(pictures)) for m, data, why in read]
+        else:
+            shaped = self._map(self._decoded, read)
+        ids = [media_id for media_id, tensor, _ in shaped if tensor is not None]
+        tensors = [tensor.to(self.device) if self.device else tensor for _, tensor, _ in shaped if tensor is not None]
+        failures = [(media_id, why) for media_id, tensor, why in shaped if tensor is None]
+        return ids, self.pixels.stack(tensors) if tensors else None, failures
+
+    def _read(self, row: tuple[str, str]) -> tuple[str, bytes | None, str | None]:
+        media_id, path = row
+        try:
+            data = _object_bytes(self._root / path, media_id)  # a store that gives up fails the job (StoreError)
+        except FileNotFoundError:
+            return media_id, None, "missing object"
+        return (media_id, data, None) if data is not None else (media_id, None, CHANGED_OBJECT)
+
+    def _decoded(self, read: tuple[str, bytes | None, str | None]) -> tuple[str, object, str | None]:
+        media_id, data, why = read
+        if data is None:
+            return media_id, None, why
+        try:
+            picture = decode_image(data)
+        except Exception as exc:  # a bad image must not kill the job; it is counted and skipped
+            picture = exc
+        return self._shaped(media_id, picture)
+
+    def _shaped(self, media_id: str, picture) -> tuple[str, object, str | None]:
+        if isinstance(picture, Exception):
+            return media_id, None, "decode error"
+        return media_id, self.pixels(picture), None
+
+
+def decode_block(batch: dict, decoder: Decoder, stats) -> dict:
+    """decode="tasks": a Ray Data task's block of (media_id, path) rows → (media_id, uint8 pixels) for
+    the actors, which only normalise and encode; failures go to the run's stats."""
+    started = time.perf_counter()
+    ids, pixels, failures = decoder(batch["media_id"], batch["path"])
+    stats.record_decode.remote(failures, time.perf_counter() - started)
+    pixels = pixels.numpy() if pixels is not None else np.zeros((0, 3, *decoder.pixels.size), np.uint8)
+    return {"media_id": np.array(ids, dtype=object), "pixels": pixels}
+
+
+class EmbedUDF:
+    """Rebuilds the model once per actor from the run's shared parts; turns batches into silver rows.
+
+    A batch is either (media_id, path) rows, which the actor reads and decodes itself (decode="actor"
+    or "gpu"), or (media_id, pixels) from the decode tasks ("tasks"), which it only normalises and
+    encodes. Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
     under a lock, so the model always has the next batch ready and never shares its cores. When a GPU
-    encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: the batch is
-    then decoded by `decode_threads` threads (Pillow and torch release the GIL while they work).
+    encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: an actor that
+    decodes then reads and decodes a batch on `decode_threads` threads.
     """
 
     def __init__(
-        self, spec: dict, data_root: str, threads: int, decode_threads: int, device: str, precision: str, stats
+        self, parts, data_root: str, threads: int, decode_threads: int, decode: str, device: str, stats
     ) -> None:
         import ray
 
-        self.model = load_model(ModelSpec.from_dict(spec), device=device, threads=threads, precision=precision)
-        self.decoders = ThreadPoolExecutor(decode_threads, "rayclip-decode") if decode_threads > 1 else None
-        self.root = storage.location(data_root)  # this process's own client for the data root
+        marks = {"actor_process": IMPORTED_AT}
+        import_model_libraries()
+        marks["imports"] = time.time()
+        parts = ray.get(parts[0]) if isinstance(parts, list) else parts  # [ObjectRef]: Ray passes it unresolved
+        self.model = ClipModel.from_parts(parts, device=device, threads=threads)
+        marks["model_load"] = time.time()
+        jpegs_on = device if decode == "gpu" else None
+        self.decoder = Decoder(data_root, self.model.pixels, decode_threads, jpegs_on)
         self.stats = stats
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
+        if stats is not None:
+            stats.actor_started.remote(self.worker, marks)
 
-    def _pixels(self, batch: pa.Table) -> tuple[list[str], object, list[tuple[str, str]]]:
-        """Read, decode and preprocess a batch: (media_ids that decoded, pixel tensor, failures)."""
-        rows = zip(batch.column("media_id").to_pylist(), batch.column("path").to_pylist())
-        decoded = self.decoders.map(self._decode, rows) if self.decoders else map(self._decode, rows)
-        pixels, ids, failures = [], [], []
-        for media_id, tensor, failure in decoded:
-            if failure:
-                failures.append((media_id, failure))
-            else:
-                pixels.append(tensor)
-                ids.append(media_id)
-        return ids, pixels, failures
-
-    def _decode(self, row: tuple[str, str]) -> tuple[str, object, str | None]:
-        """(media_id, preprocessed pixels, None), or (media_id, None, why it failed)."""
-        media_id, path = row
-        try:
-            data = _object_bytes(self.root / path, media_id)  # a store that gives up fails the job (StoreError)
-        except FileNotFoundError:
-            return media_id, None, "missing object"
-        if data is None:
-            return media_id, None, CHANGED_OBJECT
-        try:
-            return media_id, self.model.preprocess(decode_image(data)), None
-        except Exception:  # a bad image must not kill the job; it is counted and skipped
-            return media_id, None, "decode error"
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: dict) -> pa.Table:
         started = time.perf_counter()
-        ids, pixels, failures = self._pixels(batch)
+        if "pixels" in batch:  # decoded by the decode tasks
+            ids, pixels, failures = list(batch["media_id"]), batch["pixels"], []
+        else:
+            ids, pixels, failures = self.decoder(batch["media_id"], batch["path"])
         decoded = time.perf_counter()
         with self.encode_lock:
             encode_at = time.time()
             encode_started = time.perf_counter()
-            vectors = (
-                self.model.encode_pixels(self.model.stack(pixels))
-                if pixels
-                else np.zeros((0, self.model.dim), np.float32)
-            )
+            vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
             encode_s = time.perf_counter() - encode_started
         seconds = {"decode": decoded - started, "encode": encode_s}
         self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
@@ -319,8 +436,12 @@ def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
         if os.environ.get("RAY_ADDRESS"):
             cluster.init(log_to_driver=verbose)
         else:
+            # address="local": a new cluster, as documented, not the last one `ray start` left on this
+            # machine (ray.init's own default joins that, and waits forever if it has died).
             # Loopback: the dashboard has no authentication of its own.
-            cluster.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose)
+            cluster.init(
+                address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose
+            )
     url = get_dashboard_url()
     return (url if "://" in url else f"http://{url}") if url else None
 
@@ -413,6 +534,32 @@ def filed_as(spec: ModelSpec, save_as: str | None = EmbedOptions.save_as) -> Mod
     return dataclasses.replace(spec, version=layout.slug(save_as)) if save_as else spec
 
 
+def _shareable_model(spec: ModelSpec) -> tuple[ModelParts, Pixels]:
+    """The model built once (loaded or initialised, at spec.precision) as parts for the actors, and its Pixels."""
+    clip = load_model(spec, precision=spec.precision)
+    return clip.parts(), clip.pixels
+
+
+def choose_decode(decode: str = EmbedOptions.decode, gpus_per_actor: float = EmbedOptions.gpus_per_actor) -> str:
+    """Where images are decoded: `auto` → "tasks" (Ray Data CPU tasks over the CPUs the actors leave)
+    for GPU actors, "actor" (inside the actor, overlapped with its encode) on CPUs, where bench_embed
+    measured it faster; "gpu" needs GPU actors (it decodes JPEGs on theirs)."""
+    if decode not in DECODES:
+        raise UserError(f"unknown --decode {decode!r}; pick one of {', '.join(DECODES)}")
+    if decode == "gpu" and not gpus_per_actor:
+        raise UserError("--decode gpu decodes JPEGs on the actors' GPUs: give --gpus-per-actor too (or --decode auto)")
+    if decode == "auto":
+        return "tasks" if gpus_per_actor else "actor"
+    return decode
+
+
+def _decode_task_cpus(resources: dict, actors: int, cpus_per_actor: float) -> float:
+    """CPUs a decode task asks for: a whole one where the actors leave several (a GPU node), else a
+    share of what they leave, two tasks beside the write tasks."""
+    free = float(resources.get("CPU", 1)) - actors * cpus_per_actor
+    return 1.0 if free >= 2 else round(max((free - WRITE_TASK_CPUS) / 2, 0.05), 3)
+
+
 def embed(
     root: storage.Location | str,
     spec: ModelSpec,
@@ -425,6 +572,7 @@ def embed(
     gpus_per_actor: float = EmbedOptions.gpus_per_actor,
     precision: str = EmbedOptions.precision,
     save_as: str | None = EmbedOptions.save_as,
+    decode: str = EmbedOptions.decode,
     *,
     progress: Progress | None = None,
     day: str | None = None,
@@ -435,6 +583,10 @@ def embed(
     every actor of a run computes at the same one (model.choose_precision says what auto picks).
     The vectors go to partition `dt` (`day` is its old name) under filed_as(spec, save_as).
     progress(done, total) counts rows embedded or failed, as the actors report them.
+
+    Start-up, as short as it goes: a plan small enough for the driver is made before Ray starts (and
+    nothing to do never starts it); the model is built once, here, while Ray starts, and shared with
+    every actor through Ray's object store (ClipModel.parts), so an actor only imports and assembles it.
     """
     import ray
 
@@ -443,33 +595,65 @@ def embed(
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
     device = "cuda" if gpus_per_actor else "cpu"
     report = EmbedReport(
-        run_id=layout.new_run_id(), model_version=spec.model_version, dt=layout.check_day(day or layout.today())
+        run_id=layout.new_run_id(),
+        model_version=spec.model_version,
+        dt=layout.check_day(day or layout.today()),
+        started_at=started_at,
+        decode=choose_decode(decode, gpus_per_actor),
     )
     report.precision, report.device = choose_precision(precision, device), device
     spec = dataclasses.replace(spec, precision=report.precision)
     report.actors, report.batch_size = actors or 0, batch_size
     check_available(spec)  # a missing model fails here, once, not in every actor
-    _manifest_parts(root)  # an empty manifest fails before Ray starts
 
-    init_ray()
-    with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line
-        work = plan_work(root, spec.model_version, limit, force)
-    report.rows_planned = work.count()
-    if report.rows_planned == 0:
+    manifest, silver = _plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
+    planned = _planned_in_driver(root, manifest, silver, limit)
+    marks = {"plan": time.time()}
+    if planned is not None and planned.num_rows == 0:
         return _save(root, report)
+    with ThreadPoolExecutor(1, "rayclip-model") as builder:
+        building = builder.submit(_shareable_model, spec)  # while Ray starts
+        init_ray()
+        marks["ray_start"] = time.time()
+        if planned is None:
+            with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line
+                work = _plan_in_ray(manifest, silver, limit)
+            report.rows_planned = work.count()
+            marks["plan"] = time.time()
+        else:
+            report.rows_planned = planned.num_rows
+        if report.rows_planned == 0:
+            return _save(root, report)
+        parts, pixels = building.result()
+        parts = ray.put(parts)  # the driver's copy of the weights goes; the object store's is shared
+        marks["model_build"] = time.time()
     report.cluster = ray.get_runtime_context().gcs_address
     resources = ray.cluster_resources()
     report.cluster_cpus = float(resources.get("CPU", 0))
     report.actors = actors = actors or default_actors(resources, gpus_per_actor)
     report.cpus_per_actor, report.torch_threads = _actor_resources(resources, actors, gpus_per_actor)
-    report.decode_threads = report.torch_threads if gpus_per_actor else 1
-    report.blocks = blocks or actors * 8
+    report.decode_threads = report.torch_threads if gpus_per_actor and report.decode != "tasks" else 1
+    report.blocks = blocks or max(actors * 8, int(report.cluster_cpus) * 2 if report.decode == "tasks" else 0)
+    report.blocks = min(report.blocks, report.rows_planned)
     stats = ray.remote(num_cpus=0)(RunStats).remote()
-    # Split before the actor pool exists: its actors may hold the CPUs that split tasks would need.
-    work = work.repartition(min(report.blocks, report.rows_planned)).materialize()
+    if planned is not None:  # split here, and described here: from_arrow would ask Ray tasks for each block's
+        # metadata, seconds of worker start-up on a fresh cluster; from_blocks reads it in this process
+        bounds = [planned.num_rows * i // report.blocks for i in range(report.blocks + 1)]
+        work = ray.data.from_blocks([planned.slice(a, b - a) for a, b in zip(bounds, bounds[1:])])
+    else:  # split before the actor pool exists: its actors may hold the CPUs that split tasks would need
+        work = work.repartition(report.blocks).materialize()
+    if report.decode == "tasks":
+        decoder = Decoder(storage.uri(root), pixels)
+        work = work.map_batches(
+            decode_block,
+            batch_format="numpy",
+            batch_size=None,
+            num_cpus=_decode_task_cpus(resources, actors, report.cpus_per_actor),
+            fn_kwargs={"decoder": decoder, "stats": stats},
+        )
     ds = work.map_batches(
         EmbedUDF,
-        batch_format="pyarrow",
+        batch_format="numpy",
         batch_size=batch_size,
         # An actor holds no more batches than it works on at once (one decoding, one encoding):
         # a deeper queue on the first actor up would starve the rest of the pool on small jobs.
@@ -482,12 +666,12 @@ def embed(
         num_cpus=report.cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
-            "spec": spec.to_dict(),
+            "parts": [parts],
             "data_root": storage.uri(root),
             "threads": report.torch_threads,
             "decode_threads": report.decode_threads,
+            "decode": report.decode,
             "device": device,
-            "precision": report.precision,
             "stats": stats,
         },
     )
@@ -503,6 +687,7 @@ def embed(
 
     partition = layout.silver_partition(root, spec.model_version, report.dt)
     filesystem, partition_path = storage.arrow(partition)
+    marks["submit"] = time.time()
     # The work folder stays held while this run lives: until its commit record exists, a sweep by a
     # concurrent run or `rayclip gc` leaves the run's files alone.
     with storage.working(layout.silver_work_dir(root, report.run_id)):
@@ -514,7 +699,7 @@ def embed(
                 partition_path,
                 filesystem=filesystem,
                 filename_provider=_RunFiles(report.run_id),
-                ray_remote_args={"num_cpus": 0.1},
+                ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
             )
         stats_text = ds.stats()
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
@@ -523,7 +708,7 @@ def embed(
         committed = commit(root, spec.model_version, report.dt, report.run_id)
     debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs
 
-    workers, failures, seconds, first_encode_at = ray.get(stats.summary.remote())
+    workers, failures, seconds, actor_marks = ray.get(stats.summary.remote())
     report.rows_embedded = committed["rows"] if committed else 0
     report.actors_used = len({actor for _, actor in workers})
     report.nodes_used = len({node for node, _ in workers})
@@ -532,7 +717,8 @@ def embed(
     report.failed_ids = [{"media_id": m, "reason": r} for m, r in failures[:1000]]
     report.wall_s = round(time.monotonic() - started, 3)
     report.images_per_s = round(report.rows_embedded / report.wall_s, 2) if report.wall_s else 0.0
-    report.startup_s = round(min(max(first_encode_at - started_at, 0.0), report.wall_s), 3)
+    report.startup_breakdown = startup_breakdown(started_at, marks | actor_marks)
+    report.startup_s = round(min(sum(report.startup_breakdown.values()), report.wall_s), 3)
     steady_s = report.wall_s - report.startup_s
     report.steady_images_per_s = round(report.rows_embedded / steady_s, 2) if steady_s > 0 else 0.0
     report.decode_s = round(seconds.get("decode", 0.0), 3)
