@@ -107,7 +107,13 @@ class ThrottlingProxy:
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
-        body = _read_body(handler)
+        try:
+            body = _read_body(handler)
+        except EOFError:
+            # The client died mid-request (a test's kill -9): S3 refuses an incomplete body
+            # (IncompleteBody) and stores nothing, so nothing is forwarded.
+            handler.close_connection = True
+            return
         fault = self._draw(method, path)
         if fault == "reset":
             # RST instead of an answer: linger 0 and close, as a load balancer dropping the connection.
@@ -156,17 +162,27 @@ class ThrottlingProxy:
         raise AssertionError("unreachable")
 
 
+def _read_exactly(handler: http.server.BaseHTTPRequestHandler, size: int) -> bytes:
+    data = handler.rfile.read(size)
+    if len(data) < size:
+        raise EOFError(f"the client sent {len(data)} of {size} bytes")
+    return data
+
+
 def _read_body(handler: http.server.BaseHTTPRequestHandler) -> bytes | None:
-    """The request's body, whole (a chunked upload's chunks joined)."""
+    """The request's body, whole (a chunked upload's chunks joined); EOFError when it was cut."""
     if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
         chunks = []
         while True:
-            size = int(handler.rfile.readline().split(b";")[0].strip(), 16)
+            line = handler.rfile.readline()
+            if not line:
+                raise EOFError("the client left inside a chunked body")
+            size = int(line.split(b";")[0].strip(), 16)
             if size == 0:
                 while handler.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
                     pass
                 return b"".join(chunks)
-            chunks.append(handler.rfile.read(size))
+            chunks.append(_read_exactly(handler, size))
             handler.rfile.readline()
     length = handler.headers.get("Content-Length")
-    return handler.rfile.read(int(length)) if length else None
+    return _read_exactly(handler, int(length)) if length else None

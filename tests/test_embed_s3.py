@@ -145,7 +145,7 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     try:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
-        out = json.loads(done.stdout[done.stdout.index("{") :])
+        out = json.loads(done.stdout.splitlines()[-1])  # the helper's line, after what `rayclip embed` printed
         run = out["run"]
         assert run["cluster_cpus"] == 2.0 and run["rows_embedded"] == GOOD_IMAGES
         assert run["actors_used"] == 2 and run["nodes_used"] == 2
