@@ -35,6 +35,7 @@ DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a n
 DEFAULT_MAX_INDEX_MEMORY = "4G"
 DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")
+EXPORT_FORMATS = ("webdataset", "parquet", "folder")
 INDEX_TYPES_HELP = "auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string"
 PRECISION_HELP = (
     "compute precision; vectors are stored as float32 either way "
@@ -134,6 +135,21 @@ class SearchOptions:
     )
     model_version: str | None = _opt(None, MODEL_VERSION_HELP)
     precision: str = _opt("auto", PRECISION_HELP, choices=PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """A subset out, as img2dataset writes its datasets (the query's k, where and model_version are SearchOptions')."""
+
+    format: str = _opt(
+        "webdataset", "what to write: webdataset tars, parquet files or a folder of files", choices=EXPORT_FORMATS
+    )
+    samples_per_shard: int = _opt(
+        10_000, "samples per tar, parquet file or folder, as img2dataset's number_sample_per_shard", positive=True
+    )
+    min_score: float | None = _opt(
+        None, "with a query: every result with at least this cosine (instead of the top --k)", metavar="COSINE"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
