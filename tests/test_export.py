@@ -41,11 +41,11 @@ def test_a_query_and_a_filter_export_as_webdataset_and_ingest_back_to_the_same_m
         f"0000{i}.{ext}" for i in range(3) for ext in ("parquet", "tar")
     ]
     samples = _tar_samples(tmp_path / "q" / "00001.tar")
-    assert sorted(samples) == ["000000010", "000000011"]  # img2dataset's keys: shard * 10^ceil(log10(2)) + i
-    meta = json.loads(samples["000000010"]["json"])
-    image = samples["000000010"]["jpg"]
+    assert sorted(samples) == ["000010", "000011"]  # img2dataset's keys: shard * 10^ceil(log10(2)) + i
+    meta = json.loads(samples["000010"]["json"])
+    image = samples["000010"]["jpg"]
     assert hashlib.sha256(image).hexdigest() == meta["media_id"]  # the stored original bytes
-    assert samples["000000010"]["txt"].decode() == meta["caption"] and meta["url"].startswith(site["base"])
+    assert samples["000010"]["txt"].decode() == meta["caption"] and meta["url"].startswith(site["base"])
     assert 0 < meta["score"] <= 1 and {"width", "height", "format"} <= set(meta)
 
     ingest.ingest_webdataset(tmp_path / "back", f"{tmp_path}/q/*.tar")

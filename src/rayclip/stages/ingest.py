@@ -338,7 +338,8 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         choices = body.split(",")
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+    # Nested braces expand inside out, so an outer alternative can come twice: each name once, in order.
+    return list(dict.fromkeys(expanded for choice in choices for expanded in expand_braces(head + choice + tail)))
 
 
 def shard_locations(pattern: str) -> list[Location]:
@@ -488,7 +489,9 @@ class _Admitter:
     def __init__(self, root: Location, report: IngestReport, max_pixels: int, progress: Progress | None) -> None:
         self.root, self.report, self.max_pixels, self.progress = root, report, max_pixels, progress
         self.failed: Counter = Counter()
-        self.rows: dict[str, list[dict]] = {}  # by shard, joined in shard order at the end
+        # Manifest rows by shard, joined in shard order at the end; as Arrow batches, a few hundred
+        # bytes a row rather than a dict's kilobyte (a million-row run holds them all until its commit).
+        self.rows: dict[str, list[pa.RecordBatch]] = {}
         self.rows_seen = 0  # rows of finished shards (the download's progress)
         self.total = 0  # rows to admit, once known (the store step's progress)
         self.rows_done = 0
@@ -505,8 +508,9 @@ class _Admitter:
         if self.progress and self.rows_done and exc[0] is None:
             self.progress(self.rows_done, self.rows_done)
 
-    def manifest_rows(self) -> list[dict]:
-        return [row for shard in sorted(self.rows) for row in self.rows[shard]]
+    def manifest_rows(self) -> pa.Table:
+        batches = [batch for shard in sorted(self.rows) for batch in self.rows[shard]]
+        return pa.Table.from_batches(batches, schema=catalog.MANIFEST_SCHEMA)
 
     def admit_shard(self, shard: Location) -> None:
         """One finished img2dataset shard: its failures counted by reason, its successes admitted."""
@@ -529,8 +533,9 @@ class _Admitter:
         self.admit(key, batch)
 
     def admit(self, key: str, candidates: list[Candidate]) -> None:
-        rows = self.rows.setdefault(key, [])
+        batches = self.rows.setdefault(key, [])
         for start in range(0, len(candidates), CHECK_BATCH):  # a batch's futures in memory at once
+            rows = []
             for outcome in self.pool.map(self._admit_one, candidates[start : start + CHECK_BATCH]):
                 self.rows_done += 1
                 if self.progress:
@@ -542,6 +547,7 @@ class _Admitter:
                 self.report.stored += outcome.stored
                 self.report.duplicates += not outcome.stored
                 rows.append(outcome.row)
+            batches.append(pa.RecordBatch.from_pylist(rows, schema=catalog.MANIFEST_SCHEMA))
 
     def _admit_one(self, candidate: Candidate) -> Admitted:
         try:
@@ -578,24 +584,21 @@ class _Admitter:
         return Admitted(row, None, stored)
 
 
-def _commit_manifest(root: Location, rows: list[dict], report: IngestReport) -> None:
+def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport) -> None:
     """Append rows for (media_id, url) pairs not yet in the manifest, as one part written whole."""
     known = catalog.read_manifest(root, ["media_id", "url"])
     seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
     fresh = []
-    for row in rows:
-        pair = (row["media_id"], row["url"])
-        if pair in seen:
-            report.already_in_manifest += 1
-            continue
+    for pair in zip(rows.column("media_id").to_pylist(), rows.column("url").to_pylist()):
+        fresh.append(pair not in seen)
         seen.add(pair)
-        fresh.append(row)
-    report.manifest_rows_added = len(fresh)
-    if not fresh:
+    rows = rows.filter(pa.array(fresh, pa.bool_()))
+    report.already_in_manifest += len(fresh) - rows.num_rows
+    report.manifest_rows_added = rows.num_rows
+    if not rows.num_rows:
         return
     part = pa.BufferOutputStream()
-    table = pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA)
-    pq.write_table(table, part, row_group_size=MANIFEST_ROW_GROUP)
+    pq.write_table(rows, part, row_group_size=MANIFEST_ROW_GROUP)
     data = part.getvalue().to_pybytes()
     faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
     storage.write_atomic(layout.manifest_part(root, report.run_id, len(data)), data)
