@@ -5,12 +5,12 @@ driver's peak memory at two sizes (it should stay flat as the rows grow).
 
 N tiny distinct JPEGs (one 8x8 render, each copy made distinct by 4 bytes after its end-of-image
 marker, which every decoder ignores) are written as WebDataset tars into a local temporary folder.
-Then, for rows/10 and rows, each in a fresh process so that its peak RSS is its own:
+Then, for rows/10 and rows, each step in a fresh process so that its peak RSS is its own:
   ingest   ingest.ingest_webdataset of the tars into a fresh data root (decode check, sha256, objects, manifest);
   export   export.export of every manifest row (no query) as webdataset shards;
   re-ingest the export into another fresh root.
-Printed: rows/s per step and the process's peak RSS (resource.getrusage) after imports and after each
-step, then the ratio of the peaks. Everything is local files; nothing leaves the machine.
+Printed: rows/s per step and the step's peak RSS (resource.getrusage; the imports alone reach about
+90 MiB), and the ratio of the peaks at the two sizes. Everything is local files; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+STEPS = ("ingest", "export", "reingest")
 
 
 def peak_mib() -> float:
@@ -52,58 +54,75 @@ def write_tars(folder: Path, rows: int, per_shard: int) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def one_size(tars: Path, work: Path, per_shard: int) -> dict:
-    """The three steps in this process; the rates and peaks."""
+def step(name: str, tars: Path, work: Path, per_shard: int) -> dict:
+    """One step, alone in this process: its rows, rows/s and peak RSS (the imports' peak too)."""
     from rayclip import export
     from rayclip.stages import ingest
 
-    measured = {"imports_mib": round(peak_mib(), 1)}
-    started = time.perf_counter()
-    report = ingest.ingest_webdataset(work / "a", f"{tars}/*.tar")
-    rows = report.downloaded
-    measured |= {
+    imports, started = peak_mib(), time.perf_counter()
+    if name == "ingest":
+        rows = ingest.ingest_webdataset(work / "a", f"{tars}/*.tar").downloaded
+    elif name == "export":
+        rows = export.export(work / "a", work / "out", samples_per_shard=per_shard).exported
+    else:
+        rows = ingest.ingest_webdataset(work / "b", f"{work}/out/*.tar").downloaded
+    seconds = time.perf_counter() - started
+    return {
         "rows": rows,
-        "ingest_rows_s": round(rows / (time.perf_counter() - started)),
-        "ingest_mib": round(peak_mib(), 1),
+        "rows_s": round(rows / seconds),
+        "peak_mib": round(peak_mib(), 1),
+        "imports_mib": round(imports, 1),
     }
-    started = time.perf_counter()
-    out = export.export(work / "a", work / "out", samples_per_shard=per_shard)
-    seconds = time.perf_counter() - started
-    measured |= {"export_rows_s": round(out.exported / seconds), "export_mib": round(peak_mib(), 1)}
-    started = time.perf_counter()
-    again = ingest.ingest_webdataset(work / "b", f"{work}/out/*.tar")
-    seconds = time.perf_counter() - started
-    assert again.downloaded == out.exported == rows, (again.downloaded, out.exported, rows)
-    return measured | {"reingest_rows_s": round(rows / seconds), "reingest_mib": round(peak_mib(), 1)}
+
+
+def one_size(tars: Path, work: Path, per_shard: int) -> dict:
+    """ingest, export, re-ingest, each in a fresh process so that each peak RSS is its own."""
+    measured = {}
+    for name in STEPS:
+        command = [
+            sys.executable,
+            __file__,
+            "--samples-per-shard",
+            str(per_shard),
+            "--step",
+            name,
+            str(tars),
+            str(work),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(done.stderr)
+        measured[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = {m["rows"] for m in measured.values()}
+    assert len(rows) == 1, measured  # every row went out and came back
+    return measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000, help="the larger size (the smaller is rows/10)")
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
-    parser.add_argument("--one", nargs=2, metavar=("TARS", "WORK"), help=argparse.SUPPRESS)  # a child's size
+    parser.add_argument("--step", nargs=3, metavar=("STEP", "TARS", "WORK"), help=argparse.SUPPRESS)  # a child's
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one_size(Path(args.one[0]), Path(args.one[1]), args.samples_per_shard)))
+    if args.step:
+        name, tars, work = args.step
+        print(json.dumps(step(name, Path(tars), Path(work), args.samples_per_shard)))
         return
     results = []
     for rows in (max(1, args.rows // 10), args.rows):
         with tempfile.TemporaryDirectory(prefix="bench-export-") as folder:
-            tars, work = Path(folder) / "tars", Path(folder) / "work"
+            tars = Path(folder) / "tars"
             tars.mkdir()
             write_tars(tars, rows, args.samples_per_shard)
-            command = [sys.executable, __file__, "--samples-per-shard", str(args.samples_per_shard)]
-            done = subprocess.run([*command, "--one", str(tars), str(work)], capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(done.stderr)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append(one_size(tars, Path(folder) / "work", args.samples_per_shard))
         print(json.dumps(results[-1]), flush=True)
     small, large = results
-    print(f"rows {small['rows']} -> {large['rows']} ({large['rows'] / small['rows']:.0f}x)")
-    for step in ("ingest", "export", "reingest"):
-        rates = f"{small[f'{step}_rows_s']} -> {large[f'{step}_rows_s']} rows/s"
-        print(f"{step:9s} {rates:28s} peak RSS {small[f'{step}_mib']:.0f} -> {large[f'{step}_mib']:.0f} MiB")
-    print(f"peak RSS ratio large/small: {large['reingest_mib'] / small['reingest_mib']:.2f}")
+    print(f"rows {small['ingest']['rows']} -> {large['ingest']['rows']}, {args.samples_per_shard} per shard")
+    for name in STEPS:
+        rates = f"{small[name]['rows_s']} -> {large[name]['rows_s']} rows/s"
+        peaks = f"{small[name]['peak_mib']:.0f} -> {large[name]['peak_mib']:.0f} MiB"
+        ratio = large[name]["peak_mib"] / small[name]["peak_mib"]
+        print(f"{name:9s} {rates:26s} peak RSS {peaks} (x{ratio:.2f})")
 
 
 if __name__ == "__main__":
