@@ -586,22 +586,26 @@ class _Admitter:
 
 def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport) -> None:
     """Append rows for (media_id, url) pairs not yet in the manifest, as one part written whole."""
-    known = catalog.read_manifest(root, ["media_id", "url"])
-    seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
-    fresh = []
-    for pair in zip(rows.column("media_id").to_pylist(), rows.column("url").to_pylist()):
-        fresh.append(pair not in seen)
-        seen.add(pair)
-    rows = rows.filter(pa.array(fresh, pa.bool_()))
-    report.already_in_manifest += len(fresh) - rows.num_rows
-    report.manifest_rows_added = rows.num_rows
-    if not rows.num_rows:
+    # In Arrow rather than a Python set of pairs: at a million rows, their bytes instead of a kilobyte of objects each.
+    known = _pairs(catalog.read_manifest(root, ["media_id", "url"]))
+    numbered = rows.append_column("row", pa.array(range(rows.num_rows), pa.int64()))
+    firsts = numbered.group_by(["media_id", "url"], use_threads=False).aggregate([("row", "min")])
+    first = pc.is_in(numbered.column("row"), value_set=firsts.column("row_min"))
+    fresh = rows.filter(pc.and_(first, pc.invert(pc.is_in(_pairs(rows), value_set=known))))
+    report.already_in_manifest += rows.num_rows - fresh.num_rows
+    report.manifest_rows_added = fresh.num_rows
+    if not fresh.num_rows:
         return
     part = pa.BufferOutputStream()
-    pq.write_table(rows, part, row_group_size=MANIFEST_ROW_GROUP)
-    data = part.getvalue().to_pybytes()
+    pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
+    data = memoryview(part.getvalue())
     faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
     storage.write_atomic(layout.manifest_part(root, report.run_id, len(data)), data)
+
+
+def _pairs(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's (media_id, url) as one string, the manifest's key."""
+    return pc.binary_join_element_wise(table.column("media_id"), pc.fill_null(table.column("url"), ""), "\n")
 
 
 def _known_urls(root: Location, table: pa.Table) -> pa.Array:
