@@ -61,7 +61,7 @@ SHARDS_PER_WORKER = 8
 # bytes are; with disable_all_reencoding they are the originals).
 BYTES_COLUMNS = ("jpg", "png", "webp")
 CHECK_BATCH = 256  # rows of a shard in memory at once while their images are checked
-MANIFEST_ROW_GROUP = 65_536  # a manifest part's readers (export) hold one row group at a time
+MANIFEST_ROW_GROUP = 8_192  # a manifest part's streaming readers (export) decode one row group at a time
 # Why a sample of a shard never reached the image check.
 NO_IMAGE = "no image member"  # a sample (files sharing a key) without an image file
 TRUNCATED = "truncated tar"  # a tar cut short: the samples before the cut are kept, this counts the cut
