@@ -11,7 +11,7 @@ import typing
 
 import pytest
 
-from rayclip import cli, model, pipeline, train
+from rayclip import cli, export, model, pipeline, train
 from rayclip.eval import recall
 from rayclip.http import app
 from rayclip.options import (
@@ -19,6 +19,7 @@ from rayclip.options import (
     DemoOptions,
     EmbedOptions,
     EvalOptions,
+    ExportOptions,
     IndexOptions,
     IngestOptions,
     ModelOptions,
@@ -31,12 +32,14 @@ from rayclip.stages import captions, embed, index, ingest
 
 ALL = [ModelOptions, IngestOptions, EmbedOptions, IndexOptions, SearchOptions, ServeOptions, EvalOptions, DemoOptions]
 ALL.append(TrainOptions)
+ALL.append(ExportOptions)
 # What each command offers: a whole class, or (class, the fields it takes from it).
 OFFERS = {
     "ingest": [IngestOptions],
     "embed": [ModelOptions, EmbedOptions],
     "index": [IndexOptions],
     "search": [SearchOptions],
+    "export": [ExportOptions, (SearchOptions, {"k", "where", "model_version", "precision"})],
     "eval": [ModelOptions, EvalOptions, (EmbedOptions, {"actors", "batch_size"}),
              (IngestOptions, {"url_col", "caption_col"})],
     "demo": [DemoOptions, (EmbedOptions, {"actors", "batch_size"}), (EvalOptions, {"recall_at"})],
@@ -45,12 +48,17 @@ OFFERS = {
     "status": [],
     "gc": [],
 }  # fmt: skip
-MINIMAL = {"ingest": ["--metadata", "m.parquet"], "eval": ["--metadata", "m.parquet"]}  # the least each command needs
+MINIMAL = {
+    "ingest": ["--metadata", "m.parquet"],
+    "eval": ["--metadata", "m.parquet"],
+    "export": ["--to", "out"],
+}  # the least each command needs
 # Where each command's options go: every one of them must be a parameter of one of these.
 CONSUMERS = {
     "ingest": [ingest.ingest_metadata],
     "embed": [model.resolve, embed.embed, pipeline.embed_silver],
     "index": [index.build],
+    "export": [export.export],
     "search": [SearchOptions],  # the CLI builds the whole SearchOptions and hands it to query.service.search
     "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
     "demo": [pipeline.run_demo],
@@ -68,6 +76,9 @@ LIBRARY = {
     ingest.read_metadata: [IngestOptions],
     ingest.ingest_metadata: [IngestOptions],
     ingest.ingest_folder: [IngestOptions],
+    ingest.ingest_webdataset: [IngestOptions],
+    ingest.ingest_img2dataset_output: [IngestOptions],
+    export.export: [ExportOptions, SearchOptions],
     embed.filed_as: [EmbedOptions],
     embed.embed: [EmbedOptions],
     captions.embed_captions: [EmbedOptions],

@@ -122,8 +122,9 @@ def _show_event(event, terminal: TextIO, stage_reports: bool = True) -> None:
         _console().print(f"serving them at {event.base_url}; metadata in LAION format (URL, TEXT)")
     elif stage_reports:  # a stage's report
         embed = functools.partial(_show_run, stage="embed")
-        shows = {"IngestReport": _show_run, "EmbedReport": embed, "CaptionReport": _show_captions}
-        (shows | {"BuildReport": _show_index})[type(event).__name__](event)
+        export = functools.partial(_show_run, stage="export")
+        shown = {"IngestReport": _show_run, "EmbedReport": embed, "CaptionReport": _show_captions}
+        (shown | {"BuildReport": _show_index, "ExportReport": export})[type(event).__name__](event)
 
 
 def _show_run(report, stage: str = "ingest") -> None:
@@ -219,12 +220,18 @@ def _spec(args: argparse.Namespace):
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """download metadata URLs (img2dataset) or copy a folder into bronze"""
+    """download metadata URLs (img2dataset), copy a folder or read downloaded shards into bronze"""
     from .stages import ingest
 
-    root, labels = storage.data_root(args.data_dir), {"store_progress": "ingest store"}
-    function, source = (ingest.ingest_folder, args.folder) if args.folder else (ingest.ingest_metadata, args.metadata)
-    labels = labels if args.folder else {"progress": "ingest download"} | labels
+    root, stored = storage.data_root(args.data_dir), {"store_progress": "ingest store"}
+    sources = {  # the one source given (argparse keeps them exclusive): its function and progress labels
+        "metadata": (ingest.ingest_metadata, {"progress": "ingest download"} | stored),
+        "folder": (ingest.ingest_folder, stored),
+        "webdataset": (ingest.ingest_webdataset, {"progress": "ingest shards"}),
+        "img2dataset_output": (ingest.ingest_img2dataset_output, {"progress": "ingest shards"}),
+    }
+    given = next(name for name in sources if getattr(args, name))
+    (function, labels), source = sources[given], getattr(args, given)
     report = _stage(args, function, root, source, runs_dir=layout.ingest_runs_dir(root), progress=labels)
     # Exit 0 if anything usable came through (stored now, already stored before, or already known).
     return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
@@ -260,18 +267,34 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terms(args: argparse.Namespace) -> list:
+    """The query terms given (--q, --image, --like, …), each a Term."""
+    from .query.searcher import Term
+
+    return [Term.parse(kind, value, sign) for dest, kind, sign in args.terms for value in getattr(args, dest) or []]
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """text→image or image→image search"""
     from .query import service
-    from .query.searcher import Term
 
-    terms = [Term.parse(kind, value, sign) for dest, kind, sign in args.terms for value in getattr(args, dest) or []]
+    terms = _terms(args)
     if not any(term.weight > 0 for term in terms):
         raise UserError("give something to search for: --q TEXT, --image FILE or --like MEDIA_ID")
     results = service.search(terms, _run(options.SearchOptions, args), args.data_dir)
     title = " ".join(term.title for term in terms).lstrip("+ ") + (f" where {args.where}" if args.where else "")
     _print_results(results, args.json, f"{title} — {results.model_version}, build {results.build_id}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """a subset (a query, --where, or both) out as webdataset tars, parquet or files, as img2dataset writes them"""
+    from . import export
+
+    root = storage.data_root(args.data_dir)
+    runs, labels = layout.export_runs_dir(root), {"progress": "export"}
+    report = _stage(args, export.export, root, args.to, _terms(args), runs_dir=runs, progress=labels)
+    return 0 if report.exported or not report.selected else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -390,6 +413,7 @@ COMMANDS = {
     "embed": (cmd_embed, "Model Embed"),
     "index": (cmd_index, "Index"),
     "search": (cmd_search, "Search"),
+    "export": (cmd_export, "Export Search:k,where,model_version,precision"),
     "eval": (cmd_eval, "Model Eval Embed:actors,batch_size Ingest:url_col,caption_col"),
     "demo": (cmd_demo, "Demo Embed:actors,batch_size Eval:recall_at"),
     "train-reference": (cmd_train_reference, "Train"),
@@ -428,17 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     ingest, evaluate = (made[name].add_mutually_exclusive_group(required=True) for name in ("ingest", "eval"))
     ingest.add_argument("--metadata", help=metadata)
     ingest.add_argument("--folder", help="a folder of images (recursive; path or URL); captions from name.txt sidecars")
+    shards = "WebDataset tar shards: braces ({00000..00099}) and globs, local or s3://; url/caption from .json/.txt"
+    ingest.add_argument("--webdataset", metavar="PATTERN", help=shards)
+    output = "what img2dataset wrote (webdataset, files or parquet format), with its per-shard .parquet statuses"
+    ingest.add_argument("--img2dataset-output", metavar="DIR", help=output)
     benchmark = "a retrieval benchmark's annotations (clip_benchmark's recall; --metadata: rayclip's own)"
     evaluate.add_argument("--dataset", choices=["karpathy", "coco"], help=benchmark)
     evaluate.add_argument("--metadata", help=metadata)
     made["embed"].add_argument("--dashboard", action="store_true", help="start Ray's dashboard too; print its URL")
     made["index"].add_argument("--rollback", action="store_true", help="point CURRENT back at the previous build")
-    search = made["search"]  # each term flag's dest with the kind and sign of the terms it gives
-    added = [
-        (search.add_argument(*flags, action="append", metavar=m, help=h), kind, sign)
-        for flags, kind, sign, m, h in _TERMS
-    ]
-    search.set_defaults(terms=[(action.dest, kind, sign) for action, kind, sign in added])
+    for querying in (made["search"], made["export"]):  # each term flag's dest with the kind and sign of its terms
+        added = [
+            (querying.add_argument(*flags, action="append", metavar=m, help=h), kind, sign)
+            for flags, kind, sign, m, h in _TERMS
+        ]
+        querying.set_defaults(terms=[(action.dest, kind, sign) for action, kind, sign in added])
+    to = "where to write: a folder or an object-store prefix (s3://…), new or empty"
+    made["export"].add_argument("--to", required=True, help=to)
     return parser
 
 

@@ -37,6 +37,7 @@ DEFAULT_MAX_INDEX_MEMORY = "4G"
 DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")
 SEARCH_OVER = ("images", "captions")  # what a query searches: a build's image index or its caption index
+EXPORT_FORMATS = ("webdataset", "parquet", "folder")
 INDEX_TYPES_HELP = "auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string"
 PRECISION_HELP = (
     "compute precision; vectors are stored as float32 either way "
@@ -147,6 +148,21 @@ class SearchOptions:
         "images",
         "search the image index, or the caption index (results: the images carrying each caption found)",
         choices=SEARCH_OVER,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """A subset out, as img2dataset writes its datasets (the query's k, where and model_version are SearchOptions')."""
+
+    format: str = _opt(
+        "webdataset", "what to write: webdataset tars, parquet files or a folder of files", choices=EXPORT_FORMATS
+    )
+    samples_per_shard: int = _opt(
+        10_000, "samples per tar, parquet file or folder, as img2dataset's number_sample_per_shard", positive=True
+    )
+    min_score: float | None = _opt(
+        None, "with a query: every result with at least this cosine (instead of the top --k)", metavar="COSINE"
     )
 
 

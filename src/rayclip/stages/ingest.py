@@ -1,4 +1,5 @@
-"""Bronze layer: metadata (via img2dataset) or a folder → content-addressed objects + manifest.
+"""Bronze layer: metadata (via img2dataset), a folder, or shards already downloaded (WebDataset tars,
+img2dataset's output) → content-addressed objects + manifest.
 
 The data root is a local folder or an object-store prefix (storage.py); the steps are the same on
 both. Order of commits, so that a run killed at any point leaves nothing half-written:
@@ -13,18 +14,27 @@ both. Order of commits, so that a run killed at any point leaves nothing half-wr
    every object they name is stored (the commit: readers list only committed parts);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.
+
+Shards (ingest_webdataset, ingest_img2dataset_output) skip step 1: their samples are read in order,
+one shard at a time, and go through the same check, hash, store and commit (steps 2 to 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
+import itertools
+import json
 import math
 import os
+import re
+import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -47,8 +57,17 @@ CAPTION_COLUMNS = ("TEXT", "caption", "text")
 # overlaps downloading the next, within bounds (tiny shards cost a worker start-up each few).
 SHARD_ROWS = (256, 10_000)
 SHARDS_PER_WORKER = 8
-BYTES_COLUMN = "jpg"  # img2dataset's parquet output names its bytes column so; they are the originals
+# img2dataset's parquet output names its bytes column by its encode_format (ours: jpg, whatever the
+# bytes are; with disable_all_reencoding they are the originals).
+BYTES_COLUMNS = ("jpg", "png", "webp")
 CHECK_BATCH = 256  # rows of a shard in memory at once while their images are checked
+MANIFEST_ROW_GROUP = 8_192  # a manifest part's streaming readers (export) decode one row group at a time
+# Why a sample of a shard never reached the image check.
+NO_IMAGE = "no image member"  # a sample (files sharing a key) without an image file
+TRUNCATED = "truncated tar"  # a tar cut short: the samples before the cut are kept, this counts the cut
+SHARD_GLOB_CHARS = "*?["
+# webdataset's shard ranges: {00000..00099} (zero-padded like the first bound) and {a,b} alternatives.
+_BRACES = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")
 
 
 @dataclasses.dataclass
@@ -303,6 +322,163 @@ def _folder_candidates(folder: Location, limit: int | None) -> list[Candidate]:
     return candidates
 
 
+# ---------------------------------------------------------------- reading shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard spec: `shards/{00000..00099}.tar` (a range, zero-padded as its first bound is)
+    and `{a,b}` alternatives, several or nested; other text, globs included, is kept as written."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    if span := re.fullmatch(r"(\d+)\.\.(\d+)", body):
+        first, last = span.groups()
+        choices = [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    # Nested braces expand inside out, so an outer alternative can come twice: each name once, in order.
+    return list(dict.fromkeys(expanded for choice in choices for expanded in expand_braces(head + choice + tail)))
+
+
+def shard_locations(pattern: str) -> list[Location]:
+    """The shards a pattern names (braces expanded, then globs matched; local or an object store), in order."""
+    found: list[Location] = []
+    for written in expand_braces(pattern):
+        if not any(c in written for c in SHARD_GLOB_CHARS):
+            found.append(storage.location(written))
+            continue
+        cut = min(written.index(c) for c in SHARD_GLOB_CHARS if c in written)
+        base = written[:cut].rpartition("/")[0]
+        found += storage.glob(storage.location(base or "."), written[len(base) + 1 if base else 0 :])
+    if not found:
+        raise UserError(f"no shards match {pattern}")
+    missing = [shard for shard in found if not storage.exists(shard)]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(found)} shards {pattern} names do not exist, e.g. {missing[0]}")
+    return found
+
+
+def _shard_candidate(key: str, members: dict[str, bytes], origin: str) -> Candidate | str:
+    """One sample of a shard (its files by extension) as a Candidate: the image file's bytes as they are,
+    the caption from .txt (else .json's), the url from .json (else where the sample lies); or NO_IMAGE."""
+    image = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1] in FOLDER_EXTENSIONS), None)
+    if image is None:
+        return NO_IMAGE
+    try:
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    text = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+    return Candidate(
+        url=meta.get("url") or f"{origin}#{key}",
+        caption=str(text or "").strip(),
+        data=members[image],
+        # rayclip's own exports name the sha256 of these very bytes; img2dataset's `sha256` is of the
+        # download, which differs once it resized or re-encoded, so it is not a check here.
+        expected_sha256=meta.get("media_id"),
+    )
+
+
+def _grouped(files: Iterable[tuple[str, Callable[[], bytes]]], origin: str) -> Iterator[Candidate | str]:
+    """webdataset's grouping: consecutive files whose names agree up to the first dot of the file name
+    are one sample; each file's bytes are read when its turn comes."""
+    key, members = None, {}
+    for name, read in files:
+        folder, _, file_name = name.rpartition("/")
+        stem, _, ext = file_name.partition(".")
+        sample = f"{folder}/{stem}" if folder else stem
+        if sample != key and members:
+            yield _shard_candidate(key, members, origin)
+            members = {}
+        key = sample
+        members[ext.lower()] = read()
+    if members:
+        yield _shard_candidate(key, members, origin)
+
+
+def _tar_samples(tar: Location) -> Iterator[Candidate | str]:
+    """A plain tar's samples in order, then TRUNCATED if it was cut short (a sample the cut split is dropped)."""
+    with storage.open_input(tar) as f:
+        pending: list[Candidate | str] = []  # one sample behind: the last is kept once the tar proves whole
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as archive:
+                files = ((m.name, archive.extractfile(m).read) for m in archive if m.isfile())
+                for sample in _grouped(files, storage.uri(tar)):
+                    yield from pending
+                    pending = [sample]
+                # tarfile ends quietly at a header cut short; a whole tar ends with two zero blocks.
+                whole = storage.file_size(f) >= archive.offset + 2 * tarfile.BLOCKSIZE
+        except (tarfile.ReadError, EOFError):  # cut inside a file: the samples grouped before it are whole
+            yield from pending
+            yield TRUNCATED
+            return
+        yield from pending if whole else [TRUNCATED]
+
+
+def _files_samples(folder: Location) -> Iterator[Candidate | str]:
+    """img2dataset's `files` format: one folder per shard of key.jpg, key.txt and key.json."""
+    files = storage.glob(folder, "*")
+    yield from _grouped(((p.name, lambda p=p: storage.read_bytes(p)) for p in files), storage.uri(folder))
+
+
+def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | str]:
+    """img2dataset's per-shard Parquet: a row it failed on as its reason; a success as a Candidate when
+    the bytes are in it (its `parquet` format; beside tars and folders the file holds no bytes)."""
+    with storage.open_input(shard) as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        data = next((c for c in BYTES_COLUMNS if c in names), None)
+        wanted = ["url", "caption", "txt", "status", "error_message", "sha256", "media_id", data]
+        for batch in parquet.iter_batches(batch_size=CHECK_BATCH, columns=[c for c in wanted if c in names]):
+            for row in batch.to_pylist():
+                if row.get("status") != "success":
+                    yield _reason(row.get("error_message"))
+                elif data is not None:
+                    yield Candidate(
+                        url=row.get("url") or f"{storage.uri(shard)}#{row.get('key')}",
+                        caption=row.get("caption") or row.get("txt") or "",
+                        data=row[data],
+                        expected_sha256=row.get("media_id") or (row.get("sha256") if check_hash else None),
+                    )
+
+
+def _img2dataset_shards(folder: Location) -> list[tuple[str, Callable[[], Iterator[Candidate | str]]]]:
+    """The shards of an img2dataset output folder, whatever its output_format: NNNNN.tar (webdataset),
+    NNNNN/ (files) or NNNNN.parquet alone (parquet); beside a tar or a folder, NNNNN.parquet lists
+    the rows img2dataset failed on, counted by the same reasons as a download here."""
+    children = storage.children(folder)
+    names = {child.name for child in children}
+    shards = []
+    for child in children:
+        stem, _, ext = child.name.partition(".")
+        sidecar = folder / f"{stem}.parquet"
+        if ext == "tar":
+            body = functools.partial(_tar_samples, child)
+        elif not ext and storage.is_dir(child):
+            body = functools.partial(_files_samples, child)
+        elif ext == "parquet" and {f"{stem}.tar", stem}.isdisjoint(names):
+            shards.append((child.name, functools.partial(_parquet_samples, child, check_hash=False)))
+            continue
+        else:
+            continue
+        failures = (functools.partial(_failures, sidecar),) if sidecar.name in names else ()
+        shards.append((child.name, _chained(*failures, body)))
+    if not shards:
+        raise UserError(f"no img2dataset shards (NNNNN.tar, NNNNN/ or NNNNN.parquet) under {folder}")
+    return shards
+
+
+def _failures(sidecar: Location) -> Iterator[str]:
+    return (sample for sample in _parquet_samples(sidecar, check_hash=False) if isinstance(sample, str))
+
+
+def _chained(*parts: Callable[[], Iterator]) -> Callable[[], Iterator]:
+    return lambda: itertools.chain.from_iterable(part() for part in parts)
+
+
 # ---------------------------------------------------------------- storing
 
 
@@ -313,7 +489,9 @@ class _Admitter:
     def __init__(self, root: Location, report: IngestReport, max_pixels: int, progress: Progress | None) -> None:
         self.root, self.report, self.max_pixels, self.progress = root, report, max_pixels, progress
         self.failed: Counter = Counter()
-        self.rows: dict[str, list[dict]] = {}  # by shard, joined in shard order at the end
+        # Manifest rows by shard, joined in shard order at the end; as Arrow batches, a few hundred
+        # bytes a row rather than a dict's kilobyte (a million-row run holds them all until its commit).
+        self.rows: dict[str, list[pa.RecordBatch]] = {}
         self.rows_seen = 0  # rows of finished shards (the download's progress)
         self.total = 0  # rows to admit, once known (the store step's progress)
         self.rows_done = 0
@@ -330,35 +508,34 @@ class _Admitter:
         if self.progress and self.rows_done and exc[0] is None:
             self.progress(self.rows_done, self.rows_done)
 
-    def manifest_rows(self) -> list[dict]:
-        return [row for shard in sorted(self.rows) for row in self.rows[shard]]
+    def manifest_rows(self) -> pa.Table:
+        batches = [batch for shard in sorted(self.rows) for batch in self.rows[shard]]
+        return pa.Table.from_batches(batches, schema=catalog.MANIFEST_SCHEMA)
 
     def admit_shard(self, shard: Location) -> None:
         """One finished img2dataset shard: its failures counted by reason, its successes admitted."""
         with storage.open_input(shard) as f:
-            parquet = pq.ParquetFile(f)
-            self.rows_seen += parquet.metadata.num_rows
-            columns = ["url", "caption", "status", "error_message", "sha256", BYTES_COLUMN]
-            for batch in parquet.iter_batches(batch_size=CHECK_BATCH, columns=columns):
-                candidates = []
-                for row in batch.to_pylist():
-                    if row["status"] == "success":
-                        candidates.append(
-                            Candidate(
-                                url=row["url"],
-                                caption=row["caption"] or "",
-                                data=row[BYTES_COLUMN],
-                                expected_sha256=row["sha256"],
-                            )
-                        )
-                    else:
-                        self.failed[_reason(row["error_message"])] += 1
-                        self.rows_done += 1
-                self.admit(shard.name, candidates)
+            self.rows_seen += pq.ParquetFile(f).metadata.num_rows
+        self.admit_samples(shard.name, _parquet_samples(shard, check_hash=True))
+
+    def admit_samples(self, key: str, samples: Iterable[Candidate | str]) -> None:
+        """Samples in their order: a Candidate is admitted (CHECK_BATCH at a time), a reason counted as a failure."""
+        batch: list[Candidate] = []
+        for sample in samples:
+            if isinstance(sample, str):
+                self.failed[sample] += 1
+                self.rows_done += 1
+                continue
+            batch.append(sample)
+            if len(batch) == CHECK_BATCH:
+                self.admit(key, batch)
+                batch = []
+        self.admit(key, batch)
 
     def admit(self, key: str, candidates: list[Candidate]) -> None:
-        rows = self.rows.setdefault(key, [])
+        batches = self.rows.setdefault(key, [])
         for start in range(0, len(candidates), CHECK_BATCH):  # a batch's futures in memory at once
+            rows = []
             for outcome in self.pool.map(self._admit_one, candidates[start : start + CHECK_BATCH]):
                 self.rows_done += 1
                 if self.progress:
@@ -370,6 +547,7 @@ class _Admitter:
                 self.report.stored += outcome.stored
                 self.report.duplicates += not outcome.stored
                 rows.append(outcome.row)
+            batches.append(pa.RecordBatch.from_pylist(rows, schema=catalog.MANIFEST_SCHEMA))
 
     def _admit_one(self, candidate: Candidate) -> Admitted:
         try:
@@ -406,26 +584,28 @@ class _Admitter:
         return Admitted(row, None, stored)
 
 
-def _commit_manifest(root: Location, rows: list[dict], report: IngestReport) -> None:
+def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport) -> None:
     """Append rows for (media_id, url) pairs not yet in the manifest, as one part written whole."""
-    known = catalog.read_manifest(root, ["media_id", "url"])
-    seen = set(zip(known.column("media_id").to_pylist(), known.column("url").to_pylist()))
-    fresh = []
-    for row in rows:
-        pair = (row["media_id"], row["url"])
-        if pair in seen:
-            report.already_in_manifest += 1
-            continue
-        seen.add(pair)
-        fresh.append(row)
-    report.manifest_rows_added = len(fresh)
-    if not fresh:
+    # In Arrow rather than a Python set of pairs: at a million rows, their bytes instead of a kilobyte of objects each.
+    known = _pairs(catalog.read_manifest(root, ["media_id", "url"]))
+    numbered = rows.append_column("row", pa.array(range(rows.num_rows), pa.int64()))
+    firsts = numbered.group_by(["media_id", "url"], use_threads=False).aggregate([("row", "min")])
+    first = pc.is_in(numbered.column("row"), value_set=firsts.column("row_min"))
+    fresh = rows.filter(pc.and_(first, pc.invert(pc.is_in(_pairs(rows), value_set=known))))
+    report.already_in_manifest += rows.num_rows - fresh.num_rows
+    report.manifest_rows_added = fresh.num_rows
+    if not fresh.num_rows:
         return
     part = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(fresh, schema=catalog.MANIFEST_SCHEMA), part)
-    data = part.getvalue().to_pybytes()
+    pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
+    data = memoryview(part.getvalue())
     faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
     storage.write_atomic(layout.manifest_part(root, report.run_id, len(data)), data)
+
+
+def _pairs(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's (media_id, url) as one string, the manifest's key."""
+    return pc.binary_join_element_wise(table.column("media_id"), pc.fill_null(table.column("url"), ""), "\n")
 
 
 def _known_urls(root: Location, table: pa.Table) -> pa.Array:
@@ -522,3 +702,63 @@ def ingest_folder(
         admitter.total = len(candidates)
         admitter.admit(source.name, candidates)
     return _finish(root, admitter, report, started)
+
+
+def ingest_webdataset(
+    root: Location | str,
+    pattern: str,
+    limit: int | None = IngestOptions.limit,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest WebDataset tar shards (`shards/{00000..00099}.tar`, globs; local or an object store): each
+    sample's image file keeps its bytes, its .txt its caption and its .json the url. Nothing is fetched.
+    progress(done, total) counts shards."""
+    shards = [(tar.name, functools.partial(_tar_samples, tar)) for tar in shard_locations(pattern)]
+    return _ingest_shards(root, f"webdataset:{pattern.rpartition('/')[2]}", shards, limit, max_pixels, progress)
+
+
+def ingest_img2dataset_output(
+    root: Location | str,
+    folder: str | os.PathLike,
+    limit: int | None = IngestOptions.limit,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest what img2dataset wrote (output_format webdataset, files or parquet; local or an object
+    store), with its per-shard Parquet's failures counted by reason. Nothing is fetched.
+    progress(done, total) counts shards."""
+    source = storage.location(folder)
+    if not storage.is_dir(source):
+        raise UserError(f"folder not found: {folder}")
+    return _ingest_shards(root, f"img2dataset:{source.name}", _img2dataset_shards(source), limit, max_pixels, progress)
+
+
+def _ingest_shards(
+    root: Location | str,
+    source: str,
+    shards: list[tuple[str, Callable[[], Iterator[Candidate | str]]]],
+    limit: int | None,
+    max_pixels: int,
+    progress: Progress | None,
+) -> IngestReport:
+    """Every sample of the shards, one shard at a time, through the admitter (at most `limit` samples)."""
+    started, root = time.monotonic(), storage.data_root(root)
+    report = IngestReport(run_id=layout.new_run_id(), source=source)
+    with _Admitter(root, report, max_pixels, None) as admitter:
+        for done, (name, samples) in enumerate(shards):
+            if progress:
+                progress(done, len(shards))
+            left = None if limit is None else limit - report.rows_read
+            if left == 0:
+                break
+            admitter.admit_samples(name, _counted(itertools.islice(samples(), left), report))
+        if progress:
+            progress(len(shards), len(shards))
+    return _finish(root, admitter, report, started)
+
+
+def _counted(samples: Iterator[Candidate | str], report: IngestReport) -> Iterator[Candidate | str]:
+    for sample in samples:
+        report.rows_read += 1
+        yield sample

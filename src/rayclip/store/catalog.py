@@ -93,6 +93,13 @@ def read_manifest(root: Location, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def iter_manifest(root: Location, columns: list[str] | None = None, batch_rows: int = 4096) -> Iterator[pa.RecordBatch]:
+    """The manifest a batch at a time, part after part: one batch in memory however large it is (export)."""
+    for part in manifest_parts(root):
+        with _committed(part, None, "manifest part") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+
+
 def find_object(root: Location, media_id: str) -> Location | None:
     """The stored image of a media_id, whatever its extension; None when the store has none."""
     found = storage.glob(layout.objects_dir(root), layout.object_glob(media_id))

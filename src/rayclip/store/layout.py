@@ -57,6 +57,11 @@ def ingest_runs_dir(root: Location) -> Location:
     return root / "bronze" / "runs"
 
 
+def export_runs_dir(root: Location) -> Location:
+    """`rayclip export` reads the data root and writes elsewhere: its run records and logs stay here."""
+    return root / "exports" / "runs"
+
+
 # run records (bronze/runs/, silver/runs/): <run_id>.json, and the libraries' output as <run_id>.log
 RUN_RECORDS = "*.json"
 
