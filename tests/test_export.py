@@ -99,9 +99,12 @@ def test_cli_exports_20_query_results_and_ingests_them_into_a_fresh_root(gold_st
     caption = site["images"].column("caption")[0].as_py()
     shards = tmp_path / "shards"
     before = sum(site["requests"].values())
-    assert cli("export", "--data-dir", str(root), "--q", caption, "--k", "20", "--to", str(shards)) == 0
-    exported = {json.loads(s["json"])["media_id"] for s in _tar_samples(shards / "00000.tar").values()}
-    assert len(exported) == 20
-    assert cli("ingest", "--data-dir", str(tmp_path / "fresh"), "--webdataset", f"{shards}/*.tar") == 0
+    export = ["export", "--data-dir", str(root), "--q", caption, "--k", "20", "--to", str(shards)]
+    assert cli(*export, "--samples-per-shard", "8") == 0
+    tars = sorted(shards.glob("*.tar"))
+    exported = {json.loads(s["json"])["media_id"] for tar in tars for s in _tar_samples(tar).values()}
+    assert len(tars) == 3 and len(exported) == 20
+    # The tars as a shell hands over an unquoted DIR/*.tar: one argument each.
+    assert cli("ingest", "--data-dir", str(tmp_path / "fresh"), "--webdataset", *map(str, tars)) == 0
     assert {m for m, _, _ in _pairs(tmp_path / "fresh")} == exported
     assert sum(site["requests"].values()) == before

@@ -37,6 +37,32 @@ def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
     assert files_under(local["cwd"]) == [] and files_under(local["tmp"]) == []
 
 
+def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store):
+    """conftest's `s3_pipeline` ran ingest, embed, index, search and serve with 5 % of the requests
+    answered 503 SlowDown."""
+    root, spoilt = s3_pipeline["root"], s3_pipeline["spoilt"]
+    found = [[(r.media_id, r.score) for r in results] for results in s3_pipeline["found"]]
+    served = s3_pipeline["served"]
+    methods = {method for method, _ in spoilt}
+    assert {"HEAD", "GET"} <= methods and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
+    assert {fault for _, fault in spoilt} == {"slowdown"}
+    here = gold_store[0]  # the same site and model on a clean local root (test_gold_s3: = a clean S3 root)
+    assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
+        catalog.read_manifest(here).column("media_id").to_pylist()
+    )
+    on_s3, local = read_silver(root, REFERENCE), read_silver(here, REFERENCE)
+    by_id = dict(zip(local.column("media_id").to_pylist(), local.column("embedding").to_pylist()))
+    assert sorted(on_s3.column("media_id").to_pylist()) == sorted(by_id)
+    for media_id, vector in zip(on_s3.column("media_id").to_pylist(), on_s3.column("embedding").to_pylist()):
+        assert np.allclose(vector, by_id[media_id], atol=1e-5)
+    clean = Searcher.open(here)
+    for query, got in zip(QUERIES, found):
+        want = clean.search_text(query, k=5)
+        assert [m for m, _ in got] == [r.media_id for r in want]
+        assert [s for _, s in got] == pytest.approx([r.score for r in want], abs=1e-5)
+    assert [[r["media_id"] for r in results] for results in served] == [[m for m, _ in got] for got in found]
+
+
 def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):
     root = s3_pipeline["root"]
     local_root = gold_store[0]

@@ -319,6 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _console().print(
         "\nNext: the same pipeline on real data and a cluster: README.md, Commands and Object stores and Ray clusters\n"
         f"  Explore this demo: rayclip search --data-dir {root} --q 'a small green square'\n"
+        f"                     rayclip search --data-dir {root} --q 'a red cross' --where 'clip_score > 0'\n"
         f"                     rayclip serve --data-dir {root}",
         markup=False,
     )
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--metadata", help=metadata)
     ingest.add_argument("--folder", help="a folder of images (recursive; path or URL); captions from name.txt sidecars")
     shards = "WebDataset tar shards: braces ({00000..00099}) and globs, local or s3://; url/caption from .json/.txt"
-    ingest.add_argument("--webdataset", metavar="PATTERN", help=shards)
+    ingest.add_argument("--webdataset", metavar="PATTERN", nargs="+", help=shards)
     output = "what img2dataset wrote (webdataset, files or parquet format), with its per-shard .parquet statuses"
     ingest.add_argument("--img2dataset-output", metavar="DIR", help=output)
     benchmark = "a retrieval benchmark's annotations (clip_benchmark's recall; --metadata: rayclip's own)"

@@ -168,7 +168,7 @@ def embed_silver(
 ) -> tuple[EmbedReport, CaptionReport | None]:
     """`rayclip embed`: the image embeddings (embed.embed with these options), then, unless
     `no_captions`, the caption vectors and clip_scores of the embedded images (captions.embed_captions,
-    same model_version, partition, precision and actors), each a stage with its own run record and log
+    same model_version, partition and actors), each a stage with its own run record and log
     (silver/runs/, silver/caption_runs/)."""
     from .stages import captions, embed
 
@@ -178,11 +178,12 @@ def embed_silver(
     )  # fmt: skip
     if no_captions:
         return embedded, None
-    shared = {name: options[name] for name in ("actors", "batch_size", "force") if name in options}
+    # The caption stage runs on CPUs: the precision asked for, resolved for a CPU (a GPU run's fp16
+    # would not suit it), with the image run's actors, batch size and --force.
+    shared = {name: options[name] for name in ("actors", "batch_size", "force", "precision") if name in options}
     captioned = run_stage(
         captions.embed_captions, root, embed.filed_as(spec, options.get("save_as")), dt=embedded.dt,
-        precision=embedded.precision, hooks=hooks, runs_dir=layout.caption_runs_dir(root),
-        progress={"progress": "captions"}, **shared,
+        hooks=hooks, runs_dir=layout.caption_runs_dir(root), progress={"progress": "captions"}, **shared,
     )  # fmt: skip
     return embedded, captioned
 

@@ -431,7 +431,7 @@ def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | 
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         data = next((c for c in BYTES_COLUMNS if c in names), None)
-        wanted = ["url", "caption", "txt", "status", "error_message", "sha256", "media_id", data]
+        wanted = ["key", "url", "caption", "txt", "status", "error_message", "sha256", "media_id", data]
         for batch in parquet.iter_batches(batch_size=CHECK_BATCH, columns=[c for c in wanted if c in names]):
             for row in batch.to_pylist():
                 if row.get("status") != "success":
@@ -706,16 +706,19 @@ def ingest_folder(
 
 def ingest_webdataset(
     root: Location | str,
-    pattern: str,
+    pattern: str | list[str],
     limit: int | None = IngestOptions.limit,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
 ) -> IngestReport:
-    """Ingest WebDataset tar shards (`shards/{00000..00099}.tar`, globs; local or an object store): each
-    sample's image file keeps its bytes, its .txt its caption and its .json the url. Nothing is fetched.
+    """Ingest WebDataset tar shards (`shards/{00000..00099}.tar`, globs; local or an object store), or
+    several such patterns or paths (what a shell makes of an unquoted glob): each sample's image file
+    keeps its bytes, its .txt its caption and its .json the url. Nothing is fetched.
     progress(done, total) counts shards."""
-    shards = [(tar.name, functools.partial(_tar_samples, tar)) for tar in shard_locations(pattern)]
-    return _ingest_shards(root, f"webdataset:{pattern.rpartition('/')[2]}", shards, limit, max_pixels, progress)
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    tars = [tar for each in patterns for tar in shard_locations(each)]
+    shards = [(tar.name, functools.partial(_tar_samples, tar)) for tar in tars]
+    return _ingest_shards(root, f"webdataset:{patterns[0].rpartition('/')[2]}", shards, limit, max_pixels, progress)
 
 
 def ingest_img2dataset_output(
