@@ -46,7 +46,7 @@ if __name__ == "__main__":
         # No test-only setting: `rayclip embed` waits for its whole actor pool by default.
         env = os.environ | {"RAY_ADDRESS": cluster.address}
         # 24 images at batch 8: three batches for two actors (at the default 32 they would be one).
-        done = subprocess.run(cmd + ["--actors", "2", "--batch-size", "8"], env=env, timeout=300)
+        done = subprocess.run(cmd + ["--actors", "2", "--batch-size", "8", "--no-captions"], env=env, timeout=300)
         runs = sorted(
             (r for stage, _, r in catalog.run_records(storage.data_root(data_dir)) if stage == "embed"),
             key=lambda r: r["run_id"],
