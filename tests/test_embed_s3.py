@@ -18,7 +18,6 @@ import pyarrow as pa
 import pytest
 from conftest import GOOD_IMAGES, read_silver
 from silver_helpers import media_ids, write_manifest, write_silver
-from test_embed import own_embeddings
 
 from rayclip import faults, model
 from rayclip.stages import embed
@@ -48,33 +47,6 @@ def partition_files(root) -> list[str]:
 
 def committed_files(root) -> list[str]:
     return [str(f) for f in catalog.silver_files(root, REFERENCE)]
-
-
-def test_embed_on_s3_equals_open_clip_dedups_and_reruns_idempotently(s3_store, ingested, ray_session):
-    spec = model.resolve(None, "reference")
-    report = embed.embed(storage.uri(s3_store), spec, actors=2, batch_size=8)  # a URL, as --data-dir gives it
-    assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in report.plan
-    [run] = embed_runs(s3_store)
-    assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0 and run["actors_used"] == 2
-    assert storage.read_json(layout.silver_model_file(s3_store, REFERENCE))["model_version"] == REFERENCE
-
-    table = read_silver(s3_store, REFERENCE)
-    ids = table.column("media_id").to_pylist()
-    manifest_ids = catalog.read_manifest(s3_store, ["media_id"]).column("media_id").to_pylist()
-    assert len(manifest_ids) > GOOD_IMAGES  # the same bytes under two URLs: one manifest row each
-    assert len(ids) == len(set(ids)) == GOOD_IMAGES and set(ids) == set(manifest_ids)
-    # The vectors are open_clip's own for the bytes (read here from the local copy of the same objects).
-    ours = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    cosine = ours @ own_embeddings(ingested, ids).T
-    assert np.all(np.diag(cosine) > 0.9999) and cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
-    # One commit record names every file the run wrote; the run's work folder is gone.
-    [record] = catalog.silver_commits(s3_store, REFERENCE)
-    assert record["rows"] == GOOD_IMAGES and committed_files(s3_store) == partition_files(s3_store)
-    assert storage.glob(s3_store, "silver/_work/*") == []
-
-    rerun = embed.embed(storage.uri(s3_store), spec, actors=2, batch_size=8)
-    assert (rerun.rows_planned, rerun.rows_embedded) == (0, 0) and embed_runs(s3_store)[-1]["rows_planned"] == 0
-    assert len(catalog.silver_commits(s3_store, REFERENCE)) == 1 and read_silver(s3_store, REFERENCE).equals(table)
 
 
 @pytest.mark.slow

@@ -68,29 +68,6 @@ def assert_no_local_files(scratch, cwd) -> None:
     assert list(cwd.iterdir()) == []
 
 
-def test_metadata_ingest_on_s3_equals_the_local_one_and_uses_no_local_disk(
-    s3_root, metadata, ingested, site, empty_local_dirs
-):
-    report = run_ingest(s3_root, metadata)
-
-    # The same decisions as the local run of the same metadata (conftest's `ingested`).
-    assert (report.stored, report.downloaded, report.duplicates) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
-    assert report.failed == catalog.run_records(ingested)[0][2]["failed"]
-    assert manifest_rows(s3_root) == manifest_rows(ingested)
-    # Two URLs with the same bytes: one object, two rows.
-    assert len(objects(s3_root)) == GOOD_IMAGES
-    first = site["images"].column("filename")[0].as_py()
-    twins = [r for r in catalog.read_manifest(s3_root).to_pylist() if r["url"].endswith(("/" + first, "/dup.jpg"))]
-    assert len(twins) == 2 and twins[0]["media_id"] == twins[1]["media_id"]
-    check_objects(s3_root)
-    saved = storage.read_json(layout.ingest_runs_dir(s3_root) / f"{report.run_id}.json")
-    assert saved["stored"] == GOOD_IMAGES
-    assert downloads(s3_root) == []  # the work folder is gone with its run
-
-    # What a rerun asks of the site is test_ingest's (local) and test_rerun_of_known_urls_on_s3_makes_no_request's.
-    assert_no_local_files(*empty_local_dirs)
-
-
 def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
     """Checked side by side on the thread pool, the copies still make one object and one stored count."""
     first = site["images"].column("filename")[0].as_py()

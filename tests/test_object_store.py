@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GOOD_IMAGES, cli, read_silver
 from conftest import S3_QUERIES as QUERIES
-from conftest import cli, read_silver
+from test_embed import own_embeddings
+from test_ingest_s3 import check_objects, downloads, manifest_rows, objects
 
-from rayclip import Searcher
+from rayclip import Searcher, model
 from rayclip.http.app import create_app
+from rayclip.stages import embed
 from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
@@ -61,6 +64,49 @@ def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store)
         assert [m for m, _ in got] == [r.media_id for r in want]
         assert [s for _, s in got] == pytest.approx([r.score for r in want], abs=1e-5)
     assert [[r["media_id"] for r in results] for results in served] == [[m for m, _ in got] for got in found]
+
+
+def test_the_ingest_on_s3_made_the_local_ones_decisions(s3_pipeline, ingested, site):
+    """The same metadata as conftest's local `ingested`: the same report, rows and objects."""
+    root = s3_pipeline["root"]
+    [(_, _, report)] = [run for run in catalog.run_records(root) if run[0] == "ingest"]
+    [(_, _, local)] = catalog.run_records(ingested)
+    assert (report["stored"], report["downloaded"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
+    assert report["failed"] == local["failed"]
+    assert manifest_rows(root) == manifest_rows(ingested)
+    # Two URLs with the same bytes: one object, two rows.
+    assert len(objects(root)) == GOOD_IMAGES
+    first = site["images"].column("filename")[0].as_py()
+    twins = [r for r in catalog.read_manifest(root).to_pylist() if r["url"].endswith(("/" + first, "/dup.jpg"))]
+    assert len(twins) == 2 and twins[0]["media_id"] == twins[1]["media_id"]
+    check_objects(root)
+    assert downloads(root) == []  # the work folder is gone with its run
+
+
+def test_the_embed_on_s3_is_open_clips_committed_once_and_reruns_as_nothing(s3_pipeline, ingested, ray_session):
+    root = s3_pipeline["root"]
+    [run] = [r for stage, _, r in catalog.run_records(root) if stage == "embed"]
+    assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
+    assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0
+    assert storage.read_json(layout.silver_model_file(root, REFERENCE))["model_version"] == REFERENCE
+    table = read_silver(root, REFERENCE)
+    ids = table.column("media_id").to_pylist()
+    manifest_ids = catalog.read_manifest(root, ["media_id"]).column("media_id").to_pylist()
+    assert len(manifest_ids) > GOOD_IMAGES  # the same bytes under two URLs: one manifest row each
+    assert len(ids) == len(set(ids)) == GOOD_IMAGES and set(ids) == set(manifest_ids)
+    # The vectors are open_clip's own for the bytes (read here from the local copy of the same objects).
+    ours = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    cosine = ours @ own_embeddings(ingested, ids).T
+    assert np.all(np.diag(cosine) > 0.9999) and cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
+    # One commit record names every file the run wrote; the run's work folder is gone.
+    [record] = catalog.silver_commits(root, REFERENCE)
+    written = storage.glob(layout.embeddings_dir(root), "*/dt=*/*.parquet")
+    assert record["rows"] == GOOD_IMAGES and catalog.silver_files(root, REFERENCE) == written
+    assert storage.glob(root, "silver/_work/*") == []
+
+    rerun = embed.embed(storage.uri(root), model.resolve(None, "reference"), actors=1, batch_size=8)  # a URL
+    assert (rerun.rows_planned, rerun.rows_embedded) == (0, 0)
+    assert len(catalog.silver_commits(root, REFERENCE)) == 1 and read_silver(root, REFERENCE).equals(table)
 
 
 def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):

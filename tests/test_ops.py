@@ -135,7 +135,7 @@ def _actor_classes(dashboard: str, token: str) -> set[str]:
 def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(ingested, root)
-    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--pretrained", "none"]
+    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--pretrained", "reference"]
     cmd += ["--actors", "1", "--batch-size", "2", "--dashboard", "--json", "--no-captions"]
     # Ray's token authentication guards the dashboard: give the cluster a token this test knows.
     token = secrets.token_hex(32)
