@@ -98,6 +98,15 @@ def test_where_clip_score_filters_on_every_route(gold_store, searcher, capsys):
     assert {r["media_id"] for r in api.json()["results"]} == kept
     over = searcher.find([[Term("text", QUERY)]], SearchOptions(k=len(mapping), where=where, over="captions"))[0]
     assert {r.media_id for r in over} == kept
+    # The caption index over HTTP, GET and POST: the same (image, caption) results as Python.
+    client = TestClient(create_app(gold_store[0]))
+    get = client.get("/api/search", params={"q": QUERY, "k": 100, "where": where, "over": "captions"})
+    body = {"terms": [{"text": QUERY}], "k": 100, "where": where, "over": "captions"}
+    post = client.post("/api/search", json=body)
+    for answer in (get, post):
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert [(r["media_id"], r["caption_row"]) for r in results] == [(r.media_id, r.caption_row) for r in over]
     code = cli("search", "--data-dir", str(gold_store[0]), "--q", QUERY, "--where", where, "--over", "captions",
                "--k", "100", "--json")  # fmt: skip
     shown = json.loads(capsys.readouterr().out)
