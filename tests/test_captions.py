@@ -4,7 +4,6 @@ silver, `--where clip_score` on every search route, and the build's caption inde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from conftest import cli, read_silver
 from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
-from test_clip_back import CLIP_RETRIEVAL, MODEL_VERSION, NOT_FETCHED, live  # noqa: F401 - `live` is a fixture
+from test_clip_back import MODEL_VERSION, clip_client_module, live  # noqa: F401 - `live` is a fixture
 
 from rayclip import model, pipeline
 from rayclip.cli import build_parser
@@ -117,12 +116,7 @@ def test_where_clip_score_filters_on_every_route(gold_store, searcher, capsys):
 def test_the_caption_index_answers_modality_text_through_clip_client(live, gold_store, searcher):  # noqa: F811
     """clip-retrieval 2.45's own ClipClient with Modality.TEXT: the caption found first is the query's
     own text (cosine 1), and the results are the images that carry it, then the next captions'."""
-    path = CLIP_RETRIEVAL / "clip_retrieval" / "clip_client.py"
-    if not path.exists():
-        pytest.skip(NOT_FETCHED)
-    spec = importlib.util.spec_from_file_location("clip_client_2_45", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = clip_client_module()
     clip = module.ClipClient(
         url=f"{live[0]}/knn-service", indice_name=MODEL_VERSION, modality=module.Modality.TEXT, num_images=10,
         deduplicate=False,

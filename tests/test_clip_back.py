@@ -547,13 +547,19 @@ def live(gold_store):
     thread.join(timeout=10)
 
 
-def test_clip_retrieval_client_queries_rayclip(live, client):
+def clip_client_module():
+    """clip-retrieval 2.45's clip_client.py, loaded from the unpacked wheel (skips when it was not fetched)."""
     path = CLIP_RETRIEVAL / "clip_retrieval" / "clip_client.py"
     if not path.exists():
         pytest.skip(NOT_FETCHED)
     spec = importlib.util.spec_from_file_location("clip_client_2_45", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_retrieval_client_queries_rayclip(live, client):
+    module = clip_client_module()
     back, _ = live
     clip = module.ClipClient(url=f"{back}/knn-service", indice_name=MODEL_VERSION, num_images=10)
     got = clip.query(text="a large red circle")
