@@ -115,7 +115,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert (second.rows_planned, second.rows_embedded, second.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 12, 2)
     assert second.partition.endswith("dt=2026-01-02")
     assert sorted(second.failed_ids, key=lambda f: f["media_id"]) == sorted(
-        [{"media_id": r["media_id"], "reason": embed.CHANGED_OBJECT} for r in (rotten, swapped)],
+        [{"media_id": r["media_id"], "reason": catalog.CHANGED_OBJECT} for r in (rotten, swapped)],
         key=lambda f: f["media_id"],
     )
     assert len(list((store / second.partition).glob("*.parquet"))) >= 1

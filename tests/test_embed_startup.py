@@ -52,7 +52,7 @@ def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_st
     vectors = {}
     for where, run in runs.items():
         assert run.decode == where and run.rows_failed == 1
-        assert run.failed_ids == [{"media_id": rotten["media_id"], "reason": embed.CHANGED_OBJECT}]
+        assert run.failed_ids == [{"media_id": rotten["media_id"], "reason": catalog.CHANGED_OBJECT}]
         table = read_silver(store, run.model_version)
         vectors[where] = dict(zip(table.column("media_id").to_pylist(), table.column("embedding").to_pylist()))
         recorded = json.loads(layout.embed_run_record(store, run.run_id).read_text())

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import hashlib
 import io
 import json
 import math
@@ -264,12 +263,9 @@ WRITERS = {"webdataset": _TarShards, "parquet": _ParquetShards, "folder": _Folde
 
 
 def _read_object(root: Location, row: dict) -> bytes | str:
-    """A row's stored bytes, or why they cannot be exported (the name the embed stage gives them too)."""
-    try:
-        data = storage.read_bytes(root / row["path"])
-    except FileNotFoundError:
-        return "object missing"
-    return data if hashlib.sha256(data).hexdigest() == row["media_id"] else "object changed since ingest"
+    """A row's stored bytes, or why they cannot be exported (catalog.read_object's reasons, as embed's)."""
+    data, why = catalog.read_object(root, row["path"], row["media_id"])
+    return data if why is None else why
 
 
 # ---------------------------------------------------------------- the command

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import io
 import os
 import re
@@ -271,20 +270,6 @@ class RunStats:
         return sum(self.rows_by_worker.values()) + len(self.failures)
 
 
-CHANGED_OBJECT = "object changed since ingest"  # its bytes no longer hash to its media_id
-OBJECT_READS = 2  # a short or wrong read from a store is read once more before the row fails
-
-
-def _object_bytes(loc, media_id: str) -> bytes | None:
-    """A bronze object's bytes, only when they hash to its media_id (the name *is* the content's
-    hash, so no short, empty or rotten read is ever embedded); None when they never do."""
-    for _ in range(OBJECT_READS):
-        data = storage.read_bytes(loc)
-        if hashlib.sha256(data).hexdigest() == media_id:
-            return data
-    return None
-
-
 class Decoder:
     """(media_id, path) rows → the model's uint8 input pixels: read from the store (only bytes that hash
     to their media_id), decode (rayclip.images, the one decode path), resize and crop (the model's
@@ -328,11 +313,8 @@ class Decoder:
 
     def _read(self, row: tuple[str, str]) -> tuple[str, bytes | None, str | None]:
         media_id, path = row
-        try:
-            data = _object_bytes(self._root / path, media_id)  # a store that gives up fails the job (StoreError)
-        except FileNotFoundError:
-            return media_id, None, "missing object"
-        return (media_id, data, None) if data is not None else (media_id, None, CHANGED_OBJECT)
+        data, why = catalog.read_object(self._root, path, media_id)  # a store that gives up fails the job
+        return media_id, data, why
 
     def _decoded(self, read: tuple[str, bytes | None, str | None]) -> tuple[str, object, str | None]:
         media_id, data, why = read

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -304,3 +305,24 @@ def run_records(root: Location) -> list[tuple[str, Location, dict]]:
     for stage, folder in (("ingest", layout.ingest_runs_dir(root)), ("embed", layout.embed_runs_dir(root))):
         records += [(stage, path, storage.read_json(path)) for path in storage.glob(folder, layout.RUN_RECORDS)]
     return records
+
+
+# ---------------------------------------------------------------- bronze objects
+
+MISSING_OBJECT = "missing object"  # the manifest names it, the store does not hold it
+CHANGED_OBJECT = "object changed since ingest"  # its bytes no longer hash to its media_id
+OBJECT_READS = 2  # a short or wrong read from a store is read once more before the row fails
+
+
+def read_object(root: storage.Location, path: str, media_id: str) -> tuple[bytes | None, str | None]:
+    """A bronze object's bytes, only when they hash to its media_id (the name *is* the content's hash,
+    so no short, empty or rotten read is ever used): (bytes, None), or (None, why not). A store that
+    gives up raises StoreError."""
+    try:
+        for _ in range(OBJECT_READS):
+            data = storage.read_bytes(root / path)
+            if hashlib.sha256(data).hexdigest() == media_id:
+                return data, None
+    except FileNotFoundError:
+        return None, MISSING_OBJECT
+    return None, CHANGED_OBJECT
