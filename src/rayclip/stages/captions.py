@@ -119,11 +119,6 @@ def plan(root: Location, model_version: str, force: bool = False) -> tuple[pa.Ta
     return pairs.sort_by([("media_id", "ascending"), ("caption_id", "ascending")]), captions.sort_by("caption_id")
 
 
-def _matrix(table: pa.Table) -> np.ndarray:
-    column = table["embedding"].combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
-
-
 def score(root: Location, model_version: str, pairs: pa.Table) -> pa.Table:
     """clip_score of each pair: the dot product of its stored image and caption vectors (cosine)."""
     images = catalog.silver_latest(
@@ -140,7 +135,9 @@ def score(root: Location, model_version: str, pairs: pa.Table) -> pa.Table:
     )
     image_rows = pc.index_in(pairs["media_id"], value_set=images["media_id"]).to_numpy()
     caption_rows = pc.index_in(pairs["caption_id"], value_set=captions["caption_id"]).to_numpy()
-    scores = np.einsum("ij,ij->i", _matrix(images)[image_rows], _matrix(captions)[caption_rows])
+    scores = np.einsum(
+        "ij,ij->i", catalog.vector_matrix(images)[image_rows], catalog.vector_matrix(captions)[caption_rows]
+    )
     now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
     return pairs.append_column("clip_score", pa.array(scores, pa.float32())).append_column(
         "scored_at", pa.array([now.as_py()] * pairs.num_rows, now.type)

@@ -92,10 +92,7 @@ def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
 
 
 def _vectors(f: Location, rows: np.ndarray) -> np.ndarray:
-    column = catalog.read_parquet(f, ["embedding"]).column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[rows]
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    return np.ascontiguousarray(catalog.vector_matrix(catalog.read_parquet(f, ["embedding"]))[rows])
 
 
 def _check_vectors(vectors: np.ndarray, f: Location) -> None:
@@ -207,8 +204,7 @@ def _caption_index(root: Location, model_version: str, mapping: pa.Table, scores
     )
     rows = stored  # sorted by caption_id; a join cannot carry the vectors along (pyarrow: no fixed_size_list)
     carried = carriers["faiss_id_list"].take(pc.index_in(rows["caption_id"], value_set=carriers["caption_id"]))
-    column = rows["embedding"].combine_chunks()
-    vectors = np.ascontiguousarray(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size))
+    vectors = catalog.vector_matrix(rows)
     _check_vectors(vectors, layout.silver_table_dir(root, layout.CAPTIONS))
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)

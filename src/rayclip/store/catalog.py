@@ -307,6 +307,14 @@ def run_records(root: Location) -> list[tuple[str, Location, dict]]:
     return records
 
 
+def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A silver table's fixed-size-list vectors as one contiguous float32 (rows, dim) matrix."""
+    vectors = table[column].combine_chunks()
+    return np.ascontiguousarray(
+        vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, vectors.type.list_size), dtype=np.float32
+    )
+
+
 # ---------------------------------------------------------------- bronze objects
 
 MISSING_OBJECT = "missing object"  # the manifest names it, the store does not hold it
