@@ -613,7 +613,7 @@ def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport, numbe
     part = pa.BufferOutputStream()
     pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
     data = memoryview(part.getvalue())
-    faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
+    faults.point("ingest.manifest_commit")  # a shard's objects stored, its part not yet written
     storage.write_atomic(layout.manifest_part(root, report.run_id, number, len(data)), data)
     return True
 
