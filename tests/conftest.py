@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import http.server
 import logging
 import os
+import pickle
 import shutil
 import socket
 import struct
@@ -16,6 +18,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -273,18 +276,43 @@ def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gold_store(ingested, ray_session, tmp_path_factory):
-    """ingest → embed images and captions (reference model, real Ray) → index, with its caption
-    index: (data root, BuildReport). Read-only."""
-    from rayclip import model
-    from rayclip.stages import captions, embed, index
+def run_dir(tmp_path_factory, worker_id) -> Path:
+    """A folder every xdist worker of this run shares (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
 
-    root = tmp_path_factory.mktemp("gold") / "data"
-    shutil.copytree(ingested, root)
-    spec = model.resolve(None, "reference")
-    embed.embed(root, spec, actors=1, batch_size=8)
-    captions.embed_captions(root, spec, batch_size=8)
-    return root, index.build(root)
+
+def built_once(run_dir: Path, name: str, build: Callable[[Path], object]) -> object:
+    """build(folder) by the first worker of the run that asks; its result, pickled, for every worker
+    (the others wait on the lock until it is there)."""
+    result = run_dir / f"{name}.pickle"
+    with open(run_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder = run_dir / name
+            folder.mkdir()
+            result.write_bytes(pickle.dumps(build(folder)))
+    return pickle.loads(result.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def gold_store(request, run_dir):
+    """ingest → embed images and captions (reference model, real Ray) → index, with its caption
+    index: (data root, BuildReport). Read-only; built once per run, whatever the workers."""
+
+    def build(folder: Path) -> tuple[Path, object]:
+        from rayclip import model
+        from rayclip.stages import captions, embed, index
+
+        request.getfixturevalue("ray_session")
+        root = folder / "data"
+        shutil.copytree(request.getfixturevalue("ingested"), root)
+        spec = model.resolve(None, "reference")
+        embed.embed(root, spec, actors=1, batch_size=8)
+        captions.embed_captions(root, spec, batch_size=8)
+        return root, index.build(root)
+
+    return built_once(run_dir, "gold", build)
 
 
 @contextlib.contextmanager

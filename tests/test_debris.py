@@ -22,7 +22,7 @@ KILLED_WRITER = """
 import os, signal, sys
 from rayclip.store import layout, storage
 root, run_id = storage.data_root(sys.argv[1]), sys.argv[2]
-with storage.open_output(layout.manifest_part(root, run_id, 4096)) as part:
+with storage.open_output(layout.manifest_part(root, run_id, 0, 4096)) as part:
     with storage.open_output(layout.ingest_run_record(root, run_id)) as record:
         part.write(b"PAR1 half a row group")
         record.write(b'{"run_id": "' + run_id.encode())
@@ -46,7 +46,7 @@ def test_a_killed_writers_temporaries_are_unseen_and_swept_once_stale(ingested, 
     run_id = layout.new_run_id()
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root), run_id], env=os.environ)
     assert killed.returncode == -signal.SIGKILL
-    [part_temp] = layout.manifest_dir(root).glob(f".part-{run_id}.4096B.parquet.*.tmp")
+    [part_temp] = layout.manifest_dir(root).glob(f".{layout.manifest_part(root, run_id, 0, 4096).name}.*.tmp")
     [record_temp] = layout.ingest_runs_dir(root).glob(f".{run_id}.json.*.tmp")
 
     # No reader sees either: the manifest and the run records read as before.

@@ -123,17 +123,6 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert rotten["media_id"] not in embedded and swapped["media_id"] not in embedded
 
 
-def test_joins_the_cluster_named_by_ray_address(store, ray_session):
-    """The same command, unchanged, runs on an existing cluster: here the test session's own."""
-    address = ray_session.get_runtime_context().gcs_address
-    env = os.environ | {"RAY_ADDRESS": address}
-    cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference"]
-    done = subprocess.run(cmd + ["--no-captions"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    run = json.loads(next(layout.embed_runs_dir(store).glob("*.json")).read_text())
-    assert run["cluster"] == address and run["rows_embedded"] == GOOD_IMAGES
-
-
 def test_missing_weights_fail_fast_with_one_line(store, tmp_path):
     """Offline (HF_HUB_OFFLINE) with an empty Hugging Face cache, whatever this host has cached or reaches."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}

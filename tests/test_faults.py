@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
 
-from rayclip import Searcher, faults, model
-from rayclip.stages import embed, index
+from rayclip import Searcher, faults
+from rayclip.stages import index
 from rayclip.store import catalog, layout
 
 REFERENCE = "clip_rayclip_ref_reference"
@@ -112,11 +112,17 @@ def silver_rows(root: Path) -> pa.Table:
 @pytest.mark.timeout(900)  # two embed runs and a subprocess start under load
 def test_embed_driver_killed_while_ray_writes(store, ray_session, capsys):
     """No named point can stop the driver inside Ray's write, so the test kills it from outside as
-    soon as the first file lands, and checks that the run had not finished."""
+    soon as the first file lands, and checks that the run had not finished. Both runs are the CLI on
+    the cluster $RAY_ADDRESS names (the session's own): the same command, unchanged, joins a cluster."""
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store), "--pretrained", "reference"]
-    cmd += ["--actors", "1", "--batch-size", "1", "--blocks", str(GOOD_IMAGES)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += ["--actors", "1"]
+    proc = subprocess.Popen(
+        cmd + ["--batch-size", "1", "--blocks", str(GOOD_IMAGES)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not list(store.glob("silver/**/*.parquet")):
         time.sleep(0.005)
@@ -128,8 +134,13 @@ def test_embed_driver_killed_while_ray_writes(store, ray_session, capsys):
     assert list(store.glob("silver/embeddings/*/dt=*/*.parquet")), "killed before Ray wrote anything"
     assert status(store, capsys)["debris"]  # the dead run's files and work folder
 
-    rerun = embed.embed(store, model.resolve(None, "reference"), actors=1, batch_size=8)
-    assert rerun.rows_embedded == GOOD_IMAGES and silver_rows(store).num_rows == GOOD_IMAGES
+    done = subprocess.run(
+        cmd + ["--batch-size", "8", "--no-captions"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [run] = [json.loads(p.read_text()) for p in layout.embed_runs_dir(store).glob("*.json")]
+    assert run["cluster"] == env["RAY_ADDRESS"] and run["rows_embedded"] == GOOD_IMAGES
+    assert silver_rows(store).num_rows == GOOD_IMAGES
     assert status(store, capsys)["debris"] == []
 
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cli, held_out_site, read_silver, run_ingest
+from conftest import held_out_site, read_silver, run_ingest
 
 from rayclip import Searcher, UserError, model
 from rayclip.eval import recall
@@ -26,32 +26,6 @@ def silver_vectors(root, model_version: str) -> dict[str, np.ndarray]:
 def run_record(root, model_version: str) -> dict:
     runs = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
     return next(r for r in runs if r["model_version"] == model_version and r["rows_embedded"])
-
-
-def test_bf16_silver_vectors_match_fp32_for_the_same_bytes_and_say_so(store, ray_session):
-    for precision in ("fp32", "bf16"):
-        rc = cli(
-            "embed", "--data-dir", str(store), "--pretrained", "reference",
-            "--precision", precision, "--model-version", f"ref_{precision}",
-        )  # fmt: skip
-        assert rc == 0
-    fp32, bf16 = silver_vectors(store, "ref_fp32"), silver_vectors(store, "ref_bf16")
-    assert sorted(fp32) == sorted(bf16) and len(fp32) > 20
-    a = np.stack([fp32[m] for m in sorted(fp32)])
-    b = np.stack([bf16[m] for m in sorted(fp32)])
-    assert a.dtype == b.dtype == np.float32
-    assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)  # float32, L2-normalised at any precision
-    cosines = np.sum(a * b, axis=1)
-    assert cosines.min() >= 0.999
-    assert np.abs(a - b).max() > 1e-4  # bf16 really ran: the vectors are close, not identical
-
-    for precision in ("fp32", "bf16"):
-        mv = f"ref_{precision}"
-        assert run_record(store, mv)["precision"] == precision
-        assert json.loads(layout.silver_model_file(store, mv).read_text())["precision"] == precision
-        report = index.build(store, mv)
-        build = json.loads((layout.build_dir(store, mv, report.build_id) / "build.json").read_text())
-        assert build["model"]["precision"] == precision
 
 
 def test_auto_precision_follows_the_cpu_flags(monkeypatch):
@@ -91,18 +65,32 @@ def held_out(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two embeds, two builds and two evals of 300 images
-def test_reference_recall_at_bf16_is_within_a_point_of_fp32(held_out, ray_session):
+def test_bf16_vectors_match_fp32_say_so_and_keep_recall_within_a_point(held_out, ray_session):
     metadata, root = held_out
     run_ingest(root, metadata)
     measured = {}
     for precision in ("fp32", "bf16"):
         spec = dataclasses.replace(model.resolve(None, model.REFERENCE_ALIAS), version=f"ref_{precision}")
         embed(root, spec, precision=precision)
-        index.build(root, spec.model_version)
+        build = index.build(root, spec.model_version)
+        # The precision is recorded where the vectors are: run record, silver's model file, the build.
+        assert run_record(root, spec.model_version)["precision"] == precision
+        assert json.loads(layout.silver_model_file(root, spec.model_version).read_text())["precision"] == precision
+        build_json = layout.build_dir(root, spec.model_version, build.build_id) / "build.json"
+        assert json.loads(build_json.read_text())["model"]["precision"] == precision
         searcher = Searcher.open(root, spec.model_version, threads=2, precision=precision)
         assert searcher.model.precision == precision
         report = recall.evaluate(searcher)
         measured[precision] = {"t2i": report.text_to_image, "i2t": report.image_to_text}
+
+    fp32, bf16 = silver_vectors(root, "ref_fp32"), silver_vectors(root, "ref_bf16")
+    assert sorted(fp32) == sorted(bf16) and len(fp32) == 300
+    a, b = (np.stack([vectors[m] for m in sorted(fp32)]) for vectors in (fp32, bf16))
+    assert a.dtype == b.dtype == np.float32
+    assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)  # float32, L2-normalised at any precision
+    assert np.sum(a * b, axis=1).min() >= 0.999
+    assert np.abs(a - b).max() > 1e-4  # bf16 really ran: the vectors are close, not identical
+
     fp32, bf16 = measured["fp32"], measured["bf16"]
     assert fp32["t2i"][5] >= 0.9, measured  # the bar the reference model clears (test_eval)
     assert abs(bf16["t2i"][5] - fp32["t2i"][5]) <= 0.01, measured

@@ -95,7 +95,7 @@ def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
     write_manifest(root, ids, seed=len(prefix))
     data = storage.read_bytes(legacy)
     storage.delete(legacy)
-    storage.write_atomic(layout.manifest_part(root, layout.new_run_id(), len(data)), data)
+    storage.write_atomic(layout.manifest_part(root, layout.new_run_id(), 0, len(data)), data)
     return ids
 
 

@@ -10,8 +10,9 @@ both. Order of commits, so that a run killed at any point leaves nothing half-wr
 2. while img2dataset downloads the next shards, each finished shard's images are checked (they
    decode), hashed and put at bronze/objects/<aa>/<sha256>.<ext> unless already there, on a pool of
    threads (one whole write each: content-addressed, so a present key holds these very bytes);
-3. the new manifest rows are written as ONE object bronze/manifest/part-<run_id>.<bytes>B.parquet, after
-   every object they name is stored (the commit: readers list only committed parts);
+3. each finished shard's new manifest rows are written as ONE object
+   bronze/manifest/part-<run_id>-<n>.<bytes>B.parquet, after every object they name is stored (the
+   commit: readers list only committed parts; a killed run keeps the shards it finished);
 4. the run summary is written to bronze/runs/<run_id>.json.
 A rerun finds the objects already stored and adds the manifest rows that are still missing.
 
@@ -61,6 +62,7 @@ SHARDS_PER_WORKER = 8
 # bytes are; with disable_all_reencoding they are the originals).
 BYTES_COLUMNS = ("jpg", "png", "webp")
 CHECK_BATCH = 256  # rows of a shard in memory at once while their images are checked
+PART_ROWS = 10_000  # a folder's manifest rows held before they are committed as a part (a shard's, at most)
 MANIFEST_ROW_GROUP = 8_192  # a manifest part's streaming readers (export) decode one row group at a time
 # Why a sample of a shard never reached the image check.
 NO_IMAGE = "no image member"  # a sample (files sharing a key) without an image file
@@ -445,7 +447,7 @@ def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | 
                     )
 
 
-def _img2dataset_shards(folder: Location) -> list[tuple[str, Callable[[], Iterator[Candidate | str]]]]:
+def _img2dataset_shards(folder: Location) -> list[Callable[[], Iterator[Candidate | str]]]:
     """The shards of an img2dataset output folder, whatever its output_format: NNNNN.tar (webdataset),
     NNNNN/ (files) or NNNNN.parquet alone (parquet); beside a tar or a folder, NNNNN.parquet lists
     the rows img2dataset failed on, counted by the same reasons as a download here."""
@@ -460,12 +462,12 @@ def _img2dataset_shards(folder: Location) -> list[tuple[str, Callable[[], Iterat
         elif not ext and storage.is_dir(child):
             body = functools.partial(_files_samples, child)
         elif ext == "parquet" and {f"{stem}.tar", stem}.isdisjoint(names):
-            shards.append((child.name, functools.partial(_parquet_samples, child, check_hash=False)))
+            shards.append(functools.partial(_parquet_samples, child, check_hash=False))
             continue
         else:
             continue
         failures = (functools.partial(_failures, sidecar),) if sidecar.name in names else ()
-        shards.append((child.name, _chained(*failures, body)))
+        shards.append(_chained(*failures, body))
     if not shards:
         raise UserError(f"no img2dataset shards (NNNNN.tar, NNNNN/ or NNNNN.parquet) under {folder}")
     return shards
@@ -489,13 +491,15 @@ class _Admitter:
     def __init__(self, root: Location, report: IngestReport, max_pixels: int, progress: Progress | None) -> None:
         self.root, self.report, self.max_pixels, self.progress = root, report, max_pixels, progress
         self.failed: Counter = Counter()
-        # Manifest rows by shard, joined in shard order at the end; as Arrow batches, a few hundred
-        # bytes a row rather than a dict's kilobyte (a million-row run holds them all until its commit).
-        self.rows: dict[str, list[pa.RecordBatch]] = {}
+        # The manifest rows not yet committed: one shard's at most, so memory does not grow with the run.
+        self.pending: list[pa.RecordBatch] = []
+        self.parts = 0  # manifest parts this run committed
         self.rows_seen = 0  # rows of finished shards (the download's progress)
         self.total = 0  # rows to admit, once known (the store step's progress)
         self.rows_done = 0
-        self.claimed: set[str] = set()  # media_ids this run stores: a second URL of the same bytes is a duplicate
+        # media_ids stored since the last part: a second URL of the same bytes is a duplicate (across
+        # parts, the store's put_if_absent finds the object and says the same)
+        self.claimed: set[str] = set()
         self.lock = threading.Lock()
         self.now = dt.datetime.now(dt.timezone.utc)
         self.pool = ThreadPoolExecutor(thread_name_prefix="rayclip-admit")
@@ -508,18 +512,24 @@ class _Admitter:
         if self.progress and self.rows_done and exc[0] is None:
             self.progress(self.rows_done, self.rows_done)
 
-    def manifest_rows(self) -> pa.Table:
-        batches = [batch for shard in sorted(self.rows) for batch in self.rows[shard]]
-        return pa.Table.from_batches(batches, schema=catalog.MANIFEST_SCHEMA)
+    def commit(self) -> None:
+        """The pending manifest rows, committed as the run's next part (every object they name is stored)."""
+        if not self.pending:
+            return
+        rows = pa.Table.from_batches(self.pending, schema=catalog.MANIFEST_SCHEMA)
+        if _commit_manifest(self.root, rows, self.report, self.parts):
+            self.parts += 1
+        self.pending, self.claimed = [], set()
 
     def admit_shard(self, shard: Location) -> None:
         """One finished img2dataset shard: its failures counted by reason, its successes admitted."""
         with storage.open_input(shard) as f:
             self.rows_seen += pq.ParquetFile(f).metadata.num_rows
-        self.admit_samples(shard.name, _parquet_samples(shard, check_hash=True))
+        self.admit_samples(_parquet_samples(shard, check_hash=True))
 
-    def admit_samples(self, key: str, samples: Iterable[Candidate | str]) -> None:
-        """Samples in their order: a Candidate is admitted (CHECK_BATCH at a time), a reason counted as a failure."""
+    def admit_samples(self, samples: Iterable[Candidate | str]) -> None:
+        """One shard's samples in their order: a Candidate is admitted (CHECK_BATCH at a time), a reason
+        counted as a failure; then the shard's manifest rows are committed."""
         batch: list[Candidate] = []
         for sample in samples:
             if isinstance(sample, str):
@@ -528,12 +538,14 @@ class _Admitter:
                 continue
             batch.append(sample)
             if len(batch) == CHECK_BATCH:
-                self.admit(key, batch)
+                self.admit(batch)
                 batch = []
-        self.admit(key, batch)
+        self.admit(batch)
+        self.commit()
 
-    def admit(self, key: str, candidates: list[Candidate]) -> None:
-        batches = self.rows.setdefault(key, [])
+    def admit(self, candidates: list[Candidate]) -> None:
+        """Check, hash and store the candidates; their manifest rows wait for the next part (committed
+        here once PART_ROWS are pending: a folder is one long shard)."""
         for start in range(0, len(candidates), CHECK_BATCH):  # a batch's futures in memory at once
             rows = []
             for outcome in self.pool.map(self._admit_one, candidates[start : start + CHECK_BATCH]):
@@ -547,7 +559,9 @@ class _Admitter:
                 self.report.stored += outcome.stored
                 self.report.duplicates += not outcome.stored
                 rows.append(outcome.row)
-            batches.append(pa.RecordBatch.from_pylist(rows, schema=catalog.MANIFEST_SCHEMA))
+            self.pending.append(pa.RecordBatch.from_pylist(rows, schema=catalog.MANIFEST_SCHEMA))
+            if sum(batch.num_rows for batch in self.pending) >= PART_ROWS:
+                self.commit()
 
     def _admit_one(self, candidate: Candidate) -> Admitted:
         try:
@@ -584,23 +598,35 @@ class _Admitter:
         return Admitted(row, None, stored)
 
 
-def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport) -> None:
-    """Append rows for (media_id, url) pairs not yet in the manifest, as one part written whole."""
-    # In Arrow rather than a Python set of pairs: at a million rows, their bytes instead of a kilobyte of objects each.
-    known = _pairs(catalog.read_manifest(root, ["media_id", "url"]))
+def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport, number: int) -> bool:
+    """Append rows for (media_id, url) pairs not yet in the manifest as the run's part `number`,
+    written whole; False when every pair was known (no part)."""
+    known = _known_pairs(root, rows.column("media_id"))
     numbered = rows.append_column("row", pa.array(range(rows.num_rows), pa.int64()))
     firsts = numbered.group_by(["media_id", "url"], use_threads=False).aggregate([("row", "min")])
     first = pc.is_in(numbered.column("row"), value_set=firsts.column("row_min"))
     fresh = rows.filter(pc.and_(first, pc.invert(pc.is_in(_pairs(rows), value_set=known))))
     report.already_in_manifest += rows.num_rows - fresh.num_rows
-    report.manifest_rows_added = fresh.num_rows
+    report.manifest_rows_added += fresh.num_rows
     if not fresh.num_rows:
-        return
+        return False
     part = pa.BufferOutputStream()
     pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
     data = memoryview(part.getvalue())
-    faults.point("ingest.manifest_commit")  # every object stored, the part not yet written
-    storage.write_atomic(layout.manifest_part(root, report.run_id, len(data)), data)
+    faults.point("ingest.manifest_commit")  # a shard's objects stored, its part not yet written
+    storage.write_atomic(layout.manifest_part(root, report.run_id, number, len(data)), data)
+    return True
+
+
+def _known_pairs(root: Location, media_ids: pa.ChunkedArray) -> pa.Array:
+    """The manifest's (media_id, url) pairs for these media_ids, read a batch at a time: memory follows
+    the part being committed, not the manifest (which this run's earlier parts are in)."""
+    wanted = media_ids.unique()
+    pairs = [
+        _pairs(batch.filter(pc.is_in(batch.column("media_id"), value_set=wanted)))
+        for batch in catalog.iter_manifest(root, ["media_id", "url"])
+    ]
+    return pa.chunked_array(pairs, pa.string()).combine_chunks()
 
 
 def _pairs(table: pa.Table) -> pa.ChunkedArray:
@@ -616,7 +642,7 @@ def _known_urls(root: Location, table: pa.Table) -> pa.Array:
 
 def _finish(root: Location, admitter: _Admitter, report: IngestReport, started: float) -> IngestReport:
     report.failed = dict(admitter.failed.most_common())
-    _commit_manifest(root, admitter.manifest_rows(), report)
+    admitter.commit()  # what a folder left pending
     report.wall_s = round(time.monotonic() - started, 3)
     storage.write_json_atomic(layout.ingest_run_record(root, report.run_id), report.to_dict())
     return report
@@ -700,7 +726,7 @@ def ingest_folder(
     report = IngestReport(run_id=layout.new_run_id(), source=f"folder:{source.name}", rows_read=len(candidates))
     with _Admitter(root, report, max_pixels, store_progress) as admitter:
         admitter.total = len(candidates)
-        admitter.admit(source.name, candidates)
+        admitter.admit(candidates)
     return _finish(root, admitter, report, started)
 
 
@@ -717,7 +743,7 @@ def ingest_webdataset(
     progress(done, total) counts shards."""
     patterns = [pattern] if isinstance(pattern, str) else pattern
     tars = [tar for each in patterns for tar in shard_locations(each)]
-    shards = [(tar.name, functools.partial(_tar_samples, tar)) for tar in tars]
+    shards = [functools.partial(_tar_samples, tar) for tar in tars]
     return _ingest_shards(root, f"webdataset:{patterns[0].rpartition('/')[2]}", shards, limit, max_pixels, progress)
 
 
@@ -740,7 +766,7 @@ def ingest_img2dataset_output(
 def _ingest_shards(
     root: Location | str,
     source: str,
-    shards: list[tuple[str, Callable[[], Iterator[Candidate | str]]]],
+    shards: list[Callable[[], Iterator[Candidate | str]]],
     limit: int | None,
     max_pixels: int,
     progress: Progress | None,
@@ -749,13 +775,13 @@ def _ingest_shards(
     started, root = time.monotonic(), storage.data_root(root)
     report = IngestReport(run_id=layout.new_run_id(), source=source)
     with _Admitter(root, report, max_pixels, None) as admitter:
-        for done, (name, samples) in enumerate(shards):
+        for done, samples in enumerate(shards):
             if progress:
                 progress(done, len(shards))
             left = None if limit is None else limit - report.rows_read
             if left == 0:
                 break
-            admitter.admit_samples(name, _counted(itertools.islice(samples(), left), report))
+            admitter.admit_samples(_counted(itertools.islice(samples(), left), report))
         if progress:
             progress(len(shards), len(shards))
     return _finish(root, admitter, report, started)

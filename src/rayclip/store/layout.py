@@ -38,10 +38,10 @@ def manifest_dir(root: Location) -> Location:
     return root / "bronze" / "manifest"
 
 
-def manifest_part(root: Location, run_id: str, size: int) -> Location:
-    """The one manifest object an ingest run commits; its name records its size (the part is its own
-    commit, so the name is the only record a reader lists with it)."""
-    return manifest_dir(root) / f"part-{run_id}.{size}B.parquet"
+def manifest_part(root: Location, run_id: str, number: int, size: int) -> Location:
+    """An ingest run's `number`th manifest object (one per finished shard); its name records its size
+    (the part is its own commit, so the name is the only record a reader lists with it)."""
+    return manifest_dir(root) / f"part-{run_id}-{number:05d}.{size}B.parquet"
 
 
 MANIFEST_PARTS = "part-*.parquet"  # under manifest_dir; the parts of every version
