@@ -24,7 +24,8 @@ For each embed run: the whole command's images/s, the run record's, the steady r
 by phase (the run record's startup_breakdown) with the seconds before and after the run, the
 ratios run / steady, whole command / steady and steady / ceiling, and the GPU's utilisation (or
 "no GPU"), and its startup_s over the floor (f); then each run over (a), (b) and (p) where they ran.
-The default (1,024 images, parts fade) takes about four minutes on a quiet 2-core machine.
+The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
+(parts ade took 3 min 23 s there; (f) adds about ten seconds).
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
