@@ -1,12 +1,16 @@
 """Embedding throughput and start-up: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
 
-    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts ade] [--gpus-per-actor 0]
+    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts fade] [--gpus-per-actor 0]
 
 ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-sized JPEGs
 (256–640 px, photo-like noise so they compress like photos). Prints first the machine's ceiling: GEMM
 GFLOP/s at fp32 and at the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop
 counter), the compute limit that gives, each image's decode + preprocess on one core, and the
 ceiling once that decode is spread over the cores. Then, as `--parts` asks:
+  (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
+      empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
+      workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
+      loads first) and torch and open_clip, the phases no cold run skips;
   (p) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image) in one process
       with all cores as torch threads;
   (a) the same on the whole machine, one process per core, 1 thread each (the baseline);
@@ -19,8 +23,9 @@ ceiling once that decode is spread over the cores. Then, as `--parts` asks:
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
 by phase (the run record's startup_breakdown) with the seconds before and after the run, the
 ratios run / steady, whole command / steady and steady / ceiling, and the GPU's utilisation (or
-"no GPU"); then each run over (a), (b) and (p) where they ran. The default (1,024 images, parts ade)
-should take about four minutes on a quiet 2-core machine (estimated).
+"no GPU"), and its startup_s over the floor (f); then each run over (a), (b) and (p) where they ran.
+The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
+(parts ade took 3 min 23 s there; (f) adds about ten seconds).
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
@@ -92,6 +97,52 @@ def bare_loop(paths: list[Path], batch_size: int, processes: int, threads: int, 
     for w in workers:
         w.join()
     return len(paths) / slowest
+
+
+def floor_worker(results) -> None:
+    """Ray started as `rayclip embed` starts it, then one empty actor: the phases no run can skip."""
+    import ray
+
+    from rayclip.stages.embed import init_ray
+
+    class EmptyActor:  # defined here: Ray ships a local class by value, a spawned __main__'s by name
+        def __init__(self) -> None:
+            self.entered = time.time()
+
+        def imports(self) -> tuple[float, float, float]:
+            """When __init__ ran; seconds importing what a Ray Data actor running EmbedUDF loads before
+            its __init__ (ray.data, rayclip's embed module), then what EmbedUDF imports (torch, open_clip)."""
+            started = time.perf_counter()
+            import ray.data  # noqa: F401
+
+            import rayclip.stages.embed  # noqa: F401
+
+            loaded = time.perf_counter()
+            model.import_model_libraries()
+            return self.entered, loaded - started, time.perf_counter() - loaded
+
+    started = time.perf_counter()
+    init_ray()
+    up, requested = time.perf_counter(), time.time()
+    entered, modules, imports = ray.get(ray.remote(num_cpus=0)(EmptyActor).remote().imports.remote())
+    phases = {"ray_start": up - started, "actor_process": entered - requested, "actor_modules": modules}
+    results.put(phases | {"imports": imports})
+    ray.shutdown()
+
+
+def startup_floor() -> dict[str, float]:
+    """The start-up a cold `rayclip embed` cannot go below, in a fresh process: Ray's start alone, a
+    fresh actor's process (requested → its __init__; Ray leases an actor a new worker process, never
+    one of those it prestarts for tasks), the modules a Ray Data actor loads before its __init__, and
+    the actor's imports of torch and open_clip (the run's actor_process and imports)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    worker = ctx.Process(target=floor_worker, args=(results,))
+    worker.start()
+    worker.join()
+    if results.empty():
+        sys.exit(f"the start-up floor probe exited {worker.exitcode} without a result")
+    return results.get()
 
 
 def rayclip_embed(
@@ -208,7 +259,7 @@ def flops_per_image() -> float:
     return float(counter.get_total_flops())
 
 
-def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float) -> None:
+def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float, floor: float) -> None:
     """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in."""
     steady, startup = run["steady_images_per_s"], run["startup_s"]
     print(
@@ -220,7 +271,8 @@ def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float) 
     )
     phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in run["startup_breakdown"].items())
     outside = f"{around['before']:.2f} s before, {around['after']:.2f} s after"
-    print(f"    start-up: {phases} (s); outside the run: {outside}")
+    over_floor = f"; startup_s / floor = {startup / floor:.2f}" if floor else ""
+    print(f"    start-up: {phases} (s); outside the run: {outside}{over_floor}")
     print(
         f"    run / steady = {run['images_per_s'] / steady:.2f}; whole command / steady = {whole / steady:.2f}; "
         f"steady / ceiling = {steady / ceiling:.2f}; {around['gpu']}"
@@ -233,7 +285,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run the embeds (and the bare loops) on GPUs")
     parser.add_argument(
-        "--parts", default="ade", help="which of (p), (a)-(e) and (g) to run, e.g. abcde (d/a needs a and d)"
+        "--parts", default="fade", help="which of (f), (p), (a)-(e) and (g) to run, e.g. abcde (d/a needs a and d)"
     )
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
@@ -265,6 +317,13 @@ def main() -> None:
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
         )
 
+        floor = 0.0
+        if "f" in args.parts:
+            phases = startup_floor()
+            floor = sum(phases.values())
+            shown = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in phases.items())
+            print(f"(f) start-up floor, one empty actor in a fresh process: {shown}; {floor:.2f} s before any batch")
+
         a1 = a = b = float("nan")
         if "p" in args.parts:
             a1 = bare_loop(paths, args.batch_size, 1, cpus, device, "fp32")
@@ -285,7 +344,7 @@ def main() -> None:
         for part, (label, precision, where) in commands.items():
             if part in args.parts and (part != "g" or args.gpus_per_actor):
                 whole, run, around = runs[part] = rayclip_embed(root, precision, None, args.gpus_per_actor, where)
-                show_run(label, whole, run, around, ceiling)
+                show_run(label, whole, run, around, ceiling, floor)
         for part, (whole, run, _) in runs.items():
             steady = run["steady_images_per_s"]
             ratios = [f"{part}/a = {whole / a:.2f} whole command, {steady / a:.2f} steady"]
