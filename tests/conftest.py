@@ -215,6 +215,39 @@ def read_silver(root: Path, model_version: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def open_clip_embeddings(root: Path, media_ids: list[str]):
+    """What open_clip itself says for these objects' bytes (the reference model), without any
+    rayclip code in the way but the manifest's paths."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from rayclip import model
+    from rayclip.store import catalog
+
+    open_clip.add_model_config(model.CONFIG_DIR)
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        model.REFERENCE_MODEL, pretrained=str(model.REFERENCE_WEIGHTS)
+    )
+    paths = dict(zip(*catalog.read_manifest(root, ["media_id", "path"]).to_pydict().values()))
+    pixels = torch.stack([preprocess(Image.open(root / paths[m]).convert("RGB")) for m in media_ids])
+    with torch.no_grad():
+        features = net.eval().encode_image(pixels)
+    return (features / features.norm(dim=-1, keepdim=True)).numpy()
+
+
+def assert_rows_are_open_clips(root: Path, silver: pa.Table) -> None:
+    """Each silver row's vector is open_clip's own for that row's media_id, and no other row's."""
+    import numpy as np
+
+    ids = silver.column("media_id").to_pylist()
+    ours = np.stack(silver.column("embedding").to_numpy(zero_copy_only=False))
+    cosine = ours @ open_clip_embeddings(root, ids).T
+    assert np.all(np.diag(cosine) > 0.9999)
+    # and the check can tell rows apart: no row matches another media_id that well
+    assert cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
+
+
 def cli(*args: str) -> int:
     return main(list(args))
 

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import cli, read_silver
+from conftest import assert_rows_are_open_clips, cli, read_silver
 from PIL import Image
 
 from rayclip import images, model
@@ -42,9 +42,11 @@ def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_st
     rotten = catalog.read_manifest(store, ["media_id", "path"]).to_pylist()[0]
     (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
     spec = model.resolve(None, "reference")
+    # The actor run's blocks (8 rows) are cut across by its batches (16): its rows are open_clip's own.
+    layouts = {"actor": {"batch_size": 16, "blocks": 3}, "tasks": {"batch_size": 8}}
     runs = {
-        where: embed.embed(store, spec, actors=1, batch_size=8, decode=where, save_as=f"ref_{where}")
-        for where in ("actor", "tasks")
+        where: embed.embed(store, spec, actors=1, decode=where, save_as=f"ref_{where}", **layouts[where])
+        for where in layouts
     }
     # Two operators: decode tasks feeding the actor pool (not fused into the actors)
     assert "TaskPoolMapOperator[MapBatches(decode_block)]" in runs["tasks"].physical_plan
@@ -60,6 +62,7 @@ def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_st
         assert {"plan", "ray_start", "model_build", "imports", "model_load", "first_batch"} <= set(phases)
         assert set(phases) <= set(embed.STARTUP_PHASES) and min(phases.values()) >= 0
         assert sum(phases.values()) == pytest.approx(recorded["startup_s"], abs=0.01)
+    assert_rows_are_open_clips(store, read_silver(store, runs["actor"].model_version))
     assert len(vectors["actor"]) > 20 and vectors["tasks"].keys() == vectors["actor"].keys()
     assert all(np.array_equal(vectors["tasks"][m], vectors["actor"][m]) for m in vectors["actor"])
 
