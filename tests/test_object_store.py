@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GOOD_IMAGES, cli, read_silver
+from conftest import GOOD_IMAGES, assert_rows_are_open_clips, cli, read_silver
 from conftest import S3_QUERIES as QUERIES
-from test_embed import own_embeddings
 from test_ingest_s3 import check_objects, downloads, manifest_rows, objects
 
 from rayclip import Searcher, model
@@ -95,9 +94,7 @@ def test_the_embed_on_s3_is_open_clips_committed_once_and_reruns_as_nothing(s3_p
     assert len(manifest_ids) > GOOD_IMAGES  # the same bytes under two URLs: one manifest row each
     assert len(ids) == len(set(ids)) == GOOD_IMAGES and set(ids) == set(manifest_ids)
     # The vectors are open_clip's own for the bytes (read here from the local copy of the same objects).
-    ours = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    cosine = ours @ own_embeddings(ingested, ids).T
-    assert np.all(np.diag(cosine) > 0.9999) and cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
+    assert_rows_are_open_clips(ingested, table)
     # One commit record names every file the run wrote; the run's work folder is gone.
     [record] = catalog.silver_commits(root, REFERENCE)
     written = storage.glob(layout.embeddings_dir(root), "*/dt=*/*.parquet")
