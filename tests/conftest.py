@@ -321,10 +321,8 @@ def built_once(run_dir: Path, name: str, build: Callable[[Path], object]) -> obj
     result = run_dir / f"{name}.pickle"
     with open(run_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not result.exists():
-            folder = run_dir / name
-            folder.mkdir()
-            result.write_bytes(pickle.dumps(build(folder)))
+        if not result.exists():  # a folder of its own each try: a failed build leaves its debris aside
+            result.write_bytes(pickle.dumps(build(Path(tempfile.mkdtemp(prefix=name, dir=run_dir)))))
     return pickle.loads(result.read_bytes())
 
 

@@ -121,6 +121,8 @@ def test_each_finished_shard_is_committed_so_a_run_stopped_mid_way_keeps_them(si
     shards.mkdir()
     for shard in range(3):
         samples = [(f"{shard}{i}", {"jpg": (site["folder"] / names[2 * shard + i]).read_bytes()}) for i in range(2)]
+        if shard == 2:  # the first shard's first image again, under another key: a duplicate across parts
+            samples.append(("2x", {"jpg": (site["folder"] / names[0]).read_bytes()}))
         (shards / f"{shard:05d}.tar").write_bytes(_tar(samples))
     commits = []
 
@@ -136,6 +138,10 @@ def test_each_finished_shard_is_committed_so_a_run_stopped_mid_way_keeps_them(si
 
     monkeypatch.undo()
     rerun = ingest.ingest_webdataset(tmp_path / "data", f"{shards}/*.tar")
-    assert (rerun.already_in_manifest, rerun.manifest_rows_added) == (2, 4)
+    assert (rerun.already_in_manifest, rerun.manifest_rows_added) == (2, 5)
+    # Only the third shard's two new images are stored: the rest (the stopped run stored the second
+    # shard's objects before its commit) are found in the store, the repeated image among them.
+    assert (rerun.stored, rerun.duplicates) == (2, 5)
     assert len(catalog.manifest_parts(tmp_path / "data")) == 3  # the stopped run's one, the rerun's two
-    assert catalog.read_manifest(tmp_path / "data").num_rows == 6
+    manifest = catalog.read_manifest(tmp_path / "data")
+    assert manifest.num_rows == 7 and len(set(manifest.column("media_id").to_pylist())) == 6

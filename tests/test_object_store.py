@@ -1,7 +1,7 @@
 """The whole pipeline on an S3 data root (moto's S3 API on loopback) gives what it gives locally.
 
 `rayclip ingest/embed/index/search --data-dir s3://…` (conftest's `s3_pipeline`, which throttles
-5 % of the requests) against the same loopback site as the local session store (`gold_store`): the
+5 % of the requests) on the same generated images as the local gold store (`gold_store`): the
 same media_ids, the same silver vectors, the same search results, and the server answers from S3.
 Nothing is written to the local disk but the Searcher's cache.
 """

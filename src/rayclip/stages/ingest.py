@@ -688,7 +688,7 @@ def ingest_metadata(
         report.skipped_known_urls = pc.sum(known).as_py() or 0
         fetchable = fetchable.filter(pc.invert(known))
     debris.sweep(root, debris.WORK_FOLDERS[:1])  # download folders of killed runs
-    # The run holds its work folder until its manifest part is committed.
+    # The run holds its work folder until its last manifest part is committed.
     with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
         with _Admitter(root, report, max_pixels, store_progress) as admitter:
             admitter.failed.update(p for p in problems if p)
