@@ -103,7 +103,7 @@ def floor_worker(results) -> None:
     """Ray started as `rayclip embed` starts it, then one empty actor: the phases no run can skip."""
     import ray
 
-    from rayclip.stages.embed import init_ray
+    from rayclip.cluster import start as init_ray
 
     class EmptyActor:  # defined here: Ray ships a local class by value, a spawned __main__'s by name
         def __init__(self) -> None:

@@ -76,13 +76,14 @@ def drop_day(root: Path, day: str) -> None:
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     """Runs in a child process: build, then time one-query searches through the Searcher."""
+    from rayclip import ann
     from rayclip.query import searcher
     from rayclip.stages import index
 
     if args.flat_below is not None:
-        index.FLAT_BELOW = args.flat_below
+        ann.FLAT_BELOW = args.flat_below
     if args.hnsw_below is not None:
-        index.HNSW_BELOW = args.hnsw_below
+        ann.HNSW_BELOW = args.hnsw_below
     started = time.perf_counter()
     report = index.build(
         root,

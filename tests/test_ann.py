@@ -13,8 +13,9 @@ import pytest
 from conftest import cli
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
+from rayclip import ann
 from rayclip.query.searcher import Searcher
-from rayclip.stages import ann, index
+from rayclip.stages import index
 from rayclip.store import catalog, layout
 
 DIM = 32  # small vectors keep FAISS training quick; the contracts do not depend on the width
@@ -40,8 +41,8 @@ def stored(searcher: Searcher) -> np.ndarray:
 @pytest.fixture
 def ivf_thresholds(monkeypatch):
     """Make a few thousand vectors count as 'large', so auto picks an IVF index."""
-    monkeypatch.setattr(index, "FLAT_BELOW", 500)
-    monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
 
 
 def test_auto_below_threshold_is_flat_with_exact_recall(tmp_path):
@@ -105,8 +106,8 @@ def by_media_id(root: Path, build_id: str):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "refined"])
 def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
     if kind != "flat":
-        monkeypatch.setattr(index, "FLAT_BELOW", 500)
-        monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+        monkeypatch.setattr(ann, "FLAT_BELOW", 500)
+        monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
     # At 128 dims a fast-scan shortlist fits beside the 6-bit codes; its clusters are as loose as
     # bench_index's (cosine to the 10th neighbour ~0.6), where the re-ranking codes reach the target.
     mixture = {"dim": 128, "spread": 1.0} if kind == "refined" else {"dim": DIM}
@@ -162,21 +163,21 @@ def test_many_new_rows_or_retrain_force_a_full_build(tmp_path):
 
 def test_choice_follows_count_and_memory_budget():
     choose = ann.choose_index_type
-    assert choose(50_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "flat"
-    assert choose(500_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "HNSW32"
-    big = choose(1_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192)
+    assert choose(50_000, 512, 4 << 30) == "flat"
+    assert choose(500_000, 512, 4 << 30) == "HNSW32"
+    big = choose(1_000_000, 512, 4 << 30)
     assert big == "IVF4096,PQ128x4fs,Refine(SQ6)"
     assert ann.index_bytes(big, 1_000_000, 512) <= 1_000_000 * 512 * 4 / 4
-    assert choose(10_000_000, 512, 4 << 30, 100_000, 1_000_000, 32, 8192) == "IVF8192,PQ64x4fs,Refine(SQ6)"
-    assert choose(10_000_000, 512, 3 << 30, 100_000, 1_000_000, 32, 8192).startswith("OPQ")
-    tight = choose(1_000_000, 512, 200 << 20, 100_000, 1_000_000, 32, 8192)
+    assert choose(10_000_000, 512, 4 << 30) == "IVF8192,PQ64x4fs,Refine(SQ6)"
+    assert choose(10_000_000, 512, 3 << 30).startswith("OPQ")
+    tight = choose(1_000_000, 512, 200 << 20)
     assert tight.startswith("OPQ") and ann.index_bytes(tight, 1_000_000, 512) <= 200 << 20
-    assert choose(500_000, 512, 600 << 20, 100_000, 1_000_000, 32, 8192).startswith("IVF")  # HNSW would not fit
+    assert choose(500_000, 512, 600 << 20).startswith("IVF")  # HNSW would not fit
     assert ann.parse_bytes("4G") == 4 << 30 and ann.parse_bytes("512M") == 512 << 20
     from rayclip import UserError
 
     with pytest.raises(UserError, match="raise --max-index-memory"):
-        choose(10_000_000, 512, 1 << 20, 100_000, 1_000_000, 32, 8192)
+        choose(10_000_000, 512, 1 << 20)
     with pytest.raises(UserError, match="not a size"):
         ann.parse_bytes("lots")
 

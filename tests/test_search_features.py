@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from silver_helpers import clustered, media_ids, normalised, write_manifest, write_silver
 
-from rayclip import UserError
+from rayclip import UserError, ann
 from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
 from rayclip.stages import index
 from rayclip.store import catalog
@@ -116,8 +116,8 @@ def test_filter_returns_the_brute_force_top_k_among_matching_rows(described, whe
 def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(index, "FLAT_BELOW", 500)
-    monkeypatch.setattr(index, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
     root = tmp_path / "data"
     shutil.copytree(described[0], root)
     report = index.build(root, retrain=True, target_recall=0.9)
@@ -140,7 +140,6 @@ def test_filter_on_an_hnsw_index_returns_the_exact_k_past_the_graph_walk(describ
 
     import faiss
 
-    from rayclip.stages import ann
     from rayclip.store import layout
 
     root = tmp_path / "data"

@@ -195,19 +195,20 @@ def fresh_env(monkeypatch):
 
 
 def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, monkeypatch):
-    """Both places that start Ray (embed's init_ray for embed/eval/demo, ingest's for its ray
-    distributor) go through cluster.init: RAY_USAGE_STATS_ENABLED=0 in this process (ray.init reads
+    """Every start of Ray (cluster.start for embed/eval/demo/index, ingest's for its ray distributor)
+    goes through cluster.start: RAY_USAGE_STATS_ENABLED=0 in this process (ray.init reads
     it) and in the job's runtime_env with the S3 retries (the workers of a joined cluster)."""
     import ray
 
-    from rayclip.stages import embed, ingest
+    from rayclip import cluster
+    from rayclip.stages import ingest
 
     started: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr("ray._private.worker.get_dashboard_url", lambda: None)
-    embed.init_ray()
+    cluster.start()
     assert ingest._workers("ray", 1) == 2
     for kwargs in started:
         env = kwargs["runtime_env"]["env_vars"]
@@ -220,5 +221,5 @@ def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, m
     assert os.environ["NO_ALBUMENTATIONS_UPDATE"] == "1" and os.environ["AWS_MAX_ATTEMPTS"] == "10"
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")  # the user's choice wins
-    embed.init_ray()
+    cluster.start()
     assert started[-1]["runtime_env"]["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "1"

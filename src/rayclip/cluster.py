@@ -1,9 +1,11 @@
 """The one place rayclip starts or joins Ray, with the environment its processes need.
 
-Ray's own usage statistics stay off (RAY_USAGE_STATS_ENABLED=0, unless the user set it), and the
-workers' S3 clients get rayclip's retries (storage.retry_env), whether Ray starts here or is joined
-at $RAY_ADDRESS (where the workers do not inherit this process's environment: the job's runtime_env
-carries it).
+Every caller (ingest's ray distributor, embed, captions, the distributed index build, serve --ray)
+calls `start`: it joins $RAY_ADDRESS when set, else starts a new local cluster whose node address is
+127.0.0.1 (nothing listens beyond loopback). Ray's own usage statistics stay off
+(RAY_USAGE_STATS_ENABLED=0, unless the user set it), and the workers' S3 clients get rayclip's
+retries (storage.retry_env), whether Ray starts here or is joined at $RAY_ADDRESS (where the workers
+do not inherit this process's environment: the job's runtime_env carries it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from .store import storage
 
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
+LOOPBACK = "127.0.0.1"
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -20,12 +23,38 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {USAGE_STATS_ENV: os.environ.get(USAGE_STATS_ENV, "0"), **storage.retry_env(), **(extra or {})}
 
 
-def init(extra_env: dict[str, str] | None = None, **options) -> None:
-    """ray.init(**options) with worker_env(extra_env) as the job's environment; a no-op when this
-    process already joined a cluster (whoever started it chose)."""
-    import ray
+def joins() -> bool:
+    """Whether start() joins an existing cluster ($RAY_ADDRESS) rather than starting one here."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault(USAGE_STATS_ENV, "0")  # read by ray.init itself, and inherited by a local cluster
-    ray.init(runtime_env={"env_vars": worker_env(extra_env)}, **options)
+
+def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, str] | None = None) -> str | None:
+    """Join $RAY_ADDRESS when set, else start a local cluster (with its dashboard when asked); a no-op
+    when this process already started or joined one (whoever did chose).
+
+    Returns the cluster's dashboard URL, None when it runs without one. Ray Data's own progress bars
+    and the workers' logs reach the terminal only when verbose: progress is ours to draw.
+    """
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    if not ray.is_initialized():
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = verbose
+        os.environ.setdefault(USAGE_STATS_ENV, "0")  # read by ray.init itself, and inherited by a local cluster
+        if joins():
+            options = {}
+        else:
+            # address="local": a new cluster, as documented, not the last one `ray start` left on this
+            # machine (ray.init's own default joins that, and waits forever if it has died).
+            # Loopback: the dashboard has no authentication of its own.
+            options = {
+                "address": "local",
+                "_node_ip_address": LOOPBACK,
+                "include_dashboard": dashboard,
+                "dashboard_host": LOOPBACK,
+            }
+        ray.init(runtime_env={"env_vars": worker_env(extra_env)}, log_to_driver=verbose, **options)
+    url = get_dashboard_url()
+    return (url if "://" in url else f"http://{url}") if url else None

@@ -38,7 +38,7 @@ DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")
 SEARCH_OVER = ("images", "captions")  # what a query searches: a build's image index or its caption index
 EXPORT_FORMATS = ("webdataset", "parquet", "folder")
-INDEX_TYPES_HELP = "auto (flat below 100k vectors, then HNSW, IVF-HNSW-PQ, OPQ+IVF-PQ), flat, or a FAISS factory string"
+INDEX_TYPES_HELP = "auto (flat, HNSW or IVF by the count and --max-index-memory), flat, or a FAISS factory string"
 PRECISION_HELP = (
     "compute precision; vectors are stored as float32 either way "
     "(auto: bf16 where the CPU has AMX or AVX-512 BF16 or the GPU runs it, else fp32)"

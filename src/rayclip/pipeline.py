@@ -121,12 +121,11 @@ class RayDashboard:
 def start_ray(running: Stage, dashboard: bool = False) -> None:
     """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
     only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
-    from .stages import embed
+    from . import cluster
 
-    joins = bool(os.environ.get("RAY_ADDRESS"))
-    if dashboard or running.hooks.verbose or joins:
-        url = embed.init_ray(dashboard=dashboard, verbose=running.hooks.verbose)
-        if dashboard or joins:
+    if dashboard or running.hooks.verbose or cluster.joins():
+        url = cluster.start(dashboard=dashboard, verbose=running.hooks.verbose)
+        if dashboard or cluster.joins():
             running.report(RayDashboard(url))
 
 

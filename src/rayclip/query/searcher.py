@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .. import ann
 from ..errors import UserError
 from ..images import open_query_image
 from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
 from ..options import DEFAULT_COLLAPSE, SearchOptions
-from ..stages import ann
 from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location

@@ -169,7 +169,7 @@ def _encoded(captions: pa.Table, spec: ModelSpec, report: CaptionReport, actors:
     """The captions' rows as Ray Data's actors encode them, in files' worth (the driver holds one file's)."""
     import ray
 
-    cluster.init(log_to_driver=False)  # a no-op after embed, which started or joined Ray
+    cluster.start()  # a no-op after embed, which started or joined Ray
     blocks = max(1, min(captions.num_rows // report.batch_size, actors * 8))
     ds = (
         ray.data.from_arrow(captions)

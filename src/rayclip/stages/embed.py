@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import io
-import os
 import re
 import threading
 import time
@@ -403,31 +402,6 @@ def silver_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
-def init_ray(dashboard: bool = False, verbose: bool = False) -> str | None:
-    """Join $RAY_ADDRESS when set, else start a local cluster (with its dashboard when asked).
-
-    Returns the cluster's dashboard URL, None when it runs without one. Ray Data's own progress
-    bars and the workers' logs reach the terminal only when verbose: progress is ours to draw.
-    """
-    import ray
-    from ray._private.worker import get_dashboard_url
-
-    if not ray.is_initialized():
-        # Set when the cluster is started or joined: a later init_ray() (embed's own) keeps it.
-        ray.data.DataContext.get_current().enable_progress_bars = verbose
-        if os.environ.get("RAY_ADDRESS"):
-            cluster.init(log_to_driver=verbose)
-        else:
-            # address="local": a new cluster, as documented, not the last one `ray start` left on this
-            # machine (ray.init's own default joins that, and waits forever if it has died).
-            # Loopback: the dashboard has no authentication of its own.
-            cluster.init(
-                address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=verbose
-            )
-    url = get_dashboard_url()
-    return (url if "://" in url else f"http://{url}") if url else None
-
-
 def default_actors(resources: dict, gpus_per_actor: float = 0.0) -> int:
     """One actor per GPU asked for; on CPUs one actor per two cores (each with two torch threads),
     since one model using two cores beats two models contending for them (and loads once)."""
@@ -595,7 +569,7 @@ def embed(
         return _save(root, report)
     with ThreadPoolExecutor(1, "rayclip-model") as builder:
         building = builder.submit(_shareable_model, spec)  # while Ray starts
-        init_ray()
+        cluster.start()
         marks["ray_start"] = time.time()
         if planned is None:
             with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import faults
+from .. import ann, faults
 from ..errors import UserError
 from ..model import ModelSpec
 from ..options import IndexOptions
@@ -31,18 +31,10 @@ from ..progress import Progress
 from ..store import catalog, debris, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
-from . import ann
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
 TRAIN_PER_LIST = 16  # ... or this many per inverted list when that is more
-# --index-type auto: below FLAT_BELOW vectors exact search is fast enough and worth its exactness;
-# below HNSW_BELOW an HNSW graph over the full vectors, when it fits the memory budget; above,
-# an IVF index with product-quantised codes (autofaiss's families, picked by the same arithmetic).
-FLAT_BELOW = 100_000
-HNSW_BELOW = 1_000_000
-HNSW_LINKS = 32
-MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core build can spend
 RECALL_K = 10
 TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every build
 TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
@@ -238,7 +230,7 @@ def _fill(files: list[Location], dim: int, index_type: str, max_bytes: int, prog
     chosen, dropped = _choose_rows(files)
     count = chosen.num_rows
     if index_type == "auto":
-        index_type = ann.choose_index_type(count, dim, max_bytes, FLAT_BELOW, HNSW_BELOW, HNSW_LINKS, MAX_NLIST)
+        index_type = ann.choose_index_type(count, dim, max_bytes)
     index = _new_index(index_type, dim)
     file_idx = chosen.column("file_idx").to_numpy()
     row_idx = chosen.column("row_idx").to_numpy()

@@ -215,9 +215,7 @@ def _workers(distributor: str, processes: int) -> int:
         return processes
     import ray
 
-    # Joins $RAY_ADDRESS when set, else starts a local cluster.
-    local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
-    cluster.init(_downloader_env(), log_to_driver=False, **local)
+    cluster.start(extra_env=_downloader_env())
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -16,13 +16,20 @@ import time
 
 import numpy as np
 
-from ..errors import UserError
+from .errors import UserError
 
 FLAT = "flat"  # IndexFlatIP: exact
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 REFINE_K_FACTOR = 32  # a refined index re-ranks a shortlist of this many times k
 ID_BYTES = 8  # an inverted list stores each vector's int64 id next to its code
+# --index-type auto: below FLAT_BELOW vectors exact search is fast enough and worth its exactness;
+# below HNSW_BELOW an HNSW graph over the full vectors, when it fits the memory budget; above,
+# an IVF index with product-quantised codes (autofaiss's families, picked by the same arithmetic).
+FLAT_BELOW = 100_000
+HNSW_BELOW = 1_000_000
+HNSW_LINKS = 32
+MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core build can spend
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -57,9 +64,7 @@ def index_bytes(index_type: str, count: int, dim: int) -> int:
     return count * (scalar + product + ID_BYTES) + centroids
 
 
-def choose_index_type(
-    count: int, dim: int, max_bytes: int, flat_below: int, hnsw_below: int, hnsw_links: int, max_nlist: int
-) -> str:
+def choose_index_type(count: int, dim: int, max_bytes: int) -> str:
     """Flat, then HNSW, then an IVF index whose codes take the most bytes
     that fit both the budget and a quarter of the flat index.
 
@@ -69,12 +74,12 @@ def choose_index_type(
     decide the recall (8-bit ones would not fit a quarter of flat's bytes next to the PQ codes and
     ids; 4-bit ones rank too coarsely). Where ids weigh too much for both (small dim), 6-bit codes
     of each vector's residual to its list alone. Then, for tight budgets, OPQ-rotated PQ."""
-    if count < flat_below and index_bytes(FLAT, count, dim) <= max_bytes:
+    if count < FLAT_BELOW and index_bytes(FLAT, count, dim) <= max_bytes:
         return FLAT
-    hnsw = f"HNSW{hnsw_links}"
-    if count < hnsw_below and index_bytes(hnsw, count, dim) <= max_bytes:
+    hnsw = f"HNSW{HNSW_LINKS}"
+    if count < HNSW_BELOW and index_bytes(hnsw, count, dim) <= max_bytes:
         return hnsw
-    nlist = nlist_for(count, max_nlist)
+    nlist = nlist_for(count, MAX_NLIST)
     # Lists are found by brute force over the centroids: at most MAX_NLIST·dim multiply-adds, cheaper
     # than an HNSW walk over them at the efSearch that probing hundreds of lists needs.
     ivf = f"IVF{nlist}"
