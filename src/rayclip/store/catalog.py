@@ -205,6 +205,10 @@ class BuildInfo:
     index_bytes: int | None = None
     file_bytes: dict | None = None  # name -> bytes of each file of the build; None: built before sizes
     captions: dict | None = None  # {"count", "index_type"} of the caption index; None: the build has none
+    # How the image index is kept: "single" (index.faiss, read into RAM or mapped), "ondisk" (index.faiss
+    # + index.ivfdata, merged on disk), "shards" (shard-NNNNN.faiss, one per `shards` entry).
+    form: str = "single"
+    shards: list[dict] | None = None  # form "shards": [{"file", "first", "count"}], faiss_ids first..first+count-1
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
 

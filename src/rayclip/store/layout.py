@@ -213,6 +213,25 @@ def index_file(build: Location) -> Location:
     return build / "index.faiss"
 
 
+def index_data_file(build: Location) -> Location:
+    """The inverted lists of an index merged on disk (form "ondisk"): index.faiss holds the trained
+    quantizer and the lists' offsets, this file the codes and ids; FAISS opens it by name, beside
+    index.faiss (IO_FLAG_ONDISK_SAME_DIR)."""
+    return build / "index.ivfdata"
+
+
+def shard_file(build: Location, shard: int) -> Location:
+    """Shard `shard` of a build kept in shards (form "shards"): an IVF index on the build's one trained
+    quantizer holding a contiguous range of faiss_ids, with their global ids (build.json's `shards`)."""
+    return build / f"shard-{shard:05d}.faiss"
+
+
+def trained_file(build: Location) -> Location:
+    """The trained, empty index an IVF build was filled from: an incremental build adds new parts to
+    a copy of it instead of training again."""
+    return build / "trained.faiss"
+
+
 def caption_index_file(build: Location) -> Location:
     """The build's caption index (optional): one vector per distinct caption, its own id space."""
     return build / "captions.faiss"
