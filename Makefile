@@ -42,7 +42,7 @@ clip-front: install
 TEST_WORKERS ?= 2
 
 test: install browser clip-front
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"

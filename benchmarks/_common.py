@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayclip.model import ModelSpec
-from rayclip.stages import embed, index
-from rayclip.store import catalog, layout, storage
+from rayclip.stages import index
+from rayclip.store import catalog, layout, silver, storage
 
 
 def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -36,10 +36,12 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
     storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
     ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
     chunks = (
-        embed.silver_table(ids[start : start + 50_000], mixture_chunk(start, min(50_000, n - start), dim, 1000, seed))
+        silver.embeddings_table(
+            ids[start : start + 50_000], mixture_chunk(start, min(50_000, n - start), dim, 1000, seed)
+        )
         for start in range(0, n, 50_000)
     )
-    embed.write_run(root, spec.model_version, "2026-01-01", chunks)
+    silver.write_run(root, spec.model_version, "2026-01-01", chunks)
     manifest = {
         "media_id": ids,
         "path": [layout.object_relpath(m, "jpg") for m in ids],

@@ -48,7 +48,7 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> bool:
     run. A day already committed (a rerun over the same --data-dir) is kept: False. A killed
     write left no commit record, so it is written again (its files are debris the build ignores)."""
     from rayclip.model import ModelSpec
-    from rayclip.stages.embed import silver_table, write_run
+    from rayclip.store import silver
 
     if any(commit["dt"] == day for commit in catalog.silver_commits(root, MODEL_VERSION)):
         return False
@@ -60,9 +60,9 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> bool:
         for start in range(first, first + count, args.chunk):
             rows = min(args.chunk, first + count - start)
             vectors = mixture_chunk(start, rows, args.dim, args.clusters, args.seed)
-            yield silver_table([f"{i:064x}" for i in range(start, start + rows)], vectors)
+            yield silver.embeddings_table([f"{i:064x}" for i in range(start, start + rows)], vectors)
 
-    write_run(root, MODEL_VERSION, day, chunks())
+    silver.write_run(root, MODEL_VERSION, day, chunks())
     return True
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayclip.stages import embed
-from rayclip.store import catalog, layout
+from rayclip.store import catalog, layout, silver
 
 PART_ROWS = 1_000_000
 MODEL_VERSION = "bench_plan"
@@ -57,10 +57,12 @@ def write_root(root: Path, rows: int, duplicates: float, embedded: float) -> int
         pq.write_table(table.take(rng.permutation(count)), layout.manifest_dir(root) / f"part-bench-{part:04d}.parquet")
     done = int(unique * embedded)
     chunks = (
-        embed.silver_table(ids(np.arange(s, min(s + PART_ROWS, done))).to_pylist(), _unit(min(PART_ROWS, done - s)))
+        silver.embeddings_table(
+            ids(np.arange(s, min(s + PART_ROWS, done))).to_pylist(), _unit(min(PART_ROWS, done - s))
+        )
         for s in range(0, done, PART_ROWS)
     )
-    embed.write_run(root, MODEL_VERSION, "2026-01-01", chunks)
+    silver.write_run(root, MODEL_VERSION, "2026-01-01", chunks)
     return unique - done
 
 

@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayclip import model
-from rayclip.stages.embed import silver_table, write_run
-from rayclip.store import layout, storage
+from rayclip.store import layout, silver, storage
 
 REFERENCE_DIM = 128
 
@@ -39,7 +38,7 @@ def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray
     """One committed silver file in dt=day, as the embed stage would leave it."""
     spec = reference_spec()
     storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-    record = write_run(root, spec.model_version, day, [silver_table(media_ids, normalised(vectors))])
+    record = silver.write_run(root, spec.model_version, day, [silver.embeddings_table(media_ids, normalised(vectors))])
     return layout.silver_model_dir(root, spec.model_version) / record["files"][0]["name"]
 
 

@@ -24,6 +24,7 @@ from rayclip.options import SearchOptions
 from rayclip.query.searcher import Searcher, Term
 from rayclip.stages import captions, index
 from rayclip.store import catalog, debris, layout, storage
+from rayclip.store import silver as silver_store
 
 QUERY = "a large red circle on the left on a white background"
 
@@ -178,9 +179,9 @@ def test_a_dead_caption_runs_files_are_never_read_and_are_debris(tmp_path):
     run_id = layout.new_run_id()
     vectors = clustered(2)
     rows = captions.caption_table(pa.array([layout.caption_id(t) for t in "ab"]), pa.array(list("ab")), vectors)
-    captions.write_files(root, MODEL_VERSION, layout.CAPTIONS, "2026-01-01", run_id, [rows])
+    silver_store.write_files(root, MODEL_VERSION, layout.CAPTIONS, "2026-01-01", run_id, [rows])
     scores = pa.table({"media_id": media_ids(1), "caption_id": rows["caption_id"][:1], "clip_score": [0.5]})
-    captions.write_files(root, MODEL_VERSION, layout.CLIP_SCORES, "2026-01-01", run_id, [scores])
+    silver_store.write_files(root, MODEL_VERSION, layout.CLIP_SCORES, "2026-01-01", run_id, [scores])
     assert catalog.silver_latest(root, MODEL_VERSION, layout.CAPTIONS, ["caption_id"], [], "embedded_at") is None
     assert catalog.read_silver(root, MODEL_VERSION, layout.CLIP_SCORES, ["clip_score"]) is None
     found = sorted(str(p.relative_to(root)) for p in debris.find(root))

@@ -153,13 +153,13 @@ def test_silver_from_before_commit_records_is_still_read_and_never_swept(tmp_pat
     """Before commit records each run's silver was one file renamed whole to dt=<day>/<run_id>.parquet."""
     import pyarrow.parquet as pq
 
-    from rayclip.stages.embed import silver_table
     from rayclip.store import debris, layout
+    from rayclip.store.silver import embeddings_table
 
     root = storage.data_root(tmp_path / "data")
     old = layout.silver_partition(root, REFERENCE, "2026-01-02") / f"{layout.new_run_id()}.parquet"
     with storage.open_output(old) as f:
-        pq.write_table(silver_table(["a" * 64], np.ones((1, 4), np.float32) / 2), f)
+        pq.write_table(embeddings_table(["a" * 64], np.ones((1, 4), np.float32) / 2), f)
     assert catalog.silver_model_versions(root) == [REFERENCE]
     assert catalog.silver_files(root, REFERENCE) == [old] == catalog.silver_files(root, REFERENCE, "2026-01-02")
     assert catalog.silver_files(root, REFERENCE, "2026-01-03") == []

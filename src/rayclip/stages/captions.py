@@ -28,13 +28,12 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import cluster
 from ..model import ModelSpec, check_available, choose_precision, load_model
 from ..options import EmbedOptions
 from ..progress import Progress
-from ..store import catalog, layout, storage
+from ..store import catalog, layout, silver, storage
 from ..store.storage import Location
 
 ROWS_PER_FILE = 100_000  # caption vectors per Parquet file (about 200 MB at 512 dimensions)
@@ -144,25 +143,11 @@ def score(root: Location, model_version: str, pairs: pa.Table) -> pa.Table:
     )
 
 
-def write_files(root: Location, model_version: str, table: str, day: str, run_id: str, tables) -> list[dict]:
-    """Each table one Parquet file of this run in the silver table's dt partition; what a commit record names."""
-    partition = layout.silver_partition(root, model_version, day, table)
-    named = []
-    for task_index, rows in enumerate(tables):
-        loc = partition / layout.silver_file_name(run_id, table, task_index)
-        with storage.open_output(loc) as f:
-            pq.write_table(rows, f)
-        named.append({"name": f"{partition.name}/{loc.name}", "rows": rows.num_rows, "bytes": storage.size(loc)})
-    return named
-
-
-def commit(root: Location, model_version: str, table: str, day: str, run_id: str, named: list[dict]) -> int:
-    """The run's commit record for one silver table, written after its files; returns the rows committed."""
-    rows = sum(f["rows"] for f in named)
-    if rows:
-        record = {"run_id": run_id, "dt": day, "rows": rows, "files": named}
-        storage.write_json_atomic(layout.silver_commit_file(root, model_version, run_id, table), record)
-    return rows
+def _write_run(root: Location, model_version: str, table: str, report: CaptionReport, tables) -> int:
+    """The run's files of one caption table, then its commit record; the rows committed."""
+    silver.write_files(root, model_version, table, report.dt, report.run_id, tables)
+    record = silver.commit(root, model_version, table, report.dt, report.run_id, "captions")
+    return record["rows"] if record else 0
 
 
 def _encoded(captions: pa.Table, spec: ModelSpec, report: CaptionReport, actors: int, progress: Progress | None):
@@ -233,14 +218,10 @@ def embed_captions(
                     if report.actors
                     else _encoded_here(captions, spec, report, progress)
                 )
-                named = write_files(root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, encoding)
-                report.captions_embedded = commit(
-                    root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, named
-                )
+                report.captions_embedded = _write_run(root, spec.model_version, layout.CAPTIONS, report, encoding)
             report.encode_s = round(time.monotonic() - started, 3)
             scored = [score(root, spec.model_version, pairs)]
-            named = write_files(root, spec.model_version, layout.CLIP_SCORES, report.dt, report.run_id, scored)
-            report.pairs_scored = commit(root, spec.model_version, layout.CLIP_SCORES, report.dt, report.run_id, named)
+            report.pairs_scored = _write_run(root, spec.model_version, layout.CLIP_SCORES, report, scored)
             report.score_s = round(time.monotonic() - started - report.encode_s, 3)
     report.wall_s = round(time.monotonic() - started, 3)
     storage.write_json_atomic(layout.run_record(layout.caption_runs_dir(root), report.run_id), report.to_dict())

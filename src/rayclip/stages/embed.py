@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import io
 import re
 import threading
@@ -31,9 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .. import cluster, faults
+from .. import cluster
 from ..errors import UserError
 from ..images import decode_batch, decode_image
 from ..model import (
@@ -48,7 +46,7 @@ from ..model import (
 )
 from ..options import DECODES, EmbedOptions
 from ..progress import Progress, watch
-from ..store import catalog, debris, layout, storage
+from ..store import catalog, debris, layout, silver, storage
 
 # In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
 IMPORTED_AT = time.time()
@@ -148,9 +146,9 @@ def plan_work(root: storage.Location, model_version: str, limit: int | None = No
     rows never come to the driver."""
     import ray
 
-    manifest, silver = _plan_sources(root, model_version, force)
-    planned = _planned_in_driver(root, manifest, silver, limit)
-    return ray.data.from_arrow(planned) if planned is not None else _plan_in_ray(manifest, silver, limit)
+    manifest, silver_files = _plan_sources(root, model_version, force)
+    planned = _planned_in_driver(root, manifest, silver_files, limit)
+    return ray.data.from_arrow(planned) if planned is not None else _plan_in_ray(manifest, silver_files, limit)
 
 
 def _plan_sources(root: storage.Location, model_version: str, force: bool) -> tuple[list, list]:
@@ -158,20 +156,22 @@ def _plan_sources(root: storage.Location, model_version: str, force: bool) -> tu
     return _manifest_parts(root), [] if force else catalog.silver_files(root, model_version)
 
 
-def _planned_in_driver(root: storage.Location, manifest: list, silver: list, limit: int | None) -> pa.Table | None:
+def _planned_in_driver(
+    root: storage.Location, manifest: list, silver_files: list, limit: int | None
+) -> pa.Table | None:
     """plan_work's rows as a table, when the driver plans them (no Ray needed); None when Ray Data must."""
-    return _plan_in_driver(root, silver).slice(0, limit) if plans_in_driver(manifest, silver) else None
+    return _plan_in_driver(root, silver_files).slice(0, limit) if plans_in_driver(manifest, silver_files) else None
 
 
-def _plan_in_ray(manifest: list, silver: list, limit: int | None):
-    work = _plan_streaming(manifest, silver)
+def _plan_in_ray(manifest: list, silver_files: list, limit: int | None):
+    work = _plan_streaming(manifest, silver_files)
     return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
 
 
-def plans_in_driver(manifest: list[storage.Location], silver: list[storage.Location]) -> bool:
+def plans_in_driver(manifest: list[storage.Location], silver_files: list[storage.Location]) -> bool:
     """Whether plan_work plans these manifest parts and silver files in the driver: the rows their
     Parquet footers count are at most DRIVER_PLAN_ROWS."""
-    return sum(_each(lambda f: catalog.parquet_metadata(f).num_rows, manifest + silver)) <= DRIVER_PLAN_ROWS
+    return sum(_each(lambda f: catalog.parquet_metadata(f).num_rows, manifest + silver_files)) <= DRIVER_PLAN_ROWS
 
 
 def _each(read: Callable, files: list[storage.Location]) -> list:
@@ -180,16 +180,16 @@ def _each(read: Callable, files: list[storage.Location]) -> list:
         return list(pool.map(read, files))
 
 
-def _plan_in_driver(root: storage.Location, silver: list[storage.Location]) -> pa.Table:
+def _plan_in_driver(root: storage.Location, silver_files: list[storage.Location]) -> pa.Table:
     unique = catalog.read_manifest(root, ["media_id", "path"]).group_by("media_id").aggregate([("path", "min")])
     unique = unique.rename_columns(["media_id", "path"])
-    if silver:
-        done = pa.concat_tables(_each(lambda f: catalog.read_parquet(f, ["media_id"]), silver)).column("media_id")
+    if silver_files:
+        done = pa.concat_tables(_each(lambda f: catalog.read_parquet(f, ["media_id"]), silver_files)).column("media_id")
         unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done.combine_chunks())))
     return unique.sort_by("media_id")
 
 
-def _plan_streaming(manifest: list[storage.Location], silver: list[storage.Location]):
+def _plan_streaming(manifest: list[storage.Location], silver_files: list[storage.Location]):
     """The manifest and silver's ids are read by Ray Data and grouped by media_id in one sort-based
     aggregation: min(path) and max(embedded) (1 when silver has it); the driver holds block
     references only."""
@@ -199,8 +199,8 @@ def _plan_streaming(manifest: list[storage.Location], silver: list[storage.Locat
     tagged = _read_parquet(manifest, ["media_id", "path"]).map_batches(
         _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 0}, batch_size=None
     )
-    if silver:
-        ids = _read_parquet(silver, ["media_id"]).map_batches(
+    if silver_files:
+        ids = _read_parquet(silver_files, ["media_id"]).map_batches(
             _tagged, batch_format="pyarrow", fn_kwargs={"embedded": 1}, batch_size=None
         )
         tagged = tagged.union(ids)
@@ -386,20 +386,7 @@ class EmbedUDF:
             encode_s = time.perf_counter() - encode_started
         seconds = {"decode": decoded - started, "encode": encode_s}
         self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
-        return silver_table(ids, vectors)
-
-
-def silver_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
-    """The silver schema: media_id, embedding fixed_size_list<float32>[dim], embedded_at."""
-    dim = vectors.shape[1]
-    now = dt.datetime.now(dt.timezone.utc)
-    return pa.table(
-        {
-            "media_id": pa.array(media_ids, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-            "embedded_at": pa.array([now] * len(media_ids), pa.timestamp("us", tz="UTC")),
-        }
-    )
+        return silver.embeddings_table(ids, vectors)
 
 
 def default_actors(resources: dict, gpus_per_actor: float = 0.0) -> int:
@@ -449,40 +436,6 @@ class _RunFiles:
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
         return layout.silver_file_stem(self.run_id, write_uuid, task_index)
-
-
-def commit(root: storage.Location, model_version: str, day: str, run_id: str) -> dict | None:
-    """Make a run's silver files data: one commit record naming them, written after all of them.
-
-    Until the record exists no silver reader sees any of the run's files (catalog.silver_files reads
-    records, not folders), so a kill at any point leaves silver as before the run or with the whole
-    run in it; a dead run's files are debris. Returns the record, or None when the run wrote no rows.
-    """
-    partition = layout.silver_partition(root, model_version, day)
-    files = [f for f in storage.glob(partition, layout.PARTITION_FILES) if layout.silver_file_run(f.name) == run_id]
-    named = []
-    for f in files:
-        with storage.open_input(f) as opened:  # its size is recorded: readers check theirs against it
-            rows = pq.read_metadata(opened).num_rows
-            named.append({"name": f"{partition.name}/{f.name}", "rows": rows, "bytes": storage.file_size(opened)})
-        faults.point("embed.commit")  # some of the run's files checked, no record yet
-    record = {"run_id": run_id, "dt": day, "rows": sum(f["rows"] for f in named), "files": named}
-    if not record["rows"]:
-        return None
-    storage.write_json_atomic(layout.silver_commit_file(root, model_version, run_id), record)
-    return record
-
-
-def write_run(root: storage.Location, model_version: str, day: str, tables: Iterable[pa.Table]) -> dict | None:
-    """Silver written without Ray (tests, benchmarks): each table one file of a new run, then the
-    run's commit record, under the same protocol as embed(). Returns the record."""
-    run_id = layout.new_run_id()
-    partition = layout.silver_partition(root, model_version, day)
-    with storage.working(layout.silver_work_dir(root, run_id)):
-        for task_index, table in enumerate(tables):
-            with storage.open_output(partition / layout.silver_file_name(run_id, "direct", task_index)) as f:
-                pq.write_table(table, f)
-        return commit(root, model_version, day, run_id)
 
 
 def filed_as(spec: ModelSpec, save_as: str | None = EmbedOptions.save_as) -> ModelSpec:
@@ -562,8 +515,8 @@ def embed(
     report.actors, report.batch_size = actors or 0, batch_size
     check_available(spec)  # a missing model fails here, once, not in every actor
 
-    manifest, silver = _plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
-    planned = _planned_in_driver(root, manifest, silver, limit)
+    manifest, silver_files = _plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
+    planned = _planned_in_driver(root, manifest, silver_files, limit)
     marks = {"plan": time.time()}
     if planned is not None and planned.num_rows == 0:
         return _save(root, report)
@@ -573,7 +526,7 @@ def embed(
         marks["ray_start"] = time.time()
         if planned is None:
             with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line
-                work = _plan_in_ray(manifest, silver, limit)
+                work = _plan_in_ray(manifest, silver_files, limit)
             report.rows_planned = work.count()
             marks["plan"] = time.time()
         else:
@@ -661,7 +614,7 @@ def embed(
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
         storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
-        committed = commit(root, spec.model_version, report.dt, report.run_id)
+        committed = silver.commit(root, spec.model_version, layout.EMBEDDINGS, report.dt, report.run_id, "embed")
     debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs
 
     workers, failures, seconds, actor_marks = ray.get(stats.summary.remote())
