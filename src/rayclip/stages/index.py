@@ -493,9 +493,7 @@ def build(
         tuning.params,
         info.index_bytes,
         made.base_build or f"none (full build: {why_full})",
-        ann.shortfall(
-            tuning, made.index_type, index_type == "auto" and not made.base_build, info.count, dim, max_bytes
-        ),
+        ann.shortfall(tuning, made.index_type, index_type == "auto" and not made.base_build, info.count, dim),
     )
 
 
