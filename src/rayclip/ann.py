@@ -30,6 +30,9 @@ FLAT_BELOW = 100_000
 HNSW_BELOW = 1_000_000
 HNSW_LINKS = 32
 MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core build can spend
+# Exact scores this close count as equal when recall is judged: float32 inner products of the same
+# vector computed in different BLAS blocks differ by ~1e-7, and 1e-4 of cosine orders nothing a user sees.
+TIE_TOLERANCE = 1e-4
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -103,6 +106,28 @@ def fallback_for(index_type: str) -> str | None:
     each vector's residual to its list, on the same lists. Residuals span a smaller range than
     whole vectors, so these codes rank more precisely (tight clusters need it); they scan slower."""
     return index_type.split(",")[0] + ",SQ6" if ",Refine(" in index_type else None
+
+
+def shortfall(tuning: Tuning, index_type: str, auto_picked: bool, count: int, dim: int) -> str:
+    """Empty when the build met its recall target; else which index missed it by how much, and what
+    would reach it where something would. `auto_picked`: auto chose index_type for its budget."""
+    if tuning.target_met:
+        return ""
+    missed = f"{index_type} recall@{tuning.k} {tuning.recall_at_k:.3f} is below the target {tuning.target}"
+    remedy = _remedy(index_type, count, dim) if auto_picked else "pick another --index-type (flat is exact)"
+    return f"{missed}; {remedy}" if remedy else missed
+
+
+def _remedy(index_type: str, count: int, dim: int) -> str:
+    """Auto's pick grows with the budget, up to the one it picks with no limit: only the budget
+    kept it from that one, so more memory helps unless auto built it (or measured and rejected
+    it, refined). Then nothing auto would build does better (flat is exact, but auto spares
+    this many vectors the time of exhaustive search)."""
+    unlimited = choose_index_type(count, dim, 1 << 62)
+    if index_type in (unlimited, fallback_for(unlimited)):
+        return ""
+    needed = index_bytes(unlimited, count, dim)
+    return f"allow more memory: --max-index-memory {math.ceil(needed / 2**20)}M lets auto pick {unlimited}"
 
 
 def nlist_of(index) -> int | None:
@@ -270,15 +295,29 @@ class Truth:
         self.scores = np.take_along_axis(self.scores, order, axis=1)
         self.ids = np.take_along_axis(self.ids, order, axis=1)
 
-    def exact_neighbours(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(usable query rows, their exact top-k ids without the query itself).
+    def exact_neighbours(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(usable query rows, their kept exact neighbours' ids and scores without the query itself,
+        best first, padded with -1 and -inf).
 
         A query is usable while it still knows k+1 neighbours: after `forget`, anything below the
         last one kept could be missing."""
         known = (self.ids >= 0).sum(axis=1)
         usable = np.flatnonzero(known >= min(k + 1, self.ids.shape[1]))
-        exact = [_without(self.ids[q], self.query_ids[q], k) for q in usable]
-        return usable, np.array(exact, dtype=np.int64).reshape(-1, k)  # none usable: (0, k), not a crash
+        kept = self.ids[usable]
+        others = (kept != self.query_ids[usable, None]) & (kept >= 0)
+        order = np.argsort(~others, axis=1, kind="stable")  # the others first, still best first
+        ids = np.take_along_axis(np.where(others, kept, -1), order, axis=1)
+        scores = np.take_along_axis(np.where(others, self.scores[usable], -np.inf), order, axis=1)
+        return usable, ids, scores
+
+    def ties_past_depth(self, k: int) -> int:
+        """Usable queries whose full list of kept neighbours ends still tied with the k-th: more
+        equal vectors may lie below it (`recall` says what that costs). A list that is not full
+        holds every vector there is."""
+        usable, ids, scores = self.exact_neighbours(k)
+        last = scores[np.arange(len(usable)), (ids >= 0).sum(axis=1) - 1]
+        full = (self.ids[usable] >= 0).all(axis=1)
+        return int((full & (last >= scores[:, k - 1] - TIE_TOLERANCE)).sum())
 
     def save(self, path) -> None:
         np.savez(path, queries=self.queries, query_ids=self.query_ids, ids=self.ids, scores=self.scores)
@@ -296,17 +335,26 @@ def _without(ids: np.ndarray, own: int, k: int) -> np.ndarray:
 
 
 def recall(index, truth: Truth, params: dict, k: int) -> float:
-    """Mean share of each usable query's exact top-k that the index returns with these knobs."""
-    usable, exact = truth.exact_neighbours(k)
+    """Mean share of each usable query's k results that are among its exact k nearest, judged by
+    score: a result counts when its exact score reaches the k-th exact score less TIE_TOLERANCE.
+
+    Ids cannot decide: of two equal vectors (one image saved twice, or equal within float
+    rounding) exact search keeps an arbitrary one, and an index returning the other is right.
+    A result the truth did not keep (below its TRUTH_DEPTH neighbours) counts as a miss: its exact
+    score is unknown, at most the last kept one. That is exact unless the query's ties run past
+    the kept depth (more equal vectors than it keeps, e.g. one image saved 40 times): then a tied
+    result outside it is miscounted, so the figure can only understate the recall, and
+    build.json's `ties_past_depth` says on how many queries that can happen."""
+    usable, ids, scores = truth.exact_neighbours(k)
     if not len(usable):
         return 1.0
     apply_parameters(index, params)
     _, found = index.search(truth.queries[usable], k + 1)
-    hits = [
-        len(set(_without(f, own, k)) & set(e[e >= 0])) / max(1, (e >= 0).sum())
-        for f, e, own in zip(found, exact, truth.query_ids[usable])
-    ]
-    return float(np.mean(hits))
+    returned = np.array([_without(f, own, k) for f, own in zip(found, truth.query_ids[usable])])
+    same = (returned[:, :, None] == ids[:, None, :]) & (returned[:, :, None] >= 0)  # [query, result, kept]
+    exact_score = np.where(same, scores[:, None, :], -np.inf).max(axis=2)
+    cut = scores[:, k - 1] - TIE_TOLERANCE  # a usable query keeps at least k neighbours besides itself
+    return float(np.mean((exact_score >= cut[:, None]).sum(axis=1) / k))
 
 
 @dataclasses.dataclass
@@ -315,19 +363,46 @@ class Tuning:
     recall_at_k: float
     k: int
     target: float
-    queries: int
+    queries: int  # held-out queries the recall was measured on; 0 for exact search, never measured
     p50_ms: float
     p99_ms: float
     tried: list[dict]
+    exact: bool = False
+    ties_past_depth: int = 0  # measured queries whose recall may be understated (see `recall`)
 
     @property
     def target_met(self) -> bool:
         return self.recall_at_k >= self.target
 
+    def record(self) -> dict:
+        """build.json's `recall`: exact search is right by construction, anything else is measured."""
+        if self.exact:
+            return {"exact": True, "target": self.target, "met": True}
+        return {
+            f"recall_at_{self.k}": self.recall_at_k,
+            "target": self.target,
+            "met": self.target_met,
+            "queries": self.queries,
+            "against": "exact inner-product search over the same vectors; a result counts when its exact "
+            f"score is at least the {self.k}th's less tie_tolerance (of equal vectors, either one is right)",
+            "tie_tolerance": TIE_TOLERANCE,
+            "ties_past_depth": self.ties_past_depth,
+            "tried": self.tried,
+        }
+
+
+def exact(index) -> bool:
+    """Whether the index searches exhaustively over the full vectors (its recall is 1 by construction)."""
+    import faiss
+
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
 
 def tune(index, truth: Truth, target: float, k: int, latency_queries: int) -> Tuning:
     """The cheapest knobs reaching `target` recall@k (else the most thorough tried), applied,
-    then timed one query at a time."""
+    then timed one query at a time. Exact search has no knobs and nothing to measure."""
+    if exact(index):
+        return Tuning({}, 1.0, k, target, 0, *latency(index, truth.queries[:latency_queries], k), [], exact=True)
     tried = []
     for params in candidate_parameters(index):
         measured = recall(index, truth, params, k)
@@ -339,7 +414,10 @@ def tune(index, truth: Truth, target: float, k: int, latency_queries: int) -> Tu
     params = {key: value for key, value in best.items() if key != "recall"}
     apply_parameters(index, params)
     p50, p99 = latency(index, truth.queries[:latency_queries], k)
-    return Tuning(params, best["recall"], k, target, len(truth.exact_neighbours(k)[0]), p50, p99, tried)
+    measured_on = len(truth.exact_neighbours(k)[0])
+    return Tuning(
+        params, best["recall"], k, target, measured_on, p50, p99, tried, ties_past_depth=truth.ties_past_depth(k)
+    )
 
 
 def latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:

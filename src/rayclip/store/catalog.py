@@ -212,6 +212,12 @@ class BuildInfo:
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
 
+    @property
+    def recall_at_10(self) -> float | None:
+        """What the build measured; 1.0 for exact search (it records `exact` instead); None for a
+        build from before measured recall."""
+        return 1.0 if self.recall.get("exact") else self.recall.get("recall_at_10")
+
     @classmethod
     def from_dict(cls, written: dict) -> BuildInfo:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

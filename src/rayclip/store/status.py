@@ -70,7 +70,7 @@ def _build_details(folder: Location, info: BuildInfo) -> dict:
     return {
         "index_type": info.index_type,
         "index_bytes": info.index_bytes or (storage.size(index_file) if storage.exists(index_file) else None),
-        "recall_at_10": info.recall.get("recall_at_10"),
+        "recall_at_10": info.recall_at_10,
         "base_build": info.base_build,
         "eval": storage.read_json(eval_file) if storage.exists(eval_file) else None,
     }
