@@ -411,6 +411,12 @@ def write_atomic(loc: Location, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
+def upload(local: Path, loc: Location) -> None:
+    """Copy a finished local file (FAISS wrote it by name) to `loc`, committed whole."""
+    with open(local, "rb") as source, open_output(loc) as target:
+        _copy(source, target)
+
+
 def write_json_atomic(loc: Location, obj: dict) -> None:
     write_atomic(loc, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
