@@ -209,7 +209,7 @@ class BuildInfo:
     # + index.ivfdata, merged on disk), "shards" (shard-NNNNN.faiss, one per `shards` entry).
     form: str = "single"
     shards: list[dict] | None = None  # form "shards": [{"file", "first", "count"}], faiss_ids first..first+count-1
-    # How a full build ran: {"parts", "part_vectors", "ran_on": "ray" | "local", "auto": why auto took a
+    # How a full build ran: {"parts", "part_vectors", "ran_on": "ray" | "local", "nodes", "auto": why auto took a
     # family that merges (None: it did not have to)}; None: an incremental build or one from before parts.
     steps: dict | None = None
     timings: dict = dataclasses.field(default_factory=dict)
@@ -288,7 +288,8 @@ def merged_on_disk(trained, parts: list[Location], index_loc: Location, data_loc
     with storage.scratch_folder("rayclip-merge-") as scratch:
         local = [storage.cached(part, scratch / f"part-{i:05d}.faiss") for i, part in enumerate(parts)]
         data = scratch / data_loc.name
-        merge_ondisk(trained, [str(path) for path in local], str(data))
+        with storage.quiet_stdout():  # FAISS's C++ prints each resize of the lists file
+            merge_ondisk(trained, [str(path) for path in local], str(data))
         written = scratch / index_loc.name
         faiss.write_index(trained, str(written))
         storage.upload(data, data_loc)

@@ -235,7 +235,7 @@ def _choose_type(count: int, dim: int, index_type: str, max_bytes: int, shape: _
     if unconstrained == chosen:
         return chosen, form, ""
     why = f"{shape.shards} shards" if form == "shards" else "on disk" if form == "ondisk" else "from parts"
-    return chosen, form, f"auto took {chosen}, not {unconstrained}: its codes cannot be merged {why}"
+    return chosen, form, f"auto took {chosen}, not {unconstrained}, which cannot be merged {why}"
 
 
 _UNBOUNDED = 1 << 62
@@ -317,7 +317,13 @@ def _fill(
             "embedded_at": chosen.column("embedded_at"),
         }
     )
-    steps = {"parts": len(ranges), "part_vectors": shape.part_vectors, "ran_on": runner.where, "auto": note or None}
+    steps = {
+        "parts": len(ranges),
+        "part_vectors": shape.part_vectors,
+        "ran_on": runner.where,
+        "nodes": len(runner.nodes) or 1,  # Ray nodes the tasks ran on (1: this process)
+        "auto": note or None,
+    }
     return _Made(
         None,
         index_type,

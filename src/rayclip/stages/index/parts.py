@@ -141,7 +141,8 @@ def _merged(plan: Plan, parts: list[int]):
     index = catalog.read_index(layout.trained_file(plan.folder))
     ivf = faiss.extract_index_ivf(index)
     for part in parts:
-        ivf.merge_from(faiss.extract_index_ivf(catalog.read_index(part_file(plan, part))), 0)
+        held = catalog.read_index(part_file(plan, part))  # owns the lists extract_index_ivf points into
+        ivf.merge_from(faiss.extract_index_ivf(held), 0)
     index.ntotal = ivf.ntotal  # a wrapper (OPQ's rotation) counts what its IVF holds
     return index
 
@@ -191,11 +192,13 @@ def shard_groups(parts: int, shards: int) -> list[list[int]]:
 
 
 class Runner:
-    """Runs steps as Ray tasks (`remote`) or inline, in submission order either way."""
+    """Runs steps as Ray tasks (`remote`) or inline, in submission order either way; `nodes` collects
+    the Ray nodes the tasks ran on."""
 
     def __init__(self, remote: bool) -> None:
         self.remote = remote
         self.where = "ray" if remote else "local"
+        self.nodes: set[str] = set()
         if remote:
             cluster.start()
 
@@ -214,14 +217,28 @@ class Runner:
         declared = int(min(max(memory * SLACK, MIN_TASK_MEMORY), _largest_node_memory()))
         # max_retries=0: a step killed half-way fails the build (nothing is published) instead of
         # being run again on top of what it left.
-        options = {"memory": declared, "max_retries": 0}
-        refs = [ray.remote(function).options(**options).remote(*args) for function, *args in calls]
+        task = ray.remote(_on_node).options(memory=declared, max_retries=0)
+        refs = [task.remote(function, *args) for function, *args in calls]
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=1)
             if progress:
                 progress(len(refs) - len(pending), len(refs))
-        return ray.get(refs)
+        try:
+            done = ray.get(refs)
+        except ray.exceptions.RayTaskError as failed:
+            if isinstance(failed.cause, UserError):  # a user's error raised in a task: its one line
+                raise failed.cause from None
+            raise
+        self.nodes |= {node for node, _ in done}
+        return [result for _, result in done]
+
+
+def _on_node(function, *args) -> tuple[str, object]:
+    """A step run in a Ray task, with the node it ran on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), function(*args)
 
 
 def _largest_node_memory() -> int:
