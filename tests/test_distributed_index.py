@@ -72,7 +72,14 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
     local = index.build(root, index_type=INDEX_TYPE, part_vectors=PART_VECTORS, parallel="local", retrain=True)
     opened = open_build(root, local.build_id)
     expected_index, _, expected = opened
-    assert expected.steps == {"parts": 4, "part_vectors": PART_VECTORS, "ran_on": "local", "nodes": 1, "auto": None}
+    assert expected.steps == {
+        "parts": 4,
+        "part_vectors": PART_VECTORS,
+        "ran_on": "local",
+        "nodes": 1,
+        "task_peak_rss_mib": None,
+        "auto": None,
+    }
     queries = clustered(1000, seed=0)  # fresh points around the same centres
     want_scores, want_ids = search(opened, expected.search_params, queries)
     mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, local.build_id)))
@@ -81,6 +88,7 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
         opened = open_build(root, build_id)
         found_index, _, info = opened
         assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == 2, info.steps
+        assert len(info.steps["task_peak_rss_mib"]["add"]) == 4  # one add task per part
         assert found_index.ntotal == expected_index.ntotal == FILES * PER_FILE
         assert info.search_params == expected.search_params and info.recall == expected.recall
         scores, ids = search(opened, expected.search_params, queries)

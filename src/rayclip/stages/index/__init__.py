@@ -322,6 +322,7 @@ def _fill(
         "part_vectors": shape.part_vectors,
         "ran_on": runner.where,
         "nodes": len(runner.nodes) or 1,  # Ray nodes the tasks ran on (1: this process)
+        "task_peak_rss_mib": runner.peaks or None,  # per step, each task's (None: ran in this process)
         "auto": note or None,
     }
     return _Made(

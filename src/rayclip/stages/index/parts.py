@@ -193,12 +193,13 @@ def shard_groups(parts: int, shards: int) -> list[list[int]]:
 
 class Runner:
     """Runs steps as Ray tasks (`remote`) or inline, in submission order either way; `nodes` collects
-    the Ray nodes the tasks ran on."""
+    the Ray nodes the tasks ran on, `peaks` each step's tasks' peak RSS in MiB."""
 
     def __init__(self, remote: bool) -> None:
         self.remote = remote
         self.where = "ray" if remote else "local"
         self.nodes: set[str] = set()
+        self.peaks: dict[str, list[int]] = {}
         if remote:
             cluster.start()
 
@@ -216,8 +217,9 @@ class Runner:
 
         declared = int(min(max(memory * SLACK, MIN_TASK_MEMORY), _largest_node_memory()))
         # max_retries=0: a step killed half-way fails the build (nothing is published) instead of
-        # being run again on top of what it left.
-        task = ray.remote(_on_node).options(memory=declared, max_retries=0)
+        # being run again on top of what it left. max_calls=1: a fresh worker per task, which hands
+        # its memory back when done and whose peak RSS is that task's own.
+        task = ray.remote(max_calls=1)(_on_node).options(memory=declared, max_retries=0)
         refs = [task.remote(function, *args) for function, *args in calls]
         pending = list(refs)
         while pending:
@@ -230,15 +232,20 @@ class Runner:
             if isinstance(failed.cause, UserError):  # a user's error raised in a task: its one line
                 raise failed.cause from None
             raise
-        self.nodes |= {node for node, _ in done}
-        return [result for _, result in done]
+        self.nodes |= {node for node, _, _ in done}
+        self.peaks.setdefault(calls[0][0].__name__, []).extend(peak for _, peak, _ in done)
+        return [result for _, _, result in done]
 
 
-def _on_node(function, *args) -> tuple[str, object]:
-    """A step run in a Ray task, with the node it ran on."""
+def _on_node(function, *args) -> tuple[str, int, object]:
+    """A step run in a Ray task: the node it ran on, the task's peak RSS in MiB, its result."""
+    import resource
+
     import ray
 
-    return ray.get_runtime_context().get_node_id(), function(*args)
+    result = function(*args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KiB on Linux
+    return ray.get_runtime_context().get_node_id(), peak, result
 
 
 def _largest_node_memory() -> int:
