@@ -23,6 +23,7 @@ REFERENCE = "clip_rayclip_ref_reference"
 FILES, PER_FILE = 4, 1500
 PART_VECTORS = 1600  # four parts over the 6,000 vectors, each crossing a silver file's boundary
 INDEX_TYPE = "IVF32,SQ8"
+ANCHORS = [0, 1599, 1600, 3333, 5999]  # faiss_ids at both ends of parts
 
 
 def write_day_files(root: Path) -> None:
@@ -81,6 +82,7 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
         "auto": None,
     }
     queries = clustered(1000, seed=0)  # fresh points around the same centres
+    stored = clustered(FILES * PER_FILE)[ANCHORS]  # faiss_id i is silver row i: ids are global, not per part
     want_scores, want_ids = search(opened, expected.search_params, queries)
     mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, local.build_id)))
 
@@ -90,6 +92,7 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
         assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == 2, info.steps
         assert len(info.steps["task_peak_rss_mib"]["add"]) == 4  # one add task per part
         assert found_index.ntotal == expected_index.ntotal == FILES * PER_FILE
+        assert search(opened, {"nprobe": 32}, stored)[1][:, 0].tolist() == ANCHORS
         assert info.search_params == expected.search_params and info.recall == expected.recall
         scores, ids = search(opened, expected.search_params, queries)
         np.testing.assert_allclose(scores, want_scores, atol=1e-5)
