@@ -77,9 +77,10 @@ def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
     rows = pa.concat_tables(parts).sort_by(
         [("media_id", "ascending"), ("embedded_at", "descending"), ("file_idx", "descending")]
     )
-    ids = rows.column("media_id").to_numpy(zero_copy_only=False)
+    ids = rows.column("media_id").combine_chunks()  # compared in Arrow: no Python string per row
     first = np.ones(len(ids), bool)
-    first[1:] = ids[1:] != ids[:-1]
+    if len(ids) > 1:
+        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
     chosen = rows.filter(pa.array(first)).sort_by([("file_idx", "ascending"), ("row_idx", "ascending")])
     return chosen, rows.num_rows - chosen.num_rows
 
