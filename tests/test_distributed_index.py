@@ -108,3 +108,30 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
         {"file": "shard-00000.faiss", "first": 0, "count": 3200},
         {"file": "shard-00001.faiss", "first": 3200, "count": 2800},
     ]
+
+
+def test_auto_takes_a_mergeable_family_for_parts_and_says_why():
+    """Fast-scan and Refine codes cannot be merged: a build in parts, on disk or in shards gets the
+    family that can, and build.json's steps.auto says which it did not take."""
+    alone = ann.choose_index_type(1_000_000, 512, 4 << 30)
+    assert not ann.mergeable(alone)  # one part: auto's first choice, fast-scan codes refined
+    shape = index._Shape("local", 250_000, 1, False)
+    chosen, form, note = index._choose_type(1_000_000, 512, "auto", 4 << 30, shape)
+    assert (chosen, form) == ("IVF4096,SQ6", "single") and ann.mergeable(chosen)
+    assert note == f"auto took IVF4096,SQ6, not {alone}, which cannot be merged from parts"
+    assert index._choose_type(1_000_000, 512, "auto", 4 << 30, index._Shape("local", 4_000_000, 1, False)) == (
+        alone,
+        "single",
+        "",
+    )
+
+
+@pytest.mark.parametrize("options", [{"shards": 2}, {"on_disk": True}])
+def test_a_type_that_cannot_merge_refuses_shards_and_on_disk(tmp_path, options):
+    from rayclip.errors import UserError
+
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(300), clustered(300))
+    with pytest.raises(UserError, match=r"^--index-type HNSW32 cannot be merged on disk or into shards"):
+        index.build(root, index_type="HNSW32", parallel="local", **options)
+    assert catalog.builds(root, REFERENCE) == []
