@@ -135,3 +135,20 @@ def test_a_type_that_cannot_merge_refuses_shards_and_on_disk(tmp_path, options):
     with pytest.raises(UserError, match=r"^--index-type HNSW32 cannot be merged on disk or into shards"):
         index.build(root, index_type="HNSW32", parallel="local", **options)
     assert catalog.builds(root, REFERENCE) == []
+
+
+def test_a_new_day_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
+    """Incremental builds extend single-file indexes only (for now): a base kept in shards is rebuilt."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(1500), clustered(1500)
+    write_silver(root, "2026-01-01", ids[:1000], vectors[:1000])
+    asked = {"index_type": "IVF8,SQ8", "part_vectors": 500, "parallel": "local", "shards": 2}
+    base = index.build(root, **asked)
+    write_silver(root, "2026-01-02", ids[1000:], vectors[1000:])
+    grown = index.build(root, **asked)
+    info = catalog.build_info(root, REFERENCE, grown.build_id)
+    assert info.base_build is None and info.count == 1500 and info.steps["parts"] == 3
+    assert (
+        info.full_build_reason
+        == f"base build {base.build_id} is kept as 'shards', this one as 'shards': only 'single' extends"
+    )
