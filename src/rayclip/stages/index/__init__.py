@@ -1,9 +1,10 @@
 """Gold layer: deduplicated silver vectors → FAISS index + mapping, published atomically.
 
-Two passes over the silver files keep one copy of the vectors in memory (the index itself):
-the first reads only (media_id, embedded_at) to choose the newest row per media_id, the second
-streams each file's chosen vectors into the index. faiss_id i is the i-th vector added, and
-mapping.parquet row i says which media_id it is (and its best clip_score over its captions).
+A first pass reads only (media_id, embedded_at) to choose the newest row per media_id; then the
+build's steps (parts.py: train once, add parts, finish in one file, on disk or in shards) run as
+Ray tasks or in this process, writing into the build's folder. faiss_id i is the i-th chosen row
+(file, then row), and mapping.parquet row i says which media_id it is (and its best clip_score over
+its captions). An incremental build instead extends CURRENT's single-file index here.
 When silver holds caption vectors, the build also carries a caption index: captions.faiss row j is
 one distinct caption, captions.parquet row j its text and the faiss_ids that carry it.
 The same protocol on a local folder and an object store (no rename needed): every file of a build
