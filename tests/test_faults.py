@@ -175,3 +175,52 @@ def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
     assert rerun.count == GOOD_IMAGES and catalog.current_build(root, REFERENCE) == rerun.build_id
     assert Searcher.open(root).info["build_id"] == rerun.build_id
     assert status(root, capsys)["debris"] == []
+
+
+PARTS = {"index_type": "IVF16,SQ8", "part_vectors": 1000, "retrain": True}  # three parts over 3,000 vectors
+
+
+def flags(options: dict) -> list[str]:
+    """--name value for each option (True: the bare flag)."""
+    named = [[f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)]) for k, v in options.items()]
+    return [word for flag in named for word in flag]
+
+
+@pytest.mark.parametrize(
+    "point, options",
+    [
+        ("index.train", {"parallel": "local"}),
+        ("index.add", {"parallel": "local"}),
+        ("index.merge", {"parallel": "local"}),
+        ("index.merge", {"parallel": "local", "on_disk": True}),
+        ("index.merge", {"parallel": "local", "shards": 2}),
+        ("index.add", {"parallel": "ray"}),  # the Ray task is killed, not the command
+    ],
+)
+def test_index_killed_in_each_step_of_a_build_in_parts(tmp_path, capsys, point, options):
+    """Each step of a build in parts killed: CURRENT stays, readers see the old build, the folder is
+    debris (or, when a Ray task dies, removed by the failing command), and a rerun publishes."""
+    from silver_helpers import clustered, media_ids, write_manifest, write_silver
+
+    root = tmp_path / "data"
+    ids, vectors = media_ids(3000), clustered(3000)
+    for day in range(3):
+        rows = slice(day * 1000, (day + 1) * 1000)
+        write_silver(root, f"2026-01-0{day + 1}", ids[rows], vectors[rows])
+    write_manifest(root, ids)
+    published = index.build(root, index_type="IVF16,SQ8", parallel="local").build_id
+
+    rc, out = rayclip("index", "--data-dir", str(root), *flags(PARTS | options), kill_at=point)
+    on_ray = options["parallel"] == "ray"
+    if on_ray:  # the driver sees its task die and fails the build
+        assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
+    else:
+        assert_killed(rc, out)
+
+    assert catalog.current_build(root, REFERENCE) == published and catalog.builds(root, REFERENCE) == [published]
+    assert Searcher.open(root).info["build_id"] == published
+    assert len(status(root, capsys)["debris"]) == (0 if on_ray else 1)
+
+    rerun = index.build(root, **PARTS | options | {"parallel": "local"})  # the same build, in this process
+    assert catalog.current_build(root, REFERENCE) == rerun.build_id and rerun.count == 3000
+    assert status(root, capsys)["debris"] == []

@@ -107,33 +107,37 @@ def f(p, storage):
     assert filesystem_uses(source) == {"import shutil", "import glob", "open()", "os.replace()", ".write_bytes"}
 
 
+def _stage_of(path: Path) -> str:
+    """The stage a module belongs to: a module under stages/, or a package there (its modules are one stage)."""
+    return path.relative_to(STAGES).parts[0].removesuffix(".py")
+
+
 def _stage_imports(path: Path) -> set[str]:
-    """The stage modules a module imports (relative `.x`/`..stages.x`, or rayclip.stages.x)."""
+    """The other stages a stage's module imports (relative imports resolved against its own package,
+    or rayclip.stages.x)."""
     found = set()
-    stages = {p.stem for p in STAGES.glob("*.py")} - {"__init__"}
+    package = list(path.relative_to(PACKAGE).parent.parts)  # where a level-1 import starts: ["stages", ...]
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 1:  # from .x import …, or from . import x
-                names = [module.split(".")[0]] if module else [a.name for a in node.names]
-            elif node.level == 2 and module.startswith("stages"):
-                names = [module.split(".")[1]] if "." in module else [a.name for a in node.names]
-            elif node.level == 0 and module.startswith("rayclip.stages"):
-                names = [module.split(".")[2]] if module.count(".") >= 2 else [a.name for a in node.names]
+            if node.level:
+                base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif (node.module or "").startswith("rayclip."):
+                base = node.module.split(".")[1:]
             else:
                 continue
-            found |= {n for n in names if n in stages}
+            targets = [base] if len(base) > 1 else [base + [a.name] for a in node.names]
+            found |= {t[1] for t in targets if t[0] == "stages" and len(t) > 1}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("rayclip.stages.")}
-    return found - {path.stem}
+    return found - {_stage_of(path)}
 
 
 def test_stages_never_import_each_other():
     crossings = {}
-    for path in sorted(STAGES.glob("*.py")):
-        if path.stem == "__init__":
+    for path in sorted(STAGES.rglob("*.py")):
+        if path.parent == STAGES and path.stem == "__init__":
             continue
         imported = _stage_imports(path)
         if imported:
-            crossings[path.stem] = sorted(imported)
+            crossings[path.relative_to(STAGES).as_posix()] = sorted(imported)
     assert crossings == {}

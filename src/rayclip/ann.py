@@ -33,6 +33,7 @@ MAX_NLIST = 8192  # k-means over more lists costs more CPU time than a 2-core bu
 # Exact scores this close count as equal when recall is judged: float32 inner products of the same
 # vector computed in different BLAS blocks differ by ~1e-7, and 1e-4 of cosine orders nothing a user sees.
 TIE_TOLERANCE = 1e-4
+_FAST_SCAN = re.compile(r"PQ\d+(x4)?fs")  # fast-scan PQ codes (PQ32x4fs, PQ32fs)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -67,7 +68,15 @@ def index_bytes(index_type: str, count: int, dim: int) -> int:
     return count * (scalar + product + ID_BYTES) + centroids
 
 
-def choose_index_type(count: int, dim: int, max_bytes: int) -> str:
+def mergeable(index_type: str) -> bool:
+    """Whether indexes of this type built from parts (on one trained quantizer) can be merged, in RAM or
+    on disk, and memory-mapped: IVF with plain inverted lists. Not flat or HNSW (no lists: a graph cannot
+    be merged), not fast-scan codes (packed in blocks: FAISS's merge corrupts them) nor Refine(...)
+    (its re-ranking codes sit outside the lists)."""
+    return "IVF" in index_type and not _FAST_SCAN.search(index_type) and ",Refine(" not in index_type
+
+
+def choose_index_type(count: int, dim: int, max_bytes: int, merge: bool = False) -> str:
     """Flat, then HNSW, then an IVF index whose codes take the most bytes
     that fit both the budget and a quarter of the flat index.
 
@@ -76,11 +85,12 @@ def choose_index_type(count: int, dim: int, max_bytes: int) -> str:
     re-rank. Short codes scan fast, so probing many lists costs little, and the re-ranking codes
     decide the recall (8-bit ones would not fit a quarter of flat's bytes next to the PQ codes and
     ids; 4-bit ones rank too coarsely). Where ids weigh too much for both (small dim), 6-bit codes
-    of each vector's residual to its list alone. Then, for tight budgets, OPQ-rotated PQ."""
-    if count < FLAT_BELOW and index_bytes(FLAT, count, dim) <= max_bytes:
+    of each vector's residual to its list alone. Then, for tight budgets, OPQ-rotated PQ.
+    With `merge`, only types that can be built in parts and merged (`mergeable`)."""
+    if count < FLAT_BELOW and index_bytes(FLAT, count, dim) <= max_bytes and not merge:
         return FLAT
     hnsw = f"HNSW{HNSW_LINKS}"
-    if count < HNSW_BELOW and index_bytes(hnsw, count, dim) <= max_bytes:
+    if count < HNSW_BELOW and index_bytes(hnsw, count, dim) <= max_bytes and not merge:
         return hnsw
     nlist = nlist_for(count, MAX_NLIST)
     # Lists are found by brute force over the centroids: at most MAX_NLIST·dim multiply-adds, cheaper
@@ -91,7 +101,7 @@ def choose_index_type(count: int, dim: int, max_bytes: int) -> str:
         + [f"{ivf},SQ6"]
         + [f"OPQ{code}_{dim},{ivf},PQ{code}x8" for code in (dim // 4, dim // 8, dim // 16) if code >= 4]
     )
-    for candidate in candidates:
+    for candidate in (c for c in candidates if mergeable(c) or not merge):
         per_vector = index_bytes(candidate, 1, dim) - index_bytes(candidate, 0, dim)  # codes + id
         if per_vector <= dim and index_bytes(candidate, count, dim) <= max_bytes:  # dim bytes: ¼ of flat's
             return candidate
@@ -280,8 +290,13 @@ class Truth:
         scores, positions = faiss.knn(
             self.queries, vectors, min(depth, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT
         )
+        self.merge(np.where(positions >= 0, ids[positions], -1), scores)
+
+    def merge(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        """Keep the best of these neighbours and the known ones (another part's Truth of the same queries)."""
+        depth = self.ids.shape[1]
         merged_scores = np.concatenate([self.scores, scores], axis=1)
-        merged_ids = np.concatenate([self.ids, np.where(positions >= 0, ids[positions], -1)], axis=1)
+        merged_ids = np.concatenate([self.ids, ids], axis=1)
         order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :depth]
         self.scores = np.take_along_axis(merged_scores, order, axis=1)
         self.ids = np.take_along_axis(merged_ids, order, axis=1)

@@ -36,6 +36,7 @@ DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a n
 DEFAULT_MAX_INDEX_MEMORY = "4G"
 DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")
+PARALLEL = ("auto", "ray", "local")  # where an index build's train, add and finish steps run
 SEARCH_OVER = ("images", "captions")  # what a query searches: a build's image index or its caption index
 EXPORT_FORMATS = ("webdataset", "parquet", "folder")
 INDEX_TYPES_HELP = "auto (flat, HNSW or IVF by the count and --max-index-memory), flat, or a FAISS factory string"
@@ -127,6 +128,15 @@ class IndexOptions:
     max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, "memory budget auto picks the index for")
     target_recall: float = _opt(DEFAULT_TARGET_RECALL, "recall@10 vs exact search the build tunes for")
     retrain: bool = _opt(False, "full build: do not extend the CURRENT index")
+    parallel: str = _opt(
+        "auto",
+        "where the build's steps run: Ray tasks (joining $RAY_ADDRESS, else a local cluster) or this process "
+        "(auto: Ray when $RAY_ADDRESS is set or the build has more than one part)",
+        choices=PARALLEL,
+    )
+    part_vectors: int = _opt(4_000_000, "vectors one add task indexes (one part of the build)", positive=True)
+    shards: int = _opt(1, "keep the index as K shards, one per server, instead of one file", positive=True)
+    on_disk: bool = _opt(False, "merge the index on disk (index.ivfdata, memory-mapped when served), not in RAM")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -209,6 +209,10 @@ class BuildInfo:
     # + index.ivfdata, merged on disk), "shards" (shard-NNNNN.faiss, one per `shards` entry).
     form: str = "single"
     shards: list[dict] | None = None  # form "shards": [{"file", "first", "count"}], faiss_ids first..first+count-1
+    # How a full build ran: {"parts", "part_vectors", "ran_on": "ray" | "local", "nodes", "task_peak_rss_mib":
+    # {step: [MiB per task]}, "auto": why auto took a family that merges (None: it did not have to)}; None: an
+    # incremental build or one from before parts.
+    steps: dict | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
 
@@ -268,6 +272,36 @@ def read_index(loc: Location, size: int | None = None):
 
     with _committed(loc, size, "FAISS index") as f:
         return faiss.read_index(faiss.PyCallbackIOReader(f.read, storage.CHUNK_BYTES))
+
+
+def write_index(loc: Location, index) -> None:
+    """A FAISS index written whole to its file or object, streamed (no second copy in memory)."""
+    import faiss
+
+    with storage.open_output(loc) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+
+
+@contextlib.contextmanager
+def merged_on_disk(trained, parts: list[Location], index_loc: Location, data_loc: Location) -> Iterator[object]:
+    """The empty `trained` IVF index filled with the inverted lists of `parts` (indexes on the same
+    quantizer) merged on disk, written to `index_loc` and `data_loc` (its lists: codes and ids) and
+    yielded while its lists are still open. FAISS merges and mmaps only local files by name: parts are
+    copied to a scratch folder first when they live on an object store, the merged files uploaded after.
+    Readers open index_loc with IO_FLAG_ONDISK_SAME_DIR, which finds the lists beside it by name."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    with storage.scratch_folder("rayclip-merge-") as scratch:
+        local = [storage.cached(part, scratch / f"part-{i:05d}.faiss") for i, part in enumerate(parts)]
+        data = scratch / data_loc.name
+        with storage.quiet_stdout():  # FAISS's C++ prints each resize of the lists file
+            merge_ondisk(trained, [str(path) for path in local], str(data))
+        written = scratch / index_loc.name
+        faiss.write_index(trained, str(written))
+        storage.upload(data, data_loc)
+        storage.upload(written, index_loc)
+        yield trained
 
 
 def read_parquet(loc: Location, columns: list[str] | None = None, size: int | None = None) -> pa.Table:

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -409,6 +410,27 @@ def write_atomic(loc: Location, data: bytes | str) -> None:
     """Write the whole of `data`; readers see the old content (or nothing) until it is complete."""
     with open_output(loc) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """File descriptor 1 sent to /dev/null inside the block: native code that prints (FAISS's C++)
+    must not mix into a command's --json output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def upload(local: Path, loc: Location) -> None:
+    """Copy a finished local file (FAISS wrote it by name) to `loc`, committed whole."""
+    with open(local, "rb") as source, open_output(loc) as target:
+        _copy(source, target)
 
 
 def write_json_atomic(loc: Location, obj: dict) -> None:

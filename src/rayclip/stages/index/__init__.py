@@ -1,9 +1,10 @@
 """Gold layer: deduplicated silver vectors → FAISS index + mapping, published atomically.
 
-Two passes over the silver files keep one copy of the vectors in memory (the index itself):
-the first reads only (media_id, embedded_at) to choose the newest row per media_id, the second
-streams each file's chosen vectors into the index. faiss_id i is the i-th vector added, and
-mapping.parquet row i says which media_id it is (and its best clip_score over its captions).
+A first pass reads only (media_id, embedded_at) to choose the newest row per media_id; then the
+build's steps (parts.py: train once, add parts, finish in one file, on disk or in shards) run as
+Ray tasks or in this process, writing into the build's folder. faiss_id i is the i-th chosen row
+(file, then row), and mapping.parquet row i says which media_id it is (and its best clip_score over
+its captions). An incremental build instead extends CURRENT's single-file index here.
 When silver holds caption vectors, the build also carries a caption index: captions.faiss row j is
 one distinct caption, captions.parquet row j its text and the faiss_ids that carry it.
 The same protocol on a local folder and an object store (no rename needed): every file of a build
@@ -23,14 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import ann, faults
-from ..errors import UserError
-from ..model import ModelSpec
-from ..options import IndexOptions
-from ..progress import Progress
-from ..store import catalog, debris, layout, storage
-from ..store.catalog import BuildInfo
-from ..store.storage import Location
+from ... import ann, cluster, faults
+from ...errors import UserError
+from ...model import ModelSpec
+from ...options import IndexOptions
+from ...progress import Progress
+from ...store import catalog, debris, layout, storage
+from ...store.catalog import BuildInfo
+from ...store.storage import Location
+from . import parts
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -77,35 +79,12 @@ def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
     rows = pa.concat_tables(parts).sort_by(
         [("media_id", "ascending"), ("embedded_at", "descending"), ("file_idx", "descending")]
     )
-    ids = rows.column("media_id").to_numpy(zero_copy_only=False)
+    ids = rows.column("media_id").combine_chunks()  # compared in Arrow: no Python string per row
     first = np.ones(len(ids), bool)
-    first[1:] = ids[1:] != ids[:-1]
+    if len(ids) > 1:
+        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
     chosen = rows.filter(pa.array(first)).sort_by([("file_idx", "ascending"), ("row_idx", "ascending")])
     return chosen, rows.num_rows - chosen.num_rows
-
-
-def _vectors(f: Location, rows: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(catalog.vector_matrix(catalog.read_parquet(f, ["embedding"]))[rows])
-
-
-def _check_vectors(vectors: np.ndarray, f: Location) -> None:
-    if not np.isfinite(vectors).all():
-        raise UserError(f"silver file {f.name} holds NaN or infinite vectors; re-embed with --force")
-    norms = np.linalg.norm(vectors, axis=1)
-    if len(norms) and np.abs(norms - 1).max() > NORM_TOLERANCE:
-        raise UserError(f"silver file {f.name} holds vectors that are not L2-normalised; re-embed with --force")
-
-
-def _read_positions(
-    files: list[Location], file_idx: np.ndarray, row_idx: np.ndarray, positions: np.ndarray
-) -> np.ndarray:
-    """The vectors of these chosen rows (sorted positions = faiss_ids), reading only files that hold some."""
-    parts = []
-    for i, f in enumerate(files):
-        rows = row_idx[positions][file_idx[positions] == i]
-        if len(rows):
-            parts.append(_vectors(f, rows))
-    return np.concatenate(parts)
 
 
 def _sample_positions(count: int, nlist: int | None, trains: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -120,25 +99,6 @@ def _sample_positions(count: int, nlist: int | None, trains: bool) -> tuple[np.n
     wanted = max(TRAIN_SAMPLE, TRAIN_PER_LIST * (nlist or 0))
     pool = order[len(queries) :] if count >= 2 * len(queries) else order
     return queries, np.sort(pool[:wanted])
-
-
-def _new_index(index_type: str, dim: int):
-    import faiss
-
-    if index_type == "flat":
-        return faiss.IndexFlatIP(dim)
-    try:
-        index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise UserError(
-            f"unknown --index-type {index_type!r}; use auto, flat or a FAISS factory string (HNSW32, IVF1024,Flat)"
-        ) from None
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index)) if ann.nlist_of(index) is not None else None
-    if hasattr(ivf, "do_polysemous_training"):
-        # index_factory turns on polysemous training for PQ codes: minutes of CPU for a Hamming
-        # filter that inner-product search never uses.
-        ivf.do_polysemous_training = False
-    return index
 
 
 def _sources(root: Location) -> pa.Table:
@@ -198,7 +158,7 @@ def _caption_index(root: Location, model_version: str, mapping: pa.Table, scores
     rows = stored  # sorted by caption_id; a join cannot carry the vectors along (pyarrow: no fixed_size_list)
     carried = carriers["faiss_id_list"].take(pc.index_in(rows["caption_id"], value_set=carriers["caption_id"]))
     vectors = catalog.vector_matrix(rows)
-    _check_vectors(vectors, layout.silver_table_dir(root, layout.CAPTIONS))
+    parts.check_vectors(vectors, layout.silver_table_dir(root, layout.CAPTIONS), NORM_TOLERANCE)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     table = pa.table(
@@ -214,9 +174,10 @@ def _caption_index(root: Location, model_version: str, mapping: pa.Table, scores
 
 @dataclasses.dataclass
 class _Made:
-    """An index filled from silver, before tuning and publishing."""
+    """An index filled from silver, before publishing: held here (an incremental build, `index`) or
+    already written into the build's folder by the build's steps (`tuning` measured there)."""
 
-    index: object
+    index: object | None
     index_type: str
     rows: pa.Table  # faiss_id, media_id, embedded_at
     truth: ann.Truth
@@ -224,33 +185,134 @@ class _Made:
     base_build: str | None = None
     added: int = 0
     replaced: int = 0
+    count: int = 0
+    tuning: ann.Tuning | None = None
+    form: str = "single"
+    shards: list[dict] | None = None
+    steps: dict | None = None  # how the steps ran: parts, where, and auto's note on the family
+    written: list[Location] = dataclasses.field(default_factory=list)  # index files the steps wrote
 
 
-def _fill(files: list[Location], dim: int, index_type: str, max_bytes: int, progress: Progress | None = None) -> _Made:
-    """A new index over the newest vector of every media_id, streamed one silver file at a time."""
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """How a full build runs and keeps its index (IndexOptions' parallel, part_vectors, shards, on_disk)."""
+
+    parallel: str
+    part_vectors: int
+    shards: int
+    on_disk: bool
+
+    @property
+    def form(self) -> str:
+        return "shards" if self.shards > 1 else "ondisk" if self.on_disk else "single"
+
+
+def _choose_type(count: int, dim: int, index_type: str, max_bytes: int, shape: _Shape) -> tuple[str, str, str]:
+    """(index type, form, why auto chose as it did). A build in several parts, on disk or in shards needs
+    a type whose parts merge (ann.mergeable); auto picks one and says so; an index that fits no budget
+    in RAM is merged on disk (memory-mapped when served)."""
+    form = shape.form
+    merge = form != "single" or count > shape.part_vectors
+    if index_type != "auto":
+        if form != "single" and not ann.mergeable(index_type):
+            raise UserError(
+                f"--index-type {index_type} cannot be merged on disk or into shards; use an IVF type "
+                "without fast-scan or Refine (e.g. IVF4096,SQ6), or auto"
+            )
+        return index_type, form, ""
+    budget = max_bytes * shape.shards if form == "shards" else max_bytes  # a shard fits one server's budget
+    if form == "ondisk":
+        budget = _UNBOUNDED  # the lists stay on disk
+    try:
+        chosen = ann.choose_index_type(count, dim, budget, merge)
+    except UserError:
+        if form != "single":
+            raise
+        form, merge = "ondisk", True
+        chosen = ann.choose_index_type(count, dim, _UNBOUNDED, merge)
+        return chosen, form, f"no index of {count} vectors fits --max-index-memory in RAM: merged on disk"
+    try:
+        unconstrained = ann.choose_index_type(count, dim, budget)
+    except UserError:
+        unconstrained = chosen
+    if unconstrained == chosen:
+        return chosen, form, ""
+    why = f"{shape.shards} shards" if form == "shards" else "on disk" if form == "ondisk" else "from parts"
+    return chosen, form, f"auto took {chosen}, not {unconstrained}, which cannot be merged {why}"
+
+
+_UNBOUNDED = 1 << 62
+
+
+def _fill(
+    files: list[Location],
+    dim: int,
+    index_type: str,
+    max_bytes: int,
+    shape: _Shape,
+    folder: Location,
+    target_recall: float,
+    progress: Progress | None = None,
+) -> _Made:
+    """A new index over the newest vector of every media_id: trained once on a uniform sample, filled in
+    parts, finished in its form and tuned (parts.py's steps, as Ray tasks or here)."""
     chosen, dropped = _choose_rows(files)
     count = chosen.num_rows
-    if index_type == "auto":
-        index_type = ann.choose_index_type(count, dim, max_bytes)
-    index = _new_index(index_type, dim)
+    index_type, form, note = _choose_type(count, dim, index_type, max_bytes, shape)
+    plan = parts.Plan(index_type, dim, folder, form, shape.shards, NORM_TOLERANCE)
+    ranges = parts.part_ranges(count, shape.part_vectors, index_type)
+    remote = shape.parallel == "ray" or (shape.parallel == "auto" and (cluster.joins() or len(ranges) > 1))
+    runner = parts.Runner(remote)
     file_idx = chosen.column("file_idx").to_numpy()
     row_idx = chosen.column("row_idx").to_numpy()
-    queries, training = _sample_positions(count, ann.nlist_of(index), not index.is_trained)
-    sample = _read_positions(files, file_idx, row_idx, np.union1d(queries, training))
-    positions = np.union1d(queries, training)
-    truth = ann.Truth.empty(sample[np.isin(positions, queries)], queries, TRUTH_DEPTH)
-    if not index.is_trained:
-        index.train(sample[np.isin(positions, training)])
-    del sample
-    first = 0
-    for i, f in enumerate(files):
-        vectors = _vectors(f, row_idx[file_idx == i])
-        _check_vectors(vectors, f)
-        index.add(vectors)
-        truth.add(vectors, np.arange(first, first + len(vectors)))
-        first += len(vectors)
-        if progress:
-            progress(i + 1, len(files))
+
+    empty = parts.new_index(index_type, dim)  # no vectors: what it needs to be trained on
+    queries, training = _sample_positions(count, ann.nlist_of(empty), not empty.is_trained)
+    sample = np.union1d(queries, training)
+    train = (
+        parts.train,
+        plan,
+        parts.rows_at(files, file_idx, row_idx, sample),
+        np.isin(sample, queries),
+        np.isin(sample, training),
+    )
+    [query_vectors] = runner.run([train], parts.vector_bytes(len(sample), dim))
+    truth = ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)
+
+    largest = max(n for _, n in ranges)
+    adds = [
+        (parts.add, plan, i, parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)), first, part_truth)
+        for i, (first, n) in enumerate(ranges)
+        for part_truth in [ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)]  # each part its own
+    ]
+    memory = parts.vector_bytes(largest, dim) + parts.index_memory(index_type, largest, dim)
+    for ids, scores in runner.run(adds, memory, progress):
+        truth.merge(ids, scores)
+
+    all_parts = list(range(len(ranges)))
+    whole = parts.index_memory(index_type, count, dim)
+    tune = (truth, target_recall, RECALL_K, LATENCY_QUERIES)
+    shards = None
+    if form == "single":
+        [(total, tuning)] = runner.run([(parts.finish_single, plan, all_parts, *tune)], whole)
+        written = [layout.index_file(folder)]
+    elif form == "ondisk":
+        [(total, tuning)] = runner.run([(parts.finish_ondisk, plan, all_parts, *tune)], whole // len(ranges))
+        written = [layout.index_file(folder), layout.index_data_file(folder)]
+    else:
+        groups = parts.shard_groups(len(ranges), shape.shards)
+        runner.run([(parts.finish_shard, plan, k, group) for k, group in enumerate(groups)], whole // shape.shards)
+        [(total, tuning)] = runner.run([(parts.tune_shards, plan, all_parts, *tune)], whole)
+        written = [layout.shard_file(folder, k) for k in range(len(groups))]
+        shards = [
+            {"file": f.name, "first": ranges[g[0]][0], "count": sum(ranges[p][1] for p in g)}
+            for f, g in zip(written, groups)
+        ]
+    storage.delete(folder / parts.PARTS_FOLDER)
+    if ann.nlist_of(empty) is None:
+        storage.delete(layout.trained_file(folder))  # nothing trained: no quantizer for later parts
+    else:
+        written.append(layout.trained_file(folder))
     rows = pa.table(
         {
             "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
@@ -258,7 +320,27 @@ def _fill(files: list[Location], dim: int, index_type: str, max_bytes: int, prog
             "embedded_at": chosen.column("embedded_at"),
         }
     )
-    return _Made(index, index_type, rows, truth, dropped)
+    steps = {
+        "parts": len(ranges),
+        "part_vectors": shape.part_vectors,
+        "ran_on": runner.where,
+        "nodes": len(runner.nodes) or 1,  # Ray nodes the tasks ran on (1: this process)
+        "task_peak_rss_mib": runner.peaks or None,  # per step, each task's (None: ran in this process)
+        "auto": note or None,
+    }
+    return _Made(
+        None,
+        index_type,
+        rows,
+        truth,
+        dropped,
+        count=total,
+        tuning=tuning,
+        form=form,
+        shards=shards,
+        steps=steps,
+        written=written,
+    )
 
 
 def _silver_name(root: Location, model_version: str, f: Location) -> str:
@@ -266,13 +348,17 @@ def _silver_name(root: Location, model_version: str, f: Location) -> str:
 
 
 def _incremental_base(
-    root: Location, model_version: str, files: list[Location], index_type: str, retrain: bool
+    root: Location, model_version: str, files: list[Location], index_type: str, retrain: bool, shape: _Shape
 ) -> tuple[BuildInfo | None, str]:
     """build.json of the CURRENT build to extend, or None and why the build starts from scratch."""
     current = catalog.current_build(root, model_version)
     if retrain or current is None:
         return None, "--retrain" if retrain else "first build"
     info = catalog.build_info(root, model_version, current)
+    if info.form != "single" or shape.form != "single":
+        # New silver is added in place to a single-file index only; adding it as new parts on the
+        # base's trained.faiss (and replacing changed vectors in place) is not written yet.
+        return None, f"base build {current} is kept as {info.form!r}, this one as {shape.form!r}: only 'single' extends"
     names = {_silver_name(root, model_version, f) for f in files}
     tuning = layout.tuning_file(layout.build_dir(root, model_version, current))
     if info.silver_files is None or not storage.exists(tuning):
@@ -351,8 +437,7 @@ def _extend(
             progress(i + 1, len(new_files))
         if not in_file.any():
             continue
-        vectors = _vectors(f, row_idx[in_file])
-        _check_vectors(vectors, f)
+        vectors = parts.read_vectors(parts.Rows([f], [row_idx[in_file]]), NORM_TOLERANCE)
         ids, old = faiss_ids[in_file], replace[in_file]
         if old.any():
             ann.replace_vectors(index, ids[old], vectors[old])
@@ -390,14 +475,19 @@ def build(
     max_index_memory: int | str = IndexOptions.max_index_memory,
     target_recall: float = IndexOptions.target_recall,
     retrain: bool = IndexOptions.retrain,
+    parallel: str = IndexOptions.parallel,
+    part_vectors: int = IndexOptions.part_vectors,
+    shards: int = IndexOptions.shards,
+    on_disk: bool = IndexOptions.on_disk,
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build and publish a new gold build; returns what was published.
 
     Extends CURRENT (same model_version, trained index) with only the new silver files unless
     `retrain`, a `dt` filter, too many new rows, or a recall below `target_recall` or measured on
-    fewer held-out queries than a full build's call for a full build. progress(done, total) counts
-    silver files added."""
+    fewer held-out queries than a full build's call for a full build. A full build trains once, adds
+    parts of `part_vectors` in parallel (Ray tasks when `parallel` says so) and keeps the index in one
+    file, merged on disk (`on_disk`) or in `shards`. progress(done, total) counts silver files or parts added."""
     import faiss  # noqa: F401 - faiss first: it and numpy must agree on the BLAS threads
 
     started = time.monotonic()
@@ -414,11 +504,73 @@ def build(
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
+    shape = _Shape(parallel, part_vectors, shards, on_disk)
     dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (
-        (None, "--dt picks one partition") if dt else _incremental_base(root, model_version, files, index_type, retrain)
+        (None, "--dt picks one partition")
+        if dt
+        else _incremental_base(root, model_version, files, index_type, retrain, shape)
     )
+    build_id = layout.new_run_id()
+    folder = layout.build_dir(root, model_version, build_id)
+    debris.sweep(root, debris.BUILD_FOLDERS)  # folders of builds killed before their build.json
+    with storage.working(folder, keep=True):  # parts and merged files are written into it from here
+        made, tuning, info, why_full = _build_into(
+            folder,
+            root,
+            model_version,
+            files,
+            spec_file,
+            dim,
+            base,
+            why_full,
+            index_type,
+            max_bytes,
+            target_recall,
+            shape,
+            started,
+            progress,
+        )
+    faults.point("index.publish")  # the build committed, CURRENT still names the previous one
+    storage.write_atomic(layout.current_file(root, model_version), build_id + "\n")
+    return BuildReport(
+        build_id,
+        model_version,
+        info.count,
+        dim,
+        made.index_type,
+        made.dropped,
+        info.source_partitions,
+        info.timings,
+        storage.uri(folder),
+        tuning.recall_at_k,
+        tuning.target_met,
+        tuning.params,
+        info.index_bytes,
+        made.base_build or f"none (full build: {why_full})",
+        ann.shortfall(tuning, made.index_type, index_type == "auto" and not made.base_build, info.count, dim),
+    )
+
+
+def _build_into(
+    folder: Location,
+    root: Location,
+    model_version: str,
+    files: list[Location],
+    spec_file: Location,
+    dim: int,
+    base: BuildInfo | None,
+    why_full: str,
+    index_type: str,
+    max_bytes: int,
+    target_recall: float,
+    shape: _Shape,
+    started: float,
+    progress: Progress | None,
+) -> tuple[_Made, ann.Tuning, BuildInfo, str]:
+    """Every file of the build in `folder`, build.json last: CURRENT's index extended when it can be,
+    else a full build. Returns what was made, its tuning, its build.json and why a full build."""
     made = None
     if base is not None:
         made, why_full = _extend(root, model_version, files, base, progress)
@@ -429,26 +581,26 @@ def build(
             made = None
     rejected = None
     if made is None:
-        made = _fill(files, dim, index_type, max_bytes, progress)
-        tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+        made = _fill(files, dim, index_type, max_bytes, shape, folder, target_recall, progress)
+        tuning = made.tuning
         fallback = ann.fallback_for(made.index_type) if index_type == "auto" and not tuning.target_met else None
         if fallback:  # the measured recall, not the rule, has the last word
             rejected = {"index_type": made.index_type, f"recall_at_{RECALL_K}": tuning.recall_at_k}
-            made = _fill(files, dim, fallback, max_bytes, progress)
-            tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+            made = _fill(files, dim, fallback, max_bytes, shape, folder, target_recall, progress)
+            tuning = made.tuning
     built_s = time.monotonic() - started
 
     scores = _clip_scores(root, model_version)
     mapping = _mapping(made.rows, root, scores)
     captions = _caption_index(root, model_version, mapping, scores)
-    index = made.index
+    count = made.index.ntotal if made.index is not None else made.count
     unique = len(pc.unique(mapping.column("media_id")))
-    if not index.ntotal == mapping.num_rows == unique:
+    if not count == mapping.num_rows == unique:
         raise UserError(
-            f"refusing to publish: index has {index.ntotal} vectors, mapping {mapping.num_rows}, unique ids {unique}"
+            f"refusing to publish: index has {count} vectors, mapping {mapping.num_rows}, unique ids {unique}"
         )
 
-    build_id = layout.new_run_id()
+    build_id = folder.name
     partitions = sorted({f.parent.name for f in files})
     info = BuildInfo(
         build_id=build_id,
@@ -459,7 +611,7 @@ def build(
         index_type=made.index_type,
         index_type_asked=index_type,
         auto_rejected=rejected,
-        count=int(index.ntotal),
+        count=int(count),
         duplicates_dropped=made.dropped,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         source_partitions=partitions,
@@ -472,69 +624,47 @@ def build(
         recall=tuning.record(),
         query_ms={"p50": tuning.p50_ms, "p99": tuning.p99_ms, "queries": min(LATENCY_QUERIES, len(made.truth.queries))},
         captions={"count": captions.index.ntotal, "index_type": ann.FLAT} if captions else None,
+        form=made.form,
+        shards=made.shards,
+        steps=made.steps,
     )
-    folder = layout.build_dir(root, model_version, build_id)
-    debris.sweep(root, debris.BUILD_FOLDERS)  # folders of builds killed before their build.json
-    _write_build(folder, index, mapping, made.truth, info, started, built_s, captions)
-    faults.point("index.publish")  # the build committed, CURRENT still names the previous one
-    storage.write_atomic(layout.current_file(root, model_version), build_id + "\n")
-    return BuildReport(
-        build_id,
-        model_version,
-        info.count,
-        dim,
-        made.index_type,
-        made.dropped,
-        partitions,
-        info.timings,
-        storage.uri(folder),
-        tuning.recall_at_k,
-        tuning.target_met,
-        tuning.params,
-        info.index_bytes,
-        made.base_build or f"none (full build: {why_full})",
-        ann.shortfall(tuning, made.index_type, index_type == "auto" and not made.base_build, info.count, dim),
-    )
-
-
-def _write_index(loc: Location, index) -> None:
-    import faiss
-
-    with storage.open_output(loc) as f:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # streamed, no second copy in memory
+    _write_build(folder, made, mapping, info, started, built_s, captions)
+    return made, tuning, info, why_full
 
 
 def _write_build(
     folder: Location,
-    index,
+    made: _Made,
     mapping: pa.Table,
-    truth: ann.Truth,
     info: BuildInfo,
     started: float,
     built_s: float,
     captions: _Captions | None = None,
 ) -> None:
-    """Every file of the build, each written whole (the caption index too, when there is one), then
-    build.json: the commit. The folder is held while it is written (a concurrent build's sweep leaves
-    it alone) and kept when done."""
-    with storage.working(folder, keep=True):
-        _write_index(layout.index_file(folder), index)
-        faults.point("index.build")  # the build half written, without its build.json
-        with storage.open_output(layout.mapping_file(folder)) as f:
-            pq.write_table(mapping, f)
-        with storage.open_output(layout.tuning_file(folder)) as f:
-            truth.save(f)
-        written = [layout.index_file(folder), layout.mapping_file(folder), layout.tuning_file(folder)]
-        if captions is not None:
-            _write_index(layout.caption_index_file(folder), captions.index)
-            with storage.open_output(layout.caption_mapping_file(folder)) as f:
-                pq.write_table(captions.rows, f)
-            written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
-        info.index_bytes = storage.size(layout.index_file(folder))
-        # What build.json commits, byte for byte: readers check every file against it.
-        info.file_bytes = {f.name: storage.size(f) for f in written}
-        info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
-        info.write(layout.build_info_file(folder))
+    """The rest of the build's files, each written whole beside the index files its steps wrote (the
+    index itself here when this process holds it; the caption index too, when there is one), then
+    build.json: the commit. The caller holds the folder (a concurrent build's sweep leaves it alone)."""
+    written = list(made.written)
+    if made.index is not None:
+        catalog.write_index(layout.index_file(folder), made.index)
+        written = [layout.index_file(folder)]
+    faults.point("index.build")  # the build half written, without its build.json
+    with storage.open_output(layout.mapping_file(folder)) as f:
+        pq.write_table(mapping, f)
+    with storage.open_output(layout.tuning_file(folder)) as f:
+        made.truth.save(f)
+    written += [layout.mapping_file(folder), layout.tuning_file(folder)]
+    if captions is not None:
+        catalog.write_index(layout.caption_index_file(folder), captions.index)
+        with storage.open_output(layout.caption_mapping_file(folder)) as f:
+            pq.write_table(captions.rows, f)
+        written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
+    index_files = [layout.shard_file(folder, k) for k in range(len(made.shards))] if made.shards else written[:1]
+    info.index_bytes = sum(storage.size(f) for f in index_files)
+    # What build.json commits, byte for byte: readers check every file against it.
+    info.file_bytes = {f.name: storage.size(f) for f in written}
+    info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
+    info.write(layout.build_info_file(folder))
 
 
 def rollback(root: Location | str, model_version: str | None = None) -> tuple[str, str]:

@@ -1,0 +1,125 @@
+"""The gold build in parts: its steps as Ray tasks vs the same steps in one process, on the same silver.
+
+bench_index.py's clustered 512-d vectors (the same generator, seed and silver files). Per size, two
+full builds of the same index type, parts and form, each in its own process: `--parallel local` (every
+step inline: the single-process build) and `--parallel ray` (a local Ray cluster on this machine's
+cores, or the one $RAY_ADDRESS names). Prints each build's wall time and the ratio, the driver's peak
+RSS (the building process), every task's peak RSS by step (from build.json), recall@10 against exact
+search on 1,000 held-out vectors, and the 1-minute load average as the build ended.
+
+    python benchmarks/bench_index_distributed.py --sizes 1000000
+    python benchmarks/bench_index_distributed.py --sizes 10000000 --data-dir big/   # silver kept for reruns
+    python benchmarks/bench_index_distributed.py --sizes 1000000 --on-disk          # or --shards 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_index import MODEL_VERSION, write_silver
+
+
+def one_build(root: Path, parallel: str, args) -> dict:
+    """Runs in a child process: one full build; its wall time, this process's peak RSS, build.json."""
+    from rayclip.stages import index
+
+    started = time.perf_counter()
+    report = index.build(
+        root,
+        MODEL_VERSION,
+        index_type=args.index_type,
+        max_index_memory=args.max_index_memory,
+        retrain=True,
+        parallel=parallel,
+        part_vectors=args.part_vectors,
+        shards=args.shards,
+        on_disk=args.on_disk,
+    )
+    wall_s = time.perf_counter() - started
+    info = json.loads((Path(report.path) / "build.json").read_text())
+    with contextlib.suppress(ImportError):
+        import ray
+
+        ray.shutdown()
+    return {
+        "wall_s": round(wall_s, 1),
+        "driver_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "index_type": info["index_type"],
+        "form": info["form"],
+        "steps": info["steps"],
+        "recall_at_10": info["recall"]["recall_at_10"],
+        "params": info["search_params"],
+        "index_bytes": info["index_bytes"],
+        "load": round(os.getloadavg()[0], 1),
+    }
+
+
+def run_child(root: Path, parallel: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", str(root), parallel] + args.passthrough
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def show(size: int, row: dict) -> None:
+    steps = row["steps"]
+    peaks = steps["task_peak_rss_mib"] or {}
+    tasks = "  ".join(f"{step} {max(mib) / 1024:.2f} GiB (x{len(mib)})" for step, mib in peaks.items())
+    print(
+        f"{size:>11,} {steps['ran_on']:<5} {row['index_type']} ({row['form']}, {steps['parts']} parts, "
+        f"{steps['nodes']} node(s))  wall {row['wall_s']:>8.1f} s  driver peak {row['driver_peak_gib']:.2f} GiB  "
+        f"recall@10 {row['recall_at_10']:.3f} {row['params']}  index {row['index_bytes'] / 2**20:.0f} MiB  "
+        f"load {row['load']:.1f}" + (f"\n{'':>12}task peaks: {tasks}" if tasks else ""),
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=100_000, help="vectors per silver file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index-type", default="auto")
+    parser.add_argument("--max-index-memory", default="4G")
+    parser.add_argument("--part-vectors", type=int, default=250_000, help="vectors per add task")
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--on-disk", action="store_true")
+    parser.add_argument("--data-dir", default=None, help="where silver and gold go, kept for a rerun to reuse")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        root, parallel = args.child
+        print(json.dumps(one_build(Path(root), parallel, args)))
+        return
+    args.passthrough = [a for a in sys.argv[1:] if a not in {str(s) for s in args.sizes} and a != "--sizes"]
+    print(f"{args.dim}-d Gaussian mixture, {args.clusters} clusters, seed {args.seed}; {os.cpu_count()} CPUs")
+    with contextlib.ExitStack() as stack:
+        top = Path(args.data_dir) if args.data_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for size in args.sizes:
+            root = top / f"n{size}"
+            started = time.perf_counter()
+            if write_silver(root, "2026-01-01", 0, size, args):
+                print(f"{size:>11,} vectors written as silver in {time.perf_counter() - started:.1f} s", flush=True)
+            local = run_child(root, "local", args)
+            show(size, local)
+            distributed = run_child(root, "ray", args)
+            show(size, distributed)
+            print(
+                f"{size:>11,} distributed / single-process wall time: {distributed['wall_s'] / local['wall_s']:.2f}  "
+                f"(driver peak {distributed['driver_peak_gib']:.2f} vs {local['driver_peak_gib']:.2f} GiB)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
