@@ -25,7 +25,9 @@ from collections.abc import Callable
 # What S3 answers when it sheds load, and when it fails inside.
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
+DENIED = (403, "AccessDenied", "Access Denied")  # not a fault: a refusal no retry changes (kind "denied")
 FAULTS = ("slowdown", "internal", "reset", "cut")
+ANSWERS = {"slowdown": SLOW_DOWN, "internal": INTERNAL, "denied": DENIED}
 CUT_PAUSE_S = 0.05  # between a cut answer's headers, its part of the body, and the close
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
 
@@ -131,8 +133,8 @@ class ThrottlingProxy:
             handler.close_connection = True
             handler.connection.close()
             return
-        if fault in ("slowdown", "internal"):
-            status, code, message = SLOW_DOWN if fault == "slowdown" else INTERNAL
+        if fault in ANSWERS:
+            status, code, message = ANSWERS[fault]
             payload = b"" if method == "HEAD" else _error_body(code, message, path)
             handler.send_response(status)
             handler.send_header("Content-Type", "application/xml")

@@ -227,6 +227,34 @@ def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done
     assert rerun != published and Searcher.open(s3_root).info["count"] == ROWS + 40
 
 
+def bronze_object(method: str, path: str) -> bool:
+    return "/bronze/objects/" in path
+
+
+def upload(local, root) -> None:
+    """A local data root's files, each written to the same place under `root`."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.write_atomic(root / str(f.relative_to(local)), f.read_bytes())
+
+
+def test_a_refusal_inside_a_ray_task_is_one_line_and_exit_1(s3_proxy, s3_root, ingested, ray_session, capfd):
+    """The store refuses every bronze read (403, which no retry changes): embed's actors raise it in
+    Ray, and the terminal shows one line, no traceback, and the exit status is 1."""
+    upload(ingested, s3_root)
+    url = storage.uri(s3_root)
+    s3_proxy.throttle(1.0, methods=("GET",), match=bronze_object, kinds=("denied",))
+    capfd.readouterr()
+    assert cli("embed", "--data-dir", url, "--pretrained", "reference", "--actors", "1", "--batch-size", "8") == 1
+    out, err = capfd.readouterr()
+    assert s3_proxy.spoilt["GET", "denied"] >= 1
+    assert re.fullmatch(
+        rf"rayclip embed: error: the object store gave up on {re.escape(url)}/bronze/objects/\S+ after 1 attempt: "
+        r"403 AccessDenied \(\$RAYCLIP_S3_MAX_ATTEMPTS sets the attempts\)\n",
+        err,
+    ), err
+    assert "Traceback" not in out + err
+
+
 # ---------------------------------------------------------------- short or empty committed objects
 
 

@@ -182,9 +182,10 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 
 def gave_up(exc: BaseException) -> StoreError | None:
-    """The innermost StoreError in an exception's chain (raised in a Ray task, wrapped by Ray), if any."""
+    """The innermost StoreError in an exception's chain (raised in a Ray task, wrapped by Ray), if any.
+    Its own line only: Ray Data adds lines of its own (its retry count) to a UDF's error message."""
     found = [e for e in _chain(exc) if isinstance(e, StoreError)]
-    return StoreError(str(found[-1].args[0])) if found else None
+    return StoreError(str(found[-1].args[0]).splitlines()[0]) if found else None
 
 
 @contextlib.contextmanager
@@ -193,9 +194,7 @@ def refusals_surfaced(root: Location) -> Iterator[None]:
     errors) comes out as the one-line StoreError, as it does in this one."""
     try:
         yield
-    except StoreError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # a StoreError too: Ray raises its own error as an instance of the cause's class
         found = gave_up(exc)
         if found is not None:
             raise found from None
