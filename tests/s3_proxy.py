@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
 DENIED = (403, "AccessDenied", "Access Denied")  # not a fault: a refusal no retry changes (kind "denied")
+# Nor is kind "short": a well-formed answer for half the object (a HEAD's Content-Length, a GET's body).
 FAULTS = ("slowdown", "internal", "reset", "cut")
 ANSWERS = {"slowdown": SLOW_DOWN, "internal": INTERNAL, "denied": DENIED}
 CUT_PAUSE_S = 0.05  # between a cut answer's headers, its part of the body, and the close
@@ -59,7 +61,7 @@ class ThrottlingProxy:
         self.lock = threading.Lock()
         self.local = threading.local()  # each handler thread's connection to the upstream server
         self.seen: Counter = Counter()  # method -> requests
-        self.paths: Counter = Counter()  # (method, path without its query) -> requests, spoilt or not
+        self.paths: Counter = Counter()  # (method, key(path)) -> requests, spoilt or not
         self.spoilt: Counter = Counter()  # (method, fault) -> requests answered with a fault
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault) of each spoilt request
         proxy = self
@@ -106,7 +108,7 @@ class ThrottlingProxy:
     def _draw(self, method: str, path: str) -> str | None:
         with self.lock:
             self.seen[method] += 1
-            self.paths[method, path.split("?")[0]] += 1
+            self.paths[method, key(path)] += 1
             rule = self.rule
             if not rule.share or method not in rule.methods or not rule.match(method, path):
                 return None
@@ -147,9 +149,14 @@ class ThrottlingProxy:
             headers["Content-Length"] = str(len(body))
         reply, data = self._forward(method, path, body, headers)
         handler.send_response_only(reply.status, reply.reason)
-        for key, value in reply.getheaders():
-            if key.lower() not in HOP_BY_HOP and not (key.lower() == "content-length" and method != "HEAD"):
-                handler.send_header(key, value)
+        for name, value in reply.getheaders():
+            if name.lower() not in HOP_BY_HOP and not (name.lower() == "content-length" and method != "HEAD"):
+                if fault == "short" and method == "HEAD" and name.lower() == "content-length":
+                    value = str(int(value) // 2)
+                if not (fault == "short" and name.lower().startswith("x-amz-checksum")):
+                    handler.send_header(name, value)
+        if fault == "short":  # a whole answer with half the object, as a bad copy or disk hands it back
+            data = data[: len(data) // 2]
         if method != "HEAD":
             handler.send_header("Content-Length", str(len(data)))
         if fault == "cut":
@@ -175,6 +182,11 @@ class ThrottlingProxy:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def key(path: str) -> str:
+    """A request's path without its query, unquoted: the same for every client's spelling of it."""
+    return urllib.parse.unquote(path.split("?")[0])
 
 
 def _cut_short(handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:

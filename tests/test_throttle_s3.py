@@ -14,7 +14,7 @@ import re
 
 import pytest
 from conftest import cli
-from s3_proxy import FAULTS
+from s3_proxy import FAULTS, key
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
 from rayclip import Searcher
@@ -216,7 +216,7 @@ def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done
         r"after 2 attempts: 503 SlowDown \(\$RAYCLIP_S3_MAX_ATTEMPTS sets the attempts\)",
         err[0],
     ), err[0]
-    assert s3_proxy.spoilt["GET", "slowdown"] >= 2
+    assert dict(s3_proxy.spoilt) == {("GET", "slowdown"): 2}  # one request, its two attempts: then it gave up
     assert catalog.current_build(s3_root, REFERENCE) == published
     assert catalog.builds(s3_root, REFERENCE) == [published]
     assert debris.find(s3_root) == []
@@ -315,6 +315,26 @@ def test_a_committed_object_cut_in_the_store_is_refused_never_read(s3_root, tmp_
     message = str(refused.value)
     assert "\n" not in message and target.name in message, message
     assert f"its commit recorded {size} bytes" in message, message
+
+
+def test_a_committed_object_reported_short_once_is_asked_again_and_used(s3_proxy, s3_root, tmp_path, monkeypatch):
+    """The store reports half the manifest part's size once (a HEAD, as a store whose copy is not
+    whole yet), then the object: the reader checks the size against the commit's, asks again and
+    goes on. Exactly one HEAD more than a clean read reaches the store."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ids = fill(s3_root)
+    [part] = catalog.manifest_parts(s3_root)
+    path = ("HEAD", "/" + part.path)
+
+    def heads_of_a_read() -> int:
+        before = s3_proxy.paths[path]
+        assert sorted(catalog.read_manifest(s3_root).column("media_id").to_pylist()) == sorted(ids)
+        return s3_proxy.paths[path] - before
+
+    clean = heads_of_a_read()
+    s3_proxy.throttle(1.0, methods=("HEAD",), match=lambda method, p: key(p) == path[1], kinds=("short",), limit=1)
+    assert heads_of_a_read() == clean + 1
+    assert dict(s3_proxy.spoilt) == {("HEAD", "short"): 1}
 
 
 @pytest.mark.parametrize("kind", ["build.json", "silver commit record", "CURRENT"])
