@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bounded
 import httpx
 import numpy as np
 import pytest
@@ -41,10 +42,11 @@ def _env() -> dict:
     return env | {"PYTHONPATH": str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")}
 
 
-def _rayclip(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    """`rayclip ARGS` in its own process, on its own Ray (RAY_ADDRESS left out)."""
+def _rayclip(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`rayclip ARGS` in its own process, on its own Ray (RAY_ADDRESS left out); the whole tree is
+    killed when `timeout` (below the test's) runs out."""
     cmd = [sys.executable, "-m", "rayclip.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return bounded.run(cmd, timeout, capture_output=True, text=True, env=_env())
 
 
 # ------------------------------------------------------------------ progress, logs, --json on the CLI
