@@ -1,5 +1,7 @@
 """A throttling proxy in front of moto's S3 server: every request the pipeline makes to the store
-passes through it, and a seeded share of them gets what a busy S3 answers instead of the real reply.
+passes through it, and a seeded share of them gets what a busy S3 answers instead of the real reply:
+503 SlowDown, 500 InternalError, a connection reset without an answer, or the real answer cut short
+(its connection closed before the Content-Length it announced, as a download whose connection breaks).
 
 Stdlib only (http.server + http.client). By default it forwards everything untouched; a test sets
 `proxy.throttle(share, ...)` for the requests it wants spoilt and `proxy.clean()` after. Ray's
@@ -16,13 +18,19 @@ import random
 import socket
 import struct
 import threading
+import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 
 # What S3 answers when it sheds load, and when it fails inside.
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
-FAULTS = ("slowdown", "internal", "reset")
+DENIED = (403, "AccessDenied", "Access Denied")  # not a fault: a refusal no retry changes (kind "denied")
+# Nor is kind "short": a well-formed answer for half the object (a HEAD's Content-Length, a GET's body).
+FAULTS = ("slowdown", "internal", "reset", "cut")
+ANSWERS = {"slowdown": SLOW_DOWN, "internal": INTERNAL, "denied": DENIED}
+CUT_PAUSE_S = 0.05  # between a cut answer's headers, its part of the body, and the close
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
 
 
@@ -32,6 +40,7 @@ class Rule:
     methods: tuple[str, ...] = ("HEAD", "GET", "PUT", "POST", "DELETE")
     match: Callable[[str, str], bool] = lambda method, path: True  # (method, path) -> spoil it?
     kinds: tuple[str, ...] = FAULTS  # which faults, drawn evenly
+    limit: int | None = None  # spoil no more than this many (then the store answers again)
 
 
 def _error_body(code: str, message: str, path: str) -> bytes:
@@ -52,7 +61,9 @@ class ThrottlingProxy:
         self.lock = threading.Lock()
         self.local = threading.local()  # each handler thread's connection to the upstream server
         self.seen: Counter = Counter()  # method -> requests
+        self.paths: Counter = Counter()  # (method, key(path)) -> requests, spoilt or not
         self.spoilt: Counter = Counter()  # (method, fault) -> requests answered with a fault
+        self.log: list[tuple[str, str, str]] = []  # (method, path, fault) of each spoilt request
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -89,6 +100,7 @@ class ThrottlingProxy:
             self.rule = Rule(share, **rule)
             self.rng = random.Random(seed)
             self.spoilt.clear()
+            self.log.clear()
 
     def clean(self) -> None:
         self.throttle(0.0)
@@ -96,12 +108,14 @@ class ThrottlingProxy:
     def _draw(self, method: str, path: str) -> str | None:
         with self.lock:
             self.seen[method] += 1
+            self.paths[method, key(path)] += 1
             rule = self.rule
             if not rule.share or method not in rule.methods or not rule.match(method, path):
                 return None
-            if self.rng.random() >= rule.share:
+            if self.rng.random() >= rule.share or rule.limit == sum(self.spoilt.values()):
                 return None
             fault = self.rng.choice(rule.kinds)
+            self.log.append((method, path, fault))
             self.spoilt[method, fault] += 1
             return fault
 
@@ -121,8 +135,8 @@ class ThrottlingProxy:
             handler.close_connection = True
             handler.connection.close()
             return
-        if fault is not None:
-            status, code, message = SLOW_DOWN if fault == "slowdown" else INTERNAL
+        if fault in ANSWERS:
+            status, code, message = ANSWERS[fault]
             payload = b"" if method == "HEAD" else _error_body(code, message, path)
             handler.send_response(status)
             handler.send_header("Content-Type", "application/xml")
@@ -135,11 +149,19 @@ class ThrottlingProxy:
             headers["Content-Length"] = str(len(body))
         reply, data = self._forward(method, path, body, headers)
         handler.send_response_only(reply.status, reply.reason)
-        for key, value in reply.getheaders():
-            if key.lower() not in HOP_BY_HOP and not (key.lower() == "content-length" and method != "HEAD"):
-                handler.send_header(key, value)
+        for name, value in reply.getheaders():
+            if name.lower() not in HOP_BY_HOP and not (name.lower() == "content-length" and method != "HEAD"):
+                if fault == "short" and method == "HEAD" and name.lower() == "content-length":
+                    value = str(int(value) // 2)
+                if not (fault == "short" and name.lower().startswith("x-amz-checksum")):
+                    handler.send_header(name, value)
+        if fault == "short":  # a whole answer with half the object, as a bad copy or disk hands it back
+            data = data[: len(data) // 2]
         if method != "HEAD":
             handler.send_header("Content-Length", str(len(data)))
+        if fault == "cut":
+            _cut_short(handler, b"" if method == "HEAD" else data)
+            return
         handler.end_headers()
         if method != "HEAD":
             handler.wfile.write(data)
@@ -160,6 +182,33 @@ class ThrottlingProxy:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def key(path: str) -> str:
+    """A request's path without its query, unquoted: the same for every client's spelling of it."""
+    return urllib.parse.unquote(path.split("?")[0])
+
+
+def _cut_short(handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
+    """The real answer, its connection closed halfway: the full headers and half the body, or, for an
+    answer without a body (HEAD, PUT), half its headers. The upstream has acted (a PUT is stored), so
+    only the client's retry can tell. The headers go first and the close comes a moment after the
+    last bytes, as on a real connection that breaks mid-download: the client has its answer before
+    the body fails."""
+    handler._headers_buffer.append(b"\r\n")  # http.server's buffer: status line and headers, unsent
+    head = b"".join(handler._headers_buffer)
+    handler._headers_buffer = []
+    if data:
+        handler.wfile.write(head)
+        handler.wfile.flush()
+        time.sleep(CUT_PAUSE_S)
+        handler.wfile.write(data[: len(data) // 2])
+    else:
+        handler.wfile.write(head[: len(head) // 2])
+    handler.wfile.flush()
+    time.sleep(CUT_PAUSE_S)
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 def _read_exactly(handler: http.server.BaseHTTPRequestHandler, size: int) -> bytes:

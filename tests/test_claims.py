@@ -57,3 +57,28 @@ def test_api_overview_is_status_json(gold_store, tmp_path, capsys):
     assert printed["bronze"]["objects"] > 0 and printed["silver"] and printed["gold"][0]["current"]
     assert printed["debris"] == [{"path": str(killed.relative_to(root)), "bytes": 10}]
     assert {run["stage"] for run in printed["runs"]} == {"ingest", "embed"}
+    assert_counts_are_the_files(root, printed)
+
+
+def assert_counts_are_the_files(root, printed: dict) -> None:
+    """The document against the files themselves, read here with pyarrow and the filesystem, not
+    through the code that wrote the document: a count computed wrong fails here, on both sides."""
+    import pyarrow.parquet as pq
+
+    objects = [p for p in layout.objects_dir(root).rglob("*") if p.is_file() and not p.name.startswith(".")]
+    manifest = [p for p in layout.manifest_dir(root).glob("*.parquet")]
+    bronze = printed["bronze"]
+    assert bronze["objects"] == len(objects) and bronze["object_bytes"] == sum(p.stat().st_size for p in objects)
+    assert bronze["manifest_rows"] == sum(pq.read_metadata(p).num_rows for p in manifest)
+    for entry in printed["silver"]:
+        partition = layout.silver_partition(root, entry["model_version"], entry["dt"])
+        files = sorted(partition.glob("*.parquet"))
+        assert (entry["files"], entry["rows"]) == (len(files), sum(pq.read_metadata(f).num_rows for f in files))
+    for build in printed["gold"]:
+        current = layout.current_file(root, build["model_version"]).read_text().strip()
+        info = json.loads(
+            (layout.build_dir(root, build["model_version"], build["build_id"]) / "build.json").read_text()
+        )
+        assert build["current"] == (build["build_id"] == current) and build["count"] == info["count"]
+    records = [*layout.ingest_runs_dir(root).glob("*.json"), *layout.embed_runs_dir(root).glob("*.json")]
+    assert sorted(run["run_id"] for run in printed["runs"]) == sorted(p.stem for p in records)

@@ -4,6 +4,7 @@ send, checked against our own /api routes, plus its real client and its real fro
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import http.server
 import importlib.util
@@ -246,10 +247,11 @@ def test_openapi_documents_the_routes(client):
         ({"image_url": "http://example.com/a.jpg"}, 422, "start the server with --allow-url-queries"),
     ],
 )
-def test_bad_requests_get_one_clear_message(client, body, status, message):
+def test_bad_requests_get_one_clear_message(client, loopback_only, body, status, message):
     response = knn(client, clip_client_body(MODEL_VERSION) | body)
     assert response.status_code == status, response.text
     assert isinstance(response.json()["detail"], str) and message in response.json()["detail"]
+    assert loopback_only == []  # the image_url refused without a DNS query or a connection
 
 
 def test_unparseable_body_is_one_clear_message(client):
@@ -531,11 +533,17 @@ def test_url_query_end_to_end_equals_base64_query(gold_store, recorder, monkeypa
 @pytest.fixture
 def live(gold_store):
     """`rayclip serve` on loopback (CORS open to the front's origin, set once the front is up)."""
+    with serving_live(gold_store[0]) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving_live(root, serve_images: bool = False):
     import uvicorn
 
     front_port = _free_port()
     port = _free_port()
-    app = create_app(gold_store[0], cors_origins=[f"http://127.0.0.1:{front_port}"])
+    app = create_app(root, cors_origins=[f"http://127.0.0.1:{front_port}"], serve_images=serve_images)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -568,17 +576,32 @@ def test_clip_retrieval_client_queries_rayclip(live, client):
     assert {"id", "similarity", "url", "caption"} <= set(got[0])
 
 
-def test_clip_retrieval_front_shows_results_in_chromium(live, site, tmp_path):
+def test_clip_retrieval_front_shows_results_in_chromium(gold_store, tmp_path):
+    """With --serve-images the front loads the store's own copies (/api/images/…): the shared gold
+    store's original URLs may be another test worker's site."""
     front = CLIP_RETRIEVAL / "front" / "build"
     if not (front / "index.html").exists():
         pytest.skip(NOT_FETCHED)
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed and `make test` could not install it (needs apt-get as root)")
     import httpx
+
+    query = "a large red circle on the left on a white background"
+    with serving_live(gold_store[0], serve_images=True) as (back, front_port):
+        sources, captions = front_in_chromium(front, back, front_port, query, tmp_path)
+        # The front shows what /knn-service answers for its body, one figure per URL, the store's copies.
+        body = json.dumps(front_body(query, MODEL_VERSION))
+        results = httpx.post(f"{back}/knn-service", content=body, timeout=60)
+    expected = list(dict.fromkeys(r["url"] for r in results.json()))
+    assert sources == expected and all(src.startswith(back + "/api/images/") for src in sources)
+    assert len(captions) == len(sources) and captions[0].strip()
+
+
+def front_in_chromium(front: Path, back: str, front_port: int, query: str, tmp_path: Path) -> tuple[list, list]:
+    """clip-retrieval's front served on front_port against `back`, searched for `query` in Chromium:
+    (the result images' src, the captions) once the first six have loaded."""
     from playwright.sync_api import sync_playwright
 
-    back, front_port = live
-    query = "a large red circle on the left on a white background"
     served = Path(shutil.copytree(front, tmp_path / "front"))
     (served / "config.json").write_text(json.dumps({"defaultBackend": back, "defaultIndex": MODEL_VERSION}))
     handler = functools.partial(synthetic._QuietHandler, directory=str(served))
@@ -606,8 +629,4 @@ def test_clip_retrieval_front_shows_results_in_chromium(live, site, tmp_path):
     finally:
         front_server.shutdown()
         front_server.server_close()
-    # The front shows what /knn-service answers for its body, one figure per URL, original URLs.
-    results = httpx.post(f"{back}/knn-service", content=json.dumps(front_body(query, MODEL_VERSION)), timeout=60)
-    expected = list(dict.fromkeys(r["url"] for r in results.json()))
-    assert sources == expected and all(src.startswith(site["base"] + "/") for src in sources)
-    assert len(captions) == len(sources) and captions[0].strip()
+    return sources, captions

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
+import bounded
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -101,7 +101,7 @@ def test_missing_weights_fail_fast_with_one_line(store, tmp_path):
     """Offline (HF_HUB_OFFLINE) with an empty Hugging Face cache, whatever this host has cached or reaches."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}
     cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(store)]  # ViT-B-32 / openai
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    done = bounded.run(cmd, 120, capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert "weights for ViT-B-32/openai are not cached and cannot be downloaded here" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -8,11 +8,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import bounded
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -72,7 +72,7 @@ def test_embed_killed_during_commit_on_s3_shows_only_the_committed_run_and_rerun
         storage.uri(s3_store),
         DAY,
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    done = bounded.run(cmd, 400, capture_output=True, text=True, env=env)  # in a test of 900 s
     assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
 
     # Ray wrote the run's files into the same partition, but readers see exactly the first run.
@@ -102,6 +102,7 @@ def is_data_file(path: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a two-node cluster's start and an embed, under load: its subprocess gets 400 s
 def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path):
     """Two raylets with 1 CPU each, the data root on S3: both nodes embed, and neither the working
     folder nor TMPDIR holds a data file after. Every process of the cluster inherits TMPDIR: Ray keeps
@@ -115,7 +116,7 @@ def test_two_node_cluster_on_s3_writes_nothing_to_local_disk(s3_store, tmp_path)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(scratch)}
     env.pop("RAY_TMPDIR", None)
     try:
-        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+        done = bounded.run(cmd, 400, cwd=cwd, env=env, capture_output=True, text=True)  # in a test of 600 s
         assert done.returncode == 0 and "{" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
         out = json.loads(done.stdout.splitlines()[-1])  # the helper's line, after what `rayclip embed` printed
         run = out["run"]

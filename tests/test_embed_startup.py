@@ -7,7 +7,6 @@ import json
 import pickle
 
 import numpy as np
-import pytest
 import torch
 from conftest import assert_rows_are_open_clips, cli, read_silver
 from PIL import Image
@@ -38,6 +37,19 @@ def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preproce
     assert np.array_equal(from_half.encode_uint8(pixels), half.encode_uint8(pixels))
 
 
+def test_startup_is_cut_at_the_marks_in_the_order_they_came():
+    """Each phase gets the seconds since the one before it ended; one that ended before an earlier-
+    listed phase (model_build while Ray started) gets only what it added; unknown marks are left out."""
+    marks = {"plan": 101.0, "ray_start": 104.0, "model_build": 102.5, "first_batch": 110.0, "other": 120.0}
+    assert embed.startup_breakdown(100.0, marks) == {
+        "plan": 1.0,
+        "model_build": 1.5,
+        "ray_start": 1.5,
+        "first_batch": 6.0,
+    }
+    assert embed.startup_breakdown(100.0, {"plan": 99.0, "ray_start": 103.0}) == {"plan": 0.0, "ray_start": 3.0}
+
+
 def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_startup_down(store, ray_session):
     rotten = catalog.read_manifest(store, ["media_id", "path"]).to_pylist()[0]
     (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
@@ -61,7 +73,7 @@ def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_st
         phases = recorded["startup_breakdown"]
         assert {"plan", "ray_start", "model_build", "imports", "model_load", "first_batch"} <= set(phases)
         assert set(phases) <= set(embed.STARTUP_PHASES) and min(phases.values()) >= 0
-        assert sum(phases.values()) == pytest.approx(recorded["startup_s"], abs=0.01)
+        assert 0 < recorded["startup_s"] <= recorded["wall_s"]
     assert_rows_are_open_clips(store, read_silver(store, runs["actor"].model_version))
     assert len(vectors["actor"]) > 20 and vectors["tasks"].keys() == vectors["actor"].keys()
     assert all(np.array_equal(vectors["tasks"][m], vectors["actor"][m]) for m in vectors["actor"])

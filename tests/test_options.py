@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
 import typing
+from pathlib import Path
 
 import pytest
+import uvicorn
 
-from rayclip import cli, export, model, pipeline, train
+from rayclip import cli, export, model, options, pipeline, train
 from rayclip.eval import recall
 from rayclip.http import app
 from rayclip.options import (
@@ -27,6 +30,7 @@ from rayclip.options import (
     ServeOptions,
     TrainOptions,
 )
+from rayclip.query import service as service_module
 from rayclip.query.searcher import Searcher
 from rayclip.stages import captions, embed, index, ingest
 
@@ -239,3 +243,106 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every flag reaches the library call
+
+
+class StopError(Exception):
+    """Raised by a spied library call once it has recorded its arguments: no work is done."""
+
+
+# What each command calls with its options: (module, name); the last one called stops the command.
+CALLED = {
+    "ingest": [(ingest, "ingest_metadata")],
+    "embed": [(model, "resolve"), (pipeline, "embed_silver")],
+    "index": [(index, "build")],
+    "export": [(export, "export")],
+    "search": [(service_module, "search")],
+    "eval": [(model, "resolve"), (pipeline, "evaluate_metadata")],
+    "demo": [(pipeline, "run_demo")],
+    "train-reference": [(train, "train_reference")],
+    "serve": [(app, "create_app"), (uvicorn, "run")],
+}
+# Values that must have a form the CLI checks before the library call.
+GIVEN = {"dt": "2026-01-02", "where": "width > 1", "model": "ViT-B-32", "pretrained": "openai", "host": "127.0.0.2"}
+
+
+def a_value_unlike_the_default(action: argparse.Action) -> list[str]:
+    """The flag with a value its default is not (valid for its type and choices)."""
+    flag, default = action.option_strings[0], action.default
+    if isinstance(action, argparse._StoreTrueAction):
+        return [flag]
+    if action.dest in GIVEN:
+        return [flag, GIVEN[action.dest]]
+    if action.choices:
+        return [flag, str(next(c for c in action.choices if c != default and [c] != default))]
+    if action.nargs in ("+", "*"):
+        return [flag, "3", "7"] if action.type in (int, options._positive_int) else [flag, "x", "y"]
+    if action.type in (int, options._positive_int):
+        return [flag, str((default or 0) + 3)]
+    if action.type is float:
+        return [flag, str(default / 2 if default else 0.25)]
+    return [flag, f"given-{action.dest}"]
+
+
+def received_by(command: str, given: list[str], called: list[tuple]) -> tuple[dict, dict]:
+    """(what the command line parsed to, what the spied library calls received, by parameter name)
+    for `command` with `given` and every option set unlike its default."""
+    argv = [command, *given]
+    for action in subparsers()[command]._actions:
+        if action.dest in offered(command) and action.help != argparse.SUPPRESS:
+            argv += a_value_unlike_the_default(action)
+    calls: dict[str, dict] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for i, (module, name) in enumerate(called):
+            real = getattr(module, name)
+
+            @functools.wraps(real)  # its signature: the CLI passes what the signature takes
+            def spy(*args, _real=real, _name=name, _last=i == len(called) - 1, **kwargs):
+                bound = inspect.signature(_real).bind_partial(*args, **kwargs).arguments
+                extra = [p.name for p in inspect.signature(_real).parameters.values() if p.kind is p.VAR_KEYWORD]
+                calls[_name] = bound | (bound.pop(extra[0], {}) if extra else {})
+                if _last:
+                    raise StopError
+                return _real() if _name == "resolve" else _real(*args, **kwargs)  # a model this machine has
+
+            patch.setattr(module, name, spy)
+        with pytest.raises(StopError):
+            cli.main(argv)
+    return vars(cli.build_parser().parse_args(argv)), {k: v for call in calls.values() for k, v in call.items()}
+
+
+# Each way a command runs, when it has several: what selects it and the calls it makes.
+MODES = {
+    "search": [(["--q", "a red circle"], CALLED["search"])],
+    "eval": [
+        (MINIMAL["eval"], CALLED["eval"]),
+        (["--dataset", "karpathy"], [(model, "resolve"), (pipeline, "evaluate_benchmark")]),
+    ],
+}
+
+
+@pytest.mark.parametrize("command", list(CALLED))
+def test_every_flag_a_command_generates_reaches_its_library_call(command, monkeypatch, tmp_path):
+    """Each option of the command, set to a value unlike its default, arrives at the library function
+    (bound to its parameter name, positional or keyword) with the value parsed: a cmd_* that drops a
+    flag or passes a constant for it fails here. A command with several modes (eval's --metadata and
+    --dataset) passes each option in one of them."""
+    monkeypatch.chdir(tmp_path)
+    received: dict = {}
+    for given, called in MODES.get(command, [(MINIMAL.get(command, []), CALLED[command])]):
+        parsed, got = received_by(command, given, called)
+        received |= got
+    if command == "search":
+        received |= dataclasses.asdict(received.pop("options"))
+    if command == "serve":
+        received |= {"max_upload_mb": received["max_upload_bytes"] >> 20, "cors_origin": received["cors_origins"]}
+    for name, default in offered(command).items():
+        if name == "allow_anonymous":
+            continue  # check_bind's: test_serving_claims
+        want = parsed[name]
+        assert want != (list(default) if isinstance(default, tuple) else default), f"{command} --{name}: a default"
+        got = received.get(name, "(not passed)")
+        got = list(got) if isinstance(got, tuple) else str(got) if isinstance(got, Path) else got
+        assert got == want, f"{command} --{name}"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bounded
 import pytest
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
 
@@ -106,12 +107,12 @@ def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetc
 # Every test that serves the demo's site on its fixed port lives in this file (one test worker).
 
 
-def rayclip_process(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def rayclip_process(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`rayclip ARGS` in its own process, off a terminal, starting its own Ray (RAY_ADDRESS left out)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(rayclip.__file__).parents[1]), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "rayclip.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return bounded.run(cmd, timeout, capture_output=True, text=True, env=env)  # the tree killed at timeout
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import bounded
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -113,16 +114,20 @@ def test_readers_never_see_a_partial_build(built, tmp_path):
 
     root, stop = built[0], tmp_path / "stop"
     cmd = [sys.executable, "-c", READER, str(root), str(GOOD_IMAGES), str(stop)]
-    reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert reader.stdout.readline().strip() == "ready"  # its model is loaded; it polls from now on
+        assert bounded.readline_within(reader.stdout, 120).strip() == "ready"  # its model is loaded; it polls now
         for _ in range(PUBLISHES):
             if reader.poll() is not None:
                 break
             index.build(root)
     finally:
         stop.touch()
-        out, err = reader.communicate(timeout=120)
+        try:
+            out, err = reader.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            bounded.kill_tree(reader)
+            raise
     assert reader.returncode == 0, err[-2000:]
     result = json.loads(out)
     assert result["builds_seen"] >= PUBLISHES // 2 and result["checks"] > PUBLISHES, result

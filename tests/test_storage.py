@@ -159,23 +159,46 @@ def test_a_long_run_keeps_its_folder_held(root, monkeypatch):
 # ---------------------------------------------------------------- retries, and what rayclip gives Ray
 
 
-def test_every_s3_client_retries_as_the_one_knob_says(monkeypatch):
+def s3fs_read(loc) -> bytes:
+    return storage.read_bytes(loc)
+
+
+def shipped_arrow_read(loc) -> bytes:
+    """pyarrow's client as Ray Data ships it to its read tasks: pickled, then read through."""
     import pickle
 
-    root = storage.data_root("s3://bucket/prefix")
-    assert root.fs.config_kwargs["retries"] == {
-        "total_max_attempts": storage.DEFAULT_S3_MAX_ATTEMPTS,
-        "mode": "standard",
-    }
-    arrow_fs, path = storage.arrow(root)
-    shipped = pickle.loads(pickle.dumps(arrow_fs))  # as Ray Data ships it to its read and write tasks
-    assert path == "bucket/prefix" and shipped.attempts == storage.DEFAULT_S3_MAX_ATTEMPTS
-    assert shipped.options["endpoint_override"] == os.environ["AWS_ENDPOINT_URL"]
+    filesystem, path = storage.arrow(loc)
+    with pickle.loads(pickle.dumps(filesystem)).open_input_stream(path) as f:
+        return f.read()
 
+
+@pytest.mark.parametrize("read", [s3fs_read, shipped_arrow_read], ids=["s3fs", "pyarrow shipped"])
+def test_every_s3_client_makes_as_many_attempts_as_the_one_knob_says(s3_proxy, monkeypatch, read):
+    """Counted at the proxy: with $RAYCLIP_S3_MAX_ATTEMPTS=4 (the clients' own defaults are 3) a GET
+    answered 500 three times succeeds on its fourth request; answered 500 every time, it is given up
+    after exactly four."""
+    monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "4")
+    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    loc = root / "knob.bin"
+    storage.write_atomic(loc, b"k" * 1000)
+    path = ("GET", "/" + loc.path)
+
+    s3_proxy.throttle(1.0, methods=("GET",), kinds=("internal",), limit=3)
+    before = s3_proxy.paths[path]
+    assert read(loc) == b"k" * 1000
+    assert s3_proxy.paths[path] - before == 4 and s3_proxy.spoilt["GET", "internal"] == 3
+
+    s3_proxy.throttle(1.0, methods=("GET",), kinds=("internal",))
+    before = s3_proxy.paths[path]
+    with pytest.raises((storage.StoreError, OSError)):
+        read(loc)
+    assert s3_proxy.paths[path] - before == 4
+
+
+def test_the_knob_and_the_retry_mode_reach_other_processes(monkeypatch):
+    """What rayclip hands img2dataset's and Ray's processes (their own S3 clients read AWS_*)."""
     monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "3")
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
-    assert storage.data_root("s3://bucket/other").fs.config_kwargs["retries"]["total_max_attempts"] == 3
-    assert storage.arrow(storage.data_root("s3://bucket/other"))[0].attempts == 3
     assert storage.retry_env() == {
         storage.S3_MAX_ATTEMPTS_ENV: "3",
         "AWS_MAX_ATTEMPTS": "3",

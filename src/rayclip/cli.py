@@ -224,14 +224,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .stages import ingest
 
     root, stored = storage.data_root(args.data_dir), {"store_progress": "ingest store"}
-    sources = {  # the one source given (argparse keeps them exclusive): its function and progress labels
+    sources = {  # each source: its function and progress labels
         "metadata": (ingest.ingest_metadata, {"progress": "ingest download"} | stored),
         "folder": (ingest.ingest_folder, stored),
         "webdataset": (ingest.ingest_webdataset, {"progress": "ingest shards"}),
         "img2dataset_output": (ingest.ingest_img2dataset_output, {"progress": "ingest shards"}),
     }
-    given = next(name for name in sources if getattr(args, name))
-    (function, labels), source = sources[given], getattr(args, given)
+    given = [name for name in sources if getattr(args, name)]
+    if len(given) != 1:  # checked here, not by argparse, whose error would print its usage block first
+        flags = " ".join("--" + name.replace("_", "-") for name in sources)
+        raise UserError(f"give exactly one source of {flags}; got {len(given) or 'none'}")
+    (function, labels), source = sources[given[0]], getattr(args, given[0])
     report = _stage(args, function, root, source, runs_dir=layout.ingest_runs_dir(root), progress=labels)
     # Exit 0 if anything usable came through (stored now, already stored before, or already known).
     return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
@@ -450,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON document (the run record) on stdout")
         p.set_defaults(func=handler, options=options.add_flags(p, spec))
     metadata = "LAION-style metadata (URL, TEXT): .parquet, .csv, .tsv or .jsonl (a path or a URL)"
-    ingest, evaluate = (made[name].add_mutually_exclusive_group(required=True) for name in ("ingest", "eval"))
+    ingest = made["ingest"].add_argument_group("source (exactly one)")
+    evaluate = made["eval"].add_mutually_exclusive_group(required=True)
     ingest.add_argument("--metadata", help=metadata)
     ingest.add_argument("--folder", help="a folder of images (recursive; path or URL); captions from name.txt sidecars")
     shards = "WebDataset tar shards: braces ({00000..00099}) and globs, local or s3://; url/caption from .json/.txt"

@@ -36,11 +36,10 @@ def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, s
     and the workers' logs reach the terminal only when verbose: progress is ours to draw.
     """
     import ray
+    import ray.data
     from ray._private.worker import get_dashboard_url
 
     if not ray.is_initialized():
-        import ray.data
-
         ray.data.DataContext.get_current().enable_progress_bars = verbose
         os.environ.setdefault(USAGE_STATS_ENV, "0")  # read by ray.init itself, and inherited by a local cluster
         if joins():
@@ -56,5 +55,9 @@ def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, s
                 "dashboard_host": LOOPBACK,
             }
         ray.init(runtime_env={"env_vars": worker_env(extra_env)}, log_to_driver=verbose, **options)
+    # A UDF's own exception, not Ray Data's UserCodeException around it: the wrapper's chain is lost
+    # when it is pickled to the driver, and with it the StoreError whose one line the user gets
+    # (storage.refusals_surfaced finds it as the RayTaskError's cause).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     url = get_dashboard_url()
     return (url if "://" in url else f"http://{url}") if url else None

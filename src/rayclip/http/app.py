@@ -243,8 +243,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def load_before_listening(_app: FastAPI):
         """Open the served Searcher (model and index) before the server takes connections, so the
-        first query is as fast as the next; with no index yet, queries answer 503 until there is one."""
-        with contextlib.suppress(NoIndexError, UnknownIndexError):
+        first query is as fast as the next; with no index yet, or a store that gives up, queries
+        answer 503 until there is one (and the store answers)."""
+        with contextlib.suppress(NoIndexError, UnknownIndexError, storage.StoreError):
             await run_in_threadpool(service.searcher)
         yield
 

@@ -16,7 +16,9 @@ rayclip builds for one retries each request up to `max_attempts()` times with ba
 MAX_ATTEMPTS, default DEFAULT_S3_MAX_ATTEMPTS): s3fs/botocore here, pyarrow's S3 client (also in
 Ray Data's read and write tasks), and, through AWS_MAX_ATTEMPTS/AWS_RETRY_MODE (`retry_env`), every
 process that builds its own (img2dataset's, Ray's workers). When the store still refuses, the
-error is one line naming the object, the status and the attempts (StoreError). A read of a
+error is one line naming the object, the status and the attempts (StoreError). botocore's
+retries end when an answer's headers arrive, so a body that breaks off after them (the connection
+dropped before its Content-Length) is read again here (`_whole`), up to the same attempts. A read of a
 committed object whose size is recorded checks the bytes it got against it (`read_bytes(size=)`),
 so a short or empty answer is never taken for data.
 """
@@ -34,9 +36,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from upath import UPath
 
@@ -52,6 +54,9 @@ LEASE_BEAT_S = 30.0  # how often a live run on an object store rewrites its leas
 LEASE_STALE_S = 180.0  # a lease older than this belonged to a run that died
 
 CHUNK_BYTES = 1 << 20  # what a streamed read or copy moves at a time
+CUT_BACKOFF_S = 0.1  # before the first read again of an answer cut short; doubled each time, to 5 s
+
+T = TypeVar("T")
 
 Location = Path | UPath
 
@@ -178,9 +183,10 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 
 def gave_up(exc: BaseException) -> StoreError | None:
-    """The innermost StoreError in an exception's chain (raised in a Ray task, wrapped by Ray), if any."""
+    """The innermost StoreError in an exception's chain (raised in a Ray task, wrapped by Ray), if any.
+    Its own line only: Ray Data adds lines of its own (its retry count) to a UDF's error message."""
     found = [e for e in _chain(exc) if isinstance(e, StoreError)]
-    return StoreError(str(found[-1].args[0])) if found else None
+    return StoreError(str(found[-1].args[0]).splitlines()[0]) if found else None
 
 
 @contextlib.contextmanager
@@ -189,9 +195,7 @@ def refusals_surfaced(root: Location) -> Iterator[None]:
     errors) comes out as the one-line StoreError, as it does in this one."""
     try:
         yield
-    except StoreError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # a StoreError too: Ray raises its own error as an instance of the cause's class
         found = gave_up(exc)
         if found is not None:
             raise found from None
@@ -200,10 +204,10 @@ def refusals_surfaced(root: Location) -> Iterator[None]:
         raise
 
 
-def _refusal(loc: Location, exc: BaseException) -> StoreError:
+def _refusal(loc: Location, exc: BaseException, attempts: int | None = None) -> StoreError:
     """One line: the object, what the store answered, and how many attempts were made."""
-    status, attempts = None, None
-    for cause in _chain(exc):
+    status = _cut_short(exc)
+    for cause in _chain(exc) if status is None else ():
         response = getattr(cause, "response", None)
         if isinstance(response, dict) and "Error" in response:
             meta = response.get("ResponseMetadata", {})
@@ -234,6 +238,59 @@ def on_store(loc: Location) -> Iterator[None]:
         if is_local(loc) or not _from_store(exc):
             raise
         raise _refusal(loc, exc) from exc
+
+
+def _cut_short(exc: BaseException) -> str | None:
+    """How the store's answer broke off mid-body, if it did: aiohttp's ClientPayloadError (what s3fs
+    reads a body through; its cause, a ContentLengthError, carries aiohttp's parser code 400, which the
+    store never sent) or botocore's own check of the length."""
+    from aiohttp import ClientPayloadError
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    for cause in _chain(exc):
+        if isinstance(cause, ClientPayloadError | IncompleteReadError | ResponseStreamingError):
+            detail = getattr(cause.__cause__, "message", None) or str(cause)
+            return f"the answer broke off before its end ({detail.strip().rstrip('.')})"
+    return None
+
+
+def _whole(loc: Location, read: Callable[[], T]) -> T:
+    """read(), again while an object store's answer breaks off mid-body, up to max_attempts() in all;
+    then one StoreError line saying so. Other failures are not retried here (botocore did)."""
+    attempts = 1 if is_local(loc) else max_attempts()
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except Exception as exc:
+            if is_local(loc) or _cut_short(exc) is None:
+                raise
+            if attempt == attempts:
+                raise _refusal(loc, exc, attempts) from exc
+        time.sleep(min(5.0, CUT_BACKOFF_S * 2 ** (attempt - 1)))
+    raise AssertionError("unreachable")
+
+
+class _WholeReads:
+    """An object store's open file whose reads are made again when the answer breaks off (`_whole`):
+    a failed fetch leaves fsspec's file where it was, so the read is simply asked again."""
+
+    def __init__(self, loc: Location, f: BinaryIO) -> None:
+        self._loc, self._f = loc, f
+
+    def read(self, size: int = -1) -> bytes:
+        return _whole(self._loc, lambda: self._f.read(size))
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _WholeReads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def __iter__(self):
+        return iter(self._f)
 
 
 def _from_store(exc: BaseException) -> bool:
@@ -271,8 +328,8 @@ def read_bytes(loc: Location, size: int | None = None) -> bytes:
     """The whole file or object. With `size` (what its commit recorded) the bytes are checked against
     it: a short or empty answer is read again, then refused with one clear line, never returned."""
     for attempt in range(VERIFY_ATTEMPTS if size is not None else 1):
-        with on_store(loc):
-            data = loc.read_bytes()
+        with open_input(loc) as f, on_store(loc):
+            data = f.read()
         if size is None or len(data) == size:
             return data
         _forget(loc)
@@ -310,7 +367,7 @@ def open_input(loc: Location, size: int | None = None) -> BinaryIO:
         f = loc.open("rb")
         got = file_size(f)
         if size is None or got == size:
-            return f
+            return f if is_local(loc) else _WholeReads(loc, f)
         f.close()
         _forget(loc)
         time.sleep(0.2 * 2**attempt)
