@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from rayclip.model import ModelSpec
 from rayclip.stages import index
-from rayclip.store import catalog, layout, silver, storage
+from rayclip.store import catalog, layout, silver
 
 
 def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -33,7 +33,7 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
     """n clustered unit vectors (mixture_chunk: uniform noise would make any approximate index look
     worse than on CLIP vectors) filed as silver for spec, in files of 50k rows, and a manifest naming
     them: sha256-like ids, paths, URLs and captions, so the mapping join costs what a real one does."""
-    storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    silver.record_model(root, spec.model_version, spec.to_dict())
     ids = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
     chunks = (
         silver.embeddings_table(

@@ -54,7 +54,7 @@ def write_silver(root: Path, day: str, first: int, count: int, args) -> bool:
         return False
 
     spec = ModelSpec("ViT-B-32", "none", version=MODEL_VERSION)
-    storage.write_json_atomic(layout.silver_model_file(root, MODEL_VERSION), spec.to_dict())
+    silver.record_model(root, MODEL_VERSION, spec.to_dict())
 
     def chunks():
         for start in range(first, first + count, args.chunk):

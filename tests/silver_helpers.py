@@ -37,7 +37,7 @@ def clustered(n: int, dim: int = REFERENCE_DIM, clusters: int = 32, spread: floa
 def write_silver(root: Path, day: str, media_ids: list[str], vectors: np.ndarray) -> Path:
     """One committed silver file in dt=day, as the embed stage would leave it."""
     spec = reference_spec()
-    storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+    silver.record_model(root, spec.model_version, spec.to_dict())
     record = silver.write_run(root, spec.model_version, day, [silver.embeddings_table(media_ids, normalised(vectors))])
     return layout.silver_model_dir(root, spec.model_version) / record["files"][0]["name"]
 

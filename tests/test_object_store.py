@@ -88,7 +88,7 @@ def test_the_embed_on_s3_is_open_clips_committed_once_and_reruns_as_nothing(s3_p
     [run] = [r for stage, _, r in catalog.run_records(root) if stage == "embed"]
     assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
     assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0
-    assert storage.read_json(layout.silver_model_file(root, REFERENCE))["model_version"] == REFERENCE
+    assert catalog.silver_model(root, REFERENCE)["model_version"] == REFERENCE
     table = read_silver(root, REFERENCE)
     ids = table.column("media_id").to_pylist()
     manifest_ids = catalog.read_manifest(root, ["media_id"]).column("media_id").to_pylist()

@@ -613,7 +613,7 @@ def embed(
         stats_text = ds.stats()
         report.tasks = _tasks(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
-        storage.write_json_atomic(layout.silver_model_file(root, spec.model_version), spec.to_dict())
+        silver.record_model(root, spec.model_version, spec.to_dict())
         committed = silver.commit(root, spec.model_version, layout.EMBEDDINGS, report.dt, report.run_id, "embed")
     debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs
 

@@ -137,6 +137,16 @@ def silver_commits(root: Location, model_version: str, table: str = layout.EMBED
     return records
 
 
+def silver_model(root: Location, model_version: str) -> dict:
+    """silver's record of the model that made a model_version's vectors (ModelSpec.to_dict())."""
+    record = layout.silver_model_file(root, model_version)
+    if not storage.exists(record):
+        raise UserError(
+            f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
+        )
+    return storage.read_json(record)
+
+
 def silver_files(
     root: Location, model_version: str, day: str | None = None, table: str = layout.EMBEDDINGS
 ) -> list[Location]:

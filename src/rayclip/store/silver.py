@@ -34,6 +34,12 @@ def embeddings_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
+def record_model(root: Location, model_version: str, spec: dict) -> None:
+    """Which model made a model_version's vectors (ModelSpec.to_dict()): what a build records and a
+    query encodes with (catalog.silver_model reads it)."""
+    storage.write_json_atomic(layout.silver_model_file(root, model_version), spec)
+
+
 def write_files(root: Location, model_version: str, table: str, day: str, run_id: str, tables: Iterable[pa.Table]):
     """Each table one Parquet file of this run in the silver table's dt partition (not yet committed)."""
     partition = layout.silver_partition(root, model_version, day, table)

@@ -496,11 +496,7 @@ def build(
     files = catalog.silver_files(root, model_version, dt)
     if not files:
         raise UserError(f"no silver files for {model_version}{' on ' + dt if dt else ''}; run `rayclip embed`")
-    spec_file = layout.silver_model_file(root, model_version)
-    if not storage.exists(spec_file):
-        raise UserError(
-            f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
-        )
+    model_record = catalog.silver_model(root, model_version)
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
@@ -521,7 +517,7 @@ def build(
             root,
             model_version,
             files,
-            spec_file,
+            model_record,
             dim,
             base,
             why_full,
@@ -558,7 +554,7 @@ def _build_into(
     root: Location,
     model_version: str,
     files: list[Location],
-    spec_file: Location,
+    model_record: dict,
     dim: int,
     base: BuildInfo | None,
     why_full: str,
@@ -605,7 +601,7 @@ def _build_into(
     info = BuildInfo(
         build_id=build_id,
         model_version=model_version,
-        model=ModelSpec.from_dict(storage.read_json(spec_file)).to_dict(),
+        model=ModelSpec.from_dict(model_record).to_dict(),
         dim=dim,
         metric="inner_product (cosine on L2-normalised vectors)",
         index_type=made.index_type,
