@@ -255,12 +255,18 @@ def build_info(root: Location, model_version: str, build_id: str) -> BuildInfo:
     return BuildInfo.read(layout.build_info_file(layout.build_dir(root, model_version, build_id)))
 
 
-def read_index(loc: Location, size: int | None = None):
+def read_index(loc: Location, size: int | None = None, io_flags: int = 0):
     """A FAISS index from its file or object, streamed through storage (no local copy is made).
-    `size`: what its commit recorded, when the caller has it (else the size build.json gave, if read)."""
+    `size`: what its commit recorded, when the caller has it (else the size build.json gave, if read).
+    `io_flags`: FAISS's IO flags (IO_FLAG_MMAP, IO_FLAG_ONDISK_SAME_DIR: FAISS opens the file itself,
+    so it must be local; a build on an object store is mapped from its local cache)."""
     import faiss
 
     with _committed(loc, size, "FAISS index") as f:
+        if io_flags:
+            if not storage.is_local(loc):
+                raise ValueError(f"{storage.uri(loc)} is not a local file; FAISS maps local files only")
+            return faiss.read_index(storage.uri(loc), io_flags)
         return faiss.read_index(faiss.PyCallbackIOReader(f.read, storage.CHUNK_BYTES))
 
 
