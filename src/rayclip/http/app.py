@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import UserError
 from ..images import ImageTooLargeError, decode_base64
 from ..options import SEARCH_OVER, SearchOptions, ServeOptions
+from ..query.knn import Residency
 from ..query.searcher import Searcher, SearchResults, Term, summary
 from ..query.service import NoIndexError, QueryService, UnknownIndexError
 from ..store import catalog, storage
@@ -233,11 +234,13 @@ def create_app(
     precision: str = ServeOptions.precision,
     api_key: str | None = ServeOptions.api_key,
     queue_depth: int = ServeOptions.queue_depth,
+    residency: Residency = Residency(),
 ) -> FastAPI:
-    """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
+    """The service; api_key None means anonymous (bind it to loopback, see check_bind). `residency`:
+    how the image index is held (in RAM, mapped from disk, in shards behind Ray Serve)."""
     root = storage.data_root(data_dir)
     metrics = _Metrics()
-    service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase)
+    service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase, residency=residency)
     encode_slot = Depends(_EncodeGate(queue_depth, metrics))
 
     @contextlib.asynccontextmanager
@@ -283,7 +286,10 @@ def create_app(
 
     @app.get("/api/status")
     def status() -> dict:
-        return summary(served())
+        """The build served, and this process's memory: resident private vs file-backed (mapped) bytes."""
+        from ..store.status import process_memory
+
+        return summary(served()) | {"memory": process_memory()}
 
     @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
     def status_page() -> HTMLResponse:

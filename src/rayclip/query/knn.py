@@ -23,11 +23,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import PurePosixPath
 from typing import Protocol
 
 import numpy as np
 
 from .. import ann
+from ..options import ServeOptions
 from ..store import catalog, layout
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
@@ -47,16 +49,16 @@ class Shard(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Residency:
     """How this process holds a build's image index: read into RAM, or memory-mapped from a local
-    file (`mmap`, or on its own when the index files hold more than `max_bytes`); a sharded build's
+    file (`mmap`, or on its own when its files hold more than `max_index_memory`); a sharded build's
     shards opened here, or reached through `remote(info, shard)` (Ray Serve's deployment handles)."""
 
-    mmap: bool = False
-    max_bytes: int | None = None
+    mmap: bool = ServeOptions.mmap
+    max_index_memory: str | int = ServeOptions.max_index_memory
     remote: Callable[[BuildInfo, int], Shard] | None = None
 
     def maps(self, info: BuildInfo) -> bool:
         """Map this build's index rather than read it into RAM? (An on-disk build's lists always are.)"""
-        over = self.max_bytes is not None and index_bytes(info) > self.max_bytes
+        over = index_bytes(info) > ann.parse_bytes(self.max_index_memory)
         return self.mmap or over or info.form == "ondisk"
 
 
@@ -70,7 +72,7 @@ def index_files(info: BuildInfo) -> list[Callable[[Location], Location]]:
 def index_bytes(info: BuildInfo) -> int:
     """The bytes of a build's image index files: what reading it into RAM would hold."""
     recorded = info.file_bytes or {}
-    names = [file_of(Location(".")).name for file_of in index_files(info)]
+    names = [file_of(PurePosixPath()).name for file_of in index_files(info)]
     return sum(recorded.get(name, 0) for name in names) or (info.index_bytes or 0)
 
 

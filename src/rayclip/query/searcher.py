@@ -418,13 +418,17 @@ class Searcher:
 
 
 def summary(searcher: Searcher) -> dict:
-    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model."""
+    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model,
+    and how its image index is held (form, its bytes, the bytes this process maps)."""
     build = searcher.snapshot()
     return {
         "model_version": searcher.model_version,
         "build_id": build.build_id,
         "count": build.info.count,
         "model": build.info.model,
+        "form": build.info.form,
+        "index_bytes": knn.index_bytes(build.info),
+        "mapped_index_bytes": build.mapped_bytes,  # 0: read into RAM (or held by shards elsewhere)
     }
 
 

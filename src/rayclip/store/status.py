@@ -107,3 +107,19 @@ def status(root: Location) -> dict:
         "debris": debris_status(root),
         "runs": recent_runs(root),
     }
+
+
+PROC_STATUS = "/proc/self/status"
+MEMORY_FIELDS = {"RssAnon": "resident_private_bytes", "RssFile": "resident_file_bytes"}
+
+
+def process_memory() -> dict:
+    """This process's resident memory (Linux /proc): private (RssAnon: what an index read into RAM
+    holds) and file-backed (RssFile: the pages of mapped files read so far, which the kernel may drop
+    and read again); {} where /proc has none."""
+    try:
+        with open(PROC_STATUS) as f:
+            lines = [line.split(":", 1) for line in f if line.split(":", 1)[0] in MEMORY_FIELDS]
+    except OSError:
+        return {}
+    return {MEMORY_FIELDS[name]: int(value.split()[0]) * 1024 for name, value in lines}  # /proc counts kB

@@ -1,0 +1,125 @@
+"""How serve holds a build's image index: in RAM, memory-mapped, or in shards (one process here;
+behind Ray Serve in test_serve_ray.py). Every form answers every query route as the in-RAM build does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import faiss
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from shard_helpers import a_build, query_answers, sharded_copy
+
+from rayclip.http.app import create_app
+from rayclip.query.knn import LocalIndex, Residency, ShardedIndex
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """(data root of an IVF build, a copy of it whose build is kept in 2 shards, the build's report)."""
+    root = tmp_path_factory.mktemp("forms") / "data"
+    report = a_build(root)
+    return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id), report
+
+
+@pytest.fixture(scope="module")
+def in_ram(builds):
+    client = TestClient(create_app(builds[0]))
+    return query_answers(client, a_media_id(client))
+
+
+def a_media_id(client) -> str:
+    return client.app.state.service.searcher().mapping.column("media_id")[7].as_py()
+
+
+def test_the_answers_compared_are_not_empty(in_ram):
+    assert all(answer["results"] for name, answer in in_ram.items() if name != "knn-service")
+    assert len(in_ram["knn-service"]) == 20  # clip-retrieval's answer is a bare list
+    assert any(r["duplicates"] for r in in_ram["collapse"]["results"])  # collapse folded something
+    assert all(r["caption"].startswith("a dog") for r in in_ram["where"]["results"])
+
+
+def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
+    client = TestClient(create_app(builds[1]))
+    answers = query_answers(client, a_media_id(client))
+    held = client.app.state.service.searcher().snapshot().knn
+    assert isinstance(held, ShardedIndex) and [s.ntotal for s in held.shards] == [2000, 2000]
+    assert answers == in_ram
+
+
+def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
+    client = TestClient(create_app(builds[0], residency=Residency(mmap=True)))
+    assert query_answers(client, a_media_id(client)) == in_ram
+    status = client.get("/api/status").json()
+    assert status["mapped_index_bytes"] == status["index_bytes"] > 0
+    assert status["memory"]["resident_private_bytes"] > 0 and status["memory"]["resident_file_bytes"] > 0
+
+
+def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
+    client = TestClient(create_app(builds[0], residency=Residency(max_index_memory="1K")))
+    assert client.get("/api/status").json()["mapped_index_bytes"] > 0
+    client = TestClient(create_app(builds[0]))  # the default budget holds it: read into RAM
+    assert client.get("/api/status").json()["mapped_index_bytes"] == 0
+
+
+def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):
+    client = TestClient(create_app(builds[1], residency=Residency(mmap=True)))
+    assert query_answers(client, a_media_id(client)) == in_ram
+
+
+# Measured in a fresh process: the index read (in RAM or mapped) and 200 queries searched, its
+# private memory (RssAnon) before and after, from /proc/<pid>/status.
+MEASURE = textwrap.dedent(
+    """
+    import json, pathlib, sys, types
+    import numpy as np
+    from rayclip.query import knn
+
+    def anon():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+    path, mapped = sys.argv[1], sys.argv[2] == "mmap"
+    queries = np.random.default_rng(1).standard_normal((200, 128)).astype(np.float32)
+    before = anon()
+    info = types.SimpleNamespace(form="single", search_params={"nprobe": 8})
+    index = knn.read_local(pathlib.Path(path), info, mapped)
+    scores, ids = knn.search(index, queries, 10, None)
+    allowed = np.arange(0, index.ntotal, 3)
+    knn.search(index, queries, 10, allowed)
+    print(json.dumps({"grew": anon() - before, "ids": ids.tolist()}))
+    """
+)
+
+
+def test_a_mapped_index_stays_out_of_private_memory(tmp_path):
+    path = tmp_path / "index.faiss"
+    vectors = np.random.default_rng(0).standard_normal((80_000, 128)).astype(np.float32)
+    index = faiss.index_factory(128, "IVF256,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:20_000])
+    index.add(vectors)
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size  # ~41 MB
+
+    def measured(how: str) -> dict:
+        command = [sys.executable, "-c", MEASURE, str(path), how]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    in_ram, mapped = measured("ram"), measured("mmap")
+    assert mapped["ids"] == in_ram["ids"]
+    assert in_ram["grew"] > 0.8 * size  # the measure sees an index read into RAM
+    assert mapped["grew"] < size / 3, (mapped["grew"], size)  # faiss, BLAS and the direct map: some MB
+
+
+def test_a_shard_looks_its_global_ids_up(builds):
+    held = TestClient(create_app(builds[1])).app.state.service.searcher().snapshot().knn
+    whole = TestClient(create_app(builds[0])).app.state.service.searcher().snapshot().knn
+    assert isinstance(whole, LocalIndex)
+    ids = np.array([3999, 0, 2000, 1999, 17])
+    np.testing.assert_array_equal(held.vectors(ids), whole.vectors(ids))
