@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from shard_helpers import a_build, query_answers, sharded_copy
 
 from rayclip.http.app import create_app
-from rayclip.query.knn import LocalIndex, Residency, ShardedIndex
+from rayclip.query.knn import LocalIndex, ShardedIndex
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
 
 
 def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
-    client = TestClient(create_app(builds[0], residency=Residency(mmap=True)))
+    client = TestClient(create_app(builds[0], mmap=True))
     assert query_answers(client, a_media_id(client)) == in_ram
     status = client.get("/api/status").json()
     assert status["mapped_index_bytes"] == status["index_bytes"] > 0
@@ -60,14 +60,14 @@ def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
 
 
 def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
-    client = TestClient(create_app(builds[0], residency=Residency(max_index_memory="1K")))
+    client = TestClient(create_app(builds[0], max_index_memory="1K"))
     assert client.get("/api/status").json()["mapped_index_bytes"] > 0
     client = TestClient(create_app(builds[0]))  # the default budget holds it: read into RAM
     assert client.get("/api/status").json()["mapped_index_bytes"] == 0
 
 
 def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):
-    client = TestClient(create_app(builds[1], residency=Residency(mmap=True)))
+    client = TestClient(create_app(builds[1], mmap=True))
     assert query_answers(client, a_media_id(client)) == in_ram
 
 

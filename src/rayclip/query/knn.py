@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import Protocol
@@ -30,7 +31,7 @@ import numpy as np
 
 from .. import ann
 from ..options import ServeOptions
-from ..store import catalog, layout
+from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 
@@ -170,6 +171,24 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tu
         scores, positions = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
         ids = allowed[positions]
     return scores, ids
+
+
+def build_file(
+    root: Location, model_version: str, build_id: str, file_of: Callable[[Location], Location], recorded=None
+) -> Location:
+    """A file of a committed build to read, local: in place from a local root, else this machine's
+    copy of it (downloaded once: a committed build never changes), checked against the size
+    build.json records (`recorded`) as it is copied, so a short read names the object, not the copy."""
+    source = file_of(layout.build_dir(root, model_version, build_id))
+    copy = file_of(layout.build_cache(storage.cache_home(), root, model_version, build_id))
+    return storage.cached(source, copy, (recorded or {}).get(source.name))
+
+
+def load_shard(root: Location, model_version: str, build_id: str, shard: int) -> LocalIndex:
+    """One shard of a committed build, mapped from its local file (a Ray Serve shard deployment's)."""
+    local = functools.partial(build_file, root, model_version, build_id)
+    info = BuildInfo.read(local(layout.build_info_file))
+    return open_shard(functools.partial(local, recorded=info.file_bytes), info, shard, mapped=True)
 
 
 def open_index(local: LocalFile, info: BuildInfo, residency: Residency) -> LocalIndex | ShardedIndex:

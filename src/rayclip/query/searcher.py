@@ -172,15 +172,7 @@ def _spec_from_build(info: BuildInfo) -> ModelSpec:
 def _load_build(root: Location, model_version: str, build_id: str, residency: Residency = Residency()) -> Build:
     """A committed build: read in place from a local root, through the local cache from an object store;
     its image index read into RAM or mapped, in this process or in shards elsewhere, as `residency` says."""
-    folder = layout.build_dir(root, model_version, build_id)
-    cache = layout.build_cache(storage.cache_home(), root, model_version, build_id)
-
-    def local(file_of: Callable[[Location], Location], recorded: dict | None = None) -> Location:
-        """A build file to read: checked against the size build.json records (where it does) as it
-        is copied, so a short read from the store is refused naming the object, not the copy."""
-        source = file_of(folder)
-        return storage.cached(source, file_of(cache), (recorded or {}).get(source.name))
-
+    local = functools.partial(knn.build_file, root, model_version, build_id)
     try:
         info = BuildInfo.read(local(layout.build_info_file))
         index = knn.open_index(functools.partial(local, recorded=info.file_bytes), info, residency)
