@@ -3,6 +3,10 @@ as the ingress) answers every query route as the unsharded build served in one p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 from conftest import _free_port
@@ -49,3 +53,26 @@ def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served
     assert query_answers(client, media_id, **auth) == unsharded
     assert client.get("/api/search", params={"q": "a dog"}).status_code == 401  # the key still guards the API
     assert client.get("/api/status", headers=auth).json()["form"] == "shards"
+
+
+def serve_ray(root, *, without_serve: bool = False, **env) -> subprocess.CompletedProcess:
+    """`rayclip serve --ray` in a fresh process (Ray Serve made unimportable when asked)."""
+    hide = "sys.modules['ray.serve'] = None; " if without_serve else ""
+    script = f"import sys; {hide}from rayclip.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "serve", "--ray", "--data-dir", str(root), "--port", str(_free_port())]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ | env)
+
+
+def test_without_ray_serve_ray_is_one_line(roots):
+    run = serve_ray(roots[1], without_serve=True)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        "rayclip serve: error: --ray needs Ray Serve: pip install 'rayclip[serve]'"
+    ]
+
+
+def test_an_unreachable_cluster_is_one_line(roots):
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    run = serve_ray(roots[1], RAY_ADDRESS=address)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        f"rayclip serve: error: --ray: no Ray cluster reachable at $RAY_ADDRESS {address} (Connection refused)"
+    ]
