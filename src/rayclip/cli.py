@@ -407,7 +407,8 @@ def _size(n: int | None) -> str:
 def _gold_row(b: dict) -> list:
     recall = "" if b.get("recall_at_10") is None else f"{b['recall_at_10']:.3f}"
     first = f"{next(iter(b['eval']['text_to_image'].values())):.3f}" if b["eval"] else ""
-    built = [b["model_version"], b["build_id"], b["count"], b["index_type"] or "", _size(b["index_bytes"])]
+    kept = {"shards": f" · {b['shards']} shards", "ondisk": " · on disk"}.get(b["form"], "")
+    built = [b["model_version"], b["build_id"], b["count"], (b["index_type"] or "") + kept, _size(b["index_bytes"])]
     return built + [recall, first, b["created_at"], "CURRENT" if b["current"] else ""]
 
 

@@ -24,7 +24,6 @@ import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from pathlib import PurePosixPath
 from typing import Protocol
 
 import numpy as np
@@ -59,22 +58,8 @@ class Residency:
 
     def maps(self, info: BuildInfo) -> bool:
         """Map this build's index rather than read it into RAM? (An on-disk build's lists always are.)"""
-        over = index_bytes(info) > ann.parse_bytes(self.max_index_memory)
+        over = catalog.index_bytes(info) > ann.parse_bytes(self.max_index_memory)
         return self.mmap or over or info.form == "ondisk"
-
-
-def index_files(info: BuildInfo) -> list[Callable[[Location], Location]]:
-    """The layout functions of the files a build's image index is read from."""
-    if info.form == "shards":
-        return [lambda folder, k=k: layout.shard_file(folder, k) for k in range(len(info.shards or []))]
-    return [layout.index_file] + ([layout.index_data_file] if info.form == "ondisk" else [])
-
-
-def index_bytes(info: BuildInfo) -> int:
-    """The bytes of a build's image index files: what reading it into RAM would hold."""
-    recorded = info.file_bytes or {}
-    names = [file_of(PurePosixPath()).name for file_of in index_files(info)]
-    return sum(recorded.get(name, 0) for name in names) or (info.index_bytes or 0)
 
 
 class LocalIndex:
@@ -196,7 +181,7 @@ def open_index(local: LocalFile, info: BuildInfo, residency: Residency) -> Local
     from a local root, copied once into this machine's cache from an object store)."""
     mapped = residency.maps(info)
     if info.form != "shards":
-        for file_of in index_files(info)[1:]:  # an on-disk index's lists: FAISS opens them beside index.faiss
+        for file_of in catalog.index_files(info)[1:]:  # an on-disk index's lists: FAISS opens them beside index.faiss
             local(file_of)
         return read_local(local(layout.index_file), info, mapped)
     ranges = [(shard["first"], shard["count"]) for shard in info.shards]

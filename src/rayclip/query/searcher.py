@@ -194,7 +194,7 @@ def _load_build(root: Location, model_version: str, build_id: str, residency: Re
             f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
-    mapped = knn.index_bytes(info) if residency.maps(info) and residency.remote is None else 0
+    mapped = catalog.index_bytes(info) if residency.maps(info) and residency.remote is None else 0
     return Build(build_id, info, index, Mapping(mapping), captions, mapped)
 
 
@@ -419,7 +419,7 @@ def summary(searcher: Searcher) -> dict:
         "count": build.info.count,
         "model": build.info.model,
         "form": build.info.form,
-        "index_bytes": knn.index_bytes(build.info),
+        "index_bytes": catalog.index_bytes(build.info),
         "mapped_index_bytes": build.mapped_bytes,  # 0: read into RAM (or held by shards elsewhere)
     }
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -237,6 +238,20 @@ class BuildInfo:
 
     def write(self, loc: Location) -> None:
         storage.write_json_atomic(loc, self.to_dict())
+
+
+def index_files(info: BuildInfo) -> list[Callable[[Location], Location]]:
+    """The layout functions of the files a build's image index is read from."""
+    if info.form == "shards":
+        return [lambda folder, k=k: layout.shard_file(folder, k) for k in range(len(info.shards or []))]
+    return [layout.index_file] + ([layout.index_data_file] if info.form == "ondisk" else [])
+
+
+def index_bytes(info: BuildInfo) -> int:
+    """The bytes of a build's image index files: what reading it into RAM would hold."""
+    recorded = info.file_bytes or {}
+    names = [file_of(PurePosixPath()).name for file_of in index_files(info)]
+    return sum(recorded.get(name, 0) for name in names) or (info.index_bytes or 0)
 
 
 def gold_model_versions(root: Location, published: bool = True) -> list[str]:

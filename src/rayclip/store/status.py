@@ -63,13 +63,17 @@ def gold_status(root: Location) -> list[dict]:
 
 
 def _build_details(folder: Location, info: BuildInfo) -> dict:
-    """Index type, its size (what a server holds in memory), what the build measured of itself
-    (recall; builds before measured recall show none) and its eval, where known."""
+    """Index type, how it is kept (form, shards) and its size (what a server reading it into RAM
+    holds; `serve --mmap` maps it instead), what the build measured of itself (recall; builds before
+    measured recall show none) and its eval, where known."""
     index_file = layout.index_file(folder)
     eval_file = layout.eval_file(folder)
+    held = catalog.index_bytes(info) or None
     return {
         "index_type": info.index_type,
-        "index_bytes": info.index_bytes or (storage.size(index_file) if storage.exists(index_file) else None),
+        "form": info.form,
+        "shards": len(info.shards or []),
+        "index_bytes": held or (storage.size(index_file) if storage.exists(index_file) else None),
         "recall_at_10": info.recall.get("recall_at_10"),
         "base_build": info.base_build,
         "eval": storage.read_json(eval_file) if storage.exists(eval_file) else None,
