@@ -123,3 +123,23 @@ def test_a_shard_looks_its_global_ids_up(builds):
     assert isinstance(whole, LocalIndex)
     ids = np.array([3999, 0, 2000, 1999, 17])
     np.testing.assert_array_equal(held.vectors(ids), whole.vectors(ids))
+
+
+def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    local = tmp_path / "data"
+    for root in (s3_root, local):
+        a_build(root, n=1200, index_type="IVF16,Flat")
+    in_ram = TestClient(create_app(local))
+    mapped = TestClient(create_app(s3_root, mmap=True))
+    media_id = a_media_id(in_ram)
+    assert without_build_ids(query_answers(mapped, media_id)) == without_build_ids(query_answers(in_ram, media_id))
+    status = mapped.get("/api/status").json()
+    assert status["mapped_index_bytes"] > 0
+    copies = list((tmp_path / "cache").rglob("index.faiss"))  # what FAISS maps: this machine's copy
+    assert [c.parent.name for c in copies] == [status["build_id"]]
+
+
+def without_build_ids(answers: dict) -> dict:
+    """Answers of two builds of the same silver (each names its own build)."""
+    return {name: answer | {"build_id": None} if isinstance(answer, dict) else answer for name, answer in answers.items()}
