@@ -142,4 +142,4 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
 
 def without_build_ids(answers: dict) -> dict:
     """Answers of two builds of the same silver (each names its own build)."""
-    return {name: answer | {"build_id": None} if isinstance(answer, dict) else answer for name, answer in answers.items()}
+    return {name: a | {"build_id": None} if isinstance(a, dict) else a for name, a in answers.items()}
