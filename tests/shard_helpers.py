@@ -1,4 +1,4 @@
-"""A gold build kept in shards, made from a normal IVF build by plain FAISS (until the build side
+"""A gold build kept in shards, made from a normal IVF build by plain FAISS (until `rayclip index`
 writes them itself): shard k holds faiss_ids first..first+count-1 with their global ids, all on the
 build's one trained quantizer; build.json's form, shards and file_bytes say so."""
 
@@ -14,17 +14,27 @@ from rayclip.store import catalog, layout
 
 
 def split_into_shards(root: Path, model_version: str, build_id: str, shards: int = 2) -> None:
-    """Rewrite a build of an IVF,Flat index (exact codes, so re-adding them changes nothing) into `shards` files."""
+    """Rewrite an IVF build (no Refine) into `shards` files: each list's codes and ids copied as they
+    are into the shard whose range holds them, so every shard searches exactly as the whole did."""
     folder = layout.build_dir(root, model_version, build_id)
     info = catalog.build_info(root, model_version, build_id)
     whole = faiss.read_index(str(layout.index_file(folder)))
-    vectors = whole.reconstruct_n(0, whole.ntotal)
+    lists = faiss.extract_index_ivf(whole).invlists
     bounds = np.linspace(0, whole.ntotal, shards + 1).astype(int)
     info.shards, info.form = [], "shards"
     for k, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         shard = faiss.clone_index(whole)
         shard.reset()  # the trained quantizer stays, the lists empty
-        shard.add_with_ids(vectors[first:end], np.arange(first, end, dtype=np.int64))
+        ivf = faiss.extract_index_ivf(shard)
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+            codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).reshape(size, -1)
+            own = (ids >= first) & (ids < end)
+            if own.any():
+                kept, kept_codes = np.ascontiguousarray(ids[own]), np.ascontiguousarray(codes[own])
+                ivf.invlists.add_entries(number, int(own.sum()), faiss.swig_ptr(kept), faiss.swig_ptr(kept_codes))
+        ivf.ntotal = shard.ntotal = int(end - first)
         faiss.write_index(shard, str(layout.shard_file(folder, k)))
         info.shards.append({"file": layout.shard_file(folder, k).name, "first": int(first), "count": int(end - first)})
     layout.index_file(folder).unlink()

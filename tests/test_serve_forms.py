@@ -18,11 +18,11 @@ from rayclip.http.app import create_app
 from rayclip.query.knn import LocalIndex, ShardedIndex
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+@pytest.fixture(scope="module", params=["IVF64,Flat", "IVF64,SQ8"])
+def builds(request, tmp_path_factory):
     """(data root of an IVF build, a copy of it whose build is kept in 2 shards, the build's report)."""
     root = tmp_path_factory.mktemp("forms") / "data"
-    report = a_build(root)
+    report = a_build(root, index_type=request.param)
     return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id), report
 
 
