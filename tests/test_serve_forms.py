@@ -32,6 +32,14 @@ def in_ram(builds):
     return query_answers(client, a_media_id(client))
 
 
+def maps_its_lists(client) -> bool:
+    """Whether every FAISS index the served build is searched in reads its lists from a mapped file."""
+    held = client.app.state.service.searcher().snapshot().knn
+    indexes = [shard.index for shard in held.shards] if isinstance(held, ShardedIndex) else [held.index]
+    lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(i).invlists) for i in indexes]
+    return all(isinstance(found, faiss.OnDiskInvertedLists) for found in lists)
+
+
 def a_media_id(client) -> str:
     return client.app.state.service.searcher().mapping.column("media_id")[7].as_py()
 
@@ -54,6 +62,7 @@ def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
 def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
     client = TestClient(create_app(builds[0], mmap=True))
     assert query_answers(client, a_media_id(client)) == in_ram
+    assert maps_its_lists(client)
     status = client.get("/api/status").json()
     assert status["mapped_index_bytes"] == status["index_bytes"] > 0
     assert status["memory"]["resident_private_bytes"] > 0 and status["memory"]["resident_file_bytes"] > 0
@@ -61,14 +70,15 @@ def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
 
 def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
     client = TestClient(create_app(builds[0], max_index_memory="1K"))
-    assert client.get("/api/status").json()["mapped_index_bytes"] > 0
+    assert client.get("/api/status").json()["mapped_index_bytes"] > 0 and maps_its_lists(client)
     client = TestClient(create_app(builds[0]))  # the default budget holds it: read into RAM
-    assert client.get("/api/status").json()["mapped_index_bytes"] == 0
+    assert client.get("/api/status").json()["mapped_index_bytes"] == 0 and not maps_its_lists(client)
 
 
 def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):
     client = TestClient(create_app(builds[1], mmap=True))
     assert query_answers(client, a_media_id(client)) == in_ram
+    assert maps_its_lists(client)
 
 
 # Measured in a fresh process: the index read (in RAM or mapped) and 200 queries searched, its
@@ -135,7 +145,7 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
     media_id = a_media_id(in_ram)
     assert without_build_ids(query_answers(mapped, media_id)) == without_build_ids(query_answers(in_ram, media_id))
     status = mapped.get("/api/status").json()
-    assert status["mapped_index_bytes"] > 0
+    assert status["mapped_index_bytes"] > 0 and maps_its_lists(mapped)
     copies = list((tmp_path / "cache").rglob("index.faiss"))  # what FAISS maps: this machine's copy
     assert [c.parent.name for c in copies] == [status["build_id"]]
 
