@@ -4,6 +4,7 @@ build's one trained quantizer; build.json's form, shards and file_bytes say so."
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -38,16 +39,41 @@ def split_into_shards(root: Path, model_version: str, build_id: str, shards: int
         faiss.write_index(shard, str(layout.shard_file(folder, k)))
         info.shards.append({"file": layout.shard_file(folder, k).name, "first": int(first), "count": int(end - first)})
     layout.index_file(folder).unlink()
+    _record_sizes(folder, info)
+
+
+def to_ondisk(root: Path, model_version: str, build_id: str) -> None:
+    """Rewrite an IVF build as FAISS's merge_ondisk leaves it: index.faiss (the trained quantizer and
+    the lists' offsets) beside index.ivfdata (the codes and ids), form "ondisk"."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    folder = layout.build_dir(root, model_version, build_id)
+    info = catalog.build_info(root, model_version, build_id)
+    whole = layout.index_file(folder)
+    trained = faiss.clone_index(faiss.read_index(str(whole)))
+    trained.reset()
+    merge_ondisk(trained, [str(whole)], str(layout.index_data_file(folder)))
+    faiss.write_index(trained, str(whole))
+    info.form = "ondisk"
+    _record_sizes(folder, info)
+
+
+def _record_sizes(folder: Path, info) -> None:
     record = layout.build_info_file(folder).name
     info.file_bytes = {f.name: f.stat().st_size for f in folder.iterdir() if f.name != record}
     info.write(layout.build_info_file(folder))
 
 
+def copy_with(root: Path, copy: Path, model_version: str, build_id: str, rewrite) -> Path:
+    """A copy of a data root whose build `build_id` is rewritten (split_into_shards, to_ondisk)."""
+    shutil.copytree(root, copy)
+    rewrite(copy, model_version, build_id)
+    return copy
+
+
 def sharded_copy(root: Path, copy: Path, model_version: str, build_id: str, shards: int = 2) -> Path:
     """A copy of a data root whose build `build_id` is kept in shards."""
-    shutil.copytree(root, copy)
-    split_into_shards(copy, model_version, build_id, shards)
-    return copy
+    return copy_with(root, copy, model_version, build_id, functools.partial(split_into_shards, shards=shards))
 
 
 def a_build(root: Path, n: int = 4000, index_type: str = "IVF64,Flat"):

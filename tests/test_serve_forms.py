@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from shard_helpers import a_build, query_answers, sharded_copy
+from shard_helpers import a_build, copy_with, query_answers, sharded_copy, to_ondisk
 
 from rayclip.http.app import create_app
 from rayclip.query.knn import LocalIndex, ShardedIndex
@@ -73,6 +73,16 @@ def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
     assert client.get("/api/status").json()["mapped_index_bytes"] > 0 and maps_its_lists(client)
     client = TestClient(create_app(builds[0]))  # the default budget holds it: read into RAM
     assert client.get("/api/status").json()["mapped_index_bytes"] == 0 and not maps_its_lists(client)
+
+
+def test_a_build_merged_on_disk_is_mapped_and_answers_as_the_one_in_ram(builds, in_ram):
+    root, _, report = builds
+    # Merged in one folder and moved (as a build is renamed into place): index.faiss names a gone path.
+    merged = copy_with(root, root.parent / "merging", report.model_version, report.build_id, to_ondisk)
+    ondisk = merged.rename(root.parent / "ondisk")
+    client = TestClient(create_app(ondisk))  # no --mmap: its lists are on disk whatever the budget
+    assert query_answers(client, a_media_id(client)) == in_ram
+    assert maps_its_lists(client) and client.get("/api/status").json()["form"] == "ondisk"
 
 
 def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):

@@ -201,7 +201,8 @@ def read_local(file: Location, info: BuildInfo, mapped: bool, first: int = 0) ->
     """One local index file read into RAM, or mapped (`mapped`; an on-disk build's lists always are)."""
     import faiss
 
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
-    if info.form == "ondisk":
-        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
+    if info.form == "ondisk":  # its lists are mapped by FAISS itself; IO_FLAG_MMAP on top of it crashes
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    else:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
     return LocalIndex(catalog.read_index(file, io_flags=flags), info.search_params or {}, first)
