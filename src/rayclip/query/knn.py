@@ -61,6 +61,11 @@ class Residency:
         over = catalog.index_bytes(info) > ann.parse_bytes(self.max_index_memory)
         return self.mmap or over or info.form == "ondisk"
 
+    def mapped_bytes(self, info: BuildInfo) -> int:
+        """The bytes of this build's index files this process maps (0: in RAM, or in shards elsewhere)."""
+        elsewhere = self.remote is not None and info.form == "shards"
+        return catalog.index_bytes(info) if self.maps(info) and not elsewhere else 0
+
 
 class LocalIndex:
     """One FAISS index in this process, searched with the knobs its build tuned. `first`: the

@@ -194,8 +194,7 @@ def _load_build(root: Location, model_version: str, build_id: str, residency: Re
             f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
-    mapped = catalog.index_bytes(info) if residency.maps(info) and residency.remote is None else 0
-    return Build(build_id, info, index, Mapping(mapping), captions, mapped)
+    return Build(build_id, info, index, Mapping(mapping), captions, residency.mapped_bytes(info))
 
 
 class Searcher:
