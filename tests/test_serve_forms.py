@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from shard_helpers import a_build, copy_with, query_answers, sharded_copy, to_ondisk
 
 from rayclip.http.app import create_app
+from rayclip.query import knn
 from rayclip.query.knn import LocalIndex, ShardedIndex
 
 
@@ -163,3 +164,14 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
 def without_build_ids(answers: dict) -> dict:
     """Answers of two builds of the same silver (each names its own build)."""
     return {name: a | {"build_id": None} if isinstance(a, dict) else a for name, a in answers.items()}
+
+
+def test_a_filter_keeps_only_its_rows_whatever_their_ids():
+    """Allowed ids far below the index's last one: the selector never reads past its bitmap."""
+    vectors = np.random.default_rng(2).standard_normal((5000, 16)).astype(np.float32)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(vectors)
+    allowed = np.array([3, 17, 40, 41, 99])
+    for _ in range(20):  # memory past the bitmap differs from call to call
+        scores, ids = knn.search(LocalIndex(flat, {}), vectors[:8], 5, allowed)
+        assert set(ids.ravel()) == set(allowed)

@@ -93,11 +93,12 @@ class LocalIndex:
 
         if allowed is None:
             return (*self.index.search(queries, k), True)
-        bits = int(allowed.max()) + 1 if len(allowed) else 0
-        mask = np.zeros(bits, bool)
+        mask = np.zeros(int(allowed.max()) + 1 if len(allowed) else 0, bool)
         mask[allowed] = True
         bitmap = np.packbits(mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(bits, faiss.swig_ptr(bitmap))
+        # Its size in BYTES: FAISS reads bitmap[id >> 3] for every id below 8 × that, so a larger
+        # number would read past the array (and keep whatever ids the memory beyond it says).
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         params, exhaustive = ann.search_parameters(self.index, self.knobs, selector, effort)
         return (*self.index.search(queries, k, params=params), exhaustive)
 
