@@ -363,15 +363,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_on_ray(args: argparse.Namespace, app_options: dict, served: str, where: str, guard: str) -> int:
     """serve --ray: the app deployed through Ray Serve until Ctrl-C, then Serve taken down."""
+    import signal
+
     from .http import ray_serve
 
     shards = ray_serve.deploy(args.data_dir, host=args.host, port=args.port, replicas=args.replicas, **app_options)
     held = f"{shards} shard deployments × {args.replicas} replicas" if shards else "one deployment (not in shards)"
     print(f"rayclip serving {served} through Ray Serve on {where} ({held}) · {guard}", flush=True)
+    stop = threading.Event()
+    for stopping in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a service manager's stop
+        signal.signal(stopping, lambda *_: stop.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1):
+            pass
     finally:
         ray_serve.shutdown()
     return 0
