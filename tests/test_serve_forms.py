@@ -175,3 +175,21 @@ def test_a_filter_keeps_only_its_rows_whatever_their_ids():
     for _ in range(20):  # memory past the bitmap differs from call to call
         scores, ids = knn.search(LocalIndex(flat, {}), vectors[:8], 5, allowed)
         assert set(ids.ravel()) == set(allowed)
+
+
+def test_a_build_published_while_mapped_is_served_next_and_the_mapped_one_left_whole(tmp_path):
+    from rayclip.stages import index
+    from rayclip.store import layout
+
+    root = tmp_path / "data"
+    first = a_build(root, n=1200, index_type="IVF16,Flat")
+    client = TestClient(create_app(root, mmap=True))
+    before = query_answers(client, a_media_id(client))
+    mapped = layout.index_file(layout.build_dir(root, first.model_version, first.build_id))
+    size, written = mapped.stat().st_size, mapped.stat().st_mtime_ns
+    second = index.build(root, index_type="IVF16,Flat", retrain=True, target_recall=0.9)
+    after = query_answers(client, a_media_id(client))
+    assert {a["build_id"] for a in after.values() if isinstance(a, dict)} == {second.build_id}
+    assert client.get("/api/status").json()["mapped_index_bytes"] > 0 and maps_its_lists(client)
+    assert (mapped.stat().st_size, mapped.stat().st_mtime_ns) == (size, written)  # a build's folder is its own
+    assert without_build_ids(after) == without_build_ids(before)  # the same silver, built again
