@@ -32,7 +32,7 @@ QUERIES = [
 
 def time_queries(searcher: Searcher, texts: list[str]) -> dict[str, dict]:
     """Per query: encode, FAISS search, join (search_vectors minus the bare FAISS search), total."""
-    index = searcher.snapshot().index  # the bare FAISS search, timed apart from the join
+    index = searcher.snapshot().knn.index  # the bare FAISS search, timed apart from the join
     times: dict[str, list[float]] = {"total": [], "encode": [], "search": [], "join": []}
     for text in texts:
         t0 = time.perf_counter()

@@ -153,7 +153,7 @@ def test_auto_ivf_reaches_target_recall_on_clustered_vectors(tmp_path, ivf_thres
     searcher = Searcher.open(root)
     assert brute_recall(searcher, stored_exact(root), clustered(300, DIM, seed=1)) >= 0.9 - 0.03
     # Without the recorded knobs (nprobe 1) recall falls far short: the knobs are what reaches it.
-    ann.apply_parameters(searcher._build.index, {"nprobe": 1})
+    ann.apply_parameters(searcher._build.knn.index, {"nprobe": 1})
     assert brute_recall(searcher, stored_exact(root), clustered(300, DIM, seed=1)) < 0.8
 
 
@@ -228,7 +228,7 @@ def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
             )
 
         # Each build tunes its own nprobe in powers of two; at the same knobs the two indexes match.
-        ann.apply_parameters(inc_searcher._build.index, info_of(full)["search_params"])
+        ann.apply_parameters(inc_searcher._build.knn.index, info_of(full)["search_params"])
         assert abs(recall_of(inc_searcher) - recall_of(full_searcher)) <= 0.01
         assert info["recall"]["recall_at_10"] >= 0.9
 
@@ -347,7 +347,7 @@ def test_searcher_applies_the_tuned_knobs_whatever_the_index_file_holds(tmp_path
     faiss.write_index(stale, path)
     assert faiss.extract_index_ivf(faiss.read_index(path)).nprobe == 1
     searcher = Searcher.open(root)
-    assert faiss.extract_index_ivf(searcher._build.index).nprobe == params["nprobe"]
+    assert faiss.extract_index_ivf(searcher._build.knn.index).nprobe == params["nprobe"]
 
 
 def test_index_command_passes_its_index_flags_to_the_build(tmp_path, ivf_thresholds):

@@ -16,7 +16,7 @@ import uvicorn
 
 from rayclip import cli, export, model, options, pipeline, train
 from rayclip.eval import recall
-from rayclip.http import app
+from rayclip.http import app, ray_serve
 from rayclip.options import (
     DEFAULT_COLLAPSE,
     DemoOptions,
@@ -67,13 +67,13 @@ CONSUMERS = {
     "eval": [model.resolve, pipeline.evaluate_metadata, pipeline.evaluate_benchmark],
     "demo": [pipeline.run_demo],
     "train-reference": [train.train_reference],
-    "serve": [app.create_app],
+    "serve": [app.create_app, ray_serve.deploy],
 }
 # Options a command uses itself rather than hand to the library: where to listen and whether anonymous
 # is allowed (uvicorn, check_bind), the MiB and origins it converts to create_app's bytes and list.
 USED_BY_THE_CLI = {
     "train-reference": {"out"},
-    "serve": {"host", "port", "allow_anonymous", "max_upload_mb", "cors_origin"},
+    "serve": {"host", "port", "allow_anonymous", "max_upload_mb", "cors_origin", "ray"},
 }
 # The library's functions and the classes their defaults come from (the first class that has a field wins).
 LIBRARY = {
@@ -99,6 +99,7 @@ LIBRARY = {
     Searcher.search_image: [SearchOptions],
     Searcher.search_vectors: [SearchOptions],
     app.create_app: [ServeOptions],
+    ray_serve.deploy: [ServeOptions],
     model.choose_precision: [ModelOptions],
     model.load_model: [ModelOptions],
 }

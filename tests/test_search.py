@@ -98,7 +98,7 @@ print("ready", flush=True)
 deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
-    mapping, index = searcher.mapping, searcher._build.index
+    mapping, index = searcher.mapping, searcher._build.knn.index
     assert searcher.build.count == mapping.num_rows == index.ntotal == expected, searcher.build
     seen.add(searcher.build.build_id)
     checks += 1

@@ -350,14 +350,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.allow_anonymous)
     mib, origins = args.max_upload_mb << 20, args.cors_origin
-    app = _run(create_app, args, args.data_dir, max_upload_bytes=mib, cors_origins=origins, api_key=api_key)
+    app_options = _options(args, create_app) | {"max_upload_bytes": mib, "cors_origins": origins, "api_key": api_key}
     where = f"http://{args.host}:{args.port}/"
-    # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     served = _shown(storage.data_root(args.data_dir))
-    print(f"rayclip serving {served} on {where} (API docs at {where}docs)", flush=True)
     guard = "API key required on /api/* and /metrics" if api_key else "no API key"
+    if args.ray:
+        return _serve_on_ray(args, app_options, served, where, guard)
+    app = create_app(args.data_dir, **app_options)
+    # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
+    print(f"rayclip serving {served} on {where} (API docs at {where}docs)", flush=True)
     print(f"status page {where}status · metrics {where}metrics · {guard}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, app_options: dict, served: str, where: str, guard: str) -> int:
+    """serve --ray: the app deployed through Ray Serve until Ctrl-C, then Serve taken down."""
+    import signal
+
+    from .http import ray_serve
+
+    shards = ray_serve.deploy(args.data_dir, host=args.host, port=args.port, replicas=args.replicas, **app_options)
+    held = f"{shards} shard deployments × {args.replicas} replicas" if shards else "one deployment (not in shards)"
+    print(f"rayclip serving {served} through Ray Serve on {where} ({held}) · {guard}", flush=True)
+    stop = threading.Event()
+    for stopping in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a service manager's stop
+        signal.signal(stopping, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    finally:
+        ray_serve.shutdown()
     return 0
 
 
@@ -391,7 +414,8 @@ def _size(n: int | None) -> str:
 def _gold_row(b: dict) -> list:
     recall = "" if b.get("recall_at_10") is None else f"{b['recall_at_10']:.3f}"
     first = f"{next(iter(b['eval']['text_to_image'].values())):.3f}" if b["eval"] else ""
-    built = [b["model_version"], b["build_id"], b["count"], b["index_type"] or "", _size(b["index_bytes"])]
+    kept = {"shards": f" · {b['shards']} shards", "ondisk": " · on disk"}.get(b["form"], "")
+    built = [b["model_version"], b["build_id"], b["count"], (b["index_type"] or "") + kept, _size(b["index_bytes"])]
     return built + [recall, first, b["created_at"], "CURRENT" if b["current"] else ""]
 
 

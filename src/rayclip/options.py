@@ -48,6 +48,10 @@ PRECISION_HELP = (
 LIMIT_HELP = "at most N: rows of the metadata or files of the folder (ingest), new media_ids (embed)"
 DT_HELP = "silver partition YYYY-MM-DD: embed writes into it (default: today, UTC), index reads only it (default: all)"
 MODEL_VERSION_HELP = "which embeddings or index (default: the only one present)"
+MAX_INDEX_MEMORY_HELP = (
+    "memory budget of an index: `index` picks a type that fits it (auto), `serve` maps a larger one "
+    "from disk instead of reading it into RAM"
+)
 SEED_HELP = "seed of the synthetic images (train-reference trains on 0; the demo's are from a seed training never saw)"
 
 
@@ -125,7 +129,7 @@ class IndexOptions:
     model_version: str | None = _opt(None, MODEL_VERSION_HELP)
     dt: str | None = _opt(None, DT_HELP)
     index_type: str = _opt("auto", INDEX_TYPES_HELP)
-    max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, "memory budget auto picks the index for")
+    max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, MAX_INDEX_MEMORY_HELP)
     target_recall: float = _opt(DEFAULT_TARGET_RECALL, "recall@10 vs exact search the build tunes for")
     retrain: bool = _opt(False, "full build: do not extend the CURRENT index")
     parallel: str = _opt(
@@ -195,6 +199,14 @@ class ServeOptions:
     api_key: str | None = _opt(None, "require Authorization: Bearer KEY on /api/* (or $RAYCLIP_API_KEY)")
     allow_anonymous: bool = _opt(False, "serve a non-loopback address without an API key")
     queue_depth: int = _opt(8, "queries encoding at once; more get 503 + Retry-After", positive=True)
+    mmap: bool = _opt(False, "map the image index from disk (FAISS IO_FLAG_MMAP) instead of reading it into RAM")
+    max_index_memory: str = _opt(DEFAULT_MAX_INDEX_MEMORY, MAX_INDEX_MEMORY_HELP)
+    ray: bool = _opt(
+        False,
+        "serve through Ray Serve: one deployment per shard of the build, each mapping its shard, behind "
+        "this app as the ingress (a cluster at $RAY_ADDRESS, else a local one)",
+    )
+    replicas: int = _opt(1, "--ray: replicas of each shard's deployment", positive=True)
 
     @property
     def max_upload_bytes(self) -> int:

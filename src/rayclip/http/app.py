@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,9 +34,11 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import UserError
 from ..images import ImageTooLargeError, decode_base64
 from ..options import SEARCH_OVER, SearchOptions, ServeOptions
+from ..query.knn import Residency, Shard
 from ..query.searcher import Searcher, SearchResults, Term, summary
 from ..query.service import NoIndexError, QueryService, UnknownIndexError
 from ..store import catalog, storage
+from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import errors
 from .errors import Body
@@ -233,11 +235,17 @@ def create_app(
     precision: str = ServeOptions.precision,
     api_key: str | None = ServeOptions.api_key,
     queue_depth: int = ServeOptions.queue_depth,
+    mmap: bool = ServeOptions.mmap,
+    max_index_memory: str | int = ServeOptions.max_index_memory,
+    remote_shards: Callable[[BuildInfo, int], Shard] | None = None,
 ) -> FastAPI:
-    """The service; api_key None means anonymous (bind it to loopback, see check_bind)."""
+    """The service; api_key None means anonymous (bind it to loopback, see check_bind). The image
+    index is read into RAM, or mapped (`mmap`, or over `max_index_memory`); a build kept in shards
+    is searched here, or through `remote_shards(build, shard)` (Ray Serve's handles, ray_serve.py)."""
     root = storage.data_root(data_dir)
     metrics = _Metrics()
-    service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase)
+    residency = Residency(mmap, max_index_memory, remote_shards)
+    service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase, residency=residency)
     encode_slot = Depends(_EncodeGate(queue_depth, metrics))
 
     @contextlib.asynccontextmanager
@@ -284,7 +292,10 @@ def create_app(
 
     @app.get("/api/status")
     def status() -> dict:
-        return summary(served())
+        """The build served, and this process's memory: resident private vs file-backed (mapped) bytes."""
+        from ..store.status import process_memory
+
+        return summary(served()) | {"memory": process_memory()}
 
     @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
     def status_page() -> HTMLResponse:

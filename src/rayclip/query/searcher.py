@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .. import ann
 from ..errors import UserError
 from ..images import open_query_image
 from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
@@ -36,7 +35,8 @@ from ..options import DEFAULT_COLLAPSE, SearchOptions
 from ..store import catalog, layout, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
-from . import filters
+from . import filters, knn
+from .knn import LocalIndex, Residency, ShardedIndex
 from .mapping import ABSENT, Mapping
 
 __all__ = ["DEFAULT_COLLAPSE", "SearchOptions", "SearchResult", "SearchResults", "Searcher", "Term", "NotIndexedError"]
@@ -122,7 +122,7 @@ class Captions:
     """A build's caption index: row i is one distinct caption; images[starts[i]:starts[i + 1]] are the
     faiss_ids of the images that carry it, best clip_score first."""
 
-    index: object
+    index: LocalIndex
     texts: pa.Array
     starts: np.ndarray
     images: np.ndarray
@@ -143,13 +143,14 @@ class Captions:
 
 @dataclasses.dataclass(frozen=True)
 class Build:
-    """One loaded build: its build.json, FAISS index and mapping; a Searcher swaps the whole object."""
+    """One loaded build: its build.json, image index and mapping; a Searcher swaps the whole object."""
 
     build_id: str
     info: BuildInfo
-    index: object
+    knn: LocalIndex | ShardedIndex
     rows: Mapping
     captions: Captions | None = None  # the caption index, when the build carries one
+    mapped_bytes: int = 0  # the image index files this process maps rather than holds in RAM
 
 
 def _spec_from_build(info: BuildInfo) -> ModelSpec:
@@ -168,24 +169,17 @@ def _spec_from_build(info: BuildInfo) -> ModelSpec:
     return dataclasses.replace(spec, version=info.model_version)
 
 
-def _load_build(root: Location, model_version: str, build_id: str) -> Build:
-    """A committed build: read in place from a local root, through the local cache from an object store."""
-    folder = layout.build_dir(root, model_version, build_id)
-    cache = layout.build_cache(storage.cache_home(), root, model_version, build_id)
-
-    def local(file_of: Callable[[Location], Location], recorded: dict | None = None) -> Location:
-        """A build file to read: checked against the size build.json records (where it does) as it
-        is copied, so a short read from the store is refused naming the object, not the copy."""
-        source = file_of(folder)
-        return storage.cached(source, file_of(cache), (recorded or {}).get(source.name))
-
+def _load_build(root: Location, model_version: str, build_id: str, residency: Residency = Residency()) -> Build:
+    """A committed build: read in place from a local root, through the local cache from an object store;
+    its image index read into RAM or mapped, in this process or in shards elsewhere, as `residency` says."""
+    local = functools.partial(knn.build_file, root, model_version, build_id)
     try:
         info = BuildInfo.read(local(layout.build_info_file))
-        index = catalog.read_index(local(layout.index_file, info.file_bytes))
+        index = knn.open_index(functools.partial(local, recorded=info.file_bytes), info, residency)
         mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
         captions = None
         if info.captions:
-            caption_index = catalog.read_index(local(layout.caption_index_file, info.file_bytes))
+            caption_index = LocalIndex(catalog.read_index(local(layout.caption_index_file, info.file_bytes)), {})
             captions = Captions.of(
                 caption_index, catalog.read_parquet(local(layout.caption_mapping_file, info.file_bytes))
             )
@@ -200,28 +194,20 @@ def _load_build(root: Location, model_version: str, build_id: str) -> Build:
             f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
             f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
         )
-    _prepare(index, info)
-    return Build(build_id, info, index, Mapping(mapping), captions)
-
-
-def _prepare(index, info: BuildInfo) -> None:
-    """Apply the knobs the build tuned for its recall target; let an IVF index look vectors up by id
-    (collapse and --like read stored vectors back)."""
-    import faiss
-
-    ann.apply_parameters(index, info.search_params or {})
-    if ann.nlist_of(index) is not None:
-        faiss.extract_index_ivf(index).make_direct_map()
+    return Build(build_id, info, index, Mapping(mapping), captions, residency.mapped_bytes(info))
 
 
 class Searcher:
     """Text→image and image→image search over one model_version's CURRENT build."""
 
-    def __init__(self, root: Location, model_version: str, model: ClipModel, build: Build):
+    def __init__(
+        self, root: Location, model_version: str, model: ClipModel, build: Build, residency: Residency = Residency()
+    ):
         self.root = root
         self.model_version = model_version
         self.model = model
         self._build = build
+        self.residency = residency  # how each build it loads holds its image index
         self._lock = threading.Lock()
         # Told the seconds of each query phase (encode, search, join): the server's metrics.
         self.observe: Callable[[str, float], None] | None = None
@@ -240,14 +226,16 @@ class Searcher:
         model_version: str | None = None,
         threads: int | None = None,
         precision: str = SearchOptions.precision,
+        residency: Residency = Residency(),
     ) -> Searcher:
-        """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively)."""
+        """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively);
+        `residency` how the image index is held (in RAM, mapped, in shards elsewhere)."""
         root = storage.data_root(data_dir)
         model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
         build_id = catalog.current_build(root, model_version)
-        build = _load_build(root, model_version, build_id)
+        build = _load_build(root, model_version, build_id, residency)
         query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
-        return cls(root, model_version, query_model, build)
+        return cls(root, model_version, query_model, build, residency)
 
     def snapshot(self) -> Build:
         """The build served now, as one object: its id, mapping and index always belong together."""
@@ -276,7 +264,7 @@ class Searcher:
 
     def vectors(self, faiss_ids) -> np.ndarray:
         """The indexed vectors of these faiss_ids, as every query and collapse uses them (stored_vectors)."""
-        return stored_vectors(self._build.index, faiss_ids)
+        return stored_vectors(self._build.knn, faiss_ids)
 
     def refresh(self) -> bool:
         """Switch to the build CURRENT names now, if it changed; True when it did. A UserError when
@@ -288,7 +276,7 @@ class Searcher:
             raise UserError(f"no index for model_version {self.model_version!r} any more; run `rayclip index`")
         with self._lock:
             if build_id != self._build.build_id:
-                self._build = _load_build(self.root, self.model_version, build_id)
+                self._build = _load_build(self.root, self.model_version, build_id, self.residency)
         return True
 
     # ---------------------------------------------------------------- queries
@@ -339,7 +327,7 @@ class Searcher:
         position = int(build.rows.faiss_ids([media_id])[0])
         if position == ABSENT:
             raise NotIndexedError(f"media_id {media_id} is not in build {build.build_id}")
-        return stored_vectors(build.index, [position])[0]
+        return stored_vectors(build.knn, [position])[0]
 
     def _query_vectors(self, build: Build, queries: list[list[Term]], notes: list[list[str]]) -> np.ndarray:
         """One vector per query: texts in one encoder batch, images decoded and encoded, media_ids
@@ -381,7 +369,7 @@ class Searcher:
             if not norm >= 1e-6:
                 raise UserError("the query terms cancel out; change their weights")
             combined.append(total / norm)
-        dim = build.index.d
+        dim = build.knn.d
         if any(v.shape != (dim,) for v in combined):
             raise UserError(f"a query vector needs {dim} numbers, the dimension of build {build.build_id}")
         return np.ascontiguousarray(np.stack(combined) if combined else np.zeros((0, dim)), np.float32)
@@ -393,7 +381,7 @@ class Searcher:
         k, where, collapse = options.k, options.where, options.collapse
         labels = {"build_id": build.build_id, "model_version": self.model_version}
         allowed = None if where is None else filters.matching_ids(build.rows.table, where).to_numpy()
-        total = build.index.ntotal if allowed is None else len(allowed)
+        total = build.knn.ntotal if allowed is None else len(allowed)
         if total == 0:
             return [SearchResults([], ["no indexed row matches the filter"], **labels) for _ in queries]
         notes = []
@@ -414,20 +402,24 @@ class Searcher:
         with self._phase("search"):  # grouping searches deeper and joins as it goes
             results, search = [], functools.partial(_search, build)
             for query in queries:
-                scores, ids, folded = _collapsed(build.index, search, query, k, collapse, allowed)
+                scores, ids, folded = _collapsed(build.knn, search, query, k, collapse, allowed)
                 joined = [dataclasses.replace(r, duplicates=int(n)) for r, n in zip(_join(build, scores, ids), folded)]
                 results.append(SearchResults(joined, list(notes), **labels))
             return results
 
 
 def summary(searcher: Searcher) -> dict:
-    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model."""
+    """What /api/status shows of the build a Searcher serves: model_version, build_id, count, model,
+    and how its image index is held (form, its bytes, the bytes this process maps)."""
     build = searcher.snapshot()
     return {
         "model_version": searcher.model_version,
         "build_id": build.build_id,
         "count": build.info.count,
         "model": build.info.model,
+        "form": build.info.form,
+        "index_bytes": catalog.index_bytes(build.info),
+        "mapped_index_bytes": build.mapped_bytes,  # 0: read into RAM (or held by shards elsewhere)
     }
 
 
@@ -460,12 +452,12 @@ def _caption_hits(
     if captions is None:
         fix = "run `rayclip embed` (without --no-captions), then `rayclip index`"
         raise UserError(f"build {build.build_id} has no caption index; {fix}")
-    rows = None if allowed is None else captions.carrying(allowed, build.index.ntotal)
+    rows = None if allowed is None else captions.carrying(allowed, build.knn.ntotal)
     total = captions.index.ntotal if rows is None else len(rows)
     if total == 0:
         return []
     depth = min(k, total)  # each caption carries at least one allowed image
-    search = functools.partial(_search_index, captions.index, {})  # exact: no knobs to apply
+    search = functools.partial(knn.search, captions.index)  # exact: no knobs to apply
     if collapse is None:
         scores, found = (a[0] for a in search(query[None], depth, rows))
         folded = np.zeros(len(found), np.int64)
@@ -506,46 +498,15 @@ def _join(build: Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResul
 
 
 def _search(build: Build, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top-k in the build's image index, with the knobs the build tuned (_search_index)."""
-    return _search_index(build.index, build.info.search_params or {}, queries, k, allowed)
+    """Top-k in the build's image index, with the knobs the build tuned (knn.search)."""
+    return knn.search(build.knn, queries, k, allowed)
 
 
-def _search_index(
-    index, knobs: dict, queries: np.ndarray, k: int, allowed: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top-k in an index searched with these knobs, restricted to `allowed` ids by an
-    IDSelector when given.
-
-    An approximate index can find fewer than k allowed rows near the query (a selective filter):
-    it searches again with four times the effort until k come back or it has looked everywhere;
-    an HNSW graph that still falls short is searched exactly over the allowed rows."""
-    import faiss
-
-    if allowed is None:
-        return index.search(queries, k)
-    mask = np.zeros(index.ntotal, bool)
-    mask[allowed] = True
-    bitmap = np.packbits(mask, bitorder="little")
-    selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
-    effort = 1
-    while True:
-        params, exhaustive = ann.search_parameters(index, knobs, selector, effort)
-        scores, ids = index.search(queries, k, params=params)
-        if (ids >= 0).sum(axis=1).min() >= k or exhaustive:
-            break
-        effort *= 4
-    if (ids >= 0).sum(axis=1).min() < k:
-        vectors = stored_vectors(index, allowed)
-        scores, positions = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        ids = allowed[positions]
-    return scores, ids
-
-
-def stored_vectors(index, ids) -> np.ndarray:
+def stored_vectors(index: LocalIndex | ShardedIndex, ids) -> np.ndarray:
     """The indexed vectors of these faiss_ids, each L2-normalised: the index's own reconstruction
     (exact for a flat index, an approximation for a compressed one), scaled back to unit length so
     that inner products stay cosines. The one way anything reads vectors back from a build."""
-    vectors = index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+    vectors = index.vectors(np.asarray(ids, dtype=np.int64))
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 

@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..options import SearchOptions
 from ..store import catalog, storage
 from ..store.storage import Location
+from .knn import Residency
 from .searcher import Searcher, SearchResults, Term
 
 
@@ -47,12 +48,14 @@ class QueryService:
         precision: str = SearchOptions.precision,
         threads: int | None = None,
         observe: Callable[[str, float], None] | None = None,
+        residency: Residency = Residency(),
     ):
         self.root = storage.data_root(data_dir)
         self.default = model_version  # the one served when a request names none
         self.precision = precision
         self.threads = threads
         self.observe = observe  # told each query phase's seconds (the server's metrics)
+        self.residency = residency  # how each build's image index is held (RAM, mapped, shards elsewhere)
         self._searchers: dict[str, Searcher] = {}
         self._names: list[str] | None = None
         self._lock = threading.Lock()
@@ -70,7 +73,9 @@ class QueryService:
             searcher = self._searchers.get(name)
             try:
                 if searcher is None:
-                    searcher = Searcher.open(self.root, name, threads=self.threads, precision=self.precision)
+                    searcher = Searcher.open(
+                        self.root, name, threads=self.threads, precision=self.precision, residency=self.residency
+                    )
                     searcher.observe = self.observe
                     self._searchers[name] = searcher
                 else:

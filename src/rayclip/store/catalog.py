@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -259,6 +260,20 @@ class BuildInfo:
         storage.write_json_atomic(loc, self.to_dict())
 
 
+def index_files(info: BuildInfo) -> list[Callable[[Location], Location]]:
+    """The layout functions of the files a build's image index is read from."""
+    if info.form == "shards":
+        return [lambda folder, k=k: layout.shard_file(folder, k) for k in range(len(info.shards or []))]
+    return [layout.index_file] + ([layout.index_data_file] if info.form == "ondisk" else [])
+
+
+def index_bytes(info: BuildInfo) -> int:
+    """The bytes of a build's image index files: what reading it into RAM would hold."""
+    recorded = info.file_bytes or {}
+    names = [file_of(PurePosixPath()).name for file_of in index_files(info)]
+    return sum(recorded.get(name, 0) for name in names) or (info.index_bytes or 0)
+
+
 def gold_model_versions(root: Location, published: bool = True) -> list[str]:
     """Model versions with a published index (a CURRENT); all that have a gold folder if not `published`."""
     folders = [f for f in storage.children(layout.gold_root(root)) if storage.is_dir(f)]
@@ -275,12 +290,18 @@ def build_info(root: Location, model_version: str, build_id: str) -> BuildInfo:
     return BuildInfo.read(layout.build_info_file(layout.build_dir(root, model_version, build_id)))
 
 
-def read_index(loc: Location, size: int | None = None):
+def read_index(loc: Location, size: int | None = None, io_flags: int = 0):
     """A FAISS index from its file or object, streamed through storage (no local copy is made).
-    `size`: what its commit recorded, when the caller has it (else the size build.json gave, if read)."""
+    `size`: what its commit recorded, when the caller has it (else the size build.json gave, if read).
+    `io_flags`: FAISS's IO flags (IO_FLAG_MMAP, IO_FLAG_ONDISK_SAME_DIR: FAISS opens the file itself,
+    so it must be local; a build on an object store is mapped from its local cache)."""
     import faiss
 
     with _committed(loc, size, "FAISS index") as f:
+        if io_flags:
+            if not storage.is_local(loc):
+                raise ValueError(f"{storage.uri(loc)} is not a local file; FAISS maps local files only")
+            return faiss.read_index(storage.uri(loc), io_flags)
         return faiss.read_index(faiss.PyCallbackIOReader(f.read, storage.CHUNK_BYTES))
 
 

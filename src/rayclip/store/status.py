@@ -63,13 +63,17 @@ def gold_status(root: Location) -> list[dict]:
 
 
 def _build_details(folder: Location, info: BuildInfo) -> dict:
-    """Index type, its size (what a server holds in memory), what the build measured of itself
-    (recall; builds before measured recall show none) and its eval, where known."""
+    """Index type, how it is kept (form, shards) and its size (what a server reading it into RAM
+    holds; `serve --mmap` maps it instead), what the build measured of itself (recall; builds before
+    measured recall show none) and its eval, where known."""
     index_file = layout.index_file(folder)
     eval_file = layout.eval_file(folder)
+    held = catalog.index_bytes(info) or None
     return {
         "index_type": info.index_type,
-        "index_bytes": info.index_bytes or (storage.size(index_file) if storage.exists(index_file) else None),
+        "form": info.form,
+        "shards": len(info.shards or []),
+        "index_bytes": held or (storage.size(index_file) if storage.exists(index_file) else None),
         "recall_at_10": info.recall_at_10,
         "base_build": info.base_build,
         "eval": storage.read_json(eval_file) if storage.exists(eval_file) else None,
@@ -107,3 +111,19 @@ def status(root: Location) -> dict:
         "debris": debris_status(root),
         "runs": recent_runs(root),
     }
+
+
+PROC_STATUS = "/proc/self/status"
+MEMORY_FIELDS = {"RssAnon": "resident_private_bytes", "RssFile": "resident_file_bytes"}
+
+
+def process_memory() -> dict:
+    """This process's resident memory (Linux /proc): private (RssAnon: what an index read into RAM
+    holds) and file-backed (RssFile: the pages of mapped files read so far, which the kernel may drop
+    and read again); {} where /proc has none."""
+    try:
+        with open(PROC_STATUS) as f:
+            lines = [line.split(":", 1) for line in f if line.split(":", 1)[0] in MEMORY_FIELDS]
+    except OSError:
+        return {}
+    return {MEMORY_FIELDS[name]: int(value.split()[0]) * 1024 for name, value in lines}  # /proc counts kB

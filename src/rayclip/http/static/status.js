@@ -1,4 +1,4 @@
-// The status page: one GET of /api/overview, drawn as tiles, an SVG Recall@K chart and tables.
+// The status page: /api/overview drawn as tiles, an SVG Recall@K chart and tables; /api/status adds the server's memory.
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -112,10 +112,20 @@ function render(s) {
   }
 }
 
+// The server's own memory: the index read into RAM (private) against mapped from disk (file-backed).
+function renderServing(st) {
+  const m = st.memory || {};
+  const held = st.mapped_index_bytes ? `${bytes(st.mapped_index_bytes)} mapped` : "in RAM";
+  $("tiles").append(tile("gold", "server memory", bytes(m.resident_private_bytes),
+    `private · ${bytes(m.resident_file_bytes)} file-backed · index ${bytes(st.index_bytes)} ${held} (${st.form})`));
+}
+
 authedFetch("/api/overview")
   .then(async (response) => {
     const body = await response.json();
     if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
     render(body);
+    const served = await authedFetch("/api/status");
+    if (served.ok) renderServing(await served.json());
   })
   .catch((error) => { $("message").className = "error"; $("message").textContent = error.message; });

@@ -1,0 +1,160 @@
+"""`rayclip serve --ray`: the same HTTP app through Ray Serve, a build kept in shards spread over
+deployments.
+
+One Serve application per shard (`rayclip-shard-NNNNN`, no HTTP route), each replica mapping its
+shard from a local file (knn.load_shard: in place from a local root, from this machine's cache of
+an object store), `replicas` copies of each; and the ingress application (`rayclip`, route /):
+create_app's FastAPI app, built in its replica, whose Searcher encodes each query once and asks the
+shards through their deployment handles (knn.ShardedIndex merges their top k). Filters, collapse,
+caption search, query arithmetic, the API key, load shedding and clip-retrieval's routes are the
+app's own, so they behave as under `rayclip serve`.
+
+A shard replica serves whichever build the ingress names (it loads a newly published build's shard
+on its first query); a build with more shards than were deployed at start needs a restart.
+A build that is not kept in shards is searched in the ingress itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+
+import numpy as np
+
+from ..errors import UserError
+from ..options import ServeOptions
+from ..query import knn
+from ..store import catalog, storage
+from ..store.catalog import BuildInfo
+
+INGRESS_APP = "rayclip"
+SHARD_APP = "rayclip-shard-{:05d}"
+SHARD_DEPLOYMENT = "Shard"
+# Fractions of a CPU: Serve reserves them per replica; FAISS and the encoder use what the machine has.
+SHARD_CPUS = 0.25
+INGRESS_CPUS = 0.5
+REACH_TIMEOUT_S = 5
+
+
+class ShardReplica:
+    """One shard of the served model_version's builds, mapped (a Serve replica's state)."""
+
+    def __init__(self, data_dir: str, model_version: str, shard: int):
+        self.root, self.model_version, self.shard = storage.location(data_dir), model_version, shard
+        self._held: tuple[str, knn.LocalIndex] | None = None
+        self._lock = threading.Lock()
+
+    def _index(self, build_id: str) -> knn.LocalIndex:
+        with self._lock:  # one load per build, however many queries arrive at once
+            if self._held is None or self._held[0] != build_id:
+                self._held = (build_id, knn.load_shard(self.root, self.model_version, build_id, self.shard))
+            return self._held[1]
+
+    def probe(self, build_id: str, queries: np.ndarray, k: int, allowed: np.ndarray | None, effort: int) -> knn.Probe:
+        return self._index(build_id).probe(queries, k, allowed, effort)
+
+    def vectors(self, build_id: str, ids: np.ndarray) -> np.ndarray:
+        return self._index(build_id).vectors(ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteShard:
+    """A shard as the ingress's ShardedIndex asks it: its deployment's handle, for one build."""
+
+    handle: object
+    build_id: str
+
+    def probe(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, effort: int) -> knn.Probe:
+        return self.handle.probe.remote(self.build_id, queries, k, allowed, effort).result()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        return self.handle.vectors.remote(self.build_id, ids).result()
+
+
+def remote_shard(info: BuildInfo, shard: int) -> RemoteShard:
+    """The handle of shard `shard`'s deployment (create_app's `remote_shards`, in the ingress replica)."""
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle(SHARD_DEPLOYMENT, app_name=SHARD_APP.format(shard))
+    except Exception:  # noqa: BLE001 - Serve raises its own kinds for an unknown app
+        raise UserError(f"build {info.build_id} has more shards than were deployed; restart `serve --ray`") from None
+    return RemoteShard(handle, info.build_id)
+
+
+class Ingress:
+    """The ingress replica: create_app's app, its shards reached through their deployments."""
+
+    def __init__(self, data_dir: str, app_options: dict):
+        self.data_dir, self.app_options = data_dir, app_options
+
+    def __serve_build_asgi_app__(self):  # noqa: PLW3201 - Serve's hook, named by Serve
+        from .app import create_app
+
+        return create_app(self.data_dir, remote_shards=remote_shard, **self.app_options)
+
+
+def shard_count(root, model_version: str | None) -> tuple[str, int]:
+    """The model_version served and how many shards its CURRENT build is kept in (0: not in shards)."""
+    model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+    info = catalog.build_info(root, model_version, catalog.current_build(root, model_version))
+    return model_version, len(info.shards or []) if info.form == "shards" else 0
+
+
+def deploy(
+    data_dir: str | None = None,
+    model_version: str | None = ServeOptions.model_version,
+    *,
+    host: str = ServeOptions.host,
+    port: int = ServeOptions.port,
+    replicas: int = ServeOptions.replicas,
+    **app_options,
+) -> int:
+    """Start (or join) Ray, start Serve's proxy on host:port, deploy the CURRENT build's shards and the
+    ingress; returns the shard count. `app_options` are create_app's. Serve keeps running until
+    `shutdown()`. One clear line when Ray Serve is not installed or no cluster can be reached."""
+    try:
+        from ray import serve
+    except ImportError:
+        raise UserError("--ray needs Ray Serve: pip install 'rayclip[serve]'") from None
+    from .. import cluster
+
+    root = storage.data_root(data_dir)
+    model_version, shards = shard_count(root, model_version)
+    _check_reachable()
+    try:
+        cluster.start()
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise UserError(f"--ray: no Ray cluster reachable ({str(exc).splitlines()[0]})") from None
+    serve.start(http_options={"host": host, "port": port})
+    options = {"num_cpus": SHARD_CPUS}
+    shard = serve.deployment(ShardReplica, name=SHARD_DEPLOYMENT, num_replicas=replicas, ray_actor_options=options)
+    for k in range(shards):
+        bound = shard.bind(storage.uri(root), model_version, k)
+        serve.run(bound, name=SHARD_APP.format(k), route_prefix=None)
+    ingress = serve.deployment(serve.ingress()(Ingress), ray_actor_options={"num_cpus": INGRESS_CPUS})
+    app_options = app_options | {"model_version": model_version}
+    serve.run(ingress.bind(storage.uri(root), app_options), name=INGRESS_APP, route_prefix="/")
+    return shards
+
+
+def _check_reachable() -> None:
+    """A cluster named by $RAY_ADDRESS (host:port, or ray://host:port) must answer on its port:
+    ray.init would otherwise wait for it for minutes."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return  # no address (a local cluster starts), or one Ray resolves itself ("auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"--ray: no Ray cluster reachable at $RAY_ADDRESS {address} ({exc.strerror or exc})") from None
+
+
+def shutdown() -> None:
+    """Take the applications and Serve down (Ray itself stays, for whoever started it)."""
+    from ray import serve
+
+    serve.shutdown()

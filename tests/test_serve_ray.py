@@ -1,0 +1,78 @@
+"""`rayclip serve --ray`: a build kept in 2 shards behind Ray Serve (a deployment per shard, the app
+as the ingress) answers every query route as the unsharded build served in one process does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from conftest import _free_port
+from fastapi.testclient import TestClient
+from shard_helpers import a_build, query_answers, sharded_copy
+
+from rayclip.http import ray_serve
+from rayclip.http.app import create_app
+
+API_KEY = "shard-key"
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-serve") / "data"
+    report = a_build(root)
+    return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id)
+
+
+@pytest.fixture(scope="module")
+def served(roots, ray_session):
+    """One Serve deployment of the sharded build for the module, on a loopback port, with an API key."""
+    port = _free_port()
+    shards = ray_serve.deploy(roots[1], host="127.0.0.1", port=port, api_key=API_KEY, mmap=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, shards
+    finally:
+        ray_serve.shutdown()
+
+
+def a_media_id(root) -> str:
+    from rayclip.query.searcher import Searcher
+
+    return Searcher.open(root).mapping.column("media_id")[7].as_py()
+
+
+def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served):
+    client, shards = served
+    assert shards == 2
+    media_id = a_media_id(roots[0])
+    unsharded = query_answers(TestClient(create_app(roots[0])), media_id)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert query_answers(client, media_id, **auth) == unsharded
+    assert client.get("/api/search", params={"q": "a dog"}).status_code == 401  # the key still guards the API
+    assert client.get("/api/status", headers=auth).json()["form"] == "shards"
+
+
+def serve_ray(root, *, without_serve: bool = False, **env) -> subprocess.CompletedProcess:
+    """`rayclip serve --ray` in a fresh process (Ray Serve made unimportable when asked)."""
+    hide = "sys.modules['ray.serve'] = None; " if without_serve else ""
+    script = f"import sys; {hide}from rayclip.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "serve", "--ray", "--data-dir", str(root), "--port", str(_free_port())]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ | env)
+
+
+def test_without_ray_serve_ray_is_one_line(roots):
+    run = serve_ray(roots[1], without_serve=True)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        "rayclip serve: error: --ray needs Ray Serve: pip install 'rayclip[serve]'"
+    ]
+
+
+def test_an_unreachable_cluster_is_one_line(roots):
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    run = serve_ray(roots[1], RAY_ADDRESS=address)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        f"rayclip serve: error: --ray: no Ray cluster reachable at $RAY_ADDRESS {address} (Connection refused)"
+    ]
