@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from shard_helpers import a_build, copy_with, query_answers, sharded_copy, to_ondisk
+from shard_helpers import a_build, ondisk_copy, query_answers, sharded_copy, without_build_ids
 
 from rayclip.http.app import create_app
 from rayclip.query import knn
@@ -30,7 +30,7 @@ def builds(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_ram(builds):
     client = TestClient(create_app(builds[0]))
-    return query_answers(client, a_media_id(client))
+    return without_build_ids(query_answers(client, a_media_id(client)))
 
 
 def maps_its_lists(client) -> bool:
@@ -57,12 +57,12 @@ def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
     answers = query_answers(client, a_media_id(client))
     held = client.app.state.service.searcher().snapshot().knn
     assert isinstance(held, ShardedIndex) and [s.ntotal for s in held.shards] == [2000, 2000]
-    assert answers == in_ram
+    assert without_build_ids(answers) == in_ram
 
 
 def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
     client = TestClient(create_app(builds[0], mmap=True))
-    assert query_answers(client, a_media_id(client)) == in_ram
+    assert without_build_ids(query_answers(client, a_media_id(client))) == in_ram
     assert maps_its_lists(client)
     status = client.get("/api/status").json()
     assert status["mapped_index_bytes"] == status["index_bytes"] > 0
@@ -79,16 +79,16 @@ def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
 def test_a_build_merged_on_disk_is_mapped_and_answers_as_the_one_in_ram(builds, in_ram):
     root, _, report = builds
     # Merged in one folder and moved (as a build is renamed into place): index.faiss names a gone path.
-    merged = copy_with(root, root.parent / "merging", report.model_version, report.build_id, to_ondisk)
+    merged = ondisk_copy(root, root.parent / "merging", report.model_version, report.build_id)
     ondisk = merged.rename(root.parent / "ondisk")
     client = TestClient(create_app(ondisk))  # no --mmap: its lists are on disk whatever the budget
-    assert query_answers(client, a_media_id(client)) == in_ram
+    assert without_build_ids(query_answers(client, a_media_id(client))) == in_ram
     assert maps_its_lists(client) and client.get("/api/status").json()["form"] == "ondisk"
 
 
 def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):
     client = TestClient(create_app(builds[1], mmap=True))
-    assert query_answers(client, a_media_id(client)) == in_ram
+    assert without_build_ids(query_answers(client, a_media_id(client))) == in_ram
     assert maps_its_lists(client)
 
 
@@ -159,11 +159,6 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
     assert status["mapped_index_bytes"] > 0 and maps_its_lists(mapped)
     copies = list((tmp_path / "cache").rglob("index.faiss"))  # what FAISS maps: this machine's copy
     assert [c.parent.name for c in copies] == [status["build_id"]]
-
-
-def without_build_ids(answers: dict) -> dict:
-    """Answers of two builds of the same silver (each names its own build)."""
-    return {name: a | {"build_id": None} if isinstance(a, dict) else a for name, a in answers.items()}
 
 
 def test_a_filter_keeps_only_its_rows_whatever_their_ids():
