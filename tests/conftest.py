@@ -371,3 +371,17 @@ def held_out_site(folder: Path, count: int, seed: int):
     images = synthetic.write_images(folder / "site", count, seed=seed)
     with synthetic.serve_folder(folder / "site") as base:
         yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
+
+
+@pytest.fixture(scope="module")
+def vectors_root(tmp_path_factory):
+    """A published build of made-up vectors filed under the reference model (no Ray, no images):
+    text queries encode with the reference model as on a real store."""
+    from silver_helpers import clustered, media_ids, write_silver
+
+    from rayclip.stages import index
+
+    root = tmp_path_factory.mktemp("vectors") / "data"
+    write_silver(root, "2026-01-01", media_ids(40), clustered(40))
+    index.build(root)
+    return root

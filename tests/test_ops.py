@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from conftest import GOOD_IMAGES, _free_port, cli
 from fastapi.testclient import TestClient
-from silver_helpers import clustered, media_ids, normalised, write_silver
+from helpers.serving import held_in_faiss, serving
+from silver_helpers import media_ids, normalised, write_silver
 
 from rayclip.eval import recall
 from rayclip.http.app import API_KEY_ENV, MAX_QUERY_STRING_BYTES, create_app
-from rayclip.query import searcher as searcher_module
 from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 from rayclip.store import layout
@@ -168,41 +168,12 @@ def test_embed_dashboard_lists_the_embed_actors_while_the_job_runs(ingested, tmp
 # ------------------------------------------------------------------ the server
 
 
-@contextlib.contextmanager
-def serving(app):
-    """The app on a free loopback port under uvicorn, for real concurrent clients."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def evaluated_store(gold_store, tmp_path_factory):
     """The gold store plus an eval.json for its build (what the status page charts)."""
     root = tmp_path_factory.mktemp("evaluated") / "data"
     shutil.copytree(gold_store[0], root)
     recall.save(root, recall.evaluate(Searcher.open(root)))
-    return root
-
-
-@pytest.fixture(scope="module")
-def vectors_root(tmp_path_factory):
-    """A published build of made-up vectors filed under the reference model (no Ray, no images):
-    text queries encode with the reference model as on a real store."""
-    root = tmp_path_factory.mktemp("vectors") / "data"
-    write_silver(root, "2026-01-01", media_ids(40), clustered(40))
-    index.build(root)
     return root
 
 
@@ -339,28 +310,23 @@ def test_the_queue_depth_plus_one_query_is_shed_and_the_gauge_and_total_phase_co
     """`depth` queries held inside FAISS fill the queue: the next is a 503 with Retry-After at once,
     the in-flight gauge reads `depth` meanwhile and 0 after, and every answer is a `total` observation."""
     depth = 2
-    entered, release = threading.Semaphore(0), threading.Event()
-    search = searcher_module._search
-
-    def held(build, queries, k, allowed):
-        entered.release()
-        assert release.wait(60)
-        return search(build, queries, k, allowed)
-
-    monkeypatch.setattr(searcher_module, "_search", held)
     total = {"name": "rayclip_query_phase_seconds_count", "phase": "total"}
     requests = {"name": "rayclip_requests_total", "endpoint": "/api/search"}
-    with serving(create_app(vectors_root, queue_depth=depth)) as base, ThreadPoolExecutor(depth) as pool:
+    with (
+        held_in_faiss(monkeypatch) as hold,
+        serving(create_app(vectors_root, queue_depth=depth)) as base,
+        ThreadPoolExecutor(depth) as pool,
+    ):
         with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
             before = _scrape(http)
             try:
                 queries = [{"q": f"a red circle {i}"} for i in range(depth)]
                 pending = [pool.submit(http.get, "/api/search", params=q) for q in queries]
-                assert all(entered.acquire(timeout=30) for _ in range(depth))  # both inside FAISS now
+                assert all(hold.entered.acquire(timeout=30) for _ in range(depth))  # both inside FAISS now
                 refused = http.get("/api/search", params={"q": "one too many"}, timeout=10)
                 during = _scrape(http)
             finally:
-                release.set()
+                hold.release.set()
             answered = [f.result(60) for f in pending]
             deadline = time.monotonic() + 10
             while (after := _scrape(http))("rayclip_queries_in_flight") and time.monotonic() < deadline:

@@ -15,11 +15,10 @@ import httpx
 import pytest
 from conftest import cli
 from fastapi.testclient import TestClient
-from test_ops import serving, vectors_root  # noqa: F401 - vectors_root is a fixture
+from helpers.serving import held_in_faiss, serving
 
 from rayclip.errors import UserError
 from rayclip.http.app import API_KEY_ENV, check_bind, create_app
-from rayclip.query import searcher as searcher_module
 from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
@@ -51,32 +50,23 @@ def first_media_id(root) -> str:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_every_query_route_is_shed_when_the_queue_is_full(vectors_root, monkeypatch, route):  # noqa: F811
+def test_every_query_route_is_shed_when_the_queue_is_full(vectors_root, monkeypatch, route):
     """Queue depth 1, held by a text query inside FAISS: the route answers 503 with Retry-After at
     once (a route without admission would wait behind FAISS and time out); released, it answers 200."""
-    entered, release = threading.Semaphore(0), threading.Event()
-    search = searcher_module._search
-
-    def held(build, queries, k, allowed):
-        entered.release()
-        assert release.wait(60)
-        return search(build, queries, k, allowed)
-
     media_id = first_media_id(vectors_root)
     with serving(create_app(vectors_root, queue_depth=1)) as base:
         with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
             assert ROUTES[route](http, media_id).status_code == 200  # warm: the route works
-            monkeypatch.setattr(searcher_module, "_search", held)
-            occupant = threading.Thread(target=http.get, args=("/api/search",), kwargs={"params": {"q": "hold"}})
-            occupant.start()
-            try:
-                assert entered.acquire(timeout=30)  # the one slot is taken, inside FAISS
-                with httpx.Client(base_url=base, timeout=5, trust_env=False) as other:
-                    refused = ROUTES[route](other, media_id)
-            finally:
-                release.set()
-                occupant.join(timeout=30)
-            monkeypatch.setattr(searcher_module, "_search", search)
+            with held_in_faiss(monkeypatch) as hold:
+                occupant = threading.Thread(target=http.get, args=("/api/search",), kwargs={"params": {"q": "hold"}})
+                occupant.start()
+                try:
+                    assert hold.entered.acquire(timeout=30)  # the one slot is taken, inside FAISS
+                    with httpx.Client(base_url=base, timeout=5, trust_env=False) as other:
+                        refused = ROUTES[route](other, media_id)
+                finally:
+                    hold.release.set()
+                    occupant.join(timeout=30)
             after = ROUTES[route](http, media_id)
     assert refused.status_code == 503, (refused.status_code, refused.text)
     assert refused.headers["retry-after"] == "1" and refused.json()["detail"].startswith("busy:")
