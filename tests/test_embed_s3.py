@@ -1,6 +1,6 @@
 """Embedding with the data root on an object store (moto's S3 on loopback): the local tests'
-assertions, a kill -9 inside the commit, a two-node cluster that writes nothing to local disk, and
-the streaming planner against the planner it replaced."""
+assertions, a two-node cluster that writes nothing to local disk, and the streaming planner against
+the planner it replaced (the kill inside the commit, on both stores: test_kill_points.py)."""
 
 from __future__ import annotations
 

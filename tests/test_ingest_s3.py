@@ -1,5 +1,5 @@
 """Ingest on an object-store data root (moto's S3 on loopback): the same bronze layer as a local run,
-nothing half-visible after a kill -9, debris swept once its lease is stale, no local disk used."""
+no local disk used (the kill points on both stores: test_kill_points.py)."""
 
 from __future__ import annotations
 
