@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install browser clip-front test test-fast demo lint clean
+.PHONY: install browser strace clip-front test test-fast demo lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ browser:
 	    echo "note: chromium is missing and cannot be installed here (needs root and apt-get): the browser test will skip"; \
 	  fi; }
 
+# The local-disk test watches an S3 pipeline's file writes with Debian's strace.
+strace:
+	@command -v strace >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's strace for the local-disk test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
+	  else \
+	    echo "note: strace is missing and cannot be installed here (needs root and apt-get): the local-disk test will skip"; \
+	  fi; }
+
 # clip-retrieval 2.45's web front and its ClipClient, unpacked from its wheel (never installed: its
 # pins clash with ours) for the compatibility tests; they skip, saying so, when it cannot be fetched.
 CLIP_RETRIEVAL := .cache/clip-retrieval
@@ -41,7 +51,7 @@ clip-front: install
 # module fixtures are built once, and the demo's fixed port is used by one file only).
 TEST_WORKERS ?= 2
 
-test: install browser clip-front
+test: install browser strace clip-front
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install

@@ -1,6 +1,6 @@
 """Embedding with the data root on an object store (moto's S3 on loopback): the local tests'
-assertions, a kill -9 inside the commit, a two-node cluster that writes nothing to local disk, and
-the streaming planner against the planner it replaced."""
+assertions, a two-node cluster that writes nothing to local disk, and the streaming planner against
+the planner it replaced (the kill inside the commit, on both stores: test_kill_points.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ import pytest
 from conftest import GOOD_IMAGES, read_silver
 from silver_helpers import media_ids, write_manifest, write_silver
 
-from rayclip import faults, model
 from rayclip.stages import embed
-from rayclip.store import catalog, debris, layout, storage
+from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
 DAY = "2026-01-01"
@@ -47,52 +46,6 @@ def partition_files(root) -> list[str]:
 
 def committed_files(root) -> list[str]:
     return [str(f) for f in catalog.silver_files(root, REFERENCE)]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # two embed runs and a subprocess start under load
-def test_embed_killed_during_commit_on_s3_shows_only_the_committed_run_and_rerun_completes(
-    s3_store, ray_session, monkeypatch
-):
-    """Killed between Ray's write and its commit, into a partition that already holds a committed run
-    (the ten smallest media_ids, committed as the embed stage commits, with made-up vectors)."""
-    spec = model.resolve(None, "reference")
-    first_ten = sorted(set(catalog.read_manifest(s3_store).column("media_id").to_pylist()))[:10]
-    write_silver(s3_store, DAY, first_ten, np.eye(10, 128))
-    committed = committed_files(s3_store)
-    env = os.environ | {
-        faults.KILL_AT_ENV: "embed.commit",
-        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-    }
-    run = "embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=1, day=sys.argv[2])"
-    cmd = [
-        sys.executable,
-        "-c",
-        f"import sys; from rayclip import model; from rayclip.stages import embed; {run}",
-        storage.uri(s3_store),
-        DAY,
-    ]
-    done = bounded.run(cmd, 400, capture_output=True, text=True, env=env)  # in a test of 900 s
-    assert done.returncode == -9, done.stdout[-2000:] + done.stderr[-2000:]
-
-    # Ray wrote the run's files into the same partition, but readers see exactly the first run.
-    written = sorted(set(partition_files(s3_store)) - set(committed))
-    assert written and committed_files(s3_store) == committed
-    assert read_silver(s3_store, REFERENCE).num_rows == 10
-    assert embed_runs(s3_store) == []  # the killed run left no run record
-    # Its lease is fresh: a sweep now leaves it alone; once stale, the files and work folder are debris.
-    assert debris.find(s3_store) == []
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
-    [work] = storage.glob(s3_store, "silver/_work/*")
-    assert sorted(map(str, debris.find(s3_store))) == sorted([*written, str(work)])
-
-    rerun = embed.embed(s3_store, spec, actors=1, batch_size=8, day=DAY)
-    assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 10, 0)
-    ids = read_silver(s3_store, REFERENCE).column("media_id").to_pylist()
-    assert len(ids) == len(set(ids)) == GOOD_IMAGES
-    # The rerun swept the killed run's files: every file left is committed.
-    assert partition_files(s3_store) == committed_files(s3_store)
-    assert debris.find(s3_store) == []
 
 
 def is_data_file(path: Path) -> bool:

@@ -3,7 +3,6 @@ partial layer, the debris is reported and swept, and a rerun finishes with exact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import GOOD_IMAGES, cli, run_ingest
+from conftest import GOOD_IMAGES, cli
 
 from rayclip import Searcher, faults
 from rayclip.stages import index
@@ -50,47 +49,6 @@ def status(root: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def objects(root: Path) -> list[Path]:
-    """The objects under their final names (a writer killed mid-write leaves a hidden .*.tmp: debris)."""
-    return [obj for obj in layout.objects_dir(root).glob("*/*") if not obj.name.startswith(".")]
-
-
-def check_objects(root: Path) -> None:
-    """Every manifest row names an object whose sha256 is its media_id; no object is half-written."""
-    for row in catalog.read_manifest(root).to_pylist():
-        assert hashlib.sha256((root / row["path"]).read_bytes()).hexdigest() == row["media_id"]
-    for obj in objects(root):
-        assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.stem
-
-
-# ---------------------------------------------------------------- ingest
-
-
-def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metadata, capsys):
-    """Killed before the manifest commit on a local root, swept by the rerun (the other kill point,
-    swept by gc, is test_ingest_s3's on S3: one code path serves both stores)."""
-    root = tmp_path / "data"
-    kill_at = "ingest.manifest_commit"
-    assert_killed(*rayclip("ingest", "--metadata", str(good_metadata), "--data-dir", str(root), kill_at=kill_at))
-
-    # Objects were renamed into the store, but no manifest row is visible: the layer is as before.
-    assert len(objects(root)) >= 1
-    assert catalog.read_manifest(root).num_rows == 0
-    check_objects(root)
-    [work] = list((root / "bronze" / "downloads").iterdir())
-    assert [d["path"] for d in status(root, capsys)["debris"]] == [f"bronze/downloads/{work.name}"]
-
-    report = run_ingest(root, good_metadata)  # the rerun sweeps the dead run's work folder
-    assert not work.exists() and not list((root / "bronze" / "downloads").iterdir())
-    assert (report.downloaded, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1, GOOD_IMAGES + 1, 0)
-    assert report.stored + report.duplicates == GOOD_IMAGES + 1  # objects the killed run renamed count as dups
-    rows = catalog.read_manifest(root)
-    assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
-    assert len(objects(root)) == GOOD_IMAGES
-    check_objects(root)
-    assert status(root, capsys)["debris"] == []
-
-
 # ---------------------------------------------------------------- embed
 
 
@@ -102,10 +60,6 @@ def silver_rows(root: Path) -> pa.Table:
         if files
         else pa.table({"media_id": pa.array([], pa.string())})
     )
-
-
-# The commit kill point (embed.commit, into a partition that holds a committed run) is
-# test_embed_s3's: one store is enough for one point, as for the ingest points.
 
 
 @pytest.mark.slow

@@ -1,17 +1,15 @@
 """Ingest on an object-store data root (moto's S3 on loopback): the same bronze layer as a local run,
-nothing half-visible after a kill -9, debris swept once its lease is stale, no local disk used."""
+no local disk used (the kill points on both stores: test_kill_points.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import GOOD_IMAGES, cli, run_ingest
-from test_faults import assert_killed, rayclip
+from conftest import GOOD_IMAGES, run_ingest
 
 from rayclip.store import catalog, layout, storage
 
@@ -40,12 +38,6 @@ def check_objects(root) -> None:
 
 def downloads(root) -> list:
     return storage.glob(root / "bronze" / "downloads", "*")
-
-
-def status_debris(root, capsys) -> list[str]:
-    capsys.readouterr()
-    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
-    return [d["path"] for d in json.loads(capsys.readouterr().out)["debris"]]
 
 
 @pytest.fixture
@@ -125,45 +117,6 @@ def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):
     check_objects(s3_root)
     assert (ingest.ingest_folder(s3_root, folder).stored, len(objects(s3_root))) == (0, 4)
     assert_no_local_files(*empty_local_dirs)
-
-
-def test_ingest_on_s3_killed_leaves_nothing_half_visible(s3_root, good_metadata, capsys, monkeypatch):
-    """Killed once an object is stored, swept by gc (the other kill point, swept by the rerun, is
-    test_faults' on a local root: one code path)."""
-    uri = storage.uri(s3_root)
-    kill_at = "ingest.object_stored"
-    assert_killed(*rayclip("ingest", "--metadata", str(good_metadata), "--data-dir", uri, kill_at=kill_at))
-
-    # Objects may be stored, whole; no manifest row is visible: the layer is as before.
-    assert len(objects(s3_root)) >= 1
-    assert catalog.read_manifest(s3_root).num_rows == 0
-    check_objects(s3_root)
-    [work] = downloads(s3_root)
-    # Its lease is fresh: as far as anyone can tell the run may still be alive, so it is not debris.
-    assert status_debris(s3_root, capsys) == []
-    assert storage.exists(work / storage.LEASE_NAME)
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)  # time passes: the lease goes stale
-    assert status_debris(s3_root, capsys) == [f"bronze/downloads/{work.name}"]
-
-    capsys.readouterr()
-    assert cli("gc", "--data-dir", uri) == 0
-    assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
-    assert downloads(s3_root) == []
-    capsys.readouterr()
-    assert cli("ingest", "--metadata", str(good_metadata), "--data-dir", uri, "--json") == 0
-    report = json.loads(capsys.readouterr().out)
-    assert downloads(s3_root) == []
-    assert (report["downloaded"], report["manifest_rows_added"], report["failed_total"]) == (
-        GOOD_IMAGES + 1,
-        GOOD_IMAGES + 1,
-        0,
-    )
-    assert report["stored"] + report["duplicates"] == GOOD_IMAGES + 1  # what the killed run stored counts as dups
-    rows = catalog.read_manifest(s3_root)
-    assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES
-    assert len(objects(s3_root)) == GOOD_IMAGES
-    check_objects(s3_root)
-    assert status_debris(s3_root, capsys) == []
 
 
 def test_distributor_ray_downloads_through_ray_tasks(ray_session, s3_root, good_metadata, monkeypatch):

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayclip import faults
 from rayclip.stages import ingest
 from rayclip.store import catalog
 
@@ -111,37 +110,3 @@ def test_a_truncated_tar_and_members_that_are_not_images_are_counted_by_reason(s
     assert report.downloaded == 3  # the first tar's image and the two before the cut
     captions = {caption for _, caption in _stored(tmp_path / "data").values()}
     assert captions == {"first", "kept 0", "kept 1"}
-
-
-def test_each_finished_shard_is_committed_so_a_run_stopped_mid_way_keeps_them(site, tmp_path, monkeypatch):
-    """One manifest part per shard (memory follows a shard, not the run): a run stopped at its second
-    shard's commit keeps the first shard; the rerun adds the rest once."""
-    names = site["images"].column("filename").to_pylist()[:6]
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for shard in range(3):
-        samples = [(f"{shard}{i}", {"jpg": (site["folder"] / names[2 * shard + i]).read_bytes()}) for i in range(2)]
-        if shard == 2:  # the first shard's first image again, under another key: a duplicate across parts
-            samples.append(("2x", {"jpg": (site["folder"] / names[0]).read_bytes()}))
-        (shards / f"{shard:05d}.tar").write_bytes(_tar(samples))
-    commits = []
-
-    def stop_at_the_second_commit(name: str) -> None:
-        commits.append(name)
-        if commits.count("ingest.manifest_commit") == 2:
-            raise KeyboardInterrupt  # what Ctrl-C does between two shards
-
-    monkeypatch.setattr(faults, "point", stop_at_the_second_commit)
-    with pytest.raises(KeyboardInterrupt):
-        ingest.ingest_webdataset(tmp_path / "data", f"{shards}/*.tar")
-    assert sorted(url.rpartition("#")[2] for url, _ in _stored(tmp_path / "data").values()) == ["00", "01"]
-
-    monkeypatch.undo()
-    rerun = ingest.ingest_webdataset(tmp_path / "data", f"{shards}/*.tar")
-    assert (rerun.already_in_manifest, rerun.manifest_rows_added) == (2, 5)
-    # Only the third shard's two new images are stored: the rest (the stopped run stored the second
-    # shard's objects before its commit) are found in the store, the repeated image among them.
-    assert (rerun.stored, rerun.duplicates) == (2, 5)
-    assert len(catalog.manifest_parts(tmp_path / "data")) == 3  # the stopped run's one, the rerun's two
-    manifest = catalog.read_manifest(tmp_path / "data")
-    assert manifest.num_rows == 7 and len(set(manifest.column("media_id").to_pylist())) == 6

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import faults
 from .errors import UserError
 from .options import EXPORT_FORMATS, ExportOptions, SearchOptions
 from .progress import Progress
@@ -316,6 +317,7 @@ def export(
         progress,
     )
     report.wall_s = round(time.monotonic() - started, 3)
+    faults.point("export.finish")  # every shard written, no run record yet
     storage.write_json_atomic(layout.run_record(layout.export_runs_dir(root), report.run_id), report.to_dict())
     return report
 

@@ -33,7 +33,7 @@ from .. import cluster
 from ..model import ModelSpec, check_available, choose_precision, load_model
 from ..options import EmbedOptions
 from ..progress import Progress
-from ..store import catalog, layout, silver, storage
+from ..store import catalog, debris, layout, silver, storage
 from ..store.storage import Location
 
 ROWS_PER_FILE = 100_000  # caption vectors per Parquet file (about 200 MB at 512 dimensions)
@@ -223,6 +223,7 @@ def embed_captions(
             scored = [score(root, spec.model_version, pairs)]
             report.pairs_scored = _write_run(root, spec.model_version, layout.CLIP_SCORES, report, scored)
             report.score_s = round(time.monotonic() - started - report.encode_s, 3)
+        debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs, as embed's commit does
     report.wall_s = round(time.monotonic() - started, 3)
     storage.write_json_atomic(layout.run_record(layout.caption_runs_dir(root), report.run_id), report.to_dict())
     return report
