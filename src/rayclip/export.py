@@ -257,6 +257,10 @@ class _ParquetShards(_Shards):
         self.output.close()
 
     def abort_shard(self, exc: tuple) -> None:
+        # Closed first, or its finaliser writes a footer into the file open_output has closed; a
+        # writer whose own write failed may fail again here, and the file goes either way.
+        with contextlib.suppress(Exception):
+            self.writer.close()
         self.output.__exit__(*exc)
 
 
