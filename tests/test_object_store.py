@@ -47,7 +47,9 @@ def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store)
     found = [[(r.media_id, r.score) for r in results] for results in s3_pipeline["found"]]
     served = s3_pipeline["served"]
     methods = {method for method, _ in spoilt}
-    assert methods == {"HEAD", "GET", "PUT"} and sum(spoilt.values()) >= 10, spoilt  # the store did throttle
+    assert methods >= {"HEAD", "GET", "PUT"} and sum(spoilt.values()) >= 10, (
+        spoilt
+    )  # the store did throttle (POST: a build deletes its parts)
     assert {fault for _, fault in spoilt} == set(FAULTS), spoilt
     here = gold_store[0]  # the same site and model on a clean local root (test_gold_s3: = a clean S3 root)
     assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
