@@ -12,22 +12,29 @@ from rayclip.stages import index
 from rayclip.store import catalog, storage
 
 
-def rebuilt_copy(root: Path, copy: Path, model_version: str, build_id: str, shards: int = 1, on_disk: bool = False):
-    """A copy of a data root whose CURRENT is build `build_id`'s index built again in shards (each
-    a part of the rows) or merged on disk; returns the copy."""
-    shutil.copytree(root, copy)
+def rebuild(
+    root: Path, model_version: str, build_id: str, shards: int = 1, on_disk: bool = False, part_vectors: int = 0
+) -> str:
+    """Build `build_id`'s index again in `root` and publish it, in shards (each a part of the rows,
+    unless `part_vectors` says otherwise) or merged on disk; returns the new build's id."""
     info = catalog.build_info(storage.data_root(root), model_version, build_id)
-    index.build(
-        copy,
+    return index.build(
+        root,
         model_version,
         index_type=info.index_type,
         target_recall=info.recall["target"],
         retrain=True,
         parallel="local",
-        part_vectors=math.ceil(info.count / max(shards, 2)),
+        part_vectors=part_vectors or math.ceil(info.count / max(shards, 2)),
         shards=shards,
         on_disk=on_disk,
-    )
+    ).build_id
+
+
+def rebuilt_copy(root: Path, copy: Path, model_version: str, build_id: str, shards: int = 1, on_disk: bool = False):
+    """A copy of a data root whose CURRENT is build `build_id`'s index built again (rebuild); returns the copy."""
+    shutil.copytree(root, copy)
+    rebuild(copy, model_version, build_id, shards, on_disk)
     return copy
 
 

@@ -30,7 +30,7 @@ def roots(tmp_path_factory):
 def served(roots, ray_session):
     """One Serve deployment of the sharded build for the module, on a loopback port, with an API key."""
     port = _free_port()
-    shards = ray_serve.deploy(roots[1], host="127.0.0.1", port=port, api_key=API_KEY, mmap=True)
+    shards = ray_serve.deploy(roots[1], host="127.0.0.1", port=port, replicas=2, api_key=API_KEY, mmap=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield client, shards
@@ -53,6 +53,39 @@ def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served
     assert without_build_ids(query_answers(client, media_id, **auth)) == without_build_ids(unsharded)
     assert client.get("/api/search", params={"q": "a dog"}).status_code == 401  # the key still guards the API
     assert client.get("/api/status", headers=auth).json()["form"] == "shards"
+
+
+def test_each_shard_runs_its_replicas(served):
+    from ray import serve
+
+    applications = serve.status().applications
+    running = [
+        applications[ray_serve.SHARD_APP.format(k)].deployments[ray_serve.SHARD_DEPLOYMENT].replica_states
+        for k in range(served[1])
+    ]
+    assert running == [{"RUNNING": 2}] * 2
+
+
+def test_a_build_published_while_served_is_answered_by_its_own_shards(roots, served):
+    """The ingress serves the build CURRENT names from the next request on, and each shard replica
+    loads that build's shard when first asked: the new build splits its rows at another place
+    (parts of 1,500: shards of 3,000 and 1,000 rows), so a replica still holding the old shard
+    would answer with rows of the other shard's range."""
+    from shard_helpers import rebuild
+
+    from rayclip.store import catalog, storage
+
+    client, _ = served
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    media_id = a_media_id(roots[0])
+    old = query_answers(client, media_id, **auth)["search"]["build_id"]
+    [model_version] = catalog.gold_model_versions(storage.data_root(roots[1]))
+    built = rebuild(roots[1], model_version, old, shards=2, part_vectors=1500)
+    after = query_answers(client, media_id, **auth)
+    assert {a["build_id"] for a in after.values() if isinstance(a, dict)} == {built}
+    in_one_process = TestClient(create_app(roots[1]))
+    assert [s.ntotal for s in in_one_process.app.state.service.searcher().snapshot().knn.shards] == [3000, 1000]
+    assert after == query_answers(in_one_process, media_id)
 
 
 def serve_ray(root, *, without_serve: bool = False, **env) -> subprocess.CompletedProcess:
