@@ -126,19 +126,74 @@ def test_ties_past_the_kept_depth_are_counted_and_said(tmp_path):
     assert copies <= current_info(root)["recall"]["ties_past_depth"] < 2 * copies
 
 
+MISSED = ann.Tuning({"nprobe": 64}, 0.912, 10, 0.95, 1000, 1.0, 2.0, [])
+
+
 def test_recall_warning_names_the_index_and_a_remedy_only_where_one_exists():
-    tuning = ann.Tuning({"nprobe": 64}, 0.912, 10, 0.95, 1000, 1.0, 2.0, [])
+    tuning, budget = MISSED, 512 * 2**20
     # auto picked IVF for 500,000 vectors within 512 MiB; with 1107 MiB it picks an HNSW graph
-    assert ann.shortfall(tuning, "IVF4096,SQ6", True, 500_000, 512) == (
+    assert ann.shortfall(tuning, "IVF4096,SQ6", True, 500_000, 512, budget) == (
         "IVF4096,SQ6 recall@10 0.912 is below the target 0.95; "
         "allow more memory: --max-index-memory 1107M lets auto pick HNSW32"
     )
     # 10M vectors: auto's refined pick was measured and rejected; no budget makes it pick better
     missed = "IVF8192,SQ6 recall@10 0.912 is below the target 0.95"
-    assert ann.shortfall(tuning, "IVF8192,SQ6", True, 10_000_000, 512) == missed
-    named = ann.shortfall(tuning, "IVF16,PQ4x4", False, 1200, 32)
+    assert ann.shortfall(tuning, "IVF8192,SQ6", True, 10_000_000, 512, budget) == missed
+    named = ann.shortfall(tuning, "IVF16,PQ4x4", False, 1200, 32, budget)
     assert named == "IVF16,PQ4x4 recall@10 0.912 is below the target 0.95; pick another --index-type (flat is exact)"
-    assert ann.shortfall(dataclasses.replace(tuning, recall_at_k=0.95), "IVF4096,SQ6", True, 500_000, 512) == ""
+    assert ann.shortfall(dataclasses.replace(tuning, recall_at_k=0.95), "IVF4096,SQ6", True, 500_000, 512, budget) == ""
+
+
+MISS = "recall@10 0.912 is below the target 0.95"
+
+
+@pytest.mark.parametrize(
+    "case, index_type, auto_picked, count, dim, max_bytes, merge, servers, remedy",
+    [
+        # on disk, auto picks as if memory were unlimited, among the types that merge: nothing is better
+        ("on disk", "IVF256,SQ6", True, 3000, 64, 4 << 30, True, 1, ""),
+        # flat needs 750 KiB, far below the 4 GiB allowed: the budget never kept auto from it
+        ("a budget already allowed", "IVF256,SQ6", True, 3000, 64, 4 << 30, False, 1, ""),
+        # two shards of 500,000 vectors: the residual codes auto picks unlimited; HNSW cannot be sharded
+        ("shards, best mergeable", "IVF2048,SQ6", True, 500_000, 512, 512 << 20, True, 2, ""),
+        # two shards within 64 MiB each hold OPQ codes; each server's half of IVF2048,SQ6 needs 96 MiB
+        (
+            "shards, tight budget",
+            "OPQ128_512,IVF2048,PQ128x8",
+            True,
+            500_000,
+            512,
+            64 << 20,
+            True,
+            2,
+            "allow more memory: --max-index-memory 96M lets auto pick IVF2048,SQ6",
+        ),
+        # a type the user named, on disk: flat cannot be built there, so it is not offered
+        ("named, on disk", "IVF16,PQ4x4", False, 1200, 32, 4 << 30, True, 1, "pick another --index-type"),
+    ],
+)
+def test_recall_warning_offers_only_what_the_builds_form_and_budget_allow(
+    case, index_type, auto_picked, count, dim, max_bytes, merge, servers, remedy
+):
+    """A build on disk, in shards or from parts can only hold types that merge (no flat, no HNSW),
+    and more memory helps only beyond the budget already allowed (per server for shards)."""
+    found = ann.shortfall(MISSED, index_type, auto_picked, count, dim, max_bytes, merge=merge, servers=servers)
+    assert found == f"{index_type} {MISS}" + (f"; {remedy}" if remedy else ""), case
+
+
+@pytest.mark.parametrize(
+    "form",
+    [{"on_disk": True, "max_index_memory": "100K"}, {"shards": 2, "part_vectors": 1500, "max_index_memory": "150K"}],
+    ids=["on disk", "shards"],
+)
+def test_a_build_on_disk_or_in_shards_warns_without_a_remedy_it_cannot_use(tmp_path, form):
+    """The build tells the warning its form: 3,000 vectors fit flat in 375 KiB, above the budget
+    here (per server), yet neither on disk nor in shards could auto pick flat for any budget."""
+    root = tmp_path / "data"
+    write_silver(root, DAY1, media_ids(3000), clustered(3000, DIM, seed=1))
+    report = index.build(root, target_recall=0.9999, parallel="local", **form)
+    assert report.index_type == "IVF256,SQ6" and not report.recall_target_met
+    assert report.recall_warning == f"IVF256,SQ6 recall@10 {report.recall_at_10:.3f} is below the target 0.9999"
 
 
 def test_auto_ivf_reaches_target_recall_on_clustered_vectors(tmp_path, ivf_thresholds):
