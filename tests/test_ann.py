@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import cli
-from silver_helpers import clustered, media_ids, write_manifest, write_silver
+from silver_helpers import clustered, media_ids, normalised, write_manifest, write_silver
 
 from rayclip import ann
 from rayclip.query.searcher import Searcher
@@ -96,6 +96,22 @@ def test_twins_leave_an_ivf_index_recall_as_it_is_without_them(tmp_path):
     # mean's sampling error is under 0.003, twice that for a difference of two samples
     assert abs(reports[0].recall_at_10 - reports[1].recall_at_10) <= 0.01
     assert reports[1].recall_warning == ""
+
+
+def test_near_twins_within_float_rounding_count_as_ties(tmp_path):
+    """Re-encoded copies of an image embed equal only within float rounding (here each copy moved by
+    1e-6 and renormalised): exact search orders them by noise, and 8-bit codes cannot, so judged
+    with no tolerance the copies an IVF64,SQ8 index returns count as misses (0.924, exact twins 0.985).
+    With TIE_TOLERANCE its recall over near-twins is its recall over exact twins, within the tuning
+    queries' sampling error, and build.json states the tolerance it was judged with."""
+    distinct = clustered(1000, DIM, seed=1)
+    exact, near = tmp_path / "exact", tmp_path / "near"
+    twin_store(exact, distinct, copies=3)
+    noise = np.random.default_rng(2).standard_normal((3000, DIM)) * 1e-6
+    write_silver(near, DAY1, media_ids(3000), normalised(np.repeat(distinct, 3, axis=0) + noise))
+    reports = [index.build(root, index_type="IVF64,SQ8", target_recall=0.99) for root in (exact, near)]
+    assert abs(reports[0].recall_at_10 - reports[1].recall_at_10) <= 0.01  # as the twins test reasons
+    assert info_of(reports[1])["recall"]["tie_tolerance"] == ann.TIE_TOLERANCE
 
 
 def test_incremental_build_over_more_twins_is_published_not_rebuilt(tmp_path):
