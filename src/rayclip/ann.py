@@ -118,25 +118,41 @@ def fallback_for(index_type: str) -> str | None:
     return index_type.split(",")[0] + ",SQ6" if ",Refine(" in index_type else None
 
 
-def shortfall(tuning: Tuning, index_type: str, auto_picked: bool, count: int, dim: int) -> str:
+def shortfall(
+    tuning: Tuning,
+    index_type: str,
+    auto_picked: bool,
+    count: int,
+    dim: int,
+    max_bytes: int,
+    merge: bool = False,
+    servers: int = 1,
+) -> str:
     """Empty when the build met its recall target; else which index missed it by how much, and what
-    would reach it where something would. `auto_picked`: auto chose index_type for its budget."""
+    would reach it where something would. `auto_picked`: auto chose index_type within `max_bytes` per
+    server (`servers` shards share the index); `merge`: the build's form (on disk, in shards, from
+    parts) admits only types that merge, so neither flat nor HNSW can be suggested."""
     if tuning.target_met:
         return ""
     missed = f"{index_type} recall@{tuning.k} {tuning.recall_at_k:.3f} is below the target {tuning.target}"
-    remedy = _remedy(index_type, count, dim) if auto_picked else "pick another --index-type (flat is exact)"
+    if auto_picked:
+        remedy = _remedy(index_type, count, dim, max_bytes, merge, servers)
+    else:
+        remedy = "pick another --index-type" + ("" if merge else " (flat is exact)")
     return f"{missed}; {remedy}" if remedy else missed
 
 
-def _remedy(index_type: str, count: int, dim: int) -> str:
-    """Auto's pick grows with the budget, up to the one it picks with no limit: only the budget
-    kept it from that one, so more memory helps unless auto built it (or measured and rejected
-    it, refined). Then nothing auto would build does better (flat is exact, but auto spares
+def _remedy(index_type: str, count: int, dim: int, max_bytes: int, merge: bool, servers: int) -> str:
+    """Auto's pick grows with the budget, up to the one it picks with no limit (among the types
+    that merge, where the build's form needs them): only the budget kept it from that one, so more
+    memory helps unless auto built it (or measured and rejected it, refined), or the budget it needs
+    is no more than the one allowed (a build on disk keeps its lists out of memory: auto picked
+    as if unlimited). Then nothing auto would build does better (flat is exact, but auto spares
     this many vectors the time of exhaustive search)."""
-    unlimited = choose_index_type(count, dim, 1 << 62)
-    if index_type in (unlimited, fallback_for(unlimited)):
+    unlimited = choose_index_type(count, dim, 1 << 62, merge)
+    needed = math.ceil(index_bytes(unlimited, count, dim) / servers)  # each server holds its shard
+    if index_type in (unlimited, fallback_for(unlimited)) or needed <= max_bytes:
         return ""
-    needed = index_bytes(unlimited, count, dim)
     return f"allow more memory: --max-index-memory {math.ceil(needed / 2**20)}M lets auto pick {unlimited}"
 
 

@@ -545,7 +545,16 @@ def build(
         tuning.params,
         info.index_bytes,
         made.base_build or f"none (full build: {why_full})",
-        ann.shortfall(tuning, made.index_type, index_type == "auto" and not made.base_build, info.count, dim),
+        ann.shortfall(
+            tuning,
+            made.index_type,
+            index_type == "auto" and not made.base_build,
+            info.count,
+            dim,
+            max_bytes,
+            merge=made.form != "single" or info.count > shape.part_vectors,  # as _choose_type let auto pick
+            servers=len(made.shards) if made.shards else 1,
+        ),
     )
 
 
