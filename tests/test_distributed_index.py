@@ -152,3 +152,15 @@ def test_a_new_day_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
         info.full_build_reason
         == f"base build {base.build_id} is kept as 'shards', this one as 'shards': only 'single' extends"
     )
+
+
+def test_an_on_disk_build_counts_its_lists_in_index_bytes(tmp_path):
+    """build.json's index_bytes is what status and serve count (catalog.index_bytes): for a build merged
+    on disk, index.faiss and index.ivfdata together."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, index_type="IVF8,SQ8", part_vectors=500, parallel="local", on_disk=True)
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    on_disk = info.file_bytes["index.faiss"] + info.file_bytes["index.ivfdata"]
+    assert info.file_bytes["index.ivfdata"] > 0
+    assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk

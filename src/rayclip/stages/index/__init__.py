@@ -655,10 +655,9 @@ def _write_build(
         with storage.open_output(layout.caption_mapping_file(folder)) as f:
             pq.write_table(captions.rows, f)
         written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
-    index_files = [layout.shard_file(folder, k) for k in range(len(made.shards))] if made.shards else written[:1]
-    info.index_bytes = sum(storage.size(f) for f in index_files)
     # What build.json commits, byte for byte: readers check every file against it.
     info.file_bytes = {f.name: storage.size(f) for f in written}
+    info.index_bytes = catalog.index_bytes(info)  # the image index's files, whatever its form
     info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
     info.write(layout.build_info_file(folder))
 
