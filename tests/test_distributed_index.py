@@ -13,6 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import cli
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
 from rayclip import ann
@@ -164,3 +165,19 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes(tmp_path):
     on_disk = info.file_bytes["index.faiss"] + info.file_bytes["index.ivfdata"]
     assert info.file_bytes["index.ivfdata"] > 0
     assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
+
+
+def test_shards_alone_splits_a_small_store_into_that_many_shards(tmp_path):
+    """`rayclip index --shards 2` without --part-vectors: parts of at most half the vectors (the 4M
+    default would make one part, too few for two shards)."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1001), clustered(1001))
+    args = ["index", "--data-dir", str(root), "--index-type", "IVF8,SQ8", "--parallel", "local", "--shards", "2"]
+    assert cli(*args) == 0
+    [build_id] = catalog.builds(root, REFERENCE)
+    info = catalog.build_info(root, REFERENCE, build_id)
+    assert info.form == "shards" and info.steps["parts"] == 2 and info.steps["part_vectors"] == 501
+    assert info.shards == [
+        {"file": "shard-00000.faiss", "first": 0, "count": 501},
+        {"file": "shard-00001.faiss", "first": 501, "count": 500},
+    ]

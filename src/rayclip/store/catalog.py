@@ -220,9 +220,9 @@ class BuildInfo:
     # + index.ivfdata, merged on disk), "shards" (shard-NNNNN.faiss, one per `shards` entry).
     form: str = "single"
     shards: list[dict] | None = None  # form "shards": [{"file", "first", "count"}], faiss_ids first..first+count-1
-    # How a full build ran: {"parts", "part_vectors", "ran_on": "ray" | "local", "nodes", "task_peak_rss_mib":
-    # {step: [MiB per task]}, "auto": why auto took a family that merges (None: it did not have to)}; None: an
-    # incremental build or one from before parts.
+    # How a full build ran: {"parts", "part_vectors" (its largest part's), "ran_on": "ray" | "local", "nodes",
+    # "task_peak_rss_mib": {step: [MiB per task]}, "auto": why auto took a family that merges (None: it did not
+    # have to)}; None: an incremental build or one from before parts.
     steps: dict | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read

@@ -260,7 +260,7 @@ def _fill(
     count = chosen.num_rows
     index_type, form, note = _choose_type(count, dim, index_type, max_bytes, shape)
     plan = parts.Plan(index_type, dim, folder, form, shape.shards, NORM_TOLERANCE)
-    ranges = parts.part_ranges(count, shape.part_vectors, index_type)
+    ranges = parts.part_ranges(count, shape.part_vectors, index_type, shape.shards)
     remote = shape.parallel == "ray" or (shape.parallel == "auto" and (cluster.joins() or len(ranges) > 1))
     runner = parts.Runner(remote)
     file_idx = chosen.column("file_idx").to_numpy()
@@ -322,7 +322,7 @@ def _fill(
     )
     steps = {
         "parts": len(ranges),
-        "part_vectors": shape.part_vectors,
+        "part_vectors": max(n for _, n in ranges),  # --part-vectors, or less to give each shard a part
         "ran_on": runner.where,
         "nodes": len(runner.nodes) or 1,  # Ray nodes the tasks ran on (1: this process)
         "task_peak_rss_mib": runner.peaks or None,  # per step, each task's (None: ran in this process)

@@ -177,16 +177,18 @@ def tune_shards(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k
 
 
 # Running the steps.
-def part_ranges(count: int, part_vectors: int, index_type: str) -> list[tuple[int, int]]:
-    """(first, count) of each part: contiguous faiss_id ranges; one part for a type that cannot merge."""
-    size = part_vectors if ann.mergeable(index_type) else max(count, 1)
+def part_ranges(count: int, part_vectors: int, index_type: str, shards: int = 1) -> list[tuple[int, int]]:
+    """(first, count) of each part: contiguous faiss_id ranges of at most `part_vectors`, and at most
+    count / shards so that each of the shards gets a part; one part for a type that cannot merge."""
+    size = min(part_vectors, math.ceil(count / shards)) if ann.mergeable(index_type) else count
+    size = max(size, 1)
     return [(first, min(size, count - first)) for first in range(0, max(count, 1), size)]
 
 
 def shard_groups(parts: int, shards: int) -> list[list[int]]:
     """Contiguous groups of parts, one per shard (as even as whole parts allow)."""
-    if shards > parts:
-        raise UserError(f"--shards {shards} needs at least {shards} parts; lower --part-vectors or --shards")
+    if shards > parts:  # part_ranges makes `shards` parts of any index with that many vectors
+        raise UserError(f"--shards {shards} needs at least {shards} vectors; lower --shards")
     bounds = [round(s * parts / shards) for s in range(shards + 1)]
     return [list(range(bounds[s], bounds[s + 1])) for s in range(shards)]
 
