@@ -181,3 +181,25 @@ def test_shards_alone_splits_a_small_store_into_that_many_shards(tmp_path):
         {"file": "shard-00000.faiss", "first": 0, "count": 501},
         {"file": "shard-00001.faiss", "first": 501, "count": 500},
     ]
+
+
+def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypatch):
+    """Training reads a uniform random sample of all chosen rows: with the sample far smaller than the
+    store, its rows still come from every day's file, not from the first (oldest) rows."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    monkeypatch.setattr(index, "TRAIN_SAMPLE", 100)
+    monkeypatch.setattr(index, "TUNING_QUERIES", 50)
+    seen = {}
+    train = index.parts.train
+
+    def recording_train(plan, sample, is_query, is_training):
+        days = np.repeat([f.parent.name for f in sample.files], [len(rows) for rows in sample.rows])
+        seen["training"], seen["queries"] = days[is_training], days[is_query]
+        return train(plan, sample, is_query, is_training)
+
+    monkeypatch.setattr(index.parts, "train", recording_train)
+    index.build(root, index_type="IVF4,SQ8", parallel="local")
+    assert len(seen["training"]) == 100 and len(seen["queries"]) == 50
+    assert sorted(set(seen["training"])) == [f"dt=2026-01-0{f + 1}" for f in range(FILES)]
+
