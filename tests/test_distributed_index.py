@@ -203,3 +203,11 @@ def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypat
     assert len(seen["training"]) == 100 and len(seen["queries"]) == 50
     assert sorted(set(seen["training"])) == [f"dt=2026-01-0{f + 1}" for f in range(FILES)]
 
+
+def test_auto_merges_on_disk_when_no_index_fits_the_memory_budget(tmp_path):
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, max_index_memory="1K", parallel="local")
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    assert info.form == "ondisk" and "index.ivfdata" in info.file_bytes
+    assert info.steps["auto"] == "no index of 1000 vectors fits --max-index-memory in RAM: merged on disk"
