@@ -155,7 +155,7 @@ def test_a_new_day_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
     )
 
 
-def test_an_on_disk_build_counts_its_lists_in_index_bytes(tmp_path):
+def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_working_file(tmp_path):
     """build.json's index_bytes is what status and serve count (catalog.index_bytes): for a build merged
     on disk, index.faiss and index.ivfdata together."""
     root = tmp_path / "data"
@@ -165,6 +165,20 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes(tmp_path):
     on_disk = info.file_bytes["index.faiss"] + info.file_bytes["index.ivfdata"]
     assert info.file_bytes["index.ivfdata"] > 0
     assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
+    # The steps' working files (trained.faiss, the parts) are gone: the published build is its index files,
+    # the mapping and the tuning queries.
+    published = sorted(p.name for p in layout.build_dir(root, REFERENCE, report.build_id).iterdir())
+    assert (
+        published
+        == sorted(["build.json", *info.file_bytes])
+        == [
+            "build.json",
+            "index.faiss",
+            "index.ivfdata",
+            "mapping.parquet",
+            "tuning.npz",
+        ]
+    )
 
 
 def test_shards_alone_splits_a_small_store_into_that_many_shards(tmp_path):

@@ -324,7 +324,7 @@ def merged_on_disk(trained, parts: list[Location], index_loc: Location, data_loc
     from faiss.contrib.ondisk import merge_ondisk
 
     with storage.scratch_folder("rayclip-merge-") as scratch:
-        local = [storage.cached(part, scratch / f"part-{i:05d}.faiss") for i, part in enumerate(parts)]
+        local = [storage.cached(part, scratch / part.name) for part in parts]
         data = scratch / data_loc.name
         with storage.quiet_stdout():  # FAISS's C++ prints each resize of the lists file
             merge_ondisk(trained, [str(path) for path in local], str(data))

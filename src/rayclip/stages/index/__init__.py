@@ -308,11 +308,7 @@ def _fill(
             {"file": f.name, "first": ranges[g[0]][0], "count": sum(ranges[p][1] for p in g)}
             for f, g in zip(written, groups)
         ]
-    storage.delete(folder / parts.PARTS_FOLDER)
-    if ann.nlist_of(empty) is None:
-        storage.delete(layout.trained_file(folder))  # nothing trained: no quantizer for later parts
-    else:
-        written.append(layout.trained_file(folder))
+    storage.delete(layout.parts_dir(folder))  # trained.faiss and the parts: nothing reads them once merged
     rows = pa.table(
         {
             "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
@@ -357,7 +353,7 @@ def _incremental_base(
     info = catalog.build_info(root, model_version, current)
     if info.form != "single" or shape.form != "single":
         # New silver is added in place to a single-file index only; adding it as new parts on the
-        # base's trained.faiss (and replacing changed vectors in place) is not written yet.
+        # base's trained quantizer (and replacing changed vectors in place) is not written yet.
         return None, f"base build {current} is kept as {info.form!r}, this one as {shape.form!r}: only 'single' extends"
     names = {_silver_name(root, model_version, f) for f in files}
     tuning = layout.tuning_file(layout.build_dir(root, model_version, current))

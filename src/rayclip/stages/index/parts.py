@@ -4,11 +4,12 @@ steps in the same order either way, so a distributed build equals a single-proce
 
 - train: one task reads a uniform random sample of all chosen rows (held-out tuning queries and the
   training vectors), trains the coarse quantizer and codebooks and writes trained.faiss.
-- add: one task per part (a contiguous range of faiss_ids, `part_vectors` long) reads trained.faiss
+- add: one task per part (a contiguous range of at most `part_vectors` faiss_ids) reads trained.faiss
   and its rows, adds them with their global ids, writes the part and returns the tuning queries'
   exact neighbours among its vectors.
 - finish: the parts merged in RAM into index.faiss, merged on disk into index.faiss + index.ivfdata,
   or merged in groups into K shards; the recall tuning runs in the task that holds the result.
+trained.faiss and the parts are working files (layout.parts_dir), deleted before build.json.
 Only small things cross between tasks and the driver: file names, row numbers, the tuning queries
 and their neighbours. The driver never holds the index nor all the vectors.
 """
@@ -26,8 +27,6 @@ from ...progress import Progress
 from ...store import catalog, layout
 from ...store.storage import Location
 
-FORMS = ("single", "ondisk", "shards")
-PARTS_FOLDER = "parts"  # inside the build folder while it is built; removed before build.json
 SLACK = 1.5  # a task's declared memory over the bytes it holds (FAISS's working buffers, Arrow's reads)
 MIN_TASK_MEMORY = 256 << 20
 
@@ -74,8 +73,8 @@ class Plan:
 
     index_type: str
     dim: int
-    folder: Location  # the build's folder: trained.faiss, the parts while it is built, the result
-    form: str  # one of FORMS
+    folder: Location  # the build's folder: its steps' working files (layout.parts_dir), the result
+    form: str  # BuildInfo.form: "single", "ondisk" or "shards"
     shards: int
     tolerance: float  # how far from unit length a silver vector may be
 
@@ -97,10 +96,6 @@ def new_index(index_type: str, dim: int):
         # filter that inner-product search never uses.
         ivf.do_polysemous_training = False
     return index
-
-
-def part_file(plan: Plan, part: int) -> Location:
-    return plan.folder / PARTS_FOLDER / f"part-{part:05d}.faiss"
 
 
 # The steps. Each returns only small things; what it makes goes to files in plan.folder.
@@ -127,7 +122,7 @@ def add(plan: Plan, part: int, source: Rows, first: int, truth: ann.Truth) -> tu
     else:  # flat, HNSW, fast-scan and Refine number what they hold from 0: built in one part (first == 0)
         index.add(vectors)
     faults.point("index.add")  # a part indexed, not yet written
-    catalog.write_index(part_file(plan, part), index)
+    catalog.write_index(layout.part_file(plan.folder, part), index)
     truth.add(vectors, ids)
     return truth.ids, truth.scores
 
@@ -137,11 +132,11 @@ def _merged(plan: Plan, parts: list[int]):
     import faiss
 
     if len(parts) == 1:
-        return catalog.read_index(part_file(plan, parts[0]))
+        return catalog.read_index(layout.part_file(plan.folder, parts[0]))
     index = catalog.read_index(layout.trained_file(plan.folder))
     ivf = faiss.extract_index_ivf(index)
     for part in parts:
-        held = catalog.read_index(part_file(plan, part))  # owns the lists extract_index_ivf points into
+        held = catalog.read_index(layout.part_file(plan.folder, part))  # owns the lists extract_index_ivf points into
         ivf.merge_from(faiss.extract_index_ivf(held), 0)
     index.ntotal = ivf.ntotal  # a wrapper (OPQ's rotation) counts what its IVF holds
     return index
@@ -157,7 +152,7 @@ def finish_single(plan: Plan, parts: list[int], truth: ann.Truth, target: float,
 
 def finish_ondisk(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
     trained = catalog.read_index(layout.trained_file(plan.folder))
-    files = [part_file(plan, part) for part in parts]
+    files = [layout.part_file(plan.folder, part) for part in parts]
     index_file, data_file = layout.index_file(plan.folder), layout.index_data_file(plan.folder)
     with catalog.merged_on_disk(trained, files, index_file, data_file) as index:
         faults.point("index.merge")  # merged and uploaded, build.json not yet written
@@ -267,7 +262,3 @@ def index_memory(index_type: str, count: int, dim: int) -> int:
         return ann.index_bytes(index_type, count, dim)
     except (AttributeError, ValueError):
         return vector_bytes(count, dim)
-
-
-def parts_needed(count: int, part_vectors: int) -> int:
-    return max(1, math.ceil(count / part_vectors))
