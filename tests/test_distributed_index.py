@@ -225,3 +225,27 @@ def test_auto_merges_on_disk_when_no_index_fits_the_memory_budget(tmp_path):
     info = catalog.build_info(root, REFERENCE, report.build_id)
     assert info.form == "ondisk" and "index.ivfdata" in info.file_bytes
     assert info.steps["auto"] == "no index of 1000 vectors fits --max-index-memory in RAM: merged on disk"
+
+
+def test_every_add_task_reads_one_shared_copy_of_the_tuning_queries(tmp_path, monkeypatch):
+    """The tuning queries (1,000 × dim floats) go to the add tasks as one shared object (one ray.put
+    when the steps run as Ray tasks), not one copy per part: at 5,000 parts that is 10 GB."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    adds, shared = [], []
+    run, share = index.parts.Runner.run, index.parts.Runner.share
+
+    def recording_share(self, value):
+        shared.append(share(self, value))
+        return shared[-1]
+
+    def recording_run(self, calls, memory, progress=None):
+        adds.extend(call for call in calls if call[0] is index.parts.add)
+        return run(self, calls, memory, progress)
+
+    monkeypatch.setattr(index.parts.Runner, "share", recording_share)
+    monkeypatch.setattr(index.parts.Runner, "run", recording_run)
+    index.build(root, index_type="IVF8,SQ8", part_vectors=PART_VECTORS, parallel="local")
+    [queries] = shared
+    assert len(adds) == 4 and all(call[-1] is queries for call in adds)
+    assert queries.queries.shape == (1000, 128) and (queries.ids == -1).all()  # left empty: each task fills its own

@@ -280,10 +280,11 @@ def _fill(
     truth = ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)
 
     largest = max(n for _, n in ranges)
+    # One copy of the queries for all add tasks (each makes its own Truth from it), not one per task.
+    empty_truth = runner.share(ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH))
     adds = [
-        (parts.add, plan, i, parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)), first, part_truth)
+        (parts.add, plan, i, parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)), first, empty_truth)
         for i, (first, n) in enumerate(ranges)
-        for part_truth in [ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)]  # each part its own
     ]
     memory = parts.vector_bytes(largest, dim) + parts.index_memory(index_type, largest, dim)
     for ids, scores in runner.run(adds, memory, progress):

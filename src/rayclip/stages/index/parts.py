@@ -111,9 +111,11 @@ def train(plan: Plan, sample: Rows, is_query: np.ndarray, is_training: np.ndarra
     return vectors[is_query]
 
 
-def add(plan: Plan, part: int, source: Rows, first: int, truth: ann.Truth) -> tuple[np.ndarray, np.ndarray]:
+def add(plan: Plan, part: int, source: Rows, first: int, empty_truth: ann.Truth) -> tuple[np.ndarray, np.ndarray]:
     """Add one part's vectors, with their global ids first.., to a copy of trained.faiss and write it;
-    returns the tuning queries' exact neighbours among them (ids, scores)."""
+    returns the tuning queries' exact neighbours among them (ids, scores). `empty_truth`: the queries with no
+    neighbours yet, one object every add shares (Runner.share), so this task keeps its own."""
+    truth = ann.Truth.empty(empty_truth.queries, empty_truth.query_ids, empty_truth.ids.shape[1])
     vectors = read_vectors(source, plan.tolerance)
     ids = np.arange(first, first + len(vectors), dtype=np.int64)
     index = catalog.read_index(layout.trained_file(plan.folder))
@@ -199,6 +201,15 @@ class Runner:
         self.peaks: dict[str, list[int]] = {}
         if remote:
             cluster.start()
+
+    def share(self, value: object) -> object:
+        """`value` as an argument of many calls: put once into Ray's object store (each task reads
+        that one copy) instead of serialised into every task."""
+        if not self.remote:
+            return value
+        import ray
+
+        return ray.put(value)
 
     def run(self, calls: list[tuple], memory: int, progress: Progress | None = None) -> list:
         """[(function, *args)] → their results, in order; each task declares `memory` bytes.
