@@ -1,6 +1,6 @@
 """The gold build's steps as Ray tasks on a two-node cluster equal the same steps run in one process:
-same ids and scores for 1,000 queries, in each form the finished index takes (one file, merged on disk
-and memory-mapped, shards)."""
+same scores and ids (but where scores tie exactly) for 1,000 queries, in each form the finished index
+takes (one file, merged on disk and memory-mapped, shards)."""
 
 from __future__ import annotations
 
