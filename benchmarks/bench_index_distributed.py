@@ -31,6 +31,7 @@ from bench_index import MODEL_VERSION, write_silver
 def one_build(root: Path, parallel: str, args) -> dict:
     """Runs in a child process: one full build; its wall time, this process's peak RSS, build.json."""
     from rayclip.stages import index
+    from rayclip.store import catalog
 
     started = time.perf_counter()
     report = index.build(
@@ -45,7 +46,7 @@ def one_build(root: Path, parallel: str, args) -> dict:
         on_disk=args.on_disk,
     )
     wall_s = time.perf_counter() - started
-    info = json.loads((Path(report.path) / "build.json").read_text())
+    info = catalog.build_info(root, MODEL_VERSION, report.build_id)
     with contextlib.suppress(ImportError):
         import ray
 
@@ -53,20 +54,23 @@ def one_build(root: Path, parallel: str, args) -> dict:
     return {
         "wall_s": round(wall_s, 1),
         "driver_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "index_type": info["index_type"],
-        "form": info["form"],
-        "steps": info["steps"],
-        "recall_at_10": info["recall"]["recall_at_10"],
-        "params": info["search_params"],
-        "index_bytes": info["index_bytes"],
+        "index_type": info.index_type,
+        "form": info.form,
+        "steps": info.steps,
+        "recall_at_10": info.recall_at_10,  # 1.0 for exact search (flat), which measures none
+        "params": info.search_params,
+        "index_bytes": info.index_bytes,
         "load": round(os.getloadavg()[0], 1),
     }
 
 
 def run_child(root: Path, parallel: str, args) -> dict:
     command = [sys.executable, __file__, "--child", str(root), parallel] + args.passthrough
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # the child's traceback or error line, not just its exit status
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"the {parallel} build failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def show(size: int, row: dict) -> None:

@@ -1,6 +1,6 @@
 """The gold build's steps as Ray tasks on a two-node cluster equal the same steps run in one process:
-same ids and scores for 1,000 queries, in each form the finished index takes (one file, merged on disk
-and memory-mapped, shards)."""
+same scores and ids (but where scores tie exactly) for 1,000 queries, in each form the finished index
+takes (one file, merged on disk and memory-mapped, shards)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import cli
 from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
 from rayclip import ann
@@ -152,3 +153,99 @@ def test_a_new_day_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
         info.full_build_reason
         == f"base build {base.build_id} is kept as 'shards', this one as 'shards': only 'single' extends"
     )
+
+
+def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_working_file(tmp_path):
+    """build.json's index_bytes is what status and serve count (catalog.index_bytes): for a build merged
+    on disk, index.faiss and index.ivfdata together."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, index_type="IVF8,SQ8", part_vectors=500, parallel="local", on_disk=True)
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    on_disk = info.file_bytes["index.faiss"] + info.file_bytes["index.ivfdata"]
+    assert info.file_bytes["index.ivfdata"] > 0
+    assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
+    # The steps' working files (trained.faiss, the parts) are gone: the published build is its index files,
+    # the mapping and the tuning queries.
+    published = sorted(p.name for p in layout.build_dir(root, REFERENCE, report.build_id).iterdir())
+    assert (
+        published
+        == sorted(["build.json", *info.file_bytes])
+        == [
+            "build.json",
+            "index.faiss",
+            "index.ivfdata",
+            "mapping.parquet",
+            "tuning.npz",
+        ]
+    )
+
+
+def test_shards_alone_splits_a_small_store_into_that_many_shards(tmp_path):
+    """`rayclip index --shards 2` without --part-vectors: parts of at most half the vectors (the 4M
+    default would make one part, too few for two shards)."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1001), clustered(1001))
+    args = ["index", "--data-dir", str(root), "--index-type", "IVF8,SQ8", "--parallel", "local", "--shards", "2"]
+    assert cli(*args) == 0
+    [build_id] = catalog.builds(root, REFERENCE)
+    info = catalog.build_info(root, REFERENCE, build_id)
+    assert info.form == "shards" and info.steps["parts"] == 2 and info.steps["part_vectors"] == 501
+    assert info.shards == [
+        {"file": "shard-00000.faiss", "first": 0, "count": 501},
+        {"file": "shard-00001.faiss", "first": 501, "count": 500},
+    ]
+
+
+def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypatch):
+    """Training reads a uniform random sample of all chosen rows: with the sample far smaller than the
+    store, its rows still come from every day's file, not from the first (oldest) rows."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    monkeypatch.setattr(index, "TRAIN_SAMPLE", 100)
+    monkeypatch.setattr(index, "TUNING_QUERIES", 50)
+    seen = {}
+    train = index.parts.train
+
+    def recording_train(plan, sample, is_query, is_training):
+        days = np.repeat([f.parent.name for f in sample.files], [len(rows) for rows in sample.rows])
+        seen["training"], seen["queries"] = days[is_training], days[is_query]
+        return train(plan, sample, is_query, is_training)
+
+    monkeypatch.setattr(index.parts, "train", recording_train)
+    index.build(root, index_type="IVF4,SQ8", parallel="local")
+    assert len(seen["training"]) == 100 and len(seen["queries"]) == 50
+    assert sorted(set(seen["training"])) == [f"dt=2026-01-0{f + 1}" for f in range(FILES)]
+
+
+def test_auto_merges_on_disk_when_no_index_fits_the_memory_budget(tmp_path):
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, max_index_memory="1K", parallel="local")
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    assert info.form == "ondisk" and "index.ivfdata" in info.file_bytes
+    assert info.steps["auto"] == "no index of 1000 vectors fits --max-index-memory in RAM: merged on disk"
+
+
+def test_every_add_task_reads_one_shared_copy_of_the_tuning_queries(tmp_path, monkeypatch):
+    """The tuning queries (1,000 × dim floats) go to the add tasks as one shared object (one ray.put
+    when the steps run as Ray tasks), not one copy per part: at 5,000 parts that is 10 GB."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    adds, shared = [], []
+    run, share = index.parts.Runner.run, index.parts.Runner.share
+
+    def recording_share(self, value):
+        shared.append(share(self, value))
+        return shared[-1]
+
+    def recording_run(self, calls, memory, progress=None):
+        adds.extend(call for call in calls if call[0] is index.parts.add)
+        return run(self, calls, memory, progress)
+
+    monkeypatch.setattr(index.parts.Runner, "share", recording_share)
+    monkeypatch.setattr(index.parts.Runner, "run", recording_run)
+    index.build(root, index_type="IVF8,SQ8", part_vectors=PART_VECTORS, parallel="local")
+    [queries] = shared
+    assert len(adds) == 4 and all(call[-1] is queries for call in adds)
+    assert queries.queries.shape == (1000, 128) and (queries.ids == -1).all()  # left empty: each task fills its own

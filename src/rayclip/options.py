@@ -138,7 +138,11 @@ class IndexOptions:
         "(auto: Ray when $RAY_ADDRESS is set or the build has more than one part)",
         choices=PARALLEL,
     )
-    part_vectors: int = _opt(4_000_000, "vectors one add task indexes (one part of the build)", positive=True)
+    part_vectors: int = _opt(
+        4_000_000,
+        "most vectors one add task indexes (one part of the build); with --shards K, at most 1/K of them",
+        positive=True,
+    )
     shards: int = _opt(1, "keep the index as K shards, one per server, instead of one file", positive=True)
     on_disk: bool = _opt(False, "merge the index on disk (index.ivfdata, memory-mapped when served), not in RAM")
 

@@ -220,9 +220,9 @@ class BuildInfo:
     # + index.ivfdata, merged on disk), "shards" (shard-NNNNN.faiss, one per `shards` entry).
     form: str = "single"
     shards: list[dict] | None = None  # form "shards": [{"file", "first", "count"}], faiss_ids first..first+count-1
-    # How a full build ran: {"parts", "part_vectors", "ran_on": "ray" | "local", "nodes", "task_peak_rss_mib":
-    # {step: [MiB per task]}, "auto": why auto took a family that merges (None: it did not have to)}; None: an
-    # incremental build or one from before parts.
+    # How a full build ran: {"parts", "part_vectors" (its largest part's), "ran_on": "ray" | "local", "nodes",
+    # "task_peak_rss_mib": {step: [MiB per task]}, "auto": why auto took a family that merges (None: it did not
+    # have to)}; None: an incremental build or one from before parts.
     steps: dict | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)  # keys this version does not know, kept as read
@@ -324,7 +324,7 @@ def merged_on_disk(trained, parts: list[Location], index_loc: Location, data_loc
     from faiss.contrib.ondisk import merge_ondisk
 
     with storage.scratch_folder("rayclip-merge-") as scratch:
-        local = [storage.cached(part, scratch / f"part-{i:05d}.faiss") for i, part in enumerate(parts)]
+        local = [storage.cached(part, scratch / part.name) for part in parts]
         data = scratch / data_loc.name
         with storage.quiet_stdout():  # FAISS's C++ prints each resize of the lists file
             merge_ondisk(trained, [str(path) for path in local], str(data))

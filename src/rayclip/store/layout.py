@@ -226,10 +226,20 @@ def shard_file(build: Location, shard: int) -> Location:
     return build / f"shard-{shard:05d}.faiss"
 
 
+def parts_dir(build: Location) -> Location:
+    """The working files of a full build's steps (trained.faiss and the parts), inside the build's
+    folder while it is built; removed before build.json, so a published build holds none."""
+    return build / "parts"
+
+
 def trained_file(build: Location) -> Location:
-    """The trained, empty index an IVF build was filled from: an incremental build adds new parts to
-    a copy of it instead of training again."""
-    return build / "trained.faiss"
+    """The trained, empty index the build's add tasks fill (a copy each) and its parts merge onto."""
+    return parts_dir(build) / "trained.faiss"
+
+
+def part_file(build: Location, part: int) -> Location:
+    """Part `part` of a full build: trained.faiss filled with one contiguous range of faiss_ids."""
+    return parts_dir(build) / f"part-{part:05d}.faiss"
 
 
 def caption_index_file(build: Location) -> Location:

@@ -260,7 +260,7 @@ def _fill(
     count = chosen.num_rows
     index_type, form, note = _choose_type(count, dim, index_type, max_bytes, shape)
     plan = parts.Plan(index_type, dim, folder, form, shape.shards, NORM_TOLERANCE)
-    ranges = parts.part_ranges(count, shape.part_vectors, index_type)
+    ranges = parts.part_ranges(count, shape.part_vectors, index_type, shape.shards)
     remote = shape.parallel == "ray" or (shape.parallel == "auto" and (cluster.joins() or len(ranges) > 1))
     runner = parts.Runner(remote)
     file_idx = chosen.column("file_idx").to_numpy()
@@ -280,10 +280,11 @@ def _fill(
     truth = ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)
 
     largest = max(n for _, n in ranges)
+    # One copy of the queries for all add tasks (each makes its own Truth from it), not one per task.
+    empty_truth = runner.share(ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH))
     adds = [
-        (parts.add, plan, i, parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)), first, part_truth)
+        (parts.add, plan, i, parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)), first, empty_truth)
         for i, (first, n) in enumerate(ranges)
-        for part_truth in [ann.Truth.empty(query_vectors, queries, TRUTH_DEPTH)]  # each part its own
     ]
     memory = parts.vector_bytes(largest, dim) + parts.index_memory(index_type, largest, dim)
     for ids, scores in runner.run(adds, memory, progress):
@@ -308,11 +309,7 @@ def _fill(
             {"file": f.name, "first": ranges[g[0]][0], "count": sum(ranges[p][1] for p in g)}
             for f, g in zip(written, groups)
         ]
-    storage.delete(folder / parts.PARTS_FOLDER)
-    if ann.nlist_of(empty) is None:
-        storage.delete(layout.trained_file(folder))  # nothing trained: no quantizer for later parts
-    else:
-        written.append(layout.trained_file(folder))
+    storage.delete(layout.parts_dir(folder))  # trained.faiss and the parts: nothing reads them once merged
     rows = pa.table(
         {
             "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
@@ -322,7 +319,7 @@ def _fill(
     )
     steps = {
         "parts": len(ranges),
-        "part_vectors": shape.part_vectors,
+        "part_vectors": max(n for _, n in ranges),  # --part-vectors, or less to give each shard a part
         "ran_on": runner.where,
         "nodes": len(runner.nodes) or 1,  # Ray nodes the tasks ran on (1: this process)
         "task_peak_rss_mib": runner.peaks or None,  # per step, each task's (None: ran in this process)
@@ -357,7 +354,7 @@ def _incremental_base(
     info = catalog.build_info(root, model_version, current)
     if info.form != "single" or shape.form != "single":
         # New silver is added in place to a single-file index only; adding it as new parts on the
-        # base's trained.faiss (and replacing changed vectors in place) is not written yet.
+        # base's trained quantizer (and replacing changed vectors in place) is not written yet.
         return None, f"base build {current} is kept as {info.form!r}, this one as {shape.form!r}: only 'single' extends"
     names = {_silver_name(root, model_version, f) for f in files}
     tuning = layout.tuning_file(layout.build_dir(root, model_version, current))
@@ -664,10 +661,9 @@ def _write_build(
         with storage.open_output(layout.caption_mapping_file(folder)) as f:
             pq.write_table(captions.rows, f)
         written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
-    index_files = [layout.shard_file(folder, k) for k in range(len(made.shards))] if made.shards else written[:1]
-    info.index_bytes = sum(storage.size(f) for f in index_files)
     # What build.json commits, byte for byte: readers check every file against it.
     info.file_bytes = {f.name: storage.size(f) for f in written}
+    info.index_bytes = catalog.index_bytes(info)  # the image index's files, whatever its form
     info.timings = {"build_s": round(built_s, 3), "total_s": round(time.monotonic() - started, 3)}
     info.write(layout.build_info_file(folder))
 

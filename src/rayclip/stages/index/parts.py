@@ -4,11 +4,12 @@ steps in the same order either way, so a distributed build equals a single-proce
 
 - train: one task reads a uniform random sample of all chosen rows (held-out tuning queries and the
   training vectors), trains the coarse quantizer and codebooks and writes trained.faiss.
-- add: one task per part (a contiguous range of faiss_ids, `part_vectors` long) reads trained.faiss
+- add: one task per part (a contiguous range of at most `part_vectors` faiss_ids) reads trained.faiss
   and its rows, adds them with their global ids, writes the part and returns the tuning queries'
   exact neighbours among its vectors.
 - finish: the parts merged in RAM into index.faiss, merged on disk into index.faiss + index.ivfdata,
   or merged in groups into K shards; the recall tuning runs in the task that holds the result.
+trained.faiss and the parts are working files (layout.parts_dir), deleted before build.json.
 Only small things cross between tasks and the driver: file names, row numbers, the tuning queries
 and their neighbours. The driver never holds the index nor all the vectors.
 """
@@ -26,8 +27,6 @@ from ...progress import Progress
 from ...store import catalog, layout
 from ...store.storage import Location
 
-FORMS = ("single", "ondisk", "shards")
-PARTS_FOLDER = "parts"  # inside the build folder while it is built; removed before build.json
 SLACK = 1.5  # a task's declared memory over the bytes it holds (FAISS's working buffers, Arrow's reads)
 MIN_TASK_MEMORY = 256 << 20
 
@@ -74,8 +73,8 @@ class Plan:
 
     index_type: str
     dim: int
-    folder: Location  # the build's folder: trained.faiss, the parts while it is built, the result
-    form: str  # one of FORMS
+    folder: Location  # the build's folder: its steps' working files (layout.parts_dir), the result
+    form: str  # BuildInfo.form: "single", "ondisk" or "shards"
     shards: int
     tolerance: float  # how far from unit length a silver vector may be
 
@@ -99,10 +98,6 @@ def new_index(index_type: str, dim: int):
     return index
 
 
-def part_file(plan: Plan, part: int) -> Location:
-    return plan.folder / PARTS_FOLDER / f"part-{part:05d}.faiss"
-
-
 # The steps. Each returns only small things; what it makes goes to files in plan.folder.
 def train(plan: Plan, sample: Rows, is_query: np.ndarray, is_training: np.ndarray) -> np.ndarray:
     """Train on the sample's training rows (a type that needs no training: nothing) and write
@@ -116,9 +111,11 @@ def train(plan: Plan, sample: Rows, is_query: np.ndarray, is_training: np.ndarra
     return vectors[is_query]
 
 
-def add(plan: Plan, part: int, source: Rows, first: int, truth: ann.Truth) -> tuple[np.ndarray, np.ndarray]:
+def add(plan: Plan, part: int, source: Rows, first: int, empty_truth: ann.Truth) -> tuple[np.ndarray, np.ndarray]:
     """Add one part's vectors, with their global ids first.., to a copy of trained.faiss and write it;
-    returns the tuning queries' exact neighbours among them (ids, scores)."""
+    returns the tuning queries' exact neighbours among them (ids, scores). `empty_truth`: the queries with no
+    neighbours yet, one object every add shares (Runner.share), so this task keeps its own."""
+    truth = ann.Truth.empty(empty_truth.queries, empty_truth.query_ids, empty_truth.ids.shape[1])
     vectors = read_vectors(source, plan.tolerance)
     ids = np.arange(first, first + len(vectors), dtype=np.int64)
     index = catalog.read_index(layout.trained_file(plan.folder))
@@ -127,7 +124,7 @@ def add(plan: Plan, part: int, source: Rows, first: int, truth: ann.Truth) -> tu
     else:  # flat, HNSW, fast-scan and Refine number what they hold from 0: built in one part (first == 0)
         index.add(vectors)
     faults.point("index.add")  # a part indexed, not yet written
-    catalog.write_index(part_file(plan, part), index)
+    catalog.write_index(layout.part_file(plan.folder, part), index)
     truth.add(vectors, ids)
     return truth.ids, truth.scores
 
@@ -137,11 +134,11 @@ def _merged(plan: Plan, parts: list[int]):
     import faiss
 
     if len(parts) == 1:
-        return catalog.read_index(part_file(plan, parts[0]))
+        return catalog.read_index(layout.part_file(plan.folder, parts[0]))
     index = catalog.read_index(layout.trained_file(plan.folder))
     ivf = faiss.extract_index_ivf(index)
     for part in parts:
-        held = catalog.read_index(part_file(plan, part))  # owns the lists extract_index_ivf points into
+        held = catalog.read_index(layout.part_file(plan.folder, part))  # owns the lists extract_index_ivf points into
         ivf.merge_from(faiss.extract_index_ivf(held), 0)
     index.ntotal = ivf.ntotal  # a wrapper (OPQ's rotation) counts what its IVF holds
     return index
@@ -157,7 +154,7 @@ def finish_single(plan: Plan, parts: list[int], truth: ann.Truth, target: float,
 
 def finish_ondisk(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
     trained = catalog.read_index(layout.trained_file(plan.folder))
-    files = [part_file(plan, part) for part in parts]
+    files = [layout.part_file(plan.folder, part) for part in parts]
     index_file, data_file = layout.index_file(plan.folder), layout.index_data_file(plan.folder)
     with catalog.merged_on_disk(trained, files, index_file, data_file) as index:
         faults.point("index.merge")  # merged and uploaded, build.json not yet written
@@ -177,16 +174,18 @@ def tune_shards(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k
 
 
 # Running the steps.
-def part_ranges(count: int, part_vectors: int, index_type: str) -> list[tuple[int, int]]:
-    """(first, count) of each part: contiguous faiss_id ranges; one part for a type that cannot merge."""
-    size = part_vectors if ann.mergeable(index_type) else max(count, 1)
+def part_ranges(count: int, part_vectors: int, index_type: str, shards: int = 1) -> list[tuple[int, int]]:
+    """(first, count) of each part: contiguous faiss_id ranges of at most `part_vectors`, and at most
+    count / shards so that each of the shards gets a part; one part for a type that cannot merge."""
+    size = min(part_vectors, math.ceil(count / shards)) if ann.mergeable(index_type) else count
+    size = max(size, 1)
     return [(first, min(size, count - first)) for first in range(0, max(count, 1), size)]
 
 
 def shard_groups(parts: int, shards: int) -> list[list[int]]:
     """Contiguous groups of parts, one per shard (as even as whole parts allow)."""
-    if shards > parts:
-        raise UserError(f"--shards {shards} needs at least {shards} parts; lower --part-vectors or --shards")
+    if shards > parts:  # part_ranges makes `shards` parts of any index with that many vectors
+        raise UserError(f"--shards {shards} needs at least {shards} vectors; lower --shards")
     bounds = [round(s * parts / shards) for s in range(shards + 1)]
     return [list(range(bounds[s], bounds[s + 1])) for s in range(shards)]
 
@@ -202,6 +201,15 @@ class Runner:
         self.peaks: dict[str, list[int]] = {}
         if remote:
             cluster.start()
+
+    def share(self, value: object) -> object:
+        """`value` as an argument of many calls: put once into Ray's object store (each task reads
+        that one copy) instead of serialised into every task."""
+        if not self.remote:
+            return value
+        import ray
+
+        return ray.put(value)
 
     def run(self, calls: list[tuple], memory: int, progress: Progress | None = None) -> list:
         """[(function, *args)] → their results, in order; each task declares `memory` bytes.
@@ -265,7 +273,3 @@ def index_memory(index_type: str, count: int, dim: int) -> int:
         return ann.index_bytes(index_type, count, dim)
     except (AttributeError, ValueError):
         return vector_bytes(count, dim)
-
-
-def parts_needed(count: int, part_vectors: int) -> int:
-    return max(1, math.ceil(count / part_vectors))
