@@ -206,13 +206,18 @@ class _Shape:
     def form(self) -> str:
         return "shards" if self.shards > 1 else "ondisk" if self.on_disk else "single"
 
+    def merges(self, count: int, form: str) -> bool:
+        """Whether an index of `count` vectors kept in `form` is merged from parts: then only a type
+        whose parts merge (ann.mergeable) can be built."""
+        return form != "single" or count > self.part_vectors
+
 
 def _choose_type(count: int, dim: int, index_type: str, max_bytes: int, shape: _Shape) -> tuple[str, str, str]:
     """(index type, form, why auto chose as it did). A build in several parts, on disk or in shards needs
     a type whose parts merge (ann.mergeable); auto picks one and says so; an index that fits no budget
     in RAM is merged on disk (memory-mapped when served)."""
     form = shape.form
-    merge = form != "single" or count > shape.part_vectors
+    merge = shape.merges(count, form)
     if index_type != "auto":
         if form != "single" and not ann.mergeable(index_type):
             raise UserError(
@@ -549,7 +554,7 @@ def build(
             info.count,
             dim,
             max_bytes,
-            merge=made.form != "single" or info.count > shape.part_vectors,  # as _choose_type let auto pick
+            merge=shape.merges(info.count, made.form),  # what _choose_type let auto pick from
             servers=len(made.shards) if made.shards else 1,
         ),
     )
