@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import options, pipeline
-from .errors import UserError
+from .errors import UnknownModelVersionError, UserError
 from .store import layout, storage
 
 _OUTPUT: dict = {"json": False, "console": None}  # with --json, stdout carries the JSON document, the rest stderr
@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"rayclip {args.command}: error: {err}", file=sys.stderr)
+        shown = err.named_by("--model-version") if isinstance(err, UnknownModelVersionError) else err
+        print(f"rayclip {args.command}: error: {shown}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"rayclip {args.command}: interrupted", file=sys.stderr)

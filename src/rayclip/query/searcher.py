@@ -228,12 +228,25 @@ class Searcher:
         precision: str = SearchOptions.precision,
         residency: Residency = Residency(),
     ) -> Searcher:
-        """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively);
-        `residency` how the image index is held (in RAM, mapped, in shards elsewhere)."""
+        """The Searcher of a data root's model_version (the only one published when None): `load`,
+        for a script; a QueryService keeps the list of model_versions and calls `load` itself."""
         root = storage.data_root(data_dir)
         model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
-        build_id = catalog.current_build(root, model_version)
-        build = _load_build(root, model_version, build_id, residency)
+        return cls.load(root, model_version, threads, precision, residency)
+
+    @classmethod
+    def load(
+        cls,
+        root: Location,
+        model_version: str,
+        threads: int | None = None,
+        precision: str = SearchOptions.precision,
+        residency: Residency = Residency(),
+    ) -> Searcher:
+        """The CURRENT build of this model_version and its query model. `precision` is the query
+        encoder's (model.choose_precision: bf16 where the CPU runs it natively); `residency` how the
+        image index is held (in RAM, mapped, in shards elsewhere)."""
+        build = _load_build(root, model_version, catalog.current_build(root, model_version), residency)
         query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
         return cls(root, model_version, query_model, build, residency)
 

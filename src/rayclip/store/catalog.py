@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import UserError
+from ..errors import NoIndexError, UnknownModelVersionError, UserError
 from . import layout, storage
 from .storage import Location, ShortReadError
 
@@ -360,17 +360,14 @@ def current_build(root: Location, model_version: str) -> str | None:
 
 
 def pick_model_version(root: Location, asked: str | None, available: list[str], layer: str) -> str:
-    """The asked model_version, or the only one present; else one clear line listing them."""
-    if asked:
-        if asked not in available:
-            raise UserError(f"no {layer} for model_version {asked!r}; present: {', '.join(available) or 'none'}")
-        return asked
+    """The asked model_version, or the only one present; else NoIndexError (none present) or
+    UnknownModelVersionError (the asked one absent, or several and none asked), naming those present."""
     if not available:
         hint = "run `rayclip embed`" if layer == "embeddings" else "run `rayclip index`"
-        raise UserError(f"no {layer} yet under {root}; {hint}")
-    if len(available) > 1:
-        raise UserError(f"several model_versions present ({', '.join(available)}); pick one with --model-version")
-    return available[0]
+        raise NoIndexError(f"no {layer} yet under {root}; {hint}")
+    if asked in available or (not asked and len(available) == 1):
+        return asked or available[0]
+    raise UnknownModelVersionError(layer, asked, available)
 
 
 # run records
