@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, write_silver
 
 from rayclip.errors import NoIndexError
-from rayclip.http.app import create_app
+from rayclip.http.app import MAX_K, create_app
+from rayclip.options import DEFAULT_COLLAPSE
 from rayclip.query import searcher as searcher_module
 from rayclip.query import service as service_module
 from rayclip.query.searcher import Searcher, SearchOptions, Term
@@ -154,6 +155,13 @@ def test_the_model_is_loaded_before_the_first_request(store, monkeypatch):
         assert client.get("/healthz").json() == {"ok": True}
         assert client.get("/api/search", params={"q": "a dog"}).status_code == 200
         assert len(opened) == 1  # the first query found it open
+
+
+def test_the_page_starts_from_the_servers_search_defaults(client):
+    assert client.get("/api/defaults").json() == {"k": SearchOptions.k, "collapse": DEFAULT_COLLAPSE, "max_k": MAX_K}
+    page = client.get("/").text + client.get("/static/app.js").text
+    assert "/api/defaults" in page
+    assert str(DEFAULT_COLLAPSE) not in page and "<option" not in page  # no default of its own
 
 
 def test_startup_without_an_index_still_serves_and_answers_503(tmp_path):

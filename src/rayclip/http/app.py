@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import NoIndexError, UnknownModelVersionError, UserError
 from ..images import ImageTooLargeError, decode_base64
-from ..options import SEARCH_OVER, SearchOptions, ServeOptions
+from ..options import DEFAULT_COLLAPSE, SEARCH_OVER, SearchOptions, ServeOptions
 from ..query.knn import Residency, Shard
 from ..query.searcher import Searcher, SearchResults, Term, summary
 from ..query.service import QueryService
@@ -291,6 +291,11 @@ def create_app(
     def healthz() -> dict:
         """Up: when served by `rayclip serve`, the port opened after the model and index loaded."""
         return {"ok": True}
+
+    @app.get("/api/defaults")
+    def defaults() -> dict:
+        """What the page starts from: SearchOptions' k, the cosine a collapse folds at, the largest k."""
+        return {"k": SearchOptions.k, "collapse": DEFAULT_COLLAPSE, "max_k": MAX_K}
 
     @app.get("/api/status")
     def status() -> dict:
