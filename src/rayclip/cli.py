@@ -349,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.allow_anonymous)
-    mib, origins = args.max_upload_mb << 20, args.cors_origin
+    mib, origins = options.ServeOptions(max_upload_mb=args.max_upload_mb).max_upload_bytes, args.cors_origin
     app_options = _options(args, create_app) | {"max_upload_bytes": mib, "cors_origins": origins, "api_key": api_key}
     where = f"http://{args.host}:{args.port}/"
     served = _shown(storage.data_root(args.data_dir))

@@ -210,6 +210,7 @@ class ServeOptions:
 
     @property
     def max_upload_bytes(self) -> int:
+        """The upload limit as the service takes it, in bytes (the flag says MiB): the one conversion."""
         return self.max_upload_mb << 20
 
 

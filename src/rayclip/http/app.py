@@ -229,7 +229,7 @@ def _payload(results: SearchResults, query: dict) -> dict:
 def create_app(
     data_dir: str | Path | None = None,
     model_version: str | None = None,
-    max_upload_bytes: int = ServeOptions.max_upload_mb << 20,
+    max_upload_bytes: int = ServeOptions().max_upload_bytes,
     *,
     cors_origins: Sequence[str] = ServeOptions.cors_origin,
     allow_url_queries: bool = ServeOptions.allow_url_queries,

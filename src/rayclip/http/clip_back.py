@@ -135,7 +135,7 @@ class _AnyJsonRoute(APIRoute):
 def router(
     service: QueryService,
     *,
-    max_image_bytes: int = ServeOptions.max_upload_mb << 20,
+    max_image_bytes: int = ServeOptions().max_upload_bytes,
     allow_url_queries: bool = False,
     serve_images: bool = False,
 ) -> APIRouter:
