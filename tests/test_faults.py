@@ -82,7 +82,7 @@ def test_ingest_killed_between_renames_and_manifest_commit(tmp_path, good_metada
 
     report = run_ingest(root, good_metadata)  # the rerun sweeps the dead run's work folder
     assert not work.exists() and not list((root / "bronze" / "downloads").iterdir())
-    assert (report.downloaded, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1, GOOD_IMAGES + 1, 0)
+    assert (report.admitted, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1, GOOD_IMAGES + 1, 0)
     assert report.stored + report.duplicates == GOOD_IMAGES + 1  # objects the killed run renamed count as dups
     rows = catalog.read_manifest(root)
     assert rows.num_rows == GOOD_IMAGES + 1 and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES

@@ -75,7 +75,7 @@ def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
     meta = tmp_path / "copies.parquet"
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"copy {i}" for i in range(16)]}), meta)
     report = run_ingest(s3_root, meta)
-    assert (report.downloaded, report.stored, report.duplicates) == (16, 1, 15)
+    assert (report.admitted, report.stored, report.duplicates) == (16, 1, 15)
     assert len(objects(s3_root)) == 1 and catalog.read_manifest(s3_root).num_rows == 16
 
 
@@ -95,7 +95,7 @@ def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site
     assert (first.rows_read, first.stored, first.source) == (GOOD_IMAGES + 1, GOOD_IMAGES, "metadata:good.parquet")
     before = site["requests"].copy()
     rerun = run_ingest(s3_root, metadata_url)
-    assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored, rerun.manifest_rows_added) == (
+    assert (rerun.skipped_known_urls, rerun.admitted, rerun.stored, rerun.manifest_rows_added) == (
         GOOD_IMAGES + 1,
         0,
         0,
@@ -153,7 +153,7 @@ def test_ingest_on_s3_killed_leaves_nothing_half_visible(s3_root, good_metadata,
     assert cli("ingest", "--metadata", str(good_metadata), "--data-dir", uri, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert downloads(s3_root) == []
-    assert (report["downloaded"], report["manifest_rows_added"], report["failed_total"]) == (
+    assert (report["admitted"], report["manifest_rows_added"], report["failed_total"]) == (
         GOOD_IMAGES + 1,
         GOOD_IMAGES + 1,
         0,
@@ -176,7 +176,7 @@ def test_distributor_ray_downloads_through_ray_tasks(ray_session, s3_root, good_
 
     monkeypatch.setattr(img2dataset_main, "multiprocessing_distributor", no_multiprocessing)
     report = run_ingest(s3_root, good_metadata, distributor="ray")
-    assert (report.downloaded, report.stored, report.duplicates, report.failed_total) == (
+    assert (report.admitted, report.stored, report.duplicates, report.failed_total) == (
         GOOD_IMAGES + 1,
         GOOD_IMAGES,
         1,

@@ -71,7 +71,7 @@ def test_the_ingest_on_s3_made_the_local_ones_decisions(s3_pipeline, ingested, s
     root = s3_pipeline["root"]
     [(_, _, report)] = [run for run in catalog.run_records(root) if run[0] == "ingest"]
     [(_, _, local)] = catalog.run_records(ingested)
-    assert (report["stored"], report["downloaded"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
+    assert (report["stored"], report["admitted"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
     assert report["failed"] == local["failed"]
     assert manifest_rows(root) == manifest_rows(ingested)
     # Two URLs with the same bytes: one object, two rows.

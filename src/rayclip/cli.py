@@ -237,7 +237,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     (function, labels), source = sources[given[0]], getattr(args, given[0])
     report = _stage(args, function, root, source, runs_dir=layout.ingest_runs_dir(root), progress=labels)
     # Exit 0 if anything usable came through (stored now, already stored before, or already known).
-    return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
+    return 0 if report.admitted or report.skipped_known_urls or not report.rows_read else 1
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -195,10 +195,10 @@ def router(
         if query.build_id is not None and query.build_id != served.build_id:
             stale = f"build {query.build_id} is no longer served (now {served.build_id}); search again"
             raise HTTPException(409, stale, headers={BUILD_HEADER: served.build_id})
-        count = len(served.rows)
+        count = len(served.mapping)
         if bad := [i for i in query.ids if not 0 <= i < count]:
             raise HTTPException(422, f"id {bad[0]} is not in build {served.build_id} (ids 0..{count - 1})")
-        rows = served.rows.rows(query.ids, ["media_id", "url", "caption"])
+        rows = served.mapping.rows(query.ids, ["media_id", "url", "caption"])
         for row in rows:
             row["url"] = url_of(row["media_id"], row["url"], request)
         return [{"id": i, "metadata": m} for i, m in zip(query.ids, rows)]

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -392,6 +393,13 @@ def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
 MISSING_OBJECT = "missing object"  # the manifest names it, the store does not hold it
 CHANGED_OBJECT = "object changed since ingest"  # its bytes no longer hash to its media_id
 OBJECT_READS = 2  # a short or wrong read from a store is read once more before the row fails
+
+
+class Refused(NamedTuple):
+    """Why a sample or a stored object is not taken, travelling where its bytes or its candidate
+    would: the reason is what a report's `failed` counts it under."""
+
+    reason: str
 
 
 def read_object(root: storage.Location, path: str, media_id: str) -> tuple[bytes | None, str | None]:
