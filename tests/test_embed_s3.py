@@ -64,7 +64,7 @@ def test_embed_killed_during_commit_on_s3_shows_only_the_committed_run_and_rerun
         faults.KILL_AT_ENV: "embed.commit",
         "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
     }
-    run = "embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=1, day=sys.argv[2])"
+    run = "embed.embed(sys.argv[1], model.resolve(None, 'reference'), actors=1, dt=sys.argv[2])"
     cmd = [
         sys.executable,
         "-c",

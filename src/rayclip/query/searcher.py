@@ -260,12 +260,6 @@ class Searcher:
         return self._build.info
 
     @property
-    def info(self) -> dict:
-        """Deprecated: `build` (the BuildInfo) is the record; this is the summary /api/status shows,
-        kept until cli.py and tests outside the query floor read `build` or a result's build_id."""
-        return summary(self)
-
-    @property
     def mapping(self) -> pa.Table:
         """The CURRENT build's mapping table (row i describes faiss_id i)."""
         return self._build.mapping.table

@@ -609,11 +609,8 @@ def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport, numbe
     report.manifest_rows_added += fresh.num_rows
     if not fresh.num_rows:
         return False
-    part = pa.BufferOutputStream()
-    pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
-    data = memoryview(part.getvalue())
     faults.point("ingest.manifest_commit")  # a shard's objects stored, its part not yet written
-    storage.write_atomic(layout.manifest_part(root, report.run_id, number, len(data)), data)
+    catalog.write_manifest_part(root, report.run_id, number, fresh, MANIFEST_ROW_GROUP)
     return True
 
 
