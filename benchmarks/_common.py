@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayclip.model import ModelSpec
 from rayclip.stages import index
@@ -48,10 +47,9 @@ def random_silver(root: Path, spec: ModelSpec, n: int, dim: int, seed: int = 0) 
         "url": [f"https://images.example.com/{m[:2]}/{m}.jpg" for m in ids],
         "caption": [f"a photo of item {i}, number {i % 97} in a series of generated captions" for i in range(n)],
     }
-    layout.manifest_dir(root).mkdir(parents=True, exist_ok=True)
     columns = {name: manifest.get(name, [None] * n) for name in catalog.MANIFEST_SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=catalog.MANIFEST_SCHEMA)
-    pq.write_table(table, layout.manifest_dir(root) / "part-bench.parquet")
+    catalog.write_manifest_part(root, layout.new_run_id(), 0, table)
 
 
 def timed_build(root: Path) -> tuple[index.BuildReport, float]:

@@ -62,11 +62,11 @@ def step(name: str, tars: Path, work: Path, per_shard: int) -> dict:
 
     imports, started = peak_mib(), time.perf_counter()
     if name == "ingest":
-        rows = ingest.ingest_webdataset(work / "a", f"{tars}/*.tar").downloaded
+        rows = ingest.ingest_webdataset(work / "a", f"{tars}/*.tar").admitted
     elif name == "export":
         rows = export.export(work / "a", work / "out", samples_per_shard=per_shard).exported
     else:
-        rows = ingest.ingest_webdataset(work / "b", f"{work}/out/*.tar").downloaded
+        rows = ingest.ingest_webdataset(work / "b", f"{work}/out/*.tar").admitted
     seconds = time.perf_counter() - started
     return {
         "rows": rows,

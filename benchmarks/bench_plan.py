@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayclip.stages import embed
 from rayclip.store import catalog, layout, silver
@@ -43,7 +42,7 @@ def write_root(root: Path, rows: int, duplicates: float, embedded: float) -> int
     """Manifest parts and committed silver; returns how many media_ids the plan must hold."""
     unique = max(1, int(rows * (1 - duplicates)))
     rng = np.random.default_rng(0)
-    layout.manifest_dir(root).mkdir(parents=True, exist_ok=True)
+    run_id = layout.new_run_id()
     for part, start in enumerate(range(0, rows, PART_ROWS)):
         count = min(PART_ROWS, rows - start)
         numbers = np.arange(start, start + count) % unique  # rows past `unique` repeat earlier ids
@@ -54,7 +53,7 @@ def write_root(root: Path, rows: int, duplicates: float, embedded: float) -> int
             {f.name: columns.get(f.name, pa.nulls(count, f.type)) for f in catalog.MANIFEST_SCHEMA},
             schema=catalog.MANIFEST_SCHEMA,
         )
-        pq.write_table(table.take(rng.permutation(count)), layout.manifest_dir(root) / f"part-bench-{part:04d}.parquet")
+        catalog.write_manifest_part(root, run_id, part, table.take(rng.permutation(count)))
     done = int(unique * embedded)
     chunks = (
         silver.embeddings_table(

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayclip import model
-from rayclip.store import layout, silver, storage
+from rayclip.store import catalog, layout, silver
 
 REFERENCE_DIM = 128
 
@@ -53,8 +52,6 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
     """A bronze manifest part naming these media_ids, with varied width, height, caption and source."""
     import datetime as dt
 
-    from rayclip.store.catalog import MANIFEST_SCHEMA
-
     rng = np.random.default_rng(seed)
     animals = ["dog", "cat", "bird", "fish"]
     n = len(ids)
@@ -72,8 +69,7 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
             "run_id": ["r"] * n,
             "ingested_at": [dt.datetime(2026, 1, 1 + i % 28, tzinfo=dt.timezone.utc) for i in range(n)],
         },
-        schema=MANIFEST_SCHEMA,
+        schema=catalog.MANIFEST_SCHEMA,
     )
-    with storage.open_output(layout.manifest_dir(root) / f"part-{seed}.parquet") as f:
-        pq.write_table(table, f)
+    catalog.write_manifest_part(root, layout.new_run_id(), seed, table)
     return table

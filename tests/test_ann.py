@@ -36,7 +36,7 @@ def brute_recall(searcher: Searcher, vectors: np.ndarray, queries: np.ndarray, k
 
 
 def stored(searcher: Searcher) -> np.ndarray:
-    return searcher.vectors(list(range(searcher.info["count"])))
+    return searcher.vectors(list(range(searcher.build.count)))
 
 
 @pytest.fixture

@@ -220,7 +220,7 @@ def test_indices_list_and_any_published_model_version(gold_store, tmp_path):
     got = knn(several, clip_client_body("second_version", num_images=3, text="a red circle"))
     assert got.status_code == 200 and len(got.json()) == 3
     unnamed = knn(several, clip_client_body(None, num_images=3, text="a red circle"))
-    assert unnamed.status_code == 404 and "name one in indice_name" in unnamed.json()["detail"]
+    assert unnamed.status_code == 404 and "pick one with indice_name" in unnamed.json()["detail"]
 
 
 def test_openapi_documents_the_routes(client):
@@ -233,7 +233,7 @@ def test_openapi_documents_the_routes(client):
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        ({"indice_name": "laion5B", "text": "cat"}, 404, f"no index 'laion5B'; /indices-list has: {MODEL_VERSION}"),
+        ({"indice_name": "laion5B", "text": "cat"}, 404, f"'laion5B'; present: {MODEL_VERSION} (name one with indice"),
         ({"embedding_input": [0.1] * 5}, 422, "embedding_input has 5 numbers; this index needs 128"),
         ({"embedding_input": [0.0] * 128}, 422, "embedding_input must be finite and not all zero"),
         ({}, 422, "give exactly one of text, image, image_url, embedding_input; got none"),

@@ -85,7 +85,7 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     other = next(r for r in catalog.read_manifest(store).to_pylist() if r["media_id"] in done)
     (store / swapped["path"]).write_bytes((store / other["path"]).read_bytes())
 
-    second = embed.embed(store, spec, actors=1, batch_size=4, day="2026-01-02")
+    second = embed.embed(store, spec, actors=1, batch_size=4, dt="2026-01-02")
     assert (second.rows_planned, second.rows_embedded, second.rows_failed) == (GOOD_IMAGES - 10, GOOD_IMAGES - 12, 2)
     assert second.partition.endswith("dt=2026-01-02")
     assert sorted(second.failed_ids, key=lambda f: f["media_id"]) == sorted(
@@ -134,4 +134,4 @@ def test_empty_manifest_and_bad_date(tmp_path, capsys):
     assert cli("embed", "--data-dir", str(tmp_path / "d"), "--pretrained", "none") == 2
     assert "run `rayclip ingest` first" in capsys.readouterr().err
     with pytest.raises(Exception, match="YYYY-MM-DD"):
-        embed.embed(tmp_path, model.resolve(None, "none"), day="26/11/2026")
+        embed.embed(tmp_path, model.resolve(None, "none"), dt="26/11/2026")

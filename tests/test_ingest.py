@@ -44,7 +44,7 @@ def test_metadata_ingest_counts_every_reason_and_stores_by_content(store, metada
 
     assert report["rows_read"] == GOOD_IMAGES + 10
     assert report["stored"] == GOOD_IMAGES  # dup.jpg and slow.jpg carry the first image's bytes
-    assert report["downloaded"] == GOOD_IMAGES + 1  # dup.jpg arrives; slow.jpg times out
+    assert report["admitted"] == GOOD_IMAGES + 1  # dup.jpg arrives; slow.jpg times out
     assert report["duplicates"] == 1
     assert dict(sorted(report["failed"].items())) == {
         "HTTP 404": 1,
@@ -74,7 +74,7 @@ def test_metadata_ingest_counts_every_reason_and_stores_by_content(store, metada
     # A rerun hands img2dataset nothing it already has: no download, not one request to the server.
     requests_before = sum(site["requests"].values())
     again = run_ingest(root, metadata)
-    assert (again.downloaded, again.stored, again.manifest_rows_added) == (0, 0, 0)
+    assert (again.admitted, again.stored, again.manifest_rows_added) == (0, 0, 0)
     assert again.skipped_known_urls == GOOD_IMAGES + 1  # every stored URL; the failed ones are tried again
     assert sum(site["requests"].values()) - requests_before == 6  # missing, truncated, page, empty, huge, slow
     assert len(manifest(root)) == GOOD_IMAGES + 1
@@ -90,12 +90,12 @@ def test_rerun_fetches_no_known_url_and_refetch_rechecks_them(tmp_path, site):
 
     before = site["requests"].copy()
     rerun = run_ingest(root, meta)
-    assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored) == (3, 0, 0)
+    assert (rerun.skipped_known_urls, rerun.admitted, rerun.stored) == (3, 0, 0)
     assert site["requests"] == before  # img2dataset was not even started
     assert cli("ingest", "--metadata", str(meta), "--data-dir", str(root)) == 0  # nothing new is not a failure
 
     refetched = run_ingest(root, meta, refetch=True)
-    assert (refetched.skipped_known_urls, refetched.downloaded, refetched.already_in_manifest) == (0, 3, 3)
+    assert (refetched.skipped_known_urls, refetched.admitted, refetched.already_in_manifest) == (0, 3, 3)
     assert all(site["requests"][f"/{n}"] == before[f"/{n}"] + 1 for n in names)
     assert len(manifest(root)) == 3
 
@@ -166,7 +166,7 @@ def test_csv_tsv_jsonl_with_lowercase_columns(tmp_path, site):
         }, ext
     root = tmp_path / "data"
     report = run_ingest(root, tmp_path / "m.tsv")  # the one whose captions hold the other format's separator
-    assert (report.rows_read, report.downloaded, report.stored, report.failed_total) == (2, 2, 2, 0)
+    assert (report.rows_read, report.admitted, report.stored, report.failed_total) == (2, 2, 2, 0)
     assert {r["url"]: r["caption"] for r in manifest(root)} == {f"{base}/{n}": f"tsv, {n}" for n in names}
 
 
@@ -266,7 +266,7 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
     assert len(early) >= 1, events
     assert any(during for _, during in stored_while_downloading)  # the store progress moved meanwhile
 
-    assert (report.rows_read, report.downloaded, report.stored, report.duplicates) == (30, 30, 24, 6)
+    assert (report.rows_read, report.admitted, report.stored, report.duplicates) == (30, 30, 24, 6)
     assert report.failed == {} and report.manifest_rows_added == 30
     rows = manifest(root)
     assert sorted(r["url"] for r in rows) == sorted(urls)  # every URL once

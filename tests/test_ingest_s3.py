@@ -67,7 +67,7 @@ def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
     meta = tmp_path / "copies.parquet"
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"copy {i}" for i in range(16)]}), meta)
     report = run_ingest(s3_root, meta)
-    assert (report.downloaded, report.stored, report.duplicates) == (16, 1, 15)
+    assert (report.admitted, report.stored, report.duplicates) == (16, 1, 15)
     assert len(objects(s3_root)) == 1 and catalog.read_manifest(s3_root).num_rows == 16
 
 
@@ -87,7 +87,7 @@ def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site
     assert (first.rows_read, first.stored, first.source) == (GOOD_IMAGES + 1, GOOD_IMAGES, "metadata:good.parquet")
     before = site["requests"].copy()
     rerun = run_ingest(s3_root, metadata_url)
-    assert (rerun.skipped_known_urls, rerun.downloaded, rerun.stored, rerun.manifest_rows_added) == (
+    assert (rerun.skipped_known_urls, rerun.admitted, rerun.stored, rerun.manifest_rows_added) == (
         GOOD_IMAGES + 1,
         0,
         0,
@@ -129,7 +129,7 @@ def test_distributor_ray_downloads_through_ray_tasks(ray_session, s3_root, good_
 
     monkeypatch.setattr(img2dataset_main, "multiprocessing_distributor", no_multiprocessing)
     report = run_ingest(s3_root, good_metadata, distributor="ray")
-    assert (report.downloaded, report.stored, report.duplicates, report.failed_total) == (
+    assert (report.admitted, report.stored, report.duplicates, report.failed_total) == (
         GOOD_IMAGES + 1,
         GOOD_IMAGES,
         1,

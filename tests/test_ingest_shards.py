@@ -65,14 +65,14 @@ def test_img2dataset_webdataset_output_ingests_without_a_download(site, img2data
 
     whole = ingest.ingest_img2dataset_output(tmp_path / "a", out)
     assert _stored(tmp_path / "a") == expected  # original bytes (content-addressed), url and caption
-    assert whole.downloaded == whole.stored == GOOD
+    assert whole.admitted == whole.stored == GOOD
     # The 404 from img2dataset's per-shard Parquet, by the reason a download here gives it; the page and
     # the cut JPEG it wrote as they came (disable_all_reencoding skips its decode): our decode check refuses them.
     assert whole.failed == {"decode error": 2, "HTTP 404": 1}
 
     tars = ingest.ingest_webdataset(tmp_path / "b", f"{out}/{{00000..00002}}.tar")
     assert _stored(tmp_path / "b") == expected
-    assert (tars.downloaded, tars.failed) == (GOOD, {"decode error": 2})  # the tars alone know of no 404
+    assert (tars.admitted, tars.failed) == (GOOD, {"decode error": 2})  # the tars alone know of no 404
     assert sum(site["requests"].values()) == before  # nothing fetched
 
 
@@ -107,6 +107,6 @@ def test_a_truncated_tar_and_members_that_are_not_images_are_counted_by_reason(s
 
     report = ingest.ingest_webdataset(tmp_path / "data", f"{shards}/{{00000..00001}}.tar")
     assert report.failed == {"decode error": 1, "no image member": 1, "truncated tar": 1}
-    assert report.downloaded == 3  # the first tar's image and the two before the cut
+    assert report.admitted == 3  # the first tar's image and the two before the cut
     captions = {caption for _, caption in _stored(tmp_path / "data").values()}
     assert captions == {"first", "kept 0", "kept 1"}

@@ -108,7 +108,7 @@ def test_metadata_ingest_killed(empty_root, good_metadata, site, capsys, monkeyp
         assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
         assert storage.children(layout.downloads_dir(root, "x").parent) == []
     report = run_ingest(root, good_metadata)
-    assert (report.downloaded, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1,) * 2 + (0,)
+    assert (report.admitted, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1,) * 2 + (0,)
     assert report.stored + report.duplicates == GOOD_IMAGES + 1  # what the killed run stored counts as dups
     assert manifest_rows(root) == expected_metadata_rows(good_metadata, site)
     assert len(whole_objects(root)) == GOOD_IMAGES

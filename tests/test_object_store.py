@@ -73,7 +73,7 @@ def test_the_ingest_on_s3_made_the_local_ones_decisions(s3_pipeline, ingested, s
     root = s3_pipeline["root"]
     [(_, _, report)] = [run for run in catalog.run_records(root) if run[0] == "ingest"]
     [(_, _, local)] = catalog.run_records(ingested)
-    assert (report["stored"], report["downloaded"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
+    assert (report["stored"], report["admitted"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
     assert report["failed"] == local["failed"]
     assert manifest_rows(root) == manifest_rows(ingested)
     # Two URLs with the same bytes: one object, two rows.
@@ -150,20 +150,3 @@ def test_server_answers_and_streams_images_from_s3(s3_pipeline):
     row = next(r for r in catalog.read_manifest(root).to_pylist() if r["media_id"] == hits[0]["media_id"])
     image = client.get(f"/api/images/{row['media_id']}")
     assert image.status_code == 200 and image.content == storage.read_bytes(root / row["path"])
-
-
-def test_silver_from_before_commit_records_is_still_read_and_never_swept(tmp_path):
-    """Before commit records each run's silver was one file renamed whole to dt=<day>/<run_id>.parquet."""
-    import pyarrow.parquet as pq
-
-    from rayclip.store import debris, layout
-    from rayclip.store.silver import embeddings_table
-
-    root = storage.data_root(tmp_path / "data")
-    old = layout.silver_partition(root, REFERENCE, "2026-01-02") / f"{layout.new_run_id()}.parquet"
-    with storage.open_output(old) as f:
-        pq.write_table(embeddings_table(["a" * 64], np.ones((1, 4), np.float32) / 2), f)
-    assert catalog.silver_model_versions(root) == [REFERENCE]
-    assert catalog.silver_files(root, REFERENCE) == [old] == catalog.silver_files(root, REFERENCE, "2026-01-02")
-    assert catalog.silver_files(root, REFERENCE, "2026-01-03") == []
-    assert debris.find(root) == []

@@ -67,7 +67,7 @@ def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetc
     assert [type(e) for e in seen.events] == stages
     assert seen.events[0] == demo.site and demo.site.images == DEMO_IMAGES and demo.site.metadata.is_file()
     run = demo.run
-    assert run.ingest.downloaded == DEMO_IMAGES and run.embed.rows_embedded == DEMO_IMAGES
+    assert run.ingest.admitted == DEMO_IMAGES and run.embed.rows_embedded == DEMO_IMAGES
     assert run.build.count == DEMO_IMAGES == run.eval.images
     assert (
         run.captions.pairs_scored == DEMO_IMAGES
@@ -99,7 +99,7 @@ def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetc
     assert demo.site.base_url == f"http://127.0.0.1:{pipeline.DEMO_PORT}", "DEMO_PORT was taken by another process"
     again = rayclip.run_demo(str(tmp_path / "demo"), images=DEMO_IMAGES, actors=1, batch_size=8)
     assert again.site.base_url == demo.site.base_url
-    assert again.run.ingest.downloaded == 0 and again.run.ingest.skipped_known_urls == DEMO_IMAGES
+    assert again.run.ingest.admitted == 0 and again.run.ingest.skipped_known_urls == DEMO_IMAGES
     assert again.run.embed.rows_embedded == 0 and again.run.build.count == DEMO_IMAGES
 
 

@@ -14,7 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, write_silver
 
-from rayclip.http.app import create_app
+from rayclip.errors import NoIndexError
+from rayclip.http.app import MAX_K, create_app
+from rayclip.options import DEFAULT_COLLAPSE
 from rayclip.query import searcher as searcher_module
 from rayclip.query import service as service_module
 from rayclip.query.searcher import Searcher, SearchOptions, Term
@@ -139,13 +141,13 @@ def test_non_finite_numbers_are_one_line_422s(client, path, body):
 
 def test_the_model_is_loaded_before_the_first_request(store, monkeypatch):
     opened = []
-    open_searcher = Searcher.open.__func__
+    load_searcher = Searcher.load.__func__
 
     def counted(cls, *args, **kwargs):
         opened.append(args)
-        return open_searcher(cls, *args, **kwargs)
+        return load_searcher(cls, *args, **kwargs)
 
-    monkeypatch.setattr(Searcher, "open", classmethod(counted))
+    monkeypatch.setattr(Searcher, "load", classmethod(counted))
     app = create_app(store[0])
     assert opened == []  # creating the app loads nothing (tests, `--help`)
     with TestClient(app) as client:  # runs the startup, as uvicorn does before it listens
@@ -153,6 +155,13 @@ def test_the_model_is_loaded_before_the_first_request(store, monkeypatch):
         assert client.get("/healthz").json() == {"ok": True}
         assert client.get("/api/search", params={"q": "a dog"}).status_code == 200
         assert len(opened) == 1  # the first query found it open
+
+
+def test_the_page_starts_from_the_servers_search_defaults(client):
+    assert client.get("/api/defaults").json() == {"k": SearchOptions.k, "collapse": DEFAULT_COLLAPSE, "max_k": MAX_K}
+    page = client.get("/").text + client.get("/static/app.js").text
+    assert "/api/defaults" in page
+    assert str(DEFAULT_COLLAPSE) not in page and "<option" not in page  # no default of its own
 
 
 def test_startup_without_an_index_still_serves_and_answers_503(tmp_path):
@@ -210,7 +219,7 @@ def test_an_unknown_name_lists_gold_again_and_finds_a_new_model_version(tmp_path
     assert service.searcher("second_version").model_version == "second_version"
     assert service.names() == [MODEL_VERSION, "second_version"]
     (root / "gold" / "second_version" / "CURRENT").unlink()
-    with pytest.raises(service_module.NoIndexError):
+    with pytest.raises(NoIndexError):
         service.searcher("second_version")
     assert service.names() == [MODEL_VERSION]
 
@@ -253,3 +262,51 @@ def test_the_service_and_the_searcher_answer_alike(store):
     assert np.allclose(np.linalg.norm(vector, axis=1), 1.0)
     assert searcher.search_vectors(vector, 5)[0] == searcher.find([[Term("vector", vector[0])]], options)[0]
     assert searcher.build.build_id == built.build_id and searcher.build.count == ROWS
+
+
+def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(tmp_path, capsys):
+    import shutil
+
+    from rayclip import cli
+    from rayclip.errors import UnknownModelVersionError
+
+    root = tmp_path / "data"
+    vectors_store(root)
+    index.build(root)
+    shutil.copytree(root / "gold" / MODEL_VERSION, root / "gold" / "second_version")
+    present = f"({MODEL_VERSION}, second_version)"
+    with TestClient(create_app(root)) as client:
+        api = client.get("/api/search", params={"q": "a dog"})
+        clip = client.post("/knn-service", content=json.dumps({"text": "a dog"}))
+    assert (api.status_code, clip.status_code) == (404, 404)  # one status, whichever route asks
+    assert present in api.json()["detail"] and "rayclip serve --model-version" in api.json()["detail"]
+    assert present in clip.json()["detail"] and "pick one with indice_name" in clip.json()["detail"]
+    assert "--model-version" not in clip.json()["detail"]  # a client cannot pass a CLI flag
+    with pytest.raises(UnknownModelVersionError, match=r"pick one with model_version=$"):
+        Searcher.open(root)
+    assert cli.main(["search", "--data-dir", str(root), "--q", "a dog"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"several model_versions present {present}; pick one with --model-version\n"
+    )
+
+
+def test_a_request_resolves_the_data_root_once_and_lists_gold_once(store, monkeypatch):
+    from rayclip.store import storage
+
+    resolved, listed = [], []
+    data_root, children = storage.data_root, storage.children
+
+    def resolving(*args, **kwargs):
+        resolved.append(args)
+        return data_root(*args, **kwargs)
+
+    def listing(loc):
+        if loc.name == "gold":
+            listed.append(loc)
+        return children(loc)
+
+    monkeypatch.setattr(storage, "data_root", resolving)
+    monkeypatch.setattr(storage, "children", listing)
+    with TestClient(create_app(str(store[0]))) as client:  # opens the Searcher before the first request
+        assert client.get("/api/search", params={"q": "a dog"}).status_code == 200
+    assert len(resolved) == 1 and len(listed) == 1

@@ -16,6 +16,7 @@ from conftest import GOOD_IMAGES
 from fastapi.testclient import TestClient
 
 from rayclip.http.app import create_app
+from rayclip.options import DEFAULT_COLLAPSE, SearchOptions
 from rayclip.stages import index
 from rayclip.store import catalog
 
@@ -177,13 +178,14 @@ def test_search_page_in_headless_chromium(live_server, page_store):
         page.fill("#q", "a large red circle on the left on a white background")
         page.click("button[type=submit]")
         page.wait_for_function("document.querySelectorAll('#results img').length > 0")
-        assert searches == [{"q": [page.input_value("#q")], "k": ["24"], "collapse": ["0.96"]}]
+        first = {"q": [page.input_value("#q")], "k": [str(SearchOptions.k)], "collapse": [str(DEFAULT_COLLAPSE)]}
+        assert searches == [first]  # the server's defaults (/api/defaults), not the page's own
         page.wait_for_function(
             "[...document.querySelectorAll('#results img')].slice(0, 6).every(i => i.complete && i.naturalWidth > 0)"
         )
         assert "q=a+large+red+circle" in page.url
         captions = page.locator("#results .caption").all_inner_texts()
-        assert len(captions) == min(24, GOOD_IMAGES)
+        assert len(captions) == min(SearchOptions.k, GOOD_IMAGES)
         page.screenshot(path=str(ARTIFACTS / "search-text.png"))
 
         page.locator("#results .card").nth(2).click()
@@ -199,13 +201,13 @@ def test_search_page_in_headless_chromium(live_server, page_store):
         page.goto(live_server + "/?q=a+small+blue+star")
         page.wait_for_function("document.querySelectorAll('#results .card').length > 0")
         assert page.input_value("#q") == "a small blue star"
-        assert searches[-1]["collapse"] == ["0.96"]
+        assert searches[-1]["collapse"] == [str(DEFAULT_COLLAPSE)]
 
         # Near-duplicates are folded into the result they resemble, and say so.
         root, original, copy = page_store
         page.goto(live_server + f"/?like={original}")
         page.wait_for_function(f"document.querySelector('#results .card')?.dataset.mediaId === '{original}'")
-        assert searches[-1]["collapse"] == ["0.96"]
+        assert searches[-1]["collapse"] == [str(DEFAULT_COLLAPSE)]
         assert page.locator("#results .duplicates").all_inner_texts() == ["+1 near-duplicate hidden"]
         assert page.locator("#results .card").first.locator(".duplicates").count() == 1
         assert page.locator(f"#results .card[data-media-id='{copy}']").count() == 0

@@ -153,7 +153,7 @@ def test_a_member_whose_bytes_do_not_match_its_claimed_media_id_is_a_hash_mismat
     samples = [(f"{i}", {"jpg": images[i], "json": json.dumps({"media_id": claims[i]}).encode()}) for i in range(2)]
     (tmp_path / "00000.tar").write_bytes(_tar(samples))
     report = ingest.ingest_webdataset(tmp_path / "data", f"{tmp_path}/00000.tar")
-    assert (report.downloaded, report.failed) == (1, {"hash mismatch": 1})
+    assert (report.admitted, report.failed) == (1, {"hash mismatch": 1})
     assert catalog.read_manifest(tmp_path / "data", ["media_id"]).column("media_id").to_pylist() == [claims[0]]
 
 
@@ -176,7 +176,7 @@ def test_a_tar_cut_at_a_member_header_keeps_the_samples_before_the_split_one(sit
     last_caption_header = whole.index(b"2.txt")  # the name opens its header block
     (tmp_path / "00000.tar").write_bytes(whole[: last_caption_header + 100])  # inside that header
     report = ingest.ingest_webdataset(tmp_path / "data", f"{tmp_path}/00000.tar")
-    assert (report.downloaded, report.failed) == (2, {"truncated tar": 1})
+    assert (report.admitted, report.failed) == (2, {"truncated tar": 1})
     assert _captions(tmp_path / "data") == {"kept 0", "kept 1"}  # the third sample lost its caption: dropped
 
 
@@ -189,7 +189,7 @@ def test_a_tar_without_its_end_blocks_drops_its_last_sample_and_counts_the_cut(s
     (tmp_path / "00000.tar").write_bytes(whole[:data_end])  # every member whole, no zero blocks after
     report = ingest.ingest_webdataset(tmp_path / "data", f"{tmp_path}/00000.tar")
     # Without the end blocks, nothing says the last sample had no more members: it is dropped.
-    assert (report.downloaded, report.failed) == (2, {"truncated tar": 1})
+    assert (report.admitted, report.failed) == (2, {"truncated tar": 1})
     assert _captions(tmp_path / "data") == {"kept 0", "kept 1"}
 
 
@@ -201,7 +201,7 @@ def test_limit_stops_a_shard_ingest_and_a_folder_ingest_after_n_samples(site, tm
         samples = [(f"{shard}{i}", {"jpg": images[2 * shard + i], "txt": f"{shard}{i}".encode()}) for i in range(2)]
         (shards / f"{shard:05d}.tar").write_bytes(_tar(samples))
     report = ingest.ingest_webdataset(tmp_path / "a", f"{shards}/*.tar", limit=3)
-    assert (report.rows_read, report.downloaded, report.manifest_rows_added) == (3, 3, 3)
+    assert (report.rows_read, report.admitted, report.manifest_rows_added) == (3, 3, 3)
     assert _captions(tmp_path / "a") == {"00", "01", "10"}
 
     folder = tmp_path / "images"

@@ -224,7 +224,7 @@ def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done
     s3_proxy.clean()
     assert cli("index", "--data-dir", url) == 0
     rerun = catalog.current_build(s3_root, REFERENCE)
-    assert rerun != published and Searcher.open(s3_root).info["count"] == ROWS + 40
+    assert rerun != published and Searcher.open(s3_root).build.count == ROWS + 40
 
 
 def bronze_object(method: str, path: str) -> bool:
@@ -262,11 +262,7 @@ def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
     """Made-up silver (one committed file) and a manifest part that records its size."""
     ids = media_ids(rows, prefix)
     write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)))
-    legacy = layout.manifest_dir(root) / f"part-{len(prefix)}.parquet"
     write_manifest(root, ids, seed=len(prefix))
-    data = storage.read_bytes(legacy)
-    storage.delete(legacy)
-    storage.write_atomic(layout.manifest_part(root, layout.new_run_id(), 0, len(data)), data)
     return ids
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import options, pipeline
-from .errors import UserError
+from .errors import UnknownModelVersionError, UserError
 from .store import layout, storage
 
 _OUTPUT: dict = {"json": False, "console": None}  # with --json, stdout carries the JSON document, the rest stderr
@@ -237,7 +237,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     (function, labels), source = sources[given[0]], getattr(args, given[0])
     report = _stage(args, function, root, source, runs_dir=layout.ingest_runs_dir(root), progress=labels)
     # Exit 0 if anything usable came through (stored now, already stored before, or already known).
-    return 0 if report.downloaded or report.skipped_known_urls or not report.rows_read else 1
+    return 0 if report.admitted or report.skipped_known_urls or not report.rows_read else 1
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -349,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.allow_anonymous)
-    mib, origins = args.max_upload_mb << 20, args.cors_origin
+    mib, origins = options.ServeOptions(max_upload_mb=args.max_upload_mb).max_upload_bytes, args.cors_origin
     app_options = _options(args, create_app) | {"max_upload_bytes": mib, "cors_origins": origins, "api_key": api_key}
     where = f"http://{args.host}:{args.port}/"
     served = _shown(storage.data_root(args.data_dir))
@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"rayclip {args.command}: error: {err}", file=sys.stderr)
+        shown = err.named_by("--model-version") if isinstance(err, UnknownModelVersionError) else err
+        print(f"rayclip {args.command}: error: {shown}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"rayclip {args.command}: interrupted", file=sys.stderr)

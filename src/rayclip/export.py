@@ -45,6 +45,7 @@ from .progress import Progress
 from .query.searcher import Searcher, Term
 from .query.service import QueryService
 from .store import catalog, layout, storage
+from .store.catalog import Refused
 from .store.storage import Location
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: 00000.tar
@@ -267,10 +268,10 @@ class _ParquetShards(_Shards):
 WRITERS = {"webdataset": _TarShards, "parquet": _ParquetShards, "folder": _FolderShards}
 
 
-def _read_object(root: Location, row: dict) -> bytes | str:
+def _read_object(root: Location, row: dict) -> bytes | Refused:
     """A row's stored bytes, or why they cannot be exported (catalog.read_object's reasons, as embed's)."""
     data, why = catalog.read_object(root, row["path"], row["media_id"])
-    return data if why is None else why
+    return data if why is None else Refused(why)
 
 
 # ---------------------------------------------------------------- the command
@@ -335,8 +336,8 @@ def _write(root: Location, batches: Batches, shards: _Shards, total: int, progre
             for start in range(0, len(rows), READ_AHEAD):
                 chunk = rows[start : start + READ_AHEAD]
                 for row, data in zip(chunk, pool.map(functools.partial(_read_object, root), chunk)):
-                    if isinstance(data, str):
-                        failed[data] += 1
+                    if isinstance(data, Refused):
+                        failed[data.reason] += 1
                     else:
                         shards.add(row, data)
             shards.report.selected += len(rows)

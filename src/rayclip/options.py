@@ -7,7 +7,6 @@ generates its parser from them (flag, help, choices), so a flag cannot drift fro
 A field's metadata says how it appears on the command line:
   help     the flag's help text (the parser appends the default unless the text names it)
   flags    extra spellings shown beside the flag (the seed's, e.g. --batch_size)
-  hidden   old spellings kept for one release: still parsed, not shown in --help
   cli      False: library only (not a flag)
   choices  the values allowed
   nargs    "+" for a list, "?" for an optional value (with `const`); `metavar` names the value
@@ -116,9 +115,7 @@ class EmbedOptions:
         choices=DECODES,
     )
     # embed files its vectors under a name; every other command *selects* by --model-version
-    save_as: str | None = _opt(
-        None, "file the embeddings under this model_version instead of the model's own", hidden=("--model-version",)
-    )
+    save_as: str | None = _opt(None, "file the embeddings under this model_version instead of the model's own")
     no_captions: bool = _opt(False, "embed images only: no caption vectors and no clip_score")
 
 
@@ -214,6 +211,7 @@ class ServeOptions:
 
     @property
     def max_upload_bytes(self) -> int:
+        """The upload limit as the service takes it, in bytes (the flag says MiB): the one conversion."""
         return self.max_upload_mb << 20
 
 
@@ -221,9 +219,9 @@ class ServeOptions:
 class EvalOptions:
     """Recall@K through the whole pipeline."""
 
-    recall_at: tuple[int, ...] = _opt((1, 5, 10), "recall cut-offs", nargs="+", positive=True, hidden=("--k",))
+    recall_at: tuple[int, ...] = _opt((1, 5, 10), "recall cut-offs", nargs="+", positive=True)
     annotations: str | None = _opt(None, "Karpathy split JSON (dataset_flickr30k.json) or COCO captions JSON")
-    images_dir: str | None = _opt(None, "the folder the annotation file's image names are under", hidden=("--images",))
+    images_dir: str | None = _opt(None, "the folder the annotation file's image names are under")
     split: str | None = _opt(None, "Karpathy split to evaluate (default: test)")
 
 
@@ -286,5 +284,3 @@ def add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> Non
     tail = "" if shown is None else f" (default: {shown})"
     kwargs["help"] = (meta["help"] + tail).replace("%", "%%")
     parser.add_argument("--" + f.name.replace("_", "-"), *meta.get("flags", ()), **kwargs)
-    for old in meta.get("hidden", ()):  # old spellings kept for one release: parsed, not shown
-        parser.add_argument(old, **kwargs | {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS})

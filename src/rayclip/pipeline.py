@@ -238,7 +238,7 @@ def evaluate_metadata(
         root, spec, no_captions, hooks=hooks, actors=actors, batch_size=batch_size, precision=precision
     )
     built = run_stage(index.build, root, spec.model_version, hooks=hooks, progress={"progress": "index"})
-    searcher = Searcher.open(root, spec.model_version, precision=precision)
+    searcher = Searcher.load(root, spec.model_version, precision=precision)
     with stage(None, hooks) as running:
         measured = recall.evaluate(searcher, urls, tuple(recall_at), progress=running.progress("eval"))
     return EvalRun(ingested, embedded, built, recall.save(root, measured), searcher, captioned)
@@ -274,7 +274,7 @@ def evaluate_benchmark(
             ingested = ingest.ingest_folder(root, folder)
         embedded = embed.embed(root, spec, actors=actors, batch_size=batch_size, precision=precision)
         built = index.build(root, spec.model_version)
-        searcher = Searcher.open(root, spec.model_version, precision=precision)
+        searcher = Searcher.load(root, spec.model_version, precision=precision)
         report = recall.save_benchmark(
             root, recall.score_benchmark(searcher, evaluated, tuple(recall_at)), dataset, annotations, split
         )

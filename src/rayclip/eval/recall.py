@@ -89,7 +89,7 @@ def evaluate(
     rows = catalog.read_manifest(searcher.root, ["media_id", "url", "caption"]).to_pylist()
     wanted = set(urls) if urls is not None else None
     rows = [r for r in rows if (wanted is None or r["url"] in wanted) and r["caption"]]
-    found = build.rows.faiss_ids([r["media_id"] for r in rows])
+    found = build.mapping.faiss_ids([r["media_id"] for r in rows])
     rows = [r | {"faiss_id": int(f)} for r, f in zip(rows, found) if f != ABSENT]
     captions = sorted({r["caption"] for r in rows})
     caption_ids = {c: i for i, c in enumerate(captions)}
@@ -329,14 +329,14 @@ def _encode_texts(searcher: Searcher, texts: list[str]) -> np.ndarray:
 def _indexed(searcher: Searcher, media_ids: list[str]) -> tuple[list[int], list[str]]:
     """faiss_id and store path of each media_id; every evaluated image must be in the build."""
     build = searcher.snapshot()
-    faiss_ids = build.rows.faiss_ids(media_ids)
+    faiss_ids = build.mapping.faiss_ids(media_ids)
     missing = [m for m, f in zip(media_ids, faiss_ids) if f == ABSENT]
     if missing:
         raise UserError(
             f"{len(missing)} of the {len(media_ids)} evaluated images are not in build {build.build_id} "
             f"(undecodable or failed to embed; see the ingest and embed summaries), e.g. media_id {missing[0]}"
         )
-    return faiss_ids.tolist(), [row["path"] for row in build.rows.rows(faiss_ids, ["path"])]
+    return faiss_ids.tolist(), [row["path"] for row in build.mapping.rows(faiss_ids, ["path"])]
 
 
 def _worst(scores: np.ndarray, ranks: Ranks, evaluated: Gallery, paths: list[str], top: int = 5) -> dict[str, list]:

@@ -31,12 +31,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import UserError
+from ..errors import NoIndexError, UnknownModelVersionError, UserError
 from ..images import ImageTooLargeError, decode_base64
-from ..options import SEARCH_OVER, SearchOptions, ServeOptions
+from ..options import DEFAULT_COLLAPSE, SEARCH_OVER, SearchOptions, ServeOptions
 from ..query.knn import Residency, Shard
 from ..query.searcher import Searcher, SearchResults, Term, summary
-from ..query.service import NoIndexError, QueryService, UnknownIndexError
+from ..query.service import QueryService
 from ..store import catalog, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
@@ -52,6 +52,8 @@ MAX_QUERY_STRING_BYTES = 4096
 CLIP_BACK_PATHS = ("/knn-service", "/metadata", "/indices-list")  # clip-retrieval's routes (clip_back.py)
 MULTIPART_OVERHEAD_BYTES = 64 << 10  # a body may exceed the largest upload by this much (form headers)
 MAX_QUERY_CHARS = 1000
+# /api/* takes no model_version: the server's operator names the one served; a client can name one on /knn-service.
+SERVED_BY = "`rayclip serve --model-version` when the server starts (or indice_name on /knn-service)"
 MAX_K = 200
 MEDIA_ID = r"^[0-9a-f]{64}$"
 IMAGE_CACHE = "private, max-age=31536000, immutable"  # its name is the hash of its bytes; private: it may be keyed
@@ -227,7 +229,7 @@ def _payload(results: SearchResults, query: dict) -> dict:
 def create_app(
     data_dir: str | Path | None = None,
     model_version: str | None = None,
-    max_upload_bytes: int = ServeOptions.max_upload_mb << 20,
+    max_upload_bytes: int = ServeOptions().max_upload_bytes,
     *,
     cors_origins: Sequence[str] = ServeOptions.cors_origin,
     allow_url_queries: bool = ServeOptions.allow_url_queries,
@@ -253,7 +255,7 @@ def create_app(
         """Open the served Searcher (model and index) before the server takes connections, so the
         first query is as fast as the next; with no index yet, or a store that gives up, queries
         answer 503 until there is one (and the store answers)."""
-        with contextlib.suppress(NoIndexError, UnknownIndexError, storage.StoreError):
+        with contextlib.suppress(NoIndexError, UnknownModelVersionError, storage.StoreError):
             await run_in_threadpool(service.searcher)
         yield
 
@@ -270,11 +272,11 @@ def create_app(
     errors.install(app)
 
     def served() -> Searcher:
-        """The served model_version's Searcher; several published and none chosen is 503 as well."""
+        """The served model_version's Searcher: /api/* names none, the server's start-up chose it."""
         try:
             return service.searcher()
-        except UnknownIndexError as err:
-            raise NoIndexError(str(err)) from None
+        except UnknownModelVersionError as err:
+            raise err.named_by(SERVED_BY) from None
 
     def find(
         terms: list[Term], k: int, where: str | None, collapse: float | None, over: str = SearchOptions.over
@@ -289,6 +291,11 @@ def create_app(
     def healthz() -> dict:
         """Up: when served by `rayclip serve`, the port opened after the model and index loaded."""
         return {"ok": True}
+
+    @app.get("/api/defaults")
+    def defaults() -> dict:
+        """What the page starts from: SearchOptions' k, the cosine a collapse folds at, the largest k."""
+        return {"k": SearchOptions.k, "collapse": DEFAULT_COLLAPSE, "max_k": MAX_K}
 
     @app.get("/api/status")
     def status() -> dict:

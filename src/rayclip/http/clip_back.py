@@ -33,10 +33,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
+from ..errors import UnknownModelVersionError
 from ..images import decode_base64
 from ..options import DEFAULT_COLLAPSE, SearchOptions, ServeOptions
 from ..query.searcher import Searcher, SearchResults, Term
-from ..query.service import QueryService, UnknownIndexError
+from ..query.service import QueryService
 from .errors import Body, one_line
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)
@@ -46,6 +47,7 @@ MAX_REDIRECTS = 3
 IGNORED_HEADER = "X-Rayclip-Ignored-Flags"
 BUILD_HEADER = "X-Rayclip-Build-Id"
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
+NAMED_BY = "indice_name (/indices-list lists them)"  # how a clip-retrieval client names a model_version
 
 
 class KnnQuery(Body):
@@ -133,7 +135,7 @@ class _AnyJsonRoute(APIRoute):
 def router(
     service: QueryService,
     *,
-    max_image_bytes: int = ServeOptions.max_upload_mb << 20,
+    max_image_bytes: int = ServeOptions().max_upload_bytes,
     allow_url_queries: bool = False,
     serve_images: bool = False,
 ) -> APIRouter:
@@ -144,10 +146,8 @@ def router(
     def searcher_of(name: str | None) -> Searcher:
         try:
             return service.searcher(name)
-        except UnknownIndexError as err:
-            asked = f"no index {name!r}" if name else "several indices; name one in indice_name"
-            listed = ", ".join(err.names) or "none (run `rayclip index`)"
-            raise HTTPException(404, f"{asked}; /indices-list has: {listed}") from None
+        except UnknownModelVersionError as err:
+            raise err.named_by(NAMED_BY) from None
 
     def url_of(media_id: str, url: str | None, request: Request) -> str | None:
         return f"{str(request.base_url).rstrip('/')}/api/images/{media_id}" if serve_images else url
@@ -195,10 +195,10 @@ def router(
         if query.build_id is not None and query.build_id != served.build_id:
             stale = f"build {query.build_id} is no longer served (now {served.build_id}); search again"
             raise HTTPException(409, stale, headers={BUILD_HEADER: served.build_id})
-        count = len(served.rows)
+        count = len(served.mapping)
         if bad := [i for i in query.ids if not 0 <= i < count]:
             raise HTTPException(422, f"id {bad[0]} is not in build {served.build_id} (ids 0..{count - 1})")
-        rows = served.rows.rows(query.ids, ["media_id", "url", "caption"])
+        rows = served.mapping.rows(query.ids, ["media_id", "url", "caption"])
         for row in rows:
             row["url"] = url_of(row["media_id"], row["url"], request)
         return [{"id": i, "metadata": m} for i, m in zip(query.ids, rows)]

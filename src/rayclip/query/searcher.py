@@ -148,7 +148,7 @@ class Build:
     build_id: str
     info: BuildInfo
     knn: LocalIndex | ShardedIndex
-    rows: Mapping
+    mapping: Mapping  # rows by faiss_id, faiss_ids by media_id
     captions: Captions | None = None  # the caption index, when the build carries one
     mapped_bytes: int = 0  # the image index files this process maps rather than holds in RAM
 
@@ -228,12 +228,25 @@ class Searcher:
         precision: str = SearchOptions.precision,
         residency: Residency = Residency(),
     ) -> Searcher:
-        """`precision` is the query encoder's (model.choose_precision: bf16 where the CPU runs it natively);
-        `residency` how the image index is held (in RAM, mapped, in shards elsewhere)."""
+        """The Searcher of a data root's model_version (the only one published when None): `load`,
+        for a script; a QueryService keeps the list of model_versions and calls `load` itself."""
         root = storage.data_root(data_dir)
         model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
-        build_id = catalog.current_build(root, model_version)
-        build = _load_build(root, model_version, build_id, residency)
+        return cls.load(root, model_version, threads, precision, residency)
+
+    @classmethod
+    def load(
+        cls,
+        root: Location,
+        model_version: str,
+        threads: int | None = None,
+        precision: str = SearchOptions.precision,
+        residency: Residency = Residency(),
+    ) -> Searcher:
+        """The CURRENT build of this model_version and its query model. `precision` is the query
+        encoder's (model.choose_precision: bf16 where the CPU runs it natively); `residency` how the
+        image index is held (in RAM, mapped, in shards elsewhere)."""
+        build = _load_build(root, model_version, catalog.current_build(root, model_version), residency)
         query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
         return cls(root, model_version, query_model, build, residency)
 
@@ -247,20 +260,14 @@ class Searcher:
         return self._build.info
 
     @property
-    def info(self) -> dict:
-        """Deprecated: `build` (the BuildInfo) is the record; this is the summary /api/status shows,
-        kept until cli.py and tests outside the query floor read `build` or a result's build_id."""
-        return summary(self)
-
-    @property
     def mapping(self) -> pa.Table:
         """The CURRENT build's mapping table (row i describes faiss_id i)."""
-        return self._build.rows.table
+        return self._build.mapping.table
 
     @property
     def mapping_rows(self) -> Mapping:
         """The CURRENT build's mapping: rows by faiss_id, faiss_ids by media_id."""
-        return self._build.rows
+        return self._build.mapping
 
     def vectors(self, faiss_ids) -> np.ndarray:
         """The indexed vectors of these faiss_ids, as every query and collapse uses them (stored_vectors)."""
@@ -324,7 +331,7 @@ class Searcher:
 
     @staticmethod
     def _stored_vector(build: Build, media_id: str) -> np.ndarray:
-        position = int(build.rows.faiss_ids([media_id])[0])
+        position = int(build.mapping.faiss_ids([media_id])[0])
         if position == ABSENT:
             raise NotIndexedError(f"media_id {media_id} is not in build {build.build_id}")
         return stored_vectors(build.knn, [position])[0]
@@ -380,7 +387,7 @@ class Searcher:
         higher-ranked one is folded into it, and the k results are k distinct groups."""
         k, where, collapse = options.k, options.where, options.collapse
         labels = {"build_id": build.build_id, "model_version": self.model_version}
-        allowed = None if where is None else filters.matching_ids(build.rows.table, where).to_numpy()
+        allowed = None if where is None else filters.matching_ids(build.mapping.table, where).to_numpy()
         total = build.knn.ntotal if allowed is None else len(allowed)
         if total == 0:
             return [SearchResults([], ["no indexed row matches the filter"], **labels) for _ in queries]
@@ -473,7 +480,7 @@ def _caption_hits(
         hits += [(float(score), int(i), int(row), int(n)) for i in images[: k - len(hits)]]
         if len(hits) >= k:
             break
-    joined = build.rows.rows([i for _, i, _, _ in hits], ["media_id", "path", "url"])
+    joined = build.mapping.rows([i for _, i, _, _ in hits], ["media_id", "path", "url"])
     return [
         SearchResult(
             rank + 1,
@@ -490,7 +497,7 @@ def _caption_hits(
 
 def _join(build: Build, scores: np.ndarray, ids: np.ndarray) -> list[SearchResult]:
     keep = ids >= 0  # FAISS pads with -1 when fewer than k results exist
-    rows = build.rows.rows(ids[keep], ["media_id", "path", "url", "caption"])
+    rows = build.mapping.rows(ids[keep], ["media_id", "path", "url", "caption"])
     return [
         SearchResult(rank=r + 1, score=round(float(s), 6), **row, faiss_id=int(i))
         for r, (s, i, row) in enumerate(zip(scores[keep], ids[keep], rows))

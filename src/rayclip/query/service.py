@@ -6,9 +6,10 @@ Searcher on first use and afterwards reads its CURRENT (one small object) per ca
 a build published since. The list of published model_versions is read once and read again only
 when a name it does not hold is asked for, or a known one's CURRENT is gone, never per request.
 
-Errors say what went wrong, not which HTTP status it is: `NoIndexError` (nothing to search yet,
-or the build cannot be read: the HTTP layer answers 503) and `UnknownIndexError` (the asked
-model_version is not published, or several are and none was named).
+The data root is resolved once (the CLI or the app pass a Location, which is used as it is), and the list of published
+model_versions is the service's: a Searcher is loaded by name and never lists gold/ itself.
+Errors are catalog.pick_model_version's (NoIndexError, UnknownModelVersionError): they say what
+went wrong, http/errors.py which status that is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import NoIndexError, UserError
 from ..options import SearchOptions
 from ..store import catalog, storage
 from ..store.storage import Location
@@ -25,24 +26,12 @@ from .knn import Residency
 from .searcher import Searcher, SearchResults, Term
 
 
-class NoIndexError(UserError):
-    """No published build to answer from (yet), or it cannot be opened."""
-
-
-class UnknownIndexError(UserError):
-    """The model_version asked for has no published build (or several do and none was named)."""
-
-    def __init__(self, message: str, names: list[str]):
-        super().__init__(message)
-        self.names = names
-
-
 class QueryService:
     """Searchers by model_version over one data root; safe to share between threads."""
 
     def __init__(
         self,
-        data_dir: str | Path | Location | None = None,
+        root: Location | str | Path | None,
         model_version: str | None = None,
         *,
         precision: str = SearchOptions.precision,
@@ -50,7 +39,7 @@ class QueryService:
         observe: Callable[[str, float], None] | None = None,
         residency: Residency = Residency(),
     ):
-        self.root = storage.data_root(data_dir)
+        self.root = storage.resolved(root)  # a Location from the edge is not resolved again
         self.default = model_version  # the one served when a request names none
         self.precision = precision
         self.threads = threads
@@ -73,7 +62,7 @@ class QueryService:
             searcher = self._searchers.get(name)
             try:
                 if searcher is None:
-                    searcher = Searcher.open(
+                    searcher = Searcher.load(
                         self.root, name, threads=self.threads, precision=self.precision, residency=self.residency
                     )
                     searcher.observe = self.observe
@@ -110,15 +99,7 @@ class QueryService:
         names = self._published(refresh=False)
         if (asked and asked not in names) or (not asked and len(names) != 1):
             names = self._published(refresh=True)  # something published or withdrawn since
-        if asked in names or (not asked and len(names) == 1):
-            return asked or names[0]
-        if not names:
-            raise NoIndexError(f"no index yet under {self.root}; run `rayclip index`")
-        if asked:
-            raise UnknownIndexError(f"no index for model_version {asked!r}; present: {', '.join(names)}", names)
-        raise UnknownIndexError(
-            f"several model_versions present ({', '.join(names)}); pick one with --model-version", names
-        )
+        return catalog.pick_model_version(self.root, asked, names, "index")
 
     def _published(self, refresh: bool) -> list[str]:
         if refresh or self._names is None:

@@ -484,13 +484,12 @@ def embed(
     decode: str = EmbedOptions.decode,
     *,
     progress: Progress | None = None,
-    day: str | None = None,
 ) -> EmbedReport:
     """Embed what the manifest holds and silver lacks for this model; returns the run's signals.
 
     `actors` defaults to default_actors() of the cluster; `precision` is chosen once, here, so
     every actor of a run computes at the same one (model.choose_precision says what auto picks).
-    The vectors go to partition `dt` (`day` is its old name) under filed_as(spec, save_as).
+    The vectors go to partition `dt` under filed_as(spec, save_as).
     progress(done, total) counts rows embedded or failed, as the actors report them.
 
     Start-up, as short as it goes: a plan small enough for the driver is made before Ray starts (and
@@ -499,14 +498,14 @@ def embed(
     """
     import ray
 
-    root, spec, day = storage.data_root(root), filed_as(spec, save_as), dt or day
+    root, spec = storage.data_root(root), filed_as(spec, save_as)
     started = time.monotonic()
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
     device = "cuda" if gpus_per_actor else "cpu"
     report = EmbedReport(
         run_id=layout.new_run_id(),
         model_version=spec.model_version,
-        dt=layout.check_day(day or layout.today()),
+        dt=layout.check_day(dt or layout.today()),
         started_at=started_at,
         decode=choose_decode(decode, gpus_per_actor),
     )

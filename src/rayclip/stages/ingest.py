@@ -49,6 +49,7 @@ from ..images import DEFAULT_MAX_PIXELS, BadImageError, inspect_image
 from ..options import DISTRIBUTORS, IngestOptions
 from ..progress import POLL_S, Progress, watch
 from ..store import catalog, debris, layout, storage
+from ..store.catalog import Refused
 from ..store.storage import Location
 
 FOLDER_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -65,8 +66,8 @@ CHECK_BATCH = 256  # rows of a shard in memory at once while their images are ch
 PART_ROWS = 10_000  # a folder's manifest rows held before they are committed as a part (a shard's, at most)
 MANIFEST_ROW_GROUP = 8_192  # a manifest part's streaming readers (export) decode one row group at a time
 # Why a sample of a shard never reached the image check.
-NO_IMAGE = "no image member"  # a sample (files sharing a key) without an image file
-TRUNCATED = "truncated tar"  # a tar cut short: the samples before the cut are kept, this counts the cut
+NO_IMAGE = Refused("no image member")  # a sample (files sharing a key) without an image file
+TRUNCATED = Refused("truncated tar")  # a tar cut short: the samples before the cut are kept, this counts the cut
 SHARD_GLOB_CHARS = "*?["
 # webdataset's shard ranges: {00000..00099} (zero-padded like the first bound) and {a,b} alternatives.
 _BRACES = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")
@@ -78,7 +79,7 @@ class IngestReport:
     source: str
     rows_read: int = 0
     skipped_known_urls: int = 0  # already in the manifest: not fetched again (unless refetch)
-    downloaded: int = 0
+    admitted: int = 0  # arrived whole (downloaded, copied or read from a shard) and passed the image checks
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
     duplicates: int = 0
     stored: int = 0
@@ -360,7 +361,7 @@ def shard_locations(pattern: str) -> list[Location]:
     return found
 
 
-def _shard_candidate(key: str, members: dict[str, bytes], origin: str) -> Candidate | str:
+def _shard_candidate(key: str, members: dict[str, bytes], origin: str) -> Candidate | Refused:
     """One sample of a shard (its files by extension) as a Candidate: the image file's bytes as they are,
     the caption from .txt (else .json's), the url from .json (else where the sample lies); or NO_IMAGE."""
     image = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1] in FOLDER_EXTENSIONS), None)
@@ -382,7 +383,7 @@ def _shard_candidate(key: str, members: dict[str, bytes], origin: str) -> Candid
     )
 
 
-def _grouped(files: Iterable[tuple[str, Callable[[], bytes]]], origin: str) -> Iterator[Candidate | str]:
+def _grouped(files: Iterable[tuple[str, Callable[[], bytes]]], origin: str) -> Iterator[Candidate | Refused]:
     """webdataset's grouping: consecutive files whose names agree up to the first dot of the file name
     are one sample; each file's bytes are read when its turn comes."""
     key, members = None, {}
@@ -399,10 +400,10 @@ def _grouped(files: Iterable[tuple[str, Callable[[], bytes]]], origin: str) -> I
         yield _shard_candidate(key, members, origin)
 
 
-def _tar_samples(tar: Location) -> Iterator[Candidate | str]:
+def _tar_samples(tar: Location) -> Iterator[Candidate | Refused]:
     """A plain tar's samples in order, then TRUNCATED if it was cut short (a sample the cut split is dropped)."""
     with storage.open_input(tar) as f:
-        pending: list[Candidate | str] = []  # one sample behind: the last is kept once the tar proves whole
+        pending: list[Candidate | Refused] = []  # one sample behind: the last is kept once the tar proves whole
         try:
             with tarfile.open(fileobj=f, mode="r|") as archive:
                 files = ((m.name, archive.extractfile(m).read) for m in archive if m.isfile())
@@ -418,13 +419,13 @@ def _tar_samples(tar: Location) -> Iterator[Candidate | str]:
         yield from pending if whole else [TRUNCATED]
 
 
-def _files_samples(folder: Location) -> Iterator[Candidate | str]:
+def _files_samples(folder: Location) -> Iterator[Candidate | Refused]:
     """img2dataset's `files` format: one folder per shard of key.jpg, key.txt and key.json."""
     files = storage.glob(folder, "*")
     yield from _grouped(((p.name, lambda p=p: storage.read_bytes(p)) for p in files), storage.uri(folder))
 
 
-def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | str]:
+def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | Refused]:
     """img2dataset's per-shard Parquet: a row it failed on as its reason; a success as a Candidate when
     the bytes are in it (its `parquet` format; beside tars and folders the file holds no bytes)."""
     with storage.open_input(shard) as f:
@@ -435,7 +436,7 @@ def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | 
         for batch in parquet.iter_batches(batch_size=CHECK_BATCH, columns=[c for c in wanted if c in names]):
             for row in batch.to_pylist():
                 if row.get("status") != "success":
-                    yield _reason(row.get("error_message"))
+                    yield Refused(_reason(row.get("error_message")))
                 elif data is not None:
                     yield Candidate(
                         url=row.get("url") or f"{storage.uri(shard)}#{row.get('key')}",
@@ -445,7 +446,7 @@ def _parquet_samples(shard: Location, check_hash: bool) -> Iterator[Candidate | 
                     )
 
 
-def _img2dataset_shards(folder: Location) -> list[Callable[[], Iterator[Candidate | str]]]:
+def _img2dataset_shards(folder: Location) -> list[Callable[[], Iterator[Candidate | Refused]]]:
     """The shards of an img2dataset output folder, whatever its output_format: NNNNN.tar (webdataset),
     NNNNN/ (files) or NNNNN.parquet alone (parquet); beside a tar or a folder, NNNNN.parquet lists
     the rows img2dataset failed on, counted by the same reasons as a download here."""
@@ -471,8 +472,8 @@ def _img2dataset_shards(folder: Location) -> list[Callable[[], Iterator[Candidat
     return shards
 
 
-def _failures(sidecar: Location) -> Iterator[str]:
-    return (sample for sample in _parquet_samples(sidecar, check_hash=False) if isinstance(sample, str))
+def _failures(sidecar: Location) -> Iterator[Refused]:
+    return (sample for sample in _parquet_samples(sidecar, check_hash=False) if isinstance(sample, Refused))
 
 
 def _chained(*parts: Callable[[], Iterator]) -> Callable[[], Iterator]:
@@ -525,13 +526,13 @@ class _Admitter:
             self.rows_seen += pq.ParquetFile(f).metadata.num_rows
         self.admit_samples(_parquet_samples(shard, check_hash=True))
 
-    def admit_samples(self, samples: Iterable[Candidate | str]) -> None:
+    def admit_samples(self, samples: Iterable[Candidate | Refused]) -> None:
         """One shard's samples in their order: a Candidate is admitted (CHECK_BATCH at a time), a reason
         counted as a failure; then the shard's manifest rows are committed."""
         batch: list[Candidate] = []
         for sample in samples:
-            if isinstance(sample, str):
-                self.failed[sample] += 1
+            if isinstance(sample, Refused):
+                self.failed[sample.reason] += 1
                 self.rows_done += 1
                 continue
             batch.append(sample)
@@ -553,7 +554,7 @@ class _Admitter:
                 if outcome.row is None:
                     self.failed[outcome.reason] += 1
                     continue
-                self.report.downloaded += 1
+                self.report.admitted += 1
                 self.report.stored += outcome.stored
                 self.report.duplicates += not outcome.stored
                 rows.append(outcome.row)
@@ -608,11 +609,8 @@ def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport, numbe
     report.manifest_rows_added += fresh.num_rows
     if not fresh.num_rows:
         return False
-    part = pa.BufferOutputStream()
-    pq.write_table(fresh, part, row_group_size=MANIFEST_ROW_GROUP)
-    data = memoryview(part.getvalue())
     faults.point("ingest.manifest_commit")  # a shard's objects stored, its part not yet written
-    storage.write_atomic(layout.manifest_part(root, report.run_id, number, len(data)), data)
+    catalog.write_manifest_part(root, report.run_id, number, fresh, MANIFEST_ROW_GROUP)
     return True
 
 
@@ -764,7 +762,7 @@ def ingest_img2dataset_output(
 def _ingest_shards(
     root: Location | str,
     source: str,
-    shards: list[Callable[[], Iterator[Candidate | str]]],
+    shards: list[Callable[[], Iterator[Candidate | Refused]]],
     limit: int | None,
     max_pixels: int,
     progress: Progress | None,
@@ -785,7 +783,7 @@ def _ingest_shards(
     return _finish(root, admitter, report, started)
 
 
-def _counted(samples: Iterator[Candidate | str], report: IngestReport) -> Iterator[Candidate | str]:
+def _counted(samples: Iterator[Candidate | Refused], report: IngestReport) -> Iterator[Candidate | Refused]:
     for sample in samples:
         report.rows_read += 1
         yield sample

@@ -15,13 +15,14 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import UserError
+from ..errors import NoIndexError, UnknownModelVersionError, UserError
 from . import layout, storage
 from .storage import Location, ShortReadError
 
@@ -43,7 +44,7 @@ def recorded_size(loc: Location) -> int | None:
 @contextlib.contextmanager
 def _committed(loc: Location, size: int | None, what: str) -> Iterator[object]:
     """A committed object opened for reading, checked against its recorded size; what cannot be
-    parsed (an empty or cut object from before sizes were recorded) is one clear line."""
+    parsed (an empty or cut object whose size no record gave this process) is one clear line."""
     size = recorded_size(loc) if size is None else size
     with storage.open_input(loc, size) as f:
         if not storage.file_size(f):
@@ -75,7 +76,8 @@ MANIFEST_SCHEMA = pa.schema(
 
 # bronze
 def manifest_parts(root: Location) -> list[Location]:
-    """The committed manifest parts: each is one object written whole, so listed means committed."""
+    """The committed manifest parts: each is one object written whole under a name that records its
+    size, so listed means committed."""
     parts = storage.glob(layout.manifest_dir(root), layout.MANIFEST_PARTS)
     for part in parts:
         _remember(part, layout.manifest_part_size(part.name))
@@ -102,6 +104,18 @@ def iter_manifest(root: Location, columns: list[str] | None = None, batch_rows: 
             yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
 
 
+def write_manifest_part(
+    root: Location, run_id: str, number: int, rows: pa.Table, row_group_size: int | None = None
+) -> Location:
+    """An ingest run's `number`th manifest part, written whole under the name that records its size."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(rows, buffer, row_group_size=row_group_size)
+    data = memoryview(buffer.getvalue())
+    part = layout.manifest_part(root, run_id, number, len(data))
+    storage.write_atomic(part, data)
+    return part
+
+
 def find_object(root: Location, media_id: str) -> Location | None:
     """The stored image of a media_id, whatever its extension; None when the store has none."""
     found = storage.glob(layout.objects_dir(root), layout.object_glob(media_id))
@@ -110,23 +124,14 @@ def find_object(root: Location, media_id: str) -> Location | None:
 
 # silver
 def silver_model_versions(root: Location) -> list[str]:
-    """Model versions with at least one committed embed run (or silver from before commit records)."""
+    """Model versions with at least one committed embed run."""
     found = storage.glob(layout.embeddings_dir(root), layout.SILVER_COMMITS)
-    versions = {f.parent.parent.name for f in found} | {f.parent.parent.name for f in _legacy_silver(root, "*")}
-    return sorted(layout.partition_value(v) for v in versions)
-
-
-def _legacy_silver(root: Location, model_version: str, day: str | None = None) -> list[Location]:
-    """Silver written before commit records: each run's rows went into one file renamed whole into its
-    partition, so such a file is committed by construction. Its name does not carry a run the way
-    a new file's does (layout.silver_file_run), which is how it is told apart."""
-    files = storage.glob(layout.embeddings_dir(root), layout.silver_files_glob(model_version, day))
-    return [f for f in files if layout.silver_file_run(f.name) is None]
+    return sorted({layout.partition_value(f.parent.parent.name) for f in found})
 
 
 def silver_commits(root: Location, model_version: str, table: str = layout.EMBEDDINGS) -> list[dict]:
     """The commit records of a model_version's runs into a silver table, oldest first: run_id, dt,
-    files (name, rows, bytes: absent in records from before sizes were recorded), rows.
+    files (name, rows, bytes), rows.
 
     A run's Parquet files are data only once its record, written after all of them, exists."""
     folder = layout.silver_model_dir(root, model_version, table)
@@ -134,7 +139,7 @@ def silver_commits(root: Location, model_version: str, table: str = layout.EMBED
     records = [storage.read_json(f) for f in committed]
     for record in records:
         for f in record["files"]:
-            _remember(folder / f["name"], f.get("bytes"))
+            _remember(folder / f["name"], f["bytes"])
     return records
 
 
@@ -156,8 +161,7 @@ def silver_files(
     folder = layout.silver_model_dir(root, model_version, table)
     commits = silver_commits(root, model_version, table)
     names = [f["name"] for c in commits if day in (None, c["dt"]) for f in c["files"]]
-    legacy = _legacy_silver(root, model_version, day) if table == layout.EMBEDDINGS else []
-    return sorted([folder / name for name in names] + legacy, key=str)
+    return sorted((folder / name for name in names), key=str)
 
 
 def read_silver(root: Location, model_version: str, table: str, columns: list[str]) -> pa.Table | None:
@@ -360,17 +364,14 @@ def current_build(root: Location, model_version: str) -> str | None:
 
 
 def pick_model_version(root: Location, asked: str | None, available: list[str], layer: str) -> str:
-    """The asked model_version, or the only one present; else one clear line listing them."""
-    if asked:
-        if asked not in available:
-            raise UserError(f"no {layer} for model_version {asked!r}; present: {', '.join(available) or 'none'}")
-        return asked
+    """The asked model_version, or the only one present; else NoIndexError (none present) or
+    UnknownModelVersionError (the asked one absent, or several and none asked), naming those present."""
     if not available:
         hint = "run `rayclip embed`" if layer == "embeddings" else "run `rayclip index`"
-        raise UserError(f"no {layer} yet under {root}; {hint}")
-    if len(available) > 1:
-        raise UserError(f"several model_versions present ({', '.join(available)}); pick one with --model-version")
-    return available[0]
+        raise NoIndexError(f"no {layer} yet under {root}; {hint}")
+    if asked in available or (not asked and len(available) == 1):
+        return asked or available[0]
+    raise UnknownModelVersionError(layer, asked, available)
 
 
 # run records
@@ -395,6 +396,13 @@ def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
 MISSING_OBJECT = "missing object"  # the manifest names it, the store does not hold it
 CHANGED_OBJECT = "object changed since ingest"  # its bytes no longer hash to its media_id
 OBJECT_READS = 2  # a short or wrong read from a store is read once more before the row fails
+
+
+class Refused(NamedTuple):
+    """Why a sample or a stored object is not taken, travelling where its bytes or its candidate
+    would: the reason is what a report's `failed` counts it under."""
+
+    reason: str
 
 
 def read_object(root: storage.Location, path: str, media_id: str) -> tuple[bytes | None, str | None]:

@@ -44,13 +44,12 @@ def manifest_part(root: Location, run_id: str, number: int, size: int) -> Locati
     return manifest_dir(root) / f"part-{run_id}-{number:05d}.{size}B.parquet"
 
 
-MANIFEST_PARTS = "part-*.parquet"  # under manifest_dir; the parts of every version
+MANIFEST_PARTS = "part-*.*B.parquet"  # under manifest_dir: the parts, each name recording its size
 
 
-def manifest_part_size(name: str) -> int | None:
-    """The size a manifest part's name records (manifest_part); None for a part from before sizes."""
-    match = re.fullmatch(r"part-.+\.(\d+)B\.parquet", name)
-    return int(match.group(1)) if match else None
+def manifest_part_size(name: str) -> int:
+    """The size a manifest part's name records (manifest_part)."""
+    return int(re.fullmatch(r"part-.+\.(\d+)B\.parquet", name).group(1))
 
 
 def ingest_runs_dir(root: Location) -> Location:
@@ -118,11 +117,6 @@ def partition_value(folder_name: str) -> str:
 # under embeddings_dir
 SILVER_COMMITS = "model_version=*/_commits/*.json"
 SILVER_FILES = "model_version=*/dt=*/*.parquet"
-
-
-def silver_files_glob(model_version: str, day: str | None = None) -> str:
-    """The Parquet files of a model_version's partitions (one day, or all), under embeddings_dir."""
-    return f"model_version={model_version}/dt={day or '*'}/*.parquet"
 
 
 def silver_model_file(root: Location, model_version: str) -> Location:

@@ -87,7 +87,7 @@ def debris_status(root: Location) -> list[dict]:
 
 def recent_runs(root: Location, limit: int = 12) -> list[dict]:
     """The newest ingest and embed run records (newest first): rows through, failures by reason."""
-    rows_key = {"ingest": "downloaded", "embed": "rows_embedded"}
+    rows_key = {"ingest": "admitted", "embed": "rows_embedded"}
     runs = [
         {
             "stage": stage,

@@ -100,6 +100,13 @@ def _fsspec_options(protocol: str) -> dict:
     return {"config_kwargs": {"retries": {"total_max_attempts": max_attempts(), "mode": retry_mode()}}}
 
 
+def resolved(root: Location | str | os.PathLike | None) -> Location:
+    """A data root as given to a library entry point: a Location the caller resolved is used as it
+    is (resolved once, at the edge), anything else is resolved here (data_root)."""
+    resolved_already = isinstance(root, UPath) or (isinstance(root, Path) and root.is_absolute())
+    return root if resolved_already else data_root(root)
+
+
 def data_root(data_dir: str | os.PathLike | None = None) -> Location:
     """`--data-dir`, else `$RAYCLIP_DATA_DIR`, else `./data`: a URL (s3://…) or a local path."""
     given = str(data_dir or os.environ.get(DATA_DIR_ENV) or "data")

@@ -48,18 +48,26 @@ function fail(error) {
 
 function k() { return $("k").value; }
 
+// The server's defaults (SearchOptions: k, the collapse cosine, the largest k), asked for once.
+const defaults = api("/api/defaults");
+
 // Duplicate hiding (on by default) and the filter travel with every query, in the URL too.
-const DEFAULT_COLLAPSE = "0.96";
+let collapseAt = null;
 function options() {
   const chosen = {};
-  if ($("collapse").checked) chosen.collapse = DEFAULT_COLLAPSE;
+  if ($("collapse").checked) chosen.collapse = collapseAt;
   if ($("where").value.trim()) chosen.where = $("where").value.trim();
   return chosen;
 }
 
 async function runFromUrl() {
   const params = new URLSearchParams(location.search);
-  if (params.get("k")) $("k").value = params.get("k");
+  try {
+    const given = await defaults;
+    collapseAt = given.collapse;
+    $("k").max = given.max_k;
+    $("k").value = params.get("k") || given.k;
+  } catch (error) { return fail(error); }
   $("collapse").checked = params.get("collapse") !== "off";
   $("where").value = params.get("where") || "";
   try {
