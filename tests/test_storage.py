@@ -217,6 +217,23 @@ def fresh_env(monkeypatch):
         monkeypatch.delenv(name)
 
 
+def test_a_command_joins_a_cluster_on_loopback_at_its_loopback_address(ray_session):
+    """$RAY_ADDRESS naming a cluster whose nodes listen on loopback only (the session's, as
+    cluster.start's own): the joining process connects there, and its node address stays loopback."""
+    import sys
+
+    import bounded
+
+    from rayclip.cluster import LOOPBACK
+
+    address = ray_session.get_runtime_context().gcs_address
+    assert address.startswith(f"{LOOPBACK}:")
+    code = "import ray; from rayclip import cluster; cluster.start(); print(ray.util.get_node_ip_address())"
+    env = os.environ | {"RAY_ADDRESS": address}
+    done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == [LOOPBACK], done.stderr[-2000:]
+
+
 def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, monkeypatch):
     """Every start of Ray (cluster.start for embed/eval/demo/index, ingest's for its ray distributor)
     goes through cluster.start: RAY_USAGE_STATS_ENABLED=0 in this process (ray.init reads
