@@ -147,10 +147,11 @@ def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestRe
 def ray_session():
     import ray
 
-    from rayclip.cluster import LOOPBACK
+    from rayclip.cluster import LOOPBACK, keep_loopback
 
     # address="local": a cluster of its own, even when `ray start` (or `rayclip up`) left one running here.
     # Its node on loopback, as cluster.start's: nothing listens beyond it.
+    keep_loopback()
     ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -12,9 +12,10 @@ import subprocess
 import sys
 
 import ray
-from ray.cluster_utils import Cluster
+import two_node_cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rayclip import cluster as rayclip_cluster
 from rayclip.store import catalog, storage
 
 
@@ -27,7 +28,8 @@ def temp_dir() -> str:
 
 def worker_temp_dirs(address: str) -> list[str]:
     """tempfile.gettempdir() in a worker on each node: where an actor's temporary files would go."""
-    ray.init(address=address, log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = address
+    rayclip_cluster.start()  # as a `rayclip` command joins: a cluster on loopback is joined there
     try:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         on_each = [NodeAffinitySchedulingStrategy(node, soft=False) for node in nodes]
@@ -38,9 +40,7 @@ def worker_temp_dirs(address: str) -> list[str]:
 
 if __name__ == "__main__":
     data_dir = sys.argv[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster = two_node_cluster.start()
     try:
         cmd = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", data_dir, "--pretrained", "reference"]
         # No test-only setting: `rayclip embed` waits for its whole actor pool by default.
@@ -51,8 +51,9 @@ if __name__ == "__main__":
             (r for stage, _, r in catalog.run_records(storage.data_root(data_dir)) if stage == "embed"),
             key=lambda r: r["run_id"],
         )
-        if done.returncode or not runs:
-            print(f"failed: {done.returncode}")
+        stray = two_node_cluster.off_loopback(cluster)
+        if done.returncode or not runs or stray:
+            print(f"failed: {done.returncode}, addresses beyond loopback: {stray}")
         else:
             session_dir = cluster.head_node.get_session_dir_path()
             temps = worker_temp_dirs(cluster.address)

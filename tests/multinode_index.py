@@ -11,15 +11,13 @@ import os
 import subprocess
 import sys
 
-from ray.cluster_utils import Cluster
+import two_node_cluster
 
 FORMS = {"single": [], "ondisk": ["--on-disk"], "shards": ["--shards", "2"]}
 
 if __name__ == "__main__":
     data_dir, index_type, part_vectors = sys.argv[1:]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster = two_node_cluster.start()
     try:
         builds = {}
         for form, flags in FORMS.items():
@@ -32,6 +30,9 @@ if __name__ == "__main__":
                 print(f"failed: {form}: {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
                 sys.exit(1)
             builds[form] = json.loads(done.stdout)["build_id"]
+        if stray := two_node_cluster.off_loopback(cluster):
+            print(f"failed: addresses beyond loopback: {stray}")
+            sys.exit(1)
         print(json.dumps(builds))
     finally:
         cluster.shutdown()

@@ -19,7 +19,7 @@ from conftest import GOOD_IMAGES, cli
 
 from rayclip import Searcher, faults
 from rayclip.stages import index
-from rayclip.store import catalog, layout
+from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
 
@@ -45,7 +45,7 @@ def assert_killed(rc: int, out: str) -> None:
 
 def status(root: Path, capsys) -> dict:
     capsys.readouterr()
-    assert cli("status", "--data-dir", str(root), "--json") == 0
+    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -151,12 +151,14 @@ def flags(options: dict) -> list[str]:
         ("index.add", {"parallel": "ray"}),  # the Ray task is killed, not the command
     ],
 )
-def test_index_killed_in_each_step_of_a_build_in_parts(tmp_path, capsys, point, options):
-    """Each step of a build in parts killed: CURRENT stays, readers see the old build, the folder is
-    debris (or, when a Ray task dies, removed by the failing command), and a rerun publishes."""
+@pytest.mark.parametrize("on", ["local", "s3"])
+def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys, monkeypatch, on, point, options):
+    """Each step of a build in parts killed, on a local folder and on S3: CURRENT stays, readers see
+    the old build, the folder is debris (on S3 once its lease is stale; when a Ray task dies, removed
+    by the failing command), and a rerun publishes."""
     from silver_helpers import clustered, media_ids, write_manifest, write_silver
 
-    root = tmp_path / "data"
+    root = tmp_path / "data" if on == "local" else request.getfixturevalue("s3_root")
     ids, vectors = media_ids(3000), clustered(3000)
     for day in range(3):
         rows = slice(day * 1000, (day + 1) * 1000)
@@ -164,7 +166,7 @@ def test_index_killed_in_each_step_of_a_build_in_parts(tmp_path, capsys, point, 
     write_manifest(root, ids)
     published = index.build(root, index_type="IVF16,SQ8", parallel="local").build_id
 
-    rc, out = rayclip("index", "--data-dir", str(root), *flags(PARTS | options), kill_at=point)
+    rc, out = rayclip("index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point)
     on_ray = options["parallel"] == "ray"
     if on_ray:  # the driver sees its task die and fails the build
         assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
@@ -173,6 +175,9 @@ def test_index_killed_in_each_step_of_a_build_in_parts(tmp_path, capsys, point, 
 
     assert catalog.current_build(root, REFERENCE) == published and catalog.builds(root, REFERENCE) == [published]
     assert Searcher.open(root).build.build_id == published
+    if on == "s3":  # a fresh lease may be a build alive on another machine: not debris until it is stale
+        assert status(root, capsys)["debris"] == []
+        monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
     assert len(status(root, capsys)["debris"]) == (0 if on_ray else 1)
 
     rerun = index.build(root, **PARTS | options | {"parallel": "local"})  # the same build, in this process

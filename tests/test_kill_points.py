@@ -4,7 +4,7 @@ subprocess that SIGKILLs itself at the point (`$RAYCLIP_KILL_AT`, no cleanup han
 checks that readers see the layer as before, that `rayclip status` lists the debris (on S3 once the
 dead run's lease is stale), and that a rerun gives the rows an unkilled run gives.
 
-The index build's points are tested on both stores in test_faults.py and test_gold_s3.py."""
+The index build's points are tested on both stores in test_faults.py (its steps) and test_gold_s3.py."""
 
 from __future__ import annotations
 

@@ -28,6 +28,17 @@ def joins() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def keep_loopback() -> None:
+    """Keep loopback as this machine's address in this process's Ray: ray.init rewrites 127.0.0.1,
+    both as a new node's address (its services would then listen on every interface) and as the
+    address to join (ray-project/ray#59110: a cluster listening on loopback only never answers).
+    Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) leaves loopback alone; its flag
+    is read when ray is imported, so it is set on the module."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, str] | None = None) -> str | None:
     """Join $RAY_ADDRESS when set, else start a local cluster (with its dashboard when asked); a no-op
     when this process already started or joined one (whoever did chose).
@@ -44,7 +55,10 @@ def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, s
         os.environ.setdefault(USAGE_STATS_ENV, "0")  # read by ray.init itself, and inherited by a local cluster
         if joins():
             options = {}
+            if os.environ["RAY_ADDRESS"].rpartition(":")[0].strip("[]") in ("localhost", LOOPBACK, "::1"):
+                keep_loopback()
         else:
+            keep_loopback()
             # address="local": a new cluster, as documented, not the last one `ray start` left on this
             # machine (ray.init's own default joins that, and waits forever if it has died).
             # Loopback: the dashboard has no authentication of its own.
