@@ -204,7 +204,7 @@ def test_embed_killed_before_its_commit(empty_root, ingested, gold_store, ray_se
     [work] = storage.children(layout.silver_work_dir(root, "x").parent)
     assert debris_after_kill(root, capsys, monkeypatch) == sorted([*written, f"silver/_work/{work.name}"])
 
-    rerun = embed.embed(root, model.resolve(None, "reference"), actors=1, batch_size=8, day=DAY)
+    rerun = embed.embed(root, model.resolve(None, "reference"), actors=1, batch_size=8, dt=DAY)
     assert (rerun.rows_planned, rerun.rows_embedded, rerun.rows_failed) == (GOOD_IMAGES - 10,) * 2 + (0,)
     rows = silver_table(root)
     assert rows.num_rows == GOOD_IMAGES and len(set(rows.column("media_id").to_pylist())) == GOOD_IMAGES

@@ -385,7 +385,9 @@ def test_status_page_in_headless_chromium(evaluated_store):
         page.goto(base + "/status")
         page.wait_for_selector("#recall svg rect.bar")
         assert len(asked) == 1  # the key is asked for once...
-        assert page.locator(".tile").count() == 5
+        memory = page.locator(".tile", has_text="server memory")
+        memory.wait_for(timeout=30_000)  # drawn from /api/status, after the overview's five tiles
+        assert page.locator(".tile").count() == 6 and "file-backed" in memory.inner_text()
         assert page.locator("#builds tr.current .badge.current").inner_text() == "CURRENT"
         assert page.locator("#silver tbody tr").count() >= 1
         stages = page.locator("#runs tbody tr td:first-child").all_inner_texts()
