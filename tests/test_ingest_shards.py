@@ -7,14 +7,13 @@ server's request counter proves the ingest fetched nothing.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.shards import webdataset_tar
 
 from rayclip.stages import ingest
 from rayclip.store import catalog
@@ -76,23 +75,12 @@ def test_img2dataset_webdataset_output_ingests_without_a_download(site, img2data
     assert sum(site["requests"].values()) == before  # nothing fetched
 
 
-def _tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def test_a_truncated_tar_and_members_that_are_not_images_are_counted_by_reason(site, tmp_path):
     images = [(site["folder"] / n).read_bytes() for n in site["images"].column("filename").to_pylist()[:4]]
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "00000.tar").write_bytes(
-        _tar(
+        webdataset_tar(
             [
                 ("000000000", {"jpg": images[0], "txt": b"first", "json": json.dumps({"url": "https://a/0"}).encode()}),
                 ("000000001", {"jpg": b"<html>not an image</html>", "txt": b"html"}),
@@ -100,7 +88,7 @@ def test_a_truncated_tar_and_members_that_are_not_images_are_counted_by_reason(s
             ]
         )
     )
-    whole = _tar([(f"00000001{i}", {"jpg": images[1 + i], "txt": f"kept {i}".encode()}) for i in range(3)])
+    whole = webdataset_tar([(f"00000001{i}", {"jpg": images[1 + i], "txt": f"kept {i}".encode()}) for i in range(3)])
     cut_in_the_last_image = whole.index(images[3]) + len(images[3]) // 2
     (shards / "00001.tar").write_bytes(whole[:cut_in_the_last_image])
     assert ingest.expand_braces("s/{00000..00001}.tar") == ["s/00000.tar", "s/00001.tar"]

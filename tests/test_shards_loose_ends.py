@@ -12,6 +12,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 from conftest import cli
+from helpers.shards import webdataset_tar
 
 from rayclip import export
 from rayclip.query.searcher import Term
@@ -126,17 +127,6 @@ def test_the_run_record_holds_what_was_selected_exported_and_failed(gold, tmp_pa
 # ---------------------------------------------------------------- shard ingest
 
 
-def _tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _images(site, count: int) -> list[bytes]:
     return [(site["folder"] / n).read_bytes() for n in site["images"].column("filename").to_pylist()[:count]]
 
@@ -151,7 +141,7 @@ def test_a_member_whose_bytes_do_not_match_its_claimed_media_id_is_a_hash_mismat
     images = _images(site, 2)
     claims = [hashlib.sha256(images[0]).hexdigest(), hashlib.sha256(images[0]).hexdigest()]  # the second lies
     samples = [(f"{i}", {"jpg": images[i], "json": json.dumps({"media_id": claims[i]}).encode()}) for i in range(2)]
-    (tmp_path / "00000.tar").write_bytes(_tar(samples))
+    (tmp_path / "00000.tar").write_bytes(webdataset_tar(samples))
     report = ingest.ingest_webdataset(tmp_path / "data", f"{tmp_path}/00000.tar")
     assert (report.admitted, report.failed) == (1, {"hash mismatch": 1})
     assert catalog.read_manifest(tmp_path / "data", ["media_id"]).column("media_id").to_pylist() == [claims[0]]
@@ -172,7 +162,7 @@ def test_a_folder_ingest_commits_a_manifest_part_every_part_rows(site, tmp_path,
 
 def test_a_tar_cut_at_a_member_header_keeps_the_samples_before_the_split_one(site, tmp_path):
     images = _images(site, 3)
-    whole = _tar([(f"{i}", {"jpg": images[i], "txt": f"kept {i}".encode()}) for i in range(3)])
+    whole = webdataset_tar([(f"{i}", {"jpg": images[i], "txt": f"kept {i}".encode()}) for i in range(3)])
     last_caption_header = whole.index(b"2.txt")  # the name opens its header block
     (tmp_path / "00000.tar").write_bytes(whole[: last_caption_header + 100])  # inside that header
     report = ingest.ingest_webdataset(tmp_path / "data", f"{tmp_path}/00000.tar")
@@ -182,7 +172,7 @@ def test_a_tar_cut_at_a_member_header_keeps_the_samples_before_the_split_one(sit
 
 def test_a_tar_without_its_end_blocks_drops_its_last_sample_and_counts_the_cut(site, tmp_path):
     images = _images(site, 3)
-    whole = _tar([(f"{i}", {"jpg": images[i], "txt": f"kept {i}".encode()}) for i in range(3)])
+    whole = webdataset_tar([(f"{i}", {"jpg": images[i], "txt": f"kept {i}".encode()}) for i in range(3)])
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         last = tar.getmembers()[-1]
         data_end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -199,7 +189,7 @@ def test_limit_stops_a_shard_ingest_and_a_folder_ingest_after_n_samples(site, tm
     shards.mkdir()
     for shard in range(2):
         samples = [(f"{shard}{i}", {"jpg": images[2 * shard + i], "txt": f"{shard}{i}".encode()}) for i in range(2)]
-        (shards / f"{shard:05d}.tar").write_bytes(_tar(samples))
+        (shards / f"{shard:05d}.tar").write_bytes(webdataset_tar(samples))
     report = ingest.ingest_webdataset(tmp_path / "a", f"{shards}/*.tar", limit=3)
     assert (report.rows_read, report.admitted, report.manifest_rows_added) == (3, 3, 3)
     assert _captions(tmp_path / "a") == {"00", "01", "10"}
