@@ -14,25 +14,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# A Debian tool a test needs: installed with apt-get as root, else the test skips (saying so).
+# $(call debian_tool,COMMAND,PACKAGE,WHICH TEST)
+define debian_tool
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's $(2) for $(3)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+	  else \
+	    echo "note: $(1) is missing and cannot be installed here (needs root and apt-get): $(3) will skip"; \
+	  fi; }
+endef
+
 # The browser test drives Debian's Chromium through Playwright (Playwright never downloads a browser here).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the browser test"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "note: chromium is missing and cannot be installed here (needs root and apt-get): the browser test will skip"; \
-	  fi; }
+	$(call debian_tool,chromium,chromium,the browser test)
 
 # The local-disk test watches an S3 pipeline's file writes with Debian's strace.
 strace:
-	@command -v strace >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's strace for the local-disk test"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
-	  else \
-	    echo "note: strace is missing and cannot be installed here (needs root and apt-get): the local-disk test will skip"; \
-	  fi; }
+	$(call debian_tool,strace,strace,the local-disk test)
 
 # clip-retrieval 2.45's web front and its ClipClient, unpacked from its wheel (never installed: its
 # pins clash with ours) for the compatibility tests; they skip, saying so, when it cannot be fetched.
