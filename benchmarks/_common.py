@@ -15,6 +15,15 @@ from rayclip.stages import index
 from rayclip.store import catalog, layout, silver
 
 
+def add_mixture_arguments(parser) -> None:
+    """The silver sizes and mixture of bench_index.py and bench_index_distributed.py (the same silver)."""
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=100_000, help="vectors per silver file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def mixture_chunk(start: int, rows: int, dim: int, clusters: int, seed: int) -> np.ndarray:
     """Rows [start, start+rows) of the seeded mixture; any chunk can be made alone."""
     base = np.random.default_rng(seed)

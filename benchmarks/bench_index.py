@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import mixture_chunk
+from _common import add_mixture_arguments, mixture_chunk
 
 from rayclip.store import catalog, layout, storage
 
@@ -135,11 +135,7 @@ def show(size: int, label: str, row: dict, flat_bytes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--chunk", type=int, default=100_000, help="vectors per silver file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_mixture_arguments(parser)
     parser.add_argument("--queries", type=int, default=1000, help="one-query searches timed per build")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--max-index-memory", default="4G")

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import add_mixture_arguments
 from bench_index import MODEL_VERSION, write_silver
 
 
@@ -88,11 +89,7 @@ def show(size: int, row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--chunk", type=int, default=100_000, help="vectors per silver file")
-    parser.add_argument("--seed", type=int, default=0)
+    add_mixture_arguments(parser)
     parser.add_argument("--index-type", default="auto")
     parser.add_argument("--max-index-memory", default="4G")
     parser.add_argument("--part-vectors", type=int, default=250_000, help="vectors per add task")
