@@ -16,31 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli
+from helpers.kills import assert_killed, rayclip
 
-from rayclip import Searcher, faults
+from rayclip import Searcher
 from rayclip.stages import index
 from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
-
-
-def rayclip(*args: str, kill_at: str | None = None, env: dict | None = None, timeout: float = 300):
-    """`python -m rayclip.cli ARGS` in its own process group; returns the finished process."""
-    extra = {faults.KILL_AT_ENV: kill_at} if kill_at else {}
-    cmd = [sys.executable, "-m", "rayclip.cli", *args]
-    proc = subprocess.Popen(
-        cmd, env=os.environ | extra | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        out = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return proc.returncode, out
-
-
-def assert_killed(rc: int, out: str) -> None:
-    assert rc == -signal.SIGKILL, f"the fault point was not reached (rc {rc}):\n{out[-2000:]}"
 
 
 def status(root: Path, capsys) -> dict:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import cli
 from fastapi.testclient import TestClient
+from helpers.kills import assert_killed, rayclip
 from silver_helpers import clustered, media_ids, reference_spec, write_manifest, write_silver
-from test_faults import assert_killed, rayclip
 
 from rayclip import Searcher
 from rayclip.http.app import create_app

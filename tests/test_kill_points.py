@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import GOOD_IMAGES, cli, run_ingest
-from test_faults import assert_killed, rayclip
+from helpers.kills import assert_killed, rayclip
 
 from rayclip import export, model
 from rayclip.stages import captions, embed, ingest
