@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from rayclip import synthetic
 from rayclip.stages import ingest
+from rayclip.stages.ingest import download
 from rayclip.store import storage
 
 
@@ -69,9 +70,9 @@ def run_bare(urls: pa.Table, store: storage.Location, args) -> float:
     work = store / f"bare-{uuid.uuid4().hex[:8]}"
     with storage.open_output(work / "input.parquet") as f:
         pq.write_table(urls, f)
-    shard_rows = ingest._shard_rows(urls.num_rows, ingest._workers("multiprocessing", args.processes))
+    shard_rows = download._shard_rows(urls.num_rows, download._workers("multiprocessing", args.processes))
     started = time.perf_counter()
-    ingest._img2dataset(
+    download._img2dataset(
         work / "input.parquet",
         work / "out",
         "multiprocessing",

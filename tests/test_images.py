@@ -14,8 +14,8 @@ from conftest import read_silver, run_ingest, serve
 from PIL import Image
 
 from rayclip import model, synthetic
-from rayclip.images import TRANSPARENT_BACKGROUND, decode_image
-from rayclip.stages import embed, ingest
+from rayclip.images import TRANSPARENT_BACKGROUND, decode_image, inspect_image
+from rayclip.stages import embed
 from rayclip.store import catalog
 
 WIDTH, HEIGHT = 320, 256  # not square, so that a missed rotation changes the shape
@@ -98,8 +98,8 @@ def test_each_kind_decodes_as_its_plain_twin(images, name):
 
 
 def test_inspect_image_reports_the_displayed_size(images):
-    assert ingest.inspect_image(images["exif6.jpg"][0])[1:] == (WIDTH, HEIGHT)
-    assert ingest.inspect_image(images["anim.gif"][0]) == ("gif", WIDTH, HEIGHT)
+    assert inspect_image(images["exif6.jpg"][0])[1:] == (WIDTH, HEIGHT)
+    assert inspect_image(images["anim.gif"][0]) == ("gif", WIDTH, HEIGHT)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from conftest import GOOD_IMAGES, cli, run_ingest
 
 from rayclip import synthetic
 from rayclip.stages import ingest
+from rayclip.stages.ingest import admit, download
 from rayclip.store import catalog, layout, storage
 
 
@@ -205,7 +206,7 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
     holds every URL once, each object is stored once; and shards are admitted while img2dataset
     still runs: the last shard's /gate.jpg is answered only after an earlier shard was admitted
     (a run admitting only after the download would leave the gate shut until GATE_WAIT_S)."""
-    monkeypatch.setattr(ingest, "SHARD_ROWS", (6, 6))
+    monkeypatch.setattr(download, "SHARD_ROWS", (6, 6))
     names = site["images"].column("filename").to_pylist()
     captions = site["images"].column("caption").to_pylist()
     folder = site["folder"]
@@ -226,12 +227,12 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
 
     events: list[tuple[str, bool]] = []  # (what, had img2dataset returned yet)
     returned = threading.Event()
-    download, admit_shard = ingest._img2dataset, ingest._Admitter.admit_shard
+    img2dataset, admit_shard = download._img2dataset, admit.Admitter.admit_shard
 
     def timed_download(input_file, output_dir, distributor, shard_rows, **options):
         events.append((f"download starts, {shard_rows} rows a shard", False))
         try:
-            download(input_file, output_dir, distributor, shard_rows, **options)
+            img2dataset(input_file, output_dir, distributor, shard_rows, **options)
         finally:
             returned.set()
 
@@ -240,8 +241,8 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
         admit_shard(self, shard)
         _GateHandler.opened.set()
 
-    monkeypatch.setattr(ingest, "_img2dataset", timed_download)
-    monkeypatch.setattr(ingest._Admitter, "admit_shard", timed_admit_shard)
+    monkeypatch.setattr(download, "_img2dataset", timed_download)
+    monkeypatch.setattr(admit.Admitter, "admit_shard", timed_admit_shard)
     _GateHandler.opened.clear()
     _GateHandler.waited.clear()
     stored_while_downloading = []
@@ -281,7 +282,7 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
 def test_shards_finished_as_the_download_ends_are_admitted_too(tmp_path, monkeypatch):
     """The follower's last pass, after img2dataset returned, lists the shards again: those finished
     since its previous pass (here every one: it would not poll again for a minute) are admitted."""
-    monkeypatch.setattr(ingest, "POLL_S", 60)
+    monkeypatch.setattr(download, "POLL_S", 60)
     admitted = []
 
     class Recorder:
@@ -300,7 +301,7 @@ def test_shards_finished_as_the_download_ends_are_admitted_too(tmp_path, monkeyp
     out = tmp_path / "out"
     out.mkdir()
     finished = Finished()
-    follower = threading.Thread(target=ingest._follow_shards, args=(storage.location(out), Recorder(), finished))
+    follower = threading.Thread(target=download._follow_shards, args=(storage.location(out), Recorder(), finished))
     follower.start()
     assert finished.waiting.wait(10)  # the first pass found nothing; the next is a minute away
     for i in range(3):  # as img2dataset leaves a shard: its parquet, then its stats

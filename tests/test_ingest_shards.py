@@ -17,6 +17,7 @@ from helpers.shards import webdataset_tar
 
 from rayclip.stages import ingest
 from rayclip.store import catalog
+from rayclip.store.shards.read import expand_braces
 
 GOOD = 6  # good images of the site in the img2dataset run, besides three that fail
 
@@ -91,7 +92,7 @@ def test_a_truncated_tar_and_members_that_are_not_images_are_counted_by_reason(s
     whole = webdataset_tar([(f"00000001{i}", {"jpg": images[1 + i], "txt": f"kept {i}".encode()}) for i in range(3)])
     cut_in_the_last_image = whole.index(images[3]) + len(images[3]) // 2
     (shards / "00001.tar").write_bytes(whole[:cut_in_the_last_image])
-    assert ingest.expand_braces("s/{00000..00001}.tar") == ["s/00000.tar", "s/00001.tar"]
+    assert expand_braces("s/{00000..00001}.tar") == ["s/00000.tar", "s/00001.tar"]
 
     report = ingest.ingest_webdataset(tmp_path / "data", f"{shards}/{{00000..00001}}.tar")
     assert report.failed == {"decode error": 1, "no image member": 1, "truncated tar": 1}

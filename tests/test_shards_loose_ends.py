@@ -17,6 +17,7 @@ from helpers.shards import webdataset_tar
 from rayclip import export
 from rayclip.query.searcher import Term
 from rayclip.stages import ingest
+from rayclip.stages.ingest import admit
 from rayclip.store import catalog, layout
 
 
@@ -152,8 +153,8 @@ def test_a_folder_ingest_commits_a_manifest_part_every_part_rows(site, tmp_path,
     folder.mkdir()
     for i, data in enumerate(_images(site, 5)):
         (folder / f"{i}.jpg").write_bytes(data)
-    monkeypatch.setattr(ingest, "CHECK_BATCH", 1)  # rows are checked one by one: parts are cut at PART_ROWS
-    monkeypatch.setattr(ingest, "PART_ROWS", 2)
+    monkeypatch.setattr(admit, "CHECK_BATCH", 1)  # rows are checked one by one: parts are cut at PART_ROWS
+    monkeypatch.setattr(admit, "PART_ROWS", 2)
     report = ingest.ingest_folder(tmp_path / "data", folder)
     parts = catalog.manifest_parts(tmp_path / "data")
     assert report.manifest_rows_added == 5

@@ -246,7 +246,7 @@ def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, m
     import ray
 
     from rayclip import cluster
-    from rayclip.stages import ingest
+    from rayclip.stages.ingest import download
 
     started: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -254,7 +254,7 @@ def test_the_ray_rayclip_starts_has_usage_stats_off_and_the_retries(fresh_env, m
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr("ray._private.worker.get_dashboard_url", lambda: None)
     cluster.start()
-    assert ingest._workers("ray", 1) == 2
+    assert download._workers("ray", 1) == 2
     for kwargs in started:
         env = kwargs["runtime_env"]["env_vars"]
         assert (
