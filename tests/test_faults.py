@@ -21,6 +21,7 @@ from helpers.kills import assert_killed, rayclip
 from rayclip import Searcher
 from rayclip.stages import index
 from rayclip.store import catalog, layout, storage
+from rayclip.store.storage import leases
 
 REFERENCE = "clip_rayclip_ref_reference"
 
@@ -159,7 +160,7 @@ def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys
     assert Searcher.open(root).build.build_id == published
     if on == "s3":  # a fresh lease may be a build alive on another machine: not debris until it is stale
         assert status(root, capsys)["debris"] == []
-        monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
+        monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)
     assert len(status(root, capsys)["debris"]) == (0 if on_ray else 1)
 
     rerun = index.build(root, **PARTS | options | {"parallel": "local"})  # the same build, in this process

@@ -20,6 +20,7 @@ from rayclip.http.app import create_app
 from rayclip.stages import index
 from rayclip.store import catalog, debris, layout, storage
 from rayclip.store.catalog import BuildInfo
+from rayclip.store.storage import files, leases
 
 ROWS = 400
 DAY = "2026-01-02"
@@ -41,14 +42,15 @@ def remote_reads(monkeypatch) -> list[str]:
     """Names of the objects read from a store (not from local files) from now on: every read opens
     its object through storage.open_input (storage.read_bytes too)."""
     reads: list[str] = []
-    real = storage.open_input
+    real = files.open_input
 
     def counted(loc, *args, **kwargs):
         if not storage.is_local(loc):
             reads.append(loc.name)
         return real(loc, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "open_input", counted)
+    for module in (storage, files):  # callers through storage, and storage's own reads and copies
+        monkeypatch.setattr(module, "open_input", counted)
     return reads
 
 
@@ -132,7 +134,7 @@ def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, 
     if point == "index.build":  # no build.json: not a build, and debris once its lease is stale
         assert catalog.builds(s3_root, mv) == [published]
         assert debris.find(s3_root) == []  # its lease is fresh: it may be a live build on another machine
-        monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)
+        monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)
         killed = next(name for name in folders if name != published)
         found = [storage.uri(p) for p in debris.find(s3_root)]
         assert found == [storage.uri(layout.build_dir(s3_root, mv, killed))]

@@ -25,6 +25,7 @@ from helpers.kills import assert_killed, rayclip
 from rayclip import export, model
 from rayclip.stages import captions, embed, ingest
 from rayclip.store import catalog, layout, storage
+from rayclip.store.storage import leases
 
 REFERENCE = "clip_rayclip_ref_reference"
 DAY = "2026-01-01"
@@ -55,7 +56,7 @@ def debris_after_kill(root, capsys, monkeypatch) -> list[str]:
     with it); on S3 only once its lease is stale (until then the run may be alive: nothing listed)."""
     if not storage.is_local(root):
         assert status(root, capsys)["debris"] == []
-        monkeypatch.setattr(storage, "LEASE_STALE_S", 0.0)  # time passes: the lease goes stale
+        monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)  # time passes: the lease goes stale
     return sorted(d["path"] for d in status(root, capsys)["debris"])
 
 

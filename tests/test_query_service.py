@@ -292,6 +292,7 @@ def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(
 
 def test_a_request_resolves_the_data_root_once_and_lists_gold_once(store, monkeypatch):
     from rayclip.store import storage
+    from rayclip.store.storage import locations
 
     resolved, listed = [], []
     data_root, children = storage.data_root, storage.children
@@ -305,7 +306,8 @@ def test_a_request_resolves_the_data_root_once_and_lists_gold_once(store, monkey
             listed.append(loc)
         return children(loc)
 
-    monkeypatch.setattr(storage, "data_root", resolving)
+    for module in (storage, locations):  # callers through storage, and resolved() and location()
+        monkeypatch.setattr(module, "data_root", resolving)
     monkeypatch.setattr(storage, "children", listing)
     with TestClient(create_app(str(store[0]))) as client:  # opens the Searcher before the first request
         assert client.get("/api/search", params={"q": "a dog"}).status_code == 200

@@ -12,6 +12,7 @@ import pytest
 
 from rayclip.errors import UserError
 from rayclip.store import storage
+from rayclip.store.storage import files, leases
 
 
 @pytest.fixture(params=["local", "s3", "memory"])
@@ -98,7 +99,7 @@ def test_a_work_folder_is_held_while_its_run_lives(root, monkeypatch):
     storage.write_atomic(folder / storage.LEASE_NAME, str(time.time()))
     with storage.unless_held(folder) as free:
         assert not free
-    monkeypatch.setattr(storage, "LEASE_STALE_S", -1.0)
+    monkeypatch.setattr(leases, "LEASE_STALE_S", -1.0)
     with storage.unless_held(folder) as free:
         assert free
 
@@ -133,7 +134,7 @@ def test_cached_downloads_a_remote_object_once_and_reads_a_local_file_in_place(r
         assert storage.cached(source, copy) == source and not copy.exists()
         return
     assert storage.cached(source, copy) == copy and copy.read_bytes() == storage.read_bytes(source)
-    monkeypatch.setattr(storage, "open_input", lambda loc: pytest.fail(f"read {loc} again"))
+    monkeypatch.setattr(files, "open_input", lambda loc: pytest.fail(f"read {loc} again"))
     assert storage.cached(source, copy) == copy
 
 
@@ -142,14 +143,14 @@ def test_a_long_run_keeps_its_folder_held(root, monkeypatch):
     lease, so no stale time applies); on an object store by a lease its heartbeat keeps young."""
     folder = root / "work" / "run-long"
     if storage.is_local(root):
-        monkeypatch.setattr(storage, "LEASE_STALE_S", -1.0)  # any lease would be stale at once
+        monkeypatch.setattr(leases, "LEASE_STALE_S", -1.0)  # any lease would be stale at once
         with storage.working(folder):
             with storage.unless_held(folder) as free:
                 assert not free
             assert not storage.exists(folder / storage.LEASE_NAME)
         return
-    monkeypatch.setattr(storage, "LEASE_BEAT_S", 0.5)
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 3.0)  # S3 times its objects to the second
+    monkeypatch.setattr(leases, "LEASE_BEAT_S", 0.5)
+    monkeypatch.setattr(leases, "LEASE_STALE_S", 3.0)  # S3 times its objects to the second
     with storage.working(folder):
         time.sleep(4.0)  # longer than the stale time: only the heartbeat keeps the lease young
         with storage.unless_held(folder) as free:

@@ -20,6 +20,7 @@ from silver_helpers import clustered, media_ids, write_manifest, write_silver
 from rayclip import Searcher
 from rayclip.stages import index
 from rayclip.store import catalog, debris, layout, storage
+from rayclip.store.storage import failures, files
 
 REFERENCE = "clip_rayclip_ref_reference"
 ROWS = 200
@@ -144,7 +145,7 @@ def pq_from(data: bytes):
 
 def test_an_answer_cut_every_time_gives_up_in_one_line_that_names_no_4xx(s3_proxy, s3_root, monkeypatch):
     monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "3")
-    monkeypatch.setattr(storage, "CUT_BACKOFF_S", 0.01)
+    monkeypatch.setattr(failures, "CUT_BACKOFF_S", 0.01)
     loc = s3_root / "always-cut.bin"
     storage.write_atomic(loc, b"z" * 10_000)
     s3_proxy.throttle(1.0, methods=("GET",), kinds=("cut",))
@@ -286,7 +287,7 @@ def spoil(loc, how: str) -> int:
 )
 def test_a_committed_object_cut_in_the_store_is_refused_never_read(s3_root, tmp_path, monkeypatch, kind, how):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(storage, "VERIFY_ATTEMPTS", 2)
+    monkeypatch.setattr(files, "VERIFY_ATTEMPTS", 2)
     fill(s3_root)
     if kind == "manifest part":
         [part] = catalog.manifest_parts(s3_root)
