@@ -27,7 +27,9 @@ from helpers.serving import held_in_faiss, serving
 from silver_helpers import media_ids, normalised, write_silver
 
 from rayclip.eval import recall
-from rayclip.http.app import API_KEY_ENV, MAX_QUERY_STRING_BYTES, create_app
+from rayclip.http.admission import MAX_QUERY_STRING_BYTES
+from rayclip.http.app import create_app
+from rayclip.http.guard import API_KEY_ENV
 from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 from rayclip.store import layout

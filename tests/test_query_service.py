@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from silver_helpers import clustered, media_ids, write_silver
 
 from rayclip.errors import NoIndexError
-from rayclip.http.app import MAX_K, create_app
+from rayclip.http.api import MAX_K
+from rayclip.http.app import create_app
 from rayclip.options import DEFAULT_COLLAPSE
 from rayclip.query import searcher as searcher_module
 from rayclip.query import service as service_module

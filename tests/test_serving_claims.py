@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from helpers.serving import held_in_faiss, serving
 
 from rayclip.errors import UserError
-from rayclip.http.app import API_KEY_ENV, check_bind, create_app
+from rayclip.http.app import create_app
+from rayclip.http.guard import API_KEY_ENV, check_bind
 from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"

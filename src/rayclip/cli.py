@@ -345,7 +345,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """HTTP search service and web page"""
     import uvicorn
 
-    from .http.app import API_KEY_ENV, check_bind, create_app
+    from .http.app import create_app
+    from .http.guard import API_KEY_ENV, check_bind
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.allow_anonymous)
