@@ -166,7 +166,7 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_worki
     assert info.file_bytes["index.ivfdata"] > 0
     assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
     # The steps' working files (trained.faiss, the parts) are gone: the published build is its index files,
-    # the mapping and the tuning queries.
+    # the mapping (and its Arrow serving copy) and the tuning queries.
     published = sorted(p.name for p in layout.build_dir(root, REFERENCE, report.build_id).iterdir())
     assert (
         published
@@ -175,6 +175,7 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_worki
             "build.json",
             "index.faiss",
             "index.ivfdata",
+            "mapping.arrow",
             "mapping.parquet",
             "tuning.npz",
         ]

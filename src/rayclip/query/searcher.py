@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import UserError
 from ..images import open_query_image
@@ -123,15 +124,16 @@ class Captions:
     faiss_ids of the images that carry it, best clip_score first."""
 
     index: LocalIndex
-    texts: pa.Array
+    texts: pa.ChunkedArray
     starts: np.ndarray
     images: np.ndarray
 
     @classmethod
     def of(cls, index, table: pa.Table) -> Captions:
-        carriers = table.column("faiss_ids").combine_chunks()
-        starts = carriers.offsets.to_numpy().astype(np.int64)
-        return cls(index, table.column("caption").combine_chunks(), starts, carriers.values.to_numpy())
+        carriers = table.column("faiss_ids")
+        starts = np.concatenate([[0], np.cumsum(pc.list_value_length(carriers).to_numpy())]).astype(np.int64)
+        images = pc.list_flatten(carriers).to_numpy()  # a view into a mapped table's one batch
+        return cls(index, table.column("caption"), starts, images)
 
     def carrying(self, allowed: np.ndarray, image_count: int) -> np.ndarray:
         """The caption rows carried by at least one of these faiss_ids."""
@@ -169,6 +171,14 @@ def _spec_from_build(info: BuildInfo) -> ModelSpec:
     return dataclasses.replace(spec, version=info.model_version)
 
 
+def _read_table(local, info: BuildInfo, parquet_of, arrow_of, mapped: bool) -> pa.Table:
+    """A build's table (its mapping, its caption mapping): mapped from its Arrow IPC serving copy when
+    the index is mapped (a build written before the copies existed is read from Parquet), else read."""
+    if mapped and arrow_of(Path()).name in (info.file_bytes or {}):
+        return catalog.map_arrow(local(arrow_of, info.file_bytes))
+    return catalog.read_parquet(local(parquet_of, info.file_bytes))
+
+
 def _load_build(root: Location, model_version: str, build_id: str, residency: Residency = Residency()) -> Build:
     """A committed build: read in place from a local root, through the local cache from an object store;
     its image index read into RAM or mapped, in this process or in shards elsewhere, as `residency` says."""
@@ -176,13 +186,14 @@ def _load_build(root: Location, model_version: str, build_id: str, residency: Re
     try:
         info = BuildInfo.read(local(layout.build_info_file))
         index = knn.open_index(functools.partial(local, recorded=info.file_bytes), info, residency)
-        mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
+        mapped = residency.maps(info)
+        mapping = _read_table(local, info, layout.mapping_file, layout.mapping_arrow_file, mapped)
         captions = None
         if info.captions:
-            caption_index = LocalIndex(catalog.read_index(local(layout.caption_index_file, info.file_bytes)), {})
-            captions = Captions.of(
-                caption_index, catalog.read_parquet(local(layout.caption_mapping_file, info.file_bytes))
-            )
+            caption_file = local(layout.caption_index_file, info.file_bytes)
+            caption_index = LocalIndex(catalog.read_index(caption_file, io_flags=knn.io_flags("single", mapped)), {})
+            table = _read_table(local, info, layout.caption_mapping_file, layout.caption_mapping_arrow_file, mapped)
+            captions = Captions.of(caption_index, table)
     except storage.ShortReadError as err:  # a file is not what build.json recorded
         rollback = "roll back with `rayclip index --rollback`"
         raise storage.ShortReadError(f"build {build_id} of {model_version} is broken: {err}; {rollback}") from None

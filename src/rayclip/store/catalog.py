@@ -345,6 +345,25 @@ def read_parquet(loc: Location, columns: list[str] | None = None, size: int | No
         return pq.read_table(f, columns=columns)
 
 
+def write_arrow(loc: Location, table: pa.Table, batch_rows: int = 65_536) -> None:
+    """A table written whole as an uncompressed Arrow IPC file: the form map_arrow reads without a copy."""
+    import pyarrow.ipc as ipc
+
+    with storage.open_output(loc) as f, ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
+
+
+def map_arrow(loc: Location, size: int | None = None) -> pa.Table:
+    """A committed Arrow IPC file memory-mapped: its columns point into the page cache (file-backed
+    pages the kernel can reclaim), not into this process's private memory. Local files only."""
+    import pyarrow.ipc as ipc
+
+    with _committed(loc, size, "Arrow IPC file"):  # its size checked against the commit record
+        if not storage.is_local(loc):
+            raise ValueError(f"{storage.uri(loc)} is not a local file; only local files are mapped")
+        return ipc.open_file(pa.memory_map(storage.uri(loc))).read_all()
+
+
 def parquet_metadata(loc: Location, size: int | None = None) -> pq.FileMetaData:
     """A Parquet file's footer (schema, row count): no data read."""
     with _committed(loc, size, "Parquet file") as f:

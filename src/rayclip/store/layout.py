@@ -251,6 +251,17 @@ def mapping_file(build: Location) -> Location:
     return build / "mapping.parquet"
 
 
+def mapping_arrow_file(build: Location) -> Location:
+    """mapping.parquet's rows again as an uncompressed Arrow IPC file: the serving copy, which a server
+    that maps its index maps too (read zero-copy from the page cache, none of it private memory)."""
+    return build / "mapping.arrow"
+
+
+def caption_mapping_arrow_file(build: Location) -> Location:
+    """captions.parquet's rows again as an uncompressed Arrow IPC file, mapped like mapping.arrow."""
+    return build / "captions.arrow"
+
+
 def tuning_file(build: Location) -> Location:
     """Held-out queries and their exact neighbours, which an incremental build measures itself with."""
     return build / "tuning.npz"

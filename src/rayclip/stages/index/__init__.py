@@ -658,14 +658,20 @@ def _write_build(
     faults.point("index.build")  # the build half written, without its build.json
     with storage.open_output(layout.mapping_file(folder)) as f:
         pq.write_table(mapping, f)
+    catalog.write_arrow(layout.mapping_arrow_file(folder), mapping)  # the serving copy a mapped server maps
     with storage.open_output(layout.tuning_file(folder)) as f:
         made.truth.save(f)
-    written += [layout.mapping_file(folder), layout.tuning_file(folder)]
+    written += [layout.mapping_file(folder), layout.mapping_arrow_file(folder), layout.tuning_file(folder)]
     if captions is not None:
         catalog.write_index(layout.caption_index_file(folder), captions.index)
         with storage.open_output(layout.caption_mapping_file(folder)) as f:
             pq.write_table(captions.rows, f)
-        written += [layout.caption_index_file(folder), layout.caption_mapping_file(folder)]
+        catalog.write_arrow(layout.caption_mapping_arrow_file(folder), captions.rows)
+        written += [
+            layout.caption_index_file(folder),
+            layout.caption_mapping_file(folder),
+            layout.caption_mapping_arrow_file(folder),
+        ]
     # What build.json commits, byte for byte: readers check every file against it.
     info.file_bytes = {f.name: storage.size(f) for f in written}
     info.index_bytes = catalog.index_bytes(info)  # the image index's files, whatever its form
