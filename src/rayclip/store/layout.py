@@ -236,6 +236,22 @@ def part_file(build: Location, part: int) -> Location:
     return parts_dir(build) / f"part-{part:05d}.faiss"
 
 
+def buckets_dir(build: Location) -> Location:
+    """A full build's first step's working files: the silver rows' ids split by a hash of media_id."""
+    return parts_dir(build) / "buckets"
+
+
+def bucket_file(build: Location, group: int, bucket: int) -> Location:
+    """Bucket `bucket` of the rows of file group `group`: (media_id, embedded_at, file_idx, row_idx)."""
+    return buckets_dir(build) / f"group-{group:05d}-bucket-{bucket:05d}.parquet"
+
+
+def mapping_part_file(build: Location, part: int) -> Location:
+    """The mapping rows of part `part`'s faiss_ids, written by a task; the parts concatenated in order
+    are mapping.parquet."""
+    return parts_dir(build) / f"mapping-{part:05d}.parquet"
+
+
 def caption_index_file(build: Location) -> Location:
     """The build's caption index (optional): one vector per distinct caption, its own id space."""
     return build / "captions.faiss"

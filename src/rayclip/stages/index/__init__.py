@@ -32,7 +32,7 @@ from ...progress import Progress
 from ...store import catalog, debris, layout, storage
 from ...store.catalog import BuildInfo
 from ...store.storage import Location
-from . import parts
+from . import mapping, parts, select
 
 NORM_TOLERANCE = 1e-3
 TRAIN_SAMPLE = 100_000  # vectors used to train an index type that needs training (IVF, PQ)
@@ -42,6 +42,7 @@ TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every 
 TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
 LATENCY_QUERIES = 300  # single-query searches timed for p50/p99
 REBUILD_SHARE = 0.5  # an incremental build adding more than this share of the index retrains instead
+MAPPING_ROW_BYTES = 2_000  # a mapping task's memory per row: its rows, the manifest's, the join's copies
 
 
 @dataclasses.dataclass
@@ -66,27 +67,6 @@ class BuildReport:
         return dataclasses.asdict(self)
 
 
-def _choose_rows(files: list[Location]) -> tuple[pa.Table, int]:
-    """Per media_id, the (file, row) of its newest embedding, in file-then-row order; and rows dropped."""
-    parts = []
-    for file_idx, f in enumerate(files):
-        t = catalog.read_parquet(f, ["media_id", "embedded_at"])
-        parts.append(
-            t.append_column("file_idx", pa.array(np.full(t.num_rows, file_idx, np.int32))).append_column(
-                "row_idx", pa.array(np.arange(t.num_rows, dtype=np.int64))
-            )
-        )
-    rows = pa.concat_tables(parts).sort_by(
-        [("media_id", "ascending"), ("embedded_at", "descending"), ("file_idx", "descending")]
-    )
-    ids = rows.column("media_id").combine_chunks()  # compared in Arrow: no Python string per row
-    first = np.ones(len(ids), bool)
-    if len(ids) > 1:
-        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
-    chosen = rows.filter(pa.array(first)).sort_by([("file_idx", "ascending"), ("row_idx", "ascending")])
-    return chosen, rows.num_rows - chosen.num_rows
-
-
 def _sample_positions(count: int, nlist: int | None, trains: bool) -> tuple[np.ndarray, np.ndarray]:
     """Seeded draws: (held-out tuning queries, training sample). Training avoids the queries when
     the set is large enough to spare them."""
@@ -101,36 +81,6 @@ def _sample_positions(count: int, nlist: int | None, trains: bool) -> tuple[np.n
     return queries, np.sort(pool[:wanted])
 
 
-def _sources(root: Location) -> pa.Table:
-    """One row per media_id from the manifest: its first (path, url, caption, size, source, time)
-    and how many rows name it."""
-    firsts = ["path", "url", "caption", "width", "height", "source", "ingested_at"]
-    manifest = catalog.read_manifest(root, ["media_id", *firsts]).sort_by("ingested_at")
-    return (
-        manifest.group_by("media_id", use_threads=False)
-        .aggregate([(name, "first") for name in firsts] + [("url", "count")])
-        .rename_columns(["media_id", *firsts, "source_count"])
-    )
-
-
-def _clip_scores(root: Location, model_version: str) -> pa.Table:
-    """media_id, caption_id, clip_score: the newest score of every (image, caption) pair in silver."""
-    keys = ["media_id", "caption_id"]
-    scores = catalog.silver_latest(root, model_version, layout.CLIP_SCORES, keys, ["clip_score"], "scored_at")
-    if scores is None:
-        return pa.schema([(k, pa.string()) for k in keys] + [("clip_score", pa.float32())]).empty_table()
-    return scores
-
-
-def _mapping(rows: pa.Table, root: Location, scores: pa.Table) -> pa.Table:
-    """(faiss_id, media_id, embedded_at) joined with what the manifest says and the best clip_score
-    over each media_id's captions (null: none scored), ordered by faiss_id."""
-    best = scores.group_by("media_id").aggregate([("clip_score", "max")])
-    best = pa.table({"media_id": best["media_id"], "clip_score": best["clip_score_max"]})
-    mapping = rows.join(_sources(root), "media_id", join_type="left outer")
-    return mapping.join(best, "media_id", join_type="left outer").sort_by("faiss_id")
-
-
 @dataclasses.dataclass
 class _Captions:
     """The build's caption index: one vector per distinct caption carried by an indexed image."""
@@ -139,13 +89,13 @@ class _Captions:
     rows: pa.Table  # caption_row i, caption_id, caption, faiss_ids (its images, best clip_score first)
 
 
-def _caption_index(root: Location, model_version: str, mapping: pa.Table, scores: pa.Table) -> _Captions | None:
+def _caption_index(root: Location, model_version: str, indexed: pa.Table, scores: pa.Table) -> _Captions | None:
     """Captions of the mapping's images (the pairs silver scored), deduplicated by text (caption_id):
     an exact inner-product index over their stored vectors, and the faiss_ids that carry each, best
     clip_score first. None when no indexed image has a scored caption."""
     import faiss
 
-    ids = mapping.select(["media_id", "faiss_id"])
+    ids = indexed.select(["media_id", "faiss_id"])
     pairs = scores.join(ids, "media_id", join_type="inner")
     if not pairs.num_rows:
         return None
@@ -179,7 +129,7 @@ class _Made:
 
     index: object | None
     index_type: str
-    rows: pa.Table  # faiss_id, media_id, embedded_at
+    rows: pa.Table | None  # faiss_id, media_id, embedded_at (None: the steps wrote the mapping)
     truth: ann.Truth
     dropped: int
     base_build: str | None = None
@@ -190,7 +140,8 @@ class _Made:
     form: str = "single"
     shards: list[dict] | None = None
     steps: dict | None = None  # how the steps ran: parts, where, and auto's note on the family
-    written: list[Location] = dataclasses.field(default_factory=list)  # index files the steps wrote
+    written: list[Location] = dataclasses.field(default_factory=list)  # index and mapping files the steps wrote
+    mapped: int = 0  # rows of the mapping the steps wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +201,8 @@ _UNBOUNDED = 1 << 62
 
 
 def _fill(
+    root: Location,
+    model_version: str,
     files: list[Location],
     dim: int,
     index_type: str,
@@ -261,15 +214,14 @@ def _fill(
 ) -> _Made:
     """A new index over the newest vector of every media_id: trained once on a uniform sample, filled in
     parts, finished in its form and tuned (parts.py's steps, as Ray tasks or here)."""
-    chosen, dropped = _choose_rows(files)
-    count = chosen.num_rows
+    counts = [catalog.parquet_metadata(f).num_rows for f in files]
+    big = sum(counts) > shape.part_vectors  # more than one part's rows (before duplicates are dropped)
+    runner = parts.Runner(shape.parallel == "ray" or (shape.parallel == "auto" and (cluster.joins() or big)))
+    file_idx, row_idx, dropped = select.select(runner, folder, files, counts)
+    count = len(file_idx)
     index_type, form, note = _choose_type(count, dim, index_type, max_bytes, shape)
     plan = parts.Plan(index_type, dim, folder, form, shape.shards, NORM_TOLERANCE)
     ranges = parts.part_ranges(count, shape.part_vectors, index_type, shape.shards)
-    remote = shape.parallel == "ray" or (shape.parallel == "auto" and (cluster.joins() or len(ranges) > 1))
-    runner = parts.Runner(remote)
-    file_idx = chosen.column("file_idx").to_numpy()
-    row_idx = chosen.column("row_idx").to_numpy()
 
     empty = parts.new_index(index_type, dim)  # no vectors: what it needs to be trained on
     queries, training = _sample_positions(count, ann.nlist_of(empty), not empty.is_trained)
@@ -314,14 +266,22 @@ def _fill(
             {"file": f.name, "first": ranges[g[0]][0], "count": sum(ranges[p][1] for p in g)}
             for f, g in zip(written, groups)
         ]
+    maps = [
+        (
+            mapping.map_part,
+            root,
+            model_version,
+            folder,
+            i,
+            parts.rows_at(files, file_idx, row_idx, np.arange(first, first + n)),
+            first,
+        )
+        for i, (first, n) in enumerate(ranges)
+    ]
+    runner.run(maps, largest * MAPPING_ROW_BYTES)
+    [mapped] = runner.run([(mapping.concat, folder, len(ranges))], parts.MIN_TASK_MEMORY)
+    written += [layout.mapping_file(folder), layout.mapping_arrow_file(folder)]
     storage.delete(layout.parts_dir(folder))  # trained.faiss and the parts: nothing reads them once merged
-    rows = pa.table(
-        {
-            "faiss_id": pa.array(np.arange(count, dtype=np.int64)),
-            "media_id": chosen.column("media_id"),
-            "embedded_at": chosen.column("embedded_at"),
-        }
-    )
     steps = {
         "parts": len(ranges),
         "part_vectors": max(n for _, n in ranges),  # --part-vectors, or less to give each shard a part
@@ -333,10 +293,11 @@ def _fill(
     return _Made(
         None,
         index_type,
-        rows,
+        None,
         truth,
         dropped,
         count=total,
+        mapped=mapped,
         tuning=tuning,
         form=form,
         shards=shards,
@@ -408,9 +369,9 @@ def _extend(
     base_rows = catalog.read_parquet(layout.mapping_file(folder), ["faiss_id", "media_id", "embedded_at"])
     count = base_rows.num_rows
     if not new_files:
-        chosen, dropped = _choose_rows(files[:1])[0].slice(0, 0), 0
+        chosen, dropped = select.choose(files[:1])[0].slice(0, 0), 0
     else:
-        chosen, dropped = _choose_rows(new_files)
+        chosen, dropped = select.choose(new_files)
     at = base_rows.column("media_id")
     position = pc.fill_null(pc.index_in(chosen.column("media_id"), value_set=at), -1).to_numpy()
     known = position >= 0
@@ -588,24 +549,26 @@ def _build_into(
             made = None
     rejected = None
     if made is None:
-        made = _fill(files, dim, index_type, max_bytes, shape, folder, target_recall, progress)
+        made = _fill(root, model_version, files, dim, index_type, max_bytes, shape, folder, target_recall, progress)
         tuning = made.tuning
         fallback = ann.fallback_for(made.index_type) if index_type == "auto" and not tuning.target_met else None
         if fallback:  # the measured recall, not the rule, has the last word
             rejected = {"index_type": made.index_type, f"recall_at_{RECALL_K}": tuning.recall_at_k}
-            made = _fill(files, dim, fallback, max_bytes, shape, folder, target_recall, progress)
+            made = _fill(root, model_version, files, dim, fallback, max_bytes, shape, folder, target_recall, progress)
             tuning = made.tuning
     built_s = time.monotonic() - started
 
-    scores = _clip_scores(root, model_version)
-    mapping = _mapping(made.rows, root, scores)
-    captions = _caption_index(root, model_version, mapping, scores)
+    scores = mapping.clip_scores(root, model_version)
     count = made.index.ntotal if made.index is not None else made.count
-    unique = len(pc.unique(mapping.column("media_id")))
-    if not count == mapping.num_rows == unique:
-        raise UserError(
-            f"refusing to publish: index has {count} vectors, mapping {mapping.num_rows}, unique ids {unique}"
-        )
+    if made.rows is not None:  # an incremental build's rows, joined here
+        table = mapping.join(made.rows, root, scores)
+        rows, unique, ids = table.num_rows, len(pc.unique(table.column("media_id"))), table
+    else:  # written by the steps: one row per media_id, by construction (select.newest)
+        table, rows, unique = None, made.mapped, made.mapped
+        ids = catalog.read_parquet(layout.mapping_file(folder), ["media_id", "faiss_id"]) if scores.num_rows else None
+    captions = _caption_index(root, model_version, ids, scores) if ids is not None else None
+    if not count == rows == unique:
+        raise UserError(f"refusing to publish: index has {count} vectors, mapping {rows}, unique ids {unique}")
 
     build_id = folder.name
     partitions = sorted({f.parent.name for f in files})
@@ -635,14 +598,14 @@ def _build_into(
         shards=made.shards,
         steps=made.steps,
     )
-    _write_build(folder, made, mapping, info, started, built_s, captions)
+    _write_build(folder, made, table, info, started, built_s, captions)
     return made, tuning, info, why_full
 
 
 def _write_build(
     folder: Location,
     made: _Made,
-    mapping: pa.Table,
+    table: pa.Table | None,
     info: BuildInfo,
     started: float,
     built_s: float,
@@ -656,12 +619,11 @@ def _write_build(
         catalog.write_index(layout.index_file(folder), made.index)
         written = [layout.index_file(folder)]
     faults.point("index.build")  # the build half written, without its build.json
-    with storage.open_output(layout.mapping_file(folder)) as f:
-        pq.write_table(mapping, f)
-    catalog.write_arrow(layout.mapping_arrow_file(folder), mapping)  # the serving copy a mapped server maps
+    if table is not None:  # else the build's steps wrote it
+        written += mapping.write(folder, table)
     with storage.open_output(layout.tuning_file(folder)) as f:
         made.truth.save(f)
-    written += [layout.mapping_file(folder), layout.mapping_arrow_file(folder), layout.tuning_file(folder)]
+    written += [layout.tuning_file(folder)]
     if captions is not None:
         catalog.write_index(layout.caption_index_file(folder), captions.index)
         with storage.open_output(layout.caption_mapping_file(folder)) as f:
