@@ -250,3 +250,28 @@ def test_every_add_task_reads_one_shared_copy_of_the_tuning_queries(tmp_path, mo
     [queries] = shared
     assert len(adds) == 4 and all(call[-1] is queries for call in adds)
     assert queries.queries.shape == (1000, 128) and (queries.ids == -1).all()  # left empty: each task fills its own
+
+
+def test_rows_chosen_in_buckets_are_the_ones_one_sort_of_all_rows_chooses(tmp_path, monkeypatch):
+    """The build's first steps (bucket by media_id, keep the newest per bucket) against one sort of
+    every row, with media_ids repeated within and across files and embedded_at tied."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayclip.stages.index import parts, select
+
+    rng = np.random.default_rng(5)
+    files = []
+    for f in range(5):
+        ids = [f"m{i}" for i in rng.integers(0, 400, 300)]  # short, not hex: the hash still splits them
+        at = pa.array(rng.integers(0, 4, 300) * 10**6, pa.timestamp("us", tz="UTC"))
+        files.append(tmp_path / f"{f}.parquet")
+        pq.write_table(pa.table({"media_id": ids, "embedded_at": at}), files[-1])
+    monkeypatch.setattr(select, "BUCKET_ROWS", 100)  # 15 buckets
+    monkeypatch.setattr(select, "GROUP_ROWS", 500)  # a bucket task per file
+    folder = tmp_path / "build"
+    file_idx, row_idx, dropped = select.select(parts.Runner(False), folder, files, [300] * 5)
+    whole, whole_dropped = select.choose(files)
+    assert dropped == whole_dropped > 0
+    assert (file_idx.tolist(), row_idx.tolist()) == (whole["file_idx"].to_pylist(), whole["row_idx"].to_pylist())
+    assert not layout.buckets_dir(folder).exists()  # working files gone
