@@ -275,3 +275,26 @@ def test_rows_chosen_in_buckets_are_the_ones_one_sort_of_all_rows_chooses(tmp_pa
     assert dropped == whole_dropped > 0
     assert (file_idx.tolist(), row_idx.tolist()) == (whole["file_idx"].to_pylist(), whole["row_idx"].to_pylist())
     assert not layout.buckets_dir(folder).exists()  # working files gone
+
+
+def test_a_task_that_crashes_is_one_line_and_exit_1(tmp_path, ray_session, monkeypatch, capfd):
+    """A plain exception inside a Ray task (a bug, not a refusal) ends the command with one line, no
+    traceback, exit status 1, and publishes nothing."""
+    from rayclip.stages.index import parts
+
+    root = tmp_path / "data"
+    ids = media_ids(1200)
+    write_silver(root, "2026-01-01", ids, clustered(1200))
+    write_manifest(root, ids)
+
+    def add(*args):  # defined here, so Ray ships it by value: the worker runs this, not parts.add
+        raise RuntimeError("the part's disk is on fire\nsecond line of the error")
+
+    monkeypatch.setattr(parts, "add", add)
+    capfd.readouterr()
+    flags = ["--index-type", "IVF16,SQ8", "--parallel", "ray", "--part-vectors", "600"]
+    assert cli("index", "--data-dir", str(root), *flags) == 1
+    out, err = capfd.readouterr()
+    assert err == "rayclip index: error: the build's add task failed: RuntimeError: the part's disk is on fire\n", err
+    assert "Traceback" not in out + err
+    assert catalog.current_build(root, REFERENCE) is None
