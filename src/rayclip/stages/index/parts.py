@@ -190,7 +190,7 @@ def shard_groups(parts: int, shards: int) -> list[list[int]]:
     return [list(range(bounds[s], bounds[s + 1])) for s in range(shards)]
 
 
-class TaskFailed(UserError):
+class TaskFailedError(UserError):
     """A step's Ray task crashed (a bug or a lost worker, not a refusal): one line and exit status 1,
     not Ray's traceback. The build publishes nothing, as when it fails in this process."""
 
@@ -248,9 +248,9 @@ class Runner:
         except ray.exceptions.RayTaskError as failed:
             if isinstance(failed.cause, UserError):  # a user's error raised in a task: its one line
                 raise failed.cause from None
-            raise TaskFailed(calls[0][0].__name__, failed.cause or failed) from failed
+            raise TaskFailedError(calls[0][0].__name__, failed.cause or failed) from failed
         except ray.exceptions.RayError as failed:  # the task's worker died (killed, out of memory)
-            raise TaskFailed(calls[0][0].__name__, failed) from failed
+            raise TaskFailedError(calls[0][0].__name__, failed) from failed
         self.nodes |= {node for node, _, _ in done}
         self.peaks.setdefault(calls[0][0].__name__, []).extend(peak for _, peak, _ in done)
         return [result for _, _, result in done]
