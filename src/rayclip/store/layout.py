@@ -231,6 +231,12 @@ def trained_file(build: Location) -> Location:
     return parts_dir(build) / "trained.faiss"
 
 
+def quantizer_file(build: Location) -> Location:
+    """A build kept on disk or in shards keeps trained.faiss (its trained quantizer and codebooks, no
+    vectors): an incremental build adds its new rows as new parts onto it."""
+    return build / "trained.faiss"
+
+
 def part_file(build: Location, part: int) -> Location:
     """Part `part` of a full build: trained.faiss filled with one contiguous range of faiss_ids."""
     return parts_dir(build) / f"part-{part:05d}.faiss"

@@ -281,6 +281,9 @@ def _fill(
     runner.run(maps, largest * MAPPING_ROW_BYTES)
     [mapped] = runner.run([(mapping.concat, folder, len(ranges))], parts.MIN_TASK_MEMORY)
     written += [layout.mapping_file(folder), layout.mapping_arrow_file(folder)]
+    if form != "single":  # kept: an incremental build adds its rows onto it as new parts
+        parts.copy_file(layout.trained_file(folder), layout.quantizer_file(folder))
+        written.append(layout.quantizer_file(folder))
     storage.delete(layout.parts_dir(folder))  # trained.faiss and the parts: nothing reads them once merged
     steps = {
         "parts": len(ranges),
@@ -318,12 +321,13 @@ def _incremental_base(
     if retrain or current is None:
         return None, "--retrain" if retrain else "first build"
     info = catalog.build_info(root, model_version, current)
-    if info.form != "single" or shape.form != "single":
-        # New silver is added in place to a single-file index only; adding it as new parts on the
-        # base's trained quantizer (and replacing changed vectors in place) is not written yet.
-        return None, f"base build {current} is kept as {info.form!r}, this one as {shape.form!r}: only 'single' extends"
+    if shape.form not in ("single", info.form):  # a plain `rayclip index` extends the base in its form
+        return None, f"base build {current} is kept as {info.form!r}, this one asked as {shape.form!r}"
+    base_folder = layout.build_dir(root, model_version, current)
+    if info.form != "single" and layout.quantizer_file(base_folder).name not in (info.file_bytes or {}):
+        return None, f"base build {current} kept as {info.form!r} predates incremental builds in that form"
     names = {_silver_name(root, model_version, f) for f in files}
-    tuning = layout.tuning_file(layout.build_dir(root, model_version, current))
+    tuning = layout.tuning_file(base_folder)
     if info.silver_files is None or not storage.exists(tuning):
         return None, f"base build {current} predates incremental builds"
     if index_type not in ("auto", info.index_type, info.index_type_asked):
@@ -345,22 +349,31 @@ def _why_rebuild(made: _Made, tuning: ann.Tuning, target_recall: float) -> str:
     """Why an extended index is rebuilt from scratch instead of published, or "" to publish it."""
     if tuning.exact:
         return ""  # exact search: right by construction, nothing measured
-    wanted = min(TUNING_QUERIES, made.index.ntotal)  # what a full build measures recall on
+    count = made.index.ntotal if made.index is not None else made.count
+    wanted = min(TUNING_QUERIES, count)  # what a full build measures recall on
     if tuning.queries < wanted:
         return f"recall@{RECALL_K} measured on {tuning.queries} held-out queries, fewer than the {wanted} wanted"
-    if not tuning.target_met and ann.nlist_of(made.index) is not None:
+    if not tuning.target_met and (made.index is None or ann.nlist_of(made.index) is not None):
         return f"recall@{RECALL_K} {tuning.recall_at_k:.3f} fell below {target_recall}"
     return ""
 
 
 def _extend(
-    root: Location, model_version: str, files: list[Location], base: BuildInfo, progress: Progress | None = None
+    root: Location,
+    model_version: str,
+    files: list[Location],
+    base: BuildInfo,
+    into: Location,
+    target_recall: float,
+    progress: Progress | None = None,
 ) -> tuple[_Made | None, str]:
     """CURRENT's index plus only the silver rows in files it has not seen, without retraining.
 
     A media_id already indexed whose new vector is newer keeps its faiss_id: its vector is replaced
     (IVF: remove_ids + add_with_ids; flat: overwritten in place), so mapping row i still describes
-    faiss_id i. New media_ids get the next faiss_ids, in file-then-row order.
+    faiss_id i. New media_ids get the next faiss_ids, in file-then-row order. A base kept on disk or
+    in shards gets its new rows as a new part on its trained quantizer (_extend_in_parts), written
+    into the new build's folder `into`; it cannot replace a vector.
     """
 
     folder = layout.build_dir(root, model_version, base.build_id)
@@ -384,7 +397,9 @@ def _extend(
     keep = replace | fresh
     if keep.sum() > REBUILD_SHARE * count:
         return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
-    index = catalog.read_index(layout.index_file(folder))
+    if replace.any() and base.form != "single":
+        return None, f"a base kept as {base.form!r} cannot replace the vectors of {replace.sum()} changed media_ids"
+    index = catalog.read_index(layout.index_file(folder)) if base.form == "single" else None
     if replace.any() and not ann.replaceable(index):
         return None, f"{base.index_type} cannot replace the vectors of {replace.sum()} changed media_ids"
     tuning = layout.tuning_file(folder)
@@ -394,6 +409,11 @@ def _extend(
     truth = _still_exact(truth)
     file_idx = chosen.column("file_idx").to_numpy()
     row_idx = chosen.column("row_idx").to_numpy()
+    in_parts = None
+    if index is None:
+        fresh_rows = parts.Rows(new_files, [row_idx[(file_idx == i) & fresh] for i in range(len(new_files))])
+        in_parts = _extend_in_parts(base, folder, into, fresh_rows, count, truth, target_recall)
+        new_files = []  # added as a part above
     for i, f in enumerate(new_files):
         in_file = (file_idx == i) & keep
         if progress:
@@ -427,7 +447,50 @@ def _extend(
     stale = int(known.sum() - replace.sum())
     dropped = base.duplicates_dropped + dropped + int(replace.sum()) + stale
     made = _Made(index, base.index_type, rows, truth, dropped, base.build_id, int(fresh.sum()), int(replace.sum()))
+    if in_parts is not None:
+        made.count, made.tuning, made.form, made.shards, made.written = in_parts
     return made, ""
+
+
+def _extend_in_parts(
+    base: BuildInfo,
+    base_folder: Location,
+    into: Location,
+    rows: parts.Rows,
+    first: int,
+    truth: ann.Truth,
+    target_recall: float,
+) -> tuple[int, ann.Tuning, str, list[dict] | None, list[Location]]:
+    """The new rows added as one new part (faiss_ids first..) on the base's trained quantizer, in the base's
+    form: merged on disk after the base's lists, or kept as one more shard beside copies of the base's
+    shards. The part's exact neighbours of the tuning queries are merged into `truth`; the result is tuned
+    as a full build's is. Returns (vectors, tuning, form, shards, index files written)."""
+    plan = parts.Plan(base.index_type, base.dim, into, base.form, len(base.shards or []), NORM_TOLERANCE)
+    runner = parts.Runner(False)
+    parts.copy_file(layout.quantizer_file(base_folder), layout.trained_file(into))
+    empty = ann.Truth.empty(truth.queries, truth.query_ids, truth.ids.shape[1])
+    added = rows.count
+    if added:
+        [(ids, scores)] = runner.run([(parts.add, plan, 0, rows, first, empty)], 0)
+        truth.merge(ids, scores)
+    tune = (truth, target_recall, RECALL_K, LATENCY_QUERIES)
+    written = [layout.quantizer_file(into)]
+    parts.copy_file(layout.quantizer_file(base_folder), layout.quantizer_file(into))
+    if base.form == "ondisk":
+        [(total, tuning)] = runner.run([(parts.finish_ondisk, plan, [0] if added else [], *tune, base_folder)], 0)
+        written += [layout.index_file(into), layout.index_data_file(into)]
+        shards = None
+    else:
+        shards = [dict(shard) for shard in base.shards]
+        for k in range(len(shards)):
+            parts.copy_file(layout.shard_file(base_folder, k), layout.shard_file(into, k))
+        if added:
+            runner.run([(parts.finish_shard, plan, len(shards), [0])], 0)
+            shards.append({"file": layout.shard_file(into, len(shards)).name, "first": first, "count": added})
+        [(total, tuning)] = runner.run([(parts.tune_shards, plan, [], *tune, len(shards))], 0)
+        written += [layout.shard_file(into, k) for k in range(len(shards))]
+    storage.delete(layout.parts_dir(into))
+    return total, tuning, base.form, shards, written
 
 
 def build(
@@ -541,11 +604,13 @@ def _build_into(
     else a full build. Returns what was made, its tuning, its build.json and why a full build."""
     made = None
     if base is not None:
-        made, why_full = _extend(root, model_version, files, base, progress)
+        made, why_full = _extend(root, model_version, files, base, folder, target_recall, progress)
     if made is not None:
-        tuning = ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
+        tuning = made.tuning or ann.tune(made.index, made.truth, target_recall, RECALL_K, LATENCY_QUERIES)
         why_full = _why_rebuild(made, tuning, target_recall)
         if why_full:
+            for written in made.written:  # an extension in parts wrote its files: the full build starts clean
+                storage.delete(written)
             made = None
     rejected = None
     if made is None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import numpy as np
 
 from ... import ann, cluster, faults
 from ...errors import UserError
 from ...progress import Progress
-from ...store import catalog, layout
+from ...store import catalog, layout, storage
 from ...store.storage import Location
 
 SLACK = 1.5  # a task's declared memory over the bytes it holds (FAISS's working buffers, Arrow's reads)
@@ -152,11 +153,16 @@ def finish_single(plan: Plan, parts: list[int], truth: ann.Truth, target: float,
     return index.ntotal, ann.tune(index, truth, target, k, timed)
 
 
-def finish_ondisk(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
+def finish_ondisk(
+    plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int, base: Location | None = None
+) -> tuple:
+    """The parts merged on disk (after the lists of `base`, the folder of a build merged on disk before
+    on the same quantizer, when an incremental build extends it)."""
     trained = catalog.read_index(layout.trained_file(plan.folder))
     files = [layout.part_file(plan.folder, part) for part in parts]
     index_file, data_file = layout.index_file(plan.folder), layout.index_data_file(plan.folder)
-    with catalog.merged_on_disk(trained, files, index_file, data_file) as index:
+    before = None if base is None else (layout.index_file(base), layout.index_data_file(base))
+    with catalog.merged_on_disk(trained, files, index_file, data_file, before) as index:
         faults.point("index.merge")  # merged and uploaded, build.json not yet written
         return index.ntotal, ann.tune(index, truth, target, k, timed)
 
@@ -166,11 +172,28 @@ def finish_shard(plan: Plan, shard: int, parts: list[int]) -> None:
     faults.point("index.merge")  # a shard written, build.json not yet
 
 
-def tune_shards(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
+def tune_shards(
+    plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int, shards: int = 0
+) -> tuple:
     """Recall of the shards searched together: shards on one quantizer probe the same lists, so their
-    merged top-k is the top-k of the parts merged into one index, which this task tunes."""
-    index = _merged(plan, parts)
+    merged top-k is the top-k of the parts merged into one index, which this task tunes. `shards`:
+    shard files already in the folder (an incremental build's base shards) merged first."""
+    import faiss
+
+    index = _merged(plan, parts) if not shards else catalog.read_index(layout.trained_file(plan.folder))
+    if shards:
+        ivf = faiss.extract_index_ivf(index)
+        for shard in range(shards):
+            held = catalog.read_index(layout.shard_file(plan.folder, shard))
+            ivf.merge_from(faiss.extract_index_ivf(held), 0)
+        index.ntotal = ivf.ntotal
     return index.ntotal, ann.tune(index, truth, target, k, timed)
+
+
+def copy_file(source: Location, target: Location) -> None:
+    """One file copied whole, streamed (a base build's shard or quantizer into a new build's folder)."""
+    with storage.open_input(source) as f, storage.open_output(target) as out:
+        shutil.copyfileobj(f, out, 1 << 24)
 
 
 # Running the steps.
