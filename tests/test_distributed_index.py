@@ -116,11 +116,11 @@ def test_auto_takes_a_mergeable_family_for_parts_and_says_why():
     family that can, and build.json's steps.auto says which it did not take."""
     alone = ann.choose_index_type(1_000_000, 512, 4 << 30)
     assert not ann.mergeable(alone)  # one part: auto's first choice, fast-scan codes refined
-    shape = index._Shape("local", 250_000, 1, False)
-    chosen, form, note = index._choose_type(1_000_000, 512, "auto", 4 << 30, shape)
+    shape = index.full.Shape("local", 250_000, 1, False)
+    chosen, form, note = index.full.choose_type(1_000_000, 512, "auto", 4 << 30, shape)
     assert (chosen, form) == ("IVF4096,SQ6", "single") and ann.mergeable(chosen)
     assert note == f"auto took IVF4096,SQ6, not {alone}, which cannot be merged from parts"
-    assert index._choose_type(1_000_000, 512, "auto", 4 << 30, index._Shape("local", 4_000_000, 1, False)) == (
+    assert index.full.choose_type(1_000_000, 512, "auto", 4 << 30, index.full.Shape("local", 4_000_000, 1, False)) == (
         alone,
         "single",
         "",
@@ -202,8 +202,8 @@ def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypat
     store, its rows still come from every day's file, not from the first (oldest) rows."""
     root = tmp_path / "data"
     write_day_files(root)
-    monkeypatch.setattr(index, "TRAIN_SAMPLE", 100)
-    monkeypatch.setattr(index, "TUNING_QUERIES", 50)
+    monkeypatch.setattr(index.full, "TRAIN_SAMPLE", 100)
+    monkeypatch.setattr(index.full, "TUNING_QUERIES", 50)
     seen = {}
     train = index.parts.train
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from ...store.storage import Location
 
 SLACK = 1.5  # a task's declared memory over the bytes it holds (FAISS's working buffers, Arrow's reads)
 MIN_TASK_MEMORY = 256 << 20
+COPY_CHUNK = 16 << 20  # bytes in memory at a time while a file is copied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,8 @@ def tune_shards(
 def copy_file(source: Location, target: Location) -> None:
     """One file copied whole, streamed (a base build's shard or quantizer into a new build's folder)."""
     with storage.open_input(source) as f, storage.open_output(target) as out:
-        shutil.copyfileobj(f, out, 1 << 24)
+        while chunk := f.read(COPY_CHUNK):
+            out.write(chunk)
 
 
 # Running the steps.
