@@ -154,7 +154,7 @@ MEASURE_BUILD = textwrap.dedent(
     import json, pathlib, sys
     import numpy as np
     import pyarrow, pyarrow.parquet, pyarrow.ipc, faiss
-    from rayclip.query import knn, searcher
+    from rayclip.query import builds, knn
     from rayclip.query.knn import Residency
 
     def anon():
@@ -164,7 +164,7 @@ MEASURE_BUILD = textwrap.dedent(
     root, model_version, build_id, mapped = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "mmap"
     pyarrow.chunked_array([[0]]).to_numpy()  # pyarrow's numpy conversion starts up once, whatever the build
     before = anon()
-    build = searcher._load_build(root, model_version, build_id, Residency(mmap=mapped))
+    build = builds.load_build(root, model_version, build_id, Residency(mmap=mapped))
     queries = np.random.default_rng(1).standard_normal((200, build.info.dim)).astype(np.float32)
     scores, ids = knn.search(build.knn, queries, 10, None)
     rows = build.mapping.rows(ids[:20].ravel(), ["media_id", "path", "url", "caption"])  # 20 answers' rows
@@ -210,6 +210,7 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
     assert status["mapped_index_bytes"] > 0 and maps_its_lists(mapped)
     copies = list((tmp_path / "cache").rglob("index.faiss"))  # what FAISS maps: this machine's copy
     assert [c.parent.name for c in copies] == [status["build_id"]]
+    assert (copies[0].parent / "mapping.arrow").is_file()  # the mapping's serving copy, mapped from there too
 
 
 def test_a_filter_keeps_only_its_rows_whatever_their_ids():
