@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ def one_build(root: Path, parallel: str, args) -> dict:
         ray.shutdown()
     return {
         "wall_s": round(wall_s, 1),
-        "driver_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "driver_peak_gib": round(peak_rss_kib() / 2**20, 2),
         "index_type": info.index_type,
         "form": info.form,
         "steps": info.steps,
@@ -64,6 +63,14 @@ def one_build(root: Path, parallel: str, args) -> dict:
         "index_bytes": info.index_bytes,
         "load": round(os.getloadavg()[0], 1),
     }
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM), in KiB. Not getrusage's ru_maxrss: a child started
+    by vfork and exec (subprocess) inherits its parent's peak there, e.g. a parent that just wrote the
+    silver."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def run_child(root: Path, parallel: str, args) -> dict:
