@@ -14,6 +14,7 @@ is written whole into builds/<build_id>/ (the index streamed through storage), b
 build's commit record: readers list only builds that have it), and only then CURRENT names the
 build (one atomic write). A folder without build.json that no live build holds is debris.
 """
+
 from __future__ import annotations
 
 import dataclasses
