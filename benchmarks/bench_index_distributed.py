@@ -10,6 +10,7 @@ search on 1,000 held-out vectors, and the 1-minute load average as the build end
     python benchmarks/bench_index_distributed.py --sizes 1000000
     python benchmarks/bench_index_distributed.py --sizes 10000000 --data-dir big/   # silver kept for reruns
     python benchmarks/bench_index_distributed.py --sizes 1000000 --on-disk          # or --shards 4
+    python benchmarks/bench_index_distributed.py --sizes 200000 1000000 --only ray  # the driver's slope
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,7 @@ def one_build(root: Path, parallel: str, args) -> dict:
         ray.shutdown()
     return {
         "wall_s": round(wall_s, 1),
-        "driver_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "driver_peak_gib": round(peak_rss_kib() / 2**20, 2),
         "index_type": info.index_type,
         "form": info.form,
         "steps": info.steps,
@@ -63,6 +63,14 @@ def one_build(root: Path, parallel: str, args) -> dict:
         "index_bytes": info.index_bytes,
         "load": round(os.getloadavg()[0], 1),
     }
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM), in KiB. Not getrusage's ru_maxrss: a child started
+    by vfork and exec (subprocess) inherits its parent's peak there, e.g. a parent that just wrote the
+    silver."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def run_child(root: Path, parallel: str, args) -> dict:
@@ -96,6 +104,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--on-disk", action="store_true")
     parser.add_argument("--data-dir", default=None, help="where silver and gold go, kept for a rerun to reuse")
+    parser.add_argument("--only", choices=["local", "ray"], help="one of the two builds (the driver's slope)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -111,10 +120,16 @@ def main() -> None:
             started = time.perf_counter()
             if write_silver(root, "2026-01-01", 0, size, args):
                 print(f"{size:>11,} vectors written as silver in {time.perf_counter() - started:.1f} s", flush=True)
-            local = run_child(root, "local", args)
-            show(size, local)
-            distributed = run_child(root, "ray", args)
-            show(size, distributed)
+            rows = {
+                parallel: run_child(root, parallel, args)
+                for parallel in ("local", "ray")
+                if args.only in (None, parallel)
+            }
+            for row in rows.values():
+                show(size, row)
+            if args.only:
+                continue
+            local, distributed = rows["local"], rows["ray"]
             print(
                 f"{size:>11,} distributed / single-process wall time: {distributed['wall_s'] / local['wall_s']:.2f}  "
                 f"(driver peak {distributed['driver_peak_gib']:.2f} vs {local['driver_peak_gib']:.2f} GiB)",

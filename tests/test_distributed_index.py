@@ -116,11 +116,11 @@ def test_auto_takes_a_mergeable_family_for_parts_and_says_why():
     family that can, and build.json's steps.auto says which it did not take."""
     alone = ann.choose_index_type(1_000_000, 512, 4 << 30)
     assert not ann.mergeable(alone)  # one part: auto's first choice, fast-scan codes refined
-    shape = index._Shape("local", 250_000, 1, False)
-    chosen, form, note = index._choose_type(1_000_000, 512, "auto", 4 << 30, shape)
+    shape = index.full.Shape("local", 250_000, 1, False)
+    chosen, form, note = index.full.choose_type(1_000_000, 512, "auto", 4 << 30, shape)
     assert (chosen, form) == ("IVF4096,SQ6", "single") and ann.mergeable(chosen)
     assert note == f"auto took IVF4096,SQ6, not {alone}, which cannot be merged from parts"
-    assert index._choose_type(1_000_000, 512, "auto", 4 << 30, index._Shape("local", 4_000_000, 1, False)) == (
+    assert index.full.choose_type(1_000_000, 512, "auto", 4 << 30, index.full.Shape("local", 4_000_000, 1, False)) == (
         alone,
         "single",
         "",
@@ -138,21 +138,18 @@ def test_a_type_that_cannot_merge_refuses_shards_and_on_disk(tmp_path, options):
     assert catalog.builds(root, REFERENCE) == []
 
 
-def test_a_new_day_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
-    """Incremental builds extend single-file indexes only (for now): a base kept in shards is rebuilt."""
+def test_a_changed_vector_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
+    """A base kept in shards takes new rows as a new part, but cannot replace a vector: rebuilt."""
     root = tmp_path / "data"
-    ids, vectors = media_ids(1500), clustered(1500)
-    write_silver(root, "2026-01-01", ids[:1000], vectors[:1000])
+    ids, vectors = media_ids(1000), clustered(1000)
+    write_silver(root, "2026-01-01", ids, vectors)
     asked = {"index_type": "IVF8,SQ8", "part_vectors": 500, "parallel": "local", "shards": 2}
-    base = index.build(root, **asked)
-    write_silver(root, "2026-01-02", ids[1000:], vectors[1000:])
+    index.build(root, **asked)
+    write_silver(root, "2026-01-02", ids[:100], clustered(100, seed=4))  # re-embedded: newer vectors
     grown = index.build(root, **asked)
     info = catalog.build_info(root, REFERENCE, grown.build_id)
-    assert info.base_build is None and info.count == 1500 and info.steps["parts"] == 3
-    assert (
-        info.full_build_reason
-        == f"base build {base.build_id} is kept as 'shards', this one as 'shards': only 'single' extends"
-    )
+    assert info.base_build is None and info.count == 1000 and info.steps["parts"] == 2
+    assert info.full_build_reason == "a base kept as 'shards' cannot replace the vectors of 100 changed media_ids"
 
 
 def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_working_file(tmp_path):
@@ -166,7 +163,8 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_worki
     assert info.file_bytes["index.ivfdata"] > 0
     assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
     # The steps' working files (trained.faiss, the parts) are gone: the published build is its index files,
-    # the mapping and the tuning queries.
+    # the mapping (and its Arrow serving copy), the tuning queries and the trained quantizer (what an
+    # incremental build adds its parts onto).
     published = sorted(p.name for p in layout.build_dir(root, REFERENCE, report.build_id).iterdir())
     assert (
         published
@@ -175,7 +173,9 @@ def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_worki
             "build.json",
             "index.faiss",
             "index.ivfdata",
+            "mapping.arrow",
             "mapping.parquet",
+            "trained.faiss",
             "tuning.npz",
         ]
     )
@@ -202,8 +202,8 @@ def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypat
     store, its rows still come from every day's file, not from the first (oldest) rows."""
     root = tmp_path / "data"
     write_day_files(root)
-    monkeypatch.setattr(index, "TRAIN_SAMPLE", 100)
-    monkeypatch.setattr(index, "TUNING_QUERIES", 50)
+    monkeypatch.setattr(index.full, "TRAIN_SAMPLE", 100)
+    monkeypatch.setattr(index.full, "TUNING_QUERIES", 50)
     seen = {}
     train = index.parts.train
 
@@ -249,3 +249,81 @@ def test_every_add_task_reads_one_shared_copy_of_the_tuning_queries(tmp_path, mo
     [queries] = shared
     assert len(adds) == 4 and all(call[-1] is queries for call in adds)
     assert queries.queries.shape == (1000, 128) and (queries.ids == -1).all()  # left empty: each task fills its own
+
+
+def test_rows_chosen_in_buckets_are_the_ones_one_sort_of_all_rows_chooses(tmp_path, monkeypatch):
+    """The build's first steps (bucket by media_id, keep the newest per bucket) against one sort of
+    every row, with media_ids repeated within and across files and embedded_at tied."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayclip.stages.index import parts, select
+
+    rng = np.random.default_rng(5)
+    files = []
+    for f in range(5):
+        ids = [f"m{i}" for i in rng.integers(0, 400, 300)]  # short, not hex: the hash still splits them
+        at = pa.array(rng.integers(0, 4, 300) * 10**6, pa.timestamp("us", tz="UTC"))
+        files.append(tmp_path / f"{f}.parquet")
+        pq.write_table(pa.table({"media_id": ids, "embedded_at": at}), files[-1])
+    monkeypatch.setattr(select, "BUCKET_ROWS", 100)  # 15 buckets
+    monkeypatch.setattr(select, "GROUP_ROWS", 500)  # a bucket task per file
+    folder = tmp_path / "build"
+    file_idx, row_idx, dropped = select.select(parts.Runner(False), folder, files, [300] * 5)
+    whole, whole_dropped = select.choose(files)
+    assert dropped == whole_dropped > 0
+    assert (file_idx.tolist(), row_idx.tolist()) == (whole["file_idx"].to_pylist(), whole["row_idx"].to_pylist())
+    assert not layout.buckets_dir(folder).exists()  # working files gone
+
+
+def test_a_task_that_crashes_is_one_line_and_exit_1(tmp_path, ray_session, monkeypatch, capfd):
+    """A plain exception inside a Ray task (a bug, not a refusal) ends the command with one line, no
+    traceback, exit status 1, and publishes nothing."""
+    from rayclip.stages.index import parts
+
+    root = tmp_path / "data"
+    ids = media_ids(1200)
+    write_silver(root, "2026-01-01", ids, clustered(1200))
+    write_manifest(root, ids)
+
+    def add(*args):  # defined here, so Ray ships it by value: the worker runs this, not parts.add
+        raise RuntimeError("the part's disk is on fire\nsecond line of the error")
+
+    monkeypatch.setattr(parts, "add", add)
+    capfd.readouterr()
+    flags = ["--index-type", "IVF16,SQ8", "--parallel", "ray", "--part-vectors", "600"]
+    assert cli("index", "--data-dir", str(root), *flags) == 1
+    out, err = capfd.readouterr()
+    assert err == "rayclip index: error: the build's add task failed: RuntimeError: the part's disk is on fire\n", err
+    assert "Traceback" not in out + err
+    assert catalog.current_build(root, REFERENCE) is None
+
+
+@pytest.mark.parametrize("form", [{"on_disk": True}, {"shards": 2}], ids=["ondisk", "shards"])
+def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_path, form):
+    """New silver on a base kept on disk or in shards: added as a new part on the base's quantizer (the
+    record says incremental), and it answers as a full build of the same rows (searched exhaustively:
+    the full build trains another quantizer, so only nprobe = nlist compares them exactly)."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(3000), clustered(3000)
+    write_silver(root, "2026-01-01", ids[:2400], vectors[:2400])
+    write_manifest(root, ids)
+    options = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200} | form
+    base = index.build(root, **options)
+    write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
+    grown = index.build(root, **options)
+    info = catalog.build_info(root, REFERENCE, grown.build_id)
+    assert (grown.base_build, info.incremental) == (base.build_id, {"added": 600, "replaced": 0})
+    assert info.form == ("ondisk" if "on_disk" in form else "shards") and info.count == 3000
+    if info.form == "shards":  # the base's two shards and one new one, ids global
+        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1200), (2400, 600)]
+    full = index.build(root, **options, retrain=True)
+    queries = clustered(200, seed=9)
+    found = [search(open_build(root, b), {"nprobe": 16}, queries) for b in (grown.build_id, full.build_id)]
+    np.testing.assert_array_equal(found[0][1], found[1][1])
+    np.testing.assert_allclose(found[0][0], found[1][0], atol=1e-5)
+    mappings = [
+        catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, b)))
+        for b in (grown.build_id, full.build_id)
+    ]
+    assert mappings[0].column("media_id").equals(mappings[1].column("media_id"))

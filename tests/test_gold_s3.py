@@ -256,8 +256,8 @@ def test_build_info_reads_the_first_builds_shape_and_keeps_keys_it_does_not_know
 @pytest.mark.parametrize(
     "options, form, index_files",
     [
-        ({"on_disk": True}, "ondisk", ["index.ivfdata"]),
-        ({"shards": 2}, "shards", ["shard-00000.faiss", "shard-00001.faiss"]),
+        ({"on_disk": True}, "ondisk", ["index.ivfdata", "trained.faiss"]),
+        ({"shards": 2}, "shards", ["shard-00000.faiss", "shard-00001.faiss", "trained.faiss"]),
     ],
 )
 def test_a_build_in_parts_on_s3_equals_it_locally(s3_root, tmp_path, mv, options, form, index_files):

@@ -69,6 +69,15 @@ def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
     assert status["memory"]["resident_private_bytes"] > 0 and status["memory"]["resident_file_bytes"] > 0
 
 
+def test_a_mapped_build_answers_caption_searches_as_the_one_in_ram(gold_store):
+    """The caption index and its table are mapped with the image index (captions.faiss, captions.arrow)."""
+    params = {"q": "a photo", "k": 20, "over": "captions", "where": "clip_score > 0"}
+    answers = [TestClient(create_app(gold_store[0], mmap=m)).get("/api/search", params=params) for m in (False, True)]
+    in_ram, mapped = (answer.json()["results"] for answer in answers)
+    assert in_ram and all(r["caption_row"] is not None for r in in_ram)
+    assert mapped == in_ram
+
+
 def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
     client = TestClient(create_app(builds[0], max_index_memory="1K"))
     assert client.get("/api/status").json()["mapped_index_bytes"] > 0 and maps_its_lists(client)
@@ -138,6 +147,48 @@ def test_a_mapped_index_stays_out_of_private_memory(tmp_path):
     assert mapped["grew"] < size / 3, (mapped["grew"], size)  # faiss, BLAS and the direct map: some MB
 
 
+# The whole build a server loads (index, mapping, captions: the Searcher's own loader), measured as
+# above after the libraries are imported, then searched for 200 queries and 20 answers' rows joined.
+MEASURE_BUILD = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    import numpy as np
+    import pyarrow, pyarrow.parquet, pyarrow.ipc, faiss
+    from rayclip.query import builds, knn
+    from rayclip.query.knn import Residency
+
+    def anon():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+    root, model_version, build_id, mapped = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "mmap"
+    pyarrow.chunked_array([[0]]).to_numpy()  # pyarrow's numpy conversion starts up once, whatever the build
+    before = anon()
+    build = builds.load_build(root, model_version, build_id, Residency(mmap=mapped))
+    queries = np.random.default_rng(1).standard_normal((200, build.info.dim)).astype(np.float32)
+    scores, ids = knn.search(build.knn, queries, 10, None)
+    rows = build.mapping.rows(ids[:20].ravel(), ["media_id", "path", "url", "caption"])  # 20 answers' rows
+    print(json.dumps({"grew": anon() - before, "ids": ids.tolist(), "rows": rows}))
+    """
+)
+
+
+def test_a_mapped_server_keeps_its_whole_build_out_of_private_memory(tmp_path):
+    root = tmp_path / "data"
+    report = a_build(root, n=20_000, index_type="IVF64,Flat")  # 10 MB of index, a mapping of ~half that
+
+    def measured(how: str) -> dict:
+        command = [sys.executable, "-c", MEASURE_BUILD, str(root), report.model_version, report.build_id, how]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    in_ram, mapped = measured("ram"), measured("mmap")
+    assert (mapped["ids"], mapped["rows"]) == (in_ram["ids"], in_ram["rows"])
+    assert in_ram["grew"] > report.index_bytes  # the measure sees the index and its mapping read into RAM
+    assert mapped["grew"] < report.index_bytes / 3, (mapped["grew"], report.index_bytes)
+
+
 def test_a_shard_looks_its_global_ids_up(builds):
     held = TestClient(create_app(builds[1])).app.state.service.searcher().snapshot().knn
     whole = TestClient(create_app(builds[0])).app.state.service.searcher().snapshot().knn
@@ -159,6 +210,7 @@ def test_a_build_on_an_object_store_is_mapped_from_the_local_cache(s3_root, tmp_
     assert status["mapped_index_bytes"] > 0 and maps_its_lists(mapped)
     copies = list((tmp_path / "cache").rglob("index.faiss"))  # what FAISS maps: this machine's copy
     assert [c.parent.name for c in copies] == [status["build_id"]]
+    assert (copies[0].parent / "mapping.arrow").is_file()  # the mapping's serving copy, mapped from there too
 
 
 def test_a_filter_keeps_only_its_rows_whatever_their_ids():

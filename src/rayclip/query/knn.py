@@ -205,10 +205,14 @@ def open_shard(local: LocalFile, info: BuildInfo, shard: int, mapped: bool) -> L
 
 def read_local(file: Location, info: BuildInfo, mapped: bool, first: int = 0) -> LocalIndex:
     """One local index file read into RAM, or mapped (`mapped`; an on-disk build's lists always are)."""
+    flags = io_flags(info.form, mapped)
+    return LocalIndex(catalog.read_index(file, io_flags=flags), info.search_params or {}, first)
+
+
+def io_flags(form: str, mapped: bool) -> int:
+    """FAISS's read flags for an index file of a build kept in `form`, mapped or read into RAM."""
     import faiss
 
-    if info.form == "ondisk":  # its lists are mapped by FAISS itself; IO_FLAG_MMAP on top of it crashes
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-    else:
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
-    return LocalIndex(catalog.read_index(file, io_flags=flags), info.search_params or {}, first)
+    if form == "ondisk":  # its lists are mapped by FAISS itself; IO_FLAG_MMAP on top of it crashes
+        return faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0

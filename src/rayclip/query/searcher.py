@@ -10,9 +10,9 @@ methods (search_text, search_texts, search_image, search, search_vectors) are sp
 Every result list names the build it came from (`build_id`, `model_version`) and each result its
 `faiss_id` in that build: a build published mid-query can never mislabel them.
 
-A build on a local data root is read in place. A build on an object store is downloaded once into
-this machine's cache (storage.cache_home(), keyed by the root, model_version and build_id; a
-committed build never changes), so a restart on the same build downloads nothing.
+builds.py loads a build: read in place from a local data root; from an object store, downloaded
+once into this machine's cache (storage.cache_home(), keyed by the root, model_version and build_id;
+a committed build never changes), so a restart on the same build downloads nothing.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import pyarrow as pa
 
 from ..errors import UserError
 from ..images import open_query_image
-from ..model import REFERENCE_ALIAS, ClipModel, ModelSpec, load_model, resolve
+from ..model import ClipModel, load_model
 from ..options import DEFAULT_COLLAPSE, SearchOptions
-from ..store import catalog, layout, storage
+from ..store import catalog, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
 from . import filters, knn
+from .builds import Build, load_build, spec_from_build
 from .knn import LocalIndex, Residency, ShardedIndex
 from .mapping import ABSENT, Mapping
 
@@ -117,86 +118,6 @@ class NotIndexedError(UserError):
     """A media_id the build does not hold."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Captions:
-    """A build's caption index: row i is one distinct caption; images[starts[i]:starts[i + 1]] are the
-    faiss_ids of the images that carry it, best clip_score first."""
-
-    index: LocalIndex
-    texts: pa.Array
-    starts: np.ndarray
-    images: np.ndarray
-
-    @classmethod
-    def of(cls, index, table: pa.Table) -> Captions:
-        carriers = table.column("faiss_ids").combine_chunks()
-        starts = carriers.offsets.to_numpy().astype(np.int64)
-        return cls(index, table.column("caption").combine_chunks(), starts, carriers.values.to_numpy())
-
-    def carrying(self, allowed: np.ndarray, image_count: int) -> np.ndarray:
-        """The caption rows carried by at least one of these faiss_ids."""
-        kept = np.zeros(image_count, bool)
-        kept[allowed] = True
-        owner = np.repeat(np.arange(len(self.starts) - 1), np.diff(self.starts))
-        return np.unique(owner[kept[self.images]])
-
-
-@dataclasses.dataclass(frozen=True)
-class Build:
-    """One loaded build: its build.json, image index and mapping; a Searcher swaps the whole object."""
-
-    build_id: str
-    info: BuildInfo
-    knn: LocalIndex | ShardedIndex
-    mapping: Mapping  # rows by faiss_id, faiss_ids by media_id
-    captions: Captions | None = None  # the caption index, when the build carries one
-    mapped_bytes: int = 0  # the image index files this process maps rather than holds in RAM
-
-
-def _spec_from_build(info: BuildInfo) -> ModelSpec:
-    """The model the build's vectors came from; a local checkpoint must still be the same file."""
-    if not info.model:
-        raise UserError(f"build {info.build_id} does not record its model; rebuild with `rayclip index`")
-    recorded = ModelSpec.from_dict(info.model)
-    if recorded.pretrained == REFERENCE_ALIAS:
-        spec = resolve(None, REFERENCE_ALIAS)
-    elif recorded.checkpoint:
-        spec = resolve(recorded.name, recorded.checkpoint)
-    else:
-        spec = ModelSpec(recorded.name, recorded.pretrained)
-    if recorded.checkpoint_sha256 and spec.checkpoint_sha256 != recorded.checkpoint_sha256:
-        raise UserError(f"the checkpoint of build {info.build_id} changed on disk since it was embedded; re-embed")
-    return dataclasses.replace(spec, version=info.model_version)
-
-
-def _load_build(root: Location, model_version: str, build_id: str, residency: Residency = Residency()) -> Build:
-    """A committed build: read in place from a local root, through the local cache from an object store;
-    its image index read into RAM or mapped, in this process or in shards elsewhere, as `residency` says."""
-    local = functools.partial(knn.build_file, root, model_version, build_id)
-    try:
-        info = BuildInfo.read(local(layout.build_info_file))
-        index = knn.open_index(functools.partial(local, recorded=info.file_bytes), info, residency)
-        mapping = catalog.read_parquet(local(layout.mapping_file, info.file_bytes))
-        captions = None
-        if info.captions:
-            caption_index = LocalIndex(catalog.read_index(local(layout.caption_index_file, info.file_bytes)), {})
-            captions = Captions.of(
-                caption_index, catalog.read_parquet(local(layout.caption_mapping_file, info.file_bytes))
-            )
-    except storage.ShortReadError as err:  # a file is not what build.json recorded
-        rollback = "roll back with `rayclip index --rollback`"
-        raise storage.ShortReadError(f"build {build_id} of {model_version} is broken: {err}; {rollback}") from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"build {build_id} of {model_version} cannot be read: {str(exc).splitlines()[0]}") from None
-    ids = mapping.column("faiss_id").to_numpy()
-    if not (index.ntotal == mapping.num_rows == info.count) or not np.array_equal(ids, np.arange(len(ids))):
-        raise UserError(
-            f"build {build_id} of {model_version} is broken: index has {index.ntotal} vectors, "
-            f"mapping {mapping.num_rows} rows, build.json {info.count}; roll back with `rayclip index --rollback`"
-        )
-    return Build(build_id, info, index, Mapping(mapping), captions, residency.mapped_bytes(info))
-
-
 class Searcher:
     """Text→image and image→image search over one model_version's CURRENT build."""
 
@@ -246,8 +167,8 @@ class Searcher:
         """The CURRENT build of this model_version and its query model. `precision` is the query
         encoder's (model.choose_precision: bf16 where the CPU runs it natively); `residency` how the
         image index is held (in RAM, mapped, in shards elsewhere)."""
-        build = _load_build(root, model_version, catalog.current_build(root, model_version), residency)
-        query_model = load_model(_spec_from_build(build.info), threads=threads, precision=precision)
+        build = load_build(root, model_version, catalog.current_build(root, model_version), residency)
+        query_model = load_model(spec_from_build(build.info), threads=threads, precision=precision)
         return cls(root, model_version, query_model, build, residency)
 
     def snapshot(self) -> Build:
@@ -283,7 +204,7 @@ class Searcher:
             raise UserError(f"no index for model_version {self.model_version!r} any more; run `rayclip index`")
         with self._lock:
             if build_id != self._build.build_id:
-                self._build = _load_build(self.root, self.model_version, build_id, self.residency)
+                self._build = load_build(self.root, self.model_version, build_id, self.residency)
         return True
 
     # ---------------------------------------------------------------- queries

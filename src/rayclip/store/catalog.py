@@ -318,20 +318,40 @@ def write_index(loc: Location, index) -> None:
 
 
 @contextlib.contextmanager
-def merged_on_disk(trained, parts: list[Location], index_loc: Location, data_loc: Location) -> Iterator[object]:
+def merged_on_disk(
+    trained,
+    parts: list[Location],
+    index_loc: Location,
+    data_loc: Location,
+    base: tuple[Location, Location] | None = None,
+) -> Iterator[object]:
     """The empty `trained` IVF index filled with the inverted lists of `parts` (indexes on the same
     quantizer) merged on disk, written to `index_loc` and `data_loc` (its lists: codes and ids) and
-    yielded while its lists are still open. FAISS merges and mmaps only local files by name: parts are
-    copied to a scratch folder first when they live on an object store, the merged files uploaded after.
-    Readers open index_loc with IO_FLAG_ONDISK_SAME_DIR, which finds the lists beside it by name."""
+    yielded while its lists are still open. `base`: (index file, lists file) of an index merged on disk
+    before, whose lists come first (an incremental build adding parts to it). FAISS merges and mmaps
+    only local files by name: files are copied to a scratch folder first when they live on an object
+    store, the merged files uploaded after. Readers open index_loc with IO_FLAG_ONDISK_SAME_DIR, which
+    finds the lists beside it by name."""
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
 
     with storage.scratch_folder("rayclip-merge-") as scratch:
-        local = [storage.cached(part, scratch / part.name) for part in parts]
+        held = [faiss.read_index(str(storage.cached(part, scratch / part.name)), faiss.IO_FLAG_MMAP) for part in parts]
+        if base is not None:  # its lists file beside its index file, both local
+            lists = storage.cached(base[1], scratch / "base" / base[1].name)
+            index = storage.cached(base[0], lists.parent / base[0].name)  # beside its lists: FAISS finds them by name
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+            held.insert(0, faiss.read_index(str(index), flags))
         data = scratch / data_loc.name
+        ivf = faiss.extract_index_ivf(trained)
+        merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data))
+        sources = faiss.InvertedListsPtrVector()
+        for index in held:
+            sources.push_back(faiss.extract_index_ivf(index).invlists)
         with storage.quiet_stdout():  # FAISS's C++ prints each resize of the lists file
-            merge_ondisk(trained, [str(path) for path in local], str(data))
+            ivf.ntotal = trained.ntotal = merged.merge_from_multiple(sources.data(), sources.size(), False)
+        ivf.replace_invlists(merged, True)
+        merged.this.disown()
+        del held, sources
         written = scratch / index_loc.name
         faiss.write_index(trained, str(written))
         storage.upload(data, data_loc)
@@ -343,6 +363,25 @@ def read_parquet(loc: Location, columns: list[str] | None = None, size: int | No
     """One committed Parquet file or object (a silver file, a build's mapping), whole or these columns."""
     with _committed(loc, size, "Parquet file") as f:
         return pq.read_table(f, columns=columns)
+
+
+def write_arrow(loc: Location, table: pa.Table, batch_rows: int = 65_536) -> None:
+    """A table written whole as an uncompressed Arrow IPC file: the form map_arrow reads without a copy."""
+    import pyarrow.ipc as ipc
+
+    with storage.open_output(loc) as f, ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
+
+
+def map_arrow(loc: Location, size: int | None = None) -> pa.Table:
+    """A committed Arrow IPC file memory-mapped: its columns point into the page cache (file-backed
+    pages the kernel can reclaim), not into this process's private memory. Local files only."""
+    import pyarrow.ipc as ipc
+
+    with _committed(loc, size, "Arrow IPC file"):  # its size checked against the commit record
+        if not storage.is_local(loc):
+            raise ValueError(f"{storage.uri(loc)} is not a local file; only local files are mapped")
+        return ipc.open_file(pa.memory_map(storage.uri(loc))).read_all()
 
 
 def parquet_metadata(loc: Location, size: int | None = None) -> pq.FileMetaData:

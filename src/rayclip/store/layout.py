@@ -231,9 +231,31 @@ def trained_file(build: Location) -> Location:
     return parts_dir(build) / "trained.faiss"
 
 
+def quantizer_file(build: Location) -> Location:
+    """A build kept on disk or in shards keeps trained.faiss (its trained quantizer and codebooks, no
+    vectors): an incremental build adds its new rows as new parts onto it."""
+    return build / "trained.faiss"
+
+
 def part_file(build: Location, part: int) -> Location:
     """Part `part` of a full build: trained.faiss filled with one contiguous range of faiss_ids."""
     return parts_dir(build) / f"part-{part:05d}.faiss"
+
+
+def buckets_dir(build: Location) -> Location:
+    """A full build's first step's working files: the silver rows' ids split by a hash of media_id."""
+    return parts_dir(build) / "buckets"
+
+
+def bucket_file(build: Location, group: int, bucket: int) -> Location:
+    """Bucket `bucket` of the rows of file group `group`: (media_id, embedded_at, file_idx, row_idx)."""
+    return buckets_dir(build) / f"group-{group:05d}-bucket-{bucket:05d}.parquet"
+
+
+def mapping_part_file(build: Location, part: int) -> Location:
+    """The mapping rows of part `part`'s faiss_ids, written by a task; the parts concatenated in order
+    are mapping.parquet."""
+    return parts_dir(build) / f"mapping-{part:05d}.parquet"
 
 
 def caption_index_file(build: Location) -> Location:
@@ -249,6 +271,17 @@ def caption_mapping_file(build: Location) -> Location:
 def mapping_file(build: Location) -> Location:
     """Row i describes faiss_id i."""
     return build / "mapping.parquet"
+
+
+def mapping_arrow_file(build: Location) -> Location:
+    """mapping.parquet's rows again as an uncompressed Arrow IPC file: the serving copy, which a server
+    that maps its index maps too (read zero-copy from the page cache, none of it private memory)."""
+    return build / "mapping.arrow"
+
+
+def caption_mapping_arrow_file(build: Location) -> Location:
+    """captions.parquet's rows again as an uncompressed Arrow IPC file, mapped like mapping.arrow."""
+    return build / "captions.arrow"
 
 
 def tuning_file(build: Location) -> Location:

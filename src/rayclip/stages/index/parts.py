@@ -24,11 +24,12 @@ import numpy as np
 from ... import ann, cluster, faults
 from ...errors import UserError
 from ...progress import Progress
-from ...store import catalog, layout
+from ...store import catalog, layout, storage
 from ...store.storage import Location
 
 SLACK = 1.5  # a task's declared memory over the bytes it holds (FAISS's working buffers, Arrow's reads)
 MIN_TASK_MEMORY = 256 << 20
+COPY_CHUNK = 16 << 20  # bytes in memory at a time while a file is copied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +153,16 @@ def finish_single(plan: Plan, parts: list[int], truth: ann.Truth, target: float,
     return index.ntotal, ann.tune(index, truth, target, k, timed)
 
 
-def finish_ondisk(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
+def finish_ondisk(
+    plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int, base: Location | None = None
+) -> tuple:
+    """The parts merged on disk (after the lists of `base`, the folder of a build merged on disk before
+    on the same quantizer, when an incremental build extends it)."""
     trained = catalog.read_index(layout.trained_file(plan.folder))
     files = [layout.part_file(plan.folder, part) for part in parts]
     index_file, data_file = layout.index_file(plan.folder), layout.index_data_file(plan.folder)
-    with catalog.merged_on_disk(trained, files, index_file, data_file) as index:
+    before = None if base is None else (layout.index_file(base), layout.index_data_file(base))
+    with catalog.merged_on_disk(trained, files, index_file, data_file, before) as index:
         faults.point("index.merge")  # merged and uploaded, build.json not yet written
         return index.ntotal, ann.tune(index, truth, target, k, timed)
 
@@ -166,11 +172,29 @@ def finish_shard(plan: Plan, shard: int, parts: list[int]) -> None:
     faults.point("index.merge")  # a shard written, build.json not yet
 
 
-def tune_shards(plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int) -> tuple:
+def tune_shards(
+    plan: Plan, parts: list[int], truth: ann.Truth, target: float, k: int, timed: int, shards: int = 0
+) -> tuple:
     """Recall of the shards searched together: shards on one quantizer probe the same lists, so their
-    merged top-k is the top-k of the parts merged into one index, which this task tunes."""
-    index = _merged(plan, parts)
+    merged top-k is the top-k of the parts merged into one index, which this task tunes. `shards`:
+    shard files already in the folder (an incremental build's base shards) merged first."""
+    import faiss
+
+    index = _merged(plan, parts) if not shards else catalog.read_index(layout.trained_file(plan.folder))
+    if shards:
+        ivf = faiss.extract_index_ivf(index)
+        for shard in range(shards):
+            held = catalog.read_index(layout.shard_file(plan.folder, shard))
+            ivf.merge_from(faiss.extract_index_ivf(held), 0)
+        index.ntotal = ivf.ntotal
     return index.ntotal, ann.tune(index, truth, target, k, timed)
+
+
+def copy_file(source: Location, target: Location) -> None:
+    """One file copied whole, streamed (a base build's shard or quantizer into a new build's folder)."""
+    with storage.open_input(source) as f, storage.open_output(target) as out:
+        while chunk := f.read(COPY_CHUNK):
+            out.write(chunk)
 
 
 # Running the steps.
@@ -188,6 +212,15 @@ def shard_groups(parts: int, shards: int) -> list[list[int]]:
         raise UserError(f"--shards {shards} needs at least {shards} vectors; lower --shards")
     bounds = [round(s * parts / shards) for s in range(shards + 1)]
     return [list(range(bounds[s], bounds[s + 1])) for s in range(shards)]
+
+
+class TaskFailedError(UserError):
+    """A step's Ray task crashed (a bug or a lost worker, not a refusal): one line and exit status 1,
+    not Ray's traceback. The build publishes nothing, as when it fails in this process."""
+
+    def __init__(self, step: str, error: BaseException):
+        first = (str(error).strip().splitlines() or [""])[0]
+        super().__init__(f"the build's {step} task failed: {type(error).__name__}: {first}", exit_code=1)
 
 
 class Runner:
@@ -239,7 +272,9 @@ class Runner:
         except ray.exceptions.RayTaskError as failed:
             if isinstance(failed.cause, UserError):  # a user's error raised in a task: its one line
                 raise failed.cause from None
-            raise
+            raise TaskFailedError(calls[0][0].__name__, failed.cause or failed) from failed
+        except ray.exceptions.RayError as failed:  # the task's worker died (killed, out of memory)
+            raise TaskFailedError(calls[0][0].__name__, failed) from failed
         self.nodes |= {node for node, _, _ in done}
         self.peaks.setdefault(calls[0][0].__name__, []).extend(peak for _, peak, _ in done)
         return [result for _, _, result in done]
