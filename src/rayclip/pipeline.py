@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -119,14 +120,13 @@ class RayDashboard:
 
 
 def start_ray(running: Stage, dashboard: bool = False) -> None:
-    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
-    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
+    """Start or join Ray (with its dashboard, its logs on the terminal when verbose); the dashboard's
+    URL goes to the hooks when one was asked for or an existing cluster was joined."""
     from . import cluster
 
-    if dashboard or running.hooks.verbose or cluster.joins():
-        url = cluster.start(dashboard=dashboard, verbose=running.hooks.verbose)
-        if dashboard or cluster.joins():
-            running.report(RayDashboard(url))
+    url = cluster.start(dashboard=dashboard, verbose=running.hooks.verbose)
+    if dashboard or cluster.joins():
+        running.report(RayDashboard(url))
 
 
 Report = TypeVar("Report")
@@ -144,12 +144,14 @@ def run_stage(
 ) -> Report:
     """function(*args, **kwargs) as one stage, as `rayclip ingest|embed|index` run it: with runs_dir, the
     libraries' output goes to a log kept beside the run's record (<runs_dir>/<run_id>.log); `progress`
-    names the function's progress keywords and their labels for hooks.progress; `ray` starts or joins
-    Ray up front (start_ray); the report it returns goes to hooks.report once the stage is over."""
+    names the function's progress keywords and their labels for hooks.progress; `ray`: the function
+    takes a `start_ray` callable, which starts or joins Ray (start_ray) only once it has work; the
+    report it returns goes to hooks.report once the stage is over."""
     with stage(runs_dir, hooks) as running:
+        given = {key: running.progress(label) for key, label in (progress or {}).items()}
         if ray:
-            start_ray(running, dashboard)
-        report = function(*args, **kwargs, **{key: running.progress(label) for key, label in (progress or {}).items()})
+            given["start_ray"] = functools.partial(start_ray, running, dashboard)
+        report = function(*args, **kwargs, **given)
     if runs_dir is not None:
         running.keep_log_as(report.run_id)
     hooks.report(report, hooks.terminal())

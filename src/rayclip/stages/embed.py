@@ -40,6 +40,7 @@ from ..model import (
     ModelSpec,
     Pixels,
     check_available,
+    check_names,
     choose_precision,
     import_model_libraries,
     load_model,
@@ -484,6 +485,7 @@ def embed(
     decode: str = EmbedOptions.decode,
     *,
     progress: Progress | None = None,
+    start_ray: Callable[[], object] = cluster.start,
 ) -> EmbedReport:
     """Embed what the manifest holds and silver lacks for this model; returns the run's signals.
 
@@ -493,11 +495,10 @@ def embed(
     progress(done, total) counts rows embedded or failed, as the actors report them.
 
     Start-up, as short as it goes: a plan small enough for the driver is made before Ray starts (and
-    nothing to do never starts it); the model is built once, here, while Ray starts, and shared with
+    nothing to do imports neither torch nor Ray: `start_ray`, which starts or joins Ray, is called only
+    when there is work); the model is built once, here, while Ray starts, and shared with
     every actor through Ray's object store (ClipModel.parts), so an actor only imports and assembles it.
     """
-    import ray
-
     root, spec = storage.data_root(root), filed_as(spec, save_as)
     started = time.monotonic()
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
@@ -512,16 +513,21 @@ def embed(
     report.precision, report.device = choose_precision(precision, device), device
     spec = dataclasses.replace(spec, precision=report.precision)
     report.actors, report.batch_size = actors or 0, batch_size
-    check_available(spec)  # a missing model fails here, once, not in every actor
 
     manifest, silver_files = _plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
     planned = _planned_in_driver(root, manifest, silver_files, limit)
     marks = {"plan": time.time()}
-    if planned is not None and planned.num_rows == 0:
+    if planned is not None and planned.num_rows == 0:  # answered from the catalog: no torch, no Ray
+        if not _recorded_as(root, spec):
+            check_names(spec)
         return _save(root, report)
+    check_names(spec)  # a bad name or a missing model fails here, once, not in every actor
+    check_available(spec)
+    import ray
+
     with ThreadPoolExecutor(1, "rayclip-model") as builder:
         building = builder.submit(_shareable_model, spec)  # while Ray starts
-        cluster.start()
+        start_ray()
         marks["ray_start"] = time.time()
         if planned is None:
             with storage.refusals_surfaced(root):  # the store giving up in a Ray task: its one line
@@ -633,6 +639,15 @@ def embed(
     report.encode_s = round(seconds.get("encode", 0.0), 3)
     report.partition = str(partition.relative_to(root))
     return _save(root, report)
+
+
+def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
+    """Whether silver's record of the model_version names this very model (its names were checked
+    when it was embedded, so a run with nothing to do need not import open_clip to check them again)."""
+    if not storage.exists(layout.silver_model_file(root, spec.model_version)):
+        return False
+    recorded = catalog.silver_model(root, spec.model_version)
+    return all(recorded.get(key) == getattr(spec, key) for key in ("name", "pretrained", "checkpoint_sha256"))
 
 
 def _save(root: storage.Location, report: EmbedReport) -> EmbedReport:
