@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import sys
+import time
 
 import bounded
 import numpy as np
@@ -132,7 +133,9 @@ def test_a_no_op_embed_answers_from_the_catalog_without_torch_or_ray(gold_store,
     shutil.copytree(gold_store[0], root)
     command = [sys.executable, "-c", NO_OP_PROBE, "embed", "--data-dir", str(root), "--pretrained", "reference"]
     env = os.environ | {"RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": os.pathsep.join(sys.path)}
+    launched = time.time()
     done = bounded.run([*command, "--json"], timeout=120, capture_output=True, env=env, text=True)
+    returned = time.time()
     assert json.loads(done.stderr.strip().splitlines()[-1]) == {"exit": 0, "heavy": []}, done.stderr[-2000:]
     document = json.loads(done.stdout)
     assert document["rows_planned"] == 0 and document["rows_embedded"] == 0
@@ -141,6 +144,11 @@ def test_a_no_op_embed_answers_from_the_catalog_without_torch_or_ray(gold_store,
     saved = json.loads(layout.embed_run_record(root, document["run_id"]).read_text())
     assert saved == {key: value for key, value in document.items() if key != "captions"}
     assert saved["model_version"] == "clip_rayclip_ref_reference" and saved["precision"] in ("fp32", "bf16")
+    # Nothing outside the record: the process's start until the run's clock started, and after it stopped.
+    outside = saved["startup_breakdown"]
+    # (a process's start time is counted in clock ticks, 10 ms on Linux)
+    assert launched - 0.05 < saved["started_at"] - outside["before_run"] < saved["started_at"]
+    assert saved["started_at"] + saved["wall_s"] + outside["after_run"] < returned
 
 
 def test_a_no_op_under_another_models_name_still_checks_the_names(gold_store, tmp_path, capsys):

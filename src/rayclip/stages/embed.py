@@ -86,6 +86,7 @@ class EmbedReport:
     started_at: float = 0.0  # wall clock (time.time) when the run started
     startup_s: float = 0.0  # from the start of the run until the first batch reached a model
     # startup_s phase by phase along its critical path (STARTUP_PHASES; they add up to startup_s)
+    # (and, for a whole command, OUTSIDE_PHASES: outside wall_s and startup_s)
     startup_breakdown: dict[str, float] = dataclasses.field(default_factory=dict)
     steady_images_per_s: float = 0.0  # rows over wall_s - startup_s
     decode_s: float = 0.0  # read + decode + preprocess, summed over actors
@@ -214,6 +215,9 @@ def _plan_streaming(manifest: list[storage.Location], silver_files: list[storage
     return grouped.map_batches(_not_embedded, batch_format="pyarrow", batch_size=None).materialize()
 
 
+# Outside the run's own clock, when a whole command is measured (pipeline.embed_command): process
+# start until the run's clock starts, and from its stop until the command returns (Ray shut down).
+OUTSIDE_PHASES = ("before_run", "after_run")
 # Start-up's phases, each named by the event that ends it: the work planned, Ray up, the model built
 # (in the driver, while Ray starts), the job submitted (blocks split, the actor pool asked for), an
 # actor's process up with Python, Ray and rayclip loaded, torch and open_clip imported, the model
@@ -520,7 +524,7 @@ def embed(
     if planned is not None and planned.num_rows == 0:  # answered from the catalog: no torch, no Ray
         if not _recorded_as(root, spec):
             check_names(spec)
-        return _save(root, report)
+        return save_record(root, report)
     check_names(spec)  # a bad name or a missing model fails here, once, not in every actor
     check_available(spec)
     import ray
@@ -537,7 +541,7 @@ def embed(
         else:
             report.rows_planned = planned.num_rows
         if report.rows_planned == 0:
-            return _save(root, report)
+            return save_record(root, report)
         parts, pixels = building.result()
         parts = ray.put(parts)  # the driver's copy of the weights goes; the object store's is shared
         marks["model_build"] = time.time()
@@ -638,7 +642,7 @@ def embed(
     report.decode_s = round(seconds.get("decode", 0.0), 3)
     report.encode_s = round(seconds.get("encode", 0.0), 3)
     report.partition = str(partition.relative_to(root))
-    return _save(root, report)
+    return save_record(root, report)
 
 
 def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
@@ -650,6 +654,7 @@ def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
     return all(recorded.get(key) == getattr(spec, key) for key in ("name", "pretrained", "checkpoint_sha256"))
 
 
-def _save(root: storage.Location, report: EmbedReport) -> EmbedReport:
+def save_record(root: storage.Location, report: EmbedReport) -> EmbedReport:
+    """The run's record (silver/runs/<run_id>.json), written whole each time."""
     storage.write_json_atomic(layout.embed_run_record(root, report.run_id), report.to_dict())
     return report
