@@ -250,7 +250,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     filed_as = embed.filed_as(spec, args.save_as).model_version
     _console().print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={filed_as}")
     hooks, chosen = _hooks(args.verbose, stage_reports=not args.json), _options(args, embed.embed)
-    embedded = pipeline.embed_command(root, spec, args.no_captions, hooks=hooks, dashboard=args.dashboard, **chosen)
+    embedded = pipeline.embed_command(root, spec, hooks=hooks, dashboard=args.dashboard, **chosen)  # no_captions too
     report, captioned = embedded  # with --json one document: the image run's record, the captions' inside it
     _emit(args, report.to_dict() | ({"captions": captioned.to_dict()} if captioned else {}))
     return 0 if report.rows_embedded or not report.rows_planned else 1

@@ -168,15 +168,16 @@ def embed_silver(
     dashboard: bool = False,
     **options,
 ) -> tuple[EmbedReport, CaptionReport | None]:
-    """`rayclip embed`: the image embeddings (embed.embed with these options), then, unless
-    `no_captions`, the caption vectors and clip_scores of the embedded images (captions.embed_captions,
-    same model_version, partition and actors), each a stage with its own run record and log
-    (silver/runs/, silver/caption_runs/)."""
+    """`rayclip embed`: the image embeddings (embed.embed with these options: unless `no_captions`,
+    the same actors encode the new captions of the images they embed), then, unless `no_captions`,
+    the caption stage (captions.embed_captions, same model_version, partition and actors): the
+    captions left (of images embedded before) and the clip_scores of the embedded images. Each is a
+    stage with its own run record and log (silver/runs/, silver/caption_runs/)."""
     from .stages import captions, embed
 
     embedded = run_stage(
         embed.embed, root, spec, hooks=hooks, runs_dir=layout.embed_runs_dir(root), progress={"progress": "embed"},
-        ray=True, dashboard=dashboard, **options,
+        ray=True, dashboard=dashboard, no_captions=no_captions, **options,
     )  # fmt: skip
     if no_captions:
         return embedded, None

@@ -92,6 +92,8 @@ class EmbedReport:
     decode_s: float = 0.0  # read + decode + preprocess, summed over actors
     encode_s: float = 0.0  # the model's time, summed over actors
     write_s: float = 0.0  # Ray Data's Parquet write tasks, summed
+    captions_embedded: int = 0  # new captions of the images, encoded by the same actors, committed
+    caption_encode_s: float = 0.0  # the text tower's time in the actors, summed (not in encode_s)
     partition: str = ""
     plan: str = ""
 
@@ -159,10 +161,23 @@ def _plan_sources(root: storage.Location, model_version: str, force: bool) -> tu
 
 
 def _planned_in_driver(
-    root: storage.Location, manifest: list, silver_files: list, limit: int | None
+    root: storage.Location,
+    manifest: list,
+    silver_files: list,
+    limit: int | None,
+    captions_for: str | None = None,
+    force: bool = False,
 ) -> pa.Table | None:
-    """plan_work's rows as a table, when the driver plans them (no Ray needed); None when Ray Data must."""
-    return _plan_in_driver(root, silver_files).slice(0, limit) if plans_in_driver(manifest, silver_files) else None
+    """plan_work's rows as a table, when the driver plans them (no Ray needed); None when Ray Data must.
+    With `captions_for` (a model_version), from the same read of the manifest, each row's new
+    captions too (_with_new_captions)."""
+    if not plans_in_driver(manifest, silver_files):
+        return None
+    rows = catalog.read_manifest(root, ["media_id", "path"] + (["caption"] if captions_for else []))
+    planned = _plan_in_driver(root, silver_files, rows).slice(0, limit)
+    if captions_for and planned.num_rows:
+        planned = _with_new_captions(root, captions_for, planned, rows, force)
+    return planned
 
 
 def _plan_in_ray(manifest: list, silver_files: list, limit: int | None):
@@ -182,13 +197,30 @@ def _each(read: Callable, files: list[storage.Location]) -> list:
         return list(pool.map(read, files))
 
 
-def _plan_in_driver(root: storage.Location, silver_files: list[storage.Location]) -> pa.Table:
-    unique = catalog.read_manifest(root, ["media_id", "path"]).group_by("media_id").aggregate([("path", "min")])
-    unique = unique.rename_columns(["media_id", "path"])
+def _plan_in_driver(root: storage.Location, silver_files: list[storage.Location], manifest: pa.Table) -> pa.Table:
+    unique = manifest.group_by("media_id").aggregate([("path", "min")]).rename_columns(["media_id", "path"])
     if silver_files:
         done = pa.concat_tables(_each(lambda f: catalog.read_parquet(f, ["media_id"]), silver_files)).column("media_id")
         unique = unique.filter(pc.invert(pc.is_in(unique.column("media_id"), value_set=done.combine_chunks())))
     return unique.sort_by("media_id")
+
+
+def _with_new_captions(root: storage.Location, model_version: str, planned: pa.Table, manifest: pa.Table, force: bool):
+    """The planned rows with `captions`: the caption texts the run encodes beside each image, every
+    non-blank caption of the planned images that silver lacks for this model_version (all with
+    force) on the first row (by media_id) that carries it. Captions of images embedded before are
+    left to the caption stage, as are those of images that fail to decode."""
+    carried = manifest.filter(pc.is_in(manifest["media_id"], value_set=planned["media_id"]))
+    carried = carried.filter(pc.invert(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(carried["caption"]), ""), True)))
+    first = carried.group_by("caption").aggregate([("media_id", "min")])
+    stored = None if force else catalog.read_silver(root, model_version, layout.CAPTIONS, ["caption_id"])
+    known = set(stored["caption_id"].to_pylist()) if stored is not None else set()
+    by_row: dict[str, list[str]] = {}
+    for text, owner in zip(first["caption"].to_pylist(), first["media_id_min"].to_pylist()):
+        if layout.caption_id(text) not in known:
+            by_row.setdefault(owner, []).append(text)
+    texts = [by_row.get(media_id, []) for media_id in planned["media_id"].to_pylist()]
+    return planned.append_column("captions", pa.array(texts, pa.list_(pa.string())))
 
 
 def _plan_streaming(manifest: list[storage.Location], silver_files: list[storage.Location]):
@@ -358,7 +390,15 @@ class EmbedUDF:
     """
 
     def __init__(
-        self, parts, data_root: str, threads: int, decode_threads: int, decode: str, device: str, stats
+        self,
+        parts,
+        data_root: str,
+        threads: int,
+        decode_threads: int,
+        decode: str,
+        device: str,
+        stats,
+        caption_rows=None,
     ) -> None:
         import ray
 
@@ -370,7 +410,7 @@ class EmbedUDF:
         marks["model_load"] = time.time()
         jpegs_on = device if decode == "gpu" else None
         self.decoder = Decoder(data_root, self.model.pixels, decode_threads, jpegs_on)
-        self.stats = stats
+        self.stats, self.caption_rows = stats, caption_rows
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
@@ -384,14 +424,48 @@ class EmbedUDF:
         else:
             ids, pixels, failures = self.decoder(batch["media_id"], batch["path"])
         decoded = time.perf_counter()
+        texts = _captions_of(batch, ids) if self.caption_rows is not None else []
         with self.encode_lock:
             encode_at = time.time()
             encode_started = time.perf_counter()
             vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
-            encode_s = time.perf_counter() - encode_started
-        seconds = {"decode": decoded - started, "encode": encode_s}
+            encoded = time.perf_counter()
+            if texts:  # the same model's text tower, in the same turn at the cores
+                text_ids = pa.array([layout.caption_id(text) for text in texts], pa.string())
+                rows = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
+                self.caption_rows.add.remote(rows)
+        seconds = {"decode": decoded - started, "encode": encoded - encode_started}
+        seconds["captions"] = time.perf_counter() - encoded
         self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
         return silver.embeddings_table(ids, vectors)
+
+
+def _captions_of(batch: dict, ids: list[str]) -> list[str]:
+    """The new caption texts the batch's decoded images carry (its `captions` column, when planned)."""
+    if "captions" not in batch:
+        return []
+    by_id = dict(zip(batch["media_id"], batch["captions"]))
+    return [str(text) for media_id in ids for text in by_id[media_id]]
+
+
+class CaptionRows:
+    """The caption rows a run's actors encode (a Ray actor with no CPU, per run), written as the run's
+    files of the captions table once the images are committed."""
+
+    def __init__(self) -> None:
+        self.tables: list[pa.Table] = []
+
+    def add(self, rows: pa.Table) -> None:
+        self.tables.append(rows)
+
+    def write(self, data_root: str, model_version: str, day: str, run_id: str) -> int:
+        """The rows in files of silver.CAPTION_ROWS_PER_FILE (not yet committed); how many."""
+        if not self.tables:
+            return 0
+        rows, per_file = pa.concat_tables(self.tables), silver.CAPTION_ROWS_PER_FILE
+        files = (rows.slice(start, per_file) for start in range(0, rows.num_rows, per_file))
+        silver.write_files(storage.location(data_root), model_version, layout.CAPTIONS, day, run_id, files)
+        return rows.num_rows
 
 
 def default_actors(resources: dict, gpus_per_actor: float = 0.0) -> int:
@@ -487,6 +561,7 @@ def embed(
     precision: str = EmbedOptions.precision,
     save_as: str | None = EmbedOptions.save_as,
     decode: str = EmbedOptions.decode,
+    no_captions: bool = EmbedOptions.no_captions,
     *,
     progress: Progress | None = None,
     start_ray: Callable[[], object] = cluster.start,
@@ -519,7 +594,8 @@ def embed(
     report.actors, report.batch_size = actors or 0, batch_size
 
     manifest, silver_files = _plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
-    planned = _planned_in_driver(root, manifest, silver_files, limit)
+    captions_for = None if no_captions else spec.model_version
+    planned = _planned_in_driver(root, manifest, silver_files, limit, captions_for, force)
     marks = {"plan": time.time()}
     if planned is not None and planned.num_rows == 0:  # answered from the catalog: no torch, no Ray
         if not _recorded_as(root, spec):
@@ -554,6 +630,7 @@ def embed(
     report.blocks = blocks or max(actors * 8, int(report.cluster_cpus) * 2 if report.decode == "tasks" else 0)
     report.blocks = min(report.blocks, report.rows_planned)
     stats = ray.remote(num_cpus=0)(RunStats).remote()
+    caption_rows = ray.remote(num_cpus=0)(CaptionRows).remote() if planned is not None and captions_for else None
     if planned is not None:  # split here, and described here: from_arrow would ask Ray tasks for each block's
         # metadata, seconds of worker start-up on a fresh cluster; from_blocks reads it in this process
         bounds = [planned.num_rows * i // report.blocks for i in range(report.blocks + 1)]
@@ -591,6 +668,7 @@ def embed(
             "decode": report.decode,
             "device": device,
             "stats": stats,
+            "caption_rows": caption_rows,
         },
     )
     # Ray Data starts pool actors asynchronously by default: with little work the first actor up can
@@ -624,6 +702,10 @@ def embed(
         report.write_s = round(_remote_wall_s(stats_text, "Write"), 3)
         silver.record_model(root, spec.model_version, spec.to_dict())
         committed = silver.commit(root, spec.model_version, layout.EMBEDDINGS, report.dt, report.run_id, "embed")
+        if caption_rows is not None:  # after the images: a caption vector is only read for an embedded image
+            ray.get(caption_rows.write.remote(storage.uri(root), spec.model_version, report.dt, report.run_id))
+            captioned = silver.commit(root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, "embed")
+            report.captions_embedded = captioned["rows"] if captioned else 0
     debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs
 
     workers, failures, seconds, actor_marks = ray.get(stats.summary.remote())
@@ -641,6 +723,7 @@ def embed(
     report.steady_images_per_s = round(report.rows_embedded / steady_s, 2) if steady_s > 0 else 0.0
     report.decode_s = round(seconds.get("decode", 0.0), 3)
     report.encode_s = round(seconds.get("encode", 0.0), 3)
+    report.caption_encode_s = round(seconds.get("captions", 0.0), 3)
     report.partition = str(partition.relative_to(root))
     return save_record(root, report)
 
