@@ -177,7 +177,7 @@ def rayclip_embed(
     shut-down, exit), and the GPU's utilisation while it ran)."""
     version = f"bench_{precision}_{decode}" + ("" if captions else "_no_captions")
     command = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--model", MODEL]
-    command += ["--pretrained", "none", "--precision", precision, "--model-version", version, "--decode", decode]
+    command += ["--pretrained", "none", "--precision", precision, "--save-as", version, "--decode", decode]
     command += ["--batch-size", str(batch_size)] if batch_size else []
     command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
     command += [] if captions else ["--no-captions"]
