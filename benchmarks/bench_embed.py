@@ -1,12 +1,14 @@
 """Embedding throughput and start-up: bare open_clip loops vs the whole `rayclip embed` command, on the same images.
 
-    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts fade] [--gpus-per-actor 0]
+    .venv/bin/python benchmarks/bench_embed.py [--images 1024] [--parts fadn] [--gpus-per-actor 0]
 
 ViT-B-32 (random init: speed does not depend on the weights) on generated LAION-sized JPEGs
-(256–640 px, photo-like noise so they compress like photos). Prints first the machine's ceiling: GEMM
-GFLOP/s at fp32 and at the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop
-counter), the compute limit that gives, each image's decode + preprocess on one core, and the
-ceiling once that decode is spread over the cores. Then, as `--parts` asks:
+(256–640 px, photo-like noise so they compress like photos), each with a distinct caption, ingested
+from loopback as a LAION download is. Prints first the machine's ceiling: GEMM GFLOP/s at fp32 and at
+the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop counter), the compute limit
+that gives, each image's decode + preprocess on one core, and the ceiling once that decode is spread
+over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
+every core), and with the decode shared over the cores. Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -19,11 +21,15 @@ ceiling once that decode is spread over the cores. Then, as `--parts` asks:
       actors, Parquet, commit);
   (d) `rayclip embed` with its defaults;
   (e) the same with the other decode layout (`--decode tasks` where auto picks actor, and back);
+  (n) `rayclip embed --no-captions`: the images alone, to set (d)'s steady rate (captions encoded
+      by the same actors) against;
   (g) `rayclip embed --decode gpu` (with --gpus-per-actor only).
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
-by phase (the run record's startup_breakdown) with the seconds before and after the run, the
-ratios run / steady, whole command / steady and steady / ceiling, and the GPU's utilisation (or
-"no GPU"), and its startup_s over the floor (f); then each run over (a), (b) and (p) where they ran.
+by phase (the run record's startup_breakdown) with the seconds before and after the run (measured
+here, and the record's own before_run and after_run), the ratios run / steady, whole command /
+steady and steady / bound, the whole command's seconds beyond rows / steady, and the GPU's
+utilisation (or "no GPU"), and its startup_s over the floor (f); then (d)'s steady rate over (n)'s,
+and each run over (a), (b) and (p) where they ran.
 The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
 (parts ade took 3 min 23 s there; (f) adds about ten seconds).
 
@@ -45,6 +51,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from rayclip import images, model, synthetic
@@ -67,6 +75,17 @@ def make_images(folder: Path, n: int) -> list[Path]:
         path.write_bytes(synthetic.jpeg_bytes(Image.fromarray(noisy)))
         paths.append(path)
     return paths
+
+
+def captioned_store(root: Path, folder: Path, paths: list[Path]) -> None:
+    """The images ingested as a LAION-style download (img2dataset from loopback), each with its own
+    caption (a scene's words and the image's number: distinct, as web captions mostly are)."""
+    rng = np.random.default_rng(1)
+    captions = [f"{scene.caption}, photo {i}" for i, scene in enumerate(synthetic.random_scenes(len(paths), rng))]
+    with synthetic.serve_folder(folder) as base:
+        urls = [f"{base}/{path.name}" for path in paths]
+        pq.write_table(pa.table({"URL": urls, "TEXT": captions}), folder.parent / "metadata.parquet")
+        ingest.ingest_metadata(root, folder.parent / "metadata.parquet")
 
 
 def bare_worker(
@@ -146,16 +165,22 @@ def startup_floor() -> dict[str, float]:
 
 
 def rayclip_embed(
-    root: Path, precision: str, batch_size: int | None, gpus_per_actor: float, decode: str = "auto"
+    root: Path,
+    precision: str,
+    batch_size: int | None,
+    gpus_per_actor: float,
+    decode: str = "auto",
+    captions: bool = True,
 ) -> tuple[float, dict, dict]:
     """The whole CLI command in a fresh process: (images/s over its wall time, its run record, the
     seconds around the run: before it (process start, imports, model resolve) and after (Ray's
     shut-down, exit), and the GPU's utilisation while it ran)."""
-    version = f"bench_{precision}_{decode}"
+    version = f"bench_{precision}_{decode}" + ("" if captions else "_no_captions")
     command = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--model", MODEL]
-    command += ["--pretrained", "none", "--precision", precision, "--model-version", version, "--decode", decode]
+    command += ["--pretrained", "none", "--precision", precision, "--save-as", version, "--decode", decode]
     command += ["--batch-size", str(batch_size)] if batch_size else []
     command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
+    command += [] if captions else ["--no-captions"]
     launched, started = time.time(), time.perf_counter()
     with GpuSampler() as gpu:
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": ""})
@@ -248,6 +273,21 @@ def decode_seconds(paths: list[Path], count: int = 256) -> float:
     return (time.process_time() - started) / len(sample)
 
 
+def encoder_rate(precision: str, device: str, batch_size: int, batches: int = 8) -> float:
+    """images/s of the image tower alone (normalise + encode_image of ready uint8 pixels, every core
+    as torch threads, or the GPU), the bound no pipeline around it passes."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    clip = model.load_model(model.resolve(MODEL, "none"), device=device, precision=precision)
+    pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    clip.encode_uint8(pixels)  # warm: the first call allocates
+    started = time.perf_counter()
+    for _ in range(batches):
+        clip.encode_uint8(pixels)  # returns numpy: a GPU's work is done when it does
+    return batch_size * batches / (time.perf_counter() - started)
+
+
 def flops_per_image() -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -259,7 +299,7 @@ def flops_per_image() -> float:
     return float(counter.get_total_flops())
 
 
-def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float, floor: float) -> None:
+def show_run(label: str, whole: float, run: dict, around: dict, bound: float, floor: float) -> None:
     """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in."""
     steady, startup = run["steady_images_per_s"], run["startup_s"]
     print(
@@ -267,15 +307,21 @@ def show_run(label: str, whole: float, run: dict, around: dict, ceiling: float, 
         f"images/s over wall_s {run['wall_s']}; steady {steady} images/s after startup_s {startup} "
         f"(decode {run['decode']}; actors {run['actors']} x {run['torch_threads']} threads, "
         f"{run.get('decode_threads', 1)} decoding, batch {run['batch_size']}, {run['precision']} on {run['device']}; "
-        f"decode {run['decode_s']} s, encode {run['encode_s']} s, write {run['write_s']} s)"
+        f"decode {run['decode_s']} s, encode {run['encode_s']} s, write {run['write_s']} s; "
+        f"{run.get('captions_embedded', 0)} captions encoded by the actors in {run.get('caption_encode_s', 0)} s)"
     )
     phases = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in run["startup_breakdown"].items())
-    outside = f"{around['before']:.2f} s before, {around['after']:.2f} s after"
+    outside = (
+        f"{around['before']:.2f} s before, {around['after']:.2f} s after "
+        f"(the record's before_run {run['startup_breakdown'].get('before_run')}, "
+        f"after_run {run['startup_breakdown'].get('after_run')}; the rest is the interpreter's exit)"
+    )
     over_floor = f"; startup_s / floor = {startup / floor:.2f}" if floor else ""
     print(f"    start-up: {phases} (s); outside the run: {outside}{over_floor}")
     print(
         f"    run / steady = {run['images_per_s'] / steady:.2f}; whole command / steady = {whole / steady:.2f}; "
-        f"steady / ceiling = {steady / ceiling:.2f}; {around['gpu']}"
+        f"steady / bound = {steady / bound:.2f}; "
+        f"whole - rows/steady = {around['wall'] - run['rows_embedded'] / steady:.1f} s; {around['gpu']}"
     )
 
 
@@ -285,7 +331,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run the embeds (and the bare loops) on GPUs")
     parser.add_argument(
-        "--parts", default="fade", help="which of (f), (p), (a)-(e) and (g) to run, e.g. abcde (d/a needs a and d)"
+        "--parts", default="fadn", help="which of (f), (p), (a)-(e), (n) and (g) to run, e.g. abcde (d/a needs a and d)"
     )
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
@@ -298,8 +344,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         paths = make_images(Path(tmp) / "images", args.images)
-        ingest.ingest_folder(root, Path(tmp) / "images")
-        print(f"{args.images} JPEGs, 256-640 px; {MODEL} random init; {cpus} CPUs; {device}; auto picks {chosen} here")
+        captioned_store(root, Path(tmp) / "images", paths)
+        print(
+            f"{args.images} JPEGs, 256-640 px, each with a distinct caption; {MODEL} random init; {cpus} CPUs; "
+            f"{device}; auto picks {chosen} here"
+        )
 
         # The machine's ceiling first: what the goals are measured against.
         flops = flops_per_image()
@@ -315,6 +364,13 @@ def main() -> None:
         print(
             f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; "
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
+        )
+        encoder = encoder_rate(chosen, device, args.batch_size)
+        bound = 1 / (1 / encoder + decode / cpus)
+        print(
+            f"the bound: {MODEL} image tower alone at {chosen} (batch {args.batch_size}, {cpus} threads): "
+            f"{encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the decode shared over "
+            f"{cpus} cores: {bound:.1f} images/s"
         )
 
         floor = 0.0
@@ -338,13 +394,19 @@ def main() -> None:
             "c": ("(c) rayclip embed --precision fp32", "fp32", "auto"),
             "d": (f"(d) rayclip embed (defaults: decode {layout_auto})", "auto", "auto"),
             "e": (f"(e) rayclip embed --decode {layout_other}", "auto", layout_other),
+            "n": ("(n) rayclip embed --no-captions (the images alone)", "auto", "auto"),
             "g": ("(g) rayclip embed --decode gpu", "auto", "gpu"),
         }
         runs = {}
         for part, (label, precision, where) in commands.items():
             if part in args.parts and (part != "g" or args.gpus_per_actor):
-                whole, run, around = runs[part] = rayclip_embed(root, precision, None, args.gpus_per_actor, where)
-                show_run(label, whole, run, around, ceiling, floor)
+                captions = part != "n"
+                whole, run, around = rayclip_embed(root, precision, None, args.gpus_per_actor, where, captions)
+                runs[part] = whole, run, around
+                show_run(label, whole, run, around, bound, floor)
+        if "d" in runs and "n" in runs:
+            with_captions, alone = runs["d"][1]["steady_images_per_s"], runs["n"][1]["steady_images_per_s"]
+            print(f"steady images/s with the captions encoded beside them / without: {with_captions / alone:.2f}")
         for part, (whole, run, _) in runs.items():
             steady = run["steady_images_per_s"]
             ratios = [f"{part}/a = {whole / a:.2f} whole command, {steady / a:.2f} steady"]

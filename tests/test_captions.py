@@ -61,6 +61,21 @@ def test_a_stored_caption_vector_is_open_clips_text_embedding(gold_store):
     assert (vectors * expected).sum(axis=1).min() >= 0.999
 
 
+def test_the_image_runs_actors_encode_the_new_captions_and_the_caption_stage_only_scores(gold_store):
+    """The images' captions are encoded by the actors that embed the images, in the image run, and
+    committed by it; the caption stage after it finds none to encode and scores the pairs."""
+    root = storage.data_root(gold_store[0])
+    (image_run,) = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
+    (caption_run,) = [json.loads(p.read_text()) for p in layout.caption_runs_dir(root).glob("*.json")]
+    stored = silver(root, layout.CAPTIONS, ["caption_id", "caption"])
+    commits = catalog.silver_commits(root, MODEL_VERSION, layout.CAPTIONS)
+    assert [commit["run_id"] for commit in commits] == [image_run["run_id"]]
+    assert image_run["captions_embedded"] == stored.num_rows == len(set(stored["caption"].to_pylist())) > 1
+    assert image_run["caption_encode_s"] > 0
+    assert (caption_run["captions_planned"], caption_run["captions_embedded"]) == (0, 0)
+    assert caption_run["pairs_scored"] == silver(root, layout.CLIP_SCORES, ["media_id"]).num_rows >= stored.num_rows
+
+
 def test_clip_score_is_the_dot_product_of_the_stored_vectors(gold_store):
     """Every (media_id, caption) pair's clip_score is image vector · caption vector as read back from
     silver, and the mapping carries each media_id's best one (the first image has three captions)."""
@@ -178,7 +193,7 @@ def test_a_dead_caption_runs_files_are_never_read_and_are_debris(tmp_path):
     root = storage.data_root(tmp_path / "data")
     run_id = layout.new_run_id()
     vectors = clustered(2)
-    rows = captions.caption_table(pa.array([layout.caption_id(t) for t in "ab"]), pa.array(list("ab")), vectors)
+    rows = silver_store.captions_table(pa.array([layout.caption_id(t) for t in "ab"]), pa.array(list("ab")), vectors)
     silver_store.write_files(root, MODEL_VERSION, layout.CAPTIONS, "2026-01-01", run_id, [rows])
     scores = pa.table({"media_id": media_ids(1), "caption_id": rows["caption_id"][:1], "clip_score": [0.5]})
     silver_store.write_files(root, MODEL_VERSION, layout.CLIP_SCORES, "2026-01-01", run_id, [scores])

@@ -14,14 +14,14 @@ from rayclip.store import catalog
 
 def test_a_batch_decoded_on_threads_equals_one_thread(store, monkeypatch):
     threads_seen = set()
-    decode = embed.decode_image
+    decode = embed.worker.decode_image
 
     def watched(data: bytes):
         threads_seen.add(threading.get_ident())
         time.sleep(0.02)  # long enough that a pool's threads overlap
         return decode(data)
 
-    monkeypatch.setattr(embed, "decode_image", watched)
+    monkeypatch.setattr(embed.worker, "decode_image", watched)
     batch = catalog.read_manifest(store, ["media_id", "path"]).slice(0, 12)
     pixels = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32").pixels
 

@@ -46,6 +46,9 @@ def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_sessio
     assert 0 < run["startup_s"] < run["wall_s"] and run["steady_images_per_s"] > run["images_per_s"] > 0
     assert run["decode_s"] > 0 and run["encode_s"] > 0 and run["write_s"] > 0
     assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
+    # The whole command's time outside the run, in its record; the caller's Ray session is left up.
+    assert run["startup_breakdown"]["before_run"] > 0 and 0 <= run["startup_breakdown"]["after_run"] < run["wall_s"]
+    assert ray_session.is_initialized()
 
     table = read_silver(store, "clip_vit_b32_none")
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 512)

@@ -90,8 +90,8 @@ def test_both_planners_plan_the_same_rows(tmp_path, ray_session, monkeypatch, pl
     gives one row per new media_id with its smallest path, in media_id order, and --limit takes the
     smallest media_ids."""
     if planner == "streaming":
-        monkeypatch.setattr(embed, "DRIVER_PLAN_ROWS", 0)
-        monkeypatch.setattr(embed, "_plan_in_driver", None)  # never called
+        monkeypatch.setattr(embed.plan, "DRIVER_PLAN_ROWS", 0)
+        monkeypatch.setattr(embed.plan, "_plan_in_driver", None)  # never called
     root = tmp_path / "data"
     ids = media_ids(300)
     write_manifest(root, ids[:200], seed=0)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import shutil
+import sys
+import time
 
+import bounded
 import numpy as np
 import torch
 from conftest import assert_rows_are_open_clips, cli, read_silver
@@ -109,3 +114,48 @@ def test_decode_gpu_without_gpu_actors_is_one_line(store, capsys):
     err = capsys.readouterr().err
     assert "--decode gpu decodes JPEGs on the actors' GPUs: give --gpus-per-actor" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# A `rayclip embed` in a fresh process that reports, after answering, which heavy libraries it loaded.
+NO_OP_PROBE = """
+import json, sys
+from rayclip.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "open_clip", "ray") if name in sys.modules)
+print(json.dumps({"exit": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def test_a_no_op_embed_answers_from_the_catalog_without_torch_or_ray(gold_store, tmp_path):
+    """Nothing new to embed or caption: the answer comes from the catalog, and neither torch nor Ray
+    is imported (nor a cluster joined: $RAY_ADDRESS names one that does not exist)."""
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root)
+    command = [sys.executable, "-c", NO_OP_PROBE, "embed", "--data-dir", str(root), "--pretrained", "reference"]
+    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": os.pathsep.join(sys.path)}
+    launched = time.time()
+    done = bounded.run([*command, "--json"], timeout=120, capture_output=True, env=env, text=True)
+    returned = time.time()
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == {"exit": 0, "heavy": []}, done.stderr[-2000:]
+    document = json.loads(done.stdout)
+    assert document["rows_planned"] == 0 and document["rows_embedded"] == 0
+    assert document["captions"]["captions_planned"] == 0 and document["captions"]["pairs_scored"] == 0
+    # the same record a run with work writes, saved as always
+    saved = json.loads(layout.embed_run_record(root, document["run_id"]).read_text())
+    assert saved == {key: value for key, value in document.items() if key != "captions"}
+    assert saved["model_version"] == "clip_rayclip_ref_reference" and saved["precision"] in ("fp32", "bf16")
+    # Nothing outside the record: the process's start until the run's clock started, and after it stopped.
+    outside = saved["startup_breakdown"]
+    # (a process's start time is counted in clock ticks, 10 ms on Linux)
+    assert launched - 0.05 < saved["started_at"] - outside["before_run"] < saved["started_at"]
+    assert saved["started_at"] + saved["wall_s"] + outside["after_run"] < returned
+
+
+def test_a_no_op_under_another_models_name_still_checks_the_names(gold_store, tmp_path, capsys):
+    """--save-as an embedded model_version with a model open_clip does not know: one clear line, as
+    with work to do (silver's record of the model_version does not vouch for these names)."""
+    root = tmp_path / "data"
+    shutil.copytree(gold_store[0], root)
+    args = ["--model", "NoSuchNet", "--pretrained", "none", "--save-as", "clip_rayclip_ref_reference"]
+    assert cli("embed", "--data-dir", str(root), *args) == 2
+    assert "unknown model 'NoSuchNet'" in capsys.readouterr().err

@@ -101,9 +101,15 @@ def register_configs() -> None:
 
 def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpec:
     """Turn --model/--pretrained as a user wrote them into a spec; fails fast on bad names."""
-    import open_clip
+    spec = named(model, pretrained)
+    check_names(spec)
+    return spec
 
-    register_configs()
+
+def named(model: str | None = None, pretrained: str | None = None) -> ModelSpec:
+    """The spec --model/--pretrained name, without asking open_clip whether it knows the names (which
+    imports torch): what a command that may have nothing to do needs for its model_version. The
+    reference model and checkpoint files are checked here; check_names does the rest."""
     pretrained = pretrained or (REFERENCE_ALIAS if model == REFERENCE_MODEL else DEFAULT_PRETRAINED)
     if pretrained == REFERENCE_ALIAS:
         if model not in (None, REFERENCE_MODEL):
@@ -112,10 +118,6 @@ def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpe
             raise UserError(f"reference weights missing at {REFERENCE_WEIGHTS}; run `rayclip train-reference`")
         return ModelSpec(REFERENCE_MODEL, REFERENCE_ALIAS, str(REFERENCE_WEIGHTS), _file_sha256(REFERENCE_WEIGHTS))
     model = model or DEFAULT_MODEL
-    if not model.startswith("hf-hub:") and model not in open_clip.list_models():
-        raise UserError(
-            f"unknown model {model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists them"
-        )
     if pretrained.lower() == RANDOM_INIT or model.startswith("hf-hub:"):
         return ModelSpec(model, pretrained.lower() if not model.startswith("hf-hub:") else "hf-hub")
     path = Path(pretrained).expanduser()
@@ -123,12 +125,26 @@ def resolve(model: str | None = None, pretrained: str | None = None) -> ModelSpe
         if not path.is_file():
             raise UserError(f"checkpoint file not found: {path}")
         return ModelSpec(model, str(path.absolute()), str(path.absolute()), _file_sha256(path))
-    if pretrained not in open_clip.list_pretrained_tags_by_model(model):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        raise UserError(
-            f"unknown pretrained tag {pretrained!r} for {model}; known: {tags}, or a checkpoint path, or none"
-        )
     return ModelSpec(model, pretrained)
+
+
+def check_names(spec: ModelSpec) -> None:
+    """A model open_clip (or rayclip's configs) knows, and a pretrained tag it knows for that model."""
+    import open_clip
+
+    register_configs()
+    if spec.name.startswith("hf-hub:"):
+        return
+    if spec.name not in open_clip.list_models():
+        raise UserError(
+            f"unknown model {spec.name!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists them"
+        )
+    tag = spec.pretrained
+    if spec.checkpoint or tag in (RANDOM_INIT, REFERENCE_ALIAS):
+        return
+    if tag not in open_clip.list_pretrained_tags_by_model(spec.name):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
+        raise UserError(f"unknown pretrained tag {tag!r} for {spec.name}; known: {tags}, or a checkpoint path, or none")
 
 
 def _hub_weights_cached(model: str, tag: str) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
@@ -119,14 +121,13 @@ class RayDashboard:
 
 
 def start_ray(running: Stage, dashboard: bool = False) -> None:
-    """Start or join Ray up front when it matters how (embed() otherwise does it quietly, and
-    only when there is work): for the dashboard, for an existing cluster, for verbose logs."""
+    """Start or join Ray (with its dashboard, its logs on the terminal when verbose); the dashboard's
+    URL goes to the hooks when one was asked for or an existing cluster was joined."""
     from . import cluster
 
-    if dashboard or running.hooks.verbose or cluster.joins():
-        url = cluster.start(dashboard=dashboard, verbose=running.hooks.verbose)
-        if dashboard or cluster.joins():
-            running.report(RayDashboard(url))
+    url = cluster.start(dashboard=dashboard, verbose=running.hooks.verbose)
+    if dashboard or cluster.joins():
+        running.report(RayDashboard(url))
 
 
 Report = TypeVar("Report")
@@ -144,12 +145,14 @@ def run_stage(
 ) -> Report:
     """function(*args, **kwargs) as one stage, as `rayclip ingest|embed|index` run it: with runs_dir, the
     libraries' output goes to a log kept beside the run's record (<runs_dir>/<run_id>.log); `progress`
-    names the function's progress keywords and their labels for hooks.progress; `ray` starts or joins
-    Ray up front (start_ray); the report it returns goes to hooks.report once the stage is over."""
+    names the function's progress keywords and their labels for hooks.progress; `ray`: the function
+    takes a `start_ray` callable, which starts or joins Ray (start_ray) only once it has work; the
+    report it returns goes to hooks.report once the stage is over."""
     with stage(runs_dir, hooks) as running:
+        given = {key: running.progress(label) for key, label in (progress or {}).items()}
         if ray:
-            start_ray(running, dashboard)
-        report = function(*args, **kwargs, **{key: running.progress(label) for key, label in (progress or {}).items()})
+            given["start_ray"] = functools.partial(start_ray, running, dashboard)
+        report = function(*args, **kwargs, **given)
     if runs_dir is not None:
         running.keep_log_as(report.run_id)
     hooks.report(report, hooks.terminal())
@@ -165,15 +168,16 @@ def embed_silver(
     dashboard: bool = False,
     **options,
 ) -> tuple[EmbedReport, CaptionReport | None]:
-    """`rayclip embed`: the image embeddings (embed.embed with these options), then, unless
-    `no_captions`, the caption vectors and clip_scores of the embedded images (captions.embed_captions,
-    same model_version, partition and actors), each a stage with its own run record and log
-    (silver/runs/, silver/caption_runs/)."""
+    """`rayclip embed`: the image embeddings (embed.embed with these options: unless `no_captions`,
+    the same actors encode the new captions of the images they embed), then, unless `no_captions`,
+    the caption stage (captions.embed_captions, same model_version, partition and actors): the
+    captions left (of images embedded before) and the clip_scores of the embedded images. Each is a
+    stage with its own run record and log (silver/runs/, silver/caption_runs/)."""
     from .stages import captions, embed
 
     embedded = run_stage(
         embed.embed, root, spec, hooks=hooks, runs_dir=layout.embed_runs_dir(root), progress={"progress": "embed"},
-        ray=True, dashboard=dashboard, **options,
+        ray=True, dashboard=dashboard, no_captions=no_captions, **options,
     )  # fmt: skip
     if no_captions:
         return embedded, None
@@ -185,6 +189,50 @@ def embed_silver(
         hooks=hooks, runs_dir=layout.caption_runs_dir(root), progress={"progress": "captions"}, **shared,
     )  # fmt: skip
     return embedded, captioned
+
+
+def embed_command(
+    root: Location,
+    spec: ModelSpec,
+    no_captions: bool = EmbedOptions.no_captions,
+    *,
+    hooks: Hooks = QUIET,
+    dashboard: bool = False,
+    **options,
+) -> tuple[EmbedReport, CaptionReport | None]:
+    """`rayclip embed` as a whole command: embed_silver, then Ray shut down if this call started or
+    joined it (the commits are written: nothing needs it), and the image run's record completed with
+    what its own clock leaves out: startup_breakdown's before_run (this process's start until the
+    run's clock started) and after_run (the run's clock stopped until now: captions, Ray's shut-down)."""
+    from .stages import embed
+
+    joined_before = _ray_connected()  # a caller's session (a test's, a notebook's) stays up
+    embedded, captioned = embed_silver(root, spec, no_captions, hooks=hooks, dashboard=dashboard, **options)
+    if not joined_before and _ray_connected():
+        import ray
+
+        ray.shutdown()
+    process_started_at = _process_started_at()
+    if process_started_at is not None:
+        embedded.startup_breakdown["before_run"] = round(embedded.started_at - process_started_at, 3)
+    embedded.startup_breakdown["after_run"] = round(time.time() - embedded.started_at - embedded.wall_s, 3)
+    embed.save_record(root, embedded)
+    return embedded, captioned
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # never imported: never connected
+    return ray is not None and ray.is_initialized()
+
+
+def _process_started_at() -> float | None:
+    """When this process started (wall clock), from Linux's /proc; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 # ------------------------------------------------------------------ eval through the pipeline

@@ -36,10 +36,12 @@ def _stage(args: argparse.Namespace, function, *positional, **given):
     return report
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace, checked: bool = True):
+    """The model the flags name; `checked` False leaves the names' check against open_clip (it imports
+    torch) to the command, once it knows it has work."""
     from .. import model
 
-    spec = model.resolve(args.model, args.pretrained)
+    spec = (model.resolve if checked else model.named)(args.model, args.pretrained)
     if spec.pretrained == model.RANDOM_INIT:
         warning = f"warning: {spec.name} with random weights (--pretrained none): for plumbing and speed only"
         print(warning, file=sys.stderr)
@@ -78,11 +80,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """CLIP embeddings with Ray Data into silver"""
     from ..stages import embed
 
-    root, spec = storage.data_root(args.data_dir), _spec(args)
+    root, spec = storage.data_root(args.data_dir), _spec(args, checked=False)  # embed() checks it when it has work
     filed_as = embed.filed_as(spec, args.save_as).model_version
     show.console().print(f"embedding with {spec.name} ({spec.pretrained}) as model_version={filed_as}")
     hooks, chosen = show.hooks(args.verbose, stage_reports=not args.json), _options(args, embed.embed)
-    embedded = pipeline.embed_silver(root, spec, args.no_captions, hooks=hooks, dashboard=args.dashboard, **chosen)
+    embedded = pipeline.embed_command(root, spec, hooks=hooks, dashboard=args.dashboard, **chosen)  # no_captions too
     report, captioned = embedded  # with --json one document: the image run's record, the captions' inside it
     show.emit(args, report.to_dict() | ({"captions": captioned.to_dict()} if captioned else {}))
     return 0 if report.rows_embedded or not report.rows_planned else 1

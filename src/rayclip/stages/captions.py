@@ -36,7 +36,6 @@ from ..progress import Progress
 from ..store import catalog, debris, layout, silver, storage
 from ..store.storage import Location
 
-ROWS_PER_FILE = 100_000  # caption vectors per Parquet file (about 200 MB at 512 dimensions)
 ACTOR_CPUS = 0.5  # the text tower is a tenth of the image tower's work: a fraction of a CPU per actor
 # An actor pool costs seconds to start however few captions it gets (14 s for 24 captions on 2 CPUs,
 # against 2 s here): up to this many new captions, the driver encodes them itself, in the same batches.
@@ -62,21 +61,6 @@ class CaptionReport:
         return dataclasses.asdict(self)
 
 
-def caption_table(caption_ids: pa.Array, captions: pa.Array, vectors: np.ndarray) -> pa.Table:
-    """The captions table's schema: caption_id, caption, embedding fixed_size_list<float32>[dim], embedded_at."""
-    now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
-    return pa.table(
-        {
-            "caption_id": caption_ids,
-            "caption": captions,
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]
-            ),
-            "embedded_at": pa.array([now.as_py()] * len(vectors), now.type),
-        }
-    )
-
-
 class CaptionUDF:
     """Loads the model once per actor; turns (caption_id, caption) batches into caption rows."""
 
@@ -85,7 +69,7 @@ class CaptionUDF:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.model.encode_texts(batch.column("caption").to_pylist())
-        return caption_table(batch.column("caption_id"), batch.column("caption"), vectors)
+        return silver.captions_table(batch.column("caption_id"), batch.column("caption"), vectors)
 
 
 def plan(root: Location, model_version: str, force: bool = False) -> tuple[pa.Table, pa.Table]:
@@ -169,7 +153,7 @@ def _encoded(captions: pa.Table, spec: ModelSpec, report: CaptionReport, actors:
         )
     )
     done = 0
-    for rows in ds.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FILE):
+    for rows in ds.iter_batches(batch_format="pyarrow", batch_size=silver.CAPTION_ROWS_PER_FILE):
         done += rows.num_rows
         if progress:
             progress(done, captions.num_rows)

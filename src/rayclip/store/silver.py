@@ -34,6 +34,24 @@ def embeddings_table(media_ids: list[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
+CAPTION_ROWS_PER_FILE = 100_000  # caption vectors per Parquet file (about 200 MB at 512 dimensions)
+
+
+def captions_table(caption_ids: pa.Array, captions: pa.Array, vectors: np.ndarray) -> pa.Table:
+    """The captions table's schema: caption_id, caption, embedding fixed_size_list<float32>[dim], embedded_at."""
+    now = pa.scalar(dt.datetime.now(dt.timezone.utc), pa.timestamp("us", tz="UTC"))
+    return pa.table(
+        {
+            "caption_id": caption_ids,
+            "caption": captions,
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]
+            ),
+            "embedded_at": pa.array([now.as_py()] * len(vectors), now.type),
+        }
+    )
+
+
 def record_model(root: Location, model_version: str, spec: dict) -> None:
     """Which model made a model_version's vectors (ModelSpec.to_dict()): what a build records and a
     query encodes with (catalog.silver_model reads it)."""

@@ -1,0 +1,224 @@
+"""What runs in Ray's workers: the per-run stats and caption actors, the decoder (in an actor or
+a decode task), and the actor that embeds a batch (EmbedUDF)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from ...images import decode_batch, decode_image
+from ...model import (
+    ClipModel,
+    import_model_libraries,
+)
+from ...store import catalog, layout, silver, storage
+
+# In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
+IMPORTED_AT = time.time()
+CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
+
+
+class RunStats:
+    """Collects what the actors did (a Ray actor with no CPU, created per run)."""
+
+    def __init__(self) -> None:
+        self.rows_by_worker: Counter = Counter()  # (node_id, actor_id) -> rows embedded
+        self.failures: list[tuple[str, str]] = []
+        self.seconds: Counter = Counter()  # stage -> seconds, summed over actors
+        self.started: dict[tuple[str, str], dict[str, float]] = {}  # worker -> its start-up marks
+        self.first_encode: dict[tuple[str, str], float] = {}  # worker -> wall clock of its first encode
+
+    def actor_started(self, worker: tuple[str, str], marks: dict[str, float]) -> None:
+        self.started[worker] = marks
+
+    def record_decode(self, failures: list[tuple[str, str]], seconds: float) -> None:
+        """What a decode task (decode="tasks") did: its failures and its seconds."""
+        self.failures.extend(failures)
+        self.seconds["decode"] += seconds
+
+    def record(
+        self, worker: tuple[str, str], ok: int, failures: list[tuple[str, str]], seconds: dict, encode_at: float
+    ) -> None:
+        self.rows_by_worker[worker] += ok
+        self.failures.extend(failures)
+        self.seconds.update(seconds)
+        self.first_encode[worker] = min(self.first_encode.get(worker, encode_at), encode_at)
+
+    def summary(self) -> tuple[list, list, dict, dict]:
+        """(workers that embedded rows, failures, seconds by stage, the start-up marks of the actor
+        that encoded first, its first encode included)."""
+        workers = [worker for worker, rows in self.rows_by_worker.items() if rows]
+        first = min(self.first_encode, key=self.first_encode.get, default=None)
+        marks = self.started.get(first, {}) | {"first_batch": self.first_encode[first]} if first else {}
+        return workers, self.failures, dict(self.seconds), marks
+
+    def rows_done(self) -> int:
+        return sum(self.rows_by_worker.values()) + len(self.failures)
+
+
+class Decoder:
+    """(media_id, path) rows → the model's uint8 input pixels: read from the store (only bytes that hash
+    to their media_id), decode (rayclip.images, the one decode path), resize and crop (the model's
+    `pixels`). The same code in an actor (decode="actor", "gpu") and in a decode task ("tasks").
+
+    With `device`, JPEGs are decoded together on it (images.decode_batch) and the rest as always.
+    `threads` read (and, without a device, decode) that many images at once: Pillow and torch release
+    the GIL while they work. Picklable: the store client and the threads are made where it runs.
+    """
+
+    def __init__(self, data_root: str, pixels: Callable, threads: int = 1, device: str | None = None) -> None:
+        self.data_root, self.pixels, self.threads, self.device = data_root, pixels, threads, device
+        self._start()
+
+    def _start(self) -> None:
+        self._root = storage.location(self.data_root)  # this process's own client for the data root
+        self._pool = ThreadPoolExecutor(self.threads, "rayclip-decode") if self.threads > 1 else None
+
+    def __getstate__(self) -> dict:
+        return {key: self.__dict__[key] for key in ("data_root", "pixels", "threads", "device")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start()
+
+    def _map(self, function: Callable, items: Iterable) -> list:
+        return list(self._pool.map(function, items) if self._pool else map(function, items))
+
+    def __call__(self, media_ids: Iterable[str], paths: Iterable[str]) -> tuple[list[str], object, list]:
+        """(media_ids that decoded, their pixels as one uint8 NCHW tensor or None, (media_id, why) failures)."""
+        read = self._map(self._read, zip(media_ids, paths))
+        if self.device:
+            pictures = iter(decode_batch([data for _, data, _ in read if data is not None], self.device))
+            shaped = [(m, None, why) if data is None else self._shaped(m, next(pictures)) for m, data, why in read]
+        else:
+            shaped = self._map(self._decoded, read)
+        ids = [media_id for media_id, tensor, _ in shaped if tensor is not None]
+        tensors = [tensor.to(self.device) if self.device else tensor for _, tensor, _ in shaped if tensor is not None]
+        failures = [(media_id, why) for media_id, tensor, why in shaped if tensor is None]
+        return ids, self.pixels.stack(tensors) if tensors else None, failures
+
+    def _read(self, row: tuple[str, str]) -> tuple[str, bytes | None, str | None]:
+        media_id, path = row
+        data, why = catalog.read_object(self._root, path, media_id)  # a store that gives up fails the job
+        return media_id, data, why
+
+    def _decoded(self, read: tuple[str, bytes | None, str | None]) -> tuple[str, object, str | None]:
+        media_id, data, why = read
+        if data is None:
+            return media_id, None, why
+        try:
+            picture = decode_image(data)
+        except Exception as exc:  # a bad image must not kill the job; it is counted and skipped
+            picture = exc
+        return self._shaped(media_id, picture)
+
+    def _shaped(self, media_id: str, picture) -> tuple[str, object, str | None]:
+        if isinstance(picture, Exception):
+            return media_id, None, "decode error"
+        return media_id, self.pixels(picture), None
+
+
+def decode_block(batch: dict, decoder: Decoder, stats) -> dict:
+    """decode="tasks": a Ray Data task's block of (media_id, path) rows → (media_id, uint8 pixels) for
+    the actors, which only normalise and encode; failures go to the run's stats."""
+    started = time.perf_counter()
+    ids, pixels, failures = decoder(batch["media_id"], batch["path"])
+    stats.record_decode.remote(failures, time.perf_counter() - started)
+    pixels = pixels.numpy() if pixels is not None else np.zeros((0, 3, *decoder.pixels.size), np.uint8)
+    return {"media_id": np.array(ids, dtype=object), "pixels": pixels}
+
+
+class EmbedUDF:
+    """Rebuilds the model once per actor from the run's shared parts; turns batches into silver rows.
+
+    A batch is either (media_id, path) rows, which the actor reads and decodes itself (decode="actor"
+    or "gpu"), or (media_id, pixels) from the decode tasks ("tasks"), which it only normalises and
+    encodes. Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
+    under a lock, so the model always has the next batch ready and never shares its cores. When a GPU
+    encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: an actor that
+    decodes then reads and decodes a batch on `decode_threads` threads.
+    """
+
+    def __init__(
+        self,
+        parts,
+        data_root: str,
+        threads: int,
+        decode_threads: int,
+        decode: str,
+        device: str,
+        stats,
+        caption_rows=None,
+    ) -> None:
+        import ray
+
+        marks = {"actor_process": IMPORTED_AT}
+        import_model_libraries()
+        marks["imports"] = time.time()
+        parts = ray.get(parts[0]) if isinstance(parts, list) else parts  # [ObjectRef]: Ray passes it unresolved
+        self.model = ClipModel.from_parts(parts, device=device, threads=threads)
+        marks["model_load"] = time.time()
+        jpegs_on = device if decode == "gpu" else None
+        self.decoder = Decoder(data_root, self.model.pixels, decode_threads, jpegs_on)
+        self.stats, self.caption_rows = stats, caption_rows
+        self.encode_lock = threading.Lock()
+        context = ray.get_runtime_context()
+        self.worker = (context.get_node_id(), context.get_actor_id())
+        if stats is not None:
+            stats.actor_started.remote(self.worker, marks)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        started = time.perf_counter()
+        if "pixels" in batch:  # decoded by the decode tasks
+            ids, pixels, failures = list(batch["media_id"]), batch["pixels"], []
+        else:
+            ids, pixels, failures = self.decoder(batch["media_id"], batch["path"])
+        decoded = time.perf_counter()
+        texts = _captions_of(batch, ids) if self.caption_rows is not None else []
+        with self.encode_lock:
+            encode_at = time.time()
+            encode_started = time.perf_counter()
+            vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
+            encoded = time.perf_counter()
+            if texts:  # the same model's text tower, in the same turn at the cores
+                text_ids = pa.array([layout.caption_id(text) for text in texts], pa.string())
+                rows = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
+                self.caption_rows.add.remote(rows)
+        seconds = {"decode": decoded - started, "encode": encoded - encode_started}
+        seconds["captions"] = time.perf_counter() - encoded
+        self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
+        return silver.embeddings_table(ids, vectors)
+
+
+def _captions_of(batch: dict, ids: list[str]) -> list[str]:
+    """The new caption texts the batch's decoded images carry (its `captions` column, when planned)."""
+    if "captions" not in batch:
+        return []
+    by_id = dict(zip(batch["media_id"], batch["captions"]))
+    return [str(text) for media_id in ids for text in by_id[media_id]]
+
+
+class CaptionRows:
+    """The caption rows a run's actors encode (a Ray actor with no CPU, per run), written as the run's
+    files of the captions table once the images are committed."""
+
+    def __init__(self) -> None:
+        self.tables: list[pa.Table] = []
+
+    def add(self, rows: pa.Table) -> None:
+        self.tables.append(rows)
+
+    def write(self, data_root: str, model_version: str, day: str, run_id: str) -> int:
+        """The rows in files of silver.CAPTION_ROWS_PER_FILE (not yet committed); how many."""
+        if not self.tables:
+            return 0
+        rows, per_file = pa.concat_tables(self.tables), silver.CAPTION_ROWS_PER_FILE
+        files = (rows.slice(start, per_file) for start in range(0, rows.num_rows, per_file))
+        silver.write_files(storage.location(data_root), model_version, layout.CAPTIONS, day, run_id, files)
+        return rows.num_rows
