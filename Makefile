@@ -52,10 +52,10 @@ clip-front: install
 TEST_WORKERS ?= 2
 
 test: install browser strace clip-front
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 demo: install
 	$(VENV)/bin/rayclip demo

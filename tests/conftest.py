@@ -54,6 +54,35 @@ os.environ.update(
 os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
 
 
+# `make test` runs the files on two xdist workers, one file at a time per worker, in this order: the
+# longest first (seconds per file in a 2-core run's --durations), then the rest as collected, so that
+# the short ones fill in at the end and both workers finish together. xdist's own order (the most
+# tests first, `--no-loadscope-reorder` turns it off) left the longest file, one test, for last.
+LONGEST_FIRST = (
+    "test_local_disk.py",
+    "test_kill_points.py",
+    "test_faults.py",
+    "test_embed_s3.py",
+    "test_pipeline.py",
+    "test_ops.py",
+    "test_distributed_index.py",
+    "test_embed.py",
+    "test_object_store.py",
+    "test_gold_s3.py",
+    "test_eval.py",
+    "test_precision.py",
+    "test_embed_startup.py",
+    "test_serve_ray.py",
+    "test_images.py",
+    "test_eval_formats.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def huge_png_header(side: int = 60_000) -> bytes:
     """A valid PNG start that claims side x side pixels: decoding it would need gigabytes."""
 

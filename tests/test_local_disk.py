@@ -97,7 +97,20 @@ def test_s3_pipeline_writes_nothing_to_local_disk_while_it_runs(s3_root, good_me
         f"{rayclip} embed --data-dir {url} --pretrained reference --actors 1 --batch-size 8",
         f"{rayclip} index --data-dir {url}",
     ]
-    cmd = [strace, "-f", "-ff", "-qq", "-y", "-e", f"trace={WATCHED}", "-o", str(traces / "t"), "bash", "-c"]
+    cmd = [
+        strace,
+        "-f",
+        "-ff",
+        "--seccomp-bpf",  # stops the processes at the watched calls only, not at every call (~3x less system time)
+        "-qq",
+        "-y",
+        "-e",
+        f"trace={WATCHED}",
+        "-o",
+        str(traces / "t"),
+        "bash",
+        "-c",
+    ]
     try:
         watched = subprocess.Popen(
             [*cmd, " && ".join(steps)],
