@@ -59,7 +59,7 @@ os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
 # the short ones fill in at the end and both workers finish together. xdist's own order (the most
 # tests first, `--no-loadscope-reorder` turns it off) left the longest file, one test, for last.
 LONGEST_FIRST = (
-    "test_local_disk.py",
+    "test_object_store.py",
     "test_kill_points.py",
     "test_faults.py",
     "test_embed_s3.py",
@@ -67,7 +67,6 @@ LONGEST_FIRST = (
     "test_ops.py",
     "test_distributed_index.py",
     "test_embed.py",
-    "test_object_store.py",
     "test_gold_s3.py",
     "test_eval.py",
     "test_precision.py",
@@ -284,63 +283,6 @@ def assert_rows_are_open_clips(root: Path, silver: pa.Table) -> None:
 
 def cli(*args: str) -> int:
     return main(list(args))
-
-
-S3_QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
-
-
-@contextlib.contextmanager
-def empty_local_folders(here: Path):
-    """The working folder, Python's temp folder and the cache folder pointed at empty folders under
-    `here` (restored after): what the S3 pipeline leaves on the local disk can then be listed."""
-    folders = {name: here / name for name in ("cwd", "tmp", "cache")}
-    for folder in folders.values():
-        folder.mkdir()
-    saved = os.getcwd(), tempfile.tempdir, os.environ.get("XDG_CACHE_HOME")
-    os.chdir(folders["cwd"])
-    tempfile.tempdir = str(folders["tmp"])
-    os.environ["XDG_CACHE_HOME"] = str(folders["cache"])
-    try:
-        yield folders
-    finally:
-        os.chdir(saved[0])
-        tempfile.tempdir = saved[1]
-        if saved[2] is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved[2]
-
-
-@pytest.fixture(scope="session")
-def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
-    """ingest → embed → index through the CLI on a fresh S3 root, then search in Python and through
-    the HTTP service, from empty local folders, with 5 % of every request (HEAD, GET, PUT, LIST)
-    spoilt, every fault kind of s3_proxy drawn (503 SlowDown, 500, reset, an answer cut short). One
-    run serves both test_object_store (S3 gives what local gives, no local disk) and test_throttle_s3
-    (a throttling store gives what a clean one gives). A dict: root, the local folders, the
-    Searcher's and the service's results, and the faults the proxy served."""
-    from fastapi.testclient import TestClient
-
-    from rayclip.http.app import create_app
-    from rayclip.query.searcher import Searcher
-    from rayclip.store import storage
-
-    root = storage.data_root(f"s3://{S3_BUCKET}/pipeline-{os.getpid()}")
-    url = storage.uri(root)
-    s3_server.throttle(0.05, seed=25)
-    try:
-        with empty_local_folders(tmp_path_factory.mktemp("s3-run")) as local:
-            assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
-            embed_args = ["--pretrained", "reference", "--actors", "1", "--batch-size", "8"]
-            assert cli("embed", "--data-dir", url, *embed_args) == 0
-            assert cli("index", "--data-dir", url) == 0
-            found = [Searcher.open(root).search_text(query, k=5) for query in S3_QUERIES]
-            with TestClient(create_app(url)) as client:  # serve: opens the build from the store at start
-                served = [client.get("/api/search", params={"q": q, "k": 5}).json()["results"] for q in S3_QUERIES]
-        spoilt = dict(s3_server.spoilt)
-    finally:
-        s3_server.clean()
-    return {"root": root, "local": local, "found": found, "served": served, "spoilt": spoilt}
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,27 @@
-"""The whole pipeline on an S3 data root (moto's S3 API on loopback) gives what it gives locally.
+"""The whole pipeline on an S3 data root (moto's S3 API on loopback) gives what it gives locally,
+through a throttling store, and writes nothing to the local disk while it runs.
 
-`rayclip ingest/embed/index/search --data-dir s3://…` (conftest's `s3_pipeline`, which throttles
-5 % of the requests) on the same generated images as the local gold store (`gold_store`): the
-same media_ids, the same silver vectors, the same search results, and the server answers from S3.
-Nothing is written to the local disk but the Searcher's cache.
+One run serves every test here (`s3_pipeline`): `rayclip ingest`, `embed` (starting its own Ray) and
+`index` on a fresh S3 root, in a process tree watched by strace (tests/helpers/watch.py) with 5 % of
+every request (HEAD, GET, PUT, LIST, POST) spoilt, every fault kind of s3_proxy drawn (503 SlowDown,
+500, reset, an answer cut short); then search in Python and through the HTTP service, from empty local
+folders. On the same generated images as the local gold store (`gold_store`): the same media_ids, the
+same silver vectors, the same search results, and the server answers from S3.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GOOD_IMAGES, assert_rows_are_open_clips, cli, read_silver
-from conftest import S3_QUERIES as QUERIES
+from conftest import GOOD_IMAGES, S3_BUCKET, assert_rows_are_open_clips, cli, read_silver
+from helpers import watch
 from s3_proxy import FAULTS
 from test_ingest_s3 import check_objects, downloads, manifest_rows, objects
 
@@ -24,6 +31,74 @@ from rayclip.stages import embed
 from rayclip.store import catalog, layout, storage
 
 REFERENCE = "clip_rayclip_ref_reference"
+QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
+
+
+@dataclass(frozen=True)
+class S3Pipeline:
+    root: object  # the data root on S3 (a Location)
+    watched: watch.Watched  # what the CLI's processes wrote locally while they ran
+    local: dict[str, Path]  # the empty folders the searches and the server ran in
+    found: list  # Searcher.search_text's results per query
+    served: list  # /api/search's results per query
+    spoilt: dict  # (method, fault) -> requests the proxy spoilt
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(s3_server, metadata, tmp_path_factory) -> S3Pipeline:
+    from fastapi.testclient import TestClient
+
+    root = storage.data_root(f"s3://{S3_BUCKET}/pipeline-{os.getpid()}")
+    url, rayclip = storage.uri(root), f"{sys.executable} -m rayclip.cli"
+    steps = [
+        f"{rayclip} ingest --data-dir {url} --metadata {metadata} --timeout 3",
+        f"{rayclip} embed --data-dir {url} --pretrained reference --actors 1 --batch-size 8",
+        f"{rayclip} index --data-dir {url}",
+    ]
+    s3_server.throttle(0.05, seed=25)
+    try:
+        watched = watch.run_watched(steps, tmp_path_factory.mktemp("trace") / "t", timeout=800)
+        with watch.empty_local_folders(tmp_path_factory.mktemp("s3-run")) as local:
+            found = [Searcher.open(root).search_text(query, k=5) for query in QUERIES]
+            with TestClient(create_app(url)) as client:  # serve: opens the build from the store at start
+                served = [client.get("/api/search", params={"q": q, "k": 5}).json()["results"] for q in QUERIES]
+        spoilt = dict(s3_server.spoilt)
+    finally:
+        s3_server.clean()
+    return S3Pipeline(root, watched, local, found, served, spoilt)
+
+
+# Outside the folders the run was pointed at, only memory and devices: /dev/shm is a tmpfs (Ray's
+# object store keeps its objects there, Python's multiprocessing its semaphores), /proc (Ray sets its
+# workers' oom_score_adj), the rest device nodes.
+ALLOWED_OUTSIDE = ("/dev/shm/", "/dev/null", "/dev/tty", "/dev/pts/", "/proc/")
+PROBE = re.compile(r"[a-z0-9_]{8}")  # tempfile's candidate names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module's run: three commands under strace, one starting Ray
+@pytest.mark.skipif(watch.STRACE is None, reason="strace is missing (`make test` installs Debian's strace as root)")
+def test_the_pipeline_writes_nothing_to_local_disk_while_it_runs(s3_pipeline):
+    """Every file any process of ingest, embed and index wrote, watched while they ran. Inside the
+    folders they were pointed at, files only in Ray's session folder (RAY_TMPDIR/ray/session_*: logs,
+    sockets, ports), Ray's token ($HOME/.ray/auth_token) and Python's probe of TMPDIR (removed at
+    once); the rest is empty folders (wandb's, which img2dataset imports, and torch's compile cache's)."""
+    watched, given = s3_pipeline.watched, s3_pipeline.watched.folders_given
+    assert catalog.current_build(s3_pipeline.root, REFERENCE)  # the run did its work, on S3
+    outside = sorted(
+        p
+        for p in watched.files | watched.folders
+        if not Path(p).is_relative_to(watched.base) and not p.startswith(ALLOWED_OUTSIDE)
+    )
+    assert outside == [], outside[:40]
+    ray_files = [p for p in watched.files if Path(p).is_relative_to(given["ray"])]
+    assert any("/session_" in p for p in ray_files)  # Ray's session folder: watched, and there
+    # Python's check that TMPDIR is writable (tempfile.gettempdir, once per process): a file named by 8
+    # random letters, written and removed at once.
+    probes = [p for p in watched.files if Path(p).parent == given["tmp"] and PROBE.fullmatch(Path(p).name)]
+    assert not set(probes) & watched.left
+    others = sorted(p for p in watched.files if Path(p).is_relative_to(watched.base) and p not in ray_files + probes)
+    assert set(others) <= {str(given["home"] / ".ray" / "auth_token")}, others[:40]
 
 
 def files_under(folder: Path) -> list[str]:
@@ -31,7 +106,7 @@ def files_under(folder: Path) -> list[str]:
 
 
 def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
-    root, local = s3_pipeline["root"], s3_pipeline["local"]
+    root, local = s3_pipeline.root, s3_pipeline.local
     assert catalog.read_manifest(root).num_rows > 0
     assert catalog.silver_files(root, REFERENCE)
     assert catalog.silver_files(root, REFERENCE, table=layout.CAPTIONS)  # embed's caption vectors, on the store too
@@ -41,11 +116,11 @@ def test_every_layer_is_on_s3_and_nothing_on_the_local_disk(s3_pipeline):
 
 
 def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store):
-    """conftest's `s3_pipeline` ran ingest, embed, index, search and serve with 5 % of the requests
-    spoilt: 503 SlowDown, 500, reset connections and answers cut short, on every verb."""
-    root, spoilt = s3_pipeline["root"], s3_pipeline["spoilt"]
-    found = [[(r.media_id, r.score) for r in results] for results in s3_pipeline["found"]]
-    served = s3_pipeline["served"]
+    """`s3_pipeline` ran ingest, embed, index, search and serve with 5 % of the requests spoilt: 503
+    SlowDown, 500, reset connections and answers cut short, on every verb."""
+    root, spoilt = s3_pipeline.root, s3_pipeline.spoilt
+    found = [[(r.media_id, r.score) for r in results] for results in s3_pipeline.found]
+    served = s3_pipeline.served
     methods = {method for method, _ in spoilt}
     assert methods >= {"HEAD", "GET", "PUT"} and sum(spoilt.values()) >= 10, (
         spoilt
@@ -70,7 +145,7 @@ def test_a_throttled_store_gives_what_a_clean_one_gives(s3_pipeline, gold_store)
 
 def test_the_ingest_on_s3_made_the_local_ones_decisions(s3_pipeline, ingested, site):
     """The same metadata as conftest's local `ingested`: the same report, rows and objects."""
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     [(_, _, report)] = [run for run in catalog.run_records(root) if run[0] == "ingest"]
     [(_, _, local)] = catalog.run_records(ingested)
     assert (report["stored"], report["admitted"], report["duplicates"]) == (GOOD_IMAGES, GOOD_IMAGES + 1, 1)
@@ -86,7 +161,7 @@ def test_the_ingest_on_s3_made_the_local_ones_decisions(s3_pipeline, ingested, s
 
 
 def test_the_embed_on_s3_is_open_clips_committed_once_and_reruns_as_nothing(s3_pipeline, ingested, ray_session):
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     [run] = [r for stage, _, r in catalog.run_records(root) if stage == "embed"]
     assert "ActorPoolMapOperator[MapBatches(EmbedUDF)]" in run["plan"]
     assert run["rows_embedded"] == GOOD_IMAGES and run["rows_failed"] == 0
@@ -110,7 +185,7 @@ def test_the_embed_on_s3_is_open_clips_committed_once_and_reruns_as_nothing(s3_p
 
 
 def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     local_root = gold_store[0]
     assert sorted(catalog.read_manifest(root).column("media_id").to_pylist()) == sorted(
         catalog.read_manifest(local_root).column("media_id").to_pylist()
@@ -123,7 +198,7 @@ def test_same_media_ids_and_silver_vectors_as_local(s3_pipeline, gold_store):
 
 
 def test_same_search_results_as_local(s3_pipeline, gold_store):
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     on_s3, here = Searcher.open(root), Searcher.open(gold_store[0])
     for query in QUERIES:
         got, want = on_s3.search_text(query, k=5), here.search_text(query, k=5)
@@ -132,7 +207,7 @@ def test_same_search_results_as_local(s3_pipeline, gold_store):
 
 
 def test_search_cli_on_s3(s3_pipeline, capsys):
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     capsys.readouterr()
     assert cli("search", "--data-dir", storage.uri(root), "--q", QUERIES[0], "--k", "3", "--json") == 0
     results = json.loads(capsys.readouterr().out)
@@ -143,7 +218,7 @@ def test_search_cli_on_s3(s3_pipeline, capsys):
 def test_server_answers_and_streams_images_from_s3(s3_pipeline):
     from fastapi.testclient import TestClient
 
-    root = s3_pipeline["root"]
+    root = s3_pipeline.root
     client = TestClient(create_app(root))
     hits = client.get("/api/search", params={"q": QUERIES[1], "k": 3}).json()["results"]
     assert len(hits) == 3
