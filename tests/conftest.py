@@ -43,20 +43,27 @@ def pytest_configure(config: pytest.Config) -> None:
 # longest first (seconds per file in a 2-core run's --durations), then the rest as collected, so that
 # the short ones fill in at the end and both workers finish together. xdist's own order (the most
 # tests first, `--no-loadscope-reorder` turns it off) left the longest file, one test, for last.
+# test_captions goes second, though shorter: its worker builds the gold store while the other runs
+# the S3 pipeline, so that no worker waits on the other's build.
 LONGEST_FIRST = (
     "test_object_store.py",
+    "test_captions.py",
     "test_kill_points.py",
     "test_faults.py",
-    "test_embed_s3.py",
-    "test_pipeline.py",
     "test_ops.py",
+    "test_pipeline.py",
+    "test_embed_s3.py",
     "test_distributed_index.py",
+    "test_ingest_s3.py",
     "test_embed.py",
     "test_gold_s3.py",
-    "test_eval.py",
-    "test_precision.py",
+    "test_throttle_s3.py",
     "test_embed_startup.py",
     "test_serve_ray.py",
+    "test_server.py",
+    "test_clip_back.py",
+    "test_eval.py",
+    "test_precision.py",
     "test_images.py",
     "test_eval_formats.py",
 )

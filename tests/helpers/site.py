@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import http.server
 import struct
-import threading
 import time
 import zlib
 from collections import Counter
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from helpers import loopback
 from rayclip import synthetic
 
 GOOD_IMAGES = 24
@@ -57,14 +56,8 @@ class SiteHandler(synthetic._QuietHandler):
 
 @contextlib.contextmanager
 def serve(folder: Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SiteHandler, directory=str(folder)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback.serving(functools.partial(SiteHandler, directory=str(folder))) as server:
+        yield loopback.url(server)
 
 
 @contextlib.contextmanager

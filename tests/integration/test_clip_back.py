@@ -10,7 +10,6 @@ import ipaddress
 import json
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from helpers import loopback
 from helpers.browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
 from helpers.clip_retrieval import CLIP_RETRIEVAL, NOT_FETCHED, clip_client_module, serving_live
 from helpers.ports import free_port
@@ -371,12 +371,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def recorder(gold_store):
     _Recorder.image = (gold_store.root / a_media(gold_store.root)["path"]).read_bytes()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with loopback.serving(_Recorder) as server:
+        yield server.server_address[1]
 
 
 @pytest.fixture(scope="module")
@@ -509,18 +505,12 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
 def test_fetch_gives_up_at_its_total_deadline_while_bytes_keep_coming():
     """fetch_image's own deadline, not httpx's read timeout: every read gets a byte within 0.2 s of a
     1 s timeout, but the whole body would take 3 s."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/trickle.jpg"
-    try:
+    with loopback.serving(_Trickle) as server:
+        url = f"{loopback.url(server)}/trickle.jpg"
         started = time.monotonic()
         with pytest.raises(HTTPException) as slow:
             clip_back.fetch_image(url, 1 << 20, timeout_s=1.0, allowed=only("127.0.0.1"))
         elapsed = time.monotonic() - started
-    finally:
-        server.shutdown()
-        server.server_close()
     assert slow.value.status_code == 422 and slow.value.detail == "image_url took too long to download"
     assert 1.0 <= elapsed < 2.5  # the whole body would take 3 s
 
@@ -578,8 +568,7 @@ def front_in_chromium(front: Path, back: str, front_port: int, query: str, tmp_p
     served = Path(shutil.copytree(front, tmp_path / "front"))
     (served / "config.json").write_text(json.dumps({"defaultBackend": back, "defaultIndex": MODEL_VERSION}))
     handler = functools.partial(synthetic._QuietHandler, directory=str(served))
-    front_server = http.server.ThreadingHTTPServer(("127.0.0.1", front_port), handler)
-    threading.Thread(target=front_server.serve_forever, daemon=True).start()
+    front_server = loopback.start(handler, front_port)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_playwright() as p:

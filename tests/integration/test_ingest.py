@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.server
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import loopback
 from helpers.site import GOOD_IMAGES
 from helpers.stores import cli, run_ingest
 
@@ -211,11 +211,8 @@ def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatc
     captions = site.images.column("caption").to_pylist()
     folder = site.folder
     gate = names[5]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_GateHandler, directory=str(folder)))
-    server.gate_file = gate
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    server = loopback.start(functools.partial(_GateHandler, directory=str(folder)), gate_file=gate)
+    base = loopback.url(server)
     # 24 distinct images (shards 0-3), then 5 of them again under other URLs and the gate (shard 4).
     urls = [f"{base}/{n}" for n in names] + [f"{base}/{n}?again" for n in names[:5]] + [f"{base}/gate.jpg"]
     texts = captions + [f"again {i}" for i in range(5)] + ["the gate"]

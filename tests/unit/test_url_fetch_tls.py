@@ -9,7 +9,6 @@ import http.server
 import ipaddress
 import socket
 import ssl
-import threading
 
 import pytest
 from cryptography import x509
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import HTTPException
+from helpers.loopback import start as start_server
 
 from rayclip.http import clip_back
 
@@ -108,10 +108,8 @@ def https_site(pki):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*pki[label])
         context.sni_callback = lambda _conn, name, _ctx: server_names.append(name)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Site)
-        server.daemon_threads = True
-        server.socket = context.wrap_socket(server.socket, server_side=True)  # handshakes as it accepts
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # Handshakes as it accepts.
+        server = start_server(_Site, wrap=lambda sock: context.wrap_socket(sock, server_side=True))
         servers.append(server)
         return server.server_address[1]
 
