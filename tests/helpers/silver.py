@@ -58,7 +58,7 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
     table = pa.table(
         {
             "media_id": ids,
-            "path": [f"bronze/objects/{m[:2]}/{m}.jpg" for m in ids],
+            "path": [layout.object_relpath(m, "jpg") for m in ids],
             "url": [f"http://127.0.0.1/{i}.jpg" for i in range(n)],
             "caption": [f"a {animals[i % 4]} number {i}" for i in range(n)],
             "width": rng.integers(64, 1024, n).astype(np.int32),
