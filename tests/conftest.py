@@ -216,6 +216,14 @@ def gold_store(request, run_dir) -> GoldStore:
     return built_once(run_dir, "gold", build)
 
 
+@pytest.fixture(scope="session")
+def gold_searcher(gold_store):
+    """A Searcher open on the gold store (read-only: tests share it)."""
+    from rayclip.query.searcher import Searcher
+
+    return Searcher.open(gold_store.root)
+
+
 @pytest.fixture
 def live_gold(gold_store):
     """`rayclip serve`'s app on the gold store, on loopback (CORS open to a front's port)."""

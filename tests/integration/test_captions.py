@@ -39,11 +39,6 @@ def mapping_of(gold_store):
     return catalog.read_parquet(layout.mapping_file(storage.data_root(gold_store.build.path)))
 
 
-@pytest.fixture(scope="module")
-def searcher(gold_store):
-    return Searcher.open(gold_store.root)
-
-
 def test_a_stored_caption_vector_is_open_clips_text_embedding(gold_store):
     """One row per distinct caption of the embedded images, keyed by the sha256 of its text, holding
     what open_clip's own encode_text gives for it (full context, fp32)."""
@@ -85,7 +80,7 @@ def test_clip_score_is_the_dot_product_of_the_stored_vectors(gold_store):
     assert max(pc.count(pc.filter(mapping["media_id"], pc.equal(mapping["media_id"], m))).as_py() for m in best) == 1
 
 
-def test_where_clip_score_filters_on_every_route(gold_store, searcher, capsys):
+def test_where_clip_score_filters_on_every_route(gold_store, gold_searcher, capsys):
     """The same filter keeps the same images through Python, /api/search and the CLI (image index
     and caption index alike); the CLI call also shows `--over captions` end to end."""
     mapping = mapping_of(gold_store).to_pylist()
@@ -93,12 +88,12 @@ def test_where_clip_score_filters_on_every_route(gold_store, searcher, capsys):
     where = f"clip_score >= {cut}"
     kept = {r["media_id"] for r in mapping if r["clip_score"] >= cut}
     assert 0 < len(kept) < len(mapping)
-    python = searcher.search_text(QUERY, k=len(mapping), where=where)
+    python = gold_searcher.search_text(QUERY, k=len(mapping), where=where)
     assert {r.media_id for r in python} == kept
     api = TestClient(create_app(gold_store.root)).get("/api/search", params={"q": QUERY, "k": 100, "where": where})
     assert api.status_code == 200, api.text
     assert {r["media_id"] for r in api.json()["results"]} == kept
-    over = searcher.find([[Term("text", QUERY)]], SearchOptions(k=len(mapping), where=where, over="captions"))[0]
+    over = gold_searcher.find([[Term("text", QUERY)]], SearchOptions(k=len(mapping), where=where, over="captions"))[0]
     assert {r.media_id for r in over} == kept
     # The caption index over HTTP, GET and POST: the same (image, caption) results as Python.
     client = TestClient(create_app(gold_store.root))
@@ -116,7 +111,7 @@ def test_where_clip_score_filters_on_every_route(gold_store, searcher, capsys):
     assert [r["caption_row"] for r in shown] == [r.caption_row for r in over]
 
 
-def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, gold_store, searcher):
+def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, gold_store, gold_searcher):
     """clip-retrieval 2.45's own ClipClient with Modality.TEXT: the caption found first is the query's
     own text (cosine 1), and the results are the images that carry it, then the next captions'."""
     module = clip_client_module()
@@ -124,7 +119,7 @@ def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, 
         url=f"{live_gold.url}/knn-service", indice_name=MODEL_VERSION, modality=module.Modality.TEXT, num_images=10,
         deduplicate=False,
     )  # fmt: skip
-    caption = searcher.mapping["caption"][0].as_py()  # the first image's (it carries three captions)
+    caption = gold_searcher.mapping["caption"][0].as_py()  # the first image's (it carries three captions)
     got = clip.query(text=caption)
     manifest = catalog.read_manifest(storage.data_root(gold_store.root), ["url", "caption"]).to_pylist()
     carriers = {r["url"] for r in manifest if r["caption"] == caption}
@@ -132,11 +127,11 @@ def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, 
     assert got[: len(top)] == top and top[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
     assert {r["url"] for r in top} == carriers  # every image carrying it, and no other
     ids = [r["id"] for r in got]  # image faiss_ids: /metadata answers for them
-    assert [searcher.mapping["url"][i].as_py() for i in ids] == [r["url"] for r in got]
-    expected = searcher.find([[Term("text", caption)]], SearchOptions(k=10, over="captions"))[0]
+    assert [gold_searcher.mapping["url"][i].as_py() for i in ids] == [r["url"] for r in got]
+    expected = gold_searcher.find([[Term("text", caption)]], SearchOptions(k=10, over="captions"))[0]
     assert [(r["id"], r["similarity"]) for r in got] == [(r.faiss_id, r.score) for r in expected]
     rows = catalog.read_parquet(layout.caption_mapping_file(storage.data_root(gold_store.build.path)))
-    assert len(set(rows["caption_id"].to_pylist())) == rows.num_rows == searcher.build.captions["count"]
+    assert len(set(rows["caption_id"].to_pylist())) == rows.num_rows == gold_searcher.build.captions["count"]
 
 
 def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, ray_session, monkeypatch):

@@ -1,5 +1,5 @@
 """clip-retrieval's back-end protocol on `rayclip serve`: the bodies its ClipClient and web front
-send, checked against our own /api routes, plus its real client and its real front (Chromium)."""
+send, checked against our own /api routes, plus its real gold_client and its real front (Chromium)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
 from rayclip.images import decode_image
-from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.query.searcher import DEFAULT_COLLAPSE
 from rayclip.stages import index
 
 MODEL_VERSION = "clip_rayclip_ref_reference"
@@ -79,19 +79,14 @@ def front_body(text: str, indice_name: str, num_images: int = 40, num_result_ids
     }
 
 
-def knn(client: TestClient, body: dict, **headers):
+def knn(gold_client: TestClient, body: dict, **headers):
     # Both clients post a JSON string without a JSON content type (requests' data=, the browser's fetch).
-    return client.post("/knn-service", content=json.dumps(body), headers=headers)
+    return gold_client.post("/knn-service", content=json.dumps(body), headers=headers)
 
 
 @pytest.fixture(scope="module")
-def client(gold_store):
+def gold_client(gold_store):
     return TestClient(create_app(gold_store.root))
-
-
-@pytest.fixture(scope="module")
-def searcher(gold_store):
-    return Searcher.open(gold_store.root)
 
 
 def ours(results: list[dict]) -> list[tuple[str, float]]:
@@ -109,13 +104,13 @@ def faiss_ids(gold_store, results: list[dict]) -> list[int]:
 
 
 @pytest.mark.parametrize("deduplicate", [False, True])
-def test_clip_client_text_body_equals_api_search(client, gold_store, deduplicate):
+def test_clip_client_text_body_equals_api_search(gold_client, gold_store, deduplicate):
     text = "a large red circle on the left on a white background"
-    response = knn(client, clip_client_body(MODEL_VERSION, num_images=10, deduplicate=deduplicate, text=text))
+    response = knn(gold_client, clip_client_body(MODEL_VERSION, num_images=10, deduplicate=deduplicate, text=text))
     assert response.status_code == 200, response.text
     got = response.json()
     params = {"q": text, "k": 10} | ({"collapse": DEFAULT_COLLAPSE} if deduplicate else {})
-    expected = client.get("/api/search", params=params).json()["results"]
+    expected = gold_client.get("/api/search", params=params).json()["results"]
     assert theirs(got) == ours(expected) and len(got) == 10
     assert [r["id"] for r in got] == faiss_ids(gold_store, expected)
     assert [(r["url"], r["caption"]) for r in got] == [(r["url"], r["caption"]) for r in expected]
@@ -123,22 +118,22 @@ def test_clip_client_text_body_equals_api_search(client, gold_store, deduplicate
     assert [r.get("duplicates") for r in got] == [r["duplicates"] if deduplicate else None for r in expected]
 
 
-def test_clip_client_base64_image_body_equals_image_upload(client, gold_store):
+def test_clip_client_base64_image_body_equals_image_upload(gold_client, gold_store):
     row = a_media(gold_store.root)
     data = (gold_store.root / row["path"]).read_bytes()
     body = clip_client_body(MODEL_VERSION, num_images=5, deduplicate=False, image=base64.b64encode(data).decode())
-    got = knn(client, body).json()
-    expected = client.post("/api/search/image", params={"k": 5}, files={"file": ("q.jpg", data, "image/jpeg")})
+    got = knn(gold_client, body).json()
+    expected = gold_client.post("/api/search/image", params={"k": 5}, files={"file": ("q.jpg", data, "image/jpeg")})
     assert theirs(got) == ours(expected.json()["results"]) and got[0]["media_id"] == row["media_id"]
 
 
-def test_clip_client_embedding_body_equals_image_upload(client, gold_store, searcher):
+def test_clip_client_embedding_body_equals_image_upload(gold_client, gold_store, gold_searcher):
     row = a_media(gold_store.root)
     data = (gold_store.root / row["path"]).read_bytes()
-    vector = searcher.model.encode_images([decode_image(data)])[0]
+    vector = gold_searcher.model.encode_images([decode_image(data)])[0]
     body = clip_client_body(MODEL_VERSION, num_images=6, deduplicate=False, embedding_input=vector.tolist())
-    got = knn(client, body).json()
-    expected = client.post("/api/search/image", params={"k": 6}, files={"file": ("q.jpg", data, "image/jpeg")})
+    got = knn(gold_client, body).json()
+    expected = gold_client.post("/api/search/image", params={"k": 6}, files={"file": ("q.jpg", data, "image/jpeg")})
     assert theirs(got) == ours(expected.json()["results"])
 
 
@@ -167,28 +162,28 @@ def test_clip_client_deduplicate_folds_near_duplicates(near_duplicates, deduplic
         assert groups == [0, 0, 0, 0] and all("duplicates" not in r for r in got)
 
 
-def test_metadata_round_trips_ids(client, gold_store):
-    got = knn(client, clip_client_body(MODEL_VERSION, num_images=8, text="a small blue star")).json()
+def test_metadata_round_trips_ids(gold_client, gold_store):
+    got = knn(gold_client, clip_client_body(MODEL_VERSION, num_images=8, text="a small blue star")).json()
     ids = [r["id"] for r in got]
-    response = client.post("/metadata", content=json.dumps({"ids": ids[::-1], "indice_name": MODEL_VERSION}))
+    response = gold_client.post("/metadata", content=json.dumps({"ids": ids[::-1], "indice_name": MODEL_VERSION}))
     assert response.status_code == 200 and response.headers["X-Rayclip-Build-Id"] == gold_store.build.build_id
     assert response.json() == [
         {"id": r["id"], "metadata": {"media_id": r["media_id"], "url": r["url"], "caption": r["caption"]}}
         for r in got[::-1]
     ]
     same_build = {"ids": ids[:1], "indice_name": MODEL_VERSION, "build_id": gold_store.build.build_id}
-    assert client.post("/metadata", json=same_build).status_code == 200
-    stale = client.post("/metadata", json=same_build | {"build_id": "20200101T000000.000000Z-abcdef"})
+    assert gold_client.post("/metadata", json=same_build).status_code == 200
+    stale = gold_client.post("/metadata", json=same_build | {"build_id": "20200101T000000.000000Z-abcdef"})
     assert stale.status_code == 409 and "search again" in stale.json()["detail"]
     assert stale.headers["X-Rayclip-Build-Id"] == gold_store.build.build_id
-    outside = client.post("/metadata", json={"ids": [0, GOOD_IMAGES], "indice_name": MODEL_VERSION})
+    outside = gold_client.post("/metadata", json={"ids": [0, GOOD_IMAGES], "indice_name": MODEL_VERSION})
     assert outside.status_code == 422 and f"id {GOOD_IMAGES} is not in build" in outside.json()["detail"]
-    assert client.post("/metadata", json={"ids": [], "indice_name": MODEL_VERSION}).json() == []
+    assert gold_client.post("/metadata", json={"ids": [], "indice_name": MODEL_VERSION}).json() == []
 
 
-def test_front_body_as_text_plain_gets_metadata_for_num_images_then_ids(client):
+def test_front_body_as_text_plain_gets_metadata_for_num_images_then_ids(gold_client):
     body = front_body("a green square", MODEL_VERSION, num_images=5, num_result_ids=20)
-    response = knn(client, body, **{"Content-Type": "text/plain;charset=UTF-8"})
+    response = knn(gold_client, body, **{"Content-Type": "text/plain;charset=UTF-8"})
     assert response.status_code == 200, response.text
     got = response.json()
     assert len(got) == 20 and len({r["id"] for r in got}) == 20
@@ -198,13 +193,13 @@ def test_front_body_as_text_plain_gets_metadata_for_num_images_then_ids(client):
     assert response.headers["X-Rayclip-Ignored-Flags"] == "use_safety_model, use_violence_detector"
 
 
-def test_ignored_flags_are_named_in_a_header(client):
+def test_ignored_flags_are_named_in_a_header(gold_client):
     body = clip_client_body(MODEL_VERSION, num_images=3, text="a red circle")
-    response = knn(client, body | {"use_mclip": True})
+    response = knn(gold_client, body | {"use_mclip": True})
     ignored = "use_mclip, use_safety_model, use_violence_detector, aesthetic_score, aesthetic_weight"
     assert response.headers["X-Rayclip-Ignored-Flags"] == ignored
     quiet = {"text": "a red circle", "num_images": 3, "indice_name": MODEL_VERSION}
-    response = knn(client, quiet)
+    response = knn(gold_client, quiet)
     assert response.status_code == 200 and "X-Rayclip-Ignored-Flags" not in response.headers
 
 
@@ -221,10 +216,10 @@ def test_indices_list_and_any_published_model_version(gold_store, tmp_path):
     assert unnamed.status_code == 404 and "pick one with indice_name" in unnamed.json()["detail"]
 
 
-def test_openapi_documents_the_routes(client):
-    paths = client.get("/openapi.json").json()["paths"]
+def test_openapi_documents_the_routes(gold_client):
+    paths = gold_client.get("/openapi.json").json()["paths"]
     assert {"/indices-list", "/knn-service", "/metadata"} <= set(paths)
-    schema = client.get("/openapi.json").json()["components"]["schemas"]["KnnQuery"]["properties"]
+    schema = gold_client.get("/openapi.json").json()["components"]["schemas"]["KnnQuery"]["properties"]
     assert {"num_images", "num_result_ids", "modality", "indice_name", "deduplicate", "embedding_input"} <= set(schema)
 
 
@@ -245,15 +240,15 @@ def test_openapi_documents_the_routes(client):
         ({"image_url": "http://example.com/a.jpg"}, 422, "start the server with --allow-url-queries"),
     ],
 )
-def test_bad_requests_get_one_clear_message(client, loopback_only, body, status, message):
-    response = knn(client, clip_client_body(MODEL_VERSION) | body)
+def test_bad_requests_get_one_clear_message(gold_client, loopback_only, body, status, message):
+    response = knn(gold_client, clip_client_body(MODEL_VERSION) | body)
     assert response.status_code == status, response.text
     assert isinstance(response.json()["detail"], str) and message in response.json()["detail"]
     assert loopback_only == []  # the image_url refused without a DNS query or a connection
 
 
-def test_unparseable_body_is_one_clear_message(client):
-    response = client.post("/knn-service", content="{not json")
+def test_unparseable_body_is_one_clear_message(gold_client):
+    response = gold_client.post("/knn-service", content="{not json")
     assert response.status_code == 422 and response.json()["detail"] == "the body is not valid JSON"
 
 
@@ -496,7 +491,7 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"\0")
                 time.sleep(0.2)
         except OSError:
-            pass  # the client hung up, as it should
+            pass  # the gold_client hung up, as it should
 
     def log_message(self, *args) -> None:
         pass
@@ -528,12 +523,12 @@ def test_url_query_end_to_end_equals_base64_query(gold_store, recorder, monkeypa
 # ------------------------------------------------------------------ clip-retrieval's own client and front
 
 
-def test_clip_retrieval_client_queries_rayclip(live_gold, client):
+def test_clip_retrieval_client_queries_rayclip(live_gold, gold_client):
     module = clip_client_module()
     back = live_gold.url
     clip = module.ClipClient(url=f"{back}/knn-service", indice_name=MODEL_VERSION, num_images=10)
     got = clip.query(text="a large red circle")
-    expected = client.get("/api/search", params={"q": "a large red circle", "k": 10, "collapse": DEFAULT_COLLAPSE})
+    expected = gold_client.get("/api/search", params={"q": "a large red circle", "k": 10, "collapse": DEFAULT_COLLAPSE})
     assert theirs(got) == ours(expected.json()["results"])
     assert {"id", "similarity", "url", "caption"} <= set(got[0])
 

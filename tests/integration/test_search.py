@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import bounded
 from helpers.site import GOOD_IMAGES
-from helpers.stores import cli, read_silver
+from helpers.stores import GoldStore, cli, read_silver
 
 from rayclip import Searcher, UserError
 from rayclip.stages import index
@@ -20,16 +20,16 @@ PUBLISHES = 30
 
 
 @pytest.fixture(scope="module")
-def built(gold_store, tmp_path_factory):
+def built(gold_store, tmp_path_factory) -> GoldStore:
     """A private copy of the gold store: these tests publish and roll back builds."""
     root = tmp_path_factory.mktemp("gold-private") / "data"
     shutil.copytree(gold_store.root, root)
-    return root, gold_store.build
+    return GoldStore(root, gold_store.build)
 
 
 @pytest.fixture(scope="module")
-def searcher(built):
-    return Searcher.open(built[0])
+def built_searcher(built):
+    return Searcher.open(built.root)
 
 
 def silver_vectors(root) -> tuple[list[str], np.ndarray]:
@@ -38,7 +38,7 @@ def silver_vectors(root) -> tuple[list[str], np.ndarray]:
 
 
 def test_build_is_published_with_its_contract(built):
-    root, report = built
+    root, report = built.root, built.build
     folder = layout.build_dir(root, report.model_version, report.build_id)
     info = json.loads((folder / "build.json").read_text())
     mapping = pq.read_table(folder / "mapping.parquet")
@@ -53,20 +53,20 @@ def test_build_is_published_with_its_contract(built):
     assert info["dim"] == 128 and info["index_type"] == "flat" and info["source_partitions"]
 
 
-def test_image_query_finds_itself_first(built, searcher):
-    root, _ = built
+def test_image_query_finds_itself_first(built, built_searcher):
+    root = built.root
     for row in catalog.read_manifest(root).to_pylist()[:3]:
-        results = searcher.search_image(root / row["path"], k=3)
+        results = built_searcher.search_image(root / row["path"], k=3)
         assert results[0].media_id == row["media_id"]
         assert results[0].score == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("query", ["a large red circle on the left on a white background", "a small blue star"])
-def test_text_search_matches_brute_force_over_silver(built, searcher, query):
-    ids, vectors = silver_vectors(built[0])
-    scores = vectors @ searcher.model.encode_texts([query])[0]
+def test_text_search_matches_brute_force_over_silver(built, built_searcher, query):
+    ids, vectors = silver_vectors(built.root)
+    scores = vectors @ built_searcher.model.encode_texts([query])[0]
     expected = [ids[i] for i in np.argsort(-scores)[:5]]
-    results = searcher.search_text(query, k=5)
+    results = built_searcher.search_text(query, k=5)
     assert [r.media_id for r in results] == expected
     assert [r.rank for r in results] == [1, 2, 3, 4, 5]
     got = [r.score for r in results]
@@ -75,7 +75,7 @@ def test_text_search_matches_brute_force_over_silver(built, searcher, query):
 
 
 def test_rebuild_from_same_silver_gives_same_mapping(built):
-    root, first = built
+    root, first = built.root, built.build
     second = index.build(root, retrain=True)  # a full build again, not an extension of the first
 
     def read(b):
@@ -94,14 +94,14 @@ import json, sys, time
 from pathlib import Path
 from rayclip import Searcher
 root, expected, stop = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-searcher, seen, checks = Searcher.open(root), set(), 0
+built_searcher, seen, checks = Searcher.open(root), set(), 0
 print("ready", flush=True)
 deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
-    searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
-    mapping, index = searcher.mapping, searcher._build.knn.index
-    assert searcher.build.count == mapping.num_rows == index.ntotal == expected, searcher.build
-    seen.add(searcher.build.build_id)
+    built_searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
+    mapping, index = built_searcher.mapping, built_searcher._build.knn.index
+    assert built_searcher.build.count == mapping.num_rows == index.ntotal == expected, built_searcher.build
+    seen.add(built_searcher.build.build_id)
     checks += 1
 print(json.dumps({"builds_seen": len(seen), "checks": checks}))
 """
@@ -113,7 +113,7 @@ def test_readers_never_see_a_partial_build(built, tmp_path):
     import subprocess
     import sys
 
-    root, stop = built[0], tmp_path / "stop"
+    root, stop = built.root, tmp_path / "stop"
     cmd = [sys.executable, "-c", READER, str(root), str(GOOD_IMAGES), str(stop)]
     reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -134,11 +134,11 @@ def test_readers_never_see_a_partial_build(built, tmp_path):
     assert result["builds_seen"] >= PUBLISHES // 2 and result["checks"] > PUBLISHES, result
 
 
-def test_query_adjustments_are_noted(searcher):
-    clamped = searcher.search_text("a green cross", k=10_000)
+def test_query_adjustments_are_noted(built_searcher):
+    clamped = built_searcher.search_text("a green cross", k=10_000)
     assert len(clamped) == GOOD_IMAGES and "clamped" in clamped.notes[0]
-    assert len(searcher.search_text("a green cross", k=0)) == 1
-    long = searcher.search_text("a green cross " * 40, k=2)
+    assert len(built_searcher.search_text("a green cross", k=0)) == 1
+    long = built_searcher.search_text("a green cross " * 40, k=2)
     assert any("truncated" in n for n in long.notes)
 
 
@@ -151,14 +151,14 @@ def test_query_adjustments_are_noted(searcher):
         (lambda s, tmp: Searcher.open(tmp / "empty"), "no index yet"),
     ],
 )
-def test_bad_queries_raise_user_errors(searcher, tmp_path, call, message):
+def test_bad_queries_raise_user_errors(built_searcher, tmp_path, call, message):
     with pytest.raises(UserError, match=message):
-        call(searcher, tmp_path)
+        call(built_searcher, tmp_path)
 
 
 def test_broken_build_is_refused_by_name(built, tmp_path, capsys):
     root = tmp_path / "data"
-    shutil.copytree(built[0], root)
+    shutil.copytree(built.root, root)
     mv = "clip_rayclip_ref_reference"
     build_id = catalog.current_build(root, mv)
     mapping_file = layout.build_dir(root, mv, build_id) / "mapping.parquet"
@@ -169,7 +169,7 @@ def test_broken_build_is_refused_by_name(built, tmp_path, capsys):
 
 
 def test_cli_json_and_status(built, capsys):
-    root = str(built[0])
+    root = str(built.root)
     assert cli("search", "--data-dir", root, "--q", "a small yellow triangle", "--k", "5", "--json") == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
@@ -183,7 +183,7 @@ def test_cli_json_and_status(built, capsys):
 @pytest.mark.parametrize("index_type", ["HNSW32", "IVF4,Flat"])  # IVF needs training first
 def test_other_faiss_index_types(built, tmp_path, index_type):
     root = tmp_path / "data"
-    shutil.copytree(built[0], root)
+    shutil.copytree(built.root, root)
     report = index.build(root, index_type=index_type)
     info = json.loads((layout.build_dir(root, report.model_version, report.build_id) / "build.json").read_text())
     assert info["index_type"] == index_type and info["count"] == GOOD_IMAGES

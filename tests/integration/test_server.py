@@ -26,44 +26,47 @@ from rayclip.store import catalog
 
 
 @pytest.fixture(scope="module")
-def client(gold_store):
+def server_client(gold_store):
+    """The app on the gold store, its upload limit at 200 kB."""
     return TestClient(create_app(gold_store.root, max_upload_bytes=200_000))
 
 
-def test_text_search_returns_the_cli_result_objects(client):
-    body = client.get("/api/search", params={"q": "a large red circle", "k": 5}).json()
+def test_text_search_returns_the_cli_result_objects(server_client):
+    body = server_client.get("/api/search", params={"q": "a large red circle", "k": 5}).json()
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
     assert set(body["results"][0]) == {"rank", "score", "media_id", "path", "url", "caption", "duplicates", "faiss_id"}
     assert body["model_version"] == "clip_rayclip_ref_reference" and body["build_id"]
 
 
-def test_image_upload_and_similar_find_the_image_first(client, gold_store):
+def test_image_upload_and_similar_find_the_image_first(server_client, gold_store):
     row = a_media(gold_store.root)
     data = (gold_store.root / row["path"]).read_bytes()
-    upload = client.post("/api/search/image", params={"k": 3}, files={"file": ("q.jpg", data, "image/jpeg")}).json()
+    upload = server_client.post(
+        "/api/search/image", params={"k": 3}, files={"file": ("q.jpg", data, "image/jpeg")}
+    ).json()
     assert upload["results"][0]["media_id"] == row["media_id"]
-    similar = client.get("/api/search/similar", params={"media_id": row["media_id"], "k": 3}).json()
+    similar = server_client.get("/api/search/similar", params={"media_id": row["media_id"], "k": 3}).json()
     assert similar["results"][0]["media_id"] == row["media_id"] and similar["results"][0]["score"] > 0.999
 
 
-def test_images_are_served_from_the_store_only(client, gold_store):
+def test_images_are_served_from_the_store_only(server_client, gold_store):
     row = a_media(gold_store.root)
-    response = client.get(f"/api/images/{row['media_id']}")
+    response = server_client.get(f"/api/images/{row['media_id']}")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content == (gold_store.root / row["path"]).read_bytes()
     # Named by the hash of its bytes, it never changes: cached for a year, by the browser only.
     assert response.headers["cache-control"] == "private, max-age=31536000, immutable"
-    assert client.get("/api/images/" + "0" * 64).status_code == 404  # well-formed, not stored
+    assert server_client.get("/api/images/" + "0" * 64).status_code == 404  # well-formed, not stored
     # Malformed ids are refused by the media_id check (422) before a path or glob is built from them:
     # without it, "*" or a prefix plus "*" would glob their way to some stored object.
     escapes = ["...", "%2E%2E", "..%5C..%5Cwin", "*", "%2A" * 64, row["media_id"][:63] + "*", row["media_id"][:2] + "*"]
     for bad in ["abc", "G" * 64, row["media_id"].upper(), row["media_id"] + "0", *escapes]:
-        response = client.get(f"/api/images/{bad}")
+        response = server_client.get(f"/api/images/{bad}")
         assert response.status_code == 422, (bad, response.status_code)
         assert "64 lowercase hex" in response.json()["detail"]
     # An encoded slash makes another path, which no route serves.
     for other_path in ["..%2F..%2Fetc%2Fpasswd", row["media_id"][:2] + "%2F" + row["media_id"]]:
-        assert client.get(f"/api/images/{other_path}").status_code == 404
+        assert server_client.get(f"/api/images/{other_path}").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -77,21 +80,26 @@ def test_images_are_served_from_the_store_only(client, gold_store):
         ({}, 422),
     ],
 )
-def test_bad_text_queries(client, params, status):
-    response = client.get("/api/search", params=params)
+def test_bad_text_queries(server_client, params, status):
+    response = server_client.get("/api/search", params=params)
     assert response.status_code == status and response.json()["detail"]
 
 
-def test_bad_uploads(client):
-    assert client.post("/api/search/image", files={"file": ("x.jpg", b"<html>", "image/jpeg")}).status_code == 415
-    assert client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 300_000, "image/jpeg")}).status_code == 413
+def test_bad_uploads(server_client):
+    assert (
+        server_client.post("/api/search/image", files={"file": ("x.jpg", b"<html>", "image/jpeg")}).status_code == 415
+    )
+    assert (
+        server_client.post("/api/search/image", files={"file": ("x.jpg", b"\0" * 300_000, "image/jpeg")}).status_code
+        == 413
+    )
 
 
-def test_status_health_docs(client):
-    assert client.get("/healthz").json() == {"ok": True}
-    assert client.get("/api/status").json()["count"] == GOOD_IMAGES
-    assert client.get("/docs").status_code == 200
-    assert "/api/search" in client.get("/openapi.json").json()["paths"]
+def test_status_health_docs(server_client):
+    assert server_client.get("/healthz").json() == {"ok": True}
+    assert server_client.get("/api/status").json()["count"] == GOOD_IMAGES
+    assert server_client.get("/docs").status_code == 200
+    assert "/api/search" in server_client.get("/openapi.json").json()["paths"]
 
 
 def test_no_index_is_503_then_a_new_build_is_picked_up_without_restart(gold_store, tmp_path):

@@ -53,7 +53,7 @@ def service_store(tmp_path_factory) -> ServiceStore:
 
 
 @pytest.fixture(scope="module")
-def client(service_store):
+def service_client(service_store):
     return TestClient(create_app(service_store.root, max_upload_bytes=50_000))
 
 
@@ -87,15 +87,15 @@ def test_a_build_published_mid_query_never_mislabels_the_results(tmp_path, monke
     root = tmp_path / "data"
     ids = vectors_store(root)
     first = index.build(root)
-    client = TestClient(create_app(root))
+    service_client = TestClient(create_app(root))
     entered, release = first_search_blocked(monkeypatch)
     body = {"terms": [{"media_id": ids[7]}], "k": 10}
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(client.post, "/api/search", json=body)
+        pending = pool.submit(service_client.post, "/api/search", json=body)
         assert entered.wait(60)
         vectors_store(root, prefix="later", day="2025-06-01", seed=1)  # sorts first: other faiss_ids
         second = index.build(root, retrain=True)
-        assert client.get("/api/status").json()["build_id"] == second.build_id  # the Searcher moved on
+        assert service_client.get("/api/status").json()["build_id"] == second.build_id  # the Searcher moved on
         release.set()
         response = pending.result(60)
     assert response.status_code == 200, response.text
@@ -105,7 +105,7 @@ def test_a_build_published_mid_query_never_mislabels_the_results(tmp_path, monke
     rows = [(r["faiss_id"], r["media_id"]) for r in answer["results"]]
     assert rows[0][1] == ids[7] and all(old[i] == m for i, m in rows)
     assert any(new[i] != m for i, m in rows)  # the other build would have told another story
-    after = client.post("/api/search", json=body).json()
+    after = service_client.post("/api/search", json=body).json()
     assert after["build_id"] == second.build_id and all(new[r["faiss_id"]] == r["media_id"] for r in after["results"])
 
 
@@ -113,23 +113,23 @@ def test_knn_service_names_the_build_its_ids_come_from(tmp_path, monkeypatch):
     root = tmp_path / "data"
     vectors_store(root)
     first = index.build(root)
-    client = TestClient(create_app(root))
+    service_client = TestClient(create_app(root))
     entered, release = first_search_blocked(monkeypatch)
     query = {"embedding_input": clustered(1, seed=9)[0].tolist(), "num_images": 5, "indice_name": MODEL_VERSION}
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(client.post, "/knn-service", content=json.dumps(query))
+        pending = pool.submit(service_client.post, "/knn-service", content=json.dumps(query))
         assert entered.wait(60)
         vectors_store(root, prefix="later", day="2025-06-01", seed=1)
         second = index.build(root, retrain=True)
-        assert client.get("/indices-list").status_code == 200
-        assert client.post("/metadata", json={"ids": [0]}).headers["X-Rayclip-Build-Id"] == second.build_id
+        assert service_client.get("/indices-list").status_code == 200
+        assert service_client.post("/metadata", json={"ids": [0]}).headers["X-Rayclip-Build-Id"] == second.build_id
         release.set()
         response = pending.result(60)
     assert response.status_code == 200, response.text
     assert response.headers["X-Rayclip-Build-Id"] == first.build_id
     old = mapping_of(root, first.build_id)
     assert all(old[r["id"]] == r["media_id"] for r in response.json())
-    stale = client.post("/metadata", json={"ids": [0], "build_id": first.build_id})
+    stale = service_client.post("/metadata", json={"ids": [0], "build_id": first.build_id})
     assert stale.status_code == 409  # the ids of the old build cannot be looked up in the new one
 
 
@@ -143,8 +143,8 @@ def test_knn_service_names_the_build_its_ids_come_from(tmp_path, monkeypatch):
         ("/knn-service", '{"embedding_input": [0.1, Infinity' + ", 0.1" * 126 + "]}"),
     ],
 )
-def test_non_finite_numbers_are_one_line_422s(client, path, body):
-    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+def test_non_finite_numbers_are_one_line_422s(service_client, path, body):
+    response = service_client.post(path, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail and "finite number" in detail
@@ -161,31 +161,35 @@ def test_the_model_is_loaded_before_the_first_request(service_store, monkeypatch
     monkeypatch.setattr(Searcher, "load", classmethod(counted))
     app = create_app(service_store.root)
     assert opened == []  # creating the app loads nothing (tests, `--help`)
-    with TestClient(app) as client:  # runs the startup, as uvicorn does before it listens
+    with TestClient(app) as service_client:  # runs the startup, as uvicorn does before it listens
         assert len(opened) == 1 and app.state.service.cached() is not None
-        assert client.get("/healthz").json() == {"ok": True}
-        assert client.get("/api/search", params={"q": "a dog"}).status_code == 200
+        assert service_client.get("/healthz").json() == {"ok": True}
+        assert service_client.get("/api/search", params={"q": "a dog"}).status_code == 200
         assert len(opened) == 1  # the first query found it open
 
 
-def test_the_page_starts_from_the_servers_search_defaults(client):
-    assert client.get("/api/defaults").json() == {"k": SearchOptions.k, "collapse": DEFAULT_COLLAPSE, "max_k": MAX_K}
-    page = client.get("/").text + client.get("/static/app.js").text
+def test_the_page_starts_from_the_servers_search_defaults(service_client):
+    assert service_client.get("/api/defaults").json() == {
+        "k": SearchOptions.k,
+        "collapse": DEFAULT_COLLAPSE,
+        "max_k": MAX_K,
+    }
+    page = service_client.get("/").text + service_client.get("/static/app.js").text
     assert "/api/defaults" in page
     assert str(DEFAULT_COLLAPSE) not in page and "<option" not in page  # no default of its own
 
 
 def test_startup_without_an_index_still_serves_and_answers_503(tmp_path):
     app = create_app(tmp_path / "empty")
-    with TestClient(app) as client:
-        assert client.get("/healthz").json() == {"ok": True}
-        response = client.get("/api/search", params={"q": "a dog"})
+    with TestClient(app) as service_client:
+        assert service_client.get("/healthz").json() == {"ok": True}
+        response = service_client.get("/api/search", params={"q": "a dog"})
         assert response.status_code == 503 and "rayclip index" in response.json()["detail"]
 
 
 def test_one_searcher_for_api_and_clip_back_and_no_gold_listing_per_request(service_store, monkeypatch):
     app = create_app(service_store.root)
-    client = TestClient(app)
+    service_client = TestClient(app)
     used, listings = [], []
     find, listing = Searcher.find, catalog.gold_model_versions
 
@@ -199,22 +203,24 @@ def test_one_searcher_for_api_and_clip_back_and_no_gold_listing_per_request(serv
 
     monkeypatch.setattr(Searcher, "find", recorded)
     monkeypatch.setattr(catalog, "gold_model_versions", counted)
-    assert client.get("/api/search", params={"q": "a dog"}).status_code == 200  # opens: one listing
+    assert service_client.get("/api/search", params={"q": "a dog"}).status_code == 200  # opens: one listing
     listings.clear()
     vector = clustered(1, seed=3)[0].tolist()
     requests = [
-        lambda: client.get("/api/search", params={"q": "a cat"}),
-        lambda: client.post("/knn-service", content=json.dumps({"text": "a cat", "indice_name": MODEL_VERSION})),
-        lambda: client.post("/knn-service", content=json.dumps({"embedding_input": vector})),
-        lambda: client.post("/api/search", json={"terms": [{"text": "a bird"}]}),
-        lambda: client.post("/metadata", json={"ids": [0, 1], "indice_name": MODEL_VERSION}),
+        lambda: service_client.get("/api/search", params={"q": "a cat"}),
+        lambda: service_client.post(
+            "/knn-service", content=json.dumps({"text": "a cat", "indice_name": MODEL_VERSION})
+        ),
+        lambda: service_client.post("/knn-service", content=json.dumps({"embedding_input": vector})),
+        lambda: service_client.post("/api/search", json={"terms": [{"text": "a bird"}]}),
+        lambda: service_client.post("/metadata", json={"ids": [0, 1], "indice_name": MODEL_VERSION}),
     ]
     for request in requests:
         assert request().status_code == 200
     assert listings == []  # CURRENT is read per request, gold/ is not listed
     assert len(used) == 5 and all(s is used[0] for s in used)
     assert app.state.service.cached(MODEL_VERSION) is used[0]
-    assert client.get("/indices-list").json() == [MODEL_VERSION] and listings == []
+    assert service_client.get("/indices-list").json() == [MODEL_VERSION] and listings == []
 
 
 def test_an_unknown_name_lists_gold_again_and_finds_a_new_model_version(tmp_path):
@@ -254,8 +260,8 @@ def not_an_image() -> str:
         (lambda c: c.post("/knn-service", content=json.dumps({"image": "A" * 80_000})), 413, "larger than"),
     ],
 )
-def test_bad_images_get_the_same_status_on_every_route(client, send, status, message):
-    response = send(client)
+def test_bad_images_get_the_same_status_on_every_route(service_client, send, status, message):
+    response = send(service_client)
     assert response.status_code == status, response.text
     assert isinstance(response.json()["detail"], str) and message in response.json()["detail"]
 
@@ -286,13 +292,13 @@ def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(
     index.build(root)
     shutil.copytree(root / "gold" / MODEL_VERSION, root / "gold" / "second_version")
     present = f"({MODEL_VERSION}, second_version)"
-    with TestClient(create_app(root)) as client:
-        api = client.get("/api/search", params={"q": "a dog"})
-        clip = client.post("/knn-service", content=json.dumps({"text": "a dog"}))
+    with TestClient(create_app(root)) as service_client:
+        api = service_client.get("/api/search", params={"q": "a dog"})
+        clip = service_client.post("/knn-service", content=json.dumps({"text": "a dog"}))
     assert (api.status_code, clip.status_code) == (404, 404)  # one status, whichever route asks
     assert present in api.json()["detail"] and "rayclip serve --model-version" in api.json()["detail"]
     assert present in clip.json()["detail"] and "pick one with indice_name" in clip.json()["detail"]
-    assert "--model-version" not in clip.json()["detail"]  # a client cannot pass a CLI flag
+    assert "--model-version" not in clip.json()["detail"]  # a service_client cannot pass a CLI flag
     with pytest.raises(UnknownModelVersionError, match=r"pick one with model_version=$"):
         Searcher.open(root)
     assert cli.main(["search", "--data-dir", str(root), "--q", "a dog"]) == 2
@@ -318,6 +324,8 @@ def test_a_request_resolves_the_data_root_once_and_lists_gold_once(service_store
 
     monkeypatch.setattr(storage, "data_root", resolving)
     monkeypatch.setattr(storage, "children", listing)
-    with TestClient(create_app(str(service_store.root))) as client:  # opens the Searcher before the first request
-        assert client.get("/api/search", params={"q": "a dog"}).status_code == 200
+    with TestClient(
+        create_app(str(service_store.root))
+    ) as service_client:  # opens the Searcher before the first request
+        assert service_client.get("/api/search", params={"q": "a dog"}).status_code == 200
     assert len(resolved) == 1 and len(listed) == 1
