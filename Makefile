@@ -48,14 +48,18 @@ clip-front: install
 	} || echo "note: clip-retrieval 2.45 could not be downloaded: its front and client tests will skip"
 
 # Two workers, each with its own Ray and session fixtures; a test file stays on one worker (its
-# module fixtures are built once, and the demo's fixed port is used by one file only).
+# module fixtures are built once, and the demo's fixed port is used by one file only), and the files
+# go out in conftest's order (the longest first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
+PYTEST       := $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# Everything: tests/unit and tests/integration (Ray, moto's S3, subprocesses, Chromium).
 test: install browser strace clip-front
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PYTEST) --durations=15
 
+# tests/unit only: no Ray, no S3 server, no subprocess, no browser (under 90 s).
 test-fast: install
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) tests/unit
 
 demo: install
 	$(VENV)/bin/rayclip demo

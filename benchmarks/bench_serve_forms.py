@@ -36,7 +36,7 @@ from rayclip.stages import index
 from rayclip.store import layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from shard_helpers import sharded_copy  # noqa: E402 - the same index built again with --shards 2
+from helpers.index_forms import sharded_copy  # noqa: E402 - the same index built again with --shards 2
 
 QUERIES = [f"a photo of item {i}, number {i % 97} in a series" for i in range(50)]
 SERVE = "import sys; from rayclip.cli import main; sys.exit(main(sys.argv[1:]))"

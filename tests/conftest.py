@@ -1,91 +1,77 @@
-"""Shared fixtures: a loopback image site, LAION-style metadata pointing at it, one Ray per session."""
+"""The fixtures the tests share: a loopback image site and LAION-style metadata pointing at it, the
+ingested store, one Ray per test process, moto's S3 behind a throttling proxy, and the gold store
+built once per run. Helpers (plain functions and constants) are in the `helpers` package: a test
+module imports those, never this file or another test module."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import http.server
 import logging
 import os
-import pickle
 import shutil
-import socket
-import struct
-import tempfile
-import threading
-import time
 import uuid
-import zlib
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.built_once import built_once
+from helpers.clip_retrieval import serving_live
+from helpers.ports import free_port
+from helpers.s3_proxy import S3_BUCKET, ThrottlingProxy
+from helpers.site import GOOD_IMAGES, Site, SiteHandler, huge_png_header, serve
+from helpers.stores import GoldStore, run_ingest
 
 from rayclip import synthetic
-from rayclip.cli import main
-from rayclip.stages import ingest
-
-GOOD_IMAGES = 24
-SLOW_SECONDS = 8
-S3_BUCKET = "rayclip-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The object-store tests talk to moto's S3 on loopback, found through the standard AWS variables.
-# They are set when the test session starts, so every process it starts later (Ray's workers, CLI
-# subprocesses) finds the same endpoint, as a real deployment's processes find theirs.
-os.environ.update(
-    AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",
-    AWS_ACCESS_KEY_ID="testing",
-    AWS_SECRET_ACCESS_KEY="testing",
-    AWS_DEFAULT_REGION="us-east-1",
-)
-# Nothing leaves loopback: Ray's usage reporting and albumentations' update check (img2dataset
-# imports it) stay off in this process and every process the tests start, whatever starts them.
-os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
-
-
-def huge_png_header(side: int = 60_000) -> bytes:
-    """A valid PNG start that claims side x side pixels: decoding it would need gigabytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+def pytest_configure(config: pytest.Config) -> None:
+    # The object-store tests talk to moto's S3 on loopback, found through the standard AWS variables.
+    # They are set when the test session starts, so every process it starts later (Ray's workers, CLI
+    # subprocesses) finds the same endpoint, as a real deployment's processes find theirs.
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
     )
+    # Nothing leaves loopback: Ray's usage reporting and albumentations' update check (img2dataset
+    # imports it) stay off in this process and every process the tests start, whatever starts them.
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
 
 
-class _SlowHandler(synthetic._QuietHandler):
-    requests: Counter = Counter()  # GETs per path, for the tests that assert what was (not) fetched
+# `make test` runs the files on two xdist workers, one file at a time per worker, in this order: the
+# longest first (seconds per file in a 2-core run's --durations), then the rest as collected, so that
+# the short ones fill in at the end and both workers finish together. xdist's own order (the most
+# tests first, `--no-loadscope-reorder` turns it off) left the longest file, one test, for last.
+# test_captions goes second, though shorter: its worker builds the gold store while the other runs
+# the S3 pipeline, so that no worker waits on the other's build.
+LONGEST_FIRST = (
+    "test_object_store.py",
+    "test_captions.py",
+    "test_kill_points.py",
+    "test_faults.py",
+    "test_ops.py",
+    "test_pipeline.py",
+    "test_embed_s3.py",
+    "test_distributed_index.py",
+    "test_ingest_s3.py",
+    "test_embed.py",
+    "test_gold_s3.py",
+    "test_throttle_s3.py",
+    "test_embed_startup.py",
+    "test_serve_ray.py",
+    "test_server.py",
+    "test_clip_back.py",
+    "test_eval.py",
+    "test_precision.py",
+    "test_images.py",
+    "test_eval_formats.py",
+)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self.requests[self.path] += 1
-        if self.path.startswith("/slow"):
-            time.sleep(SLOW_SECONDS)
-        super().do_GET()
 
-
-@contextlib.contextmanager
-def serve(folder: Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_SlowHandler, directory=str(folder)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -101,15 +87,15 @@ def site(tmp_path_factory):
     (folder / "huge.png").write_bytes(huge_png_header())
     (folder / "slow.jpg").write_bytes(first)
     with serve(folder) as base:
-        yield {"folder": folder, "base": base, "images": images, "requests": _SlowHandler.requests}
+        yield Site(folder, base, images, SiteHandler.requests)
 
 
 @pytest.fixture(scope="session")
 def metadata(site, tmp_path_factory):
     """LAION-format parquet: URL, TEXT, with good, duplicate and every kind of bad row."""
-    base = site["base"]
-    names = site["images"].column("filename").to_pylist()
-    captions = site["images"].column("caption").to_pylist()
+    base = site.base
+    names = site.images.column("filename").to_pylist()
+    captions = site.images.column("caption").to_pylist()
     extra = {
         f"{base}/dup.jpg": "the first image again",
         f"{base}/missing.jpg": "404",
@@ -132,15 +118,11 @@ def metadata(site, tmp_path_factory):
 @pytest.fixture(scope="session")
 def good_metadata(site, tmp_path_factory) -> Path:
     """The site's good images plus one duplicate URL: GOOD_IMAGES objects, GOOD_IMAGES + 1 rows."""
-    names = site["images"].column("filename").to_pylist()
-    urls = [f"{site['base']}/{n}" for n in names] + [f"{site['base']}/dup.jpg"]
+    names = site.images.column("filename").to_pylist()
+    urls = [f"{site.base}/{n}" for n in names] + [f"{site.base}/dup.jpg"]
     path = tmp_path_factory.mktemp("good") / "good.parquet"
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), path)
     return path
-
-
-def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestReport:
-    return ingest.ingest_metadata(data_dir, metadata_path, timeout=3, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -175,12 +157,11 @@ def store(ingested, tmp_path):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 API behind a throttling proxy (tests/s3_proxy.py) on the loopback port
+    """moto's S3 API behind a throttling proxy (helpers/s3_proxy.py) on the loopback port
     AWS_ENDPOINT_URL names, with one bucket. The proxy forwards everything untouched until a test
     asks it to spoil a share of the requests (the `s3_proxy` fixture)."""
     import boto3
     from moto.server import ThreadedMotoServer
-    from s3_proxy import ThrottlingProxy
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
@@ -208,112 +189,6 @@ def s3_root(s3_server):
     return storage.data_root(f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
 
 
-def read_silver(root: Path, model_version: str) -> pa.Table:
-    """Every committed silver row of a model_version, read back from Parquet (local or object store)."""
-    from rayclip.store import catalog, storage
-
-    tables = []
-    for f in catalog.silver_files(root, model_version):
-        with storage.open_input(f) as opened:
-            tables.append(pq.read_table(opened))
-    return pa.concat_tables(tables)
-
-
-def open_clip_embeddings(root: Path, media_ids: list[str]):
-    """What open_clip itself says for these objects' bytes (the reference model), without any
-    rayclip code in the way but the manifest's paths."""
-    import open_clip
-    import torch
-    from PIL import Image
-
-    from rayclip import model
-    from rayclip.store import catalog
-
-    open_clip.add_model_config(model.CONFIG_DIR)
-    net, _, preprocess = open_clip.create_model_and_transforms(
-        model.REFERENCE_MODEL, pretrained=str(model.REFERENCE_WEIGHTS)
-    )
-    paths = dict(zip(*catalog.read_manifest(root, ["media_id", "path"]).to_pydict().values()))
-    pixels = torch.stack([preprocess(Image.open(root / paths[m]).convert("RGB")) for m in media_ids])
-    with torch.no_grad():
-        features = net.eval().encode_image(pixels)
-    return (features / features.norm(dim=-1, keepdim=True)).numpy()
-
-
-def assert_rows_are_open_clips(root: Path, silver: pa.Table) -> None:
-    """Each silver row's vector is open_clip's own for that row's media_id, and no other row's."""
-    import numpy as np
-
-    from rayclip.store import catalog
-
-    ids = silver.column("media_id").to_pylist()
-    cosine = catalog.vector_matrix(silver) @ open_clip_embeddings(root, ids).T
-    assert np.all(np.diag(cosine) > 0.9999)
-    # and the check can tell rows apart: no row matches another media_id that well
-    assert cosine[~np.eye(len(ids), dtype=bool)].max() < 0.9999
-
-
-def cli(*args: str) -> int:
-    return main(list(args))
-
-
-S3_QUERIES = ["a large red circle on the left on a white background", "a small blue star", "a green triangle"]
-
-
-@contextlib.contextmanager
-def empty_local_folders(here: Path):
-    """The working folder, Python's temp folder and the cache folder pointed at empty folders under
-    `here` (restored after): what the S3 pipeline leaves on the local disk can then be listed."""
-    folders = {name: here / name for name in ("cwd", "tmp", "cache")}
-    for folder in folders.values():
-        folder.mkdir()
-    saved = os.getcwd(), tempfile.tempdir, os.environ.get("XDG_CACHE_HOME")
-    os.chdir(folders["cwd"])
-    tempfile.tempdir = str(folders["tmp"])
-    os.environ["XDG_CACHE_HOME"] = str(folders["cache"])
-    try:
-        yield folders
-    finally:
-        os.chdir(saved[0])
-        tempfile.tempdir = saved[1]
-        if saved[2] is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved[2]
-
-
-@pytest.fixture(scope="session")
-def s3_pipeline(s3_server, metadata, ray_session, tmp_path_factory):
-    """ingest → embed → index through the CLI on a fresh S3 root, then search in Python and through
-    the HTTP service, from empty local folders, with 5 % of every request (HEAD, GET, PUT, LIST)
-    spoilt, every fault kind of s3_proxy drawn (503 SlowDown, 500, reset, an answer cut short). One
-    run serves both test_object_store (S3 gives what local gives, no local disk) and test_throttle_s3
-    (a throttling store gives what a clean one gives). A dict: root, the local folders, the
-    Searcher's and the service's results, and the faults the proxy served."""
-    from fastapi.testclient import TestClient
-
-    from rayclip.http.app import create_app
-    from rayclip.query.searcher import Searcher
-    from rayclip.store import storage
-
-    root = storage.data_root(f"s3://{S3_BUCKET}/pipeline-{os.getpid()}")
-    url = storage.uri(root)
-    s3_server.throttle(0.05, seed=25)
-    try:
-        with empty_local_folders(tmp_path_factory.mktemp("s3-run")) as local:
-            assert cli("ingest", "--data-dir", url, "--metadata", str(metadata), "--timeout", "3") == 0
-            embed_args = ["--pretrained", "reference", "--actors", "1", "--batch-size", "8"]
-            assert cli("embed", "--data-dir", url, *embed_args) == 0
-            assert cli("index", "--data-dir", url) == 0
-            found = [Searcher.open(root).search_text(query, k=5) for query in S3_QUERIES]
-            with TestClient(create_app(url)) as client:  # serve: opens the build from the store at start
-                served = [client.get("/api/search", params={"q": q, "k": 5}).json()["results"] for q in S3_QUERIES]
-        spoilt = dict(s3_server.spoilt)
-    finally:
-        s3_server.clean()
-    return {"root": root, "local": local, "found": found, "served": served, "spoilt": spoilt}
-
-
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, worker_id) -> Path:
     """A folder every xdist worker of this run shares (the session's own without xdist)."""
@@ -321,37 +196,12 @@ def run_dir(tmp_path_factory, worker_id) -> Path:
     return base.parent if worker_id != "master" else base
 
 
-BUILD_WAIT_S = 240  # for another worker's build of a shared store: below the test's own timeout
-
-
-def _locked(lock) -> bool:
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def built_once(run_dir: Path, name: str, build: Callable[[Path], object]) -> object:
-    """build(folder) by the first worker of the run that asks; its result, pickled, for every worker
-    (the others wait on the lock until it is there)."""
-    result = run_dir / f"{name}.pickle"
-    with open(run_dir / f"{name}.lock", "w") as lock:
-        deadline = time.monotonic() + BUILD_WAIT_S
-        while not _locked(lock):
-            assert time.monotonic() < deadline, f"{name}: another worker held the build for {BUILD_WAIT_S} s"
-            time.sleep(0.5)
-        if not result.exists():  # a folder of its own each try: a failed build leaves its debris aside
-            result.write_bytes(pickle.dumps(build(Path(tempfile.mkdtemp(prefix=name, dir=run_dir)))))
-    return pickle.loads(result.read_bytes())
-
-
 @pytest.fixture(scope="session")
-def gold_store(request, run_dir):
+def gold_store(request, run_dir) -> GoldStore:
     """ingest → embed images and captions (reference model, real Ray) → index, with its caption
-    index: (data root, BuildReport). Read-only; built once per run, whatever the workers."""
+    index. Read-only; built once per run, whatever the workers (helpers/built_once.py)."""
 
-    def build(folder: Path) -> tuple[Path, object]:
+    def build(folder: Path) -> GoldStore:
         from rayclip import model
         from rayclip.stages import captions, embed, index
 
@@ -361,24 +211,31 @@ def gold_store(request, run_dir):
         spec = model.resolve(None, "reference")
         embed.embed(root, spec, actors=1, batch_size=8)
         captions.embed_captions(root, spec, batch_size=8)
-        return root, index.build(root)
+        return GoldStore(root, index.build(root))
 
     return built_once(run_dir, "gold", build)
 
 
-@contextlib.contextmanager
-def held_out_site(folder: Path, count: int, seed: int):
-    """`count` captioned JPEGs (a seed training never used) served on loopback: (LAION metadata, data root)."""
-    images = synthetic.write_images(folder / "site", count, seed=seed)
-    with synthetic.serve_folder(folder / "site") as base:
-        yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
+@pytest.fixture(scope="session")
+def gold_searcher(gold_store):
+    """A Searcher open on the gold store (read-only: tests share it)."""
+    from rayclip.query.searcher import Searcher
+
+    return Searcher.open(gold_store.root)
+
+
+@pytest.fixture
+def live_gold(gold_store):
+    """`rayclip serve`'s app on the gold store, on loopback (CORS open to a front's port)."""
+    with serving_live(gold_store.root) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def vectors_root(tmp_path_factory):
     """A published build of made-up vectors filed under the reference model (no Ray, no images):
     text queries encode with the reference model as on a real store."""
-    from silver_helpers import clustered, media_ids, write_silver
+    from helpers.silver import clustered, media_ids, write_silver
 
     from rayclip.stages import index
 

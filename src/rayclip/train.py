@@ -89,7 +89,7 @@ def train_reference(
     storage.write_atomic(out, buffer.getvalue())
     return {
         "out": str(out),
-        "bytes": out.stat().st_size,
+        "bytes": storage.size(out),
         "seed": seed,
         "steps": steps,
         "final_loss": round(loss_value, 4),

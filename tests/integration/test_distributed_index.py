@@ -1,0 +1,330 @@
+"""The gold build's steps as Ray tasks on a two-node cluster equal the same steps run in one process:
+same scores and ids (but where scores tie exactly) for 1,000 queries, in each form the finished index
+takes (one file, merged on disk and memory-mapped, shards)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import helpers
+import numpy as np
+import pytest
+from helpers.silver import clustered, media_ids, write_manifest, write_silver
+from helpers.stores import cli
+
+from rayclip import ann
+from rayclip.stages import index
+from rayclip.store import catalog, layout
+
+REFERENCE = "clip_rayclip_ref_reference"
+FILES, PER_FILE = 4, 1500
+PART_VECTORS = 1600  # four parts over the 6,000 vectors, each crossing a silver file's boundary
+INDEX_TYPE = "IVF32,SQ8"
+ANCHORS = [0, 1599, 1600, 3333, 5999]  # faiss_ids at both ends of parts
+
+
+def write_day_files(root: Path) -> None:
+    ids, vectors = media_ids(FILES * PER_FILE), clustered(FILES * PER_FILE)
+    for f in range(FILES):
+        rows = slice(f * PER_FILE, (f + 1) * PER_FILE)
+        write_silver(root, f"2026-01-0{f + 1}", ids[rows], vectors[rows])
+    write_manifest(root, ids)
+
+
+def open_build(root: Path, build_id: str):
+    """(what a server would search, the FAISS indexes under it, build.json) whichever the build's form
+    (plain FAISS: the serving side is not under test here)."""
+    folder = layout.build_dir(root, REFERENCE, build_id)
+    info = catalog.build_info(root, REFERENCE, build_id)
+    if info.form == "shards":
+        held = [faiss.read_index(str(folder / shard["file"])) for shard in info.shards]
+        shards = faiss.IndexShards(info.dim, False, False)  # successive_ids False: each shard keeps its ids
+        for shard in held:
+            shards.add_shard(shard)
+        return shards, held, info
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if info.form == "ondisk" else 0
+    found = faiss.read_index(str(layout.index_file(folder)), flags)
+    return found, [found], info
+
+
+def search(opened: tuple, params: dict, queries: np.ndarray):
+    found, held, _ = opened
+    for part in held:
+        ann.apply_parameters(part, params)
+    return found.search(queries, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_node_build_equals_the_single_process_build(tmp_path):
+    root = tmp_path / "data"
+    write_day_files(root)
+    helper = Path(helpers.__file__).with_name("multinode_index.py")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(helper), str(root), INDEX_TYPE, str(PART_VECTORS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    distributed = json.loads(done.stdout.splitlines()[-1])
+
+    local = index.build(root, index_type=INDEX_TYPE, part_vectors=PART_VECTORS, parallel="local", retrain=True)
+    opened = open_build(root, local.build_id)
+    expected_index, _, expected = opened
+    assert expected.steps == {
+        "parts": 4,
+        "part_vectors": PART_VECTORS,
+        "ran_on": "local",
+        "nodes": 1,
+        "task_peak_rss_mib": None,
+        "auto": None,
+    }
+    queries = clustered(1000, seed=0)  # fresh points around the same centres
+    stored = clustered(FILES * PER_FILE)[ANCHORS]  # faiss_id i is silver row i: ids are global, not per part
+    want_scores, want_ids = search(opened, expected.search_params, queries)
+    mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, local.build_id)))
+
+    for form, build_id in distributed.items():
+        opened = open_build(root, build_id)
+        found_index, _, info = opened
+        assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == 2, info.steps
+        assert len(info.steps["task_peak_rss_mib"]["add"]) == 4  # one add task per part
+        assert found_index.ntotal == expected_index.ntotal == FILES * PER_FILE
+        assert search(opened, {"nprobe": 32}, stored)[1][:, 0].tolist() == ANCHORS
+        assert info.search_params == expected.search_params and info.recall == expected.recall
+        scores, ids = search(opened, expected.search_params, queries)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        # Same ids, but for exact ties: shards merge their top-k in their own order, so two vectors with
+        # one score (SQ8 codes collide) may swap, or trade the k-th place: a differing id has the same score.
+        differ = ids != want_ids
+        assert differ.sum() <= 5 and (scores[differ] == want_scores[differ]).all(), form
+        # faiss_id i names the same media_id in both: ids are positions, not the order tasks finished in
+        found = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, build_id)))
+        assert found.select(["faiss_id", "media_id"]).equals(mapping.select(["faiss_id", "media_id"]))
+    shards = catalog.build_info(root, REFERENCE, distributed["shards"]).shards
+    assert shards == [
+        {"file": "shard-00000.faiss", "first": 0, "count": 3200},
+        {"file": "shard-00001.faiss", "first": 3200, "count": 2800},
+    ]
+
+
+def test_auto_takes_a_mergeable_family_for_parts_and_says_why():
+    """Fast-scan and Refine codes cannot be merged: a build in parts, on disk or in shards gets the
+    family that can, and build.json's steps.auto says which it did not take."""
+    alone = ann.choose_index_type(1_000_000, 512, 4 << 30)
+    assert not ann.mergeable(alone)  # one part: auto's first choice, fast-scan codes refined
+    shape = index.full.Shape("local", 250_000, 1, False)
+    chosen, form, note = index.full.choose_type(1_000_000, 512, "auto", 4 << 30, shape)
+    assert (chosen, form) == ("IVF4096,SQ6", "single") and ann.mergeable(chosen)
+    assert note == f"auto took IVF4096,SQ6, not {alone}, which cannot be merged from parts"
+    assert index.full.choose_type(1_000_000, 512, "auto", 4 << 30, index.full.Shape("local", 4_000_000, 1, False)) == (
+        alone,
+        "single",
+        "",
+    )
+
+
+@pytest.mark.parametrize("options", [{"shards": 2}, {"on_disk": True}])
+def test_a_type_that_cannot_merge_refuses_shards_and_on_disk(tmp_path, options):
+    from rayclip.errors import UserError
+
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(300), clustered(300))
+    with pytest.raises(UserError, match=r"^--index-type HNSW32 cannot be merged on disk or into shards"):
+        index.build(root, index_type="HNSW32", parallel="local", **options)
+    assert catalog.builds(root, REFERENCE) == []
+
+
+def test_a_changed_vector_on_a_sharded_build_is_a_full_build_that_says_why(tmp_path):
+    """A base kept in shards takes new rows as a new part, but cannot replace a vector: rebuilt."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(1000), clustered(1000)
+    write_silver(root, "2026-01-01", ids, vectors)
+    asked = {"index_type": "IVF8,SQ8", "part_vectors": 500, "parallel": "local", "shards": 2}
+    index.build(root, **asked)
+    write_silver(root, "2026-01-02", ids[:100], clustered(100, seed=4))  # re-embedded: newer vectors
+    grown = index.build(root, **asked)
+    info = catalog.build_info(root, REFERENCE, grown.build_id)
+    assert info.base_build is None and info.count == 1000 and info.steps["parts"] == 2
+    assert info.full_build_reason == "a base kept as 'shards' cannot replace the vectors of 100 changed media_ids"
+
+
+def test_an_on_disk_build_counts_its_lists_in_index_bytes_and_publishes_no_working_file(tmp_path):
+    """build.json's index_bytes is what status and serve count (catalog.index_bytes): for a build merged
+    on disk, index.faiss and index.ivfdata together."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, index_type="IVF8,SQ8", part_vectors=500, parallel="local", on_disk=True)
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    on_disk = info.file_bytes["index.faiss"] + info.file_bytes["index.ivfdata"]
+    assert info.file_bytes["index.ivfdata"] > 0
+    assert report.index_bytes == info.index_bytes == catalog.index_bytes(info) == on_disk
+    # The steps' working files (trained.faiss, the parts) are gone: the published build is its index files,
+    # the mapping (and its Arrow serving copy), the tuning queries and the trained quantizer (what an
+    # incremental build adds its parts onto).
+    published = sorted(p.name for p in layout.build_dir(root, REFERENCE, report.build_id).iterdir())
+    assert (
+        published
+        == sorted(["build.json", *info.file_bytes])
+        == [
+            "build.json",
+            "index.faiss",
+            "index.ivfdata",
+            "mapping.arrow",
+            "mapping.parquet",
+            "trained.faiss",
+            "tuning.npz",
+        ]
+    )
+
+
+def test_shards_alone_splits_a_small_store_into_that_many_shards(tmp_path):
+    """`rayclip index --shards 2` without --part-vectors: parts of at most half the vectors (the 4M
+    default would make one part, too few for two shards)."""
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1001), clustered(1001))
+    args = ["index", "--data-dir", str(root), "--index-type", "IVF8,SQ8", "--parallel", "local", "--shards", "2"]
+    assert cli(*args) == 0
+    [build_id] = catalog.builds(root, REFERENCE)
+    info = catalog.build_info(root, REFERENCE, build_id)
+    assert info.form == "shards" and info.steps["parts"] == 2 and info.steps["part_vectors"] == 501
+    assert info.shards == [
+        {"file": "shard-00000.faiss", "first": 0, "count": 501},
+        {"file": "shard-00001.faiss", "first": 501, "count": 500},
+    ]
+
+
+def test_the_training_sample_is_drawn_from_every_silver_file(tmp_path, monkeypatch):
+    """Training reads a uniform random sample of all chosen rows: with the sample far smaller than the
+    store, its rows still come from every day's file, not from the first (oldest) rows."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    monkeypatch.setattr(index.full, "TRAIN_SAMPLE", 100)
+    monkeypatch.setattr(index.full, "TUNING_QUERIES", 50)
+    seen = {}
+    train = index.parts.train
+
+    def recording_train(plan, sample, is_query, is_training):
+        days = np.repeat([f.parent.name for f in sample.files], [len(rows) for rows in sample.rows])
+        seen["training"], seen["queries"] = days[is_training], days[is_query]
+        return train(plan, sample, is_query, is_training)
+
+    monkeypatch.setattr(index.parts, "train", recording_train)
+    index.build(root, index_type="IVF4,SQ8", parallel="local")
+    assert len(seen["training"]) == 100 and len(seen["queries"]) == 50
+    assert sorted(set(seen["training"])) == [f"dt=2026-01-0{f + 1}" for f in range(FILES)]
+
+
+def test_auto_merges_on_disk_when_no_index_fits_the_memory_budget(tmp_path):
+    root = tmp_path / "data"
+    write_silver(root, "2026-01-01", media_ids(1000), clustered(1000))
+    report = index.build(root, max_index_memory="1K", parallel="local")
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    assert info.form == "ondisk" and "index.ivfdata" in info.file_bytes
+    assert info.steps["auto"] == "no index of 1000 vectors fits --max-index-memory in RAM: merged on disk"
+
+
+def test_every_add_task_reads_one_shared_copy_of_the_tuning_queries(tmp_path, monkeypatch):
+    """The tuning queries (1,000 × dim floats) go to the add tasks as one shared object (one ray.put
+    when the steps run as Ray tasks), not one copy per part: at 5,000 parts that is 10 GB."""
+    root = tmp_path / "data"
+    write_day_files(root)
+    adds, shared = [], []
+    run, share = index.parts.Runner.run, index.parts.Runner.share
+
+    def recording_share(self, value):
+        shared.append(share(self, value))
+        return shared[-1]
+
+    def recording_run(self, calls, memory, progress=None):
+        adds.extend(call for call in calls if call[0] is index.parts.add)
+        return run(self, calls, memory, progress)
+
+    monkeypatch.setattr(index.parts.Runner, "share", recording_share)
+    monkeypatch.setattr(index.parts.Runner, "run", recording_run)
+    index.build(root, index_type="IVF8,SQ8", part_vectors=PART_VECTORS, parallel="local")
+    [queries] = shared
+    assert len(adds) == 4 and all(call[-1] is queries for call in adds)
+    assert queries.queries.shape == (1000, 128) and (queries.ids == -1).all()  # left empty: each task fills its own
+
+
+def test_rows_chosen_in_buckets_are_the_ones_one_sort_of_all_rows_chooses(tmp_path, monkeypatch):
+    """The build's first steps (bucket by media_id, keep the newest per bucket) against one sort of
+    every row, with media_ids repeated within and across files and embedded_at tied."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayclip.stages.index import parts, select
+
+    rng = np.random.default_rng(5)
+    files = []
+    for f in range(5):
+        ids = [f"m{i}" for i in rng.integers(0, 400, 300)]  # short, not hex: the hash still splits them
+        at = pa.array(rng.integers(0, 4, 300) * 10**6, pa.timestamp("us", tz="UTC"))
+        files.append(tmp_path / f"{f}.parquet")
+        pq.write_table(pa.table({"media_id": ids, "embedded_at": at}), files[-1])
+    monkeypatch.setattr(select, "BUCKET_ROWS", 100)  # 15 buckets
+    monkeypatch.setattr(select, "GROUP_ROWS", 500)  # a bucket task per file
+    folder = tmp_path / "build"
+    file_idx, row_idx, dropped = select.select(parts.Runner(False), folder, files, [300] * 5)
+    whole, whole_dropped = select.choose(files)
+    assert dropped == whole_dropped > 0
+    assert (file_idx.tolist(), row_idx.tolist()) == (whole["file_idx"].to_pylist(), whole["row_idx"].to_pylist())
+    assert not layout.buckets_dir(folder).exists()  # working files gone
+
+
+def test_a_task_that_crashes_is_one_line_and_exit_1(tmp_path, ray_session, monkeypatch, capfd):
+    """A plain exception inside a Ray task (a bug, not a refusal) ends the command with one line, no
+    traceback, exit status 1, and publishes nothing."""
+    from rayclip.stages.index import parts
+
+    root = tmp_path / "data"
+    ids = media_ids(1200)
+    write_silver(root, "2026-01-01", ids, clustered(1200))
+    write_manifest(root, ids)
+
+    def add(*args):  # defined here, so Ray ships it by value: the worker runs this, not parts.add
+        raise RuntimeError("the part's disk is on fire\nsecond line of the error")
+
+    monkeypatch.setattr(parts, "add", add)
+    capfd.readouterr()
+    flags = ["--index-type", "IVF16,SQ8", "--parallel", "ray", "--part-vectors", "600"]
+    assert cli("index", "--data-dir", str(root), *flags) == 1
+    out, err = capfd.readouterr()
+    assert err == "rayclip index: error: the build's add task failed: RuntimeError: the part's disk is on fire\n", err
+    assert "Traceback" not in out + err
+    assert catalog.current_build(root, REFERENCE) is None
+
+
+@pytest.mark.parametrize("form", [{"on_disk": True}, {"shards": 2}], ids=["ondisk", "shards"])
+def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_path, form):
+    """New silver on a base kept on disk or in shards: added as a new part on the base's quantizer (the
+    record says incremental), and it answers as a full build of the same rows (searched exhaustively:
+    the full build trains another quantizer, so only nprobe = nlist compares them exactly)."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(3000), clustered(3000)
+    write_silver(root, "2026-01-01", ids[:2400], vectors[:2400])
+    write_manifest(root, ids)
+    options = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200} | form
+    base = index.build(root, **options)
+    write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
+    grown = index.build(root, **options)
+    info = catalog.build_info(root, REFERENCE, grown.build_id)
+    assert (grown.base_build, info.incremental) == (base.build_id, {"added": 600, "replaced": 0})
+    assert info.form == ("ondisk" if "on_disk" in form else "shards") and info.count == 3000
+    if info.form == "shards":  # the base's two shards and one new one, ids global
+        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1200), (2400, 600)]
+    full = index.build(root, **options, retrain=True)
+    queries = clustered(200, seed=9)
+    found = [search(open_build(root, b), {"nprobe": 16}, queries) for b in (grown.build_id, full.build_id)]
+    np.testing.assert_array_equal(found[0][1], found[1][1])
+    np.testing.assert_allclose(found[0][0], found[1][0], atol=1e-5)
+    mappings = [
+        catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, b)))
+        for b in (grown.build_id, full.build_id)
+    ]
+    assert mappings[0].column("media_id").equals(mappings[1].column("media_id"))

@@ -1,0 +1,161 @@
+"""Start-up and decode layouts: the model shared as parts, uint8 pixels, decode tasks, GPU-decode fallback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from helpers import bounded
+from helpers.stores import assert_rows_are_open_clips, cli, read_silver
+from PIL import Image
+
+from rayclip import images, model
+from rayclip.stages import embed
+from rayclip.store import catalog, layout
+
+
+def store_objects(root, count: int) -> list[bytes]:
+    paths = catalog.read_manifest(root, ["path"]).column("path").to_pylist()[:count]
+    return [(root / path).read_bytes() for path in paths]
+
+
+def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preprocess(ingested):
+    clip = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32")
+    pictures = [images.decode_image(data) for data in store_objects(ingested, 4)]
+    pixels = clip.pixels.stack([clip.pixels(p) for p in pictures])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, *clip.pixels.size)
+    # The batch normalised at once is preprocess() image by image, bit for bit.
+    assert torch.equal(clip.normalise(pixels), clip.preprocess_images(pictures))
+
+    rebuilt = model.ClipModel.from_parts(pickle.loads(pickle.dumps(clip.parts())), threads=1)
+    assert np.array_equal(rebuilt.encode_uint8(pixels.numpy()), clip.encode_uint8(pixels))
+    half = model.load_model(model.resolve(None, "reference"), threads=1, precision="bf16")
+    from_half = model.ClipModel.from_parts(pickle.loads(pickle.dumps(half.parts())), threads=1)
+    assert from_half.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert np.array_equal(from_half.encode_uint8(pixels), half.encode_uint8(pixels))
+
+
+def test_startup_is_cut_at_the_marks_in_the_order_they_came():
+    """Each phase gets the seconds since the one before it ended; one that ended before an earlier-
+    listed phase (model_build while Ray started) gets only what it added; unknown marks are left out."""
+    marks = {"plan": 101.0, "ray_start": 104.0, "model_build": 102.5, "first_batch": 110.0, "other": 120.0}
+    assert embed.startup_breakdown(100.0, marks) == {
+        "plan": 1.0,
+        "model_build": 1.5,
+        "ray_start": 1.5,
+        "first_batch": 6.0,
+    }
+    assert embed.startup_breakdown(100.0, {"plan": 99.0, "ray_start": 103.0}) == {"plan": 0.0, "ray_start": 3.0}
+
+
+def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_startup_down(store, ray_session):
+    rotten = catalog.read_manifest(store, ["media_id", "path"]).to_pylist()[0]
+    (store / rotten["path"]).write_bytes(b"\xff\xd8\xff\xe0 rotten")
+    spec = model.resolve(None, "reference")
+    # The actor run's blocks (8 rows) are cut across by its batches (16): its rows are open_clip's own.
+    layouts = {"actor": {"batch_size": 16, "blocks": 3}, "tasks": {"batch_size": 8}}
+    runs = {
+        where: embed.embed(store, spec, actors=1, decode=where, save_as=f"ref_{where}", **layouts[where])
+        for where in layouts
+    }
+    # Two operators: decode tasks feeding the actor pool (not fused into the actors)
+    assert "TaskPoolMapOperator[MapBatches(decode_block)]" in runs["tasks"].physical_plan
+    assert "decode_block" not in runs["actor"].plan
+    vectors = {}
+    for where, run in runs.items():
+        assert run.decode == where and run.rows_failed == 1
+        assert run.failed_ids == [{"media_id": rotten["media_id"], "reason": catalog.CHANGED_OBJECT}]
+        table = read_silver(store, run.model_version)
+        vectors[where] = dict(zip(table.column("media_id").to_pylist(), table.column("embedding").to_pylist()))
+        recorded = json.loads(layout.embed_run_record(store, run.run_id).read_text())
+        phases = recorded["startup_breakdown"]
+        assert {"plan", "ray_start", "model_build", "imports", "model_load", "first_batch"} <= set(phases)
+        assert set(phases) <= set(embed.STARTUP_PHASES) and min(phases.values()) >= 0
+        assert 0 < recorded["startup_s"] <= recorded["wall_s"]
+    assert_rows_are_open_clips(store, read_silver(store, runs["actor"].model_version))
+    assert len(vectors["actor"]) > 20 and vectors["tasks"].keys() == vectors["actor"].keys()
+    assert all(np.array_equal(vectors["tasks"][m], vectors["actor"][m]) for m in vectors["actor"])
+
+
+def test_gpu_decode_falls_back_to_the_cpu_decode_image_by_image(ingested, monkeypatch):
+    jpegs = store_objects(ingested, 3)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).save(png, "PNG")
+    datas = [*jpegs, png.getvalue(), b"not an image"]
+
+    # JPEGs decoded by torchvision (here on the CPU), the PNG and the bad bytes as always.
+    decoded = images.decode_batch(datas, "cpu")
+    assert [type(p).__name__ for p in decoded] == ["Tensor"] * 3 + ["Image", "UnidentifiedImageError"]
+    clip = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32")
+    on_device = clip.encode_uint8(clip.pixels.stack([clip.pixels(p) for p in decoded[:3]]))
+    by_pil = clip.encode_uint8(clip.pixels.stack([clip.pixels(images.decode_image(d)) for d in jpegs]))
+    assert np.sum(on_device * by_pil, axis=1).min() >= 0.999
+
+    # The device's decoder failing: every image is decode_image's, pixel for pixel.
+    def failing(*args, **kwargs):
+        raise RuntimeError("nvjpeg says no")
+
+    monkeypatch.setattr("torchvision.io.decode_jpeg", failing)
+    fallen_back = images.decode_batch(datas, "cpu")
+    for data, picture in zip(datas[:4], fallen_back):
+        assert np.array_equal(np.asarray(picture), np.asarray(images.decode_image(data)))
+    assert isinstance(fallen_back[4], Exception)
+
+
+def test_decode_gpu_without_gpu_actors_is_one_line(store, capsys):
+    assert cli("embed", "--data-dir", str(store), "--pretrained", "reference", "--decode", "gpu") == 2
+    err = capsys.readouterr().err
+    assert "--decode gpu decodes JPEGs on the actors' GPUs: give --gpus-per-actor" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# A `rayclip embed` in a fresh process that reports, after answering, which heavy libraries it loaded.
+NO_OP_PROBE = """
+import json, sys
+from rayclip.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "open_clip", "ray") if name in sys.modules)
+print(json.dumps({"exit": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def test_a_no_op_embed_answers_from_the_catalog_without_torch_or_ray(gold_store, tmp_path):
+    """Nothing new to embed or caption: the answer comes from the catalog, and neither torch nor Ray
+    is imported (nor a cluster joined: $RAY_ADDRESS names one that does not exist)."""
+    root = tmp_path / "data"
+    shutil.copytree(gold_store.root, root)
+    command = [sys.executable, "-c", NO_OP_PROBE, "embed", "--data-dir", str(root), "--pretrained", "reference"]
+    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": os.pathsep.join(sys.path)}
+    launched = time.time()
+    done = bounded.run([*command, "--json"], timeout=120, capture_output=True, env=env, text=True)
+    returned = time.time()
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == {"exit": 0, "heavy": []}, done.stderr[-2000:]
+    document = json.loads(done.stdout)
+    assert document["rows_planned"] == 0 and document["rows_embedded"] == 0
+    assert document["captions"]["captions_planned"] == 0 and document["captions"]["pairs_scored"] == 0
+    # the same record a run with work writes, saved as always
+    saved = json.loads(layout.embed_run_record(root, document["run_id"]).read_text())
+    assert saved == {key: value for key, value in document.items() if key != "captions"}
+    assert saved["model_version"] == "clip_rayclip_ref_reference" and saved["precision"] in ("fp32", "bf16")
+    # Nothing outside the record: the process's start until the run's clock started, and after it stopped.
+    outside = saved["startup_breakdown"]
+    # (a process's start time is counted in clock ticks, 10 ms on Linux)
+    assert launched - 0.05 < saved["started_at"] - outside["before_run"] < saved["started_at"]
+    assert saved["started_at"] + saved["wall_s"] + outside["after_run"] < returned
+
+
+def test_a_no_op_under_another_models_name_still_checks_the_names(gold_store, tmp_path, capsys):
+    """--save-as an embedded model_version with a model open_clip does not know: one clear line, as
+    with work to do (silver's record of the model_version does not vouch for these names)."""
+    root = tmp_path / "data"
+    shutil.copytree(gold_store.root, root)
+    args = ["--model", "NoSuchNet", "--pretrained", "none", "--save-as", "clip_rayclip_ref_reference"]
+    assert cli("embed", "--data-dir", str(root), *args) == 2
+    assert "unknown model 'NoSuchNet'" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""`rayclip serve --ray`: a build kept in 2 shards behind Ray Serve (a deployment per shard, the app
+as the ingress) answers every query route as the unsharded build served in one process does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from helpers.index_forms import a_build, query_answers, sharded_copy, without_build_ids
+from helpers.ports import free_port
+
+from rayclip.http import ray_serve
+from rayclip.http.app import create_app
+
+API_KEY = "shard-key"
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-serve") / "data"
+    report = a_build(root)
+    return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id)
+
+
+@pytest.fixture(scope="module")
+def served(roots, ray_session):
+    """One Serve deployment of the sharded build for the module, on a loopback port, with an API key."""
+    port = free_port()
+    shards = ray_serve.deploy(roots[1], host="127.0.0.1", port=port, replicas=2, api_key=API_KEY, mmap=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, shards
+    finally:
+        ray_serve.shutdown()
+
+
+def a_media_id(root) -> str:
+    from rayclip.query.searcher import Searcher
+
+    return Searcher.open(root).mapping.column("media_id")[7].as_py()
+
+
+def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served):
+    client, shards = served
+    assert shards == 2
+    media_id = a_media_id(roots[0])
+    unsharded = query_answers(TestClient(create_app(roots[0])), media_id)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert without_build_ids(query_answers(client, media_id, **auth)) == without_build_ids(unsharded)
+    assert client.get("/api/search", params={"q": "a dog"}).status_code == 401  # the key still guards the API
+    assert client.get("/api/status", headers=auth).json()["form"] == "shards"
+
+
+def test_each_shard_runs_its_replicas(served):
+    from ray import serve
+
+    applications = serve.status().applications
+    running = [
+        applications[ray_serve.SHARD_APP.format(k)].deployments[ray_serve.SHARD_DEPLOYMENT].replica_states
+        for k in range(served[1])
+    ]
+    assert running == [{"RUNNING": 2}] * 2
+
+
+def test_a_build_published_while_served_is_answered_by_its_own_shards(roots, served):
+    """The ingress serves the build CURRENT names from the next request on, and each shard replica
+    loads that build's shard when first asked: the new build splits its rows at another place
+    (parts of 1,500: shards of 3,000 and 1,000 rows), so a replica still holding the old shard
+    would answer with rows of the other shard's range."""
+    from helpers.index_forms import rebuild
+
+    from rayclip.store import catalog, storage
+
+    client, _ = served
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    media_id = a_media_id(roots[0])
+    old = query_answers(client, media_id, **auth)["search"]["build_id"]
+    [model_version] = catalog.gold_model_versions(storage.data_root(roots[1]))
+    built = rebuild(roots[1], model_version, old, shards=2, part_vectors=1500)
+    after = query_answers(client, media_id, **auth)
+    assert {a["build_id"] for a in after.values() if isinstance(a, dict)} == {built}
+    in_one_process = TestClient(create_app(roots[1]))
+    assert [s.ntotal for s in in_one_process.app.state.service.searcher().snapshot().knn.shards] == [3000, 1000]
+    assert after == query_answers(in_one_process, media_id)
+
+
+def serve_ray(root, *, without_serve: bool = False, **env) -> subprocess.CompletedProcess:
+    """`rayclip serve --ray` in a fresh process (Ray Serve made unimportable when asked)."""
+    hide = "sys.modules['ray.serve'] = None; " if without_serve else ""
+    script = f"import sys; {hide}from rayclip.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "serve", "--ray", "--data-dir", str(root), "--port", str(free_port())]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ | env)
+
+
+def test_without_ray_serve_ray_is_one_line(roots):
+    run = serve_ray(roots[1], without_serve=True)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        "rayclip serve: error: --ray needs Ray Serve: pip install 'rayclip[serve]'"
+    ]
+
+
+def test_an_unreachable_cluster_is_one_line(roots):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    run = serve_ray(roots[1], RAY_ADDRESS=address)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        f"rayclip serve: error: --ray: no Ray cluster reachable at $RAY_ADDRESS {address} (Connection refused)"
+    ]
