@@ -42,8 +42,8 @@ def stored(searcher: Searcher) -> np.ndarray:
 @pytest.fixture
 def ivf_thresholds(monkeypatch):
     """Make a few thousand vectors count as 'large', so auto picks an IVF index."""
-    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
 
 
 def test_auto_below_threshold_is_flat_with_exact_recall(tmp_path):
@@ -270,8 +270,8 @@ def by_media_id(root: Path, build_id: str):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "refined"])
 def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
     if kind != "flat":
-        monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-        monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+        monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+        monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
     # At 128 dims a fast-scan shortlist fits beside the 6-bit codes; its clusters are as loose as
     # bench_index's (cosine to the 10th neighbour ~0.6), where the re-ranking codes reach the target.
     mixture = {"dim": 128, "spread": 1.0} if kind == "refined" else {"dim": DIM}

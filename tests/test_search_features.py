@@ -116,8 +116,8 @@ def test_filter_returns_the_brute_force_top_k_among_matching_rows(described, whe
 def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
     root = tmp_path / "data"
     shutil.copytree(described[0], root)
     report = index.build(root, retrain=True, target_recall=0.9)
