@@ -21,7 +21,8 @@ from rayclip.cli import build_parser
 from rayclip.errors import UserError
 from rayclip.http.app import create_app
 from rayclip.options import SearchOptions
-from rayclip.query.searcher import Searcher, Term
+from rayclip.query.searcher import Searcher
+from rayclip.query.terms import Term
 from rayclip.stages import captions, index
 from rayclip.store import catalog, debris, layout, storage
 from rayclip.store import silver as silver_store

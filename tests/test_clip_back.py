@@ -30,7 +30,8 @@ from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
 from rayclip.images import decode_image
-from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.options import DEFAULT_COLLAPSE
+from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 
 MODEL_VERSION = "clip_rayclip_ref_reference"

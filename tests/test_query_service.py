@@ -17,11 +17,12 @@ from silver_helpers import clustered, media_ids, write_silver
 from rayclip.errors import NoIndexError
 from rayclip.http.api import MAX_K
 from rayclip.http.app import create_app
-from rayclip.options import DEFAULT_COLLAPSE
+from rayclip.options import DEFAULT_COLLAPSE, SearchOptions
 from rayclip.query import searcher as searcher_module
 from rayclip.query import service as service_module
-from rayclip.query.searcher import Searcher, SearchOptions, Term
+from rayclip.query.searcher import Searcher
 from rayclip.query.service import QueryService
+from rayclip.query.terms import Term
 from rayclip.stages import index
 from rayclip.store import catalog
 

@@ -9,7 +9,8 @@ import pytest
 from silver_helpers import clustered, media_ids, normalised, write_manifest, write_silver
 
 from rayclip import UserError, ann
-from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.options import DEFAULT_COLLAPSE
+from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 from rayclip.store import catalog
 
@@ -326,7 +327,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     from conftest import cli
 
     from rayclip import synthetic
-    from rayclip.query.searcher import Term
+    from rayclip.query.terms import Term
 
     root, _, scenes, searcher = pictures
     query = tmp_path / "blue_square_left.jpg"

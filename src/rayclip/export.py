@@ -28,8 +28,9 @@ from . import faults
 from .errors import UserError
 from .options import EXPORT_FORMATS, ExportOptions, SearchOptions
 from .progress import Progress
-from .query.searcher import Searcher, Term
+from .query.searcher import Searcher
 from .query.service import QueryService
+from .query.terms import Term
 from .store import catalog, layout, shards, storage
 from .store.catalog import Refused
 from .store.shards.write import WRITERS, ShardWriter

@@ -26,7 +26,8 @@ from .store.storage import Location
 if TYPE_CHECKING:  # the stages import heavy libraries; the CLI imports this module for every command
     from .eval.recall import BenchmarkReport, EvalReport
     from .model import ModelSpec
-    from .query.searcher import Searcher, SearchResults
+    from .query.results import SearchResults
+    from .query.searcher import Searcher
     from .stages.captions import CaptionReport
     from .stages.embed import EmbedReport
     from .stages.index import BuildReport
