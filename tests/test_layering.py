@@ -43,7 +43,7 @@ ALLOWED = {
     ("synthetic.py", ".write_bytes"): "writes the generated JPEGs into that folder",
     ("synthetic.py", ".write_text"): "writes the generated annotation files (COCO/Flickr JSON) beside them",
     ("http/app.py", ".read_text"): "serves the web page's static files, packaged with rayclip",
-    ("pipeline.py", ".read_text"): "reads Linux's /proc/self/stat and /proc/uptime for when the process started",
+    ("pipeline/embedding.py", ".read_text"): "reads Linux's /proc/self/stat and /proc/uptime: when the process began",
     ("images.py", ".read_bytes"): "reads a query image the user names (--image FILE)",
     ("eval/recall.py", ".read_text"): "reads the benchmark's annotation file the user names",
     ("eval/recall.py", ".read_bytes"): "hashes the benchmark's local image files",
