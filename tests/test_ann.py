@@ -31,12 +31,12 @@ def brute_recall(searcher: Searcher, vectors: np.ndarray, queries: np.ndarray, k
     """recall@k of the searcher against numpy's exact top-k over `vectors` (row i = faiss_id i)."""
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
     found = searcher.search_vectors(queries, k)
-    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    position = {m: i for i, m in enumerate(searcher.mapping.table.column("media_id").to_pylist())}
     return float(np.mean([len({position[r.media_id] for r in f} & set(e)) / k for f, e in zip(found, exact)]))
 
 
 def stored(searcher: Searcher) -> np.ndarray:
-    return searcher.vectors(list(range(searcher.build.count)))
+    return searcher.vectors(list(range(searcher.build_info.count)))
 
 
 @pytest.fixture
@@ -300,7 +300,7 @@ def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
             assert [r.media_id for r in a] == [r.media_id for r in b]
             assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
     else:
-        full_ids = full_searcher.mapping.column("media_id").to_pylist()
+        full_ids = full_searcher.mapping.table.column("media_id").to_pylist()
         exact_top = np.argsort(-(queries @ exact.T), axis=1)[:, :10]
 
         def recall_of(searcher):
@@ -512,7 +512,7 @@ def test_hnsw_index_with_changed_vectors_gives_a_full_build(tmp_path):
     assert report.base_build.startswith("none (full build: HNSW32 cannot replace")
     assert info["index_type"] == "HNSW32" and report.count == 1300 and report.duplicates_dropped == 30
     searcher = Searcher.open(root)
-    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    position = {m: i for i, m in enumerate(searcher.mapping.table.column("media_id").to_pylist())}
     assert np.allclose(searcher.vectors([position[m] for m in ids[:30]]), changed, atol=1e-6)
 
 

@@ -263,7 +263,7 @@ def test_the_service_and_the_searcher_answer_alike(store):
     vector = searcher.vectors([3])
     assert np.allclose(np.linalg.norm(vector, axis=1), 1.0)
     assert searcher.search_vectors(vector, 5)[0] == searcher.find([[Term("vector", vector[0])]], options)[0]
-    assert searcher.build.build_id == built.build_id and searcher.build.count == ROWS
+    assert searcher.build_info.build_id == built.build_id and searcher.build_info.count == ROWS
 
 
 def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(tmp_path, capsys):

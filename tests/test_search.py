@@ -85,7 +85,7 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
     assert (old, new) == (second.build_id, first.build_id)
     # Read back: CURRENT names the earlier build, and a new reader serves it.
     assert layout.current_file(root, first.model_version).read_text().strip() == first.build_id
-    assert Searcher.open(root).build.build_id == first.build_id
+    assert Searcher.open(root).build_info.build_id == first.build_id
 
 
 READER = """
@@ -98,9 +98,9 @@ print("ready", flush=True)
 deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
-    mapping, index = searcher.mapping, searcher._build.knn.index
-    assert searcher.build.count == mapping.num_rows == index.ntotal == expected, searcher.build
-    seen.add(searcher.build.build_id)
+    mapping, index = searcher.mapping.table, searcher._build.knn.index
+    assert searcher.build_info.count == mapping.num_rows == index.ntotal == expected, searcher.build_info
+    seen.add(searcher.build_info.build_id)
     checks += 1
 print(json.dumps({"builds_seen": len(seen), "checks": checks}))
 """

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import UserError
 from ..model import ClipModel, load_model
@@ -104,18 +103,14 @@ class Searcher:
         return self._build
 
     @property
-    def build(self) -> BuildInfo:
+    def build_info(self) -> BuildInfo:
         """The build.json of the build served now (what /api/status shows)."""
         return self._build.info
 
     @property
-    def mapping(self) -> pa.Table:
-        """The CURRENT build's mapping table (row i describes faiss_id i)."""
-        return self._build.mapping.table
-
-    @property
-    def mapping_rows(self) -> Mapping:
-        """The CURRENT build's mapping: rows by faiss_id, faiss_ids by media_id."""
+    def mapping(self) -> Mapping:
+        """The CURRENT build's mapping: rows by faiss_id, faiss_ids by media_id (`.table`: row i
+        describes faiss_id i)."""
         return self._build.mapping
 
     def vectors(self, faiss_ids) -> np.ndarray:
