@@ -37,8 +37,8 @@ FORBIDDEN_METHODS = {
 # The honest exceptions: (module under src/rayclip, what it uses) -> why. None of them is a data-root
 # path: each reads a file the user names or the package ships, or writes a local scratch folder.
 ALLOWED = {
-    ("model.py", "open()"): "hashes a checkpoint file (the packaged reference weights or --pretrained PATH) "
-    "and reads /proc/cpuinfo for the CPU's features",
+    ("model/names.py", "open()"): "hashes a checkpoint file (the packaged reference weights or --pretrained PATH)",
+    ("model/precision.py", "open()"): "reads /proc/cpuinfo for the CPU's features",
     ("synthetic.py", ".mkdir"): "creates the local folder of generated demo/training images it then serves",
     ("synthetic.py", ".write_bytes"): "writes the generated JPEGs into that folder",
     ("synthetic.py", ".write_text"): "writes the generated annotation files (COCO/Flickr JSON) beside them",
