@@ -76,15 +76,15 @@ def drop_day(root: Path, day: str) -> None:
 
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     """Runs in a child process: build, then time one-query searches through the Searcher."""
-    from rayclip import ann
+    from rayclip.ann import choice as index_choice
     from rayclip.query import searcher
     from rayclip.stages import index
     from rayclip.store import catalog
 
     if args.flat_below is not None:
-        ann.FLAT_BELOW = args.flat_below
+        index_choice.FLAT_BELOW = args.flat_below
     if args.hnsw_below is not None:
-        ann.HNSW_BELOW = args.hnsw_below
+        index_choice.HNSW_BELOW = args.hnsw_below
     started = time.perf_counter()
     report = index.build(
         root,

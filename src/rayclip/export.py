@@ -28,8 +28,9 @@ from . import faults
 from .errors import UserError
 from .options import EXPORT_FORMATS, ExportOptions, SearchOptions
 from .progress import Progress
-from .query.searcher import Searcher, Term
+from .query.searcher import Searcher
 from .query.service import QueryService
+from .query.terms import Term
 from .store import catalog, layout, shards, storage
 from .store.catalog import Refused
 from .store.shards.write import WRITERS, ShardWriter
@@ -76,7 +77,7 @@ def _ranked(searcher: Searcher, terms: list[Term], k: int, min_score: float | No
 
 def _query_rows(searcher: Searcher, results: list) -> Batches:
     """The results with their mapping rows, READ_AHEAD at a time (the ids of one build, the Searcher's own)."""
-    mapping = searcher.mapping_rows
+    mapping = searcher.mapping
     columns = [name for name in mapping.table.column_names if name != "faiss_id"]
     for start in range(0, len(results), READ_AHEAD):
         chosen = results[start : start + READ_AHEAD]
@@ -138,7 +139,7 @@ def export(
     if terms:
         searcher = QueryService(root, model_version, precision=precision).searcher(model_version)
         results = _ranked(searcher, terms, k, min_score, where)
-        total, schema, batches = len(results), searcher.mapping.schema, _query_rows(searcher, results)
+        total, schema, batches = len(results), searcher.mapping.table.schema, _query_rows(searcher, results)
     else:
         total, schema = (
             sum(catalog.parquet_metadata(p).num_rows for p in catalog.manifest_parts(root)),

@@ -21,7 +21,8 @@ from rayclip.cli import build_parser
 from rayclip.errors import UserError
 from rayclip.http.app import create_app
 from rayclip.options import SearchOptions
-from rayclip.query.searcher import Searcher, Term
+from rayclip.query.searcher import Searcher
+from rayclip.query.terms import Term
 from rayclip.stages import captions, index
 from rayclip.store import catalog, debris, layout, storage
 from rayclip.store import silver as silver_store
@@ -134,7 +135,7 @@ def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, 
         url=f"{live_gold.url}/knn-service", indice_name=MODEL_VERSION, modality=module.Modality.TEXT, num_images=10,
         deduplicate=False,
     )  # fmt: skip
-    caption = gold_searcher.mapping["caption"][0].as_py()  # the first image's (it carries three captions)
+    caption = gold_searcher.mapping.table["caption"][0].as_py()  # the first image's (it carries three captions)
     got = clip.query(text=caption)
     manifest = catalog.read_manifest(storage.data_root(gold_store.root), ["url", "caption"]).to_pylist()
     carriers = {r["url"] for r in manifest if r["caption"] == caption}
@@ -142,11 +143,11 @@ def test_the_caption_index_answers_modality_text_through_clip_client(live_gold, 
     assert got[: len(top)] == top and top[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
     assert {r["url"] for r in top} == carriers  # every image carrying it, and no other
     ids = [r["id"] for r in got]  # image faiss_ids: /metadata answers for them
-    assert [gold_searcher.mapping["url"][i].as_py() for i in ids] == [r["url"] for r in got]
+    assert [gold_searcher.mapping.table["url"][i].as_py() for i in ids] == [r["url"] for r in got]
     expected = gold_searcher.find([[Term("text", caption)]], SearchOptions(k=10, over="captions"))[0]
     assert [(r["id"], r["similarity"]) for r in got] == [(r.faiss_id, r.score) for r in expected]
     rows = catalog.read_parquet(layout.caption_mapping_file(storage.data_root(gold_store.build.path)))
-    assert len(set(rows["caption_id"].to_pylist())) == rows.num_rows == gold_searcher.build.captions["count"]
+    assert len(set(rows["caption_id"].to_pylist())) == rows.num_rows == gold_searcher.build_info.captions["count"]
 
 
 def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, ray_session, monkeypatch):
@@ -162,7 +163,7 @@ def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, r
     assert embedded.rows_planned == 0 and captioned is None
     assert silver(root, layout.CAPTIONS, ["caption_id"]) is None
     index.build(root)
-    assert Searcher.open(root).mapping["clip_score"].null_count == 6
+    assert Searcher.open(root).mapping.table["clip_score"].null_count == 6
     with pytest.raises(UserError, match="has no caption index"):
         Searcher.open(root).find([[Term("text", QUERY)]], SearchOptions(over="captions"))
 
@@ -181,7 +182,7 @@ def test_no_captions_then_captions_then_a_rerun_that_repeats_nothing(tmp_path, r
     assert (new.captions_embedded, new.pairs_scored) == (0, 1) and manifest[0]["caption"] == "a dog number 0"
     assert silver(root, layout.CAPTIONS, ["caption_id"]).num_rows == 6
     index.build(root)
-    assert Searcher.open(root).mapping["clip_score"].null_count == 0
+    assert Searcher.open(root).mapping.table["clip_score"].null_count == 0
 
 
 def test_a_dead_caption_runs_files_are_never_read_and_are_debris(tmp_path):

@@ -31,7 +31,7 @@ from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
 from rayclip.images import decode_image
-from rayclip.query.searcher import DEFAULT_COLLAPSE
+from rayclip.options import DEFAULT_COLLAPSE
 from rayclip.stages import index
 
 MODEL_VERSION = "clip_rayclip_ref_reference"

@@ -46,4 +46,4 @@ def test_reference_model_clears_the_recall_bar_and_random_init_stays_near_chance
     # Two model_versions in one store: search must be told which.
     with pytest.raises(UserError, match="several model_versions present"):
         Searcher.open(root)
-    assert Searcher.open(root, "clip_rayclip_ref_reference").build.count == 500
+    assert Searcher.open(root, "clip_rayclip_ref_reference").build_info.count == 500

@@ -16,7 +16,7 @@ from helpers.stores import cli
 
 from rayclip import export
 from rayclip.errors import UserError
-from rayclip.query.searcher import Term
+from rayclip.query.terms import Term
 from rayclip.stages import ingest
 from rayclip.store import catalog, storage
 

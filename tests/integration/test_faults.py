@@ -100,7 +100,7 @@ def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
     # Readers still get the build CURRENT named before, whole.
     assert catalog.current_build(root, REFERENCE) == published
     searcher = Searcher.open(root)
-    assert searcher.build.build_id == published and searcher.build.count == GOOD_IMAGES
+    assert searcher.build_info.build_id == published and searcher.build_info.count == GOOD_IMAGES
     assert len(searcher.search_text("a red circle", k=GOOD_IMAGES)) == GOOD_IMAGES
     debris = [d["path"] for d in status(root, capsys)["debris"]]
     if point == "index.build":  # a half-written folder without build.json: not a build, reported as debris
@@ -111,7 +111,7 @@ def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
 
     rerun = index.build(root)
     assert rerun.count == GOOD_IMAGES and catalog.current_build(root, REFERENCE) == rerun.build_id
-    assert Searcher.open(root).build.build_id == rerun.build_id
+    assert Searcher.open(root).build_info.build_id == rerun.build_id
     assert status(root, capsys)["debris"] == []
 
 
@@ -158,7 +158,7 @@ def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys
         assert_killed(rc, out)
 
     assert catalog.current_build(root, REFERENCE) == published and catalog.builds(root, REFERENCE) == [published]
-    assert Searcher.open(root).build.build_id == published
+    assert Searcher.open(root).build_info.build_id == published
     if on == "s3":  # a fresh lease may be a build alive on another machine: not debris until it is stale
         assert status(root, capsys)["debris"] == []
         monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)

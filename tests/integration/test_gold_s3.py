@@ -90,12 +90,12 @@ def test_index_and_search_on_s3_equal_the_same_silver_locally_and_touch_no_local
     assert again_s3.base_build == on_s3.build_id and again_disk.base_build == on_disk.build_id
     assert again_s3.count == again_disk.count == ROWS + 50
     local_searcher, s3_searcher = Searcher.open(local), Searcher.open(s3_root)
-    assert s3_searcher.build.build_id == again_s3.build_id
+    assert s3_searcher.build_info.build_id == again_s3.build_id
     assert hits(local_searcher.search_vectors(queries, 10)) == hits(s3_searcher.search_vectors(queries, 10))
     assert hits(local_searcher.search_texts(["a dog", "a red circle"], 5)) == hits(
         s3_searcher.search_texts(["a dog", "a red circle"], 5)
     )
-    assert local_searcher.mapping.column("media_id").equals(s3_searcher.mapping.column("media_id"))
+    assert local_searcher.mapping.table.column("media_id").equals(s3_searcher.mapping.table.column("media_id"))
 
     # Of this machine's disk, S3 work used the Searcher's cache and nothing else.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local", "tmp"]
@@ -114,7 +114,7 @@ def test_a_second_open_on_the_same_build_reads_only_current_from_the_store(s3_ro
     reads.clear()
     second = Searcher.open(s3_root)  # a restart on the same build
     assert reads == ["CURRENT"]
-    assert second.build == first.build and second.build.build_id == built.build_id
+    assert second.build_info == first.build_info and second.build_info.build_id == built.build_id
     queries = clustered(4, seed=3)
     assert hits(second.search_vectors(queries, 5)) == hits(first.search_vectors(queries, 5))
 
@@ -128,7 +128,7 @@ def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, 
 
     assert catalog.current_build(s3_root, mv) == published
     searcher = Searcher.open(s3_root)
-    assert searcher.build.build_id == published and searcher.build.count == ROWS
+    assert searcher.build_info.build_id == published and searcher.build_info.count == ROWS
     folders = [f.name for f in storage.children(layout.builds_dir(s3_root, mv))]
     assert len(folders) == 2  # the killed build wrote into its own folder
     if point == "index.build":  # no build.json: not a build, and debris once its lease is stale
@@ -143,7 +143,7 @@ def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, 
 
     rerun = index.build(s3_root)  # sweeps the dead folder first
     assert catalog.current_build(s3_root, mv) == rerun.build_id and rerun.count == ROWS + 50
-    assert Searcher.open(s3_root).build.build_id == rerun.build_id
+    assert Searcher.open(s3_root).build_info.build_id == rerun.build_id
     assert debris.find(s3_root) == []
 
 
@@ -159,7 +159,7 @@ def test_gc_on_s3_sweeps_a_dead_build_folder_and_keeps_the_builds(s3_root, cache
     assert not storage.exists(layout.index_file(dead))
     assert cli("gc", "--data-dir", storage.uri(s3_root), "--json") == 0
     assert json.loads(capsys.readouterr().out)["removed"] == []
-    assert catalog.builds(s3_root, mv) == [published] and Searcher.open(s3_root).build.build_id == published
+    assert catalog.builds(s3_root, mv) == [published] and Searcher.open(s3_root).build_info.build_id == published
 
 
 def test_index_search_and_status_commands_on_s3(s3_root, cache, mv, capsys):

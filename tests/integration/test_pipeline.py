@@ -72,7 +72,7 @@ def test_run_demo_from_python_reports_every_stage_prints_nothing_and_reruns_fetc
     assert (
         run.captions.pairs_scored == DEMO_IMAGES
         # the images' captions are encoded by the image run's actors, any left by the caption stage
-        and run.searcher.build.captions["count"] == run.embed.captions_embedded + run.captions.captions_embedded
+        and run.searcher.build_info.captions["count"] == run.embed.captions_embedded + run.captions.captions_embedded
         and run.embed.captions_embedded > 0
     )
     # What the issue's "done when" asks of a demo: clip_score filters, and captions are searchable.

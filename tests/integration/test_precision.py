@@ -31,7 +31,7 @@ def run_record(root, model_version: str) -> dict:
 
 def test_auto_precision_follows_the_cpu_flags(monkeypatch):
     for flags, expected in [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), ({"avx2"}, "fp32")]:
-        monkeypatch.setattr(model, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(model.precision, "cpu_flags", lambda flags=flags: flags)
         assert model.choose_precision("auto") == expected
     assert model.choose_precision("fp16") == "fp16"  # asked for explicitly: kept, native or not
     with pytest.raises(UserError, match="unknown precision 'int8'"):

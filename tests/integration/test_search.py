@@ -86,7 +86,7 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
     assert (old, new) == (second.build_id, first.build_id)
     # Read back: CURRENT names the earlier build, and a new reader serves it.
     assert layout.current_file(root, first.model_version).read_text().strip() == first.build_id
-    assert Searcher.open(root).build.build_id == first.build_id
+    assert Searcher.open(root).build_info.build_id == first.build_id
 
 
 READER = """
@@ -99,9 +99,9 @@ print("ready", flush=True)
 deadline = time.monotonic() + 240
 while not stop.exists() and time.monotonic() < deadline:
     built_searcher.refresh()  # what the HTTP service does per request: read CURRENT, load the build it names
-    mapping, index = built_searcher.mapping, built_searcher._build.knn.index
-    assert built_searcher.build.count == mapping.num_rows == index.ntotal == expected, built_searcher.build
-    seen.add(built_searcher.build.build_id)
+    mapping, index = built_searcher.mapping.table, built_searcher._build.knn.index
+    assert built_searcher.build_info.count == mapping.num_rows == index.ntotal == expected, built_searcher.build_info
+    seen.add(built_searcher.build_info.build_id)
     checks += 1
 print(json.dumps({"builds_seen": len(seen), "checks": checks}))
 """

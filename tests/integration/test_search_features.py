@@ -9,7 +9,8 @@ import pytest
 from helpers.silver import clustered, media_ids, normalised, write_manifest, write_silver
 
 from rayclip import UserError, ann
-from rayclip.query.searcher import DEFAULT_COLLAPSE, Searcher
+from rayclip.options import DEFAULT_COLLAPSE
+from rayclip.query.searcher import Searcher
 from rayclip.stages import index
 from rayclip.store import catalog
 
@@ -45,9 +46,9 @@ def test_collapse_returns_k_distinct_groups_with_folded_counts(near_duplicates):
     assert len(folded) == 8 and len(set(groups)) == 8  # searched past the 31 copies of group 0
     # Brute force: groups ranked by their best member's cosine to the query.
     best = {}
-    vectors = searcher.vectors(list(range(searcher.build.count)))
+    vectors = searcher.vectors(list(range(searcher.build_info.count)))
     for faiss_id, score in enumerate(vectors @ query[0]):
-        g = group_of[searcher.mapping.column("media_id")[faiss_id].as_py()]
+        g = group_of[searcher.mapping.table.column("media_id")[faiss_id].as_py()]
         best[g] = max(best.get(g, -2.0), float(score))
     assert groups == sorted(best, key=best.get, reverse=True)[:8]
     assert folded[0].media_id == plain[0].media_id and folded[0].duplicates == copies[0]
@@ -116,8 +117,8 @@ def test_filter_returns_the_brute_force_top_k_among_matching_rows(described, whe
 def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
     root = tmp_path / "data"
     shutil.copytree(described[0], root)
     report = index.build(root, retrain=True, target_recall=0.9)
@@ -151,7 +152,8 @@ def test_filter_on_an_hnsw_index_returns_the_exact_k_past_the_graph_walk(describ
     where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows
     keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
     row_of = {r["media_id"]: r for r in manifest.to_pylist()}
-    allowed = np.array([i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist()) if keep(row_of[m])])
+    media_ids = searcher.mapping.table.column("media_id").to_pylist()
+    allowed = np.array([i for i, m in enumerate(media_ids) if keep(row_of[m])])
     assert 10 < len(allowed) < 30
     # The same query straight to FAISS, at the efSearch the build tuned: fewer than k allowed rows.
     graph = catalog.read_index(layout.index_file(layout.build_dir(root, report.model_version, report.build_id)))
@@ -285,7 +287,7 @@ def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
 
     root, folder, _, searcher = pictures
     client = TestClient(create_app(root))
-    rows = searcher.mapping.to_pylist()  # row i is faiss_id i
+    rows = searcher.mapping.table.to_pylist()  # row i is faiss_id i
     vectors = searcher.vectors(list(range(len(rows))))  # a flat index: the exact vectors
     twins = {r["media_id"] for r in rows if "twin_q" in r["url"]}
 
@@ -326,7 +328,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     from helpers.stores import cli
 
     from rayclip import synthetic
-    from rayclip.query.searcher import Term
+    from rayclip.query.terms import Term
 
     root, _, scenes, searcher = pictures
     query = tmp_path / "blue_square_left.jpg"

@@ -42,7 +42,7 @@ def maps_its_lists(client) -> bool:
 
 
 def a_media_id(client) -> str:
-    return client.app.state.service.searcher().mapping.column("media_id")[7].as_py()
+    return client.app.state.service.searcher().mapping.table.column("media_id")[7].as_py()
 
 
 def test_the_answers_compared_are_not_empty(in_ram):

@@ -41,7 +41,7 @@ def served(roots, ray_session):
 def a_media_id(root) -> str:
     from rayclip.query.searcher import Searcher
 
-    return Searcher.open(root).mapping.column("media_id")[7].as_py()
+    return Searcher.open(root).mapping.table.column("media_id")[7].as_py()
 
 
 def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served):

@@ -15,7 +15,7 @@ from helpers.shards import webdataset_tar
 from helpers.stores import cli
 
 from rayclip import export
-from rayclip.query.searcher import Term
+from rayclip.query.terms import Term
 from rayclip.stages import ingest
 from rayclip.stages.ingest import admit
 from rayclip.store import catalog, layout

@@ -225,7 +225,7 @@ def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done
     s3_proxy.clean()
     assert cli("index", "--data-dir", url) == 0
     rerun = catalog.current_build(s3_root, REFERENCE)
-    assert rerun != published and Searcher.open(s3_root).build.count == ROWS + 40
+    assert rerun != published and Searcher.open(s3_root).build_info.count == ROWS + 40
 
 
 def bronze_object(method: str, path: str) -> bool:

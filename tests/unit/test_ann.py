@@ -31,19 +31,19 @@ def brute_recall(searcher: Searcher, vectors: np.ndarray, queries: np.ndarray, k
     """recall@k of the searcher against numpy's exact top-k over `vectors` (row i = faiss_id i)."""
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
     found = searcher.search_vectors(queries, k)
-    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    position = {m: i for i, m in enumerate(searcher.mapping.table.column("media_id").to_pylist())}
     return float(np.mean([len({position[r.media_id] for r in f} & set(e)) / k for f, e in zip(found, exact)]))
 
 
 def stored(searcher: Searcher) -> np.ndarray:
-    return searcher.vectors(list(range(searcher.build.count)))
+    return searcher.vectors(list(range(searcher.build_info.count)))
 
 
 @pytest.fixture
 def ivf_thresholds(monkeypatch):
     """Make a few thousand vectors count as 'large', so auto picks an IVF index."""
-    monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-    monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+    monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+    monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
 
 
 def test_auto_below_threshold_is_flat_with_exact_recall(tmp_path):
@@ -270,8 +270,8 @@ def by_media_id(root: Path, build_id: str):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "refined"])
 def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
     if kind != "flat":
-        monkeypatch.setattr(ann, "FLAT_BELOW", 500)
-        monkeypatch.setattr(ann, "HNSW_BELOW", 1000)
+        monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
+        monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
     # At 128 dims a fast-scan shortlist fits beside the 6-bit codes; its clusters are as loose as
     # bench_index's (cosine to the 10th neighbour ~0.6), where the re-ranking codes reach the target.
     mixture = {"dim": 128, "spread": 1.0} if kind == "refined" else {"dim": DIM}
@@ -300,7 +300,7 @@ def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
             assert [r.media_id for r in a] == [r.media_id for r in b]
             assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
     else:
-        full_ids = full_searcher.mapping.column("media_id").to_pylist()
+        full_ids = full_searcher.mapping.table.column("media_id").to_pylist()
         exact_top = np.argsort(-(queries @ exact.T), axis=1)[:, :10]
 
         def recall_of(searcher):
@@ -512,7 +512,7 @@ def test_hnsw_index_with_changed_vectors_gives_a_full_build(tmp_path):
     assert report.base_build.startswith("none (full build: HNSW32 cannot replace")
     assert info["index_type"] == "HNSW32" and report.count == 1300 and report.duplicates_dropped == 30
     searcher = Searcher.open(root)
-    position = {m: i for i, m in enumerate(searcher.mapping.column("media_id").to_pylist())}
+    position = {m: i for i, m in enumerate(searcher.mapping.table.column("media_id").to_pylist())}
     assert np.allclose(searcher.vectors([position[m] for m in ids[:30]]), changed, atol=1e-6)
 
 

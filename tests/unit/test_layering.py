@@ -81,27 +81,27 @@ NOT_PATHS = {"storage", "Image", "tarfile", "Searcher"}
 # The honest exceptions: (module under src/rayclip, what it uses) -> why. None of them is a data-root
 # path: each reads a file the user names or the package ships, or writes a local scratch folder.
 ALLOWED = {
-    ("model.py", "open()"): "hashes a checkpoint file (the packaged reference weights or --pretrained PATH) "
-    "and reads /proc/cpuinfo for the CPU's features",
-    ("model.py", ".is_file"): "checks that the checkpoint file the user names (or the packaged one) is there",
-    ("model.py", ".exists"): "tells a checkpoint path the user names from a model name",
+    ("model/names.py", "open()"): "hashes a checkpoint file (the packaged reference weights or --pretrained PATH)",
+    ("model/precision.py", "open()"): "reads /proc/cpuinfo for the CPU's features",
+    ("model/names.py", ".is_file"): "checks that the checkpoint file the user names (or the packaged one) is there",
+    ("model/names.py", ".exists"): "tells a checkpoint path the user names from a model name",
     ("synthetic.py", ".mkdir"): "creates the local folder of generated demo/training images it then serves",
     ("synthetic.py", ".write_bytes"): "writes the generated JPEGs into that folder",
     ("synthetic.py", ".write_text"): "writes the generated annotation files (COCO/Flickr JSON) beside them",
     ("synthetic.py", "pyarrow.parquet.write_table()"): "writes the generated captions and metadata beside them",
     ("http/app.py", ".read_text"): "serves the web page's static files, packaged with rayclip",
-    ("pipeline.py", ".read_text"): "reads Linux's /proc/self/stat and /proc/uptime for when the process started",
+    ("pipeline/embedding.py", ".read_text"): "reads Linux's /proc/self/stat and /proc/uptime: when the process began",
     ("images.py", ".read_bytes"): "reads a query image the user names (--image FILE)",
     ("eval/recall.py", ".read_text"): "reads the benchmark's annotation file the user names",
     ("eval/recall.py", ".read_bytes"): "hashes the benchmark's local image files",
     ("eval/recall.py", ".is_file"): "checks the benchmark's local annotation and image files",
     ("eval/recall.py", ".is_dir"): "checks the benchmark's local image folder",
-    ("ann.py", "numpy.savez()"): "Truth.save writes into the file object its caller opened with storage",
-    ("ann.py", "numpy.load()"): "Truth.load reads from the file object its caller opened with storage",
+    ("ann/tuning.py", "numpy.savez()"): "Truth.save writes into the file object its caller opened with storage",
+    ("ann/tuning.py", "numpy.load()"): "Truth.load reads from the file object its caller opened with storage",
 }
 
 # Stage modules never import each other. What two stages (or a stage and the query floor) share lives
-# on a floor below them (rayclip/ann.py, cluster.py, options.py).
+# on a floor below them (rayclip/ann/, cluster.py, options.py).
 STAGES = PACKAGE / "stages"
 # Modules above the stages that import every stage: a stage importing one imports the others.
 OVER_THE_STAGES = {"pipeline", "cli"}

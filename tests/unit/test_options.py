@@ -250,7 +250,7 @@ class StopError(Exception):
 # What each command calls with its options: (module, name); the last one called stops the command.
 CALLED = {
     "ingest": [(ingest, "ingest_metadata")],
-    "embed": [(model, "named"), (pipeline, "embed_silver")],  # embed_silver checks the names when it has work
+    "embed": [(model, "named"), (pipeline.embedding, "embed_silver")],  # embed_silver checks the names when it has work
     "index": [(index, "build")],
     "export": [(export, "export")],
     "search": [(service_module, "search")],

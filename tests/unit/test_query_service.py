@@ -19,11 +19,12 @@ from helpers.silver import clustered, media_ids, write_silver
 from rayclip.errors import NoIndexError
 from rayclip.http.api import MAX_K
 from rayclip.http.app import create_app
-from rayclip.options import DEFAULT_COLLAPSE
+from rayclip.options import DEFAULT_COLLAPSE, SearchOptions
 from rayclip.query import searcher as searcher_module
 from rayclip.query import service as service_module
-from rayclip.query.searcher import Searcher, SearchOptions, Term
+from rayclip.query.searcher import Searcher
 from rayclip.query.service import QueryService
+from rayclip.query.terms import Term
 from rayclip.stages import index
 from rayclip.store import catalog
 
@@ -279,7 +280,7 @@ def test_the_service_and_the_searcher_answer_alike(service_store):
     vector = searcher.vectors([3])
     assert np.allclose(np.linalg.norm(vector, axis=1), 1.0)
     assert searcher.search_vectors(vector, 5)[0] == searcher.find([[Term("vector", vector[0])]], options)[0]
-    assert searcher.build.build_id == built.build_id and searcher.build.count == ROWS
+    assert searcher.build_info.build_id == built.build_id and searcher.build_info.count == ROWS
 
 
 def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(tmp_path, capsys):

@@ -50,7 +50,7 @@ def _spec(args: argparse.Namespace, checked: bool = True):
 
 def _terms(args: argparse.Namespace) -> list:
     """The query terms given (--q, --image, --like, …), each a Term."""
-    from ..query.searcher import Term
+    from ..query.terms import Term
 
     return [Term.parse(kind, value, sign) for dest, kind, sign in args.terms for value in getattr(args, dest) or []]
 

@@ -323,7 +323,7 @@ class BenchmarkReport:
 def _encode_texts(searcher: Searcher, texts: list[str]) -> np.ndarray:
     """The captions by the build's model, TEXT_BATCH at a time (one batched encode, both directions)."""
     batches = [searcher.model.encode_texts(texts[i : i + TEXT_BATCH]) for i in range(0, len(texts), TEXT_BATCH)]
-    return np.concatenate(batches) if batches else np.zeros((0, searcher.build.dim), np.float32)
+    return np.concatenate(batches) if batches else np.zeros((0, searcher.build_info.dim), np.float32)
 
 
 def _indexed(searcher: Searcher, media_ids: list[str]) -> tuple[list[int], list[str]]:
@@ -389,7 +389,7 @@ def score_benchmark(
         curve[f"chance_{direction}"] = [chance(direction, k) for k in curve_ks]
     return BenchmarkReport(
         model_version=searcher.model_version,
-        build_id=searcher.build.build_id,
+        build_id=searcher.build_info.build_id,
         images=n_images,
         captions=n_texts,
         images_without_captions=n_images - len(ranks.image_queries),

@@ -18,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import UnknownModelVersionError
 from ..images import ImageTooLargeError, decode_base64
 from ..options import DEFAULT_COLLAPSE, SEARCH_OVER, SearchOptions
-from ..query.searcher import Searcher, SearchResults, Term, summary
+from ..query.results import SearchResults
+from ..query.searcher import Searcher, summary
 from ..query.service import QueryService
+from ..query.terms import Term
 from ..store import catalog, storage
 from ..store.storage import Location
 from .errors import Body

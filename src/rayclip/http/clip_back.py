@@ -36,8 +36,10 @@ from pydantic import BaseModel, Field, field_validator
 from ..errors import UnknownModelVersionError
 from ..images import decode_base64
 from ..options import DEFAULT_COLLAPSE, SearchOptions, ServeOptions
-from ..query.searcher import Searcher, SearchResults, Term
+from ..query.results import SearchResults
+from ..query.searcher import Searcher
 from ..query.service import QueryService
+from ..query.terms import Term
 from .errors import Body, one_line
 
 MAX_RESULT_IDS = 10_000  # the most the clip-retrieval front asks for (its "download" button)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import NoIndexError, UnknownModelVersionError, UserError
 from ..images import BadImageError, ImageTooLargeError
-from ..query.searcher import NotIndexedError
+from ..query.terms import NotIndexedError
 from ..store.storage import StoreError
 
 # First match wins: the specific kinds before UserError, their base.

@@ -23,7 +23,9 @@ from ..options import SearchOptions
 from ..store import catalog, storage
 from ..store.storage import Location
 from .knn import Residency
-from .searcher import Searcher, SearchResults, Term
+from .results import SearchResults
+from .searcher import Searcher
+from .terms import Term
 
 
 class QueryService:

@@ -1,0 +1,49 @@
+"""The only package that knows open_clip: naming a model (`names.py`: ModelSpec, resolve, the checks),
+choosing its precision (`precision.py`), loading it and encoding images and texts (`clip.py`).
+
+Every loading path goes through `load_model`: a named pretrained tag (Hugging Face cache or
+download), a local checkpoint file, `hf-hub:` ids, random init (`none`, seeded, for plumbing) and
+the project's own offline reference model (`reference`). Encoders always return L2-normalised
+float32 numpy arrays. Callers use the names below.
+"""
+
+from .clip import RANDOM_SEED, ClipModel, ModelParts, Pixels, load_model, quiet_root_logger, trims_padding
+from .names import (
+    CONFIG_DIR,
+    RANDOM_INIT,
+    REFERENCE_ALIAS,
+    REFERENCE_MODEL,
+    REFERENCE_WEIGHTS,
+    ModelSpec,
+    check_available,
+    check_names,
+    import_model_libraries,
+    named,
+    register_configs,
+    resolve,
+)
+from .precision import choose_precision, cpu_flags
+
+__all__ = [
+    "CONFIG_DIR",
+    "RANDOM_INIT",
+    "RANDOM_SEED",
+    "REFERENCE_ALIAS",
+    "REFERENCE_MODEL",
+    "REFERENCE_WEIGHTS",
+    "ClipModel",
+    "ModelParts",
+    "ModelSpec",
+    "Pixels",
+    "check_available",
+    "check_names",
+    "choose_precision",
+    "cpu_flags",
+    "import_model_libraries",
+    "load_model",
+    "named",
+    "quiet_root_logger",
+    "register_configs",
+    "resolve",
+    "trims_padding",
+]
