@@ -77,7 +77,8 @@ def drop_day(root: Path, day: str) -> None:
 def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     """Runs in a child process: build, then time one-query searches through the Searcher."""
     from rayclip.ann import choice as index_choice
-    from rayclip.query import searcher
+    from rayclip.query.builds import load_build
+    from rayclip.query.searcher import Searcher
     from rayclip.stages import index
     from rayclip.store import catalog
 
@@ -96,7 +97,7 @@ def one_build(root: Path, index_type: str, retrain: bool, args) -> dict:
     )
     build_s = time.perf_counter() - started
     info = json.loads((Path(report.path) / "build.json").read_text())
-    searcher = searcher.Searcher(root, MODEL_VERSION, None, searcher._load_build(root, MODEL_VERSION, report.build_id))
+    searcher = Searcher(root, MODEL_VERSION, None, load_build(root, MODEL_VERSION, report.build_id))
     queries = mixture_chunk(10**12, args.queries, args.dim, args.clusters, args.seed)  # not in the index
     times = []
     for query in queries:
