@@ -21,6 +21,7 @@ from pathlib import Path
 from _common import percentiles, random_silver, timed_build
 
 from rayclip import Searcher, model
+from rayclip.options import PRECISIONS
 
 QUERIES = [
     "a dog running on grass",
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=model.PRECISIONS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     spec = model.resolve("ViT-B-32", "none")
     for n in args.sizes:
