@@ -11,7 +11,7 @@ import pytest
 from helpers.stores import cli
 
 from rayclip import UserError, synthetic
-from rayclip.eval import recall
+from rayclip.eval import annotations, recall
 from rayclip.store import storage
 
 # ---------------------------------------------------------------- the annotation files
@@ -29,14 +29,14 @@ def captioned(tmp_path):
 
 def test_karpathy_reader_keeps_one_split_in_file_order_with_every_caption(captioned):
     folder, images = captioned["folder"], captioned["images"]
-    test = recall.read_annotations("karpathy", captioned["karpathy"], folder)  # the test split by default
+    test = annotations.read_annotations("karpathy", captioned["karpathy"], folder)  # the test split by default
     assert [a.file.name for a in test] == [images[i]["filename"] for i in (0, 2, 4)]
     assert [list(a.captions) for a in test] == [images[i]["captions"] for i in (0, 2, 4)]
     assert all(len(a.captions) == 5 for a in test)
-    val = recall.read_annotations("karpathy", captioned["karpathy"], folder, split="val")
+    val = annotations.read_annotations("karpathy", captioned["karpathy"], folder, split="val")
     assert [a.file.name for a in val] == [images[3]["filename"]]
     with pytest.raises(UserError, match="no images in split 'dev'.*its splits: restval, test, train, val"):
-        recall.read_annotations("karpathy", captioned["karpathy"], folder, split="dev")
+        annotations.read_annotations("karpathy", captioned["karpathy"], folder, split="dev")
 
 
 def test_karpathy_filepath_names_a_subfolder_as_in_dataset_coco(captioned, tmp_path):
@@ -47,7 +47,7 @@ def test_karpathy_filepath_names_a_subfolder_as_in_dataset_coco(captioned, tmp_p
         entry["filepath"] = "val2014"
         (captioned["folder"] / entry["filename"]).rename(nested / entry["filename"])
     captioned["karpathy"].write_text(json.dumps(data))
-    test = recall.read_annotations("karpathy", captioned["karpathy"], tmp_path / "coco")
+    test = annotations.read_annotations("karpathy", captioned["karpathy"], tmp_path / "coco")
     assert [a.file for a in test] == [nested / captioned["images"][i]["filename"] for i in (0, 2, 4)]
 
 
@@ -56,29 +56,29 @@ def test_coco_reader_orders_images_by_id_and_groups_captions_in_annotation_order
     data["images"].reverse()  # the file's order must not matter: clip_benchmark sorts by id
     data["annotations"] = data["annotations"][1::2] + data["annotations"][0::2]
     captioned["coco"].write_text(json.dumps(data))
-    read = recall.read_annotations("coco", captioned["coco"], captioned["folder"])
+    read = annotations.read_annotations("coco", captioned["coco"], captioned["folder"])
     assert [a.file.name for a in read] == [image["filename"] for image in captioned["images"]]
     first = captioned["images"][0]["captions"]
     assert list(read[0].captions) == first[1::2] + first[0::2]
     with pytest.raises(UserError, match="--split is for --dataset karpathy"):
-        recall.read_annotations("coco", captioned["coco"], captioned["folder"], split="test")
+        annotations.read_annotations("coco", captioned["coco"], captioned["folder"], split="test")
 
 
 def test_wrong_files_get_one_clear_line(captioned, tmp_path):
     folder = captioned["folder"]
     with pytest.raises(UserError, match="not a COCO captions file"):
-        recall.read_annotations("coco", captioned["karpathy"], folder)
+        annotations.read_annotations("coco", captioned["karpathy"], folder)
     with pytest.raises(UserError, match="not a Karpathy split file"):
-        recall.read_annotations("karpathy", captioned["coco"], folder)
+        annotations.read_annotations("karpathy", captioned["coco"], folder)
     with pytest.raises(UserError, match="annotation file not found"):
-        recall.read_annotations("karpathy", tmp_path / "nope.json", folder)
+        annotations.read_annotations("karpathy", tmp_path / "nope.json", folder)
     silent = json.loads(captioned["coco"].read_text()) | {"annotations": []}
     (tmp_path / "silent.json").write_text(json.dumps(silent))
     with pytest.raises(UserError, match="holds no captions"):
-        recall.read_annotations("coco", tmp_path / "silent.json", folder)
+        annotations.read_annotations("coco", tmp_path / "silent.json", folder)
     (folder / captioned["images"][2]["filename"]).unlink()
     with pytest.raises(UserError, match=r"1 of the 3 images in dataset_synthetic.json are not under"):
-        recall.read_annotations("karpathy", captioned["karpathy"], folder)
+        annotations.read_annotations("karpathy", captioned["karpathy"], folder)
     assert cli("eval", "--dataset", "karpathy", "--images", str(folder), "--data-dir", str(tmp_path / "d")) == 2
 
 
@@ -86,8 +86,8 @@ def test_gallery_names_images_by_sha256_and_merges_identical_bytes(captioned):
     folder, images = captioned["folder"], captioned["images"]
     copy = folder / "copy_of_first.jpg"
     copy.write_bytes((folder / images[0]["filename"]).read_bytes())
-    annotated = [recall.AnnotatedImage(folder / images[i]["filename"], ("a", "b")) for i in (0, 1)]
-    annotated.append(recall.AnnotatedImage(copy, ("c",)))
+    annotated = [annotations.AnnotatedImage(folder / images[i]["filename"], ("a", "b")) for i in (0, 1)]
+    annotated.append(annotations.AnnotatedImage(copy, ("c",)))
     gallery = recall.gallery(annotated)
     assert gallery.media_ids == [
         hashlib.sha256((folder / images[i]["filename"]).read_bytes()).hexdigest() for i in (0, 1)

@@ -92,10 +92,10 @@ ALLOWED = {
     ("http/app.py", ".read_text"): "serves the web page's static files, packaged with rayclip",
     ("pipeline/embedding.py", ".read_text"): "reads Linux's /proc/self/stat and /proc/uptime: when the process began",
     ("images.py", ".read_bytes"): "reads a query image the user names (--image FILE)",
-    ("eval/recall.py", ".read_text"): "reads the benchmark's annotation file the user names",
+    ("eval/annotations.py", ".read_text"): "reads the benchmark's annotation file the user names",
     ("eval/recall.py", ".read_bytes"): "hashes the benchmark's local image files",
-    ("eval/recall.py", ".is_file"): "checks the benchmark's local annotation and image files",
-    ("eval/recall.py", ".is_dir"): "checks the benchmark's local image folder",
+    ("eval/annotations.py", ".is_file"): "checks the benchmark's local annotation and image files",
+    ("eval/annotations.py", ".is_dir"): "checks the benchmark's local image folder",
     ("ann/tuning.py", "numpy.savez()"): "Truth.save writes into the file object its caller opened with storage",
     ("ann/tuning.py", "numpy.load()"): "Truth.load reads from the file object its caller opened with storage",
 }

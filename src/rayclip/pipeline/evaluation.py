@@ -95,13 +95,14 @@ def evaluate_benchmark(
     stage whose log is kept beside the embed run; eval.json and eval.html go next to the build.
     Each stage's report goes to hooks.report. Returns the BenchmarkReport."""
     from ..eval import recall
+    from ..eval.annotations import read_annotations
     from ..query.searcher import Searcher
     from ..stages import embed, index, ingest
 
     if not (annotations and images_dir):
         raise UserError("--dataset needs --annotations FILE and --images-dir DIR")
     root, annotations = storage.data_root(data_dir), Path(annotations)
-    evaluated = recall.gallery(recall.read_annotations(dataset, annotations, Path(images_dir), split))
+    evaluated = recall.gallery(read_annotations(dataset, annotations, Path(images_dir), split))
     with stage(layout.embed_runs_dir(root), hooks) as running:
         start_ray(running)
         with recall.staged_links(evaluated) as folder:
