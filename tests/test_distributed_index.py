@@ -315,8 +315,8 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
     info = catalog.build_info(root, REFERENCE, grown.build_id)
     assert (grown.base_build, info.incremental) == (base.build_id, {"added": 600, "replaced": 0})
     assert info.form == ("ondisk" if "on_disk" in form else "shards") and info.count == 3000
-    if info.form == "shards":  # the base's two shards and one new one, ids global
-        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1200), (2400, 600)]
+    if info.form == "shards":  # the new rows merged into the base's last shard, ids global
+        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1800)]
     full = index.build(root, **options, retrain=True)
     queries = clustered(200, seed=9)
     found = [search(open_build(root, b), {"nprobe": 16}, queries) for b in (grown.build_id, full.build_id)]
@@ -327,3 +327,28 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
         for b in (grown.build_id, full.build_id)
     ]
     assert mappings[0].column("media_id").equals(mappings[1].column("media_id"))
+
+
+def test_a_sharded_base_keeps_its_shard_count_through_increments_and_full_builds(tmp_path):
+    """A plain `rayclip index` on a 2-shard base: new rows grow its last shard (never a third), a
+    re-embedded vector (which a base in shards cannot replace) falls back to a full build in 2 shards,
+    and `--shards 4` on it is a full build in 4."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(2600), clustered(2600)
+    write_silver(root, "2026-01-01", ids[:2400], vectors[:2400])
+    write_manifest(root, ids)
+    plain = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200}
+    base = index.build(root, **plain, shards=2)
+    write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
+    grown = catalog.build_info(root, REFERENCE, index.build(root, **plain).build_id)
+    assert (grown.base_build, grown.form) == (base.build_id, "shards")
+    assert [(s["first"], s["count"]) for s in grown.shards] == [(0, 1200), (1200, 1400)]
+    last = faiss.read_index(str(layout.build_dir(root, REFERENCE, grown.build_id) / grown.shards[1]["file"]))
+    assert last.ntotal == 1400
+    write_silver(root, "2026-01-03", ids[:300], clustered(300, seed=4))  # 300 ids re-embedded
+    rebuilt = catalog.build_info(root, REFERENCE, index.build(root, **plain).build_id)
+    assert rebuilt.base_build is None and "cannot replace" in rebuilt.full_build_reason
+    assert (rebuilt.form, len(rebuilt.shards)) == ("shards", 2)
+    four = catalog.build_info(root, REFERENCE, index.build(root, **plain, shards=4).build_id)
+    assert four.base_build is None and "asked for 4" in four.full_build_reason
+    assert (four.form, [s["count"] for s in four.shards]) == ("shards", [650] * 4)

@@ -90,7 +90,7 @@ def build(
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
-    shape = full.Shape(parallel, part_vectors, shards, on_disk)
+    shape = extend.keep_form(root, model_version, full.Shape(parallel, part_vectors, shards, on_disk))
     dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (
@@ -183,8 +183,11 @@ def _build_into(
         fallback = ann.fallback_for(made.index_type) if index_type == "auto" and not tuning.target_met else None
         if fallback:  # the measured recall, not the rule, has the last word
             rejected = {"index_type": made.index_type, f"recall_at_{RECALL_K}": tuning.recall_at_k}
+            for written in made.written:  # the refill starts from a clean folder
+                storage.delete(written)
+            kept = dataclasses.replace(shape, on_disk=made.form == "ondisk")  # auto may have gone on disk
             made = full.fill(
-                root, model_version, files, dim, fallback, max_bytes, shape, folder, target_recall, progress
+                root, model_version, files, dim, fallback, max_bytes, kept, folder, target_recall, progress
             )
             tuning = made.tuning
     built_s = time.monotonic() - started
