@@ -128,7 +128,8 @@ def extend(
     if keep.sum() > REBUILD_SHARE * count:
         return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
     if base.form == "shards" and _lopsided(base.shards, int(fresh.sum())):
-        return None, f"{fresh.sum()} new rows would make the last of {len(base.shards)} shards over {LOPSIDED}x the mean"
+        shards = len(base.shards)
+        return None, f"{fresh.sum()} new rows would make the last of {shards} shards over {LOPSIDED}x their mean"
     if replace.any() and base.form != "single":
         return None, f"a base kept as {base.form!r} cannot replace the vectors of {replace.sum()} changed media_ids"
     index = catalog.read_index(layout.index_file(folder)) if base.form == "single" else None
@@ -195,8 +196,9 @@ def extend_in_parts(
 ) -> tuple[int, ann.Tuning, str, list[dict] | None, list[Location]]:
     """The new rows added as one new part (faiss_ids first..) on the base's trained quantizer, in the base's
     form: merged on disk after the base's lists, or merged into the last of the base's shards (so the
-    shard count stays the one asked), the others copied. The part's exact neighbours of the tuning queries are merged into `truth`; the result is tuned
-    as a full build's is. Returns (vectors, tuning, form, shards, index files written)."""
+    shard count stays the one asked), the others copied. The part's exact neighbours of the tuning queries
+    are merged into `truth`; the result is tuned as a full build's is. Returns (vectors, tuning, form,
+    shards, index files written)."""
     plan = parts.Plan(base.index_type, base.dim, into, base.form, len(base.shards or []), NORM_TOLERANCE)
     runner = parts.Runner(False)
     parts.copy_file(layout.quantizer_file(base_folder), layout.trained_file(into))
