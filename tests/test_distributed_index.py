@@ -352,3 +352,25 @@ def test_a_sharded_base_keeps_its_shard_count_through_increments_and_full_builds
     four = catalog.build_info(root, REFERENCE, index.build(root, **plain, shards=4).build_id)
     assert four.base_build is None and "asked for 4" in four.full_build_reason
     assert (four.form, [s["count"] for s in four.shards]) == ("shards", [650] * 4)
+
+
+def test_a_full_build_whose_mapping_repeats_a_media_id_is_refused(tmp_path, monkeypatch):
+    """The uniqueness check counts the written mapping's media_ids: a row chosen twice (a bug in the
+    choice) publishes nothing."""
+    from rayclip.errors import UserError
+    from rayclip.stages.index import select
+
+    root = tmp_path / "data"
+    ids = media_ids(1200)
+    write_silver(root, "2026-01-01", ids, clustered(1200))
+    write_manifest(root, ids)
+    chosen = select.select
+
+    def twice_chosen(*args):
+        file_idx, row_idx, dropped = chosen(*args)
+        return np.append(file_idx, file_idx[7]), np.append(row_idx, row_idx[7]), dropped
+
+    monkeypatch.setattr(select, "select", twice_chosen)
+    with pytest.raises(UserError, match="index has 1201 vectors, mapping 1201, unique ids 1200"):
+        index.build(root, index_type="flat", parallel="local")
+    assert catalog.current_build(root, REFERENCE) is None

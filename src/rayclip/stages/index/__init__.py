@@ -197,8 +197,8 @@ def _build_into(
     if made.rows is not None:  # an incremental build's rows, joined here
         table = mapping.join(made.rows, root, scores)
         rows, unique, ids = table.num_rows, len(pc.unique(table.column("media_id"))), table
-    else:  # written by the steps: one row per media_id, by construction (select.newest)
-        table, rows, unique = None, made.mapped, made.mapped
+    else:  # written by the steps, which counted its distinct media_ids
+        table, rows, unique = None, made.mapped, made.unique
         ids = catalog.read_parquet(layout.mapping_file(folder), ["media_id", "faiss_id"]) if scores.num_rows else None
     captions = publish.caption_index(root, model_version, ids, scores) if ids is not None else None
     if not count == rows == unique:
