@@ -51,6 +51,12 @@ def open_build(root: Path, build_id: str):
     return found, [found], info
 
 
+def quantizer_of(index) -> np.ndarray:
+    """An IVF index's coarse centroids."""
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    return quantizer.reconstruct_n(0, quantizer.ntotal)
+
+
 def search(opened: tuple, params: dict, queries: np.ndarray):
     found, held, _ = opened
     for part in held:
@@ -327,8 +333,18 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
     write_manifest(root, ids)
     options = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200} | form
     base = index.build(root, **options)
+    base_folder = layout.build_dir(root, REFERENCE, base.build_id)
+    base_files = {f.name: f.read_bytes() for f in base_folder.iterdir()}
     write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
     grown = index.build(root, **options)
+    assert {f.name: f.read_bytes() for f in base_folder.iterdir()} == base_files  # the base left whole
+    centroids = quantizer_of(faiss.read_index(str(layout.quantizer_file(base_folder))))
+    assert centroids.shape == (16, 128)
+    _, held, _ = open_build(root, grown.build_id)
+    for part in held + [
+        faiss.read_index(str(layout.quantizer_file(layout.build_dir(root, REFERENCE, grown.build_id))))
+    ]:
+        np.testing.assert_array_equal(quantizer_of(part), centroids)  # on the base's trained quantizer
     info = catalog.build_info(root, REFERENCE, grown.build_id)
     assert (grown.base_build, info.incremental) == (base.build_id, {"added": 600, "replaced": 0})
     assert info.form == ("ondisk" if "on_disk" in form else "shards") and info.count == 3000
