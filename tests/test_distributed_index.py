@@ -407,3 +407,18 @@ def test_a_full_build_whose_mapping_repeats_a_media_id_is_refused(tmp_path, monk
     with pytest.raises(UserError, match="index has 1201 vectors, mapping 1201, unique ids 1200"):
         index.build(root, index_type="flat", parallel="local")
     assert catalog.current_build(root, REFERENCE) is None
+
+
+def test_a_refill_after_auto_went_on_disk_stays_on_disk_in_a_clean_folder(tmp_path, monkeypatch):
+    """auto merged on disk (nothing fits --max-index-memory in RAM), then its measured recall sends it
+    to another type: the second fill keeps the first's form and leaves none of its files behind."""
+    root = tmp_path / "data"
+    ids = media_ids(2000)
+    write_silver(root, "2026-01-01", ids, clustered(2000))
+    write_manifest(root, ids)
+    monkeypatch.setattr(ann, "fallback_for", lambda index_type: "IVF8,Flat")  # whatever auto picked
+    report = index.build(root, max_index_memory="64KB", target_recall=1.0, parallel="local", part_vectors=1000)
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    assert (info.index_type, info.form) == ("IVF8,Flat", "ondisk") and info.auto_rejected
+    folder = layout.build_dir(root, REFERENCE, report.build_id)
+    assert {f.name for f in folder.iterdir()} == {*info.file_bytes, layout.build_info_file(folder).name}
