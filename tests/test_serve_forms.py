@@ -116,7 +116,7 @@ MEASURE = textwrap.dedent(
     path, mapped = sys.argv[1], sys.argv[2] == "mmap"
     queries = np.random.default_rng(1).standard_normal((200, 128)).astype(np.float32)
     before = anon()
-    info = types.SimpleNamespace(form="single", search_params={"nprobe": 8})
+    info = types.SimpleNamespace(form="single", index_type="IVF256,Flat", search_params={"nprobe": 8})
     index = knn.read_local(pathlib.Path(path), info, mapped)
     scores, ids = knn.search(index, queries, 10, None)
     allowed = np.arange(0, index.ntotal, 3)
