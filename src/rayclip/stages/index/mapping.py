@@ -60,9 +60,7 @@ def join(rows: pa.Table, root: Location, scores: pa.Table, media_ids: pa.Array |
 
 def write(folder: Location, mapping: pa.Table) -> list[Location]:
     """The whole mapping written as mapping.parquet and its Arrow copy; returns the files."""
-    with storage.open_output(layout.mapping_file(folder)) as f:
-        pq.write_table(mapping, f)
-    catalog.write_arrow(layout.mapping_arrow_file(folder), mapping)
+    catalog.write_served_table(layout.mapping_file(folder), layout.mapping_arrow_file(folder), mapping)
     return [layout.mapping_file(folder), layout.mapping_arrow_file(folder)]
 
 
@@ -93,22 +91,14 @@ def concat(folder: Location, count: int) -> tuple[int, int]:
     group at a time; returns (rows written, distinct media_ids among them). The distinct count compares
     each media_id's first UNIQUE_KEY_CHARS hex digits (128 bits of a sha256), not the whole string, so
     the check holds UNIQUE_ROW_BYTES a row rather than every media_id."""
-    import pyarrow.ipc as ipc
-
     files = [layout.mapping_part_file(folder, part) for part in range(count)]
     schema = catalog.parquet_metadata(files[0]).schema.to_arrow_schema()
     written, keys = 0, []
-    with (
-        storage.open_output(layout.mapping_file(folder)) as out,
-        pq.ParquetWriter(out, schema) as parquet,
-        storage.open_output(layout.mapping_arrow_file(folder)) as arrow_out,
-        ipc.new_file(arrow_out, schema) as arrow,
-    ):
+    with catalog.served_table_writer(layout.mapping_file(folder), layout.mapping_arrow_file(folder), schema) as write:
         for f in files:
             with storage.open_input(f) as part:
-                for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
-                    parquet.write_batch(batch)
-                    arrow.write_batch(batch)
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=catalog.SERVED_BATCH_ROWS):
+                    write(batch)
                     written += batch.num_rows
                     keys.append(pc.utf8_slice_codeunits(batch.column("media_id"), 0, UNIQUE_KEY_CHARS))
     distinct = pc.count_distinct(pa.chunked_array(keys, pa.string())).as_py() if keys else 0
