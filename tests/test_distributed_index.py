@@ -365,7 +365,7 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
 def test_a_sharded_base_keeps_its_shard_count_through_increments_and_full_builds(tmp_path):
     """A plain `rayclip index` on a 2-shard base: new rows grow its last shard (never a third), a
     re-embedded vector (which a base in shards cannot replace) falls back to a full build in 2 shards,
-    and `--shards 4` on it is a full build in 4."""
+    `--shards 4` on it is a full build in 4, and `--retrain` builds in the form asked (one file)."""
     root = tmp_path / "data"
     ids, vectors = media_ids(2600), clustered(2600)
     write_silver(root, "2026-01-01", ids[:2400], vectors[:2400])
@@ -385,6 +385,7 @@ def test_a_sharded_base_keeps_its_shard_count_through_increments_and_full_builds
     four = catalog.build_info(root, REFERENCE, index.build(root, **plain, shards=4).build_id)
     assert four.base_build is None and "asked for 4" in four.full_build_reason
     assert (four.form, [s["count"] for s in four.shards]) == ("shards", [650] * 4)
+    assert catalog.build_info(root, REFERENCE, index.build(root, **plain, retrain=True).build_id).form == "single"
 
 
 def test_a_full_build_whose_mapping_repeats_a_media_id_is_refused(tmp_path, monkeypatch):

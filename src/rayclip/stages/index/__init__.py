@@ -90,7 +90,7 @@ def build(
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
-    shape = extend.keep_form(root, model_version, full.Shape(parallel, part_vectors, shards, on_disk))
+    shape = extend.keep_form(root, model_version, full.Shape(parallel, part_vectors, shards, on_disk), retrain)
     dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (

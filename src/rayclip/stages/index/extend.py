@@ -22,11 +22,12 @@ def silver_name(root: Location, model_version: str, f: Location) -> str:
     return str(f.relative_to(layout.silver_model_dir(root, model_version)))
 
 
-def keep_form(root: Location, model_version: str, shape: Shape) -> Shape:
-    """`shape`, or the form and shard count of the CURRENT build when `shape` asks for neither (a plain
-    `rayclip index`): an incremental build and a full build that replaces it keep the base's form."""
+def keep_form(root: Location, model_version: str, shape: Shape, retrain: bool) -> Shape:
+    """`shape`, or the form and shard count of the CURRENT build when `shape` asks for neither and
+    `retrain` is not asked (a plain `rayclip index`): an incremental build and the full build it may
+    fall back to keep the base's form; `--retrain` builds in the form asked (one file by default)."""
     current = catalog.current_build(root, model_version)
-    if shape.form != "single" or current is None:
+    if shape.form != "single" or retrain or current is None:
         return shape
     info = catalog.build_info(root, model_version, current)
     return dataclasses.replace(shape, shards=len(info.shards or []) or 1, on_disk=info.form == "ondisk")
