@@ -114,7 +114,7 @@ def main() -> None:
             with served(data, *flags) as base:
                 results[name] = measure(base, args.queries)
         index_file = layout.index_file(layout.build_dir(root, report.model_version, report.build_id))
-        alone = {how: index_alone(index_file, how, args.queries) for how in ("ram", "mmap")}
+        alone = {how: index_alone(index_file, how, args.queries, args.index_type) for how in ("ram", "mmap")}
     show(results, alone, args)
 
 
@@ -128,19 +128,21 @@ def anon():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
-path, how, queries = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+path, how, queries, index_type = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 vectors = np.random.default_rng(0).standard_normal((queries, 128)).astype(np.float32)
 before = anon()
-index = knn.read_local(path, types.SimpleNamespace(form="single", search_params={"nprobe": 16}), how == "mmap")
+info = types.SimpleNamespace(form="single", index_type=index_type, search_params={"nprobe": 16})
+index = knn.read_local(path, info, how == "mmap")
 for vector in vectors:
     knn.search(index, vector[None], 10, None)
 print(json.dumps({"grew": anon() - before}))
 """
 
 
-def index_alone(path: Path, how: str, queries: int) -> int:
+def index_alone(path: Path, how: str, queries: int, index_type: str) -> int:
     """RssAnon growth of a fresh process reading the index (in RAM or mapped) and searching it."""
-    run = subprocess.run([sys.executable, "-c", INDEX_ALONE, str(path), how, str(queries)], capture_output=True)
+    command = [sys.executable, "-c", INDEX_ALONE, str(path), how, str(queries), index_type]
+    run = subprocess.run(command, capture_output=True)
     if run.returncode:
         raise SystemExit(run.stderr.decode()[-2000:])
     return json.loads(run.stdout)["grew"]

@@ -52,6 +52,12 @@ def open_build(root: Path, build_id: str):
     return found, [found], info
 
 
+def quantizer_of(index) -> np.ndarray:
+    """An IVF index's coarse centroids."""
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    return quantizer.reconstruct_n(0, quantizer.ntotal)
+
+
 def search(opened: tuple, params: dict, queries: np.ndarray):
     found, held, _ = opened
     for part in held:
@@ -269,11 +275,28 @@ def test_rows_chosen_in_buckets_are_the_ones_one_sort_of_all_rows_chooses(tmp_pa
         pq.write_table(pa.table({"media_id": ids, "embedded_at": at}), files[-1])
     monkeypatch.setattr(select, "BUCKET_ROWS", 100)  # 15 buckets
     monkeypatch.setattr(select, "GROUP_ROWS", 500)  # a bucket task per file
+    chose = []
+    newest_keys = select.newest_keys
+
+    def counted(*args):
+        keys, dropped = newest_keys(*args)
+        chose.append(len(keys))
+        return keys, dropped
+
+    monkeypatch.setattr(select, "newest_keys", counted)
     folder = tmp_path / "build"
     file_idx, row_idx, dropped = select.select(parts.Runner(False), folder, files, [300] * 5)
-    whole, whole_dropped = select.choose(files)
-    assert dropped == whole_dropped > 0
-    assert (file_idx.tolist(), row_idx.tolist()) == (whole["file_idx"].to_pylist(), whole["row_idx"].to_pylist())
+    assert len(chose) == 15 and sum(n > 0 for n in chose) > 1  # the choice went through many buckets
+    # The oracle, in plain Python: per media_id the newest embedded_at, then the later file, then the
+    # first row of that file; the chosen rows in file-then-row order.
+    best = {}
+    for f, path in enumerate(files):
+        table = pq.read_table(path).to_pydict()
+        for r, (media_id, at) in enumerate(zip(table["media_id"], table["embedded_at"])):
+            best[media_id] = max(best.get(media_id, (at, f, -r)), (at, f, -r))
+    expected = sorted((f, -negative_row) for _, f, negative_row in best.values())
+    assert dropped == 5 * 300 - len(best) > 0
+    assert list(zip(file_idx.tolist(), row_idx.tolist())) == expected
     assert not layout.buckets_dir(folder).exists()  # working files gone
 
 
@@ -311,13 +334,23 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
     write_manifest(root, ids)
     options = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200} | form
     base = index.build(root, **options)
+    base_folder = layout.build_dir(root, REFERENCE, base.build_id)
+    base_files = {f.name: f.read_bytes() for f in base_folder.iterdir()}
     write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
     grown = index.build(root, **options)
+    assert {f.name: f.read_bytes() for f in base_folder.iterdir()} == base_files  # the base left whole
+    centroids = quantizer_of(faiss.read_index(str(layout.quantizer_file(base_folder))))
+    assert centroids.shape == (16, 128)
+    _, held, _ = open_build(root, grown.build_id)
+    for part in held + [
+        faiss.read_index(str(layout.quantizer_file(layout.build_dir(root, REFERENCE, grown.build_id))))
+    ]:
+        np.testing.assert_array_equal(quantizer_of(part), centroids)  # on the base's trained quantizer
     info = catalog.build_info(root, REFERENCE, grown.build_id)
     assert (grown.base_build, info.incremental) == (base.build_id, {"added": 600, "replaced": 0})
     assert info.form == ("ondisk" if "on_disk" in form else "shards") and info.count == 3000
-    if info.form == "shards":  # the base's two shards and one new one, ids global
-        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1200), (2400, 600)]
+    if info.form == "shards":  # the new rows merged into the base's last shard, ids global
+        assert [(s["first"], s["count"]) for s in info.shards] == [(0, 1200), (1200, 1800)]
     full = index.build(root, **options, retrain=True)
     queries = clustered(200, seed=9)
     found = [search(open_build(root, b), {"nprobe": 16}, queries) for b in (grown.build_id, full.build_id)]
@@ -328,3 +361,66 @@ def test_an_incremental_build_on_disk_or_in_shards_answers_as_a_full_build(tmp_p
         for b in (grown.build_id, full.build_id)
     ]
     assert mappings[0].column("media_id").equals(mappings[1].column("media_id"))
+
+
+def test_a_sharded_base_keeps_its_shard_count_through_increments_and_full_builds(tmp_path):
+    """A plain `rayclip index` on a 2-shard base: new rows grow its last shard (never a third), a
+    re-embedded vector (which a base in shards cannot replace) falls back to a full build in 2 shards,
+    `--shards 4` on it is a full build in 4, and `--retrain` builds in the form asked (one file)."""
+    root = tmp_path / "data"
+    ids, vectors = media_ids(2600), clustered(2600)
+    write_silver(root, "2026-01-01", ids[:2400], vectors[:2400])
+    write_manifest(root, ids)
+    plain = {"index_type": "IVF16,Flat", "parallel": "local", "part_vectors": 1200}
+    base = index.build(root, **plain, shards=2)
+    write_silver(root, "2026-01-02", ids[2400:], vectors[2400:])
+    grown = catalog.build_info(root, REFERENCE, index.build(root, **plain).build_id)
+    assert (grown.base_build, grown.form) == (base.build_id, "shards")
+    assert [(s["first"], s["count"]) for s in grown.shards] == [(0, 1200), (1200, 1400)]
+    last = faiss.read_index(str(layout.build_dir(root, REFERENCE, grown.build_id) / grown.shards[1]["file"]))
+    assert last.ntotal == 1400
+    write_silver(root, "2026-01-03", ids[:300], clustered(300, seed=4))  # 300 ids re-embedded
+    rebuilt = catalog.build_info(root, REFERENCE, index.build(root, **plain).build_id)
+    assert rebuilt.base_build is None and "cannot replace" in rebuilt.full_build_reason
+    assert (rebuilt.form, len(rebuilt.shards)) == ("shards", 2)
+    four = catalog.build_info(root, REFERENCE, index.build(root, **plain, shards=4).build_id)
+    assert four.base_build is None and "asked for 4" in four.full_build_reason
+    assert (four.form, [s["count"] for s in four.shards]) == ("shards", [650] * 4)
+    assert catalog.build_info(root, REFERENCE, index.build(root, **plain, retrain=True).build_id).form == "single"
+
+
+def test_a_full_build_whose_mapping_repeats_a_media_id_is_refused(tmp_path, monkeypatch):
+    """The uniqueness check counts the written mapping's media_ids: a row chosen twice (a bug in the
+    choice) publishes nothing."""
+    from rayclip.errors import UserError
+    from rayclip.stages.index import select
+
+    root = tmp_path / "data"
+    ids = media_ids(1200)
+    write_silver(root, "2026-01-01", ids, clustered(1200))
+    write_manifest(root, ids)
+    chosen = select.select
+
+    def twice_chosen(*args):
+        file_idx, row_idx, dropped = chosen(*args)
+        return np.append(file_idx, file_idx[7]), np.append(row_idx, row_idx[7]), dropped
+
+    monkeypatch.setattr(select, "select", twice_chosen)
+    with pytest.raises(UserError, match="index has 1201 vectors, mapping 1201, unique ids 1200"):
+        index.build(root, index_type="flat", parallel="local")
+    assert catalog.current_build(root, REFERENCE) is None
+
+
+def test_a_refill_after_auto_went_on_disk_stays_on_disk_in_a_clean_folder(tmp_path, monkeypatch):
+    """auto merged on disk (nothing fits --max-index-memory in RAM), then its measured recall sends it
+    to another type: the second fill keeps the first's form and leaves none of its files behind."""
+    root = tmp_path / "data"
+    ids = media_ids(2000)
+    write_silver(root, "2026-01-01", ids, clustered(2000))
+    write_manifest(root, ids)
+    monkeypatch.setattr(ann, "fallback_for", lambda index_type: "IVF8,Flat")  # whatever auto picked
+    report = index.build(root, max_index_memory="64KB", target_recall=1.0, parallel="local", part_vectors=1000)
+    info = catalog.build_info(root, REFERENCE, report.build_id)
+    assert (info.index_type, info.form) == ("IVF8,Flat", "ondisk") and info.auto_rejected
+    folder = layout.build_dir(root, REFERENCE, report.build_id)
+    assert {f.name for f in folder.iterdir()} == {*info.file_bytes, layout.build_info_file(folder).name}

@@ -116,7 +116,7 @@ MEASURE = textwrap.dedent(
     path, mapped = sys.argv[1], sys.argv[2] == "mmap"
     queries = np.random.default_rng(1).standard_normal((200, 128)).astype(np.float32)
     before = anon()
-    info = types.SimpleNamespace(form="single", search_params={"nprobe": 8})
+    info = types.SimpleNamespace(form="single", index_type="IVF256,Flat", search_params={"nprobe": 8})
     index = knn.read_local(pathlib.Path(path), info, mapped)
     scores, ids = knn.search(index, queries, 10, None)
     allowed = np.arange(0, index.ntotal, 3)
@@ -187,6 +187,44 @@ def test_a_mapped_server_keeps_its_whole_build_out_of_private_memory(tmp_path):
     assert (mapped["ids"], mapped["rows"]) == (in_ram["ids"], in_ram["rows"])
     assert in_ram["grew"] > report.index_bytes  # the measure sees the index and its mapping read into RAM
     assert mapped["grew"] < report.index_bytes / 3, (mapped["grew"], report.index_bytes)
+
+
+def test_a_mapped_flat_build_keeps_its_index_and_its_caption_index_out_of_private_memory(tmp_path):
+    """Flat image and caption indexes (IndexFlatIP: FAISS reads their vectors into RAM under
+    IO_FLAG_MMAP, and maps them under IO_FLAG_MMAP_IFC)."""
+    import pyarrow as pa
+    from silver_helpers import clustered, media_ids, normalised, reference_spec, write_manifest, write_silver
+
+    from rayclip.stages import index
+    from rayclip.store import layout, silver
+
+    root, n = tmp_path / "data", 12_000
+    ids = media_ids(n)
+    model_version = reference_spec().model_version
+    write_silver(root, "2026-01-01", ids, clustered(n, seed=3))
+    write_manifest(root, ids)
+    caption_ids = pa.array([f"c{i}" for i in range(n)])
+    texts = pa.array([f"a photo number {i}" for i in range(n)])
+    captions = silver.captions_table(caption_ids, texts, normalised(clustered(n, seed=4)))
+    silver.write_run(root, model_version, "2026-01-01", [captions], layout.CAPTIONS)
+    scored_at = captions["embedded_at"]
+    scores = pa.table({"media_id": ids, "caption_id": caption_ids, "clip_score": [0.3] * n, "scored_at": scored_at})
+    silver.write_run(root, model_version, "2026-01-01", [scores], layout.CLIP_SCORES)
+    report = index.build(root, index_type="flat")
+    folder = layout.build_dir(root, model_version, report.build_id)
+    caption_bytes = layout.caption_index_file(folder).stat().st_size
+    assert report.index_bytes > 5 * 2**20 and caption_bytes > 5 * 2**20  # 6 MB each
+
+    def measured(how: str) -> dict:
+        command = [sys.executable, "-c", MEASURE_BUILD, str(root), model_version, report.build_id, how]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    in_ram, mapped = measured("ram"), measured("mmap")
+    assert (mapped["ids"], mapped["rows"]) == (in_ram["ids"], in_ram["rows"])
+    assert in_ram["grew"] > report.index_bytes + caption_bytes
+    assert mapped["grew"] < (report.index_bytes + caption_bytes) / 6, (mapped["grew"], report.index_bytes)
 
 
 def test_a_shard_looks_its_global_ids_up(builds):

@@ -99,7 +99,8 @@ def load_build(root: Location, model_version: str, build_id: str, residency: Res
         captions = None
         if info.captions:
             caption_file = local(layout.caption_index_file, info.file_bytes)
-            caption_index = LocalIndex(catalog.read_index(caption_file, io_flags=knn.io_flags("single", mapped)), {})
+            flags = knn.io_flags("single", info.captions["index_type"], mapped)
+            caption_index = LocalIndex(catalog.read_index(caption_file, io_flags=flags), {})
             table = _read_table(local, info, layout.caption_mapping_file, layout.caption_mapping_arrow_file, mapped)
             captions = Captions.of(caption_index, table)
     except storage.ShortReadError as err:  # a file is not what build.json recorded

@@ -205,14 +205,18 @@ def open_shard(local: LocalFile, info: BuildInfo, shard: int, mapped: bool) -> L
 
 def read_local(file: Location, info: BuildInfo, mapped: bool, first: int = 0) -> LocalIndex:
     """One local index file read into RAM, or mapped (`mapped`; an on-disk build's lists always are)."""
-    flags = io_flags(info.form, mapped)
+    flags = io_flags(info.form, info.index_type, mapped)
     return LocalIndex(catalog.read_index(file, io_flags=flags), info.search_params or {}, first)
 
 
-def io_flags(form: str, mapped: bool) -> int:
-    """FAISS's read flags for an index file of a build kept in `form`, mapped or read into RAM."""
+def io_flags(form: str, index_type: str, mapped: bool) -> int:
+    """FAISS's read flags for an index file of `index_type` in a build kept in `form`, mapped or read
+    into RAM. IO_FLAG_MMAP maps only an IVF's inverted lists: FAISS 1.15 reads a flat index's vectors
+    into RAM under it, and maps them under IO_FLAG_MMAP_IFC (which an IVF refuses combined with it)."""
     import faiss
 
     if form == "ondisk":  # its lists are mapped by FAISS itself; IO_FLAG_MMAP on top of it crashes
         return faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-    return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
+    if not mapped:
+        return 0
+    return (faiss.IO_FLAG_MMAP if "IVF" in index_type else faiss.IO_FLAG_MMAP_IFC) | faiss.IO_FLAG_READ_ONLY

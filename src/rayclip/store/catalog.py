@@ -365,12 +365,35 @@ def read_parquet(loc: Location, columns: list[str] | None = None, size: int | No
         return pq.read_table(f, columns=columns)
 
 
-def write_arrow(loc: Location, table: pa.Table, batch_rows: int = 65_536) -> None:
-    """A table written whole as an uncompressed Arrow IPC file: the form map_arrow reads without a copy."""
+SERVED_BATCH_ROWS = 65_536  # rows per batch of a served table (a Parquet row group, an Arrow IPC batch)
+
+
+@contextlib.contextmanager
+def served_table_writer(parquet: Location, arrow: Location, schema: pa.Schema) -> Iterator[Callable]:
+    """A build's table (its mapping, its caption mapping) written twice, a batch at a time: as Parquet
+    (the contract) and as an uncompressed Arrow IPC file (the serving copy map_arrow reads without a
+    copy). Yields write(batch)."""
     import pyarrow.ipc as ipc
 
-    with storage.open_output(loc) as f, ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table, max_chunksize=batch_rows)
+    with (
+        storage.open_output(parquet) as parquet_out,
+        pq.ParquetWriter(parquet_out, schema) as parquet_writer,
+        storage.open_output(arrow) as arrow_out,
+        ipc.new_file(arrow_out, schema) as arrow_writer,
+    ):
+
+        def write(batch: pa.RecordBatch) -> None:
+            parquet_writer.write_batch(batch)
+            arrow_writer.write_batch(batch)
+
+        yield write
+
+
+def write_served_table(parquet: Location, arrow: Location, table: pa.Table) -> None:
+    """A whole table written as served_table_writer writes one."""
+    with served_table_writer(parquet, arrow, table.schema) as write:
+        for batch in table.to_batches(max_chunksize=SERVED_BATCH_ROWS):
+            write(batch)
 
 
 def map_arrow(loc: Location, size: int | None = None) -> pa.Table:

@@ -90,7 +90,7 @@ def build(
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall {target_recall} must be above 0 and at most 1")
     max_bytes = ann.parse_bytes(max_index_memory)
-    shape = full.Shape(parallel, part_vectors, shards, on_disk)
+    shape = extend.keep_form(root, model_version, full.Shape(parallel, part_vectors, shards, on_disk), retrain)
     dim = catalog.parquet_metadata(files[0]).schema.to_arrow_schema().field("embedding").type.list_size
 
     base, why_full = (
@@ -183,8 +183,11 @@ def _build_into(
         fallback = ann.fallback_for(made.index_type) if index_type == "auto" and not tuning.target_met else None
         if fallback:  # the measured recall, not the rule, has the last word
             rejected = {"index_type": made.index_type, f"recall_at_{RECALL_K}": tuning.recall_at_k}
+            for written in made.written:  # the refill starts from a clean folder
+                storage.delete(written)
+            kept = dataclasses.replace(shape, on_disk=made.form == "ondisk")  # auto may have gone on disk
             made = full.fill(
-                root, model_version, files, dim, fallback, max_bytes, shape, folder, target_recall, progress
+                root, model_version, files, dim, fallback, max_bytes, kept, folder, target_recall, progress
             )
             tuning = made.tuning
     built_s = time.monotonic() - started
@@ -194,8 +197,8 @@ def _build_into(
     if made.rows is not None:  # an incremental build's rows, joined here
         table = mapping.join(made.rows, root, scores)
         rows, unique, ids = table.num_rows, len(pc.unique(table.column("media_id"))), table
-    else:  # written by the steps: one row per media_id, by construction (select.newest)
-        table, rows, unique = None, made.mapped, made.mapped
+    else:  # written by the steps, which counted its distinct media_ids
+        table, rows, unique = None, made.mapped, made.unique
         ids = catalog.read_parquet(layout.mapping_file(folder), ["media_id", "faiss_id"]) if scores.num_rows else None
     captions = publish.caption_index(root, model_version, ids, scores) if ids is not None else None
     if not count == rows == unique:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +22,17 @@ def silver_name(root: Location, model_version: str, f: Location) -> str:
     return str(f.relative_to(layout.silver_model_dir(root, model_version)))
 
 
+def keep_form(root: Location, model_version: str, shape: Shape, retrain: bool) -> Shape:
+    """`shape`, or the form and shard count of the CURRENT build when `shape` asks for neither and
+    `retrain` is not asked (a plain `rayclip index`): an incremental build and the full build it may
+    fall back to keep the base's form; `--retrain` builds in the form asked (one file by default)."""
+    current = catalog.current_build(root, model_version)
+    if shape.form != "single" or retrain or current is None:
+        return shape
+    info = catalog.build_info(root, model_version, current)
+    return dataclasses.replace(shape, shards=len(info.shards or []) or 1, on_disk=info.form == "ondisk")
+
+
 def incremental_base(
     root: Location, model_version: str, files: list[Location], index_type: str, retrain: bool, shape: Shape
 ) -> tuple[BuildInfo | None, str]:
@@ -28,8 +41,10 @@ def incremental_base(
     if retrain or current is None:
         return None, "--retrain" if retrain else "first build"
     info = catalog.build_info(root, model_version, current)
-    if shape.form not in ("single", info.form):  # a plain `rayclip index` extends the base in its form
+    if shape.form != info.form:  # `keep_form` made a plain `rayclip index` ask for the base's form
         return None, f"base build {current} is kept as {info.form!r}, this one asked as {shape.form!r}"
+    if info.form == "shards" and shape.shards != len(info.shards):
+        return None, f"base build {current} is kept in {len(info.shards)} shards, this one asked for {shape.shards}"
     base_folder = layout.build_dir(root, model_version, current)
     if info.form != "single" and layout.quantizer_file(base_folder).name not in (info.file_bytes or {}):
         return None, f"base build {current} kept as {info.form!r} predates incremental builds in that form"
@@ -50,6 +65,15 @@ def _still_exact(truth: ann.Truth) -> ann.Truth:
     below the TRUTH_DEPTH kept) would pass for whole and misjudge recall."""
     known = (truth.ids >= 0).sum(axis=1) >= min(RECALL_K + 1, truth.ids.shape[1])
     return ann.Truth(truth.queries[known], truth.query_ids[known], truth.ids[known], truth.scores[known])
+
+
+LOPSIDED = 2  # an incremental build grows a base's last shard up to this many times the shards' mean size
+
+
+def _lopsided(shards: list[dict], added: int) -> bool:
+    """Whether `added` rows merged into the last of `shards` would make it over LOPSIDED times their mean."""
+    total = sum(shard["count"] for shard in shards) + added
+    return shards[-1]["count"] + added > LOPSIDED * total / len(shards)
 
 
 def why_rebuild(made: Made, tuning: ann.Tuning, target_recall: float) -> str:
@@ -104,6 +128,9 @@ def extend(
     keep = replace | fresh
     if keep.sum() > REBUILD_SHARE * count:
         return None, f"{keep.sum()} new or changed rows exceed {REBUILD_SHARE:.0%} of the {count} indexed"
+    if base.form == "shards" and _lopsided(base.shards, int(fresh.sum())):
+        shards = len(base.shards)
+        return None, f"{fresh.sum()} new rows would make the last of {shards} shards over {LOPSIDED}x their mean"
     if replace.any() and base.form != "single":
         return None, f"a base kept as {base.form!r} cannot replace the vectors of {replace.sum()} changed media_ids"
     index = catalog.read_index(layout.index_file(folder)) if base.form == "single" else None
@@ -169,9 +196,10 @@ def extend_in_parts(
     target_recall: float,
 ) -> tuple[int, ann.Tuning, str, list[dict] | None, list[Location]]:
     """The new rows added as one new part (faiss_ids first..) on the base's trained quantizer, in the base's
-    form: merged on disk after the base's lists, or kept as one more shard beside copies of the base's
-    shards. The part's exact neighbours of the tuning queries are merged into `truth`; the result is tuned
-    as a full build's is. Returns (vectors, tuning, form, shards, index files written)."""
+    form: merged on disk after the base's lists, or merged into the last of the base's shards (so the
+    shard count stays the one asked), the others copied. The part's exact neighbours of the tuning queries
+    are merged into `truth`; the result is tuned as a full build's is. Returns (vectors, tuning, form,
+    shards, index files written)."""
     plan = parts.Plan(base.index_type, base.dim, into, base.form, len(base.shards or []), NORM_TOLERANCE)
     runner = parts.Runner(False)
     parts.copy_file(layout.quantizer_file(base_folder), layout.trained_file(into))
@@ -189,11 +217,14 @@ def extend_in_parts(
         shards = None
     else:
         shards = [dict(shard) for shard in base.shards]
-        for k in range(len(shards)):
+        last = len(shards) - 1
+        for k in range(last):
             parts.copy_file(layout.shard_file(base_folder, k), layout.shard_file(into, k))
-        if added:
-            runner.run([(parts.finish_shard, plan, len(shards), [0])], 0)
-            shards.append({"file": layout.shard_file(into, len(shards)).name, "first": first, "count": added})
+        if added:  # contiguous: the new faiss_ids start where the last shard's end
+            runner.run([(parts.finish_shard, plan, last, [0], layout.shard_file(base_folder, last))], 0)
+            shards[last]["count"] += added
+        else:
+            parts.copy_file(layout.shard_file(base_folder, last), layout.shard_file(into, last))
         [(total, tuning)] = runner.run([(parts.tune_shards, plan, [], *tune, len(shards))], 0)
         written += [layout.shard_file(into, k) for k in range(len(shards))]
     storage.delete(layout.parts_dir(into))

@@ -23,6 +23,7 @@ from .made import (
     TRAIN_SAMPLE,
     TRUTH_DEPTH,
     TUNING_QUERIES,
+    UNIQUE_ROW_BYTES,
     Made,
 )
 
@@ -176,7 +177,9 @@ def fill(
         for i, (first, n) in enumerate(ranges)
     ]
     runner.run(maps, largest * MAPPING_ROW_BYTES)
-    [mapped] = runner.run([(mapping.concat, folder, len(ranges))], parts.MIN_TASK_MEMORY)
+    [(mapped, unique)] = runner.run(
+        [(mapping.concat, folder, len(ranges))], parts.MIN_TASK_MEMORY + count * UNIQUE_ROW_BYTES
+    )
     written += [layout.mapping_file(folder), layout.mapping_arrow_file(folder)]
     if form != "single":  # kept: an incremental build adds its rows onto it as new parts
         parts.copy_file(layout.trained_file(folder), layout.quantizer_file(folder))
@@ -198,6 +201,7 @@ def fill(
         dropped,
         count=total,
         mapped=mapped,
+        unique=unique,
         tuning=tuning,
         form=form,
         shards=shards,

@@ -18,6 +18,8 @@ TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every 
 TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
 LATENCY_QUERIES = 300  # single-query searches timed for p50/p99
 REBUILD_SHARE = 0.5  # an incremental build adding more than this share of the index retrains instead
+UNIQUE_KEY_CHARS = 32  # a media_id's leading hex digits the mapping's uniqueness check compares (128 bits)
+UNIQUE_ROW_BYTES = 96  # the check's memory per row: the keys, their offsets and the hash table
 MAPPING_ROW_BYTES = 1_000  # a mapping task's memory per row (measured: ~760 B over its 0.2 GiB base)
 
 
@@ -41,3 +43,4 @@ class Made:
     steps: dict | None = None  # how the steps ran: parts, where, and auto's note on the family
     written: list[Location] = dataclasses.field(default_factory=list)  # index and mapping files the steps wrote
     mapped: int = 0  # rows of the mapping the steps wrote
+    unique: int = 0  # distinct media_ids among them (counted by the step that wrote it)

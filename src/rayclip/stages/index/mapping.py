@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from ...store import catalog, layout, storage
 from ...store.storage import Location
 from . import parts
+from .made import UNIQUE_KEY_CHARS
 
 FIRSTS = ["path", "url", "caption", "width", "height", "source", "ingested_at"]  # the manifest's, per media_id
 
@@ -59,9 +60,7 @@ def join(rows: pa.Table, root: Location, scores: pa.Table, media_ids: pa.Array |
 
 def write(folder: Location, mapping: pa.Table) -> list[Location]:
     """The whole mapping written as mapping.parquet and its Arrow copy; returns the files."""
-    with storage.open_output(layout.mapping_file(folder)) as f:
-        pq.write_table(mapping, f)
-    catalog.write_arrow(layout.mapping_arrow_file(folder), mapping)
+    catalog.write_served_table(layout.mapping_file(folder), layout.mapping_arrow_file(folder), mapping)
     return [layout.mapping_file(folder), layout.mapping_arrow_file(folder)]
 
 
@@ -87,27 +86,23 @@ def map_part(root: Location, model_version: str, folder: Location, part: int, so
     return mapping.num_rows
 
 
-def concat(folder: Location, count: int) -> int:
+def concat(folder: Location, count: int) -> tuple[int, int]:
     """Step: the `count` mapping parts, in order, streamed into mapping.parquet and mapping.arrow a row
-    group at a time; returns the rows written."""
-    import pyarrow.ipc as ipc
-
+    group at a time; returns (rows written, distinct media_ids among them). The distinct count compares
+    each media_id's first UNIQUE_KEY_CHARS hex digits (128 bits of a sha256), not the whole string, so
+    the check holds UNIQUE_ROW_BYTES a row rather than every media_id."""
     files = [layout.mapping_part_file(folder, part) for part in range(count)]
     schema = catalog.parquet_metadata(files[0]).schema.to_arrow_schema()
-    written = 0
-    with (
-        storage.open_output(layout.mapping_file(folder)) as out,
-        pq.ParquetWriter(out, schema) as parquet,
-        storage.open_output(layout.mapping_arrow_file(folder)) as arrow_out,
-        ipc.new_file(arrow_out, schema) as arrow,
-    ):
+    written, keys = 0, []
+    with catalog.served_table_writer(layout.mapping_file(folder), layout.mapping_arrow_file(folder), schema) as write:
         for f in files:
             with storage.open_input(f) as part:
-                for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
-                    parquet.write_batch(batch)
-                    arrow.write_batch(batch)
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=catalog.SERVED_BATCH_ROWS):
+                    write(batch)
                     written += batch.num_rows
-    return written
+                    keys.append(pc.utf8_slice_codeunits(batch.column("media_id"), 0, UNIQUE_KEY_CHARS))
+    distinct = pc.count_distinct(pa.chunked_array(keys, pa.string())).as_py() if keys else 0
+    return written, distinct
 
 
 def _scores_of(scores: pa.Table, media_ids: pa.Array) -> pa.Table:

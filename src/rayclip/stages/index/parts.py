@@ -130,13 +130,14 @@ def add(plan: Plan, part: int, source: Rows, first: int, empty_truth: ann.Truth)
     return truth.ids, truth.scores
 
 
-def _merged(plan: Plan, parts: list[int]):
-    """The parts merged in RAM on trained.faiss (a lone part is the index itself)."""
+def _merged(plan: Plan, parts: list[int], onto: Location | None = None):
+    """The parts merged in RAM on trained.faiss, or onto the index file `onto` (a base build's shard on
+    the same quantizer); a lone part is the index itself."""
     import faiss
 
-    if len(parts) == 1:
+    if len(parts) == 1 and onto is None:
         return catalog.read_index(layout.part_file(plan.folder, parts[0]))
-    index = catalog.read_index(layout.trained_file(plan.folder))
+    index = catalog.read_index(layout.trained_file(plan.folder) if onto is None else onto)
     ivf = faiss.extract_index_ivf(index)
     for part in parts:
         held = catalog.read_index(layout.part_file(plan.folder, part))  # owns the lists extract_index_ivf points into
@@ -167,8 +168,10 @@ def finish_ondisk(
         return index.ntotal, ann.tune(index, truth, target, k, timed)
 
 
-def finish_shard(plan: Plan, shard: int, parts: list[int]) -> None:
-    catalog.write_index(layout.shard_file(plan.folder, shard), _merged(plan, parts))
+def finish_shard(plan: Plan, shard: int, parts: list[int], onto: Location | None = None) -> None:
+    """Shard `shard`: the parts merged (onto a base build's shard file `onto`, when an incremental build
+    grows its last shard)."""
+    catalog.write_index(layout.shard_file(plan.folder, shard), _merged(plan, parts, onto))
     faults.point("index.merge")  # a shard written, build.json not yet
 
 

@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ... import faults
 from ...store import catalog, layout, storage
@@ -20,14 +19,17 @@ from .made import NORM_TOLERANCE, Made
 
 
 @dataclasses.dataclass
-class Captions:
-    """The build's caption index: one vector per distinct caption carried by an indexed image."""
+class CaptionIndexToWrite:
+    """The build's caption index, made and not yet written (write_build writes it; the serving side
+    reads it as query.builds.Captions): one vector per distinct caption carried by an indexed image."""
 
     index: object
     rows: pa.Table  # caption_row i, caption_id, caption, faiss_ids (its images, best clip_score first)
 
 
-def caption_index(root: Location, model_version: str, indexed: pa.Table, scores: pa.Table) -> Captions | None:
+def caption_index(
+    root: Location, model_version: str, indexed: pa.Table, scores: pa.Table
+) -> CaptionIndexToWrite | None:
     """Captions of the mapping's images (the pairs silver scored), deduplicated by text (caption_id):
     an exact inner-product index over their stored vectors, and the faiss_ids that carry each, best
     clip_score first. None when no indexed image has a scored caption."""
@@ -57,7 +59,7 @@ def caption_index(root: Location, model_version: str, indexed: pa.Table, scores:
             "faiss_ids": carried,
         }
     )
-    return Captions(index, table)
+    return CaptionIndexToWrite(index, table)
 
 
 def write_build(
@@ -67,7 +69,7 @@ def write_build(
     info: BuildInfo,
     started: float,
     built_s: float,
-    captions: Captions | None = None,
+    captions: CaptionIndexToWrite | None = None,
 ) -> None:
     """The rest of the build's files, each written whole beside the index files its steps wrote (the
     index itself here when this process holds it; the caption index too, when there is one), then
@@ -84,9 +86,8 @@ def write_build(
     written += [layout.tuning_file(folder)]
     if captions is not None:
         catalog.write_index(layout.caption_index_file(folder), captions.index)
-        with storage.open_output(layout.caption_mapping_file(folder)) as f:
-            pq.write_table(captions.rows, f)
-        catalog.write_arrow(layout.caption_mapping_arrow_file(folder), captions.rows)
+        pair = (layout.caption_mapping_file(folder), layout.caption_mapping_arrow_file(folder))
+        catalog.write_served_table(*pair, captions.rows)
         written += [
             layout.caption_index_file(folder),
             layout.caption_mapping_file(folder),
