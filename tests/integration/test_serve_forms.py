@@ -193,7 +193,7 @@ def test_a_mapped_flat_build_keeps_its_index_and_its_caption_index_out_of_privat
     """Flat image and caption indexes (IndexFlatIP: FAISS reads their vectors into RAM under
     IO_FLAG_MMAP, and maps them under IO_FLAG_MMAP_IFC)."""
     import pyarrow as pa
-    from silver_helpers import clustered, media_ids, normalised, reference_spec, write_manifest, write_silver
+    from helpers.silver import clustered, media_ids, normalised, reference_spec, write_manifest, write_silver
 
     from rayclip.stages import index
     from rayclip.store import layout, silver
