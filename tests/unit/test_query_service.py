@@ -26,7 +26,7 @@ from rayclip.query.searcher import Searcher
 from rayclip.query.service import QueryService
 from rayclip.query.terms import Term
 from rayclip.stages import index
-from rayclip.store import catalog
+from rayclip.store import catalog, layout
 
 MODEL_VERSION = "clip_rayclip_ref_reference"
 ROWS = 60
@@ -61,7 +61,7 @@ def service_client(service_store):
 
 def mapping_of(root, build_id: str) -> list[str]:
     return (
-        catalog.read_parquet(catalog.layout.mapping_file(catalog.layout.build_dir(root, MODEL_VERSION, build_id)))
+        catalog.read_parquet(layout.mapping_file(layout.build_dir(root, MODEL_VERSION, build_id)))
         .column("media_id")
         .to_pylist()
     )

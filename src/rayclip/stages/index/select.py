@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ...store import catalog, layout, storage
@@ -29,12 +28,8 @@ ROW_BITS = 40  # a key is file << ROW_BITS | row: files of up to 2^40 rows, 2^23
 def newest(rows: pa.Table) -> tuple[pa.Table, int]:
     """The rows (media_id, embedded_at, file_idx, row_idx) that are each media_id's newest, in
     file-then-row order; and how many rows were dropped."""
-    rows = rows.sort_by([("media_id", "ascending"), ("embedded_at", "descending"), ("file_idx", "descending")])
-    ids = rows.column("media_id").combine_chunks()  # compared in Arrow: no Python string per row
-    first = np.ones(len(ids), bool)
-    if len(ids) > 1:
-        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
-    chosen = rows.filter(pa.array(first)).sort_by([("file_idx", "ascending"), ("row_idx", "ascending")])
+    newest = catalog.newest_per_key(rows, ["media_id"], [("embedded_at", "descending"), ("file_idx", "descending")])
+    chosen = newest.sort_by([("file_idx", "ascending"), ("row_idx", "ascending")])
     return chosen, rows.num_rows - chosen.num_rows
 
 
