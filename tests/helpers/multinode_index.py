@@ -26,8 +26,8 @@ if __name__ == "__main__":
             # No test-only setting: $RAY_ADDRESS alone makes the build's steps Ray tasks on that cluster.
             env = os.environ | {"RAY_ADDRESS": cluster.address}
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-            if done.returncode:
-                print(f"failed: {form}: {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            if done.returncode or not done.stdout.startswith("{"):  # one JSON document, or why not
+                print(f"failed: {form}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
                 sys.exit(1)
             builds[form] = json.loads(done.stdout)["build_id"]
         if stray := two_node_cluster.off_loopback(cluster):
