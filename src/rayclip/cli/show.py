@@ -31,8 +31,8 @@ def console():
 
 def emit(args: argparse.Namespace, document, show=None, *shown) -> None:
     """The JSON document on stdout with --json, else what show(*shown) draws for people."""
-    if args.json:
-        print(json.dumps(document, indent=2, default=str))
+    if args.json:  # flushed at once: nothing in the exit path (Ray's shut-down) can drop it from the buffer
+        print(json.dumps(document, indent=2, default=str), flush=True)
     elif show is not None:
         show(*shown)
 
