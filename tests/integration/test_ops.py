@@ -100,6 +100,35 @@ def test_json_on_every_command_is_one_document_with_the_run_record_keys(
     assert set(eval_doc) >= {"text_to_image", "image_to_text", "chance_text_to_image", "build_id"}
 
 
+# A command whose run prints to stdout in every way Ray does: Python's print (its notes on workers
+# that died, pushed to the driver), descriptor 1 (its C++ core), and at exit (its shut-down).
+NOISY_STATUS = """
+import atexit, os, sys
+from rayclip.cli import parser, run
+handler, spec = parser.COMMANDS["status"]
+def noisy(args):
+    print("(raylet) A worker died or was killed while executing a task")
+    os.write(1, b"[core] a line from C++\\n")
+    atexit.register(print, "printed while the process exits")
+    return handler(args)
+parser.COMMANDS["status"] = (noisy, spec)
+sys.argv = ["rayclip", "status", "--data-dir", sys.argv[1], "--json"]
+run()
+"""
+
+
+def test_json_stdout_holds_the_document_alone_whatever_else_prints_there(tmp_path):
+    """In its own process, `--json` keeps stdout for the document: what anything else prints there,
+    while the command runs or as the process exits, goes to stderr."""
+    cmd = [sys.executable, "-c", NOISY_STATUS, str(tmp_path / "data")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    done = bounded.run(cmd, 120, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["data_dir"]  # the whole of stdout is one JSON document
+    for line in ("(raylet) A worker died", "[core] a line from C++", "printed while the process exits"):
+        assert line in done.stderr
+
+
 def test_search_collapse_with_a_threshold_folds_the_pair_that_threshold_joins(tmp_path, capsys):
     """Twenty vectors: a, its near-copy at cosine 0.93, and 18 orthogonal to both. `--collapse 0.9`
     folds the copy into a; without collapse, or at the default (0.96), both come back. (Twenty, not

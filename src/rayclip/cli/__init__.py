@@ -14,12 +14,13 @@ from ..errors import UnknownModelVersionError, UserError
 from . import show
 from .parser import COMMANDS, build_parser
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, owns_process: bool = False) -> int:
+    """Runs one command; its exit code. `owns_process`: called as the process's own entry point."""
     args = build_parser().parse_args(argv)
-    show.start(as_json=getattr(args, "json", False))
+    show.start(as_json=getattr(args, "json", False), owns_process=owns_process)
     try:
         return args.func(args)
     except UserError as err:
@@ -29,3 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rayclip {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        show.finish()
+
+
+def run() -> None:
+    """The `rayclip` command: main() in a process of its own, its exit code the process's."""
+    sys.exit(main(owns_process=True))

@@ -1,7 +1,5 @@
 """`python -m rayclip.cli`: the `rayclip` command, in its own process."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -13,12 +14,35 @@ from typing import TextIO
 from .. import pipeline
 from .bars import Bar
 
-_OUTPUT: dict = {"json": False, "console": None}  # with --json, stdout carries the JSON document, the rest stderr
+# With --json, `document` carries the JSON document alone; everything else goes to stderr.
+_OUTPUT: dict = {"json": False, "console": None, "document": None, "stdout": None}
 
 
-def start(as_json: bool) -> None:
-    """A command begins: with --json, the console draws on stderr."""
-    _OUTPUT.update(json=as_json, console=None)
+def start(as_json: bool, owns_process: bool = False) -> None:
+    """A command begins. With --json, stdout carries the document alone: whatever else would print
+    there while the command runs (Ray's notes on its workers, a library's print) goes to stderr. In a
+    process of its own, descriptor 1 goes to stderr too, for the rest of the process (Ray's C++ core,
+    and Ray's shut-down at exit, print there after the command has returned)."""
+    document = sys.stdout
+    if as_json and owns_process:
+        sys.stdout.flush()
+        document = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+    _OUTPUT.update(json=as_json, console=None, document=document, stdout=sys.stdout)
+    if as_json:
+        sys.stdout = sys.stderr
+
+
+def finish() -> None:
+    """A command has returned: stdout as it was (a process of its own is about to exit: it stays on stderr)."""
+    if _OUTPUT["document"] is not _OUTPUT["stdout"]:  # our own descriptor: flushed, and closed with the process
+        _OUTPUT["document"].flush()
+    elif _OUTPUT["stdout"] is not None:
+        sys.stdout = _OUTPUT["stdout"]
+
+
+def _document(text: str) -> None:
+    print(text, file=_OUTPUT["document"], flush=True)
 
 
 def console():
@@ -31,8 +55,8 @@ def console():
 
 def emit(args: argparse.Namespace, document, show=None, *shown) -> None:
     """The JSON document on stdout with --json, else what show(*shown) draws for people."""
-    if args.json:  # flushed at once: nothing in the exit path (Ray's shut-down) can drop it from the buffer
-        print(json.dumps(document, indent=2, default=str), flush=True)
+    if args.json:
+        _document(json.dumps(document, indent=2, default=str))
     elif show is not None:
         show(*shown)
 
@@ -136,7 +160,7 @@ def print_results(results, as_json: bool, title: str) -> None:
     for note in results.notes:
         print(f"note: {note}", file=sys.stderr)
     if as_json:
-        return print(json.dumps([r.to_dict() for r in results], indent=2))
+        return _document(json.dumps([r.to_dict() for r in results], indent=2))
     rows = [[r.rank, f"{r.score:.4f}", r.caption or "", r.path or r.url or ""] for r in results]
     columns = ["rank", "cosine", "caption", "path"]
     if any(r.duplicates for r in results):  # collapse folded some: say how many per result
