@@ -127,11 +127,13 @@ def flags(options: dict) -> list[str]:
 @pytest.mark.parametrize(
     "point, options",
     [
+        ("index.select", {"parallel": "local"}),
         ("index.train", {"parallel": "local"}),
         ("index.add", {"parallel": "local"}),
         ("index.merge", {"parallel": "local"}),
         ("index.merge", {"parallel": "local", "on_disk": True}),
         ("index.merge", {"parallel": "local", "shards": 2}),
+        ("index.map", {"parallel": "local"}),
         ("index.add", {"parallel": "ray"}),  # the Ray task is killed, not the command
     ],
 )

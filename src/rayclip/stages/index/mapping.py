@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ... import faults
 from ...store import catalog, layout, storage
 from ...store.storage import Location
 from . import parts
@@ -83,6 +84,7 @@ def map_part(root: Location, model_version: str, folder: Location, part: int, so
     mapping = join(rows, root, _scores_of(clip_scores(root, model_version), ids), ids)
     with storage.open_output(layout.mapping_part_file(folder, part)) as f:
         pq.write_table(mapping, f)
+    faults.point("index.map")  # a mapping part written, mapping.parquet not yet
     return mapping.num_rows
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ... import faults
 from ...store import catalog, layout, storage
 from ...store.storage import Location
 
@@ -74,6 +75,7 @@ def bucket(folder: Location, group: int, files: list[Location], first_file: int,
     for b in range(buckets):
         with storage.open_output(layout.bucket_file(folder, group, b)) as f:
             pq.write_table(rows.filter(pa.array(owner == b)), f)
+    faults.point("index.select")  # a group's bucket files written, no row chosen yet
 
 
 def newest_keys(folder: Location, b: int, groups: int) -> tuple[np.ndarray, int]:
