@@ -424,15 +424,3 @@ def test_a_refill_after_auto_went_on_disk_stays_on_disk_in_a_clean_folder(tmp_pa
     assert (info.index_type, info.form) == ("IVF8,Flat", "ondisk") and info.auto_rejected
     folder = layout.build_dir(root, REFERENCE, report.build_id)
     assert {f.name for f in folder.iterdir()} == {*info.file_bytes, layout.build_info_file(folder).name}
-
-
-# 400 MiB held while the task runs, then freed; the task returns its process id.
-HOLD_400_MIB = "(lambda held: __import__('os').getpid())(b'x' * (400 << 20))"
-
-
-def test_a_task_on_a_worker_that_ran_a_bigger_one_reports_its_own_peak(ray_session):
-    """Build tasks share workers: each task's peak RSS (build.json's steps.task_peak_rss_mib) is its
-    own, not the largest its worker ever held. Two tasks in this process, as in one worker."""
-    _, big, pid = index.parts._on_node(eval, HOLD_400_MIB)
-    _, small, again = index.parts._on_node(eval, "__import__('os').getpid()")
-    assert pid == again and big >= 400 and small < big - 300

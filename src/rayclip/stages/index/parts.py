@@ -16,10 +16,8 @@ and their neighbours. The driver never holds the index nor all the vectors.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -263,10 +261,9 @@ class Runner:
 
         declared = int(min(max(memory * SLACK, MIN_TASK_MEMORY), _largest_node_memory()))
         # max_retries=0: a step killed half-way fails the build (nothing is published) instead of
-        # being run again on top of what it left. A worker runs task after task (no fresh process,
-        # with its imports, per task): the vectors and codes a task held are large arrays, which go
-        # back to the system when freed, and each task measures its own peak (_on_node).
-        task = ray.remote(_on_node).options(memory=declared, max_retries=0)
+        # being run again on top of what it left. max_calls=1: a fresh worker per task, which hands
+        # its memory back when done and whose peak RSS is that task's own.
+        task = ray.remote(max_calls=1)(_on_node).options(memory=declared, max_retries=0)
         refs = [task.remote(function, *args) for function, *args in calls]
         pending = list(refs)
         while pending:
@@ -292,10 +289,6 @@ def _on_node(function, *args) -> tuple[str, int, object]:
 
     import ray
 
-    # The worker may have run other tasks: Linux resets a process's peak RSS to its current RSS when
-    # 5 is written to its clear_refs, so the peak read after is this task's own.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
     result = function(*args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KiB on Linux
     return ray.get_runtime_context().get_node_id(), peak, result
