@@ -1,5 +1,6 @@
-"""Run `rayclip index` unchanged against a two-node Ray cluster (two raylets on this machine), once per
-form of the finished index (one file, merged on disk, two shards).
+"""Run `rayclip index` unchanged against a two-node Ray cluster (two raylets on this machine): a full
+build in parts, kept as one file (the other forms finish the same parts: test_distributed_index.py
+builds them on the session's cluster).
 
 Used by test_distributed_index.py in a subprocess so that it does not share the test session's Ray.
 Usage: python multinode_index.py DATA_DIR INDEX_TYPE PART_VECTORS
@@ -13,7 +14,7 @@ import sys
 
 from helpers import two_node_cluster
 
-FORMS = {"single": [], "ondisk": ["--on-disk"], "shards": ["--shards", "2"]}
+FORMS = {"single": []}
 
 if __name__ == "__main__":
     data_dir, index_type, part_vectors = sys.argv[1:]

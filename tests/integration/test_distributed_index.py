@@ -1,6 +1,7 @@
-"""The gold build's steps as Ray tasks on a two-node cluster equal the same steps run in one process:
-same scores and ids (but where scores tie exactly) for 1,000 queries, in each form the finished index
-takes (one file, merged on disk and memory-mapped, shards)."""
+"""The gold build's steps as Ray tasks equal the same steps run in one process: same scores and ids
+(but where scores tie exactly) for 1,000 queries, on a two-node cluster (the `rayclip index` command
+joining it) and in each form the finished index takes (one file, merged on disk and memory-mapped,
+shards)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def search(opened: tuple, params: dict, queries: np.ndarray):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_node_build_equals_the_single_process_build(tmp_path):
+def test_two_node_build_equals_the_single_process_build(tmp_path, ray_session):
+    """The CLI on two nodes builds one file; the forms on disk and in shards are built from the same
+    steps on the session's cluster (one node), in this process."""
     root = tmp_path / "data"
     write_day_files(root)
     helper = Path(helpers.__file__).with_name("multinode_index.py")
@@ -77,6 +80,10 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     distributed = json.loads(done.stdout.splitlines()[-1])
+    on_ray = {"index_type": INDEX_TYPE, "part_vectors": PART_VECTORS, "parallel": "ray", "retrain": True}
+    distributed["ondisk"] = index.build(root, **on_ray, on_disk=True).build_id
+    distributed["shards"] = index.build(root, **on_ray, shards=2).build_id
+    nodes = {"single": 2, "ondisk": 1, "shards": 1}
 
     local = index.build(root, index_type=INDEX_TYPE, part_vectors=PART_VECTORS, parallel="local", retrain=True)
     opened = open_build(root, local.build_id)
@@ -97,7 +104,7 @@ def test_two_node_build_equals_the_single_process_build(tmp_path):
     for form, build_id in distributed.items():
         opened = open_build(root, build_id)
         found_index, _, info = opened
-        assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == 2, info.steps
+        assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == nodes[form], info.steps
         assert len(info.steps["task_peak_rss_mib"]["add"]) == 4  # one add task per part
         assert found_index.ntotal == expected_index.ntotal == FILES * PER_FILE
         assert search(opened, {"nprobe": 32}, stored)[1][:, 0].tolist() == ANCHORS
