@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from . import faults
 from .store import storage
 
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
@@ -19,8 +20,10 @@ LOOPBACK = "127.0.0.1"
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """What every Ray worker of a rayclip job finds in its environment."""
-    return {USAGE_STATS_ENV: os.environ.get(USAGE_STATS_ENV, "0"), **storage.retry_env(), **(extra or {})}
+    """What every Ray worker of a rayclip job finds in its environment: also the fault point the
+    command was started with, so that a kill named for a step in a task fires on a joined cluster."""
+    kill_at = {faults.KILL_AT_ENV: os.environ[faults.KILL_AT_ENV]} if faults.KILL_AT_ENV in os.environ else {}
+    return {USAGE_STATS_ENV: os.environ.get(USAGE_STATS_ENV, "0"), **storage.retry_env(), **kill_at, **(extra or {})}
 
 
 def joins() -> bool:
