@@ -92,26 +92,28 @@ def expected_metadata_rows(metadata: Path, site) -> list[tuple]:
     return sorted((sha[row["URL"]].hexdigest(), row["URL"], row["TEXT"]) for row in table)
 
 
-@pytest.mark.parametrize("point", ["ingest.object_stored", "ingest.manifest_commit"])
-def test_metadata_ingest_killed(empty_root, good_metadata, site, capsys, monkeypatch, point):
-    """Killed once an object is stored, and once a shard's objects are all stored before its part."""
+def test_metadata_ingest_killed_in_each_window_then_rerun(empty_root, good_metadata, site, capsys, monkeypatch):
+    """Killed once an object is stored (`rayclip gc` sweeps its work folder), then again, on top of
+    what that run left, once a shard's objects are all stored before its manifest part; each time no
+    manifest row is visible, and the rerun gives what an unkilled ingest gives."""
     root = empty_root
     args = ["--metadata", str(good_metadata), "--data-dir", storage.uri(root), "--timeout", "3"]
-    assert_killed(*rayclip("ingest", *args, kill_at=point))
+    for point in ("ingest.object_stored", "ingest.manifest_commit"):
+        monkeypatch.undo()  # leases go stale at their own pace again: the next run's is live
+        assert_killed(*rayclip("ingest", *args, kill_at=point))
+        assert whole_objects(root)  # the window is open: objects stored ...
+        assert catalog.read_manifest(root).num_rows == 0  # ... and not one manifest row visible
+        [work] = storage.children(layout.downloads_dir(root, "x").parent)
+        assert debris_after_kill(root, capsys, monkeypatch) == [f"bronze/downloads/{work.name}"]
+        if point == "ingest.object_stored":  # `rayclip gc` sweeps it (else the rerun does, first thing)
+            capsys.readouterr()
+            assert cli("gc", "--data-dir", storage.uri(root)) == 0
+            assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
+            assert storage.children(layout.downloads_dir(root, "x").parent) == []
 
-    assert whole_objects(root)  # the window is open: objects stored ...
-    assert catalog.read_manifest(root).num_rows == 0  # ... and not one manifest row visible
-    [work] = storage.children(layout.downloads_dir(root, "x").parent)
-    assert debris_after_kill(root, capsys, monkeypatch) == [f"bronze/downloads/{work.name}"]
-
-    if point == "ingest.object_stored":  # `rayclip gc` sweeps it (else the rerun does, first thing)
-        capsys.readouterr()
-        assert cli("gc", "--data-dir", storage.uri(root)) == 0
-        assert f"removed bronze/downloads/{work.name}" in capsys.readouterr().out
-        assert storage.children(layout.downloads_dir(root, "x").parent) == []
     report = run_ingest(root, good_metadata)
     assert (report.admitted, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1,) * 2 + (0,)
-    assert report.stored + report.duplicates == GOOD_IMAGES + 1  # what the killed run stored counts as dups
+    assert report.stored + report.duplicates == GOOD_IMAGES + 1  # what the killed runs stored counts as dups
     assert manifest_rows(root) == expected_metadata_rows(good_metadata, site)
     assert len(whole_objects(root)) == GOOD_IMAGES
     assert storage.children(layout.downloads_dir(root, "x").parent) == []
