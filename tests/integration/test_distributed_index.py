@@ -431,3 +431,14 @@ def test_a_refill_after_auto_went_on_disk_stays_on_disk_in_a_clean_folder(tmp_pa
     assert (info.index_type, info.form) == ("IVF8,Flat", "ondisk") and info.auto_rejected
     folder = layout.build_dir(root, REFERENCE, report.build_id)
     assert {f.name for f in folder.iterdir()} == {*info.file_bytes, layout.build_info_file(folder).name}
+
+
+def test_media_ids_that_share_their_first_digits_are_still_told_apart(tmp_path):
+    """The mapping's uniqueness check compares 128 bits of each media_id: its last hex digits, so ids
+    that share a prefix (zero-padded counters, as benchmarks write) are distinct, and published."""
+    root = tmp_path / "data"
+    counters = [f"{i:064x}" for i in range(300)]
+    write_silver(root, "2026-01-01", counters, clustered(300))
+    report = index.build(root, index_type="IVF8,SQ8", part_vectors=100, parallel="local")
+    mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, report.build_id)))
+    assert report.count == 300 and sorted(mapping.column("media_id").to_pylist()) == counters

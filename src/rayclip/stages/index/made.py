@@ -18,7 +18,7 @@ TUNING_QUERIES = 1_000  # held-out vectors whose exact neighbours measure every 
 TRUTH_DEPTH = 32  # exact neighbours kept per tuning query, so an incremental build can update them
 LATENCY_QUERIES = 300  # single-query searches timed for p50/p99
 REBUILD_SHARE = 0.5  # an incremental build adding more than this share of the index retrains instead
-UNIQUE_KEY_CHARS = 32  # a media_id's leading hex digits the mapping's uniqueness check compares (128 bits)
+UNIQUE_KEY_CHARS = 32  # a media_id's last hex digits the mapping's uniqueness check compares (128 bits)
 UNIQUE_ROW_BYTES = 96  # the check's memory per row: the keys, their offsets and the hash table
 MAPPING_ROW_BYTES = 1_000  # a mapping task's memory per row (measured: ~760 B over its 0.2 GiB base)
 

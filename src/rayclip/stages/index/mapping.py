@@ -91,8 +91,9 @@ def map_part(root: Location, model_version: str, folder: Location, part: int, so
 def concat(folder: Location, count: int) -> tuple[int, int]:
     """Step: the `count` mapping parts, in order, streamed into mapping.parquet and mapping.arrow a row
     group at a time; returns (rows written, distinct media_ids among them). The distinct count compares
-    each media_id's first UNIQUE_KEY_CHARS hex digits (128 bits of a sha256), not the whole string, so
-    the check holds UNIQUE_ROW_BYTES a row rather than every media_id."""
+    each media_id's last UNIQUE_KEY_CHARS hex digits (128 bits of a sha256; the last, not the first:
+    ids that share a prefix, as zero-padded counters do, still differ there), not the whole string,
+    so the check holds UNIQUE_ROW_BYTES a row rather than every media_id."""
     files = [layout.mapping_part_file(folder, part) for part in range(count)]
     schema = catalog.parquet_metadata(files[0]).schema.to_arrow_schema()
     written, keys = 0, []
@@ -102,7 +103,7 @@ def concat(folder: Location, count: int) -> tuple[int, int]:
                 for batch in pq.ParquetFile(part).iter_batches(batch_size=catalog.SERVED_BATCH_ROWS):
                     write(batch)
                     written += batch.num_rows
-                    keys.append(pc.utf8_slice_codeunits(batch.column("media_id"), 0, UNIQUE_KEY_CHARS))
+                    keys.append(pc.utf8_slice_codeunits(batch.column("media_id"), -UNIQUE_KEY_CHARS))
     distinct = pc.count_distinct(pa.chunked_array(keys, pa.string())).as_py() if keys else 0
     return written, distinct
 
