@@ -4,7 +4,7 @@ builds them on the session's cluster).
 
 Used by test_distributed_index.py in a subprocess so that it does not share the test session's Ray.
 Usage: python multinode_index.py DATA_DIR INDEX_TYPE PART_VECTORS
-Prints one JSON object: form -> the build_id that `rayclip index --json` reported.
+Prints one JSON object: {"single": the build_id that `rayclip index --json` reported}.
 """
 
 import json
@@ -14,26 +14,21 @@ import sys
 
 from helpers import two_node_cluster
 
-FORMS = {"single": []}
-
 if __name__ == "__main__":
     data_dir, index_type, part_vectors = sys.argv[1:]
     cluster = two_node_cluster.start()
     try:
-        builds = {}
-        for form, flags in FORMS.items():
-            cmd = [sys.executable, "-m", "rayclip.cli", "index", "--data-dir", data_dir, "--retrain", "--json"]
-            cmd += ["--index-type", index_type, "--part-vectors", part_vectors, *flags]
-            # No test-only setting: $RAY_ADDRESS alone makes the build's steps Ray tasks on that cluster.
-            env = os.environ | {"RAY_ADDRESS": cluster.address}
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-            if done.returncode or not done.stdout.startswith("{"):  # one JSON document, or why not
-                print(f"failed: {form}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-                sys.exit(1)
-            builds[form] = json.loads(done.stdout)["build_id"]
+        cmd = [sys.executable, "-m", "rayclip.cli", "index", "--data-dir", data_dir, "--retrain", "--json"]
+        cmd += ["--index-type", index_type, "--part-vectors", part_vectors]
+        # No test-only setting: $RAY_ADDRESS alone makes the build's steps Ray tasks on that cluster.
+        env = os.environ | {"RAY_ADDRESS": cluster.address}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode or not done.stdout.startswith("{"):  # one JSON document, or why not
+            print(f"failed: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            sys.exit(1)
         if stray := two_node_cluster.off_loopback(cluster):
             print(f"failed: addresses beyond loopback: {stray}")
             sys.exit(1)
-        print(json.dumps(builds))
+        print(json.dumps({"single": json.loads(done.stdout)["build_id"]}))
     finally:
         cluster.shutdown()

@@ -434,8 +434,7 @@ def test_a_refill_after_auto_went_on_disk_stays_on_disk_in_a_clean_folder(tmp_pa
 
 
 def test_media_ids_that_share_their_first_digits_are_still_told_apart(tmp_path):
-    """The mapping's uniqueness check compares 128 bits of each media_id: its last hex digits, so ids
-    that share a prefix (zero-padded counters, as benchmarks write) are distinct, and published."""
+    """Zero-padded counters as media_ids (as benchmarks write) are distinct to the mapping's check."""
     root = tmp_path / "data"
     counters = [f"{i:064x}" for i in range(300)]
     write_silver(root, "2026-01-01", counters, clustered(300))

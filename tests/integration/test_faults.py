@@ -153,11 +153,10 @@ def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys
     published = index.build(root, index_type="IVF16,SQ8", parallel="local").build_id
 
     on_ray = options["parallel"] == "ray"
-    # On Ray: the session's cluster, joined as any cluster is ($RAY_ADDRESS); the kill reaches its task.
-    joined = {"RAY_ADDRESS": request.getfixturevalue("ray_session").get_runtime_context().gcs_address}
-    rc, out = rayclip(
-        "index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point, env=joined if on_ray else None
-    )
+    joined = None
+    if on_ray:  # the session's cluster, joined as any cluster is ($RAY_ADDRESS); the kill reaches its task
+        joined = {"RAY_ADDRESS": request.getfixturevalue("ray_session").get_runtime_context().gcs_address}
+    rc, out = rayclip("index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point, env=joined)
     if on_ray:  # the driver sees its task die and fails the build
         assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
     else:

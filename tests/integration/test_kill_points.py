@@ -101,7 +101,8 @@ def test_metadata_ingest_killed_in_each_window_then_rerun(empty_root, good_metad
     for point in ("ingest.object_stored", "ingest.manifest_commit"):
         monkeypatch.undo()  # leases go stale at their own pace again: the next run's is live
         assert_killed(*rayclip("ingest", *args, kill_at=point))
-        assert whole_objects(root)  # the window is open: objects stored ...
+        # The window is open: objects stored (at the manifest's commit, every object of the shard) ...
+        assert len(whole_objects(root)) == (GOOD_IMAGES if point == "ingest.manifest_commit" else 1)
         assert catalog.read_manifest(root).num_rows == 0  # ... and not one manifest row visible
         [work] = storage.children(layout.downloads_dir(root, "x").parent)
         assert debris_after_kill(root, capsys, monkeypatch) == [f"bronze/downloads/{work.name}"]
@@ -235,6 +236,7 @@ def test_caption_run_killed_before_each_commit(empty_root, gold_store, capsys, m
     copy_in(built, root, lambda relative: relative.startswith(("bronze/", "silver/embeddings/")))
     before = status(root, capsys)["silver"]
     args = ["--data-dir", storage.uri(root), "--pretrained", "reference"]
+    left: list[str] = []  # the killed runs' files, written and named by no commit record
     for nth, killed_table in [(1, layout.CAPTIONS), (2, layout.CLIP_SCORES)]:
         monkeypatch.undo()  # leases go stale at their own pace again: the next run's is live
         assert_killed(*rayclip("embed", *args, kill_at=f"captions.commit:{nth}", timeout=200))
@@ -245,11 +247,13 @@ def test_caption_run_killed_before_each_commit(empty_root, gold_store, capsys, m
             )
         else:
             assert silver_table(root, layout.CLIP_SCORES) is None
-            assert status(root, capsys)["silver"] == before
-        assert uncommitted(root, killed_table)  # the killed commit's files, written and named by no record
-        written = uncommitted(root, layout.CAPTIONS) + uncommitted(root, layout.CLIP_SCORES)  # both runs'
+        assert status(root, capsys)["silver"] == before
+        written = uncommitted(root, killed_table)
+        assert written and uncommitted(root, layout.CAPTIONS) + uncommitted(root, layout.CLIP_SCORES) == left + written
+        left += written
         work = [f"silver/_work/{w.name}" for w in storage.children(layout.silver_work_dir(root, "x").parent)]
-        assert debris_after_kill(root, capsys, monkeypatch) == sorted(written + work)
+        assert len(work) == nth  # one work folder per killed run
+        assert debris_after_kill(root, capsys, monkeypatch) == sorted(left + work)
 
     rerun = captions.embed_captions(root, model.resolve(None, "reference"), batch_size=8)
     assert rerun.captions_embedded == 0  # the second run committed them

@@ -129,6 +129,20 @@ def test_json_stdout_holds_the_document_alone_whatever_else_prints_there(tmp_pat
         assert line in done.stderr
 
 
+def test_json_in_process_keeps_stdout_for_the_document_and_restores_it(tmp_path, capsys, monkeypatch):
+    """Called as a library (main() in this process, as the tests and a notebook do), --json moves
+    Python's stdout aside while the command runs, and puts it back when it returns."""
+    from rayclip.cli import parser
+
+    handler, spec = parser.COMMANDS["status"]
+    monkeypatch.setitem(parser.COMMANDS, "status", (lambda args: print("a library's note") or handler(args), spec))
+    assert cli("status", "--data-dir", str(tmp_path / "data"), "--json") == 0
+    print("after the command")
+    out, err = capsys.readouterr()
+    assert out.endswith("}\nafter the command\n") and "a library's note" in err
+    assert json.loads(out.removesuffix("after the command\n"))["data_dir"]
+
+
 def test_search_collapse_with_a_threshold_folds_the_pair_that_threshold_joins(tmp_path, capsys):
     """Twenty vectors: a, its near-copy at cosine 0.93, and 18 orthogonal to both. `--collapse 0.9`
     folds the copy into a; without collapse, or at the default (0.96), both come back. (Twenty, not

@@ -35,9 +35,7 @@ def start(as_json: bool, owns_process: bool = False) -> None:
 
 def finish() -> None:
     """A command has returned: stdout as it was (a process of its own is about to exit: it stays on stderr)."""
-    if _OUTPUT["document"] is not _OUTPUT["stdout"]:  # our own descriptor: flushed, and closed with the process
-        _OUTPUT["document"].flush()
-    elif _OUTPUT["stdout"] is not None:
+    if _OUTPUT["document"] is _OUTPUT["stdout"]:
         sys.stdout = _OUTPUT["stdout"]
 
 
