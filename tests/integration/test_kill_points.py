@@ -101,8 +101,10 @@ def test_metadata_ingest_killed_in_each_window_then_rerun(empty_root, good_metad
     for point in ("ingest.object_stored", "ingest.manifest_commit"):
         monkeypatch.undo()  # leases go stale at their own pace again: the next run's is live
         assert_killed(*rayclip("ingest", *args, kill_at=point))
-        # The window is open: objects stored (at the manifest's commit, every object of the shard) ...
-        assert len(whole_objects(root)) == (GOOD_IMAGES if point == "ingest.manifest_commit" else 1)
+        # The window is open: objects stored (at the first one's, maybe a few more from other threads; at
+        # the manifest's commit, every object of the shard) ...
+        stored = len(whole_objects(root))
+        assert stored == GOOD_IMAGES if point == "ingest.manifest_commit" else 1 <= stored < GOOD_IMAGES
         assert catalog.read_manifest(root).num_rows == 0  # ... and not one manifest row visible
         [work] = storage.children(layout.downloads_dir(root, "x").parent)
         assert debris_after_kill(root, capsys, monkeypatch) == [f"bronze/downloads/{work.name}"]
