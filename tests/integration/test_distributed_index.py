@@ -441,3 +441,25 @@ def test_media_ids_that_share_their_first_digits_are_still_told_apart(tmp_path):
     report = index.build(root, index_type="IVF8,SQ8", part_vectors=100, parallel="local")
     mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, report.build_id)))
     assert report.count == 300 and sorted(mapping.column("media_id").to_pylist()) == counters
+
+
+def test_an_add_task_holds_its_part_once_not_in_pieces_and_again_joined(tmp_path):
+    """A part's vectors are read file by file into one array: the task's peak grows by the part and
+    one file's read beside it, not twice the part (the add tasks' declared memory counts on it)."""
+    root = tmp_path / "data"
+    count, files = 200_000, 8
+    for f in range(files):
+        rows = slice(f * count // files, (f + 1) * count // files)
+        write_silver(root, f"2026-01-0{f + 1}", media_ids(count)[rows], clustered(count // files, seed=f))
+    silver = catalog.silver_files(root, REFERENCE)
+    source = index.parts.Rows(silver, [np.arange(count // files)] * files)
+    Path("/proc/self/clear_refs").write_text("5")  # this process's peak RSS starts again from here
+    start = peak_rss_kib()
+    vectors = index.parts.read_vectors(source, 1e-3)
+    grown = (peak_rss_kib() - start) << 10
+    assert len(vectors) == count and grown < 1.6 * vectors.nbytes, grown / vectors.nbytes  # twice: 2.0 or more
+
+
+def peak_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))

@@ -20,6 +20,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pyarrow as pa
 
 from ... import ann, cluster, faults
 from ...errors import UserError
@@ -60,12 +61,19 @@ def check_vectors(vectors: np.ndarray, f: Location, tolerance: float) -> None:
 
 
 def read_vectors(source: Rows, tolerance: float) -> np.ndarray:
-    parts = []
+    """The rows' vectors, one file at a time into one array: the part is held once (and one file's
+    vectors beside it), not once in pieces and again joined."""
+    held, filled = None, 0
     for f, rows in zip(source.files, source.rows):
-        vectors = np.ascontiguousarray(catalog.vector_matrix(catalog.read_parquet(f, ["embedding"]))[rows])
-        check_vectors(vectors, f, tolerance)
-        parts.append(vectors)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        vectors = catalog.vector_matrix(catalog.read_parquet(f, ["embedding"]))
+        if held is None:
+            held = np.empty((source.count, vectors.shape[1]), np.float32)
+        np.take(vectors, rows, axis=0, out=held[filled : filled + len(rows)])
+        check_vectors(held[filled : filled + len(rows)], f, tolerance)
+        filled += len(rows)
+        del vectors
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps a freed read's pages otherwise
+    return held if held is not None else np.zeros((0, 0), np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
