@@ -102,8 +102,7 @@ def _meta_schema(source: pa.Schema, scored: bool) -> pa.Schema:
 
 def _read_object(root: Location, row: dict) -> bytes | Refused:
     """A row's stored bytes, or why they cannot be exported (catalog.read_object's reasons, as embed's)."""
-    data, why = catalog.read_object(root, row["path"], row["media_id"])
-    return data if why is None else Refused(why)
+    return catalog.read_object(root, row["path"], row["media_id"])
 
 
 # ---------------------------------------------------------------- the command

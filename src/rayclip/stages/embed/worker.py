@@ -18,10 +18,12 @@ from ...model import (
     import_model_libraries,
 )
 from ...store import catalog, layout, silver, storage
+from ...store.catalog import Refused
 
 # In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
 IMPORTED_AT = time.time()
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
+DECODE_ERROR = Refused("decode error")  # the bytes hash right but are no image the decoder takes
 
 
 class RunStats:
@@ -94,34 +96,33 @@ class Decoder:
         """(media_ids that decoded, their pixels as one uint8 NCHW tensor or None, (media_id, why) failures)."""
         read = self._map(self._read, zip(media_ids, paths))
         if self.device:
-            pictures = iter(decode_batch([data for _, data, _ in read if data is not None], self.device))
-            shaped = [(m, None, why) if data is None else self._shaped(m, next(pictures)) for m, data, why in read]
+            pictures = iter(decode_batch([data for _, data in read if not isinstance(data, Refused)], self.device))
+            shaped = [(m, data if isinstance(data, Refused) else self._shaped(next(pictures))) for m, data in read]
         else:
             shaped = self._map(self._decoded, read)
-        ids = [media_id for media_id, tensor, _ in shaped if tensor is not None]
-        tensors = [tensor.to(self.device) if self.device else tensor for _, tensor, _ in shaped if tensor is not None]
-        failures = [(media_id, why) for media_id, tensor, why in shaped if tensor is None]
-        return ids, self.pixels.stack(tensors) if tensors else None, failures
+        done = [(media_id, tensor) for media_id, tensor in shaped if not isinstance(tensor, Refused)]
+        tensors = [tensor.to(self.device) if self.device else tensor for _, tensor in done]
+        failures = [(media_id, refused.reason) for media_id, refused in shaped if isinstance(refused, Refused)]
+        return [media_id for media_id, _ in done], self.pixels.stack(tensors) if tensors else None, failures
 
-    def _read(self, row: tuple[str, str]) -> tuple[str, bytes | None, str | None]:
+    def _read(self, row: tuple[str, str]) -> tuple[str, bytes | Refused]:
         media_id, path = row
-        data, why = catalog.read_object(self._root, path, media_id)  # a store that gives up fails the job
-        return media_id, data, why
+        return media_id, catalog.read_object(self._root, path, media_id)  # a store that gives up fails the job
 
-    def _decoded(self, read: tuple[str, bytes | None, str | None]) -> tuple[str, object, str | None]:
-        media_id, data, why = read
-        if data is None:
-            return media_id, None, why
+    def _decoded(self, read: tuple[str, bytes | Refused]) -> tuple[str, object]:
+        """(media_id, its pixels or why not)."""
+        media_id, data = read
+        if isinstance(data, Refused):
+            return media_id, data
         try:
             picture = decode_image(data)
         except Exception as exc:  # a bad image must not kill the job; it is counted and skipped
             picture = exc
-        return self._shaped(media_id, picture)
+        return media_id, self._shaped(picture)
 
-    def _shaped(self, media_id: str, picture) -> tuple[str, object, str | None]:
-        if isinstance(picture, Exception):
-            return media_id, None, "decode error"
-        return media_id, self.pixels(picture), None
+    def _shaped(self, picture) -> object:
+        """A decoded picture's pixels, or why it has none (`picture` is the decoder's exception)."""
+        return DECODE_ERROR if isinstance(picture, Exception) else self.pixels(picture)
 
 
 def decode_block(batch: dict, decoder: Decoder, stats) -> dict:

@@ -58,10 +58,9 @@ class IngestReport:
 
 
 class Admitted(NamedTuple):
-    """What became of one sample."""
+    """A sample taken: its manifest row, and whether this run stored its object."""
 
-    row: dict | None  # its manifest row; None when refused
-    reason: str | None  # why it was refused
+    row: dict
     stored: bool  # this run stored its object (else the bytes were there already)
 
 
@@ -142,7 +141,7 @@ class Admitter:
                 self.rows_done += 1
                 if self.progress:
                     self.progress(self.rows_done, max(self.total, self.rows_seen, self.rows_done))
-                if outcome.row is None:
+                if isinstance(outcome, Refused):
                     self.failed[outcome.reason] += 1
                     continue
                 self.report.admitted += 1
@@ -153,18 +152,18 @@ class Admitter:
             if sum(batch.num_rows for batch in self.pending) >= PART_ROWS:
                 self.commit()
 
-    def _admit_one(self, sample: Sample) -> Admitted:
+    def _admit_one(self, sample: Sample) -> Admitted | Refused:
         try:
             data = sample.data if sample.data is not None else storage.read_bytes(sample.file)
         except OSError:  # a folder's file that vanished, or a broken link
-            return Admitted(None, "unreadable file", False)
+            return Refused("unreadable file")
         try:
             ext, width, height = inspect_image(data, self.max_pixels)
         except BadImageError as bad:
-            return Admitted(None, str(bad), False)
+            return Refused(str(bad))
         media_id = hashlib.sha256(data).hexdigest()
         if sample.expected_sha256 and sample.expected_sha256 != media_id:
-            return Admitted(None, "hash mismatch", False)
+            return Refused("hash mismatch")
         path = layout.object_relpath(media_id, ext)
         with self.lock:
             first = media_id not in self.claimed
@@ -185,7 +184,7 @@ class Admitter:
             "run_id": self.report.run_id,
             "ingested_at": self.now,
         }
-        return Admitted(row, None, stored)
+        return Admitted(row, stored)
 
 
 def _commit_manifest(root: Location, rows: pa.Table, report: IngestReport, number: int) -> bool:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from ...errors import UserError
 from ...options import IngestOptions
 from ...store import storage
+from ...store.catalog import Refused
 from ...store.storage import Location
 
 URL_COLUMNS = ("URL", "url")
@@ -83,10 +84,10 @@ def _pick_column(
     return None
 
 
-def url_problem(url: str | None) -> str | None:
-    """Why a row's URL cannot be fetched (a failure reason), or None."""
+def url_problem(url: str | None) -> Refused | None:
+    """Why a row's URL cannot be fetched, or None."""
     if url is None or not url.strip():
-        return "missing url"
+        return Refused("missing url")
     if not url.lower().startswith(("http://", "https://")):
-        return "unsupported url scheme"
+        return Refused("unsupported url scheme")
     return None

@@ -66,7 +66,7 @@ def ingest_metadata(
     # The run holds its work folder until its last manifest part is committed.
     with storage.working(layout.downloads_dir(root, report.run_id)) as work_dir:
         with Admitter(root, report, max_pixels, store_progress) as admitter:
-            admitter.failed.update(p for p in problems if p)
+            admitter.failed.update(p.reason for p in problems if p)
             admitter.total = fetchable.num_rows
             if fetchable.num_rows:
                 download_and_admit(

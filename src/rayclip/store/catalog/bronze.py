@@ -89,15 +89,14 @@ class Refused(NamedTuple):
     reason: str
 
 
-def read_object(root: storage.Location, path: str, media_id: str) -> tuple[bytes | None, str | None]:
+def read_object(root: storage.Location, path: str, media_id: str) -> bytes | Refused:
     """A bronze object's bytes, only when they hash to its media_id (the name *is* the content's hash,
-    so no short, empty or rotten read is ever used): (bytes, None), or (None, why not). A store that
-    gives up raises StoreError."""
+    so no short, empty or rotten read is ever used), else why not. A store that gives up raises StoreError."""
     try:
         for _ in range(OBJECT_READS):
             data = storage.read_bytes(root / path)
             if hashlib.sha256(data).hexdigest() == media_id:
-                return data, None
+                return data
     except FileNotFoundError:
-        return None, MISSING_OBJECT
-    return None, CHANGED_OBJECT
+        return Refused(MISSING_OBJECT)
+    return Refused(CHANGED_OBJECT)
