@@ -15,6 +15,10 @@ class NoIndexError(UserError):
     the build cannot be opened."""
 
 
+class NoObjectError(UserError):
+    """The store holds no image for the media_id asked for."""
+
+
 class UnknownModelVersionError(UserError):
     """The model_version asked for has nothing of the layer, or several have and none was named.
 

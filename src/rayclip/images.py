@@ -30,7 +30,10 @@ class BadImageError(UserError):
 
 
 class ImageTooLargeError(UserError):
-    """The image's bytes are over the size accepted."""
+    """The image's bytes (an upload, a base64 field, a fetched URL: `what`) are over the size accepted."""
+
+    def __init__(self, what: str, max_bytes: int):
+        super().__init__(f"{what} larger than {max_bytes} bytes")
 
 
 def decode_image(data: bytes):
@@ -146,13 +149,13 @@ def decode_base64(text: str, max_bytes: int, field: str = "image") -> bytes:
     """A base64 image field's bytes: ImageTooLargeError over `max_bytes`, UserError when it is not base64
     (a malformed field, 422); whether the bytes are an image is decided when they are decoded (415)."""
     if len(text) > (max_bytes + 2) // 3 * 4 + 4:
-        raise ImageTooLargeError(f"{field} larger than {max_bytes} bytes")
+        raise ImageTooLargeError(field, max_bytes)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise UserError(f"{field} is not valid base64") from None
     if len(data) > max_bytes:
-        raise ImageTooLargeError(f"{field} larger than {max_bytes} bytes")
+        raise ImageTooLargeError(field, max_bytes)
     return data
 
 

@@ -30,7 +30,7 @@ from rayclip import synthetic
 from rayclip.cli import build_parser
 from rayclip.http import clip_back
 from rayclip.http.app import create_app
-from rayclip.images import decode_image
+from rayclip.images import ImageTooLargeError, decode_image
 from rayclip.options import DEFAULT_COLLAPSE
 from rayclip.stages import index
 
@@ -464,7 +464,6 @@ def test_fetch_checks_every_redirect_and_limits_size_time_and_hops(recorder):
     _Recorder.seen.clear()
     cases = [
         (f"{base}/to?url=http://127.0.0.2:{recorder}/image.jpg", 422, "non-public address (127.0.0.2)"),
-        (f"{base}/big", 413, "larger than 10000 bytes"),
         (f"{base}/hop/0", 422, "redirected more than 3 times"),
     ]
     for url, status, message in cases:
@@ -472,6 +471,8 @@ def test_fetch_checks_every_redirect_and_limits_size_time_and_hops(recorder):
             clip_back.fetch_image(url, 10_000, allowed=allowed)
         assert refused.value.status_code == status and message in refused.value.detail, url
     assert "/image.jpg" not in [path for path, _ in _Recorder.seen]  # the redirect to 127.0.0.2 was not followed
+    with pytest.raises(ImageTooLargeError, match="image_url larger than 10000 bytes"):
+        clip_back.fetch_image(f"{base}/big", 10_000, allowed=allowed)
     started = time.monotonic()
     with pytest.raises(HTTPException) as slow:
         clip_back.fetch_image(f"{base}/slow", 1 << 20, timeout_s=0.5, allowed=allowed)
@@ -518,6 +519,14 @@ def test_url_query_end_to_end_equals_base64_query(gold_store, recorder, monkeypa
     by_bytes = knn(client, clip_client_body(MODEL_VERSION, 5, False, image=base64.b64encode(_Recorder.image).decode()))
     assert by_url.status_code == 200, by_url.text
     assert by_url.json() == by_bytes.json()
+
+
+def test_an_image_url_over_the_size_limit_is_413_like_any_image(gold_store, recorder, monkeypatch):
+    """The status comes from http/errors.STATUS, as for an upload or a base64 field over the limit."""
+    monkeypatch.setattr(clip_back, "is_public_address", only("127.0.0.1"))
+    client = TestClient(create_app(gold_store.root, max_upload_bytes=10_000, allow_url_queries=True))
+    response = knn(client, {"image_url": f"http://127.0.0.1:{recorder}/big", "indice_name": MODEL_VERSION})
+    assert (response.status_code, response.json()) == (413, {"detail": "image_url larger than 10000 bytes"})
 
 
 # ------------------------------------------------------------------ clip-retrieval's own client and front

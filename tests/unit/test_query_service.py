@@ -268,6 +268,14 @@ def test_bad_images_get_the_same_status_on_every_route(service_client, send, sta
     assert isinstance(response.json()["detail"], str) and message in response.json()["detail"]
 
 
+def test_an_image_the_store_does_not_hold_is_404_and_a_malformed_media_id_422(service_client):
+    missing = service_client.get("/api/images/" + "0" * 64)
+    assert (missing.status_code, missing.json()) == (404, {"detail": "no image " + "0" * 64})
+    malformed = service_client.get("/api/images/not-hex")
+    assert malformed.status_code == 422
+    assert malformed.json() == {"detail": "media_id must be 64 lowercase hex characters"}
+
+
 def test_the_service_and_the_searcher_answer_alike(service_store):
     root, built, ids = service_store.root, service_store.build, service_store.ids
     service = QueryService(root)

@@ -145,7 +145,7 @@ def router(service: QueryService, root: Location, encode_slot, max_upload_bytes:
     ) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise ImageTooLargeError(f"image larger than {max_upload_bytes} bytes")
+            raise ImageTooLargeError("image", max_upload_bytes)
         # Decoding and encoding are CPU work: off the event loop, like the sync endpoints.
         results = await run_in_threadpool(functools.partial(find, [Term("image", data)], k, where, collapse))
         return _payload(results, {"upload": file.filename, "k": k, "collapse": collapse, "where": where})
@@ -155,8 +155,6 @@ def router(service: QueryService, root: Location, encode_slot, max_upload_bytes:
         if not re.match(MEDIA_ID, media_id):
             raise HTTPException(status_code=422, detail="media_id must be 64 lowercase hex characters")
         stored = catalog.find_object(root, media_id)
-        if stored is None:
-            raise HTTPException(status_code=404, detail=f"no image {media_id}")
         return StreamingResponse(
             _chunks(stored),
             media_type=CONTENT_TYPES.get(stored.suffix[1:], "application/octet-stream"),

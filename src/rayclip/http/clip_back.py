@@ -34,7 +34,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
 
 from ..errors import UnknownModelVersionError
-from ..images import decode_base64
+from ..images import ImageTooLargeError, decode_base64
 from ..options import DEFAULT_COLLAPSE, SearchOptions, ServeOptions
 from ..query.results import SearchResults
 from ..query.searcher import Searcher
@@ -300,12 +300,12 @@ def _netloc(address, port: int | None) -> str:
 def _read_limited(reply, max_bytes: int, deadline: float) -> bytes:
     declared = reply.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"image_url is larger than {max_bytes} bytes")
+        raise ImageTooLargeError("image_url", max_bytes)
     chunks, size = [], 0
     for chunk in reply.iter_bytes():
         size += len(chunk)
         if size > max_bytes:
-            raise HTTPException(413, f"image_url is larger than {max_bytes} bytes")
+            raise ImageTooLargeError("image_url", max_bytes)
         if time.monotonic() > deadline:
             raise HTTPException(422, "image_url took too long to download")
         chunks.append(chunk)

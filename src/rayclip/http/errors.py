@@ -1,12 +1,12 @@
 """Which HTTP status each error gets, decided once for every route (/api/* and clip-retrieval's).
 
 The query floor raises errors that say what went wrong; this maps them: a body that is not an
-image 415, an image over the size limit 413, a media_id the build does not hold or a model_version
-with no published build (or several and none named) 404, no index to answer from or an object
-store that gave up 503, any other user error
-(a malformed field, bad base64, a bad filter) 422. A request that fails validation, including a
-JSON number that is NaN or infinite anywhere in a body, is answered 422 with one line naming the
-field, never the echo of the input (which JSON cannot even carry for NaN).
+image 415, an image over the size limit 413, a media_id the build does not hold, an image the store
+does not hold, or a model_version with no published build (or several and none named) 404, no index
+to answer from or an object store that gave up 503, any other user error (a malformed field, bad
+base64, a bad filter) 422. A request that fails validation, including a JSON number that is NaN or
+infinite anywhere in a body, is answered 422 with one line naming the field, never the echo of the
+input (which JSON cannot even carry for NaN).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import NoIndexError, UnknownModelVersionError, UserError
+from ..errors import NoIndexError, NoObjectError, UnknownModelVersionError, UserError
 from ..images import BadImageError, ImageTooLargeError
 from ..query.terms import NotIndexedError
 from ..store.storage import StoreError
@@ -26,6 +26,7 @@ STATUS = {
     BadImageError: 415,
     ImageTooLargeError: 413,
     NotIndexedError: 404,
+    NoObjectError: 404,
     UnknownModelVersionError: 404,
     NoIndexError: 503,
     StoreError: 503,

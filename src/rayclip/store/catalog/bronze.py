@@ -9,6 +9,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ...errors import NoObjectError
 from .. import layout, storage
 from ..storage import Location
 from .committed import committed, remember
@@ -71,10 +72,12 @@ def write_manifest_part(
     return part
 
 
-def find_object(root: Location, media_id: str) -> Location | None:
-    """The stored image of a media_id, whatever its extension; None when the store has none."""
+def find_object(root: Location, media_id: str) -> Location:
+    """The stored image of a media_id, whatever its extension; NoObjectError when the store has none."""
     found = storage.glob(layout.objects_dir(root), layout.object_glob(media_id))
-    return found[0] if found else None
+    if not found:
+        raise NoObjectError(f"no image {media_id}")
+    return found[0]
 
 
 MISSING_OBJECT = "missing object"  # the manifest names it, the store does not hold it
