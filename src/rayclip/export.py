@@ -124,7 +124,7 @@ def export(
     """Write the samples a query (`terms`; `k` or `min_score`), a filter (`where`) or both select into
     `to` (a local folder or an object-store prefix, new or empty) as `format` shards; the run record is
     saved under the data root's exports/runs/. progress(done, total) counts the rows looked at."""
-    started, root, target = time.monotonic(), storage.data_root(root), storage.location(to)
+    started, root, target = time.monotonic(), storage.resolved(root), storage.location(to)
     if format not in EXPORT_FORMATS:
         raise UserError(f"unknown format {format!r}; use one of: {', '.join(EXPORT_FORMATS)}")
     if min_score is not None and not terms:

@@ -317,27 +317,47 @@ def test_several_model_versions_are_one_404_that_says_how_each_caller_names_one(
     )
 
 
-def test_a_request_resolves_the_data_root_once_and_lists_gold_once(service_store, monkeypatch):
+def resolutions(monkeypatch) -> list[tuple]:
+    """Every data_root() call from now on, whoever makes it, as its arguments."""
     from rayclip.store import storage
     from rayclip.store.storage import locations
 
-    resolved, listed = [], []
-    data_root, children = storage.data_root, storage.children
+    resolved, data_root = [], storage.data_root
 
     def resolving(*args, **kwargs):
         resolved.append(args)
         return data_root(*args, **kwargs)
+
+    for module in (storage, locations):  # callers through storage, and resolved() and location()
+        monkeypatch.setattr(module, "data_root", resolving)
+    return resolved
+
+
+def test_a_request_resolves_the_data_root_once_and_lists_gold_once(service_store, monkeypatch):
+    from rayclip.store import storage
+
+    resolved, listed = resolutions(monkeypatch), []
+    children = storage.children
 
     def listing(loc):
         if loc.name == "gold":
             listed.append(loc)
         return children(loc)
 
-    for module in (storage, locations):  # callers through storage, and resolved() and location()
-        monkeypatch.setattr(module, "data_root", resolving)
     monkeypatch.setattr(storage, "children", listing)
     with TestClient(
         create_app(str(service_store.root))
     ) as service_client:  # opens the Searcher before the first request
         assert service_client.get("/api/search", params={"q": "a dog"}).status_code == 200
     assert len(resolved) == 1 and len(listed) == 1
+
+
+def test_a_stage_run_from_the_cli_resolves_the_data_root_once(tmp_path, monkeypatch):
+    from rayclip import cli
+
+    root = tmp_path / "data"
+    vectors_store(root)
+    resolved = resolutions(monkeypatch)
+    assert cli.main(["index", "--data-dir", str(root)]) == 0
+    assert cli.main(["index", "--data-dir", str(root), "--rollback"]) == 2  # one build: nothing before it
+    assert resolved == [(str(root),), (str(root),)]

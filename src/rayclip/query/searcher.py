@@ -78,7 +78,7 @@ class Searcher:
     ) -> Searcher:
         """The Searcher of a data root's model_version (the only one published when None): `load`,
         for a script; a QueryService keeps the list of model_versions and calls `load` itself."""
-        root = storage.data_root(data_dir)
+        root = storage.resolved(data_dir)
         model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
         return cls.load(root, model_version, threads, precision, residency)
 

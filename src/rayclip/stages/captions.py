@@ -187,7 +187,7 @@ def embed_captions(
     `spec` is the model the images were embedded with, filed under its model_version (embed --save-as
     included). `actors` caption encoders (default 1). progress(done, total) counts captions encoded."""
     started = time.monotonic()
-    root = storage.data_root(root)
+    root = storage.resolved(root)
     report = CaptionReport(layout.new_run_id(), spec.model_version, layout.check_day(dt or layout.today()))
     report.precision, report.batch_size = choose_precision(precision, "cpu"), batch_size
     pairs, captions = plan(root, spec.model_version, force)

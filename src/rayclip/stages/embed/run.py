@@ -83,7 +83,7 @@ def embed(
     when there is work); the model is built once, here, while Ray starts, and shared with
     every actor through Ray's object store (ClipModel.parts), so an actor only imports and assembles it.
     """
-    root, spec = storage.data_root(root), filed_as(spec, save_as)
+    root, spec = storage.resolved(root), filed_as(spec, save_as)
     started = time.monotonic()
     started_at = time.time()  # the actors report wall-clock times; startup_s is measured against this
     device = "cuda" if gpus_per_actor else "cpu"

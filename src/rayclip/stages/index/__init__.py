@@ -81,7 +81,7 @@ def build(
     import faiss  # noqa: F401 - faiss first: it and numpy must agree on the BLAS threads
 
     started = time.monotonic()
-    root = storage.data_root(root)
+    root = storage.resolved(root)
     model_version = catalog.pick_model_version(root, model_version, catalog.silver_model_versions(root), "embeddings")
     files = catalog.silver_files(root, model_version, dt)
     if not files:
@@ -238,7 +238,7 @@ def _build_into(
 
 def rollback(root: Location | str, model_version: str | None = None) -> tuple[str, str]:
     """Point CURRENT at the build before it; returns (from, to)."""
-    root = storage.data_root(root)
+    root = storage.resolved(root)
     model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
     current = catalog.current_build(root, model_version)
     ids = catalog.builds(root, model_version)

@@ -52,7 +52,7 @@ def ingest_metadata(
     if distributor not in DISTRIBUTORS:
         raise UserError(f"unknown distributor {distributor!r}; use one of: {', '.join(DISTRIBUTORS)}")
     started = time.monotonic()
-    root = storage.data_root(root)
+    root = storage.resolved(root)
     table = read_metadata(metadata, url_col, caption_col, limit)
     name = storage.location(metadata).name
     report = IngestReport(run_id=layout.new_run_id(), source=f"metadata:{name}", rows_read=table.num_rows)
@@ -92,7 +92,7 @@ def ingest_folder(
 ) -> IngestReport:
     """Copy the images under a folder (recursively; local or a URL) into the bronze layer."""
     started = time.monotonic()
-    root, source = storage.data_root(root), storage.location(folder)
+    root, source = storage.resolved(root), storage.location(folder)
     if not storage.is_dir(source):
         raise UserError(f"folder not found: {folder}")
     samples = _folder_samples(source, limit)
@@ -162,7 +162,7 @@ def _ingest_shards(
     progress: Progress | None,
 ) -> IngestReport:
     """Every sample of the shards, one shard at a time, through the admitter (at most `limit` samples)."""
-    started, root = time.monotonic(), storage.data_root(root)
+    started, root = time.monotonic(), storage.resolved(root)
     report = IngestReport(run_id=layout.new_run_id(), source=source)
     with Admitter(root, report, max_pixels, None) as admitter:
         for done, samples in enumerate(shards):
