@@ -5,18 +5,29 @@ calls `start`: it joins $RAY_ADDRESS when set, else starts a new local cluster w
 127.0.0.1 (nothing listens beyond loopback). Ray's own usage statistics stay off
 (RAY_USAGE_STATS_ENABLED=0, unless the user set it), and the workers' S3 clients get rayclip's
 retries (storage.retry_env), whether Ray starts here or is joined at $RAY_ADDRESS (where the workers
-do not inherit this process's environment: the job's runtime_env carries it).
+do not inherit this process's environment: the job's runtime_env carries it). serve --ray calls
+`start_reachable`, which refuses at once, in one line, a $RAY_ADDRESS where nothing answers.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 from . import faults
+from .errors import UserError
 from .store import storage
 
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
 LOOPBACK = "127.0.0.1"
+REACH_TIMEOUT_S = 5
+
+
+class UnreachableError(UserError):
+    """No Ray cluster answers where start() would join or start one (`where`: the address, or why)."""
+
+    def __init__(self, where: str):
+        super().__init__(f"no Ray cluster reachable {where}")
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,3 +89,20 @@ def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, s
     ray.data.DataContext.get_current().raise_original_map_exception = True
     url = get_dashboard_url()
     return (url if "://" in url else f"http://{url}") if url else None
+
+
+def start_reachable(dashboard: bool = False, verbose: bool = False) -> str | None:
+    """start(), refused with one line (UnreachableError) when no cluster answers: at once when
+    $RAY_ADDRESS names a host:port (or ray://host:port) where nothing listens, since ray.init would wait
+    for it for minutes; else when ray.init gives up."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():  # else no address (a local cluster starts), or one Ray resolves ("auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+        except OSError as exc:
+            raise UnreachableError(f"at $RAY_ADDRESS {address} ({exc.strerror or exc})") from None
+    try:
+        return start(dashboard, verbose)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise UnreachableError(f"({str(exc).splitlines()[0]})") from None

@@ -17,8 +17,6 @@ A build that is not kept in shards is searched in the ingress itself.
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import threading
 
 import numpy as np
@@ -35,7 +33,6 @@ SHARD_DEPLOYMENT = "Shard"
 # Fractions of a CPU: Serve reserves them per replica; FAISS and the encoder use what the machine has.
 SHARD_CPUS = 0.25
 INGRESS_CPUS = 0.5
-REACH_TIMEOUT_S = 5
 
 
 class ShardReplica:
@@ -123,11 +120,10 @@ def deploy(
 
     root = storage.data_root(data_dir)
     model_version, shards = shard_count(root, model_version)
-    _check_reachable()
     try:
-        cluster.start()
-    except (ConnectionError, RuntimeError, TimeoutError) as exc:
-        raise UserError(f"--ray: no Ray cluster reachable ({str(exc).splitlines()[0]})") from None
+        cluster.start_reachable()
+    except cluster.UnreachableError as err:
+        raise UserError(f"--ray: {err}") from None
     serve.start(http_options={"host": host, "port": port})
     options = {"num_cpus": SHARD_CPUS}
     shard = serve.deployment(ShardReplica, name=SHARD_DEPLOYMENT, num_replicas=replicas, ray_actor_options=options)
@@ -138,19 +134,6 @@ def deploy(
     app_options = app_options | {"model_version": model_version}
     serve.run(ingress.bind(storage.uri(root), app_options), name=INGRESS_APP, route_prefix="/")
     return shards
-
-
-def _check_reachable() -> None:
-    """A cluster named by $RAY_ADDRESS (host:port, or ray://host:port) must answer on its port:
-    ray.init would otherwise wait for it for minutes."""
-    address = os.environ.get("RAY_ADDRESS", "")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not (host and port.isdigit()):
-        return  # no address (a local cluster starts), or one Ray resolves itself ("auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
-    except OSError as exc:
-        raise UserError(f"--ray: no Ray cluster reachable at $RAY_ADDRESS {address} ({exc.strerror or exc})") from None
 
 
 def shutdown() -> None:
