@@ -15,6 +15,13 @@ class NoIndexError(UserError):
     the build cannot be opened."""
 
 
+class WithdrawnError(NoIndexError):
+    """The model_version a Searcher serves has no published build any more (its CURRENT is gone)."""
+
+    def __init__(self, model_version: str):
+        super().__init__(f"no index for model_version {model_version!r} any more; run `rayclip index`")
+
+
 class NoObjectError(UserError):
     """The store holds no image for the media_id asked for."""
 

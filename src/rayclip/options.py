@@ -32,6 +32,7 @@ DECODES = ("auto", "actor", "tasks", "gpu")
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
+COLLAPSE_RANGE = (-1, 1)  # a collapse threshold is a cosine
 DEFAULT_MAX_INDEX_MEMORY = "4G"
 DEFAULT_TARGET_RECALL = 0.95
 DISTRIBUTORS = ("multiprocessing", "ray")

@@ -95,7 +95,7 @@ class Ingress:
 
 def shard_count(root, model_version: str | None) -> tuple[str, int]:
     """The model_version served and how many shards its CURRENT build is kept in (0: not in shards)."""
-    model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+    model_version = catalog.pick_indexed(root, model_version)
     info = catalog.build_info(root, model_version, catalog.current_build(root, model_version))
     return model_version, len(info.shards or []) if info.form == "shards" else 0
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, WithdrawnError
 from ..model import ClipModel, load_model
-from ..options import SearchOptions
+from ..options import COLLAPSE_RANGE, DEFAULT_COLLAPSE, SearchOptions
 from ..store import catalog, storage
 from ..store.catalog import BuildInfo
 from ..store.storage import Location
@@ -79,7 +79,7 @@ class Searcher:
         """The Searcher of a data root's model_version (the only one published when None): `load`,
         for a script; a QueryService keeps the list of model_versions and calls `load` itself."""
         root = storage.resolved(data_dir)
-        model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+        model_version = catalog.pick_indexed(root, model_version)
         return cls.load(root, model_version, threads, precision, residency)
 
     @classmethod
@@ -118,13 +118,13 @@ class Searcher:
         return stored_vectors(self._build.knn, faiss_ids)
 
     def refresh(self) -> bool:
-        """Switch to the build CURRENT names now, if it changed; True when it did. A UserError when
-        CURRENT is gone (the model_version was removed) or names a build that cannot be read."""
+        """Switch to the build CURRENT names now, if it changed; True when it did. WithdrawnError when
+        CURRENT is gone (the model_version was removed), a UserError when it names a build that cannot be read."""
         build_id = catalog.current_build(self.root, self.model_version)
         if build_id == self._build.build_id:
             return False
         if build_id is None:
-            raise UserError(f"no index for model_version {self.model_version!r} any more; run `rayclip index`")
+            raise WithdrawnError(self.model_version)
         with self._lock:
             if build_id != self._build.build_id:
                 self._build = load_build(self.root, self.model_version, build_id, self.residency)
@@ -138,9 +138,11 @@ class Searcher:
         queries are encoded in one batch. `options` carries k, where and collapse (its
         model_version and precision are the Searcher's own, chosen at open)."""
         options = options or SearchOptions()
-        if options.collapse is not None and not -1.0 <= options.collapse <= 1.0:
+        low, high = COLLAPSE_RANGE
+        if options.collapse is not None and not low <= options.collapse <= high:
             raise UserError(
-                f"collapse threshold {options.collapse} is not a cosine; use a number from -1 to 1, e.g. 0.96"
+                f"collapse threshold {options.collapse} is not a cosine; use a number from {low} to {high},"
+                f" e.g. {DEFAULT_COLLAPSE}"
             )
         build = self._build  # one consistent build for the whole call, even if refresh() swaps it
         notes: list[list[str]] = [[] for _ in queries]

@@ -236,10 +236,10 @@ def embed(
 def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
     """Whether silver's record of the model_version names this very model (its names were checked
     when it was embedded, so a run with nothing to do need not import open_clip to check them again)."""
-    if not storage.exists(layout.silver_model_file(root, spec.model_version)):
-        return False
-    recorded = catalog.silver_model(root, spec.model_version)
-    return all(recorded.get(key) == getattr(spec, key) for key in ("name", "pretrained", "checkpoint_sha256"))
+    recorded = catalog.recorded_model(root, spec.model_version)
+    return recorded is not None and all(
+        recorded.get(key) == getattr(spec, key) for key in ("name", "pretrained", "checkpoint_sha256")
+    )
 
 
 def save_record(root: storage.Location, report: EmbedReport) -> EmbedReport:

@@ -239,7 +239,7 @@ def _build_into(
 def rollback(root: Location | str, model_version: str | None = None) -> tuple[str, str]:
     """Point CURRENT at the build before it; returns (from, to)."""
     root = storage.resolved(root)
-    model_version = catalog.pick_model_version(root, model_version, catalog.gold_model_versions(root), "index")
+    model_version = catalog.pick_indexed(root, model_version)
     current = catalog.current_build(root, model_version)
     ids = catalog.builds(root, model_version)
     earlier = [b for b in ids if current is None or b < current]

@@ -32,6 +32,7 @@ from .gold import (
     gold_model_versions,
     index_bytes,
     index_files,
+    pick_indexed,
     pick_model_version,
 )
 from .gold_files import (
@@ -47,6 +48,7 @@ from .runs import run_records
 from .silver import (
     newest_per_key,
     read_silver,
+    recorded_model,
     silver_commits,
     silver_files,
     silver_latest,
@@ -75,12 +77,14 @@ __all__ = [
     "merged_on_disk",
     "newest_per_key",
     "parquet_metadata",
+    "pick_indexed",
     "pick_model_version",
     "read_index",
     "read_manifest",
     "read_object",
     "read_parquet",
     "read_silver",
+    "recorded_model",
     "recorded_size",
     "run_records",
     "served_table_writer",

@@ -136,3 +136,8 @@ def pick_model_version(root: Location, asked: str | None, available: list[str], 
     if asked in available or (not asked and len(available) == 1):
         return asked or available[0]
     raise UnknownModelVersionError(layer, asked, available)
+
+
+def pick_indexed(root: Location, asked: str | None) -> str:
+    """pick_model_version among the model_versions with a published index."""
+    return pick_model_version(root, asked, gold_model_versions(root), "index")

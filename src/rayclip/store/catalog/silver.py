@@ -34,12 +34,18 @@ def silver_commits(root: Location, model_version: str, table: str = layout.EMBED
 
 def silver_model(root: Location, model_version: str) -> dict:
     """silver's record of the model that made a model_version's vectors (ModelSpec.to_dict())."""
-    record = layout.silver_model_file(root, model_version)
-    if not storage.exists(record):
+    recorded = recorded_model(root, model_version)
+    if recorded is None:
         raise UserError(
             f"silver for {model_version} does not say which model made it; re-embed with `rayclip embed --force`"
         )
-    return storage.read_json(record)
+    return recorded
+
+
+def recorded_model(root: Location, model_version: str) -> dict | None:
+    """silver_model's record, or None when silver has none (nothing embedded under that name yet)."""
+    record = layout.silver_model_file(root, model_version)
+    return storage.read_json(record) if storage.exists(record) else None
 
 
 def silver_files(
