@@ -149,7 +149,7 @@ def export(
     _write(root, batches, writer, report, total, progress)
     report.wall_s = round(time.monotonic() - started, 3)
     faults.point("export.finish")  # every shard written, no run record yet
-    storage.write_json_atomic(layout.run_record(layout.export_runs_dir(root), report.run_id), report.to_dict())
+    catalog.write_run_record(layout.export_runs_dir(root), report)
     return report
 
 

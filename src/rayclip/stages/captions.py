@@ -209,5 +209,5 @@ def embed_captions(
             report.score_s = round(time.monotonic() - started - report.encode_s, 3)
         debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs, as embed's commit does
     report.wall_s = round(time.monotonic() - started, 3)
-    storage.write_json_atomic(layout.run_record(layout.caption_runs_dir(root), report.run_id), report.to_dict())
+    catalog.write_run_record(layout.caption_runs_dir(root), report)
     return report

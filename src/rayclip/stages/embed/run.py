@@ -244,5 +244,5 @@ def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
 
 def save_record(root: storage.Location, report: EmbedReport) -> EmbedReport:
     """The run's record (silver/runs/<run_id>.json), written whole each time."""
-    storage.write_json_atomic(layout.embed_run_record(root, report.run_id), report.to_dict())
+    catalog.write_run_record(layout.embed_runs_dir(root), report)
     return report

@@ -107,7 +107,7 @@ class Admitter:
         self.report.failed = dict(self.failed.most_common())
         self.commit()  # what a folder left pending
         self.report.wall_s = round(time.monotonic() - started, 3)
-        storage.write_json_atomic(layout.ingest_run_record(self.root, self.report.run_id), self.report.to_dict())
+        catalog.write_run_record(layout.ingest_runs_dir(self.root), self.report)
         return self.report
 
     def admit_shard(self, shard: Location) -> None:

@@ -44,7 +44,7 @@ from .gold_files import (
     write_index,
     write_served_table,
 )
-from .runs import run_records
+from .runs import run_records, write_run_record
 from .silver import (
     newest_per_key,
     read_silver,
@@ -96,5 +96,6 @@ __all__ = [
     "vector_matrix",
     "write_index",
     "write_manifest_part",
+    "write_run_record",
     "write_served_table",
 ]
