@@ -23,7 +23,7 @@ import os, signal, sys
 from rayclip.store import layout, storage
 root, run_id = storage.data_root(sys.argv[1]), sys.argv[2]
 with storage.open_output(layout.manifest_part(root, run_id, 0, 4096)) as part:
-    with storage.open_output(layout.ingest_run_record(root, run_id)) as record:
+    with storage.open_output(layout.run_record(layout.ingest_runs_dir(root), run_id)) as record:
         part.write(b"PAR1 half a row group")
         record.write(b'{"run_id": "' + run_id.encode())
         part.flush(), record.flush()

@@ -74,7 +74,7 @@ def test_decode_tasks_give_the_actor_layouts_vectors_and_every_run_breaks_its_st
         assert run.failed_ids == [{"media_id": rotten["media_id"], "reason": catalog.CHANGED_OBJECT}]
         table = read_silver(store, run.model_version)
         vectors[where] = dict(zip(table.column("media_id").to_pylist(), table.column("embedding").to_pylist()))
-        recorded = json.loads(layout.embed_run_record(store, run.run_id).read_text())
+        recorded = json.loads(layout.run_record(layout.embed_runs_dir(store), run.run_id).read_text())
         phases = recorded["startup_breakdown"]
         assert {"plan", "ray_start", "model_build", "imports", "model_load", "first_batch"} <= set(phases)
         assert set(phases) <= set(embed.STARTUP_PHASES) and min(phases.values()) >= 0
@@ -141,7 +141,7 @@ def test_a_no_op_embed_answers_from_the_catalog_without_torch_or_ray(gold_store,
     assert document["rows_planned"] == 0 and document["rows_embedded"] == 0
     assert document["captions"]["captions_planned"] == 0 and document["captions"]["pairs_scored"] == 0
     # the same record a run with work writes, saved as always
-    saved = json.loads(layout.embed_run_record(root, document["run_id"]).read_text())
+    saved = json.loads(layout.run_record(layout.embed_runs_dir(root), document["run_id"]).read_text())
     assert saved == {key: value for key, value in document.items() if key != "captions"}
     assert saved["model_version"] == "clip_rayclip_ref_reference" and saved["precision"] in ("fp32", "bf16")
     # Nothing outside the record: the process's start until the run's clock started, and after it stopped.

@@ -73,14 +73,6 @@ def run_log(runs_dir: Location, run_id: str) -> Location:
     return runs_dir / f"{run_id}.log"
 
 
-def ingest_run_record(root: Location, run_id: str) -> Location:
-    return run_record(ingest_runs_dir(root), run_id)
-
-
-def embed_run_record(root: Location, run_id: str) -> Location:
-    return run_record(embed_runs_dir(root), run_id)
-
-
 # silver: three tables, each partitioned by model_version and dt, each committed by run records
 EMBEDDINGS = "embeddings"  # media_id, embedding, embedded_at
 CAPTIONS = "captions"  # caption_id (caption_id()), caption, embedding, embedded_at: one row per distinct caption
