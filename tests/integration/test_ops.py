@@ -129,6 +129,30 @@ def test_json_stdout_holds_the_document_alone_whatever_else_prints_there(tmp_pat
         assert line in done.stderr
 
 
+# A command run as the process's entry point, with an object that says when modules are torn down.
+TORN_DOWN = """
+import atexit, sys
+from rayclip.cli import run
+class Noted:
+    def __del__(self):
+        sys.stderr.write("modules torn down\\n")
+kept = Noted()
+atexit.register(sys.stderr.write, "exit handlers ran\\n")
+sys.argv = ["rayclip", "search", "--data-dir", sys.argv[1], "--q", "a cat"]
+run()
+"""
+
+
+def test_the_command_ends_its_process_after_the_exit_handlers_without_tearing_modules_down(tmp_path):
+    """`rayclip` ends as Python's exit would (exit handlers run: Ray's shut-down, logging's flush;
+    its exit code kept) but skips tearing every module down, seconds with torch loaded."""
+    cmd = [sys.executable, "-c", TORN_DOWN, str(tmp_path / "data")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    done = bounded.run(cmd, 120, capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "error: " in done.stderr  # a user's error: its one line, its code
+    assert "exit handlers ran" in done.stderr and "modules torn down" not in done.stderr
+
+
 def test_json_in_process_keeps_stdout_for_the_document_and_restores_it(tmp_path, capsys, monkeypatch):
     """Called as a library (main() in this process, as the tests and a notebook do), --json moves
     Python's stdout aside while the command runs, and puts it back when it returns."""
