@@ -1,7 +1,7 @@
 """Commands run with every file their processes write recorded, by Debian's strace.
 
 The environment points each place a program writes by default at an empty folder of its own (TMPDIR,
-HOME, XDG_*, RAY_TMPDIR, Python's bytecode cache, the working folder), and strace records every file
+HOME, XDG_*, RAY_TMPDIR, the working folder; Python writes no bytecode cache), and strace records every file
 any process of the run (img2dataset's workers, Ray's raylet, GCS and workers included) creates, opens
 for writing or renames to, and every folder made. Without strace the commands run unwatched.
 """
@@ -22,7 +22,7 @@ from helpers import bounded
 STRACE = shutil.which("strace")
 WATCHED = "openat,creat,mkdir,mkdirat,rename,renameat,renameat2,link,linkat,symlink,symlinkat"
 WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
-FOLDERS = ("cwd", "tmp", "home", "config", "cache", "data", "state", "ray", "pyc")
+FOLDERS = ("cwd", "tmp", "home", "config", "cache", "data", "state", "ray")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,10 @@ def _pointed_env(given: dict[str, Path]) -> dict[str, str]:
         "XDG_DATA_HOME": str(given["data"]),
         "XDG_STATE_HOME": str(given["state"]),
         "RAY_TMPDIR": str(given["ray"]),
-        "PYTHONPYCACHEPREFIX": str(given["pyc"]),
+        # Python reads the bytecode the install compiled and writes none. (A cache moved to an empty
+        # folder, $PYTHONPYCACHEPREFIX, made every process of the run compile torch, Ray and the rest
+        # from source again: about 10 s of CPU each.)
+        "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
 
