@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,16 +86,22 @@ def test_embed_driver_killed_while_ray_writes(store, ray_session, capsys):
 # ---------------------------------------------------------------- index
 
 
+@dataclass(frozen=True)
+class GoldCopy:
+    root: Path  # a copy of the gold store's data root, this test's own
+    published: str  # the build_id its CURRENT names
+
+
 @pytest.fixture
-def gold_copy(gold_store, tmp_path):
+def gold_copy(gold_store, tmp_path) -> GoldCopy:
     root = tmp_path / "data"
     shutil.copytree(gold_store.root, root)
-    return root, gold_store.build.build_id
+    return GoldCopy(root, gold_store.build.build_id)
 
 
 @pytest.mark.parametrize("point", ["index.build", "index.publish"])
 def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
-    root, published = gold_copy
+    root, published = gold_copy.root, gold_copy.published
     assert_killed(*rayclip("index", "--data-dir", str(root), kill_at=point))
 
     # Readers still get the build CURRENT named before, whole.
