@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.kills import assert_killed, rayclip
 from helpers.site import GOOD_IMAGES
-from helpers.stores import cli
+from helpers.stores import status
 
 from rayclip import Searcher
 from rayclip.stages import index
@@ -26,12 +26,6 @@ from rayclip.store import catalog, layout, storage
 from rayclip.store.storage import leases
 
 REFERENCE = "clip_rayclip_ref_reference"
-
-
-def status(root: Path, capsys) -> dict:
-    capsys.readouterr()
-    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
-    return json.loads(capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- embed
