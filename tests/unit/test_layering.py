@@ -518,3 +518,71 @@ def test_no_test_imports_conftest_or_another_test_module():
 )
 def test_the_check_sees_a_test_importing_conftest_or_a_test(source):
     assert imports_of_tests(source)
+
+
+# Fixtures: a name means one thing in the whole suite, and several things come back as a named
+# dataclass, not a tuple read by position.
+def _is_fixture(decorator: ast.AST) -> bool:
+    return _dotted(decorator.func if isinstance(decorator, ast.Call) else decorator).endswith("fixture")
+
+
+def fixture_names(source: str) -> set[str]:
+    """The fixtures a source defines, by the name tests ask for (`name=` when given)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for d in filter(_is_fixture, node.decorator_list):
+                given = [k.value.value for k in getattr(d, "keywords", []) if k.arg == "name"]
+                names.add(given[0] if given else node.name)
+    return names
+
+
+def _own_nodes(function: ast.AST):
+    """A function's nodes, not those of the functions defined inside it."""
+    for child in ast.iter_child_nodes(function):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield child
+            yield from _own_nodes(child)
+
+
+def tuple_fixtures(source: str) -> set[str]:
+    """The fixtures of a source that return or yield a tuple written as one (`return root, build`)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(map(_is_fixture, node.decorator_list)):
+            if any(isinstance(n, (ast.Return, ast.Yield)) and isinstance(n.value, ast.Tuple) for n in _own_nodes(node)):
+                found.add(node.name)
+    return found
+
+
+def test_each_fixture_name_is_defined_once_and_no_fixture_hands_out_a_tuple():
+    defined, tuples = {}, {}
+    for path in sorted(TESTS.rglob("*.py")):
+        source, where = path.read_text(encoding="utf-8"), path.relative_to(TESTS).as_posix()
+        for name in fixture_names(source):
+            defined.setdefault(name, []).append(where)
+        if found := tuple_fixtures(source):
+            tuples[where] = sorted(found)
+    assert {name: files for name, files in defined.items() if len(files) > 1} == {}
+    assert tuples == {}
+
+
+def test_the_fixture_checks_see_a_name_and_a_tuple():
+    source = """
+import pytest
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    def helper():
+        return 1, 2  # a helper's tuple is not the fixture's
+    return helper(), 3
+@pytest.fixture(name="renamed")
+def _yields(tmp_path):
+    yield tmp_path, 1
+@fixture
+def single(tmp_path):
+    return tmp_path
+def not_a_fixture():
+    return 1, 2
+"""
+    assert fixture_names(source) == {"pair", "renamed", "single"}
+    assert tuple_fixtures(source) == {"pair", "_yields"}
