@@ -83,7 +83,10 @@ PATH_TAKING = {
     "faiss.write_index": (1, None),
     "faiss.read_index": (0, None),
     "tarfile.open": (0, "name"),
+    "zipfile.ZipFile": (0, "file"),
     "PIL.Image.open": (0, "fp"),
+    "torch.save": (1, "f"),
+    "torch.load": (0, "f"),
 }
 # What makes a file object, the only thing a PATH_TAKING call may be handed instead of a path:
 # storage's openers (by their last two name parts, however storage was imported) and io's buffers.
@@ -116,7 +119,6 @@ FORBIDDEN_METHODS = {
 }
 # Path.replace is pathlib's atomic rename. str.replace takes two arguments and datetime.replace
 # keywords, so a .replace is a path's when it takes one positional argument, or is called on Path.
-RENAMES = "replace"
 PATH_CLASSES = {"pathlib.Path", "pathlib.PurePath", "Path"}
 # Receivers whose methods above are not a path's: storage's API, rayclip's Searcher.open.
 NOT_PATHS = {"storage", "Searcher"}
@@ -224,7 +226,7 @@ def _path_method(call: ast.Call, names: dict[str, str]) -> str | None:
     method, receiver = call.func.attr, _dotted(call.func.value)
     if receiver in NOT_PATHS:
         return None
-    if method == RENAMES:
+    if method == "replace":  # see PATH_CLASSES
         on_path = _full_name(receiver, names) in PATH_CLASSES or (len(call.args) == 1 and not call.keywords)
         return f".{method}" if on_path else None
     return f".{method}" if method in FORBIDDEN_METHODS else None
@@ -326,6 +328,7 @@ LEAKS = {
     "np.memmap(path)": ("import numpy as np\ndef f(p):\n    np.memmap(p, mode='r')", "numpy.memmap()"),
     "np.fromfile(path)": ("import numpy as np\ndef f(p):\n    np.fromfile(p)", "numpy.fromfile()"),
     "pa.memory_map(path)": ("import pyarrow as pa\ndef f(p):\n    pa.memory_map(p)", "pyarrow.memory_map()"),
+    "torch.save(path)": ("def f(m, p):\n    import torch\n    torch.save(m.state_dict(), p)", "torch.save()"),
     "os.lstat": ("import os\ndef f(p):\n    os.lstat(p)", "os.lstat()"),
     "os.path.getmtime": ("import os\ndef f(p):\n    os.path.getmtime(p)", "os.path.getmtime()"),
     "os.path.getctime": ("from os import path\ndef f(p):\n    path.getctime(p)", "os.path.getctime()"),
