@@ -1,5 +1,6 @@
-"""The floors hold: only src/rayclip/store/ touches a filesystem, stages never import each other, and
-no test module imports conftest or another test module.
+"""The floors hold: only src/rayclip/store/ touches a filesystem, stages never import each other, no
+test module imports conftest or another test module, and each fixture name is defined once and hands
+out a named type, not a tuple.
 
 Read from the source (AST), nothing run. A filesystem use outside the store floor is one of the
 honest exceptions below, each named with why; anything else is a leak (route it through storage).
