@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,15 +36,10 @@ from rayclip.store import layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers.index_forms import sharded_copy  # noqa: E402 - the same index built again with --shards 2
+from helpers.ports import free_port  # noqa: E402
 
 QUERIES = [f"a photo of item {i}, number {i % 97} in a series" for i in range(50)]
 SERVE = "import sys; from rayclip.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -167,7 +167,7 @@ def s3_server():
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    proxy = ThrottlingProxy(port, server.get_host_and_port()).start()
+    proxy = ThrottlingProxy(port, server.get_host_and_port())
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
     yield proxy
     proxy.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from rayclip.stages import index
@@ -46,6 +47,22 @@ def sharded_copy(root: Path, copy: Path, model_version: str, build_id: str, shar
 def ondisk_copy(root: Path, copy: Path, model_version: str, build_id: str) -> Path:
     """A copy of a data root whose CURRENT is the same index merged on disk (index.faiss + index.ivfdata)."""
     return rebuilt_copy(root, copy, model_version, build_id, on_disk=True)
+
+
+@dataclass(frozen=True)
+class WholeAndSharded:
+    """A small IVF build, and the same index kept in 2 shards in a copy of its data root."""
+
+    root: Path  # the data root whose CURRENT build is one index
+    sharded_root: Path  # a copy of it whose CURRENT is the same index in 2 shards
+    report: object  # rayclip.stages.index.BuildReport of the build in `root`
+
+
+def whole_and_sharded(folder: Path, index_type: str = "IVF64,Flat") -> WholeAndSharded:
+    """a_build in folder/data, and its sharded_copy in folder/sharded."""
+    root = folder / "data"
+    report = a_build(root, index_type=index_type)
+    return WholeAndSharded(root, sharded_copy(root, folder / "sharded", report.model_version, report.build_id), report)
 
 
 def a_build(root: Path, n: int = 4000, index_type: str = "IVF64,Flat"):

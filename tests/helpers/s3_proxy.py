@@ -23,6 +23,8 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 
+from helpers import loopback
+
 S3_BUCKET = "rayclip-test"  # the one bucket on the tests' S3 server (conftest's s3_server)
 # What S3 answers when it sheds load, and when it fails inside.
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
@@ -53,7 +55,8 @@ def _error_body(code: str, message: str, path: str) -> bytes:
 
 
 class ThrottlingProxy:
-    """Listens on `port` of 127.0.0.1 and forwards to `upstream` (host, port), spoiling some requests."""
+    """Listens on `port` of 127.0.0.1 from its creation until stop(), and forwards to `upstream`
+    (host, port), spoiling some requests."""
 
     def __init__(self, port: int, upstream: tuple[str, int], seed: int = 0) -> None:
         self.upstream = upstream
@@ -83,13 +86,7 @@ class ThrottlingProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD  # noqa: N815
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="s3-proxy", daemon=True)
-
-    def start(self) -> ThrottlingProxy:
-        self.thread.start()
-        return self
+        self.server = loopback.start(Handler, port)
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -12,6 +12,7 @@ from rayclip import model
 from rayclip.store import catalog, layout, silver
 
 REFERENCE_DIM = 128
+FILLED_DAY = "2026-01-02"  # the silver partition fill() writes
 
 
 @functools.cache
@@ -73,3 +74,13 @@ def write_manifest(root: Path, ids: list[str], seed: int = 0) -> pa.Table:
     )
     catalog.write_manifest_part(root, layout.new_run_id(), seed, table)
     return table
+
+
+def fill(root, rows: int, prefix: str = "") -> list[str]:
+    """The same silver on any root (local or a store): `rows` made-up vectors around fixed centres in
+    one committed file of FILLED_DAY, and a manifest part naming them. `prefix` gives other media_ids
+    (and points); returns the media_ids."""
+    ids = media_ids(rows, prefix)
+    write_silver(root, FILLED_DAY, ids, clustered(rows, seed=len(prefix)))
+    write_manifest(root, ids, seed=len(prefix))
+    return ids

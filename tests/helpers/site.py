@@ -10,6 +10,7 @@ import struct
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,17 @@ def serve(folder: Path):
         yield loopback.url(server)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out set served on loopback, and the (empty) data root a test ingests it into."""
+
+    metadata: Path  # LAION-style Parquet: the images' URLs on the loopback site, and their captions
+    root: Path
+
+
 @contextlib.contextmanager
-def held_out_site(folder: Path, count: int, seed: int):
-    """`count` captioned JPEGs (a seed training never used) served on loopback: (LAION metadata, data root)."""
+def held_out_site(folder: Path, count: int, seed: int) -> Iterator[HeldOut]:
+    """`count` captioned JPEGs (a seed training never used) served on loopback."""
     images = synthetic.write_images(folder / "site", count, seed=seed)
     with synthetic.serve_folder(folder / "site") as base:
-        yield synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data"
+        yield HeldOut(synthetic.write_metadata(images, base, folder / "meta.parquet"), folder / "data")

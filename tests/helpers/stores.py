@@ -3,6 +3,8 @@ every committed silver row, and open_clip's own vectors to hold silver against."
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +82,23 @@ def a_media(root) -> dict:
     from rayclip.store import catalog
 
     return catalog.read_manifest(root).to_pylist()[0]
+
+
+def status(root, capsys) -> dict:
+    """`rayclip status --json` on a data root (local or a store), read back from the test's capsys."""
+    from rayclip.store import storage
+
+    capsys.readouterr()
+    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def copy_in(source: Path, root, keep: Callable[[str], bool] = lambda relative: True) -> None:
+    """The files of a local data root (those `keep` takes, by relative path) copied byte for byte into
+    `root`, local or on a store."""
+    from rayclip.store import storage
+
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source).as_posix()
+        if path.is_file() and keep(relative):
+            storage.write_atomic(root / relative, path.read_bytes())

@@ -11,6 +11,7 @@ import json
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,14 @@ def test_clip_client_embedding_body_equals_image_upload(gold_client, gold_store,
     assert theirs(got) == ours(expected.json()["results"])
 
 
+@dataclass(frozen=True)
+class FourCopies:
+    client: TestClient  # the app over a flat build of the vectors
+    bases: np.ndarray  # the 12 unrelated vectors: faiss_ids g, g+12, g+24, g+36 are near-copies of base g
+
+
 @pytest.fixture(scope="module")
-def near_duplicates(tmp_path_factory):
+def four_copies_of_twelve(tmp_path_factory) -> FourCopies:
     """Made-up vectors: 12 unrelated ones, each with 3 near-copies (cosine about 0.99)."""
     rng = np.random.default_rng(5)
     bases = normalised(rng.standard_normal((12, 128)))
@@ -146,12 +153,12 @@ def near_duplicates(tmp_path_factory):
     root = tmp_path_factory.mktemp("dups") / "data"
     write_silver(root, "2026-01-01", media_ids(len(vectors)), vectors)
     index.build(root)
-    return TestClient(create_app(root)), bases
+    return FourCopies(TestClient(create_app(root)), bases)
 
 
 @pytest.mark.parametrize("deduplicate", [False, True])
-def test_clip_client_deduplicate_folds_near_duplicates(near_duplicates, deduplicate):
-    client, bases = near_duplicates
+def test_clip_client_deduplicate_folds_near_duplicates(four_copies_of_twelve, deduplicate):
+    client, bases = four_copies_of_twelve.client, four_copies_of_twelve.bases
     query = normalised((bases[0] + 0.5 * bases[1])[None])[0].tolist()
     body = clip_client_body(MODEL_VERSION, num_images=4, deduplicate=deduplicate, embedding_input=query)
     got = knn(client, body).json()

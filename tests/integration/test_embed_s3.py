@@ -19,7 +19,7 @@ import pytest
 from helpers import bounded
 from helpers.silver import media_ids, write_manifest, write_silver
 from helpers.site import GOOD_IMAGES
-from helpers.stores import read_silver
+from helpers.stores import copy_in, read_silver
 
 from rayclip.stages import embed
 from rayclip.store import catalog, layout, storage
@@ -31,9 +31,7 @@ DAY = "2026-01-01"
 @pytest.fixture
 def s3_store(ingested, s3_root):
     """The ingested local data root copied, byte for byte, into a fresh S3 root."""
-    for path in ingested.rglob("*"):
-        if path.is_file():
-            storage.write_atomic(s3_root / path.relative_to(ingested).as_posix(), path.read_bytes())
+    copy_in(ingested, s3_root)
     return s3_root
 
 

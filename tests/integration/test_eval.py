@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
-from helpers.site import held_out_site
+from helpers.site import HeldOut, held_out_site
 from helpers.stores import cli
 
 from rayclip import Searcher, UserError
@@ -15,7 +16,8 @@ HELD_OUT_SEED = 4321  # training renders with seed 0; the demo uses 1234
 
 
 @pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
+def recall_held_out(tmp_path_factory) -> Iterator[HeldOut]:
+    """500 held-out images: enough queries for recall@5 to tell the reference model from chance."""
     with held_out_site(tmp_path_factory.mktemp("heldout"), 500, HELD_OUT_SEED) as site:
         yield site
 
@@ -28,8 +30,8 @@ def run_eval(metadata, root, *model_args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_reference_model_clears_the_recall_bar_and_random_init_stays_near_chance(held_out, ray_session):
-    metadata, root = held_out
+def test_reference_model_clears_the_recall_bar_and_random_init_stays_near_chance(recall_held_out, ray_session):
+    metadata, root = recall_held_out.metadata, recall_held_out.root
     reference = run_eval(metadata, root, "--pretrained", "reference")
     assert reference["model_version"] == "clip_rayclip_ref_reference"
     assert reference["images"] == 500 and reference["queries"] > 300

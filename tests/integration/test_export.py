@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import tarfile
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,15 +38,15 @@ def _tar_samples(tar_path) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def gold(gold_store, tmp_path_factory):
+def export_gold(gold_store, tmp_path_factory) -> Path:
     """A private copy of the shared gold store: an export writes its run record into the data root."""
     root = tmp_path_factory.mktemp("export") / "data"
     shutil.copytree(gold_store.root, root)
     return root
 
 
-def test_a_query_and_a_filter_export_as_webdataset_and_ingest_back_to_the_same_media_ids(gold, site, tmp_path):
-    root = gold
+def test_a_query_and_a_filter_export_as_webdataset_and_ingest_back_to_the_same_media_ids(export_gold, site, tmp_path):
+    root = export_gold
     caption = site.images.column("caption")[3].as_py()
     report = export.export(root, tmp_path / "q", [Term("text", caption)], k=5, samples_per_shard=2)
     assert (report.selected, report.exported, report.shards, report.failed) == (5, 5, 3, {})
@@ -78,8 +79,8 @@ def test_a_query_and_a_filter_export_as_webdataset_and_ingest_back_to_the_same_m
     assert _pairs(tmp_path / "back2") == {p for p in _pairs(root) if p[0] in {m for m, _, _ in kept}}
 
 
-def test_parquet_and_folder_formats_carry_the_bytes_and_read_back_as_img2dataset_output(gold, tmp_path):
-    root = gold
+def test_parquet_and_folder_formats_carry_the_bytes_and_read_back_as_img2dataset_output(export_gold, tmp_path):
+    root = export_gold
     kept = sorted(_pairs(root))[:4]
     where = "media_id IN (" + ", ".join(f"'{m}'" for m, _, _ in kept) + ")"
     expected = {p for p in _pairs(root) if p[0] in {m for m, _, _ in kept}}
@@ -97,8 +98,8 @@ def test_parquet_and_folder_formats_carry_the_bytes_and_read_back_as_img2dataset
         export.export(root, tmp_path / "folder", where=where)
 
 
-def test_an_export_to_an_object_store_ingests_back_from_it(gold, s3_server, tmp_path):
-    root = gold
+def test_an_export_to_an_object_store_ingests_back_from_it(export_gold, s3_server, tmp_path):
+    root = export_gold
     kept = sorted(_pairs(root))[:3]
     where = "media_id IN (" + ", ".join(f"'{m}'" for m, _, _ in kept) + ")"
     target = f"s3://{S3_BUCKET}/exports/{tmp_path.name}"
@@ -108,8 +109,8 @@ def test_an_export_to_an_object_store_ingests_back_from_it(gold, s3_server, tmp_
     assert {m for m, _, _ in _pairs(tmp_path / "back")} == {m for m, _, _ in kept}
 
 
-def test_cli_exports_20_query_results_and_ingests_them_into_a_fresh_root(gold, site, tmp_path, monkeypatch):
-    root = gold
+def test_cli_exports_20_query_results_and_ingests_them_into_a_fresh_root(export_gold, site, tmp_path, monkeypatch):
+    root = export_gold
     caption = site.images.column("caption")[0].as_py()
     shards = tmp_path / "shards"
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.kills import assert_killed, rayclip
 from helpers.site import GOOD_IMAGES
-from helpers.stores import cli
+from helpers.stores import status
 
 from rayclip import Searcher
 from rayclip.stages import index
@@ -25,12 +26,6 @@ from rayclip.store import catalog, layout, storage
 from rayclip.store.storage import leases
 
 REFERENCE = "clip_rayclip_ref_reference"
-
-
-def status(root: Path, capsys) -> dict:
-    capsys.readouterr()
-    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
-    return json.loads(capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- embed
@@ -85,16 +80,22 @@ def test_embed_driver_killed_while_ray_writes(store, ray_session, capsys):
 # ---------------------------------------------------------------- index
 
 
+@dataclass(frozen=True)
+class GoldCopy:
+    root: Path  # a copy of the gold store's data root, this test's own
+    published: str  # the build_id its CURRENT names
+
+
 @pytest.fixture
-def gold_copy(gold_store, tmp_path):
+def gold_copy(gold_store, tmp_path) -> GoldCopy:
     root = tmp_path / "data"
     shutil.copytree(gold_store.root, root)
-    return root, gold_store.build.build_id
+    return GoldCopy(root, gold_store.build.build_id)
 
 
 @pytest.mark.parametrize("point", ["index.build", "index.publish"])
 def test_index_killed_during_build_and_before_current(gold_copy, capsys, point):
-    root, published = gold_copy
+    root, published = gold_copy.root, gold_copy.published
     assert_killed(*rayclip("index", "--data-dir", str(root), kill_at=point))
 
     # Readers still get the build CURRENT named before, whole.

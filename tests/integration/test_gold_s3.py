@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from helpers.kills import assert_killed, rayclip
-from helpers.silver import clustered, media_ids, reference_spec, write_manifest, write_silver
+from helpers.silver import FILLED_DAY, clustered, fill, reference_spec
 from helpers.stores import cli
 
 from rayclip import Searcher
@@ -23,15 +23,6 @@ from rayclip.store.catalog import BuildInfo
 from rayclip.store.storage import files, leases
 
 ROWS = 400
-DAY = "2026-01-02"
-
-
-def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
-    """The same silver file (and manifest rows) on any root: made-up vectors around fixed centres."""
-    ids = media_ids(rows, prefix)
-    write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)))
-    write_manifest(root, ids, seed=len(prefix))
-    return ids
 
 
 def hits(results) -> list[list[tuple[str, float]]]:
@@ -70,7 +61,7 @@ def test_index_and_search_on_s3_equal_the_same_silver_locally_and_touch_no_local
 ):
     local = storage.data_root(tmp_path / "local")
     for root in (local, s3_root):
-        fill(root)
+        fill(root, ROWS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -105,7 +96,7 @@ def test_index_and_search_on_s3_equal_the_same_silver_locally_and_touch_no_local
 
 
 def test_a_second_open_on_the_same_build_reads_only_current_from_the_store(s3_root, cache, mv, monkeypatch):
-    fill(s3_root)
+    fill(s3_root, ROWS)
     built = index.build(s3_root)
     reads = remote_reads(monkeypatch)
 
@@ -121,7 +112,7 @@ def test_a_second_open_on_the_same_build_reads_only_current_from_the_store(s3_ro
 
 @pytest.mark.parametrize("point", ["index.build", "index.publish"])
 def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, monkeypatch, capsys, point):
-    fill(s3_root)
+    fill(s3_root, ROWS)
     published = index.build(s3_root).build_id
     fill(s3_root, 50, prefix="new")
     assert_killed(*rayclip("index", "--data-dir", storage.uri(s3_root), kill_at=point, timeout=120))
@@ -148,7 +139,7 @@ def test_index_killed_on_s3_leaves_current_on_the_old_build(s3_root, cache, mv, 
 
 
 def test_gc_on_s3_sweeps_a_dead_build_folder_and_keeps_the_builds(s3_root, cache, mv, capsys):
-    fill(s3_root)
+    fill(s3_root, ROWS)
     published = index.build(s3_root).build_id
     dead = layout.build_dir(s3_root, mv, layout.new_run_id())
     storage.write_atomic(layout.index_file(dead), b"half an index")  # no build.json, no lease: a dead build
@@ -163,7 +154,7 @@ def test_gc_on_s3_sweeps_a_dead_build_folder_and_keeps_the_builds(s3_root, cache
 
 
 def test_index_search_and_status_commands_on_s3(s3_root, cache, mv, capsys):
-    fill(s3_root)
+    fill(s3_root, ROWS)
     uri = storage.uri(s3_root)
     assert cli("index", "--data-dir", uri) == 0
     assert "published build" in capsys.readouterr().out
@@ -178,7 +169,7 @@ def test_index_search_and_status_commands_on_s3(s3_root, cache, mv, capsys):
     [built] = catalog.builds(s3_root, mv)
     assert info["data_dir"] == uri
     assert info["bronze"]["manifest_rows"] == ROWS
-    assert info["silver"] == [{"model_version": mv, "dt": DAY, "files": 1, "rows": ROWS}]
+    assert info["silver"] == [{"model_version": mv, "dt": FILLED_DAY, "files": 1, "rows": ROWS}]
     [gold] = info["gold"]
     assert gold["build_id"] == built and gold["current"] and gold["count"] == ROWS
     assert gold["index_bytes"] == storage.size(layout.index_file(layout.build_dir(s3_root, mv, built)))
@@ -197,7 +188,7 @@ def noise_png(side: int = 700) -> bytes:
 
 
 def test_serve_on_s3_searches_streams_images_and_follows_current(s3_root, cache, mv):
-    fill(s3_root)
+    fill(s3_root, ROWS)
     first = index.build(s3_root)
     picture = noise_png()
     assert len(picture) > storage.CHUNK_BYTES
@@ -234,7 +225,7 @@ def test_build_info_reads_the_first_builds_shape_and_keeps_keys_it_does_not_know
         "count": 3,
         "duplicates_dropped": 0,
         "created_at": "2026-01-01T00:00:00+00:00",
-        "source_partitions": [f"dt={DAY}"],
+        "source_partitions": [f"dt={FILLED_DAY}"],
         "source_files": 1,
         "timings": {"build_s": 0.1, "total_s": 0.2},
         "from_a_later_version": {"x": 1},
@@ -247,7 +238,7 @@ def test_build_info_reads_the_first_builds_shape_and_keeps_keys_it_does_not_know
     info.write(s3_root / "again.json")
     assert storage.read_json(s3_root / "again.json").items() >= first_shape.items()
 
-    fill(s3_root)
+    fill(s3_root, ROWS)
     built = index.build(s3_root)
     written = storage.read_json(layout.build_info_file(layout.build_dir(s3_root, mv, built.build_id)))
     assert catalog.build_info(s3_root, mv, built.build_id).to_dict() == written and "extra" not in written

@@ -4,6 +4,8 @@ no local disk used (the kill points on both stores: test_kill_points.py)."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,24 +17,30 @@ from helpers.stores import run_ingest
 from rayclip.store import catalog, storage
 
 
+@dataclass(frozen=True)
+class LocalDirs:
+    scratch: Path  # what TMPDIR names
+    cwd: Path  # the working directory
+
+
 @pytest.fixture
-def empty_local_dirs(tmp_path, monkeypatch):
+def empty_local_dirs(tmp_path, monkeypatch) -> LocalDirs:
     """TMPDIR and the working directory pointed at empty folders, to prove nothing lands on local disk."""
-    scratch, cwd = tmp_path / "tmpdir", tmp_path / "cwd"
-    scratch.mkdir()
-    cwd.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
+    dirs = LocalDirs(tmp_path / "tmpdir", tmp_path / "cwd")
+    dirs.scratch.mkdir()
+    dirs.cwd.mkdir()
+    monkeypatch.setenv("TMPDIR", str(dirs.scratch))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    monkeypatch.chdir(cwd)
-    return scratch, cwd
+    monkeypatch.chdir(dirs.cwd)
+    return dirs
 
 
-def assert_no_local_files(scratch, cwd) -> None:
+def assert_no_local_files(dirs: LocalDirs) -> None:
     """Not one file under TMPDIR or the working directory; wandb (imported by img2dataset) makes its
     empty temporary folders at import, the only thing allowed there."""
-    assert [p for p in scratch.rglob("*") if p.is_file()] == []
-    assert all("wandb" in p.name for p in scratch.iterdir())
-    assert list(cwd.iterdir()) == []
+    assert [p for p in dirs.scratch.rglob("*") if p.is_file()] == []
+    assert all("wandb" in p.name for p in dirs.scratch.iterdir())
+    assert list(dirs.cwd.iterdir()) == []
 
 
 def test_same_bytes_from_many_urls_make_one_object(s3_root, site, tmp_path):
@@ -91,7 +99,7 @@ def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):
     assert rows[names[-1]]["url"] == f"{folder}/nested/{names[-1]}"  # where the bytes came from
     check_objects(s3_root)
     assert (ingest.ingest_folder(s3_root, folder).stored, len(objects(s3_root))) == (0, 4)
-    assert_no_local_files(*empty_local_dirs)
+    assert_no_local_files(empty_local_dirs)
 
 
 def test_distributor_ray_downloads_through_ray_tasks(ray_session, s3_root, good_metadata, monkeypatch):

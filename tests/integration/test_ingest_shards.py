@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,8 +24,14 @@ from rayclip.store.shards.read import expand_braces
 GOOD = 6  # good images of the site in the img2dataset run, besides three that fail
 
 
+@dataclass(frozen=True)
+class Img2datasetOutput:
+    folder: Path  # img2dataset's output folder: 00000.tar .. 00002.tar with their Parquet and stats
+    expected: dict[str, tuple[str, str]]  # media_id (sha256 of the bytes) -> (url, caption) of each good image
+
+
 @pytest.fixture(scope="module")
-def img2dataset_output(site, tmp_path_factory):
+def img2dataset_output(site, tmp_path_factory) -> Img2datasetOutput:
     """Real img2dataset (output_format="webdataset", originals kept) over 6 good and 3 bad URLs, 4 per shard."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' update check: no network
     from img2dataset import download
@@ -50,7 +58,8 @@ def img2dataset_output(site, tmp_path_factory):
         enable_wandb=False,
     )
     good = zip(names[:GOOD], urls, captions)
-    return folder / "out", {hashlib.sha256((site.folder / n).read_bytes()).hexdigest(): (u, c) for n, u, c in good}
+    expected = {hashlib.sha256((site.folder / n).read_bytes()).hexdigest(): (u, c) for n, u, c in good}
+    return Img2datasetOutput(folder / "out", expected)
 
 
 def _stored(root) -> dict[str, tuple[str, str]]:
@@ -59,7 +68,7 @@ def _stored(root) -> dict[str, tuple[str, str]]:
 
 
 def test_img2dataset_webdataset_output_ingests_without_a_download(site, img2dataset_output, tmp_path):
-    out, expected = img2dataset_output
+    out, expected = img2dataset_output.folder, img2dataset_output.expected
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     before = sum(site.requests.values())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.kills import assert_killed, rayclip
 from helpers.site import GOOD_IMAGES
-from helpers.stores import cli, run_ingest
+from helpers.stores import cli, copy_in, run_ingest, status
 
 from rayclip import export, model
 from rayclip.stages import captions, embed, ingest
@@ -36,20 +35,6 @@ DAY = "2026-01-01"
 def empty_root(request, tmp_path):
     """A fresh, empty data root on each store."""
     return tmp_path / "data" if request.param == "local" else request.getfixturevalue("s3_root")
-
-
-def copy_in(source: Path, root, keep=lambda relative: True) -> None:
-    """The files of a local data root (those `keep` takes, by relative path) copied byte for byte into `root`."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source).as_posix()
-        if path.is_file() and keep(relative):
-            storage.write_atomic(root / relative, path.read_bytes())
-
-
-def status(root, capsys) -> dict:
-    capsys.readouterr()
-    assert cli("status", "--data-dir", storage.uri(root), "--json") == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def debris_after_kill(root, capsys, monkeypatch) -> list[str]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from helpers.site import held_out_site
+from helpers.site import HeldOut, held_out_site
 from helpers.stores import read_silver, run_ingest
 
 from rayclip import Searcher, UserError, model
@@ -59,15 +60,16 @@ def test_repeated_text_queries_come_from_the_cache(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
+def precision_held_out(tmp_path_factory) -> Iterator[HeldOut]:
+    """300 held-out images, embedded here at fp32 and at bf16 into its own data root."""
     with held_out_site(tmp_path_factory.mktemp("precision"), 300, HELD_OUT_SEED) as site:
         yield site
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two embeds, two builds and two evals of 300 images
-def test_bf16_vectors_match_fp32_say_so_and_keep_recall_within_a_point(held_out, ray_session):
-    metadata, root = held_out
+def test_bf16_vectors_match_fp32_say_so_and_keep_recall_within_a_point(precision_held_out, ray_session):
+    metadata, root = precision_held_out.metadata, precision_held_out.root
     run_ingest(root, metadata)
     measured = {}
     for precision in ("fp32", "bf16"):

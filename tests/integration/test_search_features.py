@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +17,16 @@ from rayclip.stages import index
 from rayclip.store import catalog
 
 
+@dataclass(frozen=True)
+class CopyGroups:
+    searcher: Searcher  # over a flat build of the groups' vectors, scattered
+    bases: np.ndarray  # the 40 unrelated vectors, one per group
+    group_of: dict[str, int]  # media_id -> the group (the base) its vector copies
+    copies: list[int]  # near-copies of each base besides itself
+
+
 @pytest.fixture(scope="module")
-def near_duplicates(tmp_path_factory):
+def copy_groups(tmp_path_factory) -> CopyGroups:
     """40 unrelated vectors; vector i has i % 4 near-copies (cosine ~0.99), vector 0 has 30."""
     rng = np.random.default_rng(3)
     bases = normalised(rng.standard_normal((40, 128)))
@@ -32,11 +42,12 @@ def near_duplicates(tmp_path_factory):
     write_silver(root, "2026-01-01", ids, np.asarray(vectors)[order])
     index.build(root)
     group_of = dict(zip(ids, np.asarray(group)[order]))
-    return Searcher.open(root), bases, group_of, copies
+    return CopyGroups(Searcher.open(root), bases, group_of, copies)
 
 
-def test_collapse_returns_k_distinct_groups_with_folded_counts(near_duplicates):
-    searcher, bases, group_of, copies = near_duplicates
+def test_collapse_returns_k_distinct_groups_with_folded_counts(copy_groups):
+    searcher, bases = copy_groups.searcher, copy_groups.bases
+    group_of, copies = copy_groups.group_of, copy_groups.copies
     query = normalised((bases[0] + 0.6 * bases[5] + 0.5 * bases[9])[None])
     plain = searcher.search_vectors(query, k=8)[0]
     assert [group_of[r.media_id] for r in plain] == [0] * 8 and all(r.duplicates == 0 for r in plain)
@@ -57,24 +68,32 @@ def test_collapse_returns_k_distinct_groups_with_folded_counts(near_duplicates):
     assert folded[0].to_dict()["duplicates"] == copies[0]
 
 
-def test_collapse_threshold_one_folds_nothing_but_exact_copies(near_duplicates):
-    searcher, bases, group_of, _ = near_duplicates
+def test_collapse_threshold_one_folds_nothing_but_exact_copies(copy_groups):
+    searcher, bases, group_of = copy_groups.searcher, copy_groups.bases, copy_groups.group_of
     results = searcher.search_vectors(bases[:1], k=5, collapse=1.0)[0]
     assert [group_of[r.media_id] for r in results] == [0] * 5 and all(r.duplicates == 0 for r in results)
 
 
-def test_bad_collapse_threshold_is_a_user_error(near_duplicates):
+def test_bad_collapse_threshold_is_a_user_error(copy_groups):
     from rayclip import UserError
 
     with pytest.raises(UserError, match="not a cosine"):
-        near_duplicates[0].search_vectors(near_duplicates[1][:1], k=3, collapse=1.5)
+        copy_groups.searcher.search_vectors(copy_groups.bases[:1], k=3, collapse=1.5)
 
 
 # ---------------------------------------------------------------- filters
 
 
+@dataclass(frozen=True)
+class Described:
+    root: Path  # the data root of a flat build of the vectors
+    searcher: Searcher  # over that build
+    vectors: np.ndarray  # row i is media_ids(3000)[i]'s vector
+    manifest: object  # pyarrow.Table: the manifest rows written, in the vectors' order
+
+
 @pytest.fixture(scope="module")
-def described(tmp_path_factory):
+def described(tmp_path_factory) -> Described:
     """3,000 clustered vectors whose manifest rows carry widths, captions, sources and times."""
     root = tmp_path_factory.mktemp("filters") / "data"
     ids = media_ids(3000)
@@ -82,7 +101,7 @@ def described(tmp_path_factory):
     write_silver(root, "2026-01-01", ids, vectors)
     manifest = write_manifest(root, ids)
     index.build(root)
-    return root, Searcher.open(root), vectors, manifest
+    return Described(root, Searcher.open(root), vectors, manifest)
 
 
 def brute_force_filtered(vectors, manifest, query, keep, k):
@@ -106,7 +125,7 @@ def brute_force_filtered(vectors, manifest, query, keep, k):
     ],
 )
 def test_filter_returns_the_brute_force_top_k_among_matching_rows(described, where, keep):
-    root, searcher, vectors, manifest = described
+    searcher, vectors, manifest = described.searcher, described.vectors, described.manifest
     queries = clustered(5, 32, seed=4)
     for query, results in zip(queries, searcher.search_vectors(queries, k=10, where=where)):
         expected = brute_force_filtered(vectors, manifest, query, keep, 10)
@@ -120,11 +139,11 @@ def test_filter_on_an_ivf_index_still_returns_k(described, tmp_path, monkeypatch
     monkeypatch.setattr(ann.choice, "FLAT_BELOW", 500)
     monkeypatch.setattr(ann.choice, "HNSW_BELOW", 1000)
     root = tmp_path / "data"
-    shutil.copytree(described[0], root)
+    shutil.copytree(described.root, root)
     report = index.build(root, retrain=True, target_recall=0.9)
     assert report.index_type.startswith("IVF")
     searcher = Searcher.open(root)
-    _, _, vectors, manifest = described
+    vectors, manifest = described.vectors, described.manifest
     where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows, spread over every list
     keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
     for query in clustered(5, 32, seed=4):
@@ -144,11 +163,11 @@ def test_filter_on_an_hnsw_index_returns_the_exact_k_past_the_graph_walk(describ
     from rayclip.store import layout
 
     root = tmp_path / "data"
-    shutil.copytree(described[0], root)
+    shutil.copytree(described.root, root)
     report = index.build(root, index_type="HNSW32", retrain=True)
     assert report.index_type == "HNSW32" and "efSearch" in report.search_params
     searcher = Searcher.open(root)
-    _, _, vectors, manifest = described
+    vectors, manifest = described.vectors, described.manifest
     where = "width > 1000 AND caption LIKE '%bird%'"  # under 1% of the rows
     keep = lambda r: r["width"] > 1000 and "bird" in r["caption"]  # noqa: E731
     row_of = {r["media_id"]: r for r in manifest.to_pylist()}
@@ -183,7 +202,7 @@ def keep_row(manifest, media_id, keep) -> bool:
 def test_malformed_filter_is_one_line(described, where, capsys):
     from helpers.stores import cli
 
-    root, searcher, _, manifest = described
+    root, searcher, manifest = described.root, described.searcher, described.manifest
     with pytest.raises(UserError, match="bad filter"):
         searcher.search_vectors(clustered(1, 32), k=3, where=where)
     like = manifest.column("media_id")[0].as_py()
@@ -197,8 +216,8 @@ def test_filter_collapse_and_combined_terms_over_http(described):
 
     from rayclip.http.app import create_app
 
-    root, searcher, vectors, manifest = described
-    client = TestClient(create_app(root))
+    vectors, manifest = described.vectors, described.manifest
+    client = TestClient(create_app(described.root))
     first, second = manifest.column("media_id")[0].as_py(), manifest.column("media_id")[1].as_py()
     where = "width >= 900 AND source = 'folder:b'"  # about 6% of the rows
     body = {"terms": [{"media_id": first, "weight": 2}, {"media_id": second}], "k": 5, "where": where}
@@ -225,8 +244,15 @@ def test_filter_collapse_and_combined_terms_over_http(described):
 # ---------------------------------------------------------------- the real pipeline
 
 
+@dataclass(frozen=True)
+class Pictures:
+    root: Path  # the data root the pictures were ingested, embedded and indexed in
+    folder: Path  # the pictures' folder (scene_NN.jpg and .txt, twin_q95.jpg, twin_q40.jpg)
+    searcher: Searcher  # over the build
+
+
 @pytest.fixture(scope="module")
-def pictures(ray_session, tmp_path_factory):
+def pictures(ray_session, tmp_path_factory) -> Pictures:
     """Synthetic scenes, one of them saved twice (JPEG quality 95 and 40: other bytes, other
     media_id), through ingest (folder) → embed (reference model, real Ray) → index."""
     from rayclip import model, synthetic
@@ -251,12 +277,11 @@ def pictures(ray_session, tmp_path_factory):
     ingest.ingest_folder(root, folder)
     embed.embed(root, model.resolve(None, model.REFERENCE_ALIAS), actors=1, batch_size=8)
     index.build(root)
-    return root, folder, scenes, Searcher.open(root)
+    return Pictures(root, folder, Searcher.open(root))
 
 
 def test_the_same_picture_at_two_jpeg_qualities_collapses_into_one(pictures):
-
-    root, folder, _, searcher = pictures
+    root, folder, searcher = pictures.root, pictures.folder, pictures.searcher
     manifest = catalog.read_manifest(root).to_pylist()
     twins = {r["media_id"] for r in manifest if "twin_q" in r["url"]}
     assert len(twins) == 2  # different bytes: two media_ids, two vectors
@@ -285,8 +310,8 @@ def test_text_and_upload_routes_filter_and_collapse_over_http(pictures):
     from rayclip.http.app import create_app
     from rayclip.images import decode_image
 
-    root, folder, _, searcher = pictures
-    client = TestClient(create_app(root))
+    folder, searcher = pictures.folder, pictures.searcher
+    client = TestClient(create_app(pictures.root))
     rows = searcher.mapping.table.to_pylist()  # row i is faiss_id i
     vectors = searcher.vectors(list(range(len(rows))))  # a flat index: the exact vectors
     twins = {r["media_id"] for r in rows if "twin_q" in r["url"]}
@@ -330,7 +355,7 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     from rayclip import synthetic
     from rayclip.query.terms import Term
 
-    root, _, scenes, searcher = pictures
+    root, searcher = pictures.root, pictures.searcher
     query = tmp_path / "blue_square_left.jpg"
     scene = synthetic.Scene("square", "blue", "large", "left", "white")
     query.write_bytes(synthetic.jpeg_bytes(synthetic.render(scene, 256, np.random.default_rng(99))))
@@ -371,10 +396,10 @@ def test_combined_query_moves_the_ranking_as_the_arithmetic_says(pictures, tmp_p
     assert Term.parse("text", "at 10:30") == Term("text", "at 10:30", 1.0)
 
 
-def test_collapse_from_the_cli(near_duplicates, capsys):
+def test_collapse_from_the_cli(copy_groups, capsys):
     from helpers.stores import cli
 
-    searcher, _, group_of, copies = near_duplicates
+    searcher, group_of, copies = copy_groups.searcher, copy_groups.group_of, copy_groups.copies
     first = next(m for m, g in group_of.items() if g == 0)
     root = str(searcher.root)
     assert cli("search", "--data-dir", root, "--like", first, "--collapse", "--k", "4", "--json") == 0

@@ -12,7 +12,14 @@ import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers.index_forms import a_build, ondisk_copy, query_answers, sharded_copy, without_build_ids
+from helpers.index_forms import (
+    WholeAndSharded,
+    a_build,
+    ondisk_copy,
+    query_answers,
+    whole_and_sharded,
+    without_build_ids,
+)
 
 from rayclip.http.app import create_app
 from rayclip.query import knn
@@ -20,16 +27,14 @@ from rayclip.query.knn import LocalIndex, ShardedIndex
 
 
 @pytest.fixture(scope="module", params=["IVF64,Flat", "IVF64,SQ8"])
-def builds(request, tmp_path_factory):
-    """(data root of an IVF build, a copy of it whose build is kept in 2 shards, the build's report)."""
-    root = tmp_path_factory.mktemp("forms") / "data"
-    report = a_build(root, index_type=request.param)
-    return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id), report
+def builds(request, tmp_path_factory) -> WholeAndSharded:
+    """An IVF build (each index type of the params) and the same index kept in 2 shards."""
+    return whole_and_sharded(tmp_path_factory.mktemp("forms"), index_type=request.param)
 
 
 @pytest.fixture(scope="module")
 def in_ram(builds):
-    client = TestClient(create_app(builds[0]))
+    client = TestClient(create_app(builds.root))
     return without_build_ids(query_answers(client, a_media_id(client)))
 
 
@@ -53,7 +58,7 @@ def test_the_answers_compared_are_not_empty(in_ram):
 
 
 def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
-    client = TestClient(create_app(builds[1]))
+    client = TestClient(create_app(builds.sharded_root))
     answers = query_answers(client, a_media_id(client))
     held = client.app.state.service.searcher().snapshot().knn
     assert isinstance(held, ShardedIndex) and [s.ntotal for s in held.shards] == [2000, 2000]
@@ -61,7 +66,7 @@ def test_a_sharded_build_answers_as_the_unsharded_one(builds, in_ram):
 
 
 def test_a_mapped_build_answers_as_the_one_in_ram(builds, in_ram):
-    client = TestClient(create_app(builds[0], mmap=True))
+    client = TestClient(create_app(builds.root, mmap=True))
     assert without_build_ids(query_answers(client, a_media_id(client))) == in_ram
     assert maps_its_lists(client)
     status = client.get("/api/status").json()
@@ -79,14 +84,14 @@ def test_a_mapped_build_answers_caption_searches_as_the_one_in_ram(gold_store):
 
 
 def test_an_index_over_the_memory_budget_is_mapped_on_its_own(builds):
-    client = TestClient(create_app(builds[0], max_index_memory="1K"))
+    client = TestClient(create_app(builds.root, max_index_memory="1K"))
     assert client.get("/api/status").json()["mapped_index_bytes"] > 0 and maps_its_lists(client)
-    client = TestClient(create_app(builds[0]))  # the default budget holds it: read into RAM
+    client = TestClient(create_app(builds.root))  # the default budget holds it: read into RAM
     assert client.get("/api/status").json()["mapped_index_bytes"] == 0 and not maps_its_lists(client)
 
 
 def test_a_build_merged_on_disk_is_mapped_and_answers_as_the_one_in_ram(builds, in_ram):
-    root, _, report = builds
+    root, report = builds.root, builds.report
     # Merged in one folder and moved (as a build is renamed into place): index.faiss names a gone path.
     merged = ondisk_copy(root, root.parent / "merging", report.model_version, report.build_id)
     ondisk = merged.rename(root.parent / "ondisk")
@@ -96,7 +101,7 @@ def test_a_build_merged_on_disk_is_mapped_and_answers_as_the_one_in_ram(builds, 
 
 
 def test_a_sharded_mapped_build_answers_as_the_unsharded_one(builds, in_ram):
-    client = TestClient(create_app(builds[1], mmap=True))
+    client = TestClient(create_app(builds.sharded_root, mmap=True))
     assert without_build_ids(query_answers(client, a_media_id(client))) == in_ram
     assert maps_its_lists(client)
 
@@ -228,8 +233,8 @@ def test_a_mapped_flat_build_keeps_its_index_and_its_caption_index_out_of_privat
 
 
 def test_a_shard_looks_its_global_ids_up(builds):
-    held = TestClient(create_app(builds[1])).app.state.service.searcher().snapshot().knn
-    whole = TestClient(create_app(builds[0])).app.state.service.searcher().snapshot().knn
+    held = TestClient(create_app(builds.sharded_root)).app.state.service.searcher().snapshot().knn
+    whole = TestClient(create_app(builds.root)).app.state.service.searcher().snapshot().knn
     assert isinstance(whole, LocalIndex)
     ids = np.array([3999, 0, 2000, 1999, 17])
     np.testing.assert_array_equal(held.vectors(ids), whole.vectors(ids))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers.index_forms import a_build, query_answers, sharded_copy, without_build_ids
+from helpers.index_forms import WholeAndSharded, query_answers, whole_and_sharded, without_build_ids
 from helpers.ports import free_port
 
 from rayclip.http import ray_serve
@@ -20,20 +21,24 @@ API_KEY = "shard-key"
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray-serve") / "data"
-    report = a_build(root)
-    return root, sharded_copy(root, root.parent / "sharded", report.model_version, report.build_id)
+def roots(tmp_path_factory) -> WholeAndSharded:
+    return whole_and_sharded(tmp_path_factory.mktemp("ray-serve"))
+
+
+@dataclass(frozen=True)
+class Served:
+    client: httpx.Client  # on the ingress's loopback port
+    shards: int  # how many shard deployments serve the build
 
 
 @pytest.fixture(scope="module")
-def served(roots, ray_session):
+def served(roots, ray_session) -> Served:
     """One Serve deployment of the sharded build for the module, on a loopback port, with an API key."""
     port = free_port()
-    shards = ray_serve.deploy(roots[1], host="127.0.0.1", port=port, replicas=2, api_key=API_KEY, mmap=True)
+    shards = ray_serve.deploy(roots.sharded_root, host="127.0.0.1", port=port, replicas=2, api_key=API_KEY, mmap=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client, shards
+            yield Served(client, shards)
     finally:
         ray_serve.shutdown()
 
@@ -45,10 +50,10 @@ def a_media_id(root) -> str:
 
 
 def test_two_shards_behind_ray_serve_answer_as_the_unsharded_build(roots, served):
-    client, shards = served
-    assert shards == 2
-    media_id = a_media_id(roots[0])
-    unsharded = query_answers(TestClient(create_app(roots[0])), media_id)
+    client = served.client
+    assert served.shards == 2
+    media_id = a_media_id(roots.root)
+    unsharded = query_answers(TestClient(create_app(roots.root)), media_id)
     auth = {"Authorization": f"Bearer {API_KEY}"}
     assert without_build_ids(query_answers(client, media_id, **auth)) == without_build_ids(unsharded)
     assert client.get("/api/search", params={"q": "a dog"}).status_code == 401  # the key still guards the API
@@ -61,7 +66,7 @@ def test_each_shard_runs_its_replicas(served):
     applications = serve.status().applications
     running = [
         applications[ray_serve.SHARD_APP.format(k)].deployments[ray_serve.SHARD_DEPLOYMENT].replica_states
-        for k in range(served[1])
+        for k in range(served.shards)
     ]
     assert running == [{"RUNNING": 2}] * 2
 
@@ -75,15 +80,15 @@ def test_a_build_published_while_served_is_answered_by_its_own_shards(roots, ser
 
     from rayclip.store import catalog, storage
 
-    client, _ = served
+    client = served.client
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    media_id = a_media_id(roots[0])
+    media_id = a_media_id(roots.root)
     old = query_answers(client, media_id, **auth)["search"]["build_id"]
-    [model_version] = catalog.gold_model_versions(storage.data_root(roots[1]))
-    built = rebuild(roots[1], model_version, old, shards=2, part_vectors=1500)
+    [model_version] = catalog.gold_model_versions(storage.data_root(roots.sharded_root))
+    built = rebuild(roots.sharded_root, model_version, old, shards=2, part_vectors=1500)
     after = query_answers(client, media_id, **auth)
     assert {a["build_id"] for a in after.values() if isinstance(a, dict)} == {built}
-    in_one_process = TestClient(create_app(roots[1]))
+    in_one_process = TestClient(create_app(roots.sharded_root))
     assert [s.ntotal for s in in_one_process.app.state.service.searcher().snapshot().knn.shards] == [3000, 1000]
     assert after == query_answers(in_one_process, media_id)
 
@@ -97,7 +102,7 @@ def serve_ray(root, *, without_serve: bool = False, **env) -> subprocess.Complet
 
 
 def test_without_ray_serve_ray_is_one_line(roots):
-    run = serve_ray(roots[1], without_serve=True)
+    run = serve_ray(roots.sharded_root, without_serve=True)
     assert run.returncode != 0 and run.stderr.strip().splitlines() == [
         "rayclip serve: error: --ray needs Ray Serve: pip install 'rayclip[serve]'"
     ]
@@ -105,7 +110,7 @@ def test_without_ray_serve_ray_is_one_line(roots):
 
 def test_an_unreachable_cluster_is_one_line(roots):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    run = serve_ray(roots[1], RAY_ADDRESS=address)
+    run = serve_ray(roots.sharded_root, RAY_ADDRESS=address)
     assert run.returncode != 0 and run.stderr.strip().splitlines() == [
         f"rayclip serve: error: --ray: no Ray cluster reachable at $RAY_ADDRESS {address} (Connection refused)"
     ]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers.serving import held_in_faiss, serving
-from helpers.stores import cli
+from helpers.stores import cli, copy_in
 
 from rayclip.errors import UserError
 from rayclip.http.app import create_app
@@ -77,14 +77,9 @@ def test_every_query_route_is_shed_when_the_queue_is_full(vectors_root, monkeypa
 # ---------------------------------------------------------------- the store gives up
 
 
-def upload(local, root) -> None:
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.write_atomic(root / str(f.relative_to(local)), f.read_bytes())
-
-
 @pytest.mark.parametrize("when", ["from the start", "after the start"])
 def test_a_store_that_gives_up_is_a_503_whose_detail_is_its_one_line(
-    vectors_root,  # noqa: F811
+    vectors_root,
     s3_proxy,
     s3_root,
     tmp_path,
@@ -96,7 +91,7 @@ def test_a_store_that_gives_up_is_a_503_whose_detail_is_its_one_line(
     (no restart)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "2")
-    upload(vectors_root, s3_root)
+    copy_in(vectors_root, s3_root)
     media_id = first_media_id(vectors_root)
     storage.write_atomic(layout.objects_dir(s3_root) / media_id[:2] / f"{media_id}.png", png())
     url = storage.uri(s3_root)
@@ -139,7 +134,7 @@ def test_anything_else_needs_a_key_or_allow_anonymous(host):
 
 
 @pytest.mark.parametrize("allow", [True, False])
-def test_serve_passes_allow_anonymous_to_the_bind_rule(vectors_root, monkeypatch, capsys, allow):  # noqa: F811
+def test_serve_passes_allow_anonymous_to_the_bind_rule(vectors_root, monkeypatch, capsys, allow):
     """`rayclip serve --host 0.0.0.0`: with --allow-anonymous uvicorn is started on that host (spied,
     nothing listens); without it, one line and exit 2, and uvicorn never starts."""
     import uvicorn

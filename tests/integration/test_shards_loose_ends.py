@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,8 +23,9 @@ from rayclip.store import catalog, layout
 
 
 @pytest.fixture
-def gold(gold_store, tmp_path):
-    """A private copy of the shared gold store (an export writes its run record into the data root)."""
+def gold_scratch(gold_store, tmp_path) -> Path:
+    """A private copy of the shared gold store for each test: tests here delete and change its objects,
+    and an export writes its run record into the data root."""
     root = tmp_path / "data"
     shutil.copytree(gold_store.root, root)
     return root
@@ -49,27 +51,27 @@ def _scores(folder) -> dict[str, float]:
 # ---------------------------------------------------------------- export
 
 
-def test_min_score_exports_every_result_at_or_above_it_however_deep(gold, site, tmp_path, monkeypatch):
+def test_min_score_exports_every_result_at_or_above_it_however_deep(gold_scratch, site, tmp_path, monkeypatch):
     query = [Term("text", site.images.column("caption")[2].as_py())]
-    everything = export.export(gold, tmp_path / "all", query, k=1000)
+    everything = export.export(gold_scratch, tmp_path / "all", query, k=1000)
     ranked = sorted(_scores(tmp_path / "all").values(), reverse=True)
     assert everything.exported == len(ranked) >= 20
     threshold = ranked[11]  # a dozen results (ties included) score at least this much
     expected = {m for m, s in _scores(tmp_path / "all").items() if s >= threshold}
 
     monkeypatch.setattr(export, "QUERY_DEPTH", 2)  # the first depth falls short: searched deeper, 2 → 8 → 32
-    report = export.export(gold, tmp_path / "min", query, min_score=threshold, samples_per_shard=5)
+    report = export.export(gold_scratch, tmp_path / "min", query, min_score=threshold, samples_per_shard=5)
     scores = _scores(tmp_path / "min")
     assert set(scores) == expected and len(expected) >= 12
     assert min(scores.values()) >= threshold
     assert (report.selected, report.exported, report.shards) == (len(expected), len(expected), 3)
 
 
-def test_objects_missing_or_changed_since_ingest_are_counted_by_reason_and_left_out(gold, tmp_path):
-    rows = _single_row_objects(gold, 4)
-    (gold / rows[0]["path"]).unlink()
-    (gold / rows[1]["path"]).write_bytes((gold / rows[2]["path"]).read_bytes())  # another image's bytes
-    report = export.export(gold, tmp_path / "out", where=_where(rows))
+def test_objects_missing_or_changed_since_ingest_are_counted_by_reason_and_left_out(gold_scratch, tmp_path):
+    rows = _single_row_objects(gold_scratch, 4)
+    (gold_scratch / rows[0]["path"]).unlink()
+    (gold_scratch / rows[1]["path"]).write_bytes((gold_scratch / rows[2]["path"]).read_bytes())  # another image's bytes
+    report = export.export(gold_scratch, tmp_path / "out", where=_where(rows))
     assert report.failed == {catalog.MISSING_OBJECT: 1, catalog.CHANGED_OBJECT: 1}
     assert (report.selected, report.exported) == (4, 2)
     assert set(_tar_media_ids(tmp_path / "out")) == {rows[2]["media_id"], rows[3]["media_id"]}
@@ -85,8 +87,8 @@ def _tar_media_ids(folder) -> list[str]:
 
 
 @pytest.mark.parametrize("format", ["webdataset", "parquet"])
-def test_a_shard_whose_writing_fails_is_removed_and_the_finished_ones_kept(gold, tmp_path, monkeypatch, format):
-    rows = _single_row_objects(gold, 4)
+def test_a_shard_whose_writing_fails_is_removed_and_the_finished_ones_kept(gold_scratch, tmp_path, monkeypatch, format):
+    rows = _single_row_objects(gold_scratch, 4)
     reads = []
     real_read = export._read_object
 
@@ -99,7 +101,7 @@ def test_a_shard_whose_writing_fails_is_removed_and_the_finished_ones_kept(gold,
     monkeypatch.setattr(export, "_read_object", fail_on_the_fourth)
     monkeypatch.setattr(export, "READ_AHEAD", 1)  # one read at a time: the fourth fails after three were added
     with pytest.raises(OSError) as raised:
-        export.export(gold, tmp_path / "out", where=_where(rows), format=format, samples_per_shard=2)
+        export.export(gold_scratch, tmp_path / "out", where=_where(rows), format=format, samples_per_shard=2)
     # Looked at while the failure's traceback (and so the writer) is still alive: an aborted shard is
     # removed by abort_shard, not by the writer's finaliser.
     assert str(raised.value) == "disk full"
@@ -108,11 +110,11 @@ def test_a_shard_whose_writing_fails_is_removed_and_the_finished_ones_kept(gold,
     assert pq.read_table(tmp_path / "out" / "00000.parquet").num_rows == 2
 
 
-def test_the_run_record_holds_what_was_selected_exported_and_failed(gold, tmp_path):
-    rows = _single_row_objects(gold, 3)
-    (gold / rows[0]["path"]).unlink()
-    assert cli("export", "--data-dir", str(gold), "--where", _where(rows), "--to", str(tmp_path / "out")) == 0
-    runs = layout.export_runs_dir(gold)
+def test_the_run_record_holds_what_was_selected_exported_and_failed(gold_scratch, tmp_path):
+    rows = _single_row_objects(gold_scratch, 3)
+    (gold_scratch / rows[0]["path"]).unlink()
+    assert cli("export", "--data-dir", str(gold_scratch), "--where", _where(rows), "--to", str(tmp_path / "out")) == 0
+    runs = layout.export_runs_dir(gold_scratch)
     [record_file] = runs.glob("*.json")
     record = json.loads(record_file.read_text())
     assert record_file.name == f"{record['run_id']}.json"
@@ -121,7 +123,7 @@ def test_the_run_record_holds_what_was_selected_exported_and_failed(gold, tmp_pa
     assert record["target"].endswith("out") and record["format"] == "webdataset"
     assert (record["selected"], record["exported"], record["shards"]) == (3, 2, 1)
     assert record["failed"] == {catalog.MISSING_OBJECT: 1}
-    assert record["image_bytes"] == sum((gold / r["path"]).stat().st_size for r in rows[1:])
+    assert record["image_bytes"] == sum((gold_scratch / r["path"]).stat().st_size for r in rows[1:])
     assert record["wall_s"] > 0
 
 
@@ -207,17 +209,17 @@ def test_limit_stops_a_shard_ingest_and_a_folder_ingest_after_n_samples(site, tm
 # ---------------------------------------------------------------- captions
 
 
-def test_force_encodes_every_caption_again_and_a_plain_rerun_none(gold):
+def test_force_encodes_every_caption_again_and_a_plain_rerun_none(gold_scratch):
     from rayclip import model
     from rayclip.stages import captions
 
     spec = model.resolve(None, "reference")
-    stored = catalog.read_silver(gold, spec.model_version, layout.CAPTIONS, ["caption_id"])
+    stored = catalog.read_silver(gold_scratch, spec.model_version, layout.CAPTIONS, ["caption_id"])
     distinct = len(set(stored.column("caption_id").to_pylist()))
-    assert captions.plan(gold, spec.model_version)[1].num_rows == 0  # all encoded already
+    assert captions.plan(gold_scratch, spec.model_version)[1].num_rows == 0  # all encoded already
 
-    forced = captions.embed_captions(gold, spec, batch_size=8, force=True)
+    forced = captions.embed_captions(gold_scratch, spec, batch_size=8, force=True)
     assert forced.captions_planned == forced.captions_embedded == distinct > 0
     assert forced.pairs_scored > 0
-    again = catalog.read_silver(gold, spec.model_version, layout.CAPTIONS, ["caption_id"])
+    again = catalog.read_silver(gold_scratch, spec.model_version, layout.CAPTIONS, ["caption_id"])
     assert again.num_rows == stored.num_rows + distinct  # the run's rows read back beside the first ones

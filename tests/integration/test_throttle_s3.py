@@ -14,8 +14,8 @@ import re
 
 import pytest
 from helpers.s3_proxy import FAULTS, key
-from helpers.silver import clustered, media_ids, write_manifest, write_silver
-from helpers.stores import cli
+from helpers.silver import fill
+from helpers.stores import cli, copy_in
 
 from rayclip import Searcher
 from rayclip.stages import index
@@ -24,7 +24,6 @@ from rayclip.store.storage import failures, files
 
 REFERENCE = "clip_rayclip_ref_reference"
 ROWS = 200
-DAY = "2026-01-02"
 
 
 def test_writes_through_every_client_survive_half_the_puts_failing(s3_proxy, s3_root):
@@ -202,7 +201,7 @@ def test_when_the_store_gives_up_one_line_names_the_object_and_nothing_half_done
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(storage.S3_MAX_ATTEMPTS_ENV, "2")
     url = storage.uri(s3_root)
-    fill(s3_root)
+    fill(s3_root, ROWS)
     assert cli("index", "--data-dir", url) == 0
     published = catalog.current_build(s3_root, REFERENCE)
     fill(s3_root, 40, prefix="new")
@@ -232,16 +231,10 @@ def bronze_object(method: str, path: str) -> bool:
     return "/bronze/objects/" in path
 
 
-def upload(local, root) -> None:
-    """A local data root's files, each written to the same place under `root`."""
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.write_atomic(root / str(f.relative_to(local)), f.read_bytes())
-
-
 def test_a_refusal_inside_a_ray_task_is_one_line_and_exit_1(s3_proxy, s3_root, ingested, ray_session, capfd):
     """The store refuses every bronze read (403, which no retry changes): embed's actors raise it in
     Ray, and the terminal shows one line, no traceback, and the exit status is 1."""
-    upload(ingested, s3_root)
+    copy_in(ingested, s3_root)
     url = storage.uri(s3_root)
     s3_proxy.throttle(1.0, methods=("GET",), match=bronze_object, kinds=("denied",))
     capfd.readouterr()
@@ -257,14 +250,6 @@ def test_a_refusal_inside_a_ray_task_is_one_line_and_exit_1(s3_proxy, s3_root, i
 
 
 # ---------------------------------------------------------------- short or empty committed objects
-
-
-def fill(root, rows: int = ROWS, prefix: str = "") -> list[str]:
-    """Made-up silver (one committed file) and a manifest part that records its size."""
-    ids = media_ids(rows, prefix)
-    write_silver(root, DAY, ids, clustered(rows, seed=len(prefix)))
-    write_manifest(root, ids, seed=len(prefix))
-    return ids
 
 
 def spoil(loc, how: str) -> int:
@@ -288,7 +273,7 @@ def spoil(loc, how: str) -> int:
 def test_a_committed_object_cut_in_the_store_is_refused_never_read(s3_root, tmp_path, monkeypatch, kind, how):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(files, "VERIFY_ATTEMPTS", 2)
-    fill(s3_root)
+    fill(s3_root, ROWS)
     if kind == "manifest part":
         [part] = catalog.manifest_parts(s3_root)
         size = spoil(part, how)
@@ -319,7 +304,7 @@ def test_a_committed_object_reported_short_once_is_asked_again_and_used(s3_proxy
     whole yet), then the object: the reader checks the size against the commit's, asks again and
     goes on. Exactly one HEAD more than a clean read reaches the store."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    ids = fill(s3_root)
+    ids = fill(s3_root, ROWS)
     [part] = catalog.manifest_parts(s3_root)
     path = ("HEAD", "/" + part.path)
 
@@ -339,7 +324,7 @@ def test_a_cut_record_is_refused_by_name_never_parsed(s3_root, tmp_path, monkeyp
     """The records that say what is committed: an empty or cut one is one line naming it, not a
     traceback and not an empty build id."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    fill(s3_root)
+    fill(s3_root, ROWS)
     built = index.build(s3_root)
     if kind == "build.json":
         target = layout.build_info_file(layout.build_dir(s3_root, REFERENCE, built.build_id))

@@ -9,6 +9,8 @@ import http.server
 import ipaddress
 import socket
 import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 from cryptography import x509
@@ -98,10 +100,15 @@ class _Site(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@dataclass(frozen=True)
+class HttpsSites:
+    start: Callable[[str], int]  # start(label): an HTTPS site on 127.0.0.1 with that certificate; its port
+    server_names: list[str]  # the TLS server names (SNI) the clients sent, as they came
+
+
 @pytest.fixture
-def https_site(pki):
-    """start(label): an HTTPS site on 127.0.0.1 with that certificate; its port, and the TLS server
-    names (SNI) the clients sent."""
+def https_site(pki) -> Iterator[HttpsSites]:
+    """HTTPS sites on loopback, each with one of the test certificates, shut down after the test."""
     servers, server_names = [], []
 
     def start(label: str) -> int:
@@ -114,7 +121,7 @@ def https_site(pki):
         return server.server_address[1]
 
     _Site.seen.clear()
-    yield start, server_names
+    yield HttpsSites(start, server_names)
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -139,7 +146,7 @@ def loopback(address) -> bool:
 
 
 def test_a_certificate_for_the_host_name_is_accepted(https_site, trusting_the_test_ca):
-    start, server_names = https_site
+    start, server_names = https_site.start, https_site.server_names
     port = start("the host name")
     assert clip_back.fetch_image(f"https://{HOST}:{port}/cat.jpg", 1 << 20, allowed=loopback) == IMAGE
     assert _Site.seen == [("/cat.jpg", f"{HOST}:{port}")] and server_names == [HOST]
@@ -149,7 +156,7 @@ def test_a_certificate_for_the_host_name_is_accepted(https_site, trusting_the_te
 def test_a_certificate_not_for_the_host_name_or_untrusted_is_refused(https_site, trusting_the_test_ca, label):
     """Refused before any request is sent, with the service's one line (HTTP 422). The certificate
     for 127.0.0.1, the address the fetch connects to, is refused too: the name is what is checked."""
-    start, server_names = https_site
+    start, server_names = https_site.start, https_site.server_names
     port = start(label)
     with pytest.raises(HTTPException) as refused:
         clip_back.fetch_image(f"https://{HOST}:{port}/cat.jpg", 1 << 20, allowed=loopback)
