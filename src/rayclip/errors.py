@@ -1,6 +1,10 @@
 """The errors a user can cause; the CLI prints the message as one line and exits non-zero, the
 HTTP layer answers each kind with the status http/errors.py gives it."""
 
+# The reason recorded for bytes no image decoder takes, wherever they are met: at ingest, in a
+# shard, at embed.
+DECODE_ERROR = "decode error"
+
 
 class UserError(Exception):
     """A bad command or missing precondition: the message names the problem and the fix."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import DECODE_ERROR, UserError
 
 # Transparent pixels are composited onto this colour before RGB: what a browser shows on a white page.
 TRANSPARENT_BACKGROUND = (255, 255, 255)
@@ -177,4 +177,4 @@ def _checked(data: bytes, max_pixels: int):
     except Image.DecompressionBombError:
         raise BadImageError("image too large to decode") from None
     except Exception:  # PIL raises many types for undecodable bytes; all mean the same to us
-        raise BadImageError("decode error") from None
+        raise BadImageError(DECODE_ERROR) from None

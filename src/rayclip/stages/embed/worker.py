@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from ...errors import DECODE_ERROR
 from ...images import decode_batch, decode_image
 from ...model import (
     ClipModel,
@@ -23,7 +24,7 @@ from ...store.catalog import Refused
 # In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
 IMPORTED_AT = time.time()
 CALLS_PER_ACTOR = 2  # one batch decoding while another encodes
-DECODE_ERROR = Refused("decode error")  # the bytes hash right but are no image the decoder takes
+DECODE_FAILED = Refused(DECODE_ERROR)  # the bytes hash right but are no image the decoder takes
 
 
 class RunStats:
@@ -122,7 +123,7 @@ class Decoder:
 
     def _shaped(self, picture) -> object:
         """A decoded picture's pixels, or why it has none (`picture` is the decoder's exception)."""
-        return DECODE_ERROR if isinstance(picture, Exception) else self.pixels(picture)
+        return DECODE_FAILED if isinstance(picture, Exception) else self.pixels(picture)
 
 
 def decode_block(batch: dict, decoder: Decoder, stats) -> dict:

@@ -19,6 +19,7 @@ import math
 
 import pyarrow as pa
 
+from ...errors import DECODE_ERROR
 from ..catalog import Refused
 from ..storage import Location
 
@@ -82,7 +83,7 @@ def failure_reason(message: str | None) -> str:
     if "unknown url type" in lower:
         return "missing url"
     if "decod" in lower or "assertion" in lower or "image" in lower:
-        return "decode error"
+        return DECODE_ERROR
     if "refused" in lower or "urlopen error" in lower or "connection" in lower:
         return "connection error"
     return text[:80]
