@@ -1,9 +1,9 @@
 """The errors a user can cause; the CLI prints the message as one line and exits non-zero, the
 HTTP layer answers each kind with the status http/errors.py gives it."""
 
-# The reason recorded for bytes no image decoder takes, wherever they are met: at ingest, in a
-# shard, at embed.
-DECODE_ERROR = "decode error"
+# Reasons a row is refused, recorded wherever they are met (at ingest, in a shard, at embed).
+DECODE_ERROR = "decode error"  # bytes no image decoder takes
+MISSING_URL = "missing url"  # a row with no URL to fetch
 
 
 class UserError(Exception):

@@ -14,7 +14,7 @@ A field's metadata says how it appears on the command line:
   positive True: a positive integer
 
 A flag name means one thing across commands: a field of the same name in two classes must have
-the same type, default and help (tests/test_options.py holds every class and command to that; the
+the same type, default and help (tests/unit/test_options.py holds every class and command to that; the
 one listed exception is --seed, the synthetic set's seed, whose default is each command's own).
 Library functions take their defaults from here: `batch_size: int = EmbedOptions.batch_size`.
 """

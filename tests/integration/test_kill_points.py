@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers.bronze import check_objects, objects
 from helpers.kills import assert_killed, rayclip
 from helpers.site import GOOD_IMAGES
 from helpers.stores import cli, copy_in, run_ingest, status
@@ -46,25 +47,10 @@ def debris_after_kill(root, capsys, monkeypatch) -> list[str]:
     return sorted(d["path"] for d in status(root, capsys)["debris"])
 
 
-def whole_objects(root) -> dict[str, bytes]:
-    """name -> bytes of every object under its final name, each checked whole (its sha256 is its name);
-    a local writer killed mid-write leaves only a hidden temporary, which no reader lists."""
-    found = {
-        obj.name: storage.read_bytes(obj)
-        for obj in storage.glob(layout.objects_dir(root), "*/*")
-        if not obj.name.startswith(".")
-    }
-    for name, data in found.items():
-        assert hashlib.sha256(data).hexdigest() == name.split(".")[0], f"partial object {name}"
-    return found
-
-
-def manifest_rows(root) -> list[tuple]:
-    """(media_id, url, caption) of every manifest row, each naming a stored object."""
-    rows = catalog.read_manifest(root).to_pylist()
-    objects = whole_objects(root)
-    assert all(row["path"].rsplit("/", 1)[1] in objects for row in rows)
-    return sorted((row["media_id"], row["url"], row["caption"]) for row in rows)
+def manifest_keys(root) -> list[tuple]:
+    """(media_id, url, caption) of every manifest row, each naming a whole stored object."""
+    check_objects(root)
+    return sorted((row["media_id"], row["url"], row["caption"]) for row in catalog.read_manifest(root).to_pylist())
 
 
 # ---------------------------------------------------------------- ingest
@@ -88,7 +74,7 @@ def test_metadata_ingest_killed_in_each_window_then_rerun(empty_root, good_metad
         assert_killed(*rayclip("ingest", *args, kill_at=point))
         # The window is open: objects stored (at the first one's, maybe a few more from other threads; at
         # the manifest's commit, every object of the shard) ...
-        stored = len(whole_objects(root))
+        stored = len(objects(root))
         assert stored == GOOD_IMAGES if point == "ingest.manifest_commit" else 1 <= stored < GOOD_IMAGES
         assert catalog.read_manifest(root).num_rows == 0  # ... and not one manifest row visible
         [work] = storage.children(layout.downloads_dir(root, "x").parent)
@@ -102,8 +88,8 @@ def test_metadata_ingest_killed_in_each_window_then_rerun(empty_root, good_metad
     report = run_ingest(root, good_metadata)
     assert (report.admitted, report.manifest_rows_added, report.failed_total) == (GOOD_IMAGES + 1,) * 2 + (0,)
     assert report.stored + report.duplicates == GOOD_IMAGES + 1  # what the killed runs stored counts as dups
-    assert manifest_rows(root) == expected_metadata_rows(good_metadata, site)
-    assert len(whole_objects(root)) == GOOD_IMAGES
+    assert manifest_keys(root) == expected_metadata_rows(good_metadata, site)
+    assert len(objects(root)) == GOOD_IMAGES
     assert storage.children(layout.downloads_dir(root, "x").parent) == []
     assert status(root, capsys)["debris"] == []
 
@@ -134,18 +120,18 @@ def test_shard_ingest_killed_at_its_second_shard_keeps_the_first(empty_root, sit
 
     kill_at = "ingest.manifest_commit:2"
     assert_killed(*rayclip("ingest", "--webdataset", pattern, "--data-dir", storage.uri(root), kill_at=kill_at))
-    assert sorted(url.rpartition("#")[2] for _, url, _ in manifest_rows(root)) == ["00", "01"]
-    assert len(whole_objects(root)) >= 2  # the second shard's objects may be stored too, whole
+    assert sorted(url.rpartition("#")[2] for _, url, _ in manifest_keys(root)) == ["00", "01"]
+    assert len(objects(root)) >= 2  # the second shard's objects may be stored too, whole
     assert debris_after_kill(root, capsys, monkeypatch) == []  # a shard ingest keeps no work folder
 
     rerun = ingest.ingest_webdataset(root, pattern)
     assert (rerun.already_in_manifest, rerun.manifest_rows_added) == (2, 5)
     assert (rerun.stored, rerun.duplicates) == (2, 5)  # the second shard's objects were stored before the kill
     assert len(catalog.manifest_parts(root)) == 3  # the killed run's one, the rerun's two
-    assert len(whole_objects(root)) == 6
+    assert len(objects(root)) == 6
     unkilled = tmp_path / "unkilled"
     ingest.ingest_webdataset(unkilled, pattern)
-    assert manifest_rows(root) == manifest_rows(unkilled)
+    assert manifest_keys(root) == manifest_keys(unkilled)
     assert status(root, capsys)["debris"] == []
 
 

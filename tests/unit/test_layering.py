@@ -233,6 +233,11 @@ def _path_method(call: ast.Call, names: dict[str, str]) -> str | None:
     return f".{method}" if method in FORBIDDEN_METHODS else None
 
 
+def _forbidden(module: str) -> bool:
+    """A forbidden module, one of its submodules (`fsspec.implementations.local`) included."""
+    return any(module == name or module.startswith(f"{name}.") for name in FORBIDDEN_IMPORTS)
+
+
 def filesystem_uses(source: str) -> set[str]:
     """What a module's source does to a filesystem without storage: 'open()', 'os.symlink()',
     'import shutil', '.read_bytes', 'numpy.save()', …"""
@@ -242,9 +247,11 @@ def filesystem_uses(source: str) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {f"import {a.name}" for a in node.names if a.name in FORBIDDEN_IMPORTS}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in FORBIDDEN_IMPORTS:
-            found.add(f"import {node.module}")
+            found |= {f"import {a.name}" for a in node.names if _forbidden(a.name)}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            # `from pyarrow import fs` imports the module pyarrow.fs, where `from glob import glob` is glob's
+            modules = [node.module] if _forbidden(node.module) else [f"{node.module}.{a.name}" for a in node.names]
+            found |= {f"import {module}" for module in modules if _forbidden(module)}
         elif isinstance(node, ast.Call):
             name = _full_name(_dotted(node.func), names)
             if name in FORBIDDEN_CALLS:
@@ -276,6 +283,8 @@ LEAKS = {
     "os.walk": ("import os\ndef f(p):\n    os.walk(p)", "os.walk()"),
     "os.path.exists": ("import os\ndef f(p):\n    os.path.exists(p)", "os.path.exists()"),
     "import shutil": ("import shutil", "import shutil"),
+    "from pyarrow import fs": ("from pyarrow import fs", "import pyarrow.fs"),
+    "a forbidden module's submodule": ("import fsspec.implementations.local", "import fsspec.implementations.local"),
     "from glob import glob": ("from glob import glob", "import glob"),
     "Path.write_bytes": ("def f(p):\n    p.write_bytes(b'')", ".write_bytes"),
     "Path.open": ("def f(p):\n    with p.open('wb') as out:\n        out.write(b'')", ".open"),
@@ -391,8 +400,8 @@ def _below_rayclip(name: str, level: int, package: list[str]) -> list[str] | Non
 def _stages_in(parts: list[str], imported: list[str]) -> set[str]:
     """The stages importing `parts` (below rayclip) with `imported` names from it brings in: a stage's
     module, a stage named from stages/ or the package root, or "pipeline"/"cli", which import them all."""
-    if not parts:  # `from rayclip import pipeline`, `from ... import pipeline`
-        return set().union(*(_stages_in([n], []) for n in imported))
+    if not parts:  # `from rayclip import pipeline`, `from ... import pipeline`, or a name rayclip exports lazily
+        return set().union(*(_stages_in(rayclip._EXPORTS.get(n, n).split("."), []) for n in imported))
     if parts[0] == "stages":
         return {parts[1]} if len(parts) > 1 else set(imported)
     return {parts[0]} if parts[0] in OVER_THE_STAGES else set()
@@ -464,6 +473,8 @@ CROSSINGS = {
     "from rayclip.stages import embed": ("from rayclip.stages import embed", {"embed"}),
     "import rayclip.stages.embed": ("import rayclip.stages.embed", {"embed"}),
     "from rayclip import pipeline": ("from rayclip import pipeline", {"pipeline"}),
+    "a name rayclip exports from pipeline": ("from rayclip import Hooks", {"pipeline"}),
+    "the same, relative": ("from ... import run_demo", {"pipeline"}),
     "from ...pipeline import x": ("from ...pipeline import run_stage", {"pipeline"}),
     "import rayclip.pipeline": ("import rayclip.pipeline", {"pipeline"}),
     "importlib": ("import importlib\nimportlib.import_module('rayclip.stages.embed')", {"embed"}),

@@ -352,7 +352,7 @@ def test_a_request_resolves_the_data_root_once_and_lists_gold_once(service_store
     assert len(resolved) == 1 and len(listed) == 1
 
 
-def test_a_stage_run_from_the_cli_resolves_the_data_root_once(tmp_path, monkeypatch):
+def test_a_command_run_from_the_cli_resolves_the_data_root_once(tmp_path, monkeypatch):
     from rayclip import cli
 
     root = tmp_path / "data"
@@ -360,4 +360,21 @@ def test_a_stage_run_from_the_cli_resolves_the_data_root_once(tmp_path, monkeypa
     resolved = resolutions(monkeypatch)
     assert cli.main(["index", "--data-dir", str(root)]) == 0
     assert cli.main(["index", "--data-dir", str(root), "--rollback"]) == 2  # one build: nothing before it
-    assert resolved == [(str(root),), (str(root),)]
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: TestClient(app).__enter__())  # opens, not served
+    assert cli.main(["serve", "--data-dir", str(root)]) == 0
+    assert resolved == [(str(root),)] * 3
+
+
+def test_a_location_data_root_made_is_used_as_it_is_and_a_callers_own_upath_is_made_again():
+    """resolved(): once resolved at the edge, never again; but a UPath a script built itself would
+    cache listings (another process's commits unseen), so it is made again as data_root makes one."""
+    from upath import UPath
+
+    from rayclip.store import storage
+
+    made = storage.data_root("memory://bucket/root")
+    assert storage.resolved(made) is made
+    own = UPath("memory://bucket/root")
+    again = storage.resolved(own)
+    assert again is not own and again.storage_options.get("use_listings_cache") is False
+    assert storage.uri(again) == storage.uri(made)

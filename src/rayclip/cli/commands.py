@@ -182,11 +182,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mib, origins = options.ServeOptions(max_upload_mb=args.max_upload_mb).max_upload_bytes, args.cors_origin
     app_options = _options(args, create_app) | {"max_upload_bytes": mib, "cors_origins": origins, "api_key": api_key}
     where = f"http://{args.host}:{args.port}/"
-    served = show.shown(storage.data_root(args.data_dir))
+    root = storage.data_root(args.data_dir)
+    served = show.shown(root)
     guard = "API key required on /api/* and /metrics" if api_key else "no API key"
     if args.ray:
-        return _serve_on_ray(args, app_options, served, where, guard)
-    app = create_app(args.data_dir, **app_options)
+        return _serve_on_ray(args, root, app_options, served, where, guard)
+    app = create_app(root, **app_options)
     # A plain print: rich would wrap the address at 80 columns when stdout is not a terminal.
     print(f"rayclip serving {served} on {where} (API docs at {where}docs)", flush=True)
     print(f"status page {where}status · metrics {where}metrics · {guard}", flush=True)
@@ -194,13 +195,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_on_ray(args: argparse.Namespace, app_options: dict, served: str, where: str, guard: str) -> int:
+def _serve_on_ray(
+    args: argparse.Namespace, root: storage.Location, app_options: dict, served: str, where: str, guard: str
+) -> int:
     """serve --ray: the app deployed through Ray Serve until Ctrl-C, then Serve taken down."""
     import signal
 
     from ..http import ray_serve
 
-    shards = ray_serve.deploy(args.data_dir, host=args.host, port=args.port, replicas=args.replicas, **app_options)
+    shards = ray_serve.deploy(root, host=args.host, port=args.port, replicas=args.replicas, **app_options)
     held = f"{shards} shard deployments × {args.replicas} replicas" if shards else "one deployment (not in shards)"
     print(f"rayclip serving {served} through Ray Serve on {where} ({held}) · {guard}", flush=True)
     stop = threading.Event()

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import UnknownModelVersionError
 from ..images import ImageTooLargeError, decode_base64
 from ..options import COLLAPSE_RANGE, DEFAULT_COLLAPSE, SEARCH_OVER, SearchOptions
+from ..query.filters import MAX_FILTER_CHARS
 from ..query.results import SearchResults
 from ..query.searcher import Searcher, summary
 from ..query.service import QueryService
@@ -28,7 +29,6 @@ from .errors import Body
 
 MAX_K = 200
 MAX_QUERY_CHARS = 1000
-MAX_WHERE_CHARS = 1000
 COSINE = {"ge": COLLAPSE_RANGE[0], "le": COLLAPSE_RANGE[1]}  # a collapse threshold's bounds, as pydantic takes them
 MEDIA_ID = r"^[0-9a-f]{64}$"
 IMAGE_CACHE = "private, max-age=31536000, immutable"  # its name is the hash of its bytes; private: it may be keyed
@@ -49,7 +49,7 @@ Collapse = Annotated[
     Query(**COSINE, description=f"fold results within this cosine of a higher one (e.g. {DEFAULT_COLLAPSE})"),
 ]
 Where = Annotated[
-    str | None, Query(max_length=MAX_WHERE_CHARS, description="filter, e.g. width >= 512 AND caption LIKE '%dog%'")
+    str | None, Query(max_length=MAX_FILTER_CHARS, description="filter, e.g. width >= 512 AND caption LIKE '%dog%'")
 ]
 Over = Annotated[Literal[SEARCH_OVER], Query(description="search the image index or the caption index")]
 
@@ -72,7 +72,7 @@ class QueryTerm(Body):
 class CombinedQuery(Body):
     terms: list[QueryTerm] = Field(min_length=1, max_length=16)
     k: int = Field(SearchOptions.k, ge=1, le=MAX_K)
-    where: str | None = Field(None, max_length=MAX_WHERE_CHARS)
+    where: str | None = Field(None, max_length=MAX_FILTER_CHARS)
     collapse: float | None = Field(None, **COSINE)
     over: Literal[SEARCH_OVER] = SearchOptions.over
 

@@ -38,7 +38,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def create_app(
-    data_dir: str | Path | None = None,
+    data_dir: storage.Location | str | None = None,
     model_version: str | None = None,
     max_upload_bytes: int = ServeOptions().max_upload_bytes,
     *,
@@ -55,7 +55,7 @@ def create_app(
     """The service; api_key None means anonymous (bind it to loopback, see guard.check_bind). The image
     index is read into RAM, or mapped (`mmap`, or over `max_index_memory`); a build kept in shards
     is searched here, or through `remote_shards(build, shard)` (Ray Serve's handles, ray_serve.py)."""
-    root = storage.data_root(data_dir)
+    root = storage.resolved(data_dir)
     metrics = Metrics()
     residency = Residency(mmap, max_index_memory, remote_shards)
     service = QueryService(root, model_version, precision=precision, observe=metrics.observe_phase, residency=residency)

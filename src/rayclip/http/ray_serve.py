@@ -101,7 +101,7 @@ def shard_count(root, model_version: str | None) -> tuple[str, int]:
 
 
 def deploy(
-    data_dir: str | None = None,
+    data_dir: storage.Location | str | None = None,
     model_version: str | None = ServeOptions.model_version,
     *,
     host: str = ServeOptions.host,
@@ -118,7 +118,7 @@ def deploy(
         raise UserError("--ray needs Ray Serve: pip install 'rayclip[serve]'") from None
     from .. import cluster
 
-    root = storage.data_root(data_dir)
+    root = storage.resolved(data_dir)
     model_version, shards = shard_count(root, model_version)
     try:
         cluster.start_reachable()

@@ -8,7 +8,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ...errors import UserError
+from ...errors import MISSING_URL, UserError
 from ...options import IngestOptions
 from ...store import storage
 from ...store.catalog import Refused
@@ -87,7 +87,7 @@ def _pick_column(
 def url_problem(url: str | None) -> Refused | None:
     """Why a row's URL cannot be fetched, or None."""
     if url is None or not url.strip():
-        return Refused("missing url")
+        return Refused(MISSING_URL)
     if not url.lower().startswith(("http://", "https://")):
         return Refused("unsupported url scheme")
     return None

@@ -19,7 +19,7 @@ import math
 
 import pyarrow as pa
 
-from ...errors import DECODE_ERROR
+from ...errors import DECODE_ERROR, MISSING_URL
 from ..catalog import Refused
 from ..storage import Location
 
@@ -81,7 +81,7 @@ def failure_reason(message: str | None) -> str:
     if "timed out" in lower or "timeout" in lower:
         return "timeout"
     if "unknown url type" in lower:
-        return "missing url"
+        return MISSING_URL
     if "decod" in lower or "assertion" in lower or "image" in lower:
         return DECODE_ERROR
     if "refused" in lower or "urlopen error" in lower or "connection" in lower:

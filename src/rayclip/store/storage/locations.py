@@ -19,9 +19,11 @@ Location = Path | UPath
 
 
 def resolved(root: Location | str | os.PathLike | None) -> Location:
-    """A data root as given to a library entry point: a Location the caller resolved is used as it
-    is (resolved once, at the edge), anything else is resolved here (data_root)."""
-    resolved_already = isinstance(root, UPath) or (isinstance(root, Path) and root.is_absolute())
+    """A data root as given to a library entry point: a Location data_root made is used as it is
+    (resolved once, at the edge), anything else is resolved here. A UPath a caller built itself is
+    made again: its client would cache listings and miss another process's commits."""
+    made_here = isinstance(root, UPath) and root.storage_options.get("use_listings_cache") is False
+    resolved_already = made_here or (isinstance(root, Path) and not isinstance(root, UPath) and root.is_absolute())
     return root if resolved_already else data_root(root)
 
 
