@@ -72,9 +72,15 @@ def test_cli_embed_runtime_openvino_matches_torch_and_reuses_its_conversion(stor
     assert not all(np.array_equal(by_openvino[m], by_torch[m]) for m in by_torch)
 
 
-def test_missing_openvino_is_one_line_before_any_work(store, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails as if not installed
-    monkeypatch.setattr(embed_run, "plan_sources", lambda *args: pytest.fail("planned before checking the runtime"))
-    assert cli("embed", "--data-dir", str(store), "--pretrained", "reference", "--runtime", "openvino") == 2
+@pytest.mark.parametrize(
+    ("installed", "args", "message"),
+    [(False, [], openvino.MISSING), (True, ["--gpus-per-actor", "1"], "--runtime openvino runs on CPUs")],
+)
+def test_a_runtime_that_cannot_run_is_one_line_before_any_work(store, monkeypatch, capsys, installed, args, message):
+    if not installed:
+        monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails as if not installed
+    monkeypatch.setattr(embed_run, "plan_sources", lambda *_: pytest.fail("planned before checking the runtime"))
+    argv = ["--pretrained", "reference", "--runtime", "openvino", *args]
+    assert cli("embed", "--data-dir", str(store), *argv) == 2
     err = capsys.readouterr().err
-    assert openvino.MISSING in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
