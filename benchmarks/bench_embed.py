@@ -8,7 +8,8 @@ from loopback as a LAION download is. Prints first the machine's ceiling: GEMM G
 the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop counter), the compute limit
 that gives, each image's decode + preprocess on one core, and the ceiling once that decode is spread
 over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
-every core), and with the decode shared over the cores. Then, as `--parts` asks:
+every core), and with the decode shared over the cores; with part (o), the same for the tower on
+OpenVINO. Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -23,13 +24,16 @@ every core), and with the decode shared over the cores. Then, as `--parts` asks:
   (e) the same with the other decode layout (`--decode tasks` where auto picks actor, and back);
   (n) `rayclip embed --no-captions`: the images alone, to set (d)'s steady rate (captions encoded
       by the same actors) against;
+  (o) `rayclip embed --runtime openvino`: (d) with the image tower on OpenVINO (needs the extra;
+      its conversion is cached per model_version: the record says whether this run's came from it);
   (g) `rayclip embed --decode gpu` (with --gpus-per-actor only).
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
 by phase (the run record's startup_breakdown) with the seconds before and after the run (measured
 here, and the record's own before_run and after_run), the ratios run / steady, whole command /
-steady and steady / bound, the whole command's seconds beyond rows / steady, and the GPU's
-utilisation (or "no GPU"), and its startup_s over the floor (f); then (d)'s steady rate over (n)'s,
-and each run over (a), (b) and (p) where they ran.
+steady and steady / bound (against each runtime's bound that was measured), the whole command's
+seconds beyond rows / steady, and the GPU's utilisation (or "no GPU"), and its startup_s over the
+floor (f); then (d)'s steady rate over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p)
+where they ran.
 The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
 (parts ade took 3 min 23 s there; (f) adds about ten seconds).
 
@@ -171,16 +175,18 @@ def rayclip_embed(
     gpus_per_actor: float,
     decode: str = "auto",
     captions: bool = True,
+    runtime: str = "torch",
 ) -> tuple[float, dict, dict]:
     """The whole CLI command in a fresh process: (images/s over its wall time, its run record, the
     seconds around the run: before it (process start, imports, model resolve) and after (Ray's
     shut-down, exit), and the GPU's utilisation while it ran)."""
-    version = f"bench_{precision}_{decode}" + ("" if captions else "_no_captions")
+    version = f"bench_{precision}_{decode}_{runtime}" + ("" if captions else "_no_captions")
     command = [sys.executable, "-m", "rayclip.cli", "embed", "--data-dir", str(root), "--model", MODEL]
     command += ["--pretrained", "none", "--precision", precision, "--save-as", version, "--decode", decode]
     command += ["--batch-size", str(batch_size)] if batch_size else []
     command += ["--gpus-per-actor", str(gpus_per_actor)] if gpus_per_actor else []
     command += [] if captions else ["--no-captions"]
+    command += ["--runtime", runtime]
     launched, started = time.time(), time.perf_counter()
     with GpuSampler() as gpu:
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"RAY_ADDRESS": ""})
@@ -273,13 +279,16 @@ def decode_seconds(paths: list[Path], count: int = 256) -> float:
     return (time.process_time() - started) / len(sample)
 
 
-def encoder_rate(precision: str, device: str, batch_size: int, batches: int = 8) -> float:
-    """images/s of the image tower alone (normalise + encode_image of ready uint8 pixels, every core
-    as torch threads, or the GPU), the bound no pipeline around it passes."""
+def encoder_rate(precision: str, device: str, batch_size: int, runtime: str = "torch", batches: int = 8) -> float:
+    """images/s of the image tower alone (normalise + encode of ready uint8 pixels, every core as
+    torch's or OpenVINO's threads, or the GPU), the bound no pipeline around it passes."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     clip = model.load_model(model.resolve(MODEL, "none"), device=device, precision=precision)
+    if runtime == "openvino":  # as an embed actor runs it: the parts with the converted tower
+        clip = model.ClipModel.from_parts(clip.parts(model.image_tower(clip.spec)[0]), threads=threads)
     pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
     clip.encode_uint8(pixels)  # warm: the first call allocates
     started = time.perf_counter()
@@ -299,14 +308,18 @@ def flops_per_image() -> float:
     return float(counter.get_total_flops())
 
 
-def show_run(label: str, whole: float, run: dict, around: dict, bound: float, floor: float) -> None:
-    """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in."""
+def show_run(label: str, whole: float, run: dict, around: dict, bounds: dict[str, float], floor: float) -> None:
+    """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in
+    (steady / bound against each runtime's bound in `bounds`)."""
     steady, startup = run["steady_images_per_s"], run["startup_s"]
+    runtime = run.get("runtime") or "torch"  # a record from before --runtime has none
+    runtime += " (its conversion from the cache)" if run.get("converted_from_cache") else ""
     print(
         f"{label}: {whole:8.2f} images/s whole command ({around['wall']:.1f} s); run record {run['images_per_s']} "
         f"images/s over wall_s {run['wall_s']}; steady {steady} images/s after startup_s {startup} "
         f"(decode {run['decode']}; actors {run['actors']} x {run['torch_threads']} threads, "
-        f"{run.get('decode_threads', 1)} decoding, batch {run['batch_size']}, {run['precision']} on {run['device']}; "
+        f"{run.get('decode_threads', 1)} decoding, batch {run['batch_size']}, {run['precision']} on {run['device']}, "
+        f"runtime {runtime}; "
         f"decode {run['decode_s']} s, encode {run['encode_s']} s, write {run['write_s']} s; "
         f"{run.get('captions_embedded', 0)} captions encoded by the actors in {run.get('caption_encode_s', 0)} s)"
     )
@@ -320,7 +333,7 @@ def show_run(label: str, whole: float, run: dict, around: dict, bound: float, fl
     print(f"    start-up: {phases} (s); outside the run: {outside}{over_floor}")
     print(
         f"    run / steady = {run['images_per_s'] / steady:.2f}; whole command / steady = {whole / steady:.2f}; "
-        f"steady / bound = {steady / bound:.2f}; "
+        f"steady / bound = {', '.join(f'{steady / bound:.2f} ({name})' for name, bound in bounds.items())}; "
         f"whole - rows/steady = {around['wall'] - run['rows_embedded'] / steady:.1f} s; {around['gpu']}"
     )
 
@@ -331,7 +344,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the bare loops' batch (rayclip: its default)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="run the embeds (and the bare loops) on GPUs")
     parser.add_argument(
-        "--parts", default="fadn", help="which of (f), (p), (a)-(e), (n) and (g) to run, e.g. abcde (d/a needs a and d)"
+        "--parts",
+        default="fadn",
+        help="which of (f), (p), (a)-(e), (n), (o) and (g) to run, e.g. abcde (d/a: a and d)",
     )
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
@@ -365,13 +380,15 @@ def main() -> None:
             f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; "
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
         )
-        encoder = encoder_rate(chosen, device, args.batch_size)
-        bound = 1 / (1 / encoder + decode / cpus)
-        print(
-            f"the bound: {MODEL} image tower alone at {chosen} (batch {args.batch_size}, {cpus} threads): "
-            f"{encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the decode shared over "
-            f"{cpus} cores: {bound:.1f} images/s"
-        )
+        bounds = {}
+        for runtime in ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]:
+            encoder = encoder_rate(chosen, device, args.batch_size, runtime)
+            bounds[runtime] = 1 / (1 / encoder + decode / cpus)
+            print(
+                f"the bound ({runtime}): {MODEL} image tower alone at {chosen} (batch {args.batch_size}, {cpus} "
+                f"threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the decode "
+                f"shared over {cpus} cores: {bounds[runtime]:.1f} images/s"
+            )
 
         floor = 0.0
         if "f" in args.parts:
@@ -395,18 +412,22 @@ def main() -> None:
             "d": (f"(d) rayclip embed (defaults: decode {layout_auto})", "auto", "auto"),
             "e": (f"(e) rayclip embed --decode {layout_other}", "auto", layout_other),
             "n": ("(n) rayclip embed --no-captions (the images alone)", "auto", "auto"),
+            "o": ("(o) rayclip embed --runtime openvino", "auto", "auto"),
             "g": ("(g) rayclip embed --decode gpu", "auto", "gpu"),
         }
         runs = {}
         for part, (label, precision, where) in commands.items():
-            if part in args.parts and (part != "g" or args.gpus_per_actor):
-                captions = part != "n"
-                whole, run, around = rayclip_embed(root, precision, None, args.gpus_per_actor, where, captions)
+            if part in args.parts and (part != "g" or args.gpus_per_actor) and (part != "o" or not args.gpus_per_actor):
+                captions, runtime = part != "n", "openvino" if part == "o" else "torch"
+                whole, run, around = rayclip_embed(root, precision, None, args.gpus_per_actor, where, captions, runtime)
                 runs[part] = whole, run, around
-                show_run(label, whole, run, around, bound, floor)
+                show_run(label, whole, run, around, bounds, floor)
         if "d" in runs and "n" in runs:
             with_captions, alone = runs["d"][1]["steady_images_per_s"], runs["n"][1]["steady_images_per_s"]
             print(f"steady images/s with the captions encoded beside them / without: {with_captions / alone:.2f}")
+        if "d" in runs and "o" in runs:
+            on_openvino, on_torch = runs["o"][1]["steady_images_per_s"], runs["d"][1]["steady_images_per_s"]
+            print(f"steady images/s with the image tower on OpenVINO / on torch: {on_openvino / on_torch:.2f}")
         for part, (whole, run, _) in runs.items():
             steady = run["steady_images_per_s"]
             ratios = [f"{part}/a = {whole / a:.2f} whole command, {steady / a:.2f} steady"]

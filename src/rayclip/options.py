@@ -29,6 +29,7 @@ from dataclasses import field
 # The facts more than one class refers to, written here once.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("auto", "actor", "tasks", "gpu")
+RUNTIMES = ("torch", "openvino")  # what runs the image tower in an embed run
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_COLLAPSE = 0.96  # cosine at or above which a lower-ranked result is a near-duplicate
@@ -95,7 +96,7 @@ class IngestOptions:
 
 @dataclasses.dataclass(frozen=True)
 class EmbedOptions:
-    """The Ray Data job: actor pool, batches, partitioning, precision."""
+    """The Ray Data job: actor pool, batches, partitioning, precision, runtime."""
 
     actors: int | None = _opt(
         None,
@@ -114,6 +115,12 @@ class EmbedOptions:
         "where images are decoded: actor (inside it, overlapped with the encode), tasks (Ray Data CPU tasks "
         "feeding the actors uint8 pixels), gpu (JPEGs on the actors' GPUs); auto: tasks with GPUs, else actor",
         choices=DECODES,
+    )
+    runtime: str = _opt(
+        "torch",
+        "what runs the image tower: torch, or openvino (CPU only: the tower converted once per model_version "
+        "and cached on this machine; needs pip install 'rayclip[openvino]'); the text tower is torch's either way",
+        choices=RUNTIMES,
     )
     # embed files its vectors under a name; every other command *selects* by --model-version
     save_as: str | None = _opt(None, "file the embeddings under this model_version instead of the model's own")

@@ -223,6 +223,7 @@ def test_no_old_spellings_are_parsed(argv, capsys):
         (["search", "--collapse", "0.9", "--where", "width > 1"], {"collapse": 0.9, "where": "width > 1"}),
         (["serve", "--cors-origin", "a", "--cors-origin", "*"], {"cors_origin": ["a", "*"]}),
         (["ingest", "--distributor", "ray", "--refetch"], {"distributor": "ray", "refetch": True}),
+        (["embed", "--runtime", "openvino"], {"runtime": "openvino"}),
     ],
 )
 def test_spellings_parse_to_their_option(argv, expected):
@@ -232,7 +233,12 @@ def test_spellings_parse_to_their_option(argv, expected):
 
 @pytest.mark.parametrize(
     "argv",
-    [["embed", "--actors", "0"], ["eval", "--recall-at", "0"], ["ingest", "--distributor", "spark"]],
+    [
+        ["embed", "--actors", "0"],
+        ["eval", "--recall-at", "0"],
+        ["ingest", "--distributor", "spark"],
+        ["embed", "--runtime", "onnx"],
+    ],
 )
 def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):

@@ -1,5 +1,6 @@
 """The only package that knows open_clip: naming a model (`names.py`: ModelSpec, resolve, the checks),
-choosing its precision (`precision.py`), loading it and encoding images and texts (`clip.py`).
+choosing its precision (`precision.py`), loading it and encoding images and texts (`clip.py`),
+and its image tower converted to OpenVINO for `--runtime openvino` (`openvino.py`, an optional extra).
 
 Every loading path goes through `load_model`: a named pretrained tag (Hugging Face cache or
 download), a local checkpoint file, `hf-hub:` ids, random init (`none`, seeded, for plumbing) and
@@ -22,6 +23,7 @@ from .names import (
     register_configs,
     resolve,
 )
+from .openvino import ImageTower, image_tower, import_openvino
 from .precision import choose_precision, cpu_flags
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "REFERENCE_MODEL",
     "REFERENCE_WEIGHTS",
     "ClipModel",
+    "ImageTower",
     "ModelParts",
     "ModelSpec",
     "Pixels",
@@ -39,7 +42,9 @@ __all__ = [
     "check_names",
     "choose_precision",
     "cpu_flags",
+    "image_tower",
     "import_model_libraries",
+    "import_openvino",
     "load_model",
     "named",
     "quiet_root_logger",

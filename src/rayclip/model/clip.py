@@ -40,6 +40,7 @@ class ModelParts:
     spec: ModelSpec  # with the precision the weights are in
     tensors: dict[str, object]  # every parameter and buffer by name, as numpy (_as_numpy)
     preprocess: object  # open_clip's image transform
+    image_tower: object = None  # openvino.ImageTower: the image tower to run on OpenVINO instead of torch
 
 
 def _as_numpy(tensor):
@@ -136,6 +137,7 @@ class ClipModel:
         self._torch = torch
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_lock = threading.Lock()
+        self._image_tower = None  # the compiled OpenVINO tower, when the parts carry one (from_parts)
 
     @functools.cached_property
     def tokenizer(self):
@@ -148,17 +150,20 @@ class ClipModel:
     def context_length(self) -> int:
         return getattr(self.tokenizer, "context_length", 77)
 
-    def parts(self) -> ModelParts:
-        """What another process needs to rebuild this model without loading or initialising it again."""
+    def parts(self, image_tower=None) -> ModelParts:
+        """What another process needs to rebuild this model without loading or initialising it again.
+        With `image_tower` (openvino.ImageTower) they carry it instead of torch's image tower weights."""
         tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        return ModelParts(
-            self.spec, {name: _as_numpy(t.detach().cpu()) for name, t in tensors.items()}, self.preprocess
-        )
+        if image_tower is not None:
+            tensors = {name: t for name, t in tensors.items() if not name.startswith("visual.")}
+        arrays = {name: _as_numpy(t.detach().cpu()) for name, t in tensors.items()}
+        return ModelParts(self.spec, arrays, self.preprocess, image_tower)
 
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str = "cpu", threads: int | None = None) -> ClipModel:
         """The model parts() describes, on `device`: its architecture built without initialising weights
-        (on torch's meta device), then every parameter and buffer set from the parts."""
+        (on torch's meta device), then every parameter and buffer set from the parts; an image tower
+        the parts carry is compiled for OpenVINO (torch's stays on the meta device, never used)."""
         import open_clip
         import torch
 
@@ -177,6 +182,10 @@ class ClipModel:
                 module._buffers[leaf] = tensor
         clip = cls.__new__(cls)
         clip._ready(parts.spec, model, parts.preprocess, device)
+        if parts.image_tower is not None:
+            from .openvino import compiled
+
+            clip._image_tower = compiled(parts.image_tower, parts.spec.precision, threads)
         return clip
 
     def _normalised(self, features) -> np.ndarray:
@@ -202,6 +211,9 @@ class ClipModel:
         return self.stack([self.preprocess(img) for img in images])
 
     def encode_pixels(self, pixels) -> np.ndarray:
+        if self._image_tower is not None:  # OpenVINO takes fp32 in and computes at the run's precision
+            features = self._image_tower(pixels.float().cpu().numpy())[0]
+            return self._normalised(self._torch.from_numpy(features))
         with self._torch.inference_mode():
             return self._normalised(self.model.encode_image(pixels.to(self.device, self.input_dtype)))
 

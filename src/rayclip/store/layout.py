@@ -296,6 +296,13 @@ def build_cache(cache_home: Path, root: Location, model_version: str, build_id: 
     return cache_home / "builds" / store / model_version / build_id
 
 
+def openvino_cache(cache_home: Path, model_version: str, model_key: str, openvino_version: str) -> Path:
+    """Where this machine keeps a model's image tower converted to OpenVINO (--runtime openvino): per
+    model_version, the model itself (`model_key`: --save-as may file two models under one name) and
+    the OpenVINO release that converted it (its IR is read back only by the same one)."""
+    return cache_home / "openvino" / model_version / f"{model_key}-{slug(openvino_version)}"
+
+
 # debris: what runs killed mid-way leave, as patterns under the data root (debris.py judges them)
 DOWNLOAD_FOLDERS = "bronze/downloads/*"  # downloads_dir of every run
 SILVER_WORK_FOLDERS = "silver/_work/*"  # silver_work_dir of every run

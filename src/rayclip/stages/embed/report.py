@@ -27,6 +27,8 @@ class EmbedReport:
     precision: str = ""  # what the model computed in: fp32, bf16 or fp16
     device: str = ""  # where the actors ran the model: cpu, or cuda with --gpus-per-actor
     decode: str = ""  # where images were decoded: actor, tasks or gpu (choose_decode)
+    runtime: str = ""  # what ran the image tower: torch or openvino (--runtime)
+    converted_from_cache: bool = False  # openvino: the converted tower came from this machine's cache
     blocks: int = 0
     tasks: int = 0
     wall_s: float = 0.0

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ... import cluster
+from ...errors import UserError
 from ...model import (
     ModelParts,
     ModelSpec,
@@ -18,9 +19,11 @@ from ...model import (
     check_available,
     check_names,
     choose_precision,
+    image_tower,
+    import_openvino,
     load_model,
 )
-from ...options import EmbedOptions
+from ...options import RUNTIMES, EmbedOptions
 from ...progress import Progress, watch
 from ...store import catalog, debris, layout, silver, storage
 from .plan import plan_in_ray, plan_sources, planned_in_driver
@@ -47,10 +50,13 @@ def filed_as(spec: ModelSpec, save_as: str | None = EmbedOptions.save_as) -> Mod
     return dataclasses.replace(spec, version=layout.slug(save_as)) if save_as else spec
 
 
-def _shareable_model(spec: ModelSpec) -> tuple[ModelParts, Pixels]:
-    """The model built once (loaded or initialised, at spec.precision) as parts for the actors, and its Pixels."""
+def _shareable_model(spec: ModelSpec, runtime: str) -> tuple[ModelParts, Pixels, bool]:
+    """The model built once (loaded or initialised, at spec.precision) as parts for the actors, and its
+    Pixels; with runtime openvino the parts carry its image tower converted, and whether the
+    conversion came from this machine's cache."""
     clip = load_model(spec, precision=spec.precision)
-    return clip.parts(), clip.pixels
+    tower, cached = image_tower(spec) if runtime == "openvino" else (None, False)
+    return clip.parts(tower), clip.pixels, cached
 
 
 def embed(
@@ -67,6 +73,7 @@ def embed(
     save_as: str | None = EmbedOptions.save_as,
     decode: str = EmbedOptions.decode,
     no_captions: bool = EmbedOptions.no_captions,
+    runtime: str = EmbedOptions.runtime,
     *,
     progress: Progress | None = None,
     start_ray: Callable[[], object] = cluster.start,
@@ -75,6 +82,7 @@ def embed(
 
     `actors` defaults to default_actors() of the cluster; `precision` is chosen once, here, so
     every actor of a run computes at the same one (model.choose_precision says what auto picks).
+    `runtime` openvino runs the image tower on OpenVINO (model.openvino; CPU actors only).
     The vectors go to partition `dt` under filed_as(spec, save_as).
     progress(done, total) counts rows embedded or failed, as the actors report them.
 
@@ -96,7 +104,7 @@ def embed(
     )
     report.precision, report.device = choose_precision(precision, device), device
     spec = dataclasses.replace(spec, precision=report.precision)
-    report.actors, report.batch_size = actors or 0, batch_size
+    report.actors, report.batch_size, report.runtime = actors or 0, batch_size, _checked_runtime(runtime, device)
 
     manifest, silver_files = plan_sources(root, spec.model_version, force)  # an empty manifest fails before Ray starts
     captions_for = None if no_captions else spec.model_version
@@ -111,7 +119,7 @@ def embed(
     import ray
 
     with ThreadPoolExecutor(1, "rayclip-model") as builder:
-        building = builder.submit(_shareable_model, spec)  # while Ray starts
+        building = builder.submit(_shareable_model, spec, runtime)  # while Ray starts
         start_ray()
         marks["ray_start"] = time.time()
         if planned is None:
@@ -123,7 +131,7 @@ def embed(
             report.rows_planned = planned.num_rows
         if report.rows_planned == 0:
             return save_record(root, report)
-        parts, pixels = building.result()
+        parts, pixels, report.converted_from_cache = building.result()
         parts = ray.put(parts)  # the driver's copy of the weights goes; the object store's is shared
         marks["model_build"] = time.time()
     report.cluster = ray.get_runtime_context().gcs_address
@@ -231,6 +239,17 @@ def embed(
     report.caption_encode_s = round(seconds.get("captions", 0.0), 3)
     report.partition = str(partition.relative_to(root))
     return save_record(root, report)
+
+
+def _checked_runtime(runtime: str, device: str) -> str:
+    """The runtime asked for, when this run can use it: openvino installed, and CPU actors."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; pick one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        if device != "cpu":
+            raise UserError("--runtime openvino runs on CPUs: leave out --gpus-per-actor")
+        import_openvino()
+    return runtime
 
 
 def _recorded_as(root: storage.Location, spec: ModelSpec) -> bool:
