@@ -15,8 +15,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from helpers import two_node_cluster
+from helpers.stores import embed_runs
 from rayclip import cluster as rayclip_cluster
-from rayclip.store import catalog, storage
+from rayclip.store import storage
 
 
 @ray.remote(num_cpus=0.1)
@@ -47,10 +48,7 @@ if __name__ == "__main__":
         env = os.environ | {"RAY_ADDRESS": cluster.address}
         # 24 images at batch 8: three batches for two actors (at the default 32 they would be one).
         done = subprocess.run(cmd + ["--actors", "2", "--batch-size", "8", "--no-captions"], env=env, timeout=300)
-        runs = sorted(
-            (r for stage, _, r in catalog.run_records(storage.data_root(data_dir)) if stage == "embed"),
-            key=lambda r: r["run_id"],
-        )
+        runs = embed_runs(storage.data_root(data_dir))
         stray = two_node_cluster.off_loopback(cluster)
         if done.returncode or not runs or stray:
             print(f"failed: {done.returncode}, addresses beyond loopback: {stray}")

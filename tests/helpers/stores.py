@@ -32,6 +32,13 @@ def run_ingest(data_dir: Path, metadata_path: Path, **kwargs) -> ingest.IngestRe
     return ingest.ingest_metadata(data_dir, metadata_path, timeout=3, **kwargs)
 
 
+def embed_runs(root) -> list[dict]:
+    """Every embed run record under a data root (local or object store), oldest first."""
+    from rayclip.store import catalog
+
+    return sorted((r for stage, _, r in catalog.run_records(root) if stage == "embed"), key=lambda r: r["run_id"])
+
+
 def read_silver(root: Path, model_version: str) -> pa.Table:
     """Every committed silver row of a model_version, read back from Parquet (local or object store)."""
     from rayclip.store import catalog, storage

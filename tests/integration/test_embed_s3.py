@@ -35,10 +35,6 @@ def s3_store(ingested, s3_root):
     return s3_root
 
 
-def embed_runs(root) -> list[dict]:
-    return sorted((r for stage, _, r in catalog.run_records(root) if stage == "embed"), key=lambda r: r["run_id"])
-
-
 def partition_files(root) -> list[str]:
     """Every Parquet file under silver's partitions, committed or not."""
     return [str(f) for f in storage.glob(layout.embeddings_dir(root), "*/dt=*/*.parquet")]

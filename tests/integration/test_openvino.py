@@ -3,18 +3,17 @@ is recorded, and its missing extra is one line."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 import pytest
-from helpers.stores import cli, open_clip_embeddings, read_silver
+from helpers.stores import cli, embed_runs, open_clip_embeddings, read_silver
 
 from rayclip import model
 from rayclip.images import decode_image
 from rayclip.model import openvino
 from rayclip.stages.embed import run as embed_run
-from rayclip.store import catalog, layout
+from rayclip.store import catalog
 
 pytest.importorskip("openvino")  # the optional extra (the dev extra installs it)
 
@@ -29,11 +28,6 @@ def own_cache(tmp_path, monkeypatch):
 def vectors_by_id(root, model_version: str) -> dict[str, np.ndarray]:
     table = read_silver(root, model_version)
     return dict(zip(table.column("media_id").to_pylist(), catalog.vector_matrix(table)))
-
-
-def run_record(root, model_version: str) -> dict:
-    runs = sorted(layout.embed_runs_dir(root).glob("*.json"))
-    return [r for r in map(json.loads, (p.read_text() for p in runs)) if r["model_version"] == model_version][-1]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -57,7 +51,7 @@ def test_cli_embed_runtime_openvino_matches_open_clip_and_reuses_its_conversion(
     def embed_as(save_as: str, *args: str) -> dict:
         argv = ["--pretrained", "reference", "--precision", "fp32", "--no-captions", "--save-as", save_as, *args]
         assert cli("embed", "--data-dir", str(store), "--runtime", "openvino", *argv) == 0
-        return run_record(store, save_as)
+        return [run for run in embed_runs(store) if run["model_version"] == save_as][-1]
 
     first = embed_as("ref_ov")
     again = embed_as("ref_ov", "--force")

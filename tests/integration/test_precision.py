@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from helpers.site import HeldOut, held_out_site
-from helpers.stores import read_silver, run_ingest
+from helpers.stores import embed_runs, read_silver, run_ingest
 
 from rayclip import Searcher, UserError, model
 from rayclip.eval import recall
@@ -26,8 +26,7 @@ def silver_vectors(root, model_version: str) -> dict[str, np.ndarray]:
 
 
 def run_record(root, model_version: str) -> dict:
-    runs = [json.loads(p.read_text()) for p in layout.embed_runs_dir(root).glob("*.json")]
-    return next(r for r in runs if r["model_version"] == model_version and r["rows_embedded"])
+    return next(r for r in embed_runs(root) if r["model_version"] == model_version and r["rows_embedded"])
 
 
 def test_auto_precision_follows_the_cpu_flags(monkeypatch):
