@@ -151,6 +151,8 @@ def _plan_streaming(manifest: list[storage.Location], silver_files: list[storage
     # The sort-based shuffle: Ray tasks only (a hash shuffle's aggregator actors take seconds to start
     # even for a small manifest), and its output is sorted by media_id, so --limit takes the smallest.
     tagged.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # Blocks leave in media_id order even when a later one is filtered first (a loaded machine).
+    tagged.context.execution_options.preserve_order = True
     grouped = tagged.groupby("media_id").aggregate(
         Min("path", alias_name="path"), Max("embedded", alias_name="embedded")
     )
