@@ -2,6 +2,9 @@
 passes through it, and a seeded share of them gets what a busy S3 answers instead of the real reply:
 503 SlowDown, 500 InternalError, a connection reset without an answer, or the real answer cut short
 (its connection closed before the Content-Length it announced, as a download whose connection breaks).
+The share is spread evenly over each verb's requests (HEAD, GET, LIST, PUT, POST, DELETE: one in
+1/share of each, from a seeded start) and the fault kinds go round in a seeded order, so a run with
+enough requests spoils every verb and every kind, whatever order its threads send them in.
 
 Stdlib only (http.server + http.client). By default it forwards everything untouched; a test sets
 `proxy.throttle(share, ...)` for the requests it wants spoilt and `proxy.clean()` after. Ray's
@@ -62,6 +65,9 @@ class ThrottlingProxy:
         self.upstream = upstream
         self.rule = Rule()
         self.rng = random.Random(seed)
+        self.matched: Counter = Counter()  # verb -> requests the rule matched since throttle()
+        self.phase: dict[str, float] = {}  # verb -> its seeded start in the stride
+        self.kinds: list[str] = []  # the rule's fault kinds in their seeded order
         self.lock = threading.Lock()
         self.local = threading.local()  # each handler thread's connection to the upstream server
         self.seen: Counter = Counter()  # method -> requests
@@ -97,6 +103,9 @@ class ThrottlingProxy:
         with self.lock:
             self.rule = Rule(share, **rule)
             self.rng = random.Random(seed)
+            self.matched.clear()
+            self.phase.clear()
+            self.kinds = self.rng.sample(self.rule.kinds, len(self.rule.kinds))
             self.spoilt.clear()
             self.log.clear()
 
@@ -110,12 +119,21 @@ class ThrottlingProxy:
             rule = self.rule
             if not rule.share or method not in rule.methods or not rule.match(method, path):
                 return None
-            if self.rng.random() >= rule.share or rule.limit == sum(self.spoilt.values()):
+            if not self._in_stride(verb(method, path)) or rule.limit == sum(self.spoilt.values()):
                 return None
-            fault = self.rng.choice(rule.kinds)
+            fault = self.kinds[len(self.log) % len(self.kinds)]
             self.log.append((method, path, fault))
             self.spoilt[method, fault] += 1
             return fault
+
+    def _in_stride(self, verb: str) -> bool:
+        """Whether this verb's next request is spoilt: one in every 1/share of its requests, from a
+        seeded start (so a verb with 1/share requests or more has at least one spoilt)."""
+        share = self.rule.share
+        start = self.phase.setdefault(verb, self.rng.random())
+        n = self.matched[verb]
+        self.matched[verb] += 1
+        return int((n + 1) * share + start) > int(n * share + start)
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
@@ -180,6 +198,11 @@ class ThrottlingProxy:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def verb(method: str, path: str) -> str:
+    """The S3 verb of a request: LIST for a GET with a list-type query, else its HTTP method."""
+    return "LIST" if method == "GET" and "list-type=" in path else method
 
 
 def key(path: str) -> str:
