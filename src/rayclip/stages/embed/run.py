@@ -30,7 +30,7 @@ from .plan import plan_in_ray, plan_sources, planned_in_driver
 from .report import EmbedReport, startup_breakdown
 from .sizing import WRITE_TASK_CPUS, actor_resources, choose_decode, decode_task_cpus, default_actors
 from .stats_text import remote_wall_s, tasks_executed
-from .worker import CALLS_PER_ACTOR, CaptionRows, Decoder, EmbedUDF, RunStats, decode_block
+from .worker import CALLS_PER_ACTOR, Decoder, EmbedUDF, RunStats, decode_block
 
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 
@@ -143,7 +143,7 @@ def embed(
     report.blocks = blocks or max(actors * 8, int(report.cluster_cpus) * 2 if report.decode == "tasks" else 0)
     report.blocks = min(report.blocks, report.rows_planned)
     stats = ray.remote(num_cpus=0)(RunStats).remote()
-    caption_rows = ray.remote(num_cpus=0)(CaptionRows).remote() if planned is not None and captions_for else None
+    captions = planned is not None and captions_for is not None  # the actors encode the planned captions
     if planned is not None:  # split here, and described here: from_arrow would ask Ray tasks for each block's
         # metadata, seconds of worker start-up on a fresh cluster; from_blocks reads it in this process
         bounds = [planned.num_rows * i // report.blocks for i in range(report.blocks + 1)]
@@ -181,7 +181,7 @@ def embed(
             "decode": report.decode,
             "device": device,
             "stats": stats,
-            "caption_rows": caption_rows,
+            "captions": captions,
         },
     )
     # Ray Data starts pool actors asynchronously by default: with little work the first actor up can
@@ -215,8 +215,8 @@ def embed(
         report.write_s = round(remote_wall_s(stats_text, "Write"), 3)
         silver.record_model(root, spec.model_version, spec.to_dict())
         committed = silver.commit(root, spec.model_version, layout.EMBEDDINGS, report.dt, report.run_id, "embed")
-        if caption_rows is not None:  # after the images: a caption vector is only read for an embedded image
-            ray.get(caption_rows.write.remote(storage.uri(root), spec.model_version, report.dt, report.run_id))
+        if captions:  # after the images: a caption vector is only read for an embedded image
+            ray.get(stats.write_captions.remote(storage.uri(root), spec.model_version, report.dt, report.run_id))
             captioned = silver.commit(root, spec.model_version, layout.CAPTIONS, report.dt, report.run_id, "embed")
             report.captions_embedded = captioned["rows"] if captioned else 0
     debris.sweep(root, (debris.SILVER_WORK,))  # files and work folders of killed runs

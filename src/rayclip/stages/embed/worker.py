@@ -28,9 +28,12 @@ DECODE_FAILED = Refused(DECODE_ERROR)  # the bytes hash right but are no image t
 
 
 class RunStats:
-    """Collects what the actors did (a Ray actor with no CPU, created per run)."""
+    """What a run's actors hand back to its driver (a Ray actor with no CPU, one per run): what they
+    did, and the caption rows they encoded, written once the images are committed. One actor, not
+    two: each is a process of its own to start."""
 
     def __init__(self) -> None:
+        self.caption_tables: list[pa.Table] = []
         self.rows_by_worker: Counter = Counter()  # (node_id, actor_id) -> rows embedded
         self.failures: list[tuple[str, str]] = []
         self.seconds: Counter = Counter()  # stage -> seconds, summed over actors
@@ -63,6 +66,18 @@ class RunStats:
 
     def rows_done(self) -> int:
         return sum(self.rows_by_worker.values()) + len(self.failures)
+
+    def add_captions(self, rows: pa.Table) -> None:
+        self.caption_tables.append(rows)
+
+    def write_captions(self, data_root: str, model_version: str, day: str, run_id: str) -> int:
+        """The caption rows in files of silver.CAPTION_ROWS_PER_FILE (not yet committed); how many."""
+        if not self.caption_tables:
+            return 0
+        rows, per_file = pa.concat_tables(self.caption_tables), silver.CAPTION_ROWS_PER_FILE
+        files = (rows.slice(start, per_file) for start in range(0, rows.num_rows, per_file))
+        silver.write_files(storage.location(data_root), model_version, layout.CAPTIONS, day, run_id, files)
+        return rows.num_rows
 
 
 class Decoder:
@@ -156,7 +171,7 @@ class EmbedUDF:
         decode: str,
         device: str,
         stats,
-        caption_rows=None,
+        captions: bool = False,
     ) -> None:
         import ray
 
@@ -168,7 +183,7 @@ class EmbedUDF:
         marks["model_load"] = time.time()
         jpegs_on = device if decode == "gpu" else None
         self.decoder = Decoder(data_root, self.model.pixels, decode_threads, jpegs_on)
-        self.stats, self.caption_rows = stats, caption_rows
+        self.stats, self.captions = stats, captions
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
@@ -182,7 +197,7 @@ class EmbedUDF:
         else:
             ids, pixels, failures = self.decoder(batch["media_id"], batch["path"])
         decoded = time.perf_counter()
-        texts = _captions_of(batch, ids) if self.caption_rows is not None else []
+        texts = _captions_of(batch, ids) if self.captions else []
         with self.encode_lock:
             encode_at = time.time()
             encode_started = time.perf_counter()
@@ -191,7 +206,7 @@ class EmbedUDF:
             if texts:  # the same model's text tower, in the same turn at the cores
                 text_ids = pa.array([layout.caption_id(text) for text in texts], pa.string())
                 rows = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
-                self.caption_rows.add.remote(rows)
+                self.stats.add_captions.remote(rows)
         seconds = {"decode": decoded - started, "encode": encoded - encode_started}
         seconds["captions"] = time.perf_counter() - encoded
         self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
@@ -204,23 +219,3 @@ def _captions_of(batch: dict, ids: list[str]) -> list[str]:
         return []
     by_id = dict(zip(batch["media_id"], batch["captions"]))
     return [str(text) for media_id in ids for text in by_id[media_id]]
-
-
-class CaptionRows:
-    """The caption rows a run's actors encode (a Ray actor with no CPU, per run), written as the run's
-    files of the captions table once the images are committed."""
-
-    def __init__(self) -> None:
-        self.tables: list[pa.Table] = []
-
-    def add(self, rows: pa.Table) -> None:
-        self.tables.append(rows)
-
-    def write(self, data_root: str, model_version: str, day: str, run_id: str) -> int:
-        """The rows in files of silver.CAPTION_ROWS_PER_FILE (not yet committed); how many."""
-        if not self.tables:
-            return 0
-        rows, per_file = pa.concat_tables(self.tables), silver.CAPTION_ROWS_PER_FILE
-        files = (rows.slice(start, per_file) for start in range(0, rows.num_rows, per_file))
-        silver.write_files(storage.location(data_root), model_version, layout.CAPTIONS, day, run_id, files)
-        return rows.num_rows
