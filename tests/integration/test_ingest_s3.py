@@ -26,6 +26,8 @@ class LocalDirs:
 @pytest.fixture
 def empty_local_dirs(tmp_path, monkeypatch) -> LocalDirs:
     """TMPDIR and the working directory pointed at empty folders, to prove nothing lands on local disk."""
+    import img2dataset  # noqa: F401 - first: this process's own wandb folders (made at import, gone at exit)
+
     dirs = LocalDirs(tmp_path / "tmpdir", tmp_path / "cwd")
     dirs.scratch.mkdir()
     dirs.cwd.mkdir()
@@ -36,10 +38,9 @@ def empty_local_dirs(tmp_path, monkeypatch) -> LocalDirs:
 
 
 def assert_no_local_files(dirs: LocalDirs) -> None:
-    """Not one file under TMPDIR or the working directory; wandb (imported by img2dataset) makes its
-    empty temporary folders at import, the only thing allowed there."""
-    assert [p for p in dirs.scratch.rglob("*") if p.is_file()] == []
-    assert all("wandb" in p.name for p in dirs.scratch.iterdir())
+    """Nothing under TMPDIR or the working directory: not a file, and not the empty folders that
+    wandb (imported by img2dataset's spawned processes) makes and, in those, never removes."""
+    assert list(dirs.scratch.rglob("*")) == []
     assert list(dirs.cwd.iterdir()) == []
 
 
@@ -63,8 +64,9 @@ def uploaded(local_file, to: str) -> str:
     return to
 
 
-def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site):
-    """The metadata is read from an s3:// URL too (`--metadata s3://…`)."""
+def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site, empty_local_dirs):
+    """The metadata is read from an s3:// URL too (`--metadata s3://…`); the download's processes
+    leave nothing on the local disk."""
     metadata_url = uploaded(good_metadata, f"{storage.uri(s3_root)}-inbox/laion/good.parquet")
     first = run_ingest(s3_root, metadata_url)
     assert (first.rows_read, first.stored, first.source) == (GOOD_IMAGES + 1, GOOD_IMAGES, "metadata:good.parquet")
@@ -77,6 +79,7 @@ def test_rerun_of_known_urls_on_s3_makes_no_request(s3_root, good_metadata, site
         0,
     )
     assert site.requests == before  # img2dataset was not even started
+    assert_no_local_files(empty_local_dirs)
 
 
 def test_folder_ingest_on_s3(s3_root, tmp_path, empty_local_dirs):

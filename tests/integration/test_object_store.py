@@ -83,7 +83,8 @@ def test_the_pipeline_writes_nothing_to_local_disk_while_it_runs(s3_pipeline):
     """Every file any process of ingest, embed and index wrote, watched while they ran. Inside the
     folders they were pointed at, files only in Ray's session folder (RAY_TMPDIR/ray/session_*: logs,
     sockets, ports), Ray's token ($HOME/.ray/auth_token) and Python's probe of TMPDIR (removed at
-    once); the rest is empty folders (wandb's, which img2dataset imports, and torch's compile cache's)."""
+    once); the rest is empty folders (wandb's, which img2dataset imports, the download's scratch
+    TMPDIR, and torch's compile cache's)."""
     watched, given = s3_pipeline.watched, s3_pipeline.watched.folders_given
     assert catalog.current_build(s3_pipeline.root, REFERENCE)  # the run did its work, on S3
     outside = sorted(

@@ -5,9 +5,12 @@ the next. img2dataset is known to this module only."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -86,27 +89,47 @@ def _shard_rows(rows: int, workers: int) -> int:
     return min(high, max(low, math.ceil(rows / (workers * SHARDS_PER_WORKER))))
 
 
+@contextlib.contextmanager
+def _scratch_tmpdir() -> Iterator[None]:
+    """$TMPDIR pointed, while img2dataset runs, at a folder of this run's, removed after.
+
+    img2dataset imports wandb, which makes two temporary folders at import and removes them at
+    exit; but img2dataset's spawned processes end without running exit handlers, so each would
+    leave its two in the user's $TMPDIR for good. (This process's own are removed at its exit.)"""
+    real = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="rayclip-img2dataset-") as scratch:  # in the real TMPDIR
+        os.environ["TMPDIR"] = scratch
+        try:
+            yield
+        finally:
+            if real is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = real
+
+
 def _img2dataset(input_file: Location, output_dir: Location, distributor: str, shard_rows: int, **options) -> None:
     from img2dataset import download
 
-    download(
-        url_list=storage.uri(input_file),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_folder=storage.uri(output_dir),  # fsspec: a local folder or an object-store prefix
-        # One Parquet object per shard, bytes and statuses together: on an object store one write
-        # per shard instead of three per image, and one read back.
-        output_format="parquet",
-        resize_mode="no",
-        # Keep the original bytes of every format: media_id is the sha256 of what the server sent.
-        disable_all_reencoding=True,
-        compute_hash="sha256",
-        distributor=distributor,
-        number_sample_per_shard=shard_rows,
-        enable_wandb=False,
-        **options,
-    )
+    with _scratch_tmpdir():
+        download(
+            url_list=storage.uri(input_file),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            output_folder=storage.uri(output_dir),  # fsspec: a local folder or an object-store prefix
+            # One Parquet object per shard, bytes and statuses together: on an object store one write
+            # per shard instead of three per image, and one read back.
+            output_format="parquet",
+            resize_mode="no",
+            # Keep the original bytes of every format: media_id is the sha256 of what the server sent.
+            disable_all_reencoding=True,
+            compute_hash="sha256",
+            distributor=distributor,
+            number_sample_per_shard=shard_rows,
+            enable_wandb=False,
+            **options,
+        )
 
 
 def _follow_shards(output_dir: Location, admitter: Admitter, finished: threading.Event) -> None:
