@@ -101,6 +101,26 @@ def test_incremental_runs_and_bad_objects(store, ray_session):
     assert rotten["media_id"] not in embedded and swapped["media_id"] not in embedded
 
 
+def test_the_driver_waits_for_every_batchs_record_before_it_reads_the_stats(ray_session, monkeypatch):
+    """The actors' records (and the caption rows sent before each) come from another caller than
+    the driver, so they may arrive after the write has ended: the driver waits for all of them, and
+    for no more than RECORDS_WAIT_S when some never come."""
+    import threading
+
+    import ray
+
+    from rayclip.stages.embed import run, worker
+
+    stats = ray.remote(num_cpus=0)(worker.RunStats).remote()
+    late = threading.Timer(0.5, lambda: stats.record.remote(("node", "actor"), 7, [], {}, 0.0))
+    late.start()
+    run._all_recorded(stats, 7)
+    assert ray.get(stats.rows_done.remote()) == 7
+    monkeypatch.setattr(run, "RECORDS_WAIT_S", 0.2)
+    run._all_recorded(stats, 8)  # one row never recorded: it returns all the same
+    ray.kill(stats)
+
+
 def test_missing_weights_fail_fast_with_one_line(store, tmp_path):
     """Offline (HF_HUB_OFFLINE) with an empty Hugging Face cache, whatever this host has cached or reaches."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")}

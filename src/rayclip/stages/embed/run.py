@@ -33,6 +33,7 @@ from .stats_text import remote_wall_s, tasks_executed
 from .worker import CALLS_PER_ACTOR, Decoder, EmbedUDF, RunStats, decode_block
 
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
+RECORDS_WAIT_S = 30  # at most, for the stats actor to receive the last batches' records
 
 
 class _RunFiles:
@@ -210,6 +211,7 @@ def embed(
                 filename_provider=_RunFiles(report.run_id),
                 ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
             )
+        _all_recorded(stats, report.rows_planned)
         stats_text = ds.stats()
         report.tasks = tasks_executed(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(remote_wall_s(stats_text, "Write"), 3)
@@ -239,6 +241,18 @@ def embed(
     report.caption_encode_s = round(seconds.get("captions", 0.0), 3)
     report.partition = str(partition.relative_to(root))
     return save_record(root, report)
+
+
+def _all_recorded(stats, rows: int) -> None:
+    """Wait until the stats actor has a record of each of the `rows` planned. The write ends once
+    the actors have returned their batches, but the records they sent just before (from another
+    caller than this driver: Ray keeps no order between the two) may still be on their way; each
+    actor sends its caption rows before its record, so then the stats actor holds those too."""
+    import ray
+
+    deadline = time.monotonic() + RECORDS_WAIT_S
+    while ray.get(stats.rows_done.remote()) < rows and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _checked_runtime(runtime: str, device: str) -> str:
