@@ -92,7 +92,11 @@ def planned_in_driver(
 
 def plan_in_ray(manifest: list, silver_files: list, limit: int | None):
     work = _plan_streaming(manifest, silver_files)
-    return work.limit(limit).materialize() if limit is not None and limit < work.count() else work
+    if limit is not None and limit < work.count():
+        work = work.limit(limit).materialize()
+    # The plan's blocks are in order now; the embed steps that run on it need not wait for order.
+    work.context.execution_options.preserve_order = False
+    return work
 
 
 def plans_in_driver(manifest: list[storage.Location], silver_files: list[storage.Location]) -> bool:
