@@ -3,8 +3,9 @@ passes through it, and a seeded share of them gets what a busy S3 answers instea
 503 SlowDown, 500 InternalError, a connection reset without an answer, or the real answer cut short
 (its connection closed before the Content-Length it announced, as a download whose connection breaks).
 The share is spread evenly over each verb's requests (HEAD, GET, LIST, PUT, POST, DELETE: one in
-1/share of each, from a seeded start) and the fault kinds go round in a seeded order, so a run with
-enough requests spoils every verb and every kind, whatever order its threads send them in.
+1/share of each, from a seeded start) and the fault kinds go round in a seeded order over all the
+spoilt requests, so a run with enough requests spoils every verb, and every kind on some verb,
+whatever order its threads send them in.
 
 Stdlib only (http.server + http.client). By default it forwards everything untouched; a test sets
 `proxy.throttle(share, ...)` for the requests it wants spoilt and `proxy.clean()` after. Ray's
@@ -45,7 +46,7 @@ class Rule:
     share: float = 0.0  # of the matching requests, how many are spoilt
     methods: tuple[str, ...] = ("HEAD", "GET", "PUT", "POST", "DELETE")
     match: Callable[[str, str], bool] = lambda method, path: True  # (method, path) -> spoil it?
-    kinds: tuple[str, ...] = FAULTS  # which faults, drawn evenly
+    kinds: tuple[str, ...] = FAULTS  # which faults, in turn (a seeded order) over all spoilt requests
     limit: int | None = None  # spoil no more than this many (then the store answers again)
 
 
@@ -130,7 +131,9 @@ class ThrottlingProxy:
         """Whether this verb's next request is spoilt: one in every 1/share of its requests, from a
         seeded start (so a verb with 1/share requests or more has at least one spoilt)."""
         share = self.rule.share
-        start = self.phase.setdefault(verb, self.rng.random())
+        if verb not in self.phase:  # drawn once, when the verb is first seen
+            self.phase[verb] = self.rng.random()
+        start = self.phase[verb]
         n = self.matched[verb]
         self.matched[verb] += 1
         return int((n + 1) * share + start) > int(n * share + start)

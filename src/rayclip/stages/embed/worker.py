@@ -1,5 +1,5 @@
-"""What runs in Ray's workers: the per-run stats and caption actors, the decoder (in an actor or
-a decode task), and the actor that embeds a batch (EmbedUDF)."""
+"""What runs in Ray's workers: the per-run stats actor (which also collects the caption rows), the
+decoder (in an actor or a decode task), and the actor that embeds a batch (EmbedUDF)."""
 
 from __future__ import annotations
 

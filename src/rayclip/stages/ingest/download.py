@@ -27,6 +27,7 @@ from .admit import Admitter
 # overlaps downloading the next, within bounds (tiny shards cost a worker start-up each few).
 SHARD_ROWS = (256, 10_000)
 SHARDS_PER_WORKER = 8
+SCRATCH_PREFIX = "rayclip-img2dataset-"  # the $TMPDIR of img2dataset's processes while they run
 
 
 def download_and_admit(
@@ -97,7 +98,8 @@ def _scratch_tmpdir() -> Iterator[None]:
     exit; but img2dataset's spawned processes end without running exit handlers, so each would
     leave its two in the user's $TMPDIR for good. (This process's own are removed at its exit.)"""
     real = os.environ.get("TMPDIR")
-    with tempfile.TemporaryDirectory(prefix="rayclip-img2dataset-") as scratch:  # in the real TMPDIR
+    # In the real TMPDIR; a folder left unremovable must not fail an ingest that is done.
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, ignore_cleanup_errors=True) as scratch:
         os.environ["TMPDIR"] = scratch
         try:
             yield
