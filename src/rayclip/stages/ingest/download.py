@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,9 +97,8 @@ def _scratch_tmpdir() -> Iterator[None]:
     exit; but img2dataset's spawned processes end without running exit handlers, so each would
     leave its two in the user's $TMPDIR for good. (This process's own are removed at its exit.)"""
     real = os.environ.get("TMPDIR")
-    # In the real TMPDIR; a folder left unremovable must not fail an ingest that is done.
-    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, ignore_cleanup_errors=True) as scratch:
-        os.environ["TMPDIR"] = scratch
+    with storage.scratch_folder(SCRATCH_PREFIX) as scratch:  # in the real TMPDIR
+        os.environ["TMPDIR"] = str(scratch)
         try:
             yield
         finally:

@@ -244,8 +244,9 @@ def delete(loc: Location) -> None:
 
 @contextlib.contextmanager
 def scratch_folder(prefix: str) -> Iterator[Path]:
-    """A local temporary folder, removed with everything in it when the block ends."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+    """A local temporary folder, removed with everything in it when the block ends (a removal that
+    fails leaves it behind rather than fail the work the block did)."""
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as folder:
         yield Path(folder)
 
 
