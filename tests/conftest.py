@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.built_once import built_once
 from helpers.clip_retrieval import serving_live
-from helpers.ports import free_port
+from helpers.ports import lasting_port
 from helpers.s3_proxy import S3_BUCKET, ThrottlingProxy
 from helpers.site import GOOD_IMAGES, Site, SiteHandler, huge_png_header, serve
 from helpers.stores import GoldStore, run_ingest
@@ -27,9 +27,10 @@ from rayclip import synthetic
 def pytest_configure(config: pytest.Config) -> None:
     # The object-store tests talk to moto's S3 on loopback, found through the standard AWS variables.
     # They are set when the test session starts, so every process it starts later (Ray's workers, CLI
-    # subprocesses) finds the same endpoint, as a real deployment's processes find theirs.
+    # subprocesses) finds the same endpoint, as a real deployment's processes find theirs. Its server
+    # starts later (the first test that needs it): the port must stay free until then.
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{lasting_port()}",
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
