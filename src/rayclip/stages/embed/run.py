@@ -144,7 +144,7 @@ def embed(
     report.blocks = blocks or max(actors * 8, int(report.cluster_cpus) * 2 if report.decode == "tasks" else 0)
     report.blocks = min(report.blocks, report.rows_planned)
     stats = ray.remote(num_cpus=0)(RunStats).remote()
-    captions = planned is not None and captions_for is not None  # the actors encode the planned captions
+    captions = planned is not None and captions_for is not None  # the plan gave its rows their captions
     if planned is not None:  # split here, and described here: from_arrow would ask Ray tasks for each block's
         # metadata, seconds of worker start-up on a fresh cluster; from_blocks reads it in this process
         bounds = [planned.num_rows * i // report.blocks for i in range(report.blocks + 1)]
@@ -182,7 +182,6 @@ def embed(
             "decode": report.decode,
             "device": device,
             "stats": stats,
-            "captions": captions,
         },
     )
     # Ray Data starts pool actors asynchronously by default: with little work the first actor up can

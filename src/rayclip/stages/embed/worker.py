@@ -171,7 +171,6 @@ class EmbedUDF:
         decode: str,
         device: str,
         stats,
-        captions: bool = False,
     ) -> None:
         import ray
 
@@ -183,7 +182,7 @@ class EmbedUDF:
         marks["model_load"] = time.time()
         jpegs_on = device if decode == "gpu" else None
         self.decoder = Decoder(data_root, self.model.pixels, decode_threads, jpegs_on)
-        self.stats, self.captions = stats, captions
+        self.stats = stats
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
@@ -197,7 +196,7 @@ class EmbedUDF:
         else:
             ids, pixels, failures = self.decoder(batch["media_id"], batch["path"])
         decoded = time.perf_counter()
-        texts = _captions_of(batch, ids) if self.captions else []
+        texts = _captions_of(batch, ids)
         with self.encode_lock:
             encode_at = time.time()
             encode_started = time.perf_counter()
