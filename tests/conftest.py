@@ -64,7 +64,6 @@ LONGEST_FIRST = (
     "test_server.py",
     "test_clip_back.py",
     "test_eval.py",
-    "test_precision.py",
     "test_images.py",
     "test_eval_formats.py",
 )
@@ -126,6 +125,12 @@ def good_metadata(site, tmp_path_factory) -> Path:
     return path
 
 
+# The session's idle Ray workers are kept for the next test's tasks: by default the raylet kills
+# those above one per CPU after a second idle, and each new one costs about a CPU-second to start
+# (a whole suite started some 200). Tests only: a user's command starts its cluster once.
+KEEP_IDLE_WORKERS = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -135,7 +140,14 @@ def ray_session():
     # address="local": a cluster of its own, even when `ray start` (or `rayclip up`) left one running here.
     # Its node on loopback, as cluster.start's: nothing listens beyond it.
     keep_loopback()
-    ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        _node_ip_address=LOOPBACK,
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=KEEP_IDLE_WORKERS,
+    )
     yield ray
     ray.shutdown()
 

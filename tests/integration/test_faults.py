@@ -125,24 +125,26 @@ def flags(options: dict) -> list[str]:
     return [word for flag in named for word in flag]
 
 
-@pytest.mark.parametrize(
-    "point, options",
-    [
-        ("index.select", {"parallel": "local"}),
-        ("index.train", {"parallel": "local"}),
-        ("index.add", {"parallel": "local"}),
-        ("index.merge", {"parallel": "local"}),
-        ("index.merge", {"parallel": "local", "on_disk": True}),
-        ("index.merge", {"parallel": "local", "shards": 2}),
-        ("index.map", {"parallel": "local"}),
-        ("index.add", {"parallel": "ray"}),  # the Ray task is killed, not the command
-    ],
-)
+# Each step of a build in parts, with the options that give it another shape; the last kills the Ray
+# task that adds a part, not the command.
+WINDOWS = [
+    ("index.select", {}),
+    ("index.train", {}),
+    ("index.add", {}),
+    ("index.merge", {}),
+    ("index.merge", {"on_disk": True}),
+    ("index.merge", {"shards": 2}),
+    ("index.map", {}),
+    ("index.add", {"parallel": "ray"}),
+]
+
+
 @pytest.mark.parametrize("on", ["local", "s3"])
-def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys, monkeypatch, on, point, options):
-    """Each step of a build in parts killed, on a local folder and on S3: CURRENT stays, readers see
-    the old build, the folder is debris (on S3 once its lease is stale; when a Ray task dies, removed
-    by the failing command), and a rerun publishes."""
+def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys, monkeypatch, on):
+    """Each step of a build in parts killed in turn, each run on top of what the last left, on a local
+    folder and on S3: CURRENT stays, readers see the old build, each killed run's folder is debris (on
+    S3 once its lease is stale; when a Ray task dies, removed by the failing command), and a rerun
+    publishes and sweeps them all."""
     from helpers.silver import clustered, media_ids, write_manifest, write_silver
 
     root = tmp_path / "data" if on == "local" else request.getfixturevalue("s3_root")
@@ -153,23 +155,30 @@ def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys
     write_manifest(root, ids)
     published = index.build(root, index_type="IVF16,SQ8", parallel="local").build_id
 
-    on_ray = options["parallel"] == "ray"
-    joined = None
-    if on_ray:  # the session's cluster, joined as any cluster is ($RAY_ADDRESS); the kill reaches its task
-        joined = {"RAY_ADDRESS": request.getfixturevalue("ray_session").get_runtime_context().gcs_address}
-    rc, out = rayclip("index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point, env=joined)
-    if on_ray:  # the driver sees its task die and fails the build
-        assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
-    else:
-        assert_killed(rc, out)
+    debris: set[str] = set()
+    for point, shape in WINDOWS:
+        monkeypatch.undo()  # leases go stale at their own pace again: the next run's is live
+        options = {"parallel": "local"} | shape
+        on_ray = options["parallel"] == "ray"
+        joined = None
+        if on_ray:  # the session's cluster, joined as any cluster is ($RAY_ADDRESS); the kill reaches its task
+            joined = {"RAY_ADDRESS": request.getfixturevalue("ray_session").get_runtime_context().gcs_address}
+        rc, out = rayclip("index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point, env=joined)
+        if on_ray:  # the driver sees its task die and fails the build
+            assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
+        else:
+            assert_killed(rc, out)
 
-    assert catalog.current_build(root, REFERENCE) == published and catalog.builds(root, REFERENCE) == [published]
-    assert Searcher.open(root).build_info.build_id == published
-    if on == "s3":  # a fresh lease may be a build alive on another machine: not debris until it is stale
-        assert status(root, capsys)["debris"] == []
-        monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)
-    assert len(status(root, capsys)["debris"]) == (0 if on_ray else 1)
+        assert catalog.current_build(root, REFERENCE) == published and catalog.builds(root, REFERENCE) == [published]
+        assert Searcher.open(root).build_info.build_id == published
+        if on == "s3":  # a fresh lease may be a build alive on another machine: not debris until it is stale
+            assert status(root, capsys)["debris"] == []
+            monkeypatch.setattr(leases, "LEASE_STALE_S", 0.0)
+        listed = {d["path"] for d in status(root, capsys)["debris"]}
+        left = listed - debris  # (a build sweeps the debris it finds dead: locally, the last run's)
+        assert len(left) == (0 if on_ray else 1) and all(p.startswith(f"gold/{REFERENCE}/builds/") for p in left)
+        debris = listed
 
-    rerun = index.build(root, **PARTS | options | {"parallel": "local"})  # the same build, in this process
+    rerun = index.build(root, **PARTS | {"parallel": "local"})  # the same build, in this process
     assert catalog.current_build(root, REFERENCE) == rerun.build_id and rerun.count == 3000
     assert status(root, capsys)["debris"] == []
