@@ -12,12 +12,16 @@ by a trailing byte after the end-of-image marker, which every decoder ignores) i
            hashing, the object writes and the manifest commit, overlapped with the download.
 Both write under --store (default: a local temporary folder; an s3:// prefix works too). Each is run
 --repeats times, alternating; the best run of each is reported, with the ratio rayclip / bare.
+  spawned  the bare run once more with img2dataset's processes started from this script's main
+           module, as img2dataset alone starts them (they import torch through webdataset), against
+           rayclip's light one (stages/ingest/spawned.py): the CPU-seconds of those processes, each way.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import socket
 import subprocess
 import sys
@@ -63,6 +67,33 @@ def http_server(folder: Path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def children_cpu() -> float:
+    """CPU-seconds of this process's finished children (img2dataset's spawned processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def spawned_cpu(urls: pa.Table, store: storage.Location, args, ours: bool) -> float:
+    """CPU-seconds of img2dataset's processes over one bare run, started from rayclip's main module
+    (`ours`) or from this script's, as img2dataset alone starts them."""
+    before = children_cpu()
+    with contextlib.ExitStack() as stack:
+        if not ours:
+            stack.enter_context(_patched(download, "_spawned_from_ours", contextlib.nullcontext))
+        run_bare(urls, store, args)
+    return children_cpu() - before
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    real = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
 
 
 def run_bare(urls: pa.Table, store: storage.Location, args) -> float:
@@ -121,11 +152,17 @@ def main() -> None:
                 if report.stored != args.images:
                     raise SystemExit(f"rayclip stored {report.stored} of {args.images}: {report.failed}")
                 whole.append(seconds)
+            spawned = {ours: spawned_cpu(urls, store, args, ours) for ours in (False, True)}
     bare_rate, whole_rate = args.images / min(bare), args.images / min(whole)
     print(f"images {args.images}, processes {args.processes}, threads {args.threads}, store {storage.uri(store)}")
     print(f"bare img2dataset  {bare_rate:8.1f} img/s  (runs: {', '.join(f'{s:.1f} s' for s in bare)})")
     print(f"rayclip ingest    {whole_rate:8.1f} img/s  (runs: {', '.join(f'{s:.1f} s' for s in whole)})")
     print(f"ratio rayclip / bare: {whole_rate / bare_rate:.2f}  (goal >= 0.9)")
+    print(
+        f"img2dataset's processes over one bare run: {spawned[False]:.1f} CPU-s started as img2dataset "
+        f"starts them (importing torch), {spawned[True]:.1f} CPU-s from rayclip's main module "
+        f"({spawned[True] / spawned[False]:.2f})"
+    )
 
 
 if __name__ == "__main__":

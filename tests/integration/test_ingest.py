@@ -201,6 +201,22 @@ class _GateHandler(synthetic._QuietHandler):
 GATE_WAIT_S = 15
 
 
+def test_img2dataset_spawns_processes_that_import_it_without_torch():
+    """img2dataset's spawned processes run our light main module first (download._spawned_from_ours),
+    so they import img2dataset without torch; this process's __main__ and its imports are as before."""
+    import multiprocessing
+
+    from helpers import spawn_probe
+
+    real_main = sys.modules["__main__"]
+    with download._spawned_from_ours():
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # as img2dataset's distributor makes it
+            spawned = pool.apply(spawn_probe.import_img2dataset)
+    assert spawned == {"img2dataset": True, "torch": False}
+    assert sys.modules["__main__"] is real_main
+    assert sys.modules.get("torch", False) is not None  # torch stays importable here
+
+
 def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatch):
     """Six URLs a shard: 30 URLs in 5 shards (one img2dataset worker process: it takes 5 shards
     before it is replaced), the same bytes under other URLs in other shards. The manifest

@@ -20,7 +20,8 @@ Shards (ingest_webdataset, ingest_img2dataset_output) skip step 1: their samples
 (store/shards), one shard at a time, and go through the same check, hash, store and commit (steps 2 to 4).
 
 The modules, one concern each: metadata.py (reading the metadata file), download.py (running
-img2dataset), admit.py (steps 2 to 4), sources.py (the entry points, one per source).
+img2dataset; spawned.py is the main module its spawned processes start from), admit.py (steps 2
+to 4), sources.py (the entry points, one per source).
 """
 
 from .admit import IngestReport

@@ -6,8 +6,10 @@ the next. img2dataset is known to this module only."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from .admit import Admitter
 SHARD_ROWS = (256, 10_000)
 SHARDS_PER_WORKER = 8
 SCRATCH_PREFIX = "rayclip-img2dataset-"  # the $TMPDIR of img2dataset's processes while they run
+SPAWNED_MAIN = f"{__package__}.spawned"  # the main module img2dataset's spawned processes run first
 
 
 def download_and_admit(
@@ -108,10 +111,25 @@ def _scratch_tmpdir() -> Iterator[None]:
                 os.environ["TMPDIR"] = real
 
 
+@contextlib.contextmanager
+def _spawned_from_ours() -> Iterator[None]:
+    """spawned.py as this process's __main__ while img2dataset starts its processes (multiprocessing's
+    spawn runs the parent's main module first in each), so that they import img2dataset without
+    torch; the real __main__ is back after, whatever happened. Another thread of this process that
+    spawns processes meanwhile would hand them spawned.py too."""
+    real = sys.modules["__main__"]
+    sys.modules["__main__"] = importlib.import_module(SPAWNED_MAIN)
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
+
+
 def _img2dataset(input_file: Location, output_dir: Location, distributor: str, shard_rows: int, **options) -> None:
     from img2dataset import download
 
-    with _scratch_tmpdir():
+    spawning = distributor == "multiprocessing"  # the ray distributor runs Ray tasks: no process is spawned
+    with _scratch_tmpdir(), _spawned_from_ours() if spawning else contextlib.nullcontext():
         download(
             url_list=storage.uri(input_file),
             input_format="parquet",
