@@ -3,8 +3,8 @@
 import sys
 
 
-def import_img2dataset() -> dict[str, bool]:
-    """What a spawned img2dataset process imports first, then which of it is loaded here."""
+def torch_after_img2dataset() -> bool:
+    """Whether torch is loaded once this process has imported what img2dataset's processes import first."""
     import img2dataset.downloader  # noqa: F401 - the import is the probe
 
-    return {"img2dataset": "img2dataset.downloader" in sys.modules, "torch": sys.modules.get("torch") is not None}
+    return sys.modules.get("torch") is not None

@@ -137,14 +137,16 @@ WINDOWS = [
     ("index.map", {}),
     ("index.add", {"parallel": "ray"}),
 ]
+KILLED_RUN_S = 120  # each killed command's own bound, within the test's
 
 
 @pytest.mark.parametrize("on", ["local", "s3"])
+@pytest.mark.timeout(len(WINDOWS) * KILLED_RUN_S + 300)
 def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys, monkeypatch, on):
     """Each step of a build in parts killed in turn, each run on top of what the last left, on a local
     folder and on S3: CURRENT stays, readers see the old build, each killed run's folder is debris (on
-    S3 once its lease is stale; when a Ray task dies, removed by the failing command), and a rerun
-    publishes and sweeps them all."""
+    S3 once its lease is stale; when a Ray task dies, removed by the failing command; locally the next
+    build sweeps the last one's, its flock dead), and a rerun publishes and leaves no debris."""
     from helpers.silver import clustered, media_ids, write_manifest, write_silver
 
     root = tmp_path / "data" if on == "local" else request.getfixturevalue("s3_root")
@@ -163,7 +165,8 @@ def test_index_killed_in_each_step_of_a_build_in_parts(request, tmp_path, capsys
         joined = None
         if on_ray:  # the session's cluster, joined as any cluster is ($RAY_ADDRESS); the kill reaches its task
             joined = {"RAY_ADDRESS": request.getfixturevalue("ray_session").get_runtime_context().gcs_address}
-        rc, out = rayclip("index", "--data-dir", storage.uri(root), *flags(PARTS | options), kill_at=point, env=joined)
+        args = ["--data-dir", storage.uri(root), *flags(PARTS | options)]
+        rc, out = rayclip("index", *args, kill_at=point, env=joined, timeout=KILLED_RUN_S)
         if on_ray:  # the driver sees its task die and fails the build
             assert rc == 1 and "WorkerCrashedError" in out, out[-2000:]
         else:

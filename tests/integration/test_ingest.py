@@ -201,18 +201,30 @@ class _GateHandler(synthetic._QuietHandler):
 GATE_WAIT_S = 15
 
 
-def test_img2dataset_spawns_processes_that_import_it_without_torch():
-    """img2dataset's spawned processes run our light main module first (download._spawned_from_ours),
-    so they import img2dataset without torch; this process's __main__ and its imports are as before."""
+def test_img2dataset_spawns_processes_that_import_it_without_torch(tmp_path, good_metadata, monkeypatch):
+    """img2dataset's spawned processes (its logger and its workers) run our light main module first
+    (download.spawned), so they import img2dataset without torch; this process's __main__ and its
+    imports are as before."""
     import multiprocessing
+    import multiprocessing.spawn
 
     from helpers import spawn_probe
 
-    real_main = sys.modules["__main__"]
-    with download._spawned_from_ours():
-        with multiprocessing.get_context("spawn").Pool(1) as pool:  # as img2dataset's distributor makes it
-            spawned = pool.apply(spawn_probe.import_img2dataset)
-    assert spawned == {"img2dataset": True, "torch": False}
+    real_main, prepared = sys.modules["__main__"], []
+    preparation_data = multiprocessing.spawn.get_preparation_data  # what a spawned process starts from
+
+    def recorded(name):
+        prepared.append(preparation_data(name))
+        return prepared[-1]
+
+    monkeypatch.setattr(multiprocessing.spawn, "get_preparation_data", recorded)
+    run_ingest(tmp_path / "data", good_metadata)
+    assert len(prepared) >= 2  # the logger and a download worker
+    assert {data.get("init_main_from_name") for data in prepared} == {download.spawned.__name__}
+
+    with download._spawned_from_ours():  # such a process, made as img2dataset makes its workers
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.apply(spawn_probe.torch_after_img2dataset) is False
     assert sys.modules["__main__"] is real_main
     assert sys.modules.get("torch", False) is not None  # torch stays importable here
 

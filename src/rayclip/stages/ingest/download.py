@@ -6,7 +6,6 @@ the next. img2dataset is known to this module only."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from ...images import DEFAULT_MAX_PIXELS
 from ...progress import POLL_S, Progress, watch
 from ...store import layout, storage
 from ...store.storage import Location
+from . import spawned
 from .admit import Admitter
 
 # img2dataset's shard size: about SHARDS_PER_WORKER shards per worker, so that checking one shard
@@ -29,7 +29,6 @@ from .admit import Admitter
 SHARD_ROWS = (256, 10_000)
 SHARDS_PER_WORKER = 8
 SCRATCH_PREFIX = "rayclip-img2dataset-"  # the $TMPDIR of img2dataset's processes while they run
-SPAWNED_MAIN = f"{__package__}.spawned"  # the main module img2dataset's spawned processes run first
 
 
 def download_and_admit(
@@ -115,10 +114,11 @@ def _scratch_tmpdir() -> Iterator[None]:
 def _spawned_from_ours() -> Iterator[None]:
     """spawned.py as this process's __main__ while img2dataset starts its processes (multiprocessing's
     spawn runs the parent's main module first in each), so that they import img2dataset without
-    torch; the real __main__ is back after, whatever happened. Another thread of this process that
-    spawns processes meanwhile would hand them spawned.py too."""
+    torch; the real __main__ is back after, whatever happened. Meanwhile another thread of this
+    process that spawns processes hands them spawned.py too, and one that pickles a class of its
+    __main__ by reference does not find it."""
     real = sys.modules["__main__"]
-    sys.modules["__main__"] = importlib.import_module(SPAWNED_MAIN)
+    sys.modules["__main__"] = spawned
     try:
         yield
     finally:
@@ -128,8 +128,8 @@ def _spawned_from_ours() -> Iterator[None]:
 def _img2dataset(input_file: Location, output_dir: Location, distributor: str, shard_rows: int, **options) -> None:
     from img2dataset import download
 
-    spawning = distributor == "multiprocessing"  # the ray distributor runs Ray tasks: no process is spawned
-    with _scratch_tmpdir(), _spawned_from_ours() if spawning else contextlib.nullcontext():
+    # Its logger is a spawned process whichever the distributor; "multiprocessing" spawns the workers too.
+    with _scratch_tmpdir(), _spawned_from_ours():
         download(
             url_list=storage.uri(input_file),
             input_format="parquet",

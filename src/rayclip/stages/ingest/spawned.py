@@ -2,9 +2,9 @@
 
 multiprocessing's spawn runs the parent's main module first in every process it starts, before the
 work it hands over. img2dataset imports webdataset, which imports torch only for its optional
-PyTorch classes (it has stand-ins for when torch is absent), and img2dataset never uses them:
-without torch, each of img2dataset's processes starts in about half the CPU time and some 470 MiB
-smaller (docs/benchmarks.md, bench_ingest.py)."""
+PyTorch classes (it has stand-ins for when torch is absent), and img2dataset never uses them: so
+img2dataset's processes start without torch, in less time and memory (docs/benchmarks.md,
+bench_ingest.py)."""
 
 import sys
 
