@@ -222,8 +222,8 @@ def test_img2dataset_spawns_processes_that_import_it_without_torch(tmp_path, goo
     assert len(prepared) >= 2  # the logger and a download worker
     assert {data.get("init_main_from_name") for data in prepared} == {download.spawned.__name__}
 
-    with download._spawned_from_ours():  # such a process, made as img2dataset makes its workers
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with download._scratch_tmpdir(), download._spawned_from_ours():  # as img2dataset's own run is wrapped
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # as img2dataset makes its workers
             assert pool.apply(spawn_probe.torch_after_img2dataset) is False
     assert sys.modules["__main__"] is real_main
     assert sys.modules.get("torch", False) is not None  # torch stays importable here
