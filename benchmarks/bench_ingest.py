@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,17 +76,6 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@contextlib.contextmanager
-def _as_img2dataset_starts_them():
-    """img2dataset's processes started from this script's main module, as img2dataset alone does."""
-    ours = download._spawned_from_ours
-    download._spawned_from_ours = contextlib.nullcontext
-    try:
-        yield
-    finally:
-        download._spawned_from_ours = ours
-
-
 def run_bare(urls: pa.Table, store: storage.Location, args) -> float:
     """Seconds for img2dataset alone, called as ingest calls it."""
     work = store / f"bare-{uuid.uuid4().hex[:8]}"
@@ -93,7 +83,8 @@ def run_bare(urls: pa.Table, store: storage.Location, args) -> float:
         pq.write_table(urls, f)
     shard_rows = download._shard_rows(urls.num_rows, download._workers("multiprocessing", args.processes))
     started = time.perf_counter()
-    with _as_img2dataset_starts_them():
+    # Its processes started from this script's main module, as img2dataset alone starts them.
+    with mock.patch.object(download, "_spawned_from_ours", contextlib.nullcontext):
         download._img2dataset(
             work / "input.parquet",
             work / "out",

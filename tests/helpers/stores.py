@@ -50,6 +50,14 @@ def read_silver(root: Path, model_version: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def vectors_by_id(root: Path, model_version: str) -> dict:
+    """media_id -> its committed silver vector (float32)."""
+    from rayclip.store import catalog
+
+    table = read_silver(root, model_version)
+    return dict(zip(table.column("media_id").to_pylist(), catalog.vector_matrix(table)))
+
+
 def open_clip_embeddings(root: Path, media_ids: list[str]):
     """What open_clip itself says for these objects' bytes (the reference model), without any
     rayclip code in the way but the manifest's paths."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from helpers.site import HeldOut, held_out_site
-from helpers.stores import cli, embed_runs, read_silver
+from helpers.stores import cli, embed_runs, vectors_by_id
 
 from rayclip import Searcher, UserError, model
 from rayclip.eval import recall
@@ -64,11 +64,6 @@ def test_reference_model_clears_the_recall_bar_and_random_init_stays_near_chance
     assert Searcher.open(root, REFERENCE).build_info.count == 500
 
 
-def silver_vectors(root, model_version: str) -> dict[str, np.ndarray]:
-    table = read_silver(root, model_version)
-    return dict(zip(table.column("media_id").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False)))
-
-
 def run_record(root, model_version: str) -> dict:
     return next(r for r in embed_runs(root) if r["model_version"] == model_version and r["rows_embedded"])
 
@@ -97,7 +92,7 @@ def test_bf16_vectors_match_fp32_say_so_and_keep_recall_within_a_point(recall_he
         report = recall.evaluate(searcher)
         measured[precision] = {"t2i": report.text_to_image, "i2t": report.image_to_text}
 
-    fp32, bf16 = silver_vectors(root, versions["fp32"]), silver_vectors(root, versions["bf16"])
+    fp32, bf16 = vectors_by_id(root, versions["fp32"]), vectors_by_id(root, versions["bf16"])
     assert sorted(fp32) == sorted(bf16) and len(fp32) == 500
     a, b = (np.stack([vectors[m] for m in sorted(fp32)]) for vectors in (fp32, bf16))
     assert a.dtype == b.dtype == np.float32

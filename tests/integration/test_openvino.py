@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.stores import cli, embed_runs, open_clip_embeddings, read_silver
+from helpers.stores import cli, embed_runs, open_clip_embeddings, vectors_by_id
 
 from rayclip import model
 from rayclip.images import decode_image
@@ -23,11 +23,6 @@ def own_cache(tmp_path, monkeypatch):
     """This test's own cache of converted towers (storage.cache_home follows $XDG_CACHE_HOME)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def vectors_by_id(root, model_version: str) -> dict[str, np.ndarray]:
-    table = read_silver(root, model_version)
-    return dict(zip(table.column("media_id").to_pylist(), catalog.vector_matrix(table)))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
