@@ -60,6 +60,7 @@ def _shareable_model(spec: ModelSpec, runtime: str) -> tuple[ModelParts, Pixels,
     return clip.parts(tower), clip.pixels, cached
 
 
+@cluster.runs_actor_pools
 def embed(
     root: storage.Location | str,
     spec: ModelSpec,
