@@ -7,31 +7,20 @@ calls `start`: it joins $RAY_ADDRESS when set, else starts a new local cluster w
 retries (storage.retry_env), whether Ray starts here or is joined at $RAY_ADDRESS (where the workers
 do not inherit this process's environment: the job's runtime_env carries it). serve --ray calls
 `start_reachable`, which refuses at once, in one line, a $RAY_ADDRESS where nothing answers.
-A job that runs actor pools (embed, captions) is marked `runs_actor_pools`: after one fails, the next
-`start` in the process ends its actors before another job asks for CPUs.
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import os
 import socket
-import threading
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
 
 from . import faults
 from .errors import UserError
 from .store import storage
 
-P, T = ParamSpec("P"), TypeVar("T")
-
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
 LOOPBACK = "127.0.0.1"
 REACH_TIMEOUT_S = 5
-# Set while a job that ran actor pools has failed in this process since start() last collected.
-_POOL_JOB_FAILED = threading.Event()
 
 
 class UnreachableError(UserError):
@@ -75,9 +64,6 @@ def start(dashboard: bool = False, verbose: bool = False, extra_env: dict[str, s
     import ray.data
     from ray._private.worker import get_dashboard_url
 
-    if ray.is_initialized() and _POOL_JOB_FAILED.is_set():
-        _POOL_JOB_FAILED.clear()
-        gc.collect()  # the failed job's actors go before this one asks for CPUs (runs_actor_pools)
     if not ray.is_initialized():
         ray.data.DataContext.get_current().enable_progress_bars = verbose
         os.environ.setdefault(USAGE_STATS_ENV, "0")  # read by ray.init itself, and inherited by a local cluster
@@ -120,25 +106,3 @@ def start_reachable(dashboard: bool = False, verbose: bool = False) -> str | Non
         return start(dashboard, verbose)
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise UnreachableError(f"({str(exc).splitlines()[0]})") from None
-
-
-def runs_actor_pools(job: Callable[P, T]) -> Callable[P, T]:
-    """`job`, a function that runs Ray Data actor pools: when it fails, the next start() in this
-    process ends its actors.
-
-    Ray Data leaves a failed job's actors for the garbage collector to end, and the failure keeps
-    them in reference cycles (through the frames of Ray Data's executor thread). In a long-lived
-    process (a notebook, a server, a test session) each would hold its CPUs until Python's next full
-    collection, which can be minutes away, and the next job would wait for them. A collection costs
-    about a third of a second with torch loaded, so it runs only after a failure, and not before the
-    caller has handled the error (while the error lives, so do the cycles)."""
-
-    @functools.wraps(job)
-    def run(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return job(*args, **kwargs)
-        except BaseException:
-            _POOL_JOB_FAILED.set()
-            raise
-
-    return run

@@ -4,8 +4,10 @@ as the ingress) answers every query route as the unsharded build served in one p
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -29,6 +31,31 @@ def roots(tmp_path_factory) -> WholeAndSharded:
 class Served:
     client: httpx.Client  # on the ingress's loopback port
     shards: int  # how many shard deployments serve the build
+
+
+def test_replicas_the_cluster_cannot_place_are_one_line_at_the_timeout(roots, ray_session):
+    """Serve waits for ever for a replica no node has room for; deploy gives up at its timeout, says
+    what was asked and what is free, and takes Serve down again. (First in the module: the module's
+    own deployment starts with the next test.)"""
+    from ray.util import placement_group, remove_placement_group
+
+    from rayclip.errors import UserError
+
+    held = placement_group([{"CPU": 1.9}])  # leaves 0.1 CPU: no shard replica fits
+    try:
+        ray_session.get(held.ready())
+        started = time.monotonic()
+        with pytest.raises(UserError) as refused:
+            ray_serve.deploy(roots.sharded_root, host="127.0.0.1", port=free_port(), timeout_s=3)
+        assert time.monotonic() - started < 60
+    finally:
+        remove_placement_group(held)
+    assert re.fullmatch(
+        r"--ray: Ray Serve did not start rayclip-shard-00000 within 3 s "
+        r"\(a shard replica asks 0.25 CPU, the ingress 0.5; 0.1 CPU free(; .+)?\)",
+        str(refused.value),
+    ), refused.value
+    assert "SERVE_CONTROLLER_ACTOR" not in {a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)}
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,17 @@ app's own, so they behave as under `rayclip serve`.
 A shard replica serves whichever build the ingress names (it loads a newly published build's shard
 on its first query); a build with more shards than were deployed at start needs a restart.
 A build that is not kept in shards is searched in the ingress itself.
+
+Each application must run within DEPLOY_TIMEOUT_S: Serve itself waits for ever for a replica the
+cluster cannot place; deploy takes Serve down again and says, in one line, what Serve reported.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -33,6 +38,10 @@ SHARD_DEPLOYMENT = "Shard"
 # Fractions of a CPU: Serve reserves them per replica; FAISS and the encoder use what the machine has.
 SHARD_CPUS = 0.25
 INGRESS_CPUS = 0.5
+DEPLOY_TIMEOUT_S = 300  # for every application to run: its replicas placed, each shard mapped, the model built
+# How long a replica may drain its requests (each a few milliseconds) when Serve stops. Serve's own
+# default, 20 s, is also how long its shutdown waits for a replica that was never placed.
+DRAIN_S = 3
 
 
 class ShardReplica:
@@ -107,11 +116,13 @@ def deploy(
     host: str = ServeOptions.host,
     port: int = ServeOptions.port,
     replicas: int = ServeOptions.replicas,
+    timeout_s: float = DEPLOY_TIMEOUT_S,
     **app_options,
 ) -> int:
     """Start (or join) Ray, start Serve's proxy on host:port, deploy the CURRENT build's shards and the
     ingress; returns the shard count. `app_options` are create_app's. Serve keeps running until
-    `shutdown()`. One clear line when Ray Serve is not installed or no cluster can be reached."""
+    `shutdown()`. One clear line when Ray Serve is not installed, no cluster can be reached, or the
+    applications are not all running within `timeout_s` (Serve is taken down again then)."""
     try:
         from ray import serve
     except ImportError:
@@ -125,15 +136,49 @@ def deploy(
     except cluster.UnreachableError as err:
         raise UserError(f"--ray: {err}") from None
     serve.start(http_options={"host": host, "port": port})
-    options = {"num_cpus": SHARD_CPUS}
-    shard = serve.deployment(ShardReplica, name=SHARD_DEPLOYMENT, num_replicas=replicas, ray_actor_options=options)
-    for k in range(shards):
-        bound = shard.bind(storage.uri(root), model_version, k)
-        serve.run(bound, name=SHARD_APP.format(k), route_prefix=None)
-    ingress = serve.deployment(serve.ingress()(Ingress), ray_actor_options={"num_cpus": INGRESS_CPUS})
-    app_options = app_options | {"model_version": model_version}
-    serve.run(ingress.bind(storage.uri(root), app_options), name=INGRESS_APP, route_prefix="/")
+    shard = serve.deployment(
+        ShardReplica,
+        name=SHARD_DEPLOYMENT,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": SHARD_CPUS},
+        graceful_shutdown_timeout_s=DRAIN_S,
+    )
+    ingress = serve.deployment(
+        serve.ingress()(Ingress), ray_actor_options={"num_cpus": INGRESS_CPUS}, graceful_shutdown_timeout_s=DRAIN_S
+    )
+    apps = {SHARD_APP.format(k): shard.bind(storage.uri(root), model_version, k) for k in range(shards)}
+    apps[INGRESS_APP] = ingress.bind(storage.uri(root), app_options | {"model_version": model_version})
+    deadline = time.monotonic() + timeout_s
+    for name, app in apps.items():
+        _run_within(app, name, deadline - time.monotonic(), timeout_s)
     return shards
+
+
+def _run_within(app, name: str, seconds: float, timeout_s: float) -> None:
+    """serve.run(app) (the ingress at route /, a shard with no route), given up after `seconds`."""
+    from ray import serve
+
+    route = "/" if name == INGRESS_APP else None
+    with concurrent.futures.ThreadPoolExecutor(1, "rayclip-deploy") as waiting:
+        running = waiting.submit(serve.run, app, name=name, route_prefix=route)
+        try:
+            running.result(timeout=max(seconds, 0))
+        except concurrent.futures.TimeoutError:
+            why = _why_not_running(name)
+            serve.shutdown()  # also ends serve.run's wait in its thread
+            raise UserError(f"--ray: Ray Serve did not start {name} within {timeout_s:g} s ({why})") from None
+
+
+def _why_not_running(name: str) -> str:
+    """What each replica asks, what the cluster has free, and what Serve says of the application."""
+    import ray
+    from ray import serve
+
+    free = ray.available_resources().get("CPU", 0)
+    asks = f"a shard replica asks {SHARD_CPUS:g} CPU, the ingress {INGRESS_CPUS:g}; {free:g} CPU free"
+    app = serve.status().applications.get(name)
+    said = [d.message.split(" Use `ray status`")[0] for d in app.deployments.values() if d.message] if app else []
+    return "; ".join([asks, *said])
 
 
 def shutdown() -> None:

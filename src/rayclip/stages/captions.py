@@ -171,7 +171,6 @@ def _encoded_here(captions: pa.Table, spec: ModelSpec, report: CaptionReport, pr
     yield pa.concat_tables(batches)
 
 
-@cluster.runs_actor_pools
 def embed_captions(
     root: Location | str,
     spec: ModelSpec,

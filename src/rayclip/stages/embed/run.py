@@ -60,7 +60,6 @@ def _shareable_model(spec: ModelSpec, runtime: str) -> tuple[ModelParts, Pixels,
     return clip.parts(tower), clip.pixels, cached
 
 
-@cluster.runs_actor_pools
 def embed(
     root: storage.Location | str,
     spec: ModelSpec,
@@ -205,12 +204,15 @@ def embed(
             watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress),
             storage.refusals_surfaced(root),
         ):
-            ds.write_parquet(
-                partition_path,
-                filesystem=filesystem,
-                filename_provider=_RunFiles(report.run_id),
-                ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
-            )
+            try:
+                ds.write_parquet(
+                    partition_path,
+                    filesystem=filesystem,
+                    filename_provider=_RunFiles(report.run_id),
+                    ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
+                )
+            finally:  # done or failed, the pool's CPUs are free for the next job at once
+                ray.get(stats.end_actors.remote())
         _all_recorded(stats, report.rows_planned)
         stats_text = ds.stats()
         report.tasks = tasks_executed(stats_text, "MapBatches(EmbedUDF)")

@@ -39,9 +39,22 @@ class RunStats:
         self.seconds: Counter = Counter()  # stage -> seconds, summed over actors
         self.started: dict[tuple[str, str], dict[str, float]] = {}  # worker -> its start-up marks
         self.first_encode: dict[tuple[str, str], float] = {}  # worker -> wall clock of its first encode
+        self.actors: list = []  # the run's embed actors' handles (end_actors)
 
-    def actor_started(self, worker: tuple[str, str], marks: dict[str, float]) -> None:
+    def actor_started(self, worker: tuple[str, str], marks: dict[str, float], actor) -> None:
         self.started[worker] = marks
+        self.actors.append(actor)
+
+    def end_actors(self) -> None:
+        """End the run's embed actors. Ray Data leaves a pool it is done with to Python's garbage
+        collector, and a failed run's error holds it (the frames of Ray Data's executor thread): in a
+        long-lived process (a notebook, which keeps the last error; a server) each actor would hold
+        its CPUs, and the next job would wait for them."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors.clear()
 
     def record_decode(self, failures: list[tuple[str, str]], seconds: float) -> None:
         """What a decode task (decode="tasks") did: its failures and its seconds."""
@@ -187,7 +200,7 @@ class EmbedUDF:
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
         if stats is not None:
-            stats.actor_started.remote(self.worker, marks)
+            stats.actor_started.remote(self.worker, marks, context.current_actor)
 
     def __call__(self, batch: dict) -> pa.Table:
         started = time.perf_counter()
