@@ -199,8 +199,8 @@ class EmbedUDF:
         self.encode_lock = threading.Lock()
         context = ray.get_runtime_context()
         self.worker = (context.get_node_id(), context.get_actor_id())
-        if stats is not None:
-            stats.actor_started.remote(self.worker, marks, context.current_actor)
+        if stats is not None:  # registered before the actor counts as up: the pool's end reaches it
+            ray.get(stats.actor_started.remote(self.worker, marks, context.current_actor))
 
     def __call__(self, batch: dict) -> pa.Table:
         started = time.perf_counter()
