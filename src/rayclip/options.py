@@ -216,6 +216,7 @@ class ServeOptions:
         "this app as the ingress (a cluster at $RAY_ADDRESS, else a local one)",
     )
     replicas: int = _opt(1, "--ray: replicas of each shard's deployment", positive=True)
+    deploy_timeout: float = _opt(300.0, "--ray: seconds for every Serve application to run (replicas placed)")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -41,18 +41,18 @@ def test_replicas_the_cluster_cannot_place_are_one_line_at_the_timeout(roots, ra
 
     from rayclip.errors import UserError
 
-    held = placement_group([{"CPU": 1.9}])  # leaves 0.1 CPU: no shard replica fits
+    held = placement_group([{"CPU": ray_session.cluster_resources()["CPU"] - 0.1}])  # no shard replica fits
     try:
-        ray_session.get(held.ready())
+        ray_session.get(held.ready(), timeout=30)  # else something left from an earlier test holds CPUs
         started = time.monotonic()
         with pytest.raises(UserError) as refused:
-            ray_serve.deploy(roots.sharded_root, host="127.0.0.1", port=free_port(), timeout_s=3)
+            ray_serve.deploy(roots.sharded_root, host="127.0.0.1", port=free_port(), deploy_timeout=3)
         assert time.monotonic() - started < 60
     finally:
         remove_placement_group(held)
     assert re.fullmatch(
         r"--ray: Ray Serve did not start rayclip-shard-00000 within 3 s "
-        r"\(a shard replica asks 0.25 CPU, the ingress 0.5; 0.1 CPU free(; .+)?\)",
+        r"\(a shard replica asks 0.25 CPU, the ingress 0.5; 0.1 CPU free in the cluster(; .+)?\)",
         str(refused.value),
     ), refused.value
     assert "SERVE_CONTROLLER_ACTOR" not in {a["name"] for a in ray_session.util.list_named_actors(all_namespaces=True)}

@@ -203,7 +203,9 @@ def _serve_on_ray(
 
     from ..http import ray_serve
 
-    shards = ray_serve.deploy(root, host=args.host, port=args.port, replicas=args.replicas, **app_options)
+    shards = ray_serve.deploy(
+        root, host=args.host, port=args.port, replicas=args.replicas, deploy_timeout=args.deploy_timeout, **app_options
+    )
     held = f"{shards} shard deployments × {args.replicas} replicas" if shards else "one deployment (not in shards)"
     print(f"rayclip serving {served} through Ray Serve on {where} ({held}) · {guard}", flush=True)
     stop = threading.Event()

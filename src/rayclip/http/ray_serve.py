@@ -13,13 +13,12 @@ A shard replica serves whichever build the ingress names (it loads a newly publi
 on its first query); a build with more shards than were deployed at start needs a restart.
 A build that is not kept in shards is searched in the ingress itself.
 
-Each application must run within DEPLOY_TIMEOUT_S: Serve itself waits for ever for a replica the
+Each application must run within --deploy-timeout: Serve itself waits for ever for a replica the
 cluster cannot place; deploy takes Serve down again and says, in one line, what Serve reported.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -38,7 +37,7 @@ SHARD_DEPLOYMENT = "Shard"
 # Fractions of a CPU: Serve reserves them per replica; FAISS and the encoder use what the machine has.
 SHARD_CPUS = 0.25
 INGRESS_CPUS = 0.5
-DEPLOY_TIMEOUT_S = 300  # for every application to run: its replicas placed, each shard mapped, the model built
+STATUS_POLL_S = 0.5  # how often deploy asks Serve whether the applications run
 # How long a replica may drain its requests (each a few milliseconds) when Serve stops. Serve's own
 # default, 20 s, is also how long its shutdown waits for a replica that was never placed.
 DRAIN_S = 3
@@ -116,13 +115,14 @@ def deploy(
     host: str = ServeOptions.host,
     port: int = ServeOptions.port,
     replicas: int = ServeOptions.replicas,
-    timeout_s: float = DEPLOY_TIMEOUT_S,
+    deploy_timeout: float = ServeOptions.deploy_timeout,
     **app_options,
 ) -> int:
     """Start (or join) Ray, start Serve's proxy on host:port, deploy the CURRENT build's shards and the
     ingress; returns the shard count. `app_options` are create_app's. Serve keeps running until
-    `shutdown()`. One clear line when Ray Serve is not installed, no cluster can be reached, or the
-    applications are not all running within `timeout_s` (Serve is taken down again then)."""
+    `shutdown()`. One clear line when Ray Serve is not installed, no cluster can be reached, an
+    application fails to deploy or they are not all running within `deploy_timeout` seconds (Serve would
+    wait for ever for a replica no node has room for); Serve is taken down again then."""
     try:
         from ray import serve
     except ImportError:
@@ -146,27 +146,40 @@ def deploy(
     ingress = serve.deployment(
         serve.ingress()(Ingress), ray_actor_options={"num_cpus": INGRESS_CPUS}, graceful_shutdown_timeout_s=DRAIN_S
     )
-    apps = {SHARD_APP.format(k): shard.bind(storage.uri(root), model_version, k) for k in range(shards)}
-    apps[INGRESS_APP] = ingress.bind(storage.uri(root), app_options | {"model_version": model_version})
-    deadline = time.monotonic() + timeout_s
-    for name, app in apps.items():
-        _run_within(app, name, deadline - time.monotonic(), timeout_s)
+    shard_apps = [
+        serve.RunTarget(shard.bind(storage.uri(root), model_version, k), name=SHARD_APP.format(k), route_prefix=None)
+        for k in range(shards)
+    ]
+    served = app_options | {"model_version": model_version}
+    ingress_app = serve.RunTarget(ingress.bind(storage.uri(root), served), name=INGRESS_APP, route_prefix="/")
+    deadline = time.monotonic() + deploy_timeout
+    try:
+        for targets in (shard_apps, [ingress_app]):  # the shards run before the ingress asks for their handles
+            serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+            _wait_running([target.name for target in targets], deadline, deploy_timeout)
+    except BaseException:  # a Ctrl-C too: nothing half-deployed stays
+        serve.shutdown()
+        raise
     return shards
 
 
-def _run_within(app, name: str, seconds: float, timeout_s: float) -> None:
-    """serve.run(app) (the ingress at route /, a shard with no route), given up after `seconds`."""
+def _wait_running(names: list[str], deadline: float, timeout_s: float) -> None:
+    """Until Serve reports each application named RUNNING; one line when one failed or time ran out."""
     from ray import serve
 
-    route = "/" if name == INGRESS_APP else None
-    with concurrent.futures.ThreadPoolExecutor(1, "rayclip-deploy") as waiting:
-        running = waiting.submit(serve.run, app, name=name, route_prefix=route)
-        try:
-            running.result(timeout=max(seconds, 0))
-        except concurrent.futures.TimeoutError:
-            why = _why_not_running(name)
-            serve.shutdown()  # also ends serve.run's wait in its thread
-            raise UserError(f"--ray: Ray Serve did not start {name} within {timeout_s:g} s ({why})") from None
+    while True:
+        applications = serve.status().applications
+        status = {name: applications[name].status if name in applications else None for name in names}
+        if failed := [name for name, state in status.items() if state == "DEPLOY_FAILED"]:
+            said = applications[failed[0]].message.strip().splitlines() or ["no message"]
+            raise UserError(f"--ray: Ray Serve could not deploy {failed[0]}: {said[0]} {said[-1]}".strip())
+        if all(state == "RUNNING" for state in status.values()):
+            return
+        if time.monotonic() > deadline:
+            pending = next(name for name, state in status.items() if state != "RUNNING")
+            why = _why_not_running(pending)
+            raise UserError(f"--ray: Ray Serve did not start {pending} within {timeout_s:g} s ({why})")
+        time.sleep(STATUS_POLL_S)
 
 
 def _why_not_running(name: str) -> str:
@@ -175,7 +188,7 @@ def _why_not_running(name: str) -> str:
     from ray import serve
 
     free = ray.available_resources().get("CPU", 0)
-    asks = f"a shard replica asks {SHARD_CPUS:g} CPU, the ingress {INGRESS_CPUS:g}; {free:g} CPU free"
+    asks = f"a shard replica asks {SHARD_CPUS:g} CPU, the ingress {INGRESS_CPUS:g}; {free:g} CPU free in the cluster"
     app = serve.status().applications.get(name)
     said = [d.message.split(" Use `ray status`")[0] for d in app.deployments.values() if d.message] if app else []
     return "; ".join([asks, *said])

@@ -34,6 +34,7 @@ from .worker import CALLS_PER_ACTOR, Decoder, EmbedUDF, RunStats, decode_block
 
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 RECORDS_WAIT_S = 30  # at most, for the stats actor to receive the last batches' records
+END_POOL_S = 30  # at most, for the stats actor to end the run's actors
 
 
 class _RunFiles:
@@ -211,9 +212,9 @@ def embed(
                     filename_provider=_RunFiles(report.run_id),
                     ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
                 )
-            finally:  # done or failed, the pool's CPUs are free for the next job at once
-                ray.get(stats.end_actors.remote())
-        _all_recorded(stats, report.rows_planned)
+                _all_recorded(stats, report.rows_planned)  # while the actors live: their records are on the way
+            finally:
+                _end_pool(stats)
         stats_text = ds.stats()
         report.tasks = tasks_executed(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(remote_wall_s(stats_text, "Write"), 3)
@@ -255,6 +256,16 @@ def _all_recorded(stats, rows: int) -> None:
     deadline = time.monotonic() + RECORDS_WAIT_S
     while ray.get(stats.rows_done.remote()) < rows and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _end_pool(stats) -> None:
+    """Done or failed, the run's embed actors end now, their CPUs free for the next job (RunStats.end_actors
+    says why). At most END_POOL_S: when the stats actor cannot answer (its node lost), the caller gets
+    the run's own outcome, not that failure."""
+    import ray
+
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(stats.end_actors.remote(), timeout=END_POOL_S)
 
 
 def _checked_runtime(runtime: str, device: str) -> str:

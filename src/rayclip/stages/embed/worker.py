@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,9 @@ from ...model import (
 )
 from ...store import catalog, layout, silver, storage
 from ...store.catalog import Refused
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 # In an actor: when its worker process had Python, Ray and this module loaded (the actor's own start).
 IMPORTED_AT = time.time()
@@ -39,19 +43,23 @@ class RunStats:
         self.seconds: Counter = Counter()  # stage -> seconds, summed over actors
         self.started: dict[tuple[str, str], dict[str, float]] = {}  # worker -> its start-up marks
         self.first_encode: dict[tuple[str, str], float] = {}  # worker -> wall clock of its first encode
-        self.actors: list = []  # the run's embed actors' handles (end_actors)
+        self.actors: list[ActorHandle] = []  # the run's embed actors (end_actors)
+        self.ended = False
 
-    def actor_started(self, worker: tuple[str, str], marks: dict[str, float], actor) -> None:
+    def actor_started(self, worker: tuple[str, str], marks: dict[str, float], actor: ActorHandle) -> None:
         self.started[worker] = marks
         self.actors.append(actor)
+        if self.ended:  # up after the run ended (it failed while the pool started)
+            self.end_actors()
 
     def end_actors(self) -> None:
         """End the run's embed actors. Ray Data leaves a pool it is done with to Python's garbage
-        collector, and a failed run's error holds it (the frames of Ray Data's executor thread): in a
-        long-lived process (a notebook, which keeps the last error; a server) each actor would hold
-        its CPUs, and the next job would wait for them."""
+        collector, and a failed run's error can keep it from being collected (seen in CI: an actor
+        held its CPU for minutes after the run): in a long-lived process (a notebook, which keeps the
+        last error; a server) each actor would hold its CPUs, and the next job would wait for them."""
         import ray
 
+        self.ended = True
         for actor in self.actors:
             ray.kill(actor)
         self.actors.clear()
