@@ -177,19 +177,18 @@ def _wait_running(names: list[str], deadline: float, timeout_s: float) -> None:
             return
         if time.monotonic() > deadline:
             pending = next(name for name, state in status.items() if state != "RUNNING")
-            why = _why_not_running(pending)
+            why = _why_not_running(applications.get(pending))
             raise UserError(f"--ray: Ray Serve did not start {pending} within {timeout_s:g} s ({why})")
         time.sleep(STATUS_POLL_S)
 
 
-def _why_not_running(name: str) -> str:
-    """What each replica asks, what the cluster has free, and what Serve says of the application."""
+def _why_not_running(app) -> str:
+    """What each replica asks, what the cluster has free, and what Serve says of the application
+    (its status as serve.status() gave it; None when Serve has not registered it yet)."""
     import ray
-    from ray import serve
 
     free = ray.available_resources().get("CPU", 0)
     asks = f"a shard replica asks {SHARD_CPUS:g} CPU, the ingress {INGRESS_CPUS:g}; {free:g} CPU free in the cluster"
-    app = serve.status().applications.get(name)
     said = [d.message.split(" Use `ray status`")[0] for d in app.deployments.values() if d.message] if app else []
     return "; ".join([asks, *said])
 
