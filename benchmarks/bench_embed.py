@@ -141,7 +141,7 @@ def floor_worker(results) -> None:
             import rayclip.stages.embed  # noqa: F401
 
             loaded = time.perf_counter()
-            model.import_model_libraries()
+            model.import_model_libraries(MODEL)
             return self.entered, loaded - started, time.perf_counter() - loaded
 
     started = time.perf_counter()

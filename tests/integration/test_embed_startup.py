@@ -42,6 +42,24 @@ def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preproce
     assert np.array_equal(from_half.encode_uint8(pixels), half.encode_uint8(pixels))
 
 
+def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tower(ingested, ray_session):
+    """An embed actor builds its one model: one without a timm image tower (the reference model,
+    ViT-B-32) comes with open_clip but not timm, nor the wandb timm imports (0.7 s of CPU per actor);
+    the model is whole. Models with a timm tower, or whose config is not here, keep timm."""
+    assert [model.names.has_timm_tower(name) for name in ("convnext_base", "hf-hub:org/model")] == [True, True]
+    assert not model.names.has_timm_tower("ViT-B-32")
+    parts = ray_session.put(model.load_model(model.resolve(None, "reference"), threads=1).parts())
+    udf = ray_session.remote(num_cpus=0.1)(embed.EmbedUDF)
+    actor = udf.remote([parts], model.REFERENCE_MODEL, str(ingested), 1, 1, "actor", "cpu", None)
+    try:
+        loaded = actor.__ray_call__.remote(
+            lambda udf: ([m for m in ("open_clip", "timm", "wandb") if m in sys.modules], udf.model.dim)
+        )
+        assert ray_session.get(loaded, timeout=120) == (["open_clip"], 128)
+    finally:
+        ray_session.kill(actor)
+
+
 def test_startup_is_cut_at_the_marks_in_the_order_they_came():
     """Each phase gets the seconds since the one before it ended; one that ended before an earlier-
     listed phase (model_build while Ray started) gets only what it added; unknown marks are left out."""

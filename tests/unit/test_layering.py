@@ -131,6 +131,7 @@ ALLOWED = {
     ("model/precision.py", "open()"): "reads /proc/cpuinfo for the CPU's features",
     ("model/names.py", ".is_file"): "checks that the checkpoint file the user names (or the packaged one) is there",
     ("model/names.py", ".exists"): "tells a checkpoint path the user names from a model name",
+    ("model/names.py", ".read_text"): "reads a packaged model config (rayclip's or open_clip's): does it need timm",
     ("synthetic.py", ".mkdir"): "creates the local folder of generated demo/training images it then serves",
     ("synthetic.py", ".write_bytes"): "writes the generated JPEGs into that folder",
     ("synthetic.py", ".write_text"): "writes the generated annotation files (COCO/Flickr JSON) beside them",

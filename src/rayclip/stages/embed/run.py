@@ -177,6 +177,7 @@ def embed(
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
             "parts": [parts],
+            "model": spec.name,
             "data_root": storage.uri(root),
             "threads": report.torch_threads,
             "decode_threads": report.decode_threads,

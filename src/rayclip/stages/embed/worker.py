@@ -186,6 +186,7 @@ class EmbedUDF:
     def __init__(
         self,
         parts,
+        model: str,
         data_root: str,
         threads: int,
         decode_threads: int,
@@ -196,7 +197,7 @@ class EmbedUDF:
         import ray
 
         marks = {"actor_process": IMPORTED_AT}
-        import_model_libraries()
+        import_model_libraries(model)
         marks["imports"] = time.time()
         parts = ray.get(parts[0]) if isinstance(parts, list) else parts  # [ObjectRef]: Ray passes it unresolved
         self.model = ClipModel.from_parts(parts, device=device, threads=threads)
