@@ -60,6 +60,19 @@ def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tow
         ray_session.kill(actor)
 
 
+def test_a_command_resolves_and_loads_a_model_without_timm_and_gets_timm_for_a_timm_tower():
+    """The first import of open_clip, for a model with no timm tower, leaves timm and wandb out; a
+    timm tower asked for later in the same process brings them in (open_clip's timm adapter again)."""
+    code = "import sys; from rayclip import model; from rayclip.model import names\n"
+    code += "clip = model.load_model(model.resolve(None, 'reference'), threads=1)\n"
+    code += "print([m for m in ('open_clip', 'timm', 'wandb') if m in sys.modules], clip.dim)\n"
+    code += "names.import_model_libraries('convnext_base'); import open_clip\n"
+    code += "print(open_clip.timm_model.timm is sys.modules['timm'])"
+    done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["['open_clip'] 128", "True"]
+
+
 def test_startup_is_cut_at_the_marks_in_the_order_they_came():
     """Each phase gets the seconds since the one before it ended; one that ended before an earlier-
     listed phase (model_build while Ray started) gets only what it added; unknown marks are left out."""

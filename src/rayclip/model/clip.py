@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..options import ModelOptions
-from .names import RANDOM_INIT, ModelSpec, check_available, register_configs
+from .names import RANDOM_INIT, ModelSpec, check_available, import_model_libraries
 from .precision import choose_precision
 
 RANDOM_SEED = 0
@@ -98,13 +98,13 @@ class ClipModel:
     def __init__(
         self, spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = ModelOptions.precision
     ):
+        import_model_libraries(spec.name)
         import open_clip
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         precision = choose_precision(precision, device)
-        register_configs()
         check_available(spec)
         torch.manual_seed(RANDOM_SEED)  # random init is identical in every actor and every run
         pretrained = spec.checkpoint or (None if spec.pretrained in (RANDOM_INIT, "hf-hub") else spec.pretrained)
@@ -164,12 +164,12 @@ class ClipModel:
         """The model parts() describes, on `device`: its architecture built without initialising weights
         (on torch's meta device), then every parameter and buffer set from the parts; an image tower
         the parts carry is compiled for OpenVINO (torch's stays on the meta device, never used)."""
+        import_model_libraries(parts.spec.name)
         import open_clip
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        register_configs()
         with quiet_root_logger(), torch.device("meta"):
             model = open_clip.create_model(parts.spec.name, precision=parts.spec.precision, device="meta")
         for name, array in parts.tensors.items():

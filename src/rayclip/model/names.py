@@ -75,17 +75,20 @@ def _file_sha256(path: Path) -> str:
 
 def import_model_libraries(model: str) -> None:
     """Import what building `model` needs (torch, open_clip), so a caller can time it apart from the
-    build. For a process that builds this one model only (an embed actor): open_clip imports timm,
-    and timm wandb, for timm image towers alone; a model without one is imported without them, which
-    takes 0.7 s of CPU off every actor's start. Such a process can build no timm tower after it."""
-    if not {"open_clip", "timm"} & sys.modules.keys() and not has_timm_tower(model):
+    build. open_clip imports timm, and timm wandb, for timm image towers alone: the first import for
+    a model without one leaves them out (0.7 s of CPU off every process that loads a model: each
+    embed actor, each command), and a later model with a timm tower brings timm in then."""
+    timm_tower = has_timm_tower(model)
+    if not timm_tower and not {"open_clip", "timm"} & sys.modules.keys():
         sys.modules["timm"] = None  # `import timm` fails: open_clip takes timm as not installed
         try:
             import open_clip  # noqa: F401 - imported for its cost
         finally:
-            del sys.modules["timm"]  # (a later `import timm` works: only open_clip's tower stays off)
-    import open_clip  # noqa: F401, F811 - imported for its cost (with timm, for a timm tower)
+            del sys.modules["timm"]
+    import open_clip  # noqa: F811
 
+    if timm_tower and open_clip.timm_model.timm is None:  # imported without timm before (or not installed)
+        importlib.reload(open_clip.timm_model)
     register_configs()
 
 
@@ -138,9 +141,9 @@ def named(model: str | None = None, pretrained: str | None = None) -> ModelSpec:
 
 def check_names(spec: ModelSpec) -> None:
     """A model open_clip (or rayclip's configs) knows, and a pretrained tag it knows for that model."""
+    import_model_libraries(spec.name)
     import open_clip
 
-    register_configs()
     if spec.name.startswith("hf-hub:"):
         return
     if spec.name not in open_clip.list_models():
