@@ -73,6 +73,19 @@ def test_a_command_resolves_and_loads_a_model_without_timm_and_gets_timm_for_a_t
     assert done.stdout.splitlines() == ["['open_clip'] 128", "True"]
 
 
+def test_the_warm_up_starts_ray_datas_actors_and_task_workers_with_the_write_modules_loaded():
+    """On a fresh cluster, before the pool encodes: Ray Data's own actors exist, and the job's next
+    task finds a worker with the write's modules loaded, as the run's write tasks will."""
+    code = "import sys, ray; from rayclip import cluster; from rayclip.stages.embed import run\n"
+    code += "cluster.start(); run._warm_up().join(60)\n"
+    code += "print(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True)))\n"
+    code += "print(ray.get(ray.remote(num_cpus=0)(lambda: 'pyarrow.parquet' in sys.modules).remote()))"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-2:] == ["['AutoscalingCoordinator', 'datasets_stats_actor']", "True"]
+
+
 def test_startup_is_cut_at_the_marks_in_the_order_they_came():
     """Each phase gets the seconds since the one before it ended; one that ended before an earlier-
     listed phase (model_build while Ray started) gets only what it added; unknown marks are left out."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from .worker import CALLS_PER_ACTOR, Decoder, EmbedUDF, RunStats, decode_block
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 RECORDS_WAIT_S = 30  # at most, for the stats actor to receive the last batches' records
 END_POOL_S = 30  # at most, for the stats actor to end the run's actors
+WARM_TASKS = CALLS_PER_ACTOR  # the job's task workers started ahead: a 2-core run's writes ran on two
+WARM_UP_S = 30  # at most, for the warm-up to finish once the run has
 
 
 class _RunFiles:
@@ -206,6 +209,7 @@ def embed(
             watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress),
             storage.refusals_surfaced(root),
         ):
+            warming = _warm_up()
             try:
                 ds.write_parquet(
                     partition_path,
@@ -216,6 +220,7 @@ def embed(
                 _all_recorded(stats, report.rows_planned)  # while the actors live: their records are on the way
             finally:
                 _end_pool(stats)
+                warming.join(WARM_UP_S)
         stats_text = ds.stats()
         report.tasks = tasks_executed(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(remote_wall_s(stats_text, "Write"), 3)
@@ -257,6 +262,29 @@ def _all_recorded(stats, rows: int) -> None:
     deadline = time.monotonic() + RECORDS_WAIT_S
     while ray.get(stats.rows_done.remote()) < rows and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _warm_up() -> threading.Thread:
+    """Ray Data's own actors (its stats, its autoscaling coordinator) and the job's task workers, with
+    the write's modules loaded, started by a dataset of nothing while the pool's actors import torch
+    (one core each). Else they start once the pool encodes: each is a process of about 1.5 s of CPU,
+    beside the encoder, and the first writes wait for theirs (docs/ingest-and-embed.md)."""
+    import ray
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # a head start only: the run never depends on it
+            nothing = ray.data.from_items(list(range(WARM_TASKS)), override_num_blocks=WARM_TASKS)
+            nothing.map_batches(_load_write_modules, batch_size=None, num_cpus=0).materialize()
+
+    thread = threading.Thread(target=run, name="rayclip-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _load_write_modules(batch: dict) -> dict:
+    """Nothing, in a task worker that loads this module for it: what a write task loads (_RunFiles,
+    the store, Parquet's writer)."""
+    return batch
 
 
 def _end_pool(stats) -> None:
