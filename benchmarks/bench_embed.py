@@ -9,7 +9,8 @@ the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop counter), t
 that gives, each image's decode + preprocess on one core, and the ceiling once that decode is spread
 over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
 every core), and with the decode shared over the cores; with part (o), the same for the tower on
-OpenVINO. Then, as `--parts` asks:
+OpenVINO; and, for the runs that encode captions (all but (n)), the bound with each image's caption
+on the text tower too (the text tower alone on the run's own captions). Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -30,7 +31,8 @@ OpenVINO. Then, as `--parts` asks:
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
 by phase (the run record's startup_breakdown) with the seconds before and after the run (measured
 here, and the record's own before_run and after_run), the ratios run / steady, whole command /
-steady and steady / bound (against each runtime's bound that was measured), the whole command's
+steady and steady / bound (against each runtime's bound that was measured, and the bound with
+captions for a run that encodes them), the whole command's
 seconds beyond rows / steady, and the GPU's utilisation (or "no GPU"), and its startup_s over the
 floor (f); then (d)'s steady rate over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p)
 where they ran.
@@ -81,15 +83,16 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def captioned_store(root: Path, folder: Path, paths: list[Path]) -> None:
+def captioned_store(root: Path, folder: Path, paths: list[Path]) -> list[str]:
     """The images ingested as a LAION-style download (img2dataset from loopback), each with its own
-    caption (a scene's words and the image's number: distinct, as web captions mostly are)."""
+    caption (a scene's words and the image's number: distinct, as web captions mostly are); the captions."""
     rng = np.random.default_rng(1)
     captions = [f"{scene.caption}, photo {i}" for i, scene in enumerate(synthetic.random_scenes(len(paths), rng))]
     with synthetic.serve_folder(folder) as base:
         urls = [f"{base}/{path.name}" for path in paths]
         pq.write_table(pa.table({"URL": urls, "TEXT": captions}), folder.parent / "metadata.parquet")
         ingest.ingest_metadata(root, folder.parent / "metadata.parquet")
+    return captions
 
 
 def bare_worker(
@@ -297,6 +300,20 @@ def encoder_rate(precision: str, device: str, batch_size: int, runtime: str = "t
     return batch_size * batches / (time.perf_counter() - started)
 
 
+def text_rate(precision: str, device: str, captions: list[str], batch_size: int) -> float:
+    """captions/s of the text tower alone, as an embed actor calls it for a batch's new captions
+    (ClipModel.encode_texts, every core as torch's threads), on the run's own captions, each once."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    clip = model.load_model(model.resolve(MODEL, "none"), device=device, precision=precision)
+    clip.encode_texts([f"a warm-up caption {i}" for i in range(batch_size)])  # the first call allocates
+    started = time.perf_counter()
+    for start in range(0, len(captions), batch_size):
+        clip.encode_texts(captions[start : start + batch_size])
+    return len(captions) / (time.perf_counter() - started)
+
+
 def flops_per_image() -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -359,7 +376,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         paths = make_images(Path(tmp) / "images", args.images)
-        captioned_store(root, Path(tmp) / "images", paths)
+        captions = captioned_store(root, Path(tmp) / "images", paths)
         print(
             f"{args.images} JPEGs, 256-640 px, each with a distinct caption; {MODEL} random init; {cpus} CPUs; "
             f"{device}; auto picks {chosen} here"
@@ -389,6 +406,14 @@ def main() -> None:
                 f"threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the decode "
                 f"shared over {cpus} cores: {bounds[runtime]:.1f} images/s"
             )
+        # What a run with captions (the default) does per image beyond that: its caption, on the text tower.
+        texts = text_rate(chosen, device, captions, args.batch_size)
+        with_captions = {"torch, with its caption": 1 / (1 / bounds["torch"] + 1 / texts)}
+        print(
+            f"the bound with captions (torch): the text tower alone on the run's captions, one per image: "
+            f"{texts:.1f} captions/s; with the image tower and the decode as above: "
+            f"{with_captions['torch, with its caption']:.1f} images/s"
+        )
 
         floor = 0.0
         if "f" in args.parts:
@@ -421,7 +446,7 @@ def main() -> None:
                 captions, runtime = part != "n", "openvino" if part == "o" else "torch"
                 whole, run, around = rayclip_embed(root, precision, None, args.gpus_per_actor, where, captions, runtime)
                 runs[part] = whole, run, around
-                show_run(label, whole, run, around, bounds, floor)
+                show_run(label, whole, run, around, bounds | (with_captions if captions else {}), floor)
         if "d" in runs and "n" in runs:
             with_captions, alone = runs["d"][1]["steady_images_per_s"], runs["n"][1]["steady_images_per_s"]
             print(f"steady images/s with the captions encoded beside them / without: {with_captions / alone:.2f}")
