@@ -44,7 +44,7 @@ def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preproce
 
 def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tower(ingested, ray_session):
     """An embed actor builds its one model: one without a timm image tower (the reference model,
-    ViT-B-32) comes with open_clip but not timm, nor the wandb timm imports (0.7 s of CPU per actor);
+    ViT-B-32) comes with open_clip but not timm, nor the wandb timm imports (0.8 s of CPU per actor);
     the model is whole. Models with a timm tower, or whose config is not here, keep timm."""
     assert [model.names.has_timm_tower(name) for name in ("convnext_base", "hf-hub:org/model")] == [True, True]
     assert not model.names.has_timm_tower("ViT-B-32")
@@ -62,24 +62,26 @@ def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tow
 
 def test_a_command_resolves_and_loads_a_model_without_timm_and_gets_timm_for_a_timm_tower():
     """The first import of open_clip, for a model with no timm tower, leaves timm and wandb out; a
-    timm tower asked for later in the same process brings them in (open_clip's timm adapter again)."""
+    timm tower asked for later in the same process brings them in (open_clip's timm adapter again, the
+    class its models are built of included)."""
     code = "import sys; from rayclip import model; from rayclip.model import names\n"
     code += "clip = model.load_model(model.resolve(None, 'reference'), threads=1)\n"
     code += "print([m for m in ('open_clip', 'timm', 'wandb') if m in sys.modules], clip.dim)\n"
     code += "names.import_model_libraries('convnext_base'); import open_clip\n"
-    code += "print(open_clip.timm_model.timm is sys.modules['timm'])"
+    code += "adapter = open_clip.timm_model\n"
+    code += "print(adapter.timm is sys.modules['timm'], open_clip.model.TimmModel is adapter.TimmModel)"
     done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["['open_clip'] 128", "True"]
+    assert done.stdout.splitlines() == ["['open_clip'] 128", "True True"]
 
 
 def test_the_warm_up_starts_ray_datas_actors_and_task_workers_with_the_write_modules_loaded():
     """On a fresh cluster, before the pool encodes: Ray Data's own actors exist, and the job's next
     task finds a worker with the write's modules loaded, as the run's write tasks will."""
     code = "import sys, ray; from rayclip import cluster; from rayclip.stages.embed import run\n"
-    code += "cluster.start(); run._warm_up().join(60)\n"
+    code += "cluster.start(); ray.get(run._warm_up(), timeout=60)\n"
     code += "print(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True)))\n"
-    code += "print(ray.get(ray.remote(num_cpus=0)(lambda: 'pyarrow.parquet' in sys.modules).remote()))"
+    code += "print(ray.get(ray.remote(num_cpus=0)(lambda: 'rayclip.stages.embed.run' in sys.modules).remote()))"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -76,7 +76,7 @@ def _file_sha256(path: Path) -> str:
 def import_model_libraries(model: str) -> None:
     """Import what building `model` needs (torch, open_clip), so a caller can time it apart from the
     build. open_clip imports timm, and timm wandb, for timm image towers alone: the first import for
-    a model without one leaves them out (0.7 s of CPU off every process that loads a model: each
+    a model without one leaves them out (0.8 s of CPU off every process that loads a model: each
     embed actor, each command), and a later model with a timm tower brings timm in then."""
     timm_tower = has_timm_tower(model)
     if not timm_tower and not {"open_clip", "timm"} & sys.modules.keys():
@@ -88,7 +88,7 @@ def import_model_libraries(model: str) -> None:
     import open_clip  # noqa: F811
 
     if timm_tower and open_clip.timm_model.timm is None:  # imported without timm before (or not installed)
-        importlib.reload(open_clip.timm_model)
+        open_clip.model.TimmModel = importlib.reload(open_clip.timm_model).TimmModel  # the class models are built of
     register_configs()
 
 

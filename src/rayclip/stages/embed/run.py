@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,8 +35,7 @@ from .worker import CALLS_PER_ACTOR, Decoder, EmbedUDF, RunStats, decode_block
 POOL_START_TIMEOUT_S = 600  # the whole actor pool must be up before work is dispatched
 RECORDS_WAIT_S = 30  # at most, for the stats actor to receive the last batches' records
 END_POOL_S = 30  # at most, for the stats actor to end the run's actors
-WARM_TASKS = CALLS_PER_ACTOR  # the job's task workers started ahead: a 2-core run's writes ran on two
-WARM_UP_S = 30  # at most, for the warm-up to finish once the run has
+WARM_WORKERS = 2  # task workers started ahead of the writes (a 2-core run's writes ran on two)
 
 
 class _RunFiles:
@@ -209,7 +207,7 @@ def embed(
             watch(lambda: ray.get(stats.rows_done.remote()), report.rows_planned, progress),
             storage.refusals_surfaced(root),
         ):
-            warming = _warm_up()
+            _warm_up()
             try:
                 ds.write_parquet(
                     partition_path,
@@ -220,7 +218,6 @@ def embed(
                 _all_recorded(stats, report.rows_planned)  # while the actors live: their records are on the way
             finally:
                 _end_pool(stats)
-                warming.join(WARM_UP_S)
         stats_text = ds.stats()
         report.tasks = tasks_executed(stats_text, "MapBatches(EmbedUDF)")
         report.write_s = round(remote_wall_s(stats_text, "Write"), 3)
@@ -264,27 +261,30 @@ def _all_recorded(stats, rows: int) -> None:
         time.sleep(0.02)
 
 
-def _warm_up() -> threading.Thread:
-    """Ray Data's own actors (its stats, its autoscaling coordinator) and the job's task workers, with
-    the write's modules loaded, started by a dataset of nothing while the pool's actors import torch
-    (one core each). Else they start once the pool encodes: each is a process of about 1.5 s of CPU,
-    beside the encoder, and the first writes wait for theirs (docs/ingest-and-embed.md)."""
+def _warm_up() -> list:
+    """Start now, while the pool's actors import torch (one core each), the processes the run would
+    otherwise start once the pool encodes, beside the encoder (about 1.5 s of CPU each; the first
+    writes wait for theirs): Ray Data's own actors, which it creates on first use (its stats actor,
+    its autoscaling coordinator), and task workers of this job with the write's modules loaded.
+    A head start only: the run never waits for it (the tasks' refs, returned, are dropped), and a Ray
+    Data without these helpers just loses it."""
     import ray
 
-    def run() -> None:
-        with contextlib.suppress(Exception):  # a head start only: the run never depends on it
-            nothing = ray.data.from_items(list(range(WARM_TASKS)), override_num_blocks=WARM_TASKS)
-            nothing.map_batches(_load_write_modules, batch_size=None, num_cpus=0).materialize()
+    with contextlib.suppress(Exception):
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
 
-    thread = threading.Thread(target=run, name="rayclip-warm-up", daemon=True)
-    thread.start()
-    return thread
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    load = ray.remote(num_cpus=0, max_retries=0)(_load_write_modules)
+    return [load.remote() for _ in range(WARM_WORKERS)]
 
 
-def _load_write_modules(batch: dict) -> dict:
-    """Nothing, in a task worker that loads this module for it: what a write task loads (_RunFiles,
+def _load_write_modules() -> None:
+    """Nothing, in a task worker that loads this module to run it: what a write task loads (_RunFiles,
     the store, Parquet's writer)."""
-    return batch
 
 
 def _end_pool(stats) -> None:

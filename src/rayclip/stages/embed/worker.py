@@ -197,6 +197,7 @@ class EmbedUDF:
         import ray
 
         marks = {"actor_process": IMPORTED_AT}
+        # By name, before the parts: unpickling them (open_clip's transforms) imports open_clip.
         import_model_libraries(model)
         marks["imports"] = time.time()
         parts = ray.get(parts[0]) if isinstance(parts, list) else parts  # [ObjectRef]: Ray passes it unresolved
