@@ -407,7 +407,7 @@ def main() -> None:
                 f"shared over {cpus} cores: {bounds[runtime]:.1f} images/s"
             )
         # What a run with captions (the default) does per image beyond that: its caption, on the text tower.
-        caption_bounds = {}  # a bound per runtime, with each image's caption on the text tower too
+        caption_bounds = {}  # runtime -> its bound with captions
         if set(args.parts) & set("cdego"):  # the runs that encode captions
             texts = text_rate(chosen, device, captions, args.batch_size)
             caption_bounds = {f"{name}, with its caption": 1 / (1 / b + 1 / texts) for name, b in bounds.items()}

@@ -92,6 +92,7 @@ def import_model_libraries(model: str) -> None:
     register_configs()
 
 
+@functools.cache  # asked on every model load (the names' check, the build, an actor's parts)
 def has_timm_tower(model: str) -> bool:
     """Whether `model`'s image tower is timm's, from its config file (rayclip's or open_clip's own),
     read without importing open_clip; a model with no config file here (hf-hub:) may have one."""
