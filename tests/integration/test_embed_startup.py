@@ -42,6 +42,19 @@ def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preproce
     assert np.array_equal(from_half.encode_uint8(pixels), half.encode_uint8(pixels))
 
 
+def test_a_model_rebuilt_from_parts_runs_the_text_tower_as_open_clips_own():
+    """The same operations as the loaded model: built with requires_grad off, each attention's input
+    projection ran as a batched matmul over a copy of the weight per position (3x slower in actors)."""
+    clip = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32")
+    rebuilt = model.ClipModel.from_parts(pickle.loads(pickle.dumps(clip.parts())), threads=1)
+    calls = []
+    for encoder in (clip, rebuilt):
+        with torch.profiler.profile() as seen:
+            encoder.encode_texts(["a red circle on a blue square", "two dogs"])
+        calls.append({event.key: event.count for event in seen.key_averages() if event.key.startswith("aten::")})
+    assert calls[1] == calls[0] and "aten::bmm" not in calls[1]
+
+
 def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tower(ingested, ray_session):
     """An embed actor builds its one model: one without a timm image tower (the reference model,
     ViT-B-32) comes with open_clip but not timm, nor the wandb timm imports (0.8 s of CPU per actor);

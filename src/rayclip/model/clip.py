@@ -177,7 +177,9 @@ class ClipModel:
             module = model.get_submodule(owner)
             tensor = _from_numpy(array).to(device)
             if leaf in module._parameters:
-                module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                # requires_grad as open_clip leaves it: off, torch's attention projected 3-D inputs with
+                # a batched matmul over a copy of the weight per position (the text tower ran 3x slower).
+                module._parameters[leaf] = torch.nn.Parameter(tensor)
             else:
                 module._buffers[leaf] = tensor
         clip = cls.__new__(cls)

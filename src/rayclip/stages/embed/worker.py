@@ -178,7 +178,9 @@ class EmbedUDF:
     A batch is either (media_id, path) rows, which the actor reads and decodes itself (decode="actor"
     or "gpu"), or (media_id, pixels) from the decode tasks ("tasks"), which it only normalises and
     encodes. Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
-    under a lock, so the model always has the next batch ready and never shares its cores. When a GPU
+    under a lock, so the model always has the next batch ready and never shares its cores. In its turn
+    the batch's captions go first: the other call, just done, decodes its next batch meanwhile, and the
+    text tower loses less to that than the image tower does (docs/benchmarks.md). When a GPU
     encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: an actor that
     decodes then reads and decodes a batch on `decode_threads` threads.
     """
@@ -221,16 +223,15 @@ class EmbedUDF:
         decoded = time.perf_counter()
         texts = _captions_of(batch, ids)
         with self.encode_lock:
-            encode_at = time.time()
-            encode_started = time.perf_counter()
-            vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
-            encoded = time.perf_counter()
-            if texts:  # the same model's text tower, in the same turn at the cores
+            encode_at, turn = time.time(), time.perf_counter()
+            if texts:  # the same model's text tower, in the same turn at the cores, first
                 text_ids = pa.array([layout.caption_id(text) for text in texts], pa.string())
                 rows = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
                 self.stats.add_captions.remote(rows)
-        seconds = {"decode": decoded - started, "encode": encoded - encode_started}
-        seconds["captions"] = time.perf_counter() - encoded
+            encode_started = time.perf_counter()
+            vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
+            encoded = time.perf_counter()
+        seconds = {"decode": decoded - started, "captions": encode_started - turn, "encode": encoded - encode_started}
         self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
         return silver.embeddings_table(ids, vectors)
 
