@@ -457,7 +457,9 @@ def test_an_add_task_holds_its_part_once_not_in_pieces_and_again_joined(tmp_path
     start = peak_rss_kib()
     vectors = index.parts.read_vectors(source, 1e-3)
     grown = (peak_rss_kib() - start) << 10
-    assert len(vectors) == count and grown < 1.8 * vectors.nbytes, grown / vectors.nbytes  # twice: 2.0 or more
+    # 1.46 alone (the part, and one file's read in Arrow and as numpy), 1.61 seen on a loaded machine
+    # (the allocators give pages back later); in pieces and joined: 3.0.
+    assert len(vectors) == count and grown < 1.8 * vectors.nbytes, grown / vectors.nbytes
 
 
 def peak_rss_kib() -> int:
