@@ -53,6 +53,35 @@ def test_write_read_list_delete(root):
     assert storage.exists(root / "a" / "two.json")
 
 
+TREE = ["a/one.json", "a/.hidden.tmp", "a/x/two.json", "b/c/three.bin", "b/c/d/.deep.tmp", "ab.json"]
+PATTERNS = ["*", "*.json", "*/*.json", "*/*/*.bin", "**/*", "b/**/.*.tmp", "[ab]/*", "[!a]*", "?/x", "missing/*"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_glob_finds_on_every_store_what_it_finds_locally(root, tmp_path, pattern):
+    local = tmp_path / "tree"
+    for name in TREE:
+        storage.write_atomic(root / name, name)
+        storage.write_atomic(local / name, name)
+
+    def relative(found, base) -> list[str]:
+        return [str(p)[len(str(base)) + 1 :] for p in found]
+
+    assert relative(storage.glob(root, pattern), root) == relative(storage.glob(local, pattern), local)
+
+
+def test_a_glob_on_s3_is_one_listing_request(s3_proxy):
+    """fsspec's own glob asked about the prefix first (a HEAD and a LIST) and listed a folder at a time:
+    6 requests for a folder's children, 7 for two levels of a tree."""
+    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    for name in TREE:
+        storage.write_atomic(root / name, name)
+    for pattern, found in [("*", 3), ("*/*.json", 1), ("**/*", 11)]:
+        seen = dict(s3_proxy.seen)
+        assert len(storage.glob(root, pattern)) == found
+        assert {k: v - seen.get(k, 0) for k, v in s3_proxy.seen.items() if v != seen.get(k, 0)} == {"GET": 1}
+
+
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_bytes(root):
     target = root / "part.parquet"
     with pytest.raises(RuntimeError):
