@@ -70,16 +70,24 @@ def test_a_glob_finds_on_every_store_what_it_finds_locally(root, tmp_path, patte
     assert relative(storage.glob(root, pattern), root) == relative(storage.glob(local, pattern), local)
 
 
-def test_a_glob_on_s3_is_one_listing_request(s3_proxy):
+def test_a_glob_on_s3_is_one_listing_request_of_the_folders_it_names(s3_proxy, monkeypatch):
     """fsspec's own glob asked about the prefix first (a HEAD and a LIST) and listed a folder at a time:
-    6 requests for a folder's children, 7 for two levels of a tree."""
+    6 requests for a folder's children, 7 for two levels of a tree. A folder the pattern names
+    outright is where the listing starts: never the whole store for one folder's files."""
     root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
     for name in TREE:
         storage.write_atomic(root / name, name)
-    for pattern, found in [("*", 3), ("*/*.json", 1), ("**/*", 11)]:
-        seen = dict(s3_proxy.seen)
+    listed = []
+    for method in ("ls", "find"):
+        real = getattr(root.fs, method)
+        monkeypatch.setattr(
+            root.fs, method, lambda path, *a, real=real, **kw: listed.append(path) or real(path, *a, **kw)
+        )
+    for pattern, found, prefix in [("*", 3, ""), ("*/*.json", 1, ""), ("**/*", 11, ""), ("b/c/.*.tmp", 0, "/b/c")]:
+        seen, listed[:] = dict(s3_proxy.seen), []
         assert len(storage.glob(root, pattern)) == found
         assert {k: v - seen.get(k, 0) for k, v in s3_proxy.seen.items() if v != seen.get(k, 0)} == {"GET": 1}
+        assert listed == [root.path + prefix]
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_bytes(root):

@@ -109,7 +109,10 @@ def glob(loc: Location, pattern: str) -> list[Location]:
     """Locations under `loc` matching `pattern` (pathlib glob syntax), sorted."""
     if is_local(loc):
         return sorted(loc.glob(pattern), key=str) if loc.exists() else []
-    return sorted((loc.joinpath(*name.split("/")) for name in _listed(loc, pattern)), key=str)
+    levels = pattern.split("/")
+    while len(levels) > 1 and not any(c in levels[0] for c in "*?["):  # a folder named outright: list only it
+        loc = loc / levels.pop(0)
+    return sorted((loc.joinpath(*name.split("/")) for name in _listed(loc, "/".join(levels))), key=str)
 
 
 def _listed(loc: Location, pattern: str) -> list[str]:
