@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import loopback
+from helpers import bounded, loopback
 from helpers.site import GOOD_IMAGES
 from helpers.stores import cli, run_ingest
 
@@ -227,6 +227,19 @@ def test_img2dataset_spawns_processes_that_import_it_without_torch(tmp_path, goo
             assert pool.apply(spawn_probe.torch_after_img2dataset) is False
     assert sys.modules["__main__"] is real_main
     assert sys.modules.get("torch", False) is not None  # torch stays importable here
+
+
+def test_an_ingest_command_runs_img2dataset_without_loading_torch(tmp_path, good_metadata):
+    """The command's own process imports img2dataset as its spawned ones do: torch is never loaded
+    (webdataset's stand-ins instead), and stays importable after, for an embed in the same process."""
+    code = (
+        "import sys; from rayclip.stages import ingest; "
+        f"report = ingest.ingest_metadata({str(tmp_path / 'data')!r}, {str(good_metadata)!r}, timeout=3); "
+        "print(report.manifest_rows_added, 'torch' in sys.modules); import torch; print(torch.__name__)"
+    )
+    done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-2:] == [f"{GOOD_IMAGES + 1} False", "torch"]  # after img2dataset's lines
 
 
 def test_many_shards_admitted_while_the_download_runs(tmp_path, site, monkeypatch):

@@ -42,6 +42,7 @@ def download_and_admit(
 ) -> None:
     """Run img2dataset on the url/caption table, admitting each shard as soon as it is finished."""
     input_file, output_dir = work_dir / "input.parquet", work_dir / "out"
+    _import_without_torch()  # before this process starts another thread
     with storage.open_output(input_file) as f:
         pq.write_table(table, f)
     shard_rows = _shard_rows(table.num_rows, _workers(distributor, processes))
@@ -123,6 +124,19 @@ def _spawned_from_ours() -> Iterator[None]:
         yield
     finally:
         sys.modules["__main__"] = real
+
+
+def _import_without_torch() -> None:
+    """img2dataset imported in this process as in its spawned ones (spawned.py): webdataset's torch
+    stand-ins, not torch (1.5 s of a command's start). Where torch is loaded already it stays; where
+    it is not, it stays importable after (an embed in this process loads it then)."""
+    if "img2dataset" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ModuleNotFoundError: webdataset's stand-ins
+    try:
+        import img2dataset  # noqa: F401 - the import is the point
+    finally:
+        del sys.modules["torch"]
 
 
 def _img2dataset(input_file: Location, output_dir: Location, distributor: str, shard_rows: int, **options) -> None:
