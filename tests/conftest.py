@@ -180,17 +180,11 @@ def s3_server():
     AWS_ENDPOINT_URL names, with one bucket. The proxy forwards everything untouched until a test
     asks it to spoil a share of the requests (the `s3_proxy` fixture)."""
     import boto3
-    import moto.backends
-    from moto.server import ThreadedMotoServer
+    from helpers import moto_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    # moto lists its own package folder (a stat per service) on every request to find the service:
-    # a tenth of each request's CPU. The folder does not change during a run.
-    services = tuple(moto.backends.list_of_moto_modules())
-    moto.backends.list_of_moto_modules = lambda: services
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = moto_server.start()
     proxy = ThrottlingProxy(port, server.get_host_and_port())
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
     yield proxy
