@@ -1,128 +1,21 @@
-"""The gold build's steps as Ray tasks equal the same steps run in one process: same scores and ids
-(but where scores tie exactly) for 1,000 queries, on a two-node cluster (the `rayclip index` command
-joining it) and in each form the finished index takes (one file, merged on disk and memory-mapped,
-shards)."""
+"""The gold build's steps as Ray tasks and in one process, in each form the finished index takes (one
+file, merged on disk and memory-mapped, shards); the same build on a two-node cluster is in
+test_two_nodes.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import faiss
-import helpers
 import numpy as np
 import pytest
+from helpers.index_builds import FILES, PART_VECTORS, REFERENCE, open_build, quantizer_of, search, write_day_files
 from helpers.silver import clustered, media_ids, write_manifest, write_silver
 from helpers.stores import cli
 
 from rayclip import ann
 from rayclip.stages import index
 from rayclip.store import catalog, layout
-
-REFERENCE = "clip_rayclip_ref_reference"
-FILES, PER_FILE = 4, 1500
-PART_VECTORS = 1600  # four parts over the 6,000 vectors, each crossing a silver file's boundary
-INDEX_TYPE = "IVF32,SQ8"
-ANCHORS = [0, 1599, 1600, 3333, 5999]  # faiss_ids at both ends of parts
-
-
-def write_day_files(root: Path) -> None:
-    ids, vectors = media_ids(FILES * PER_FILE), clustered(FILES * PER_FILE)
-    for f in range(FILES):
-        rows = slice(f * PER_FILE, (f + 1) * PER_FILE)
-        write_silver(root, f"2026-01-0{f + 1}", ids[rows], vectors[rows])
-    write_manifest(root, ids)
-
-
-def open_build(root: Path, build_id: str):
-    """(what a server would search, the FAISS indexes under it, build.json) whichever the build's form
-    (plain FAISS: the serving side is not under test here)."""
-    folder = layout.build_dir(root, REFERENCE, build_id)
-    info = catalog.build_info(root, REFERENCE, build_id)
-    if info.form == "shards":
-        held = [faiss.read_index(str(folder / shard["file"])) for shard in info.shards]
-        shards = faiss.IndexShards(info.dim, False, False)  # successive_ids False: each shard keeps its ids
-        for shard in held:
-            shards.add_shard(shard)
-        return shards, held, info
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if info.form == "ondisk" else 0
-    found = faiss.read_index(str(layout.index_file(folder)), flags)
-    return found, [found], info
-
-
-def quantizer_of(index) -> np.ndarray:
-    """An IVF index's coarse centroids."""
-    quantizer = faiss.extract_index_ivf(index).quantizer
-    return quantizer.reconstruct_n(0, quantizer.ntotal)
-
-
-def search(opened: tuple, params: dict, queries: np.ndarray):
-    found, held, _ = opened
-    for part in held:
-        ann.apply_parameters(part, params)
-    return found.search(queries, 10)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_two_node_build_equals_the_single_process_build(tmp_path, ray_session):
-    """The CLI on two nodes builds one file; the forms on disk and in shards are built from the same
-    steps on the session's cluster (one node), in this process."""
-    root = tmp_path / "data"
-    write_day_files(root)
-    helper = Path(helpers.__file__).with_name("multinode_index.py")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(helper), str(root), INDEX_TYPE, str(PART_VECTORS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    distributed = json.loads(done.stdout.splitlines()[-1])
-    on_ray = {"index_type": INDEX_TYPE, "part_vectors": PART_VECTORS, "parallel": "ray", "retrain": True}
-    distributed["ondisk"] = index.build(root, **on_ray, on_disk=True).build_id
-    distributed["shards"] = index.build(root, **on_ray, shards=2).build_id
-    nodes = {"single": 2, "ondisk": 1, "shards": 1}
-
-    local = index.build(root, index_type=INDEX_TYPE, part_vectors=PART_VECTORS, parallel="local", retrain=True)
-    opened = open_build(root, local.build_id)
-    expected_index, _, expected = opened
-    assert expected.steps == {
-        "parts": 4,
-        "part_vectors": PART_VECTORS,
-        "ran_on": "local",
-        "nodes": 1,
-        "task_peak_rss_mib": None,
-        "auto": None,
-    }
-    queries = clustered(1000, seed=0)  # fresh points around the same centres
-    stored = clustered(FILES * PER_FILE)[ANCHORS]  # faiss_id i is silver row i: ids are global, not per part
-    want_scores, want_ids = search(opened, expected.search_params, queries)
-    mapping = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, local.build_id)))
-
-    for form, build_id in distributed.items():
-        opened = open_build(root, build_id)
-        found_index, _, info = opened
-        assert info.form == form and info.steps["ran_on"] == "ray" and info.steps["nodes"] == nodes[form], info.steps
-        assert len(info.steps["task_peak_rss_mib"]["add"]) == 4  # one add task per part
-        assert found_index.ntotal == expected_index.ntotal == FILES * PER_FILE
-        assert search(opened, {"nprobe": 32}, stored)[1][:, 0].tolist() == ANCHORS
-        assert info.search_params == expected.search_params and info.recall == expected.recall
-        scores, ids = search(opened, expected.search_params, queries)
-        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
-        # Same ids, but for exact ties: shards merge their top-k in their own order, so two vectors with
-        # one score (SQ8 codes collide) may swap, or trade the k-th place: a differing id has the same score.
-        differ = ids != want_ids
-        assert differ.sum() <= 5 and (scores[differ] == want_scores[differ]).all(), form
-        # faiss_id i names the same media_id in both: ids are positions, not the order tasks finished in
-        found = catalog.read_parquet(layout.mapping_file(layout.build_dir(root, REFERENCE, build_id)))
-        assert found.select(["faiss_id", "media_id"]).equals(mapping.select(["faiss_id", "media_id"]))
-    shards = catalog.build_info(root, REFERENCE, distributed["shards"]).shards
-    assert shards == [
-        {"file": "shard-00000.faiss", "first": 0, "count": 3200},
-        {"file": "shard-00001.faiss", "first": 3200, "count": 2800},
-    ]
 
 
 def test_auto_takes_a_mergeable_family_for_parts_and_says_why():

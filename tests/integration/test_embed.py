@@ -1,4 +1,5 @@
-"""Embedding on real Ray Data: execution signals, silver contract, exact rows, incremental runs."""
+"""Embedding on real Ray Data: execution signals, silver contract, exact rows, incremental runs, and the
+streaming planner against the planner in the driver."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from helpers import bounded
+from helpers.silver import media_ids, write_manifest, write_silver
 from helpers.site import GOOD_IMAGES
 from helpers.stores import assert_rows_are_open_clips, cli, read_silver
 
 from rayclip import UserError, model
 from rayclip.stages import embed
 from rayclip.store import catalog, layout
+
+REFERENCE = "clip_rayclip_ref_reference"
 
 
 def test_cli_embed_seed_spelling_prints_plan_and_is_idempotent(store, ray_session, capsys):
@@ -159,3 +163,35 @@ def test_empty_manifest_and_bad_date(tmp_path, capsys):
     assert "run `rayclip ingest` first" in capsys.readouterr().err
     with pytest.raises(Exception, match="YYYY-MM-DD"):
         embed.embed(tmp_path, model.resolve(None, "none"), dt="26/11/2026")
+
+
+@pytest.mark.parametrize("planner", ["in the driver", "streaming"])
+def test_both_planners_plan_the_same_rows(tmp_path, ray_session, monkeypatch, planner):
+    """Duplicated manifest rows, some ids already embedded: each planner
+    gives one row per new media_id with its smallest path, in media_id order, and --limit takes the
+    smallest media_ids."""
+    if planner == "streaming":
+        monkeypatch.setattr(embed.plan, "DRIVER_PLAN_ROWS", 0)
+        monkeypatch.setattr(embed.plan, "_plan_in_driver", None)  # never called
+    root = tmp_path / "data"
+    ids = media_ids(300)
+    write_manifest(root, ids[:200], seed=0)
+    write_manifest(root, ids[150:] + ids[:20], seed=1)  # 150..199 and 0..19 twice
+    write_silver(root, "2026-01-01", ids[100:180], np.eye(80, 128))
+    write_silver(root, "2026-01-02", ids[250:260], np.eye(10, 128))
+
+    done = set(ids[100:180] + ids[250:260])
+    smallest: dict[str, str] = {}
+    for row in catalog.read_manifest(root, ["media_id", "path"]).to_pylist():
+        if row["media_id"] not in done:
+            smallest[row["media_id"]] = min(smallest.get(row["media_id"], row["path"]), row["path"])
+    expected = [{"media_id": m, "path": smallest[m]} for m in sorted(smallest)]
+
+    def planned(**kwargs) -> list[dict]:
+        work = embed.plan_work(root, REFERENCE, **kwargs)
+        return pa.concat_tables(work.iter_batches(batch_format="pyarrow", batch_size=None)).to_pylist()
+
+    assert planned() == expected
+    assert len(expected) == 300 - 90
+    assert planned(limit=7) == expected[:7]
+    assert len(planned(force=True)) == 300
