@@ -57,7 +57,7 @@ class SiteHandler(synthetic._QuietHandler):
 
 @contextlib.contextmanager
 def serve(folder: Path):
-    with loopback.serving(functools.partial(SiteHandler, directory=str(folder))) as server:
+    with loopback.serving(functools.partial(SiteHandler, directory=str(folder)), quiet_departures=True) as server:
         yield loopback.url(server)
 
 

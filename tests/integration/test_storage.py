@@ -53,8 +53,22 @@ def test_write_read_list_delete(root):
     assert storage.exists(root / "a" / "two.json")
 
 
-TREE = ["a/one.json", "a/.hidden.tmp", "a/x/two.json", "b/c/three.bin", "b/c/d/.deep.tmp", "ab.json"]
-PATTERNS = ["*", "*.json", "*/*.json", "*/*/*.bin", "**/*", "b/**/.*.tmp", "[ab]/*", "[!a]*", "?/x", "missing/*"]
+TREE = ["a/one.json", "a/.hidden.tmp", "a/x/two.json", "b/c/three.bin", "b/c/d/.deep.tmp", "ab.json", "7.tar", "-.tar"]
+PATTERNS = [
+    "*",
+    "*.json",
+    "*/*.json",
+    "*/*/*.bin",
+    "**/*",
+    "b/**/.*.tmp",
+    "**/*.json",
+    "[ab]/*",
+    "[!a]*",
+    "[0-9].tar",
+    "[!a-c]*",
+    "?/x",
+    "missing/*",
+]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -81,13 +95,42 @@ def test_a_glob_on_s3_is_one_listing_request_of_the_folders_it_names(s3_proxy, m
     for method in ("ls", "find"):
         real = getattr(root.fs, method)
         monkeypatch.setattr(
-            root.fs, method, lambda path, *a, real=real, **kw: listed.append(path) or real(path, *a, **kw)
+            root.fs,
+            method,
+            lambda path, *a, m=method, real=real, **kw: listed.append((m, path)) or real(path, *a, **kw),
         )
-    for pattern, found, prefix in [("*", 3, ""), ("*/*.json", 1, ""), ("**/*", 11, ""), ("b/c/.*.tmp", 0, "/b/c")]:
+    asked = [("*", 5, "ls", ""), ("*/*.json", 1, "find", ""), ("**/*", 13, "find", ""), ("b/c/.*.tmp", 0, "ls", "/b/c")]
+    for pattern, found, method, prefix in asked:
         seen, listed[:] = dict(s3_proxy.seen), []
         assert len(storage.glob(root, pattern)) == found
         assert {k: v - seen.get(k, 0) for k, v in s3_proxy.seen.items() if v != seen.get(k, 0)} == {"GET": 1}
-        assert listed == [root.path + prefix]
+        assert listed == [(method, root.path + prefix)]
+
+
+def test_a_folder_marker_on_s3_is_the_folder_it_names_listed_once(s3_server):
+    """A key ending in "/" (what the S3 console's "create folder" and Hadoop's s3a write) is no name of
+    its own: a glob lists its folder once, as a local glob would."""
+    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    for name in TREE:
+        storage.write_atomic(root / name, name)
+    for marker in ("b/", "b/c/", "e/"):
+        root.fs.pipe(f"{root.path}/{marker}", b"")
+    names = [str(p)[len(str(root)) + 1 :] for p in storage.glob(root, "*")]
+    assert names == ["-.tar", "7.tar", "a", "ab.json", "b", "e"]
+    assert [str(p)[len(str(root)) + 1 :] for p in storage.glob(root, "*/*")] == [
+        "a/.hidden.tmp",
+        "a/one.json",
+        "a/x",
+        "b/c",
+    ]
+
+
+@pytest.mark.parametrize("pattern", ["**", "a/", "a/**"])
+def test_a_glob_on_an_object_store_that_ends_in_no_name_is_one_clear_line(s3_server, pattern):
+    """pathlib's glob gives folders for these; an object-store glob refuses them (no caller asks)."""
+    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    with pytest.raises(UserError, match="must end in a name"):
+        storage.glob(root, pattern)
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_bytes(root):

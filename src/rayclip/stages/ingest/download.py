@@ -42,10 +42,10 @@ def download_and_admit(
 ) -> None:
     """Run img2dataset on the url/caption table, admitting each shard as soon as it is finished."""
     input_file, output_dir = work_dir / "input.parquet", work_dir / "out"
-    _import_without_torch()  # before this process starts another thread
     with storage.open_output(input_file) as f:
         pq.write_table(table, f)
-    shard_rows = _shard_rows(table.num_rows, _workers(distributor, processes))
+    shard_rows = _shard_rows(table.num_rows, _workers(distributor, processes))  # sets img2dataset's environment
+    _import_without_torch()  # once that environment is set (albumentations reads it at import)
     finished = threading.Event()
     # img2dataset stays on this thread (it installs a signal handler); its shards are followed on another.
     with ThreadPoolExecutor(1, thread_name_prefix="rayclip-shards") as follower:
@@ -129,7 +129,8 @@ def _spawned_from_ours() -> Iterator[None]:
 def _import_without_torch() -> None:
     """img2dataset imported in this process as in its spawned ones (spawned.py): webdataset's torch
     stand-ins, not torch (1.5 s of a command's start). Where torch is loaded already it stays; where
-    it is not, it stays importable after (an embed in this process loads it then)."""
+    it is not, it stays importable after (an embed in this process loads it then). Meanwhile another
+    thread's `import torch` would fail: none of ours imports it (the shard follower starts after)."""
     if "img2dataset" in sys.modules or "torch" in sys.modules:
         return
     sys.modules["torch"] = None  # `import torch` raises ModuleNotFoundError: webdataset's stand-ins

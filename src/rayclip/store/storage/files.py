@@ -11,10 +11,10 @@ answer is never taken for data.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ...errors import UserError
 from .failures import ShortReadError, StoreError, WholeReads, on_store, store_call
 from .locations import Location, is_local, uri
 
@@ -120,30 +121,30 @@ def _listed(loc: Location, pattern: str) -> list[str]:
     listing: a LIST with a delimiter for a pattern of one level, else one paged LIST of every key
     below (with the folders they imply). fsspec's own glob asks about the prefix first (a HEAD and a
     LIST), and lists a folder at a time: 6 or more requests for a folder's children, against 1."""
+    levels = pattern.split("/")
+    if levels[-1] in ("", "**"):
+        raise UserError(f"the pattern {pattern!r} must end in a name (a file's or a folder's)")
     base = loc.path.rstrip("/")
     try:
-        if "/" in pattern or "**" in pattern:
+        if len(levels) > 1 or "**" in levels:
             names = loc.fs.find(base, withdirs=True, detail=False)
         else:
             names = loc.fs.ls(base, detail=False)
     except FileNotFoundError:
         return []
-    matches = re.compile(_glob_regex(pattern)).fullmatch
-    relative = (name.removeprefix(base).lstrip("/") for name in names if name.startswith(f"{base}/"))
-    return [name for name in relative if name and matches(name)]
+    # A key ending in "/" (a folder marker some tools write) is the folder it names, listed once.
+    found = {name.removeprefix(base).strip("/") for name in names if name.startswith(f"{base}/")}
+    return [name for name in found if name and _matches(levels, name.split("/"))]
 
 
-def _glob_regex(pattern: str) -> str:
-    """pathlib's glob as a regular expression over "/"-separated names: `**` spans any number of
-    folders, `*` and `?` stay within one name, `[...]` is a character class."""
-    levels = []
-    for level in pattern.split("/"):
-        if level == "**":
-            levels.append("(?:[^/]+/)*")
-            continue
-        level = re.sub(r"\[!", "[^", re.escape(level).replace(r"\[", "[").replace(r"\]", "]"))
-        levels.append(level.replace(r"\*", "[^/]*").replace(r"\?", "[^/]") + "/")
-    return "".join(levels).removesuffix("/")
+def _matches(levels: list[str], parts: list[str]) -> bool:
+    """Whether a name's parts match a pattern's levels as pathlib's glob matches them: fnmatch name
+    by name (case-sensitive), `**` standing for any number of folders."""
+    if not levels:
+        return not parts
+    if levels[0] == "**":
+        return any(_matches(levels[1:], parts[skipped:]) for skipped in range(len(parts)))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], levels[0]) and _matches(levels[1:], parts[1:])
 
 
 def children(loc: Location) -> list[Location]:
