@@ -90,7 +90,7 @@ def test_rebuild_from_same_silver_gives_same_mapping(built):
 
 
 READER = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from rayclip import Searcher
 root, expected, stop = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -105,7 +105,11 @@ while not stop.exists() and time.monotonic() < deadline:
     if changed:
         print("seen", built_searcher.build_info.build_id, flush=True)
     checks += 1
-print(json.dumps({"builds_seen": len(seen), "checks": checks}))
+print(json.dumps({"builds_seen": len(seen), "checks": checks}), flush=True)
+# Ends as a rayclip command ends (cli._exit): no teardown of every module. A library's thread torn
+# down at interpreter exit once aborted this reader (SIGABRT: "terminate called without an active
+# exception") after its checks were done.
+os._exit(0)
 """
 
 
