@@ -71,24 +71,25 @@ PATTERNS = [
 ]
 
 
+def globbed(base, pattern: str) -> list[str]:
+    """storage.glob's finds, as names relative to `base`."""
+    return [str(p)[len(str(base)) + 1 :] for p in storage.glob(base, pattern)]
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_a_glob_finds_on_every_store_what_it_finds_locally(root, tmp_path, pattern):
     local = tmp_path / "tree"
     for name in TREE:
         storage.write_atomic(root / name, name)
         storage.write_atomic(local / name, name)
-
-    def relative(found, base) -> list[str]:
-        return [str(p)[len(str(base)) + 1 :] for p in found]
-
-    assert relative(storage.glob(root, pattern), root) == relative(storage.glob(local, pattern), local)
+    assert globbed(root, pattern) == globbed(local, pattern)
 
 
-def test_a_glob_on_s3_is_one_listing_request_of_the_folders_it_names(s3_proxy, monkeypatch):
+def test_a_glob_on_s3_is_one_listing_request_of_the_folders_it_names(s3_proxy, s3_root, monkeypatch):
     """fsspec's own glob asked about the prefix first (a HEAD and a LIST) and listed a folder at a time:
     6 requests for a folder's children, 7 for two levels of a tree. A folder the pattern names
     outright is where the listing starts: never the whole store for one folder's files."""
-    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    root = s3_root
     for name in TREE:
         storage.write_atomic(root / name, name)
     listed = []
@@ -107,30 +108,23 @@ def test_a_glob_on_s3_is_one_listing_request_of_the_folders_it_names(s3_proxy, m
         assert listed == [(method, root.path + prefix)]
 
 
-def test_a_folder_marker_on_s3_is_the_folder_it_names_listed_once(s3_server):
+def test_a_folder_marker_on_s3_is_the_folder_it_names_listed_once(s3_root):
     """A key ending in "/" (what the S3 console's "create folder" and Hadoop's s3a write) is no name of
     its own: a glob lists its folder once, as a local glob would."""
-    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
+    root = s3_root
     for name in TREE:
         storage.write_atomic(root / name, name)
     for marker in ("b/", "b/c/", "e/"):
         root.fs.pipe(f"{root.path}/{marker}", b"")
-    names = [str(p)[len(str(root)) + 1 :] for p in storage.glob(root, "*")]
-    assert names == ["-.tar", "7.tar", "a", "ab.json", "b", "e"]
-    assert [str(p)[len(str(root)) + 1 :] for p in storage.glob(root, "*/*")] == [
-        "a/.hidden.tmp",
-        "a/one.json",
-        "a/x",
-        "b/c",
-    ]
+    assert globbed(root, "*") == ["-.tar", "7.tar", "a", "ab.json", "b", "e"]
+    assert globbed(root, "*/*") == ["a/.hidden.tmp", "a/one.json", "a/x", "b/c"]
 
 
 @pytest.mark.parametrize("pattern", ["**", "a/", "a/**"])
-def test_a_glob_on_an_object_store_that_ends_in_no_name_is_one_clear_line(s3_server, pattern):
+def test_a_glob_on_an_object_store_that_ends_in_no_name_is_one_clear_line(s3_root, pattern):
     """pathlib's glob gives folders for these; an object-store glob refuses them (no caller asks)."""
-    root = storage.data_root(f"s3://rayclip-test/{uuid.uuid4().hex[:12]}")
     with pytest.raises(UserError, match="must end in a name"):
-        storage.glob(root, pattern)
+        storage.glob(s3_root, pattern)
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_bytes(root):

@@ -23,7 +23,6 @@ from ..catalog import Refused
 from ..storage import Location
 from . import BYTES_COLUMNS, IMAGE_EXTENSIONS, NO_IMAGE, SUCCESS, TRUNCATED, Sample, failure_reason
 
-GLOB_CHARS = "*?["
 # webdataset's shard ranges: {00000..00099} (zero-padded like the first bound) and {a,b} alternatives.
 _BRACES = re.compile(r"\{(\d+\.\.\d+|[^{}]*,[^{}]*)\}")
 READ_ROWS = 256  # rows of a parquet shard decoded at once
@@ -53,10 +52,10 @@ def shard_locations(pattern: str) -> list[Location]:
     """The shards a pattern names (braces expanded, then globs matched; local or an object store), in order."""
     found: list[Location] = []
     for written in expand_braces(pattern):
-        if not any(c in written for c in GLOB_CHARS):
+        if not any(c in written for c in storage.GLOB_CHARS):
             found.append(storage.location(written))
             continue
-        cut = min(written.index(c) for c in GLOB_CHARS if c in written)
+        cut = min(written.index(c) for c in storage.GLOB_CHARS if c in written)
         base = written[:cut].rpartition("/")[0]
         found += storage.glob(storage.location(base or "."), written[len(base) + 1 if base else 0 :])
     if not found:

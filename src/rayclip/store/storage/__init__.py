@@ -14,6 +14,7 @@ from .cache import cache_home, cached
 from .failures import ShortReadError, StoreError, on_store, refusals_surfaced
 from .files import (
     CHUNK_BYTES,
+    GLOB_CHARS,
     children,
     delete,
     exists,
@@ -45,6 +46,7 @@ from .retries import S3_MAX_ATTEMPTS_ENV, retry_env
 __all__ = [
     "CHUNK_BYTES",
     "DATA_DIR_ENV",
+    "GLOB_CHARS",
     "LEASE_NAME",
     "S3_MAX_ATTEMPTS_ENV",
     "Location",

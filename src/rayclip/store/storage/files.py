@@ -105,28 +105,30 @@ def file_size(f) -> int:
 # ---------------------------------------------------------------- listing
 
 
+GLOB_CHARS = "*?["  # what makes a pattern's name a pattern, not the name itself
+
+
 @store_call
 def glob(loc: Location, pattern: str) -> list[Location]:
     """Locations under `loc` matching `pattern` (pathlib glob syntax), sorted."""
     if is_local(loc):
         return sorted(loc.glob(pattern), key=str) if loc.exists() else []
     levels = pattern.split("/")
-    while len(levels) > 1 and not any(c in levels[0] for c in "*?["):  # a folder named outright: list only it
-        loc = loc / levels.pop(0)
-    return sorted((loc.joinpath(*name.split("/")) for name in _listed(loc, "/".join(levels))), key=str)
-
-
-def _listed(loc: Location, pattern: str) -> list[str]:
-    """The names (relative to `loc`) under an object-store prefix that match `pattern`, from one
-    listing: a LIST with a delimiter for a pattern of one level, else one paged LIST of every key
-    below (with the folders they imply). fsspec's own glob asks about the prefix first (a HEAD and a
-    LIST), and lists a folder at a time: 6 or more requests for a folder's children, against 1."""
-    levels = pattern.split("/")
     if levels[-1] in ("", "**"):
         raise UserError(f"the pattern {pattern!r} must end in a name (a file's or a folder's)")
+    while len(levels) > 1 and not any(c in levels[0] for c in GLOB_CHARS):
+        loc = loc / levels.pop(0)  # a folder named outright: the listing starts there
+    return sorted((loc.joinpath(*name.split("/")) for name in _listed(loc, levels)), key=str)
+
+
+def _listed(loc: Location, levels: list[str]) -> list[str]:
+    """The names (relative to `loc`) under an object-store prefix that match a pattern's `levels`,
+    from one listing: a LIST with a delimiter for a pattern of one level, else one paged LIST of
+    every key below (with the folders they imply). fsspec's own glob asks about the prefix first (a
+    HEAD and a LIST), and lists a folder at a time: 6 or more requests for a folder's children."""
     base = loc.path.rstrip("/")
     try:
-        if len(levels) > 1 or "**" in levels:
+        if len(levels) > 1:
             names = loc.fs.find(base, withdirs=True, detail=False)
         else:
             names = loc.fs.ls(base, detail=False)
