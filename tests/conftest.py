@@ -38,6 +38,21 @@ def pytest_configure(config: pytest.Config) -> None:
     # Nothing leaves loopback: Ray's usage reporting and albumentations' update check (img2dataset
     # imports it) stay off in this process and every process the tests start, whatever starts them.
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1")
+    _quick_retries_here()
+
+
+BOTOCORE_WAIT_SHARE = 0.02  # of botocore's own wait before each retry, in the test processes
+
+
+def _quick_retries_here() -> None:
+    """botocore's waits between retries (a random share of 1, 2, 4 … s) cut to BOTOCORE_WAIT_SHARE
+    in the test processes only. The tests that spoil requests count their retries at the proxy, not
+    the time between them, and slept through up to 15 s of these waits per file. The processes they
+    start (the CLI, Ray's workers, img2dataset's) keep botocore's own waits."""
+    from botocore.retries import standard
+
+    own = standard.ExponentialBackoff.delay_amount
+    standard.ExponentialBackoff.delay_amount = lambda self, context: BOTOCORE_WAIT_SHARE * own(self, context)
 
 
 # `make test` runs the files on two xdist workers, one file at a time per worker, in this order: the

@@ -26,6 +26,34 @@ def store_objects(root, count: int) -> list[bytes]:
     return [(root / path).read_bytes() for path in paths]
 
 
+def test_a_process_loads_a_model_once_and_sets_its_threads_each_time(monkeypatch):
+    """load_model with the same model and precision again is the model already loaded, with torch's
+    threads set again as asked; another precision is another model."""
+    monkeypatch.setattr(model.clip, "ClipModel", counted := Counted(model.ClipModel))
+    model.clip._kept.cache_clear()
+    spec = model.resolve(None, "reference")
+    threads = torch.get_num_threads()
+    try:
+        first = model.load_model(spec, threads=1, precision="fp32")
+        torch.set_num_threads(2)
+        assert model.load_model(spec, threads=1, precision="fp32") is first and torch.get_num_threads() == 1
+        assert model.load_model(spec, precision="bf16") is not first and counted.calls == 2
+    finally:
+        torch.set_num_threads(threads)
+        model.clip._kept.cache_clear()  # the models of the counting class go
+
+
+class Counted:
+    """A class whose instances are counted as they are made."""
+
+    def __init__(self, cls) -> None:
+        self.cls, self.calls = cls, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.cls(*args, **kwargs)
+
+
 def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preprocess(ingested):
     clip = model.load_model(model.resolve(None, "reference"), threads=1, precision="fp32")
     pictures = [images.decode_image(data) for data in store_objects(ingested, 4)]
