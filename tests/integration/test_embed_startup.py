@@ -26,18 +26,22 @@ def store_objects(root, count: int) -> list[bytes]:
     return [(root / path).read_bytes() for path in paths]
 
 
-def test_a_process_loads_a_model_once_and_sets_its_threads_each_time(monkeypatch):
-    """load_model with the same model and precision again is the model already loaded, with torch's
-    threads set again as asked; another precision is another model."""
+def test_a_process_keeps_its_query_models_and_sets_torchs_threads_each_time(monkeypatch):
+    """load_model(kept=True) with the same model and precision again is the model already loaded,
+    with torch's threads set again as asked; another precision is another model; a model loaded
+    without `kept` (a run's own, as embed's driver loads it) is neither kept nor one of the kept."""
     monkeypatch.setattr(model.clip, "ClipModel", counted := Counted(model.ClipModel))
     model.clip._kept.cache_clear()
     spec = model.resolve(None, "reference")
     threads = torch.get_num_threads()
     try:
-        first = model.load_model(spec, threads=1, precision="fp32")
+        first = model.load_model(spec, threads=1, precision="fp32", kept=True)
         torch.set_num_threads(2)
-        assert model.load_model(spec, threads=1, precision="fp32") is first and torch.get_num_threads() == 1
-        assert model.load_model(spec, precision="bf16") is not first and counted.calls == 2
+        assert model.load_model(spec, threads=1, precision="fp32", kept=True) is first
+        assert torch.get_num_threads() == 1
+        assert model.load_model(spec, precision="fp32") is not first
+        assert model.load_model(spec, precision="bf16", kept=True) is not first and counted.calls == 3
+        assert model.load_model(spec, precision="fp32", kept=True) is first and counted.calls == 3
     finally:
         torch.set_num_threads(threads)
         model.clip._kept.cache_clear()  # the models of the counting class go

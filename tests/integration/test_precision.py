@@ -28,7 +28,6 @@ def test_auto_precision_on_a_gpu_is_bf16_where_it_runs_natively_else_fp16(monkey
 
 def test_repeated_text_queries_come_from_the_cache(monkeypatch):
     clip = model.load_model(model.resolve(None, model.REFERENCE_ALIAS), threads=1, precision="fp32")
-    clip._text_cache.clear()  # the process keeps its models: an earlier test's texts may be cached
     first = clip.encode_texts(["a red circle", "a blue star"])
     calls = []
     encode_tokens = clip._encode_tokens  # the text tower, trimmed or not

@@ -52,9 +52,7 @@ def test_trimmed_features_equal_the_full_context(clip, batched):
 @pytest.mark.parametrize("change", ["bidirectional", "last-token pooling"])
 def test_other_towers_run_on_the_full_context(change, monkeypatch):
     """Where cutting the padding would change the features, the model's own encode_text runs."""
-    # A model of its own: the changed tower's vectors must not reach the text cache of the one the
-    # process keeps (load_model) for the other tests.
-    clip = model.ClipModel(model.resolve("RayCLIP-Ref", "reference"), precision="fp32")
+    clip = model.load_model(model.resolve("RayCLIP-Ref", "reference"), precision="fp32")
     if change == "bidirectional":
         monkeypatch.setattr(clip.model, "attn_mask", None)  # every token attends to the padding too
     else:

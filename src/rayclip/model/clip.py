@@ -19,7 +19,7 @@ from .precision import choose_precision
 
 RANDOM_SEED = 0
 TEXT_CACHE_SIZE = 1024  # recent query embeddings kept per model
-MODELS_KEPT = 2  # loaded models a process keeps for the next load_model of the same (ViT-B-32: 0.6 GB at fp32)
+MODELS_KEPT = 2  # query models a process keeps for the next load_model(kept=True) (ViT-B-32: 0.6 GB at fp32)
 
 
 @contextlib.contextmanager
@@ -283,16 +283,21 @@ class _TrimmedText:
 
 
 def load_model(
-    spec: ModelSpec, device: str = "cpu", threads: int | None = None, precision: str = ModelOptions.precision
+    spec: ModelSpec,
+    device: str = "cpu",
+    threads: int | None = None,
+    precision: str = ModelOptions.precision,
+    kept: bool = False,
 ) -> ClipModel:
-    """The model `spec` names on `device` at `precision` (choose_precision), torch on `threads`. A
-    process keeps the last MODELS_KEPT models it loaded: the same one asked for again (the next
-    Searcher.open in a notebook, the next test in a test process) is not loaded again."""
+    """The model `spec` names on `device` at `precision` (choose_precision), torch on `threads`. With
+    `kept` (a query model: Searcher.load) the process keeps the last MODELS_KEPT models so loaded,
+    and the same one asked for again (the next Searcher.open in a notebook, the next test in a test
+    process) is not loaded again; a run's own model (embed's driver) goes once the run lets it go."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return _kept(spec, device, precision)
+    return _kept(spec, device, precision) if kept else ClipModel(spec, device=device, precision=precision)
 
 
 @functools.lru_cache(maxsize=MODELS_KEPT)

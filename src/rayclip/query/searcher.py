@@ -95,7 +95,7 @@ class Searcher:
         encoder's (model.choose_precision: bf16 where the CPU runs it natively); `residency` how the
         image index is held (in RAM, mapped, in shards elsewhere)."""
         build = load_build(root, model_version, catalog.current_build(root, model_version), residency)
-        query_model = load_model(spec_from_build(build.info), threads=threads, precision=precision)
+        query_model = load_model(spec_from_build(build.info), threads=threads, precision=precision, kept=True)
         return cls(root, model_version, query_model, build, residency)
 
     def snapshot(self) -> Build:
