@@ -17,6 +17,7 @@ from helpers.stores import assert_rows_are_open_clips, cli, read_silver
 from PIL import Image
 
 from rayclip import images, model
+from rayclip.cluster import LOOPBACK
 from rayclip.stages import embed
 from rayclip.store import catalog, layout
 
@@ -120,17 +121,23 @@ def test_a_command_resolves_and_loads_a_model_without_timm_and_gets_timm_for_a_t
     assert done.stdout.splitlines() == ["['open_clip'] 128", "True True"]
 
 
-def test_the_warm_up_starts_ray_datas_actors_and_task_workers_with_the_write_modules_loaded():
+def test_the_warm_up_starts_ray_datas_actors_and_task_workers_with_the_write_modules_loaded(ray_session):
     """On a fresh cluster, before the pool encodes: Ray Data's own actors exist, and the job's next
-    task finds a worker with the write's modules loaded, as the run's write tasks will."""
+    task finds a worker with the write's modules loaded, as the run's write tasks will. The cluster
+    is cluster.start's own, and it listens on loopback: its address and this node's are 127.0.0.1."""
     code = "import sys, ray; from rayclip import cluster; from rayclip.stages.embed import run\n"
     code += "cluster.start(); ray.get(run._warm_up(), timeout=60)\n"
+    code += "print(ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address())\n"
     code += "print(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True)))\n"
     code += "print(ray.get(ray.remote(num_cpus=0)(lambda: 'rayclip.stages.embed.run' in sys.modules).remote()))"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = bounded.run([sys.executable, "-c", code], 120, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-2:] == ["['AutoscalingCoordinator', 'datasets_stats_actor']", "True"]
+    addresses, actors, loaded = done.stdout.splitlines()[-3:]
+    gcs, node = addresses.split()
+    assert gcs.startswith(f"{LOOPBACK}:") and node == LOOPBACK
+    assert gcs != ray_session.get_runtime_context().gcs_address  # its own, not the session's it was not told of
+    assert [actors, loaded] == ["['AutoscalingCoordinator', 'datasets_stats_actor']", "True"]
 
 
 def test_startup_is_cut_at_the_marks_in_the_order_they_came():
