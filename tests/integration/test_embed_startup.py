@@ -9,6 +9,7 @@ import pickle
 import shutil
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ def test_a_process_keeps_its_query_models_and_sets_torchs_threads_each_time(monk
     """load_model(kept=True) with the same model and precision again is the model already loaded,
     with torch's threads set again as asked; another precision is another model; a model loaded
     without `kept` (a run's own, as embed's driver loads it) is neither kept nor one of the kept."""
-    monkeypatch.setattr(model.clip, "ClipModel", counted := Counted(model.ClipModel))
+    monkeypatch.setattr(model.clip, "ClipModel", counted := mock.Mock(wraps=model.ClipModel))
     model.clip._kept.cache_clear()
     spec = model.resolve(None, "reference")
     threads = torch.get_num_threads()
@@ -41,22 +42,11 @@ def test_a_process_keeps_its_query_models_and_sets_torchs_threads_each_time(monk
         assert model.load_model(spec, threads=1, precision="fp32", kept=True) is first
         assert torch.get_num_threads() == 1
         assert model.load_model(spec, precision="fp32") is not first
-        assert model.load_model(spec, precision="bf16", kept=True) is not first and counted.calls == 3
-        assert model.load_model(spec, precision="fp32", kept=True) is first and counted.calls == 3
+        assert model.load_model(spec, precision="bf16", kept=True) is not first and counted.call_count == 3
+        assert model.load_model(spec, precision="fp32", kept=True) is first and counted.call_count == 3
     finally:
         torch.set_num_threads(threads)
         model.clip._kept.cache_clear()  # the models of the counting class go
-
-
-class Counted:
-    """A class whose instances are counted as they are made."""
-
-    def __init__(self, cls) -> None:
-        self.cls, self.calls = cls, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.cls(*args, **kwargs)
 
 
 def test_shared_parts_rebuild_the_model_and_uint8_pixels_normalise_like_preprocess(ingested):

@@ -297,7 +297,7 @@ def load_model(
         import torch
 
         torch.set_num_threads(threads)
-    return _kept(spec, device, precision) if kept else ClipModel(spec, device=device, precision=precision)
+    return (_kept if kept else ClipModel)(spec, device, precision)
 
 
 @functools.lru_cache(maxsize=MODELS_KEPT)
