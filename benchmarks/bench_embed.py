@@ -10,11 +10,16 @@ that gives, each image's decode + preprocess on one core, and the ceiling once t
 over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
 every core), and with the decode shared over the cores; with part (o), the same for the tower on
 OpenVINO; and, for the runs that encode captions (all but (n)), the bound with each image's caption
-on the text tower too (the text tower alone on the run's own captions). Then, as `--parts` asks:
+on the text tower too (the text tower alone on the run's own captions). Each bound is measured as a
+plain process runs the towers, then again with glibc held to the memory they free ("memory held"),
+as every embed actor runs them (model.hold_freed_memory). Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
       loads first) and torch and open_clip, the phases no cold run skips;
+  (m) the image tower alone in two Ray actors, encoding on a thread of their own as Ray Data's call
+      threads do: one as a plain process runs it, one with glibc held to the memory it frees (as
+      every embed actor runs it), taking turns for five rounds: images/s and page faults each;
   (p) the bare fp32 loop (read + PIL decode + open_clip preprocess + encode_image) in one process
       with all cores as torch threads;
   (a) the same on the whole machine, one process per core, 1 thread each (the baseline);
@@ -31,8 +36,8 @@ on the text tower too (the text tower alone on the run's own captions). Then, as
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
 by phase (the run record's startup_breakdown) with the seconds before and after the run (measured
 here, and the record's own before_run and after_run), the ratios run / steady, whole command /
-steady and steady / bound (against each runtime's bound that was measured, and the bound with
-captions for a run that encodes them), the whole command's
+steady and steady / bound (against each bound that was measured, and the bounds with captions
+for a run that encodes them), the whole command's
 seconds beyond rows / steady, and the GPU's utilisation (or "no GPU"), and its startup_s over the
 floor (f); then (d)'s steady rate over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p)
 where they ran.
@@ -169,6 +174,62 @@ def startup_floor() -> dict[str, float]:
     if results.empty():
         sys.exit(f"the start-up floor probe exited {worker.exitcode} without a result")
     return results.get()
+
+
+def held_memory_worker(precision: str, batch_size: int, rounds: int, results) -> None:
+    """Two Ray actors with the image tower, encoding on a thread of their own (as Ray Data's call
+    threads do), one as a plain process runs it and one with model.hold_freed_memory (as every embed
+    actor): taking turns, so the machine's drift falls on both alike."""
+    import concurrent.futures
+    import resource
+
+    import ray
+    import torch
+
+    from rayclip.cluster import start as init_ray
+
+    class Tower:  # defined here: Ray ships a local class by value, a spawned __main__'s by name
+        def __init__(self, held: bool) -> None:
+            self.held = model.hold_freed_memory() if held else False
+            self.thread = concurrent.futures.ThreadPoolExecutor(1)
+            self.clip = model.ClipModel.from_parts(
+                model.load_model(model.resolve(MODEL, "none"), precision=precision).parts(), threads=2
+            )
+            self.pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+            self.thread.submit(self.clip.encode_uint8, self.pixels).result()  # warm: the first call allocates
+
+        def encode(self, batches: int = 12) -> tuple[float, int]:
+            """(images/s, minor page faults) over `batches` batches on the actor's encoding thread."""
+
+            def timed() -> tuple[float, int]:
+                faults, started = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt, time.perf_counter()
+                for _ in range(batches):
+                    self.clip.encode_uint8(self.pixels)
+                seconds = time.perf_counter() - started
+                return batch_size * batches / seconds, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
+
+            return self.thread.submit(timed).result()
+
+    init_ray()
+    towers = {held: ray.remote(num_cpus=0)(Tower).remote(held) for held in (False, True)}
+    measured = {False: [], True: []}
+    for _ in range(rounds):
+        for held, tower in towers.items():
+            measured[held].append(ray.get(tower.encode.remote()))
+    results.put(measured)
+    ray.shutdown()
+
+
+def held_memory(precision: str, batch_size: int, rounds: int = 5) -> dict[bool, list[tuple[float, int]]]:
+    """(m): per round, (images/s, page faults) of the image tower in a Ray actor without and with held
+    memory, in a fresh process."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    worker = ctx.Process(target=held_memory_worker, args=(precision, batch_size, rounds, results))
+    worker.start()
+    measured = results.get(timeout=1800)
+    worker.join()
+    return measured
 
 
 def rayclip_embed(
@@ -363,7 +424,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="fadn",
-        help="which of (f), (p), (a)-(e), (n), (o) and (g) to run, e.g. abcde (d/a: a and d)",
+        help="which of (f), (m), (p), (a)-(e), (n), (o) and (g) to run, e.g. abcde (d/a: a and d)",
     )
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
@@ -397,25 +458,34 @@ def main() -> None:
             f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; "
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
         )
-        bounds = {}
-        for runtime in ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]:
-            encoder = encoder_rate(chosen, device, args.batch_size, runtime)
-            bounds[runtime] = 1 / (1 / encoder + decode / cpus)
-            print(
-                f"the bound ({runtime}): {MODEL} image tower alone at {chosen} (batch {args.batch_size}, {cpus} "
-                f"threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the decode "
-                f"shared over {cpus} cores: {bounds[runtime]:.1f} images/s"
-            )
-        # What a run with captions (the default) does per image beyond that: its caption, on the text tower.
-        caption_bounds = {}  # runtime -> its bound with captions
-        if set(args.parts) & set("cdego"):  # the runs that encode captions
-            texts = text_rate(chosen, device, captions, args.batch_size)
-            caption_bounds = {f"{name}, with its caption": 1 / (1 / b + 1 / texts) for name, b in bounds.items()}
-            shown = ", ".join(f"{bound:.1f} ({name})" for name, bound in caption_bounds.items())
-            print(
-                f"the bound with captions: the text tower alone on the run's captions, one per image: "
-                f"{texts:.1f} captions/s; with the image tower and the decode as above: {shown} images/s"
-            )
+        # Measured twice: as a plain process runs the towers, then with glibc held to the memory they
+        # free, as every embed actor runs them (model.hold_freed_memory); each run is set against both.
+        bounds, caption_bounds = {}, {}  # name -> images/s; caption_bounds: for the runs that encode captions
+        for held in (False, True):
+            if held and not model.hold_freed_memory():
+                print("memory held: not on this C library (glibc only); the actors do not hold it either")
+                break
+            how = ", memory held" if held else ""
+            measured = {}
+            for runtime in ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]:
+                encoder = encoder_rate(chosen, device, args.batch_size, runtime)
+                measured[runtime + how] = 1 / (1 / encoder + decode / cpus)
+                print(
+                    f"the bound ({runtime}{how}): {MODEL} image tower alone at {chosen} (batch {args.batch_size}, "
+                    f"{cpus} threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the "
+                    f"decode shared over {cpus} cores: {measured[runtime + how]:.1f} images/s"
+                )
+            bounds |= measured
+            # What a run with captions (the default) does per image beyond that: its caption, on the text tower.
+            if set(args.parts) & set("cdego"):  # the runs that encode captions
+                texts = text_rate(chosen, device, captions, args.batch_size)
+                with_captions = {f"{name}, with its caption": 1 / (1 / b + 1 / texts) for name, b in measured.items()}
+                caption_bounds |= with_captions
+                shown = ", ".join(f"{bound:.1f} ({name})" for name, bound in with_captions.items())
+                print(
+                    f"the bound with captions{how}: the text tower alone on the run's captions, one per image: "
+                    f"{texts:.1f} captions/s; with the image tower and the decode as above: {shown} images/s"
+                )
 
         floor = 0.0
         if "f" in args.parts:
@@ -423,6 +493,15 @@ def main() -> None:
             floor = sum(phases.values())
             shown = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in phases.items())
             print(f"(f) start-up floor, one empty actor in a fresh process: {shown}; {floor:.2f} s before any batch")
+
+        if "m" in args.parts and not args.gpus_per_actor:
+            measured = held_memory(chosen, args.batch_size)
+            for held, label in ((False, "as a plain process runs it"), (True, "memory held, as embed's actors")):
+                rates = ", ".join(f"{rate:.1f}" for rate, _ in measured[held])
+                faults = ", ".join(str(count) for _, count in measured[held])
+                print(f"(m) image tower in a Ray actor, {label}: {rates} images/s; page faults {faults}")
+            gains = [held[0] / plain[0] for plain, held in zip(measured[False], measured[True])]
+            print(f"(m) held / plain, round by round: {', '.join(f'{gain:.2f}' for gain in gains)}")
 
         a1 = a = b = float("nan")
         if "p" in args.parts:

@@ -1,6 +1,7 @@
 """The only package that knows open_clip: naming a model (`names.py`: ModelSpec, resolve, the checks),
 choosing its precision (`precision.py`), loading it and encoding images and texts (`clip.py`),
-and its image tower converted to OpenVINO for `--runtime openvino` (`openvino.py`, an optional extra).
+holding the memory it frees between batches (`allocator.py`), and its image tower converted to
+OpenVINO for `--runtime openvino` (`openvino.py`, an optional extra).
 
 Every loading path goes through `load_model`: a named pretrained tag (Hugging Face cache or
 download), a local checkpoint file, `hf-hub:` ids, random init (`none`, seeded, for plumbing) and
@@ -8,6 +9,7 @@ the project's own offline reference model (`reference`). Encoders always return 
 float32 numpy arrays. Callers use the names below.
 """
 
+from .allocator import hold_freed_memory
 from .clip import RANDOM_SEED, ClipModel, ModelParts, Pixels, load_model, quiet_root_logger, trims_padding
 from .names import (
     CONFIG_DIR,
@@ -42,6 +44,7 @@ __all__ = [
     "check_names",
     "choose_precision",
     "cpu_flags",
+    "hold_freed_memory",
     "image_tower",
     "import_model_libraries",
     "import_openvino",

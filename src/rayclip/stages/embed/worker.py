@@ -17,6 +17,7 @@ from ...errors import DECODE_ERROR
 from ...images import decode_batch, decode_image
 from ...model import (
     ClipModel,
+    hold_freed_memory,
     import_model_libraries,
 )
 from ...store import catalog, layout, silver, storage
@@ -199,6 +200,7 @@ class EmbedUDF:
         import ray
 
         marks = {"actor_process": IMPORTED_AT}
+        hold_freed_memory()  # before the model's first batch
         # By name, before the parts: unpickling them (open_clip's transforms) imports open_clip.
         import_model_libraries(model)
         marks["imports"] = time.time()
