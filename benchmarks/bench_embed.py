@@ -190,11 +190,11 @@ def held_memory_worker(precision: str, batch_size: int, rounds: int, results) ->
 
     class Tower:  # defined here: Ray ships a local class by value, a spawned __main__'s by name
         def __init__(self, held: bool) -> None:
-            self.held = model.hold_freed_memory() if held else False
+            if held:  # main() runs this part only where the bench's own process could hold it
+                model.hold_freed_memory()
             self.thread = concurrent.futures.ThreadPoolExecutor(1)
-            self.clip = model.ClipModel.from_parts(
-                model.load_model(model.resolve(MODEL, "none"), precision=precision).parts(), threads=2
-            )
+            spec, threads = model.resolve(MODEL, "none"), os.cpu_count() or 1
+            self.clip = model.ClipModel.from_parts(model.load_model(spec, precision=precision).parts(), threads=threads)
             self.pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
             self.thread.submit(self.clip.encode_uint8, self.pixels).result()  # warm: the first call allocates
 
@@ -213,9 +213,9 @@ def held_memory_worker(precision: str, batch_size: int, rounds: int, results) ->
     init_ray()
     towers = {held: ray.remote(num_cpus=0)(Tower).remote(held) for held in (False, True)}
     measured = {False: [], True: []}
-    for _ in range(rounds):
-        for held, tower in towers.items():
-            measured[held].append(ray.get(tower.encode.remote()))
+    for turn in range(rounds):
+        for held in (False, True) if turn % 2 == 0 else (True, False):  # neither always first
+            measured[held].append(ray.get(towers[held].encode.remote()))
     results.put(measured)
     ray.shutdown()
 
@@ -461,8 +461,9 @@ def main() -> None:
         # Measured twice: as a plain process runs the towers, then with glibc held to the memory they
         # free, as every embed actor runs them (model.hold_freed_memory); each run is set against both.
         bounds, caption_bounds = {}, {}  # name -> images/s; caption_bounds: for the runs that encode captions
+        holds = False  # whether this C library holds freed memory (model.hold_freed_memory)
         for held in (False, True):
-            if held and not model.hold_freed_memory():
+            if held and not (holds := model.hold_freed_memory()):
                 print("memory held: not on this C library (glibc only); the actors do not hold it either")
                 break
             how = ", memory held" if held else ""
@@ -494,7 +495,7 @@ def main() -> None:
             shown = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in phases.items())
             print(f"(f) start-up floor, one empty actor in a fresh process: {shown}; {floor:.2f} s before any batch")
 
-        if "m" in args.parts and not args.gpus_per_actor:
+        if "m" in args.parts and not args.gpus_per_actor and holds:
             measured = held_memory(chosen, args.batch_size)
             for held, label in ((False, "as a plain process runs it"), (True, "memory held, as embed's actors")):
                 rates = ", ".join(f"{rate:.1f}" for rate, _ in measured[held])

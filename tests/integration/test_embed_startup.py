@@ -107,11 +107,10 @@ def test_an_actor_holds_the_memory_its_batches_free(embed_actor, ray_session):
     """glibc held to freed memory in the actor (model.hold_freed_memory), seen from a thread that
     started after it (as Ray Data's call threads do): an allocation over glibc's largest automatic
     mmap threshold (32 MiB) comes from the thread's heap, not a mapping of its own, and once freed it
-    stays with the process for the next batch. A fresh process maps it and gives it back (in a Ray
-    actor that was 48,000-69,000 page faults per 384 images of ViT-B-32)."""
+    stays with the process for the next batch. A fresh process maps it and gives it back."""
 
     def allocations(mib: int = 48) -> tuple[int, int]:
-        """(chunks glibc mapped for one allocation of `mib` MiB, the MiB it kept free once it was freed)."""
+        """(chunks glibc mapped for one allocation of `mib` MiB, the MiB its heaps hold free once it was freed)."""
         import ctypes
         import threading
 
@@ -126,11 +125,11 @@ def test_an_actor_holds_the_memory_its_batches_free(embed_actor, ray_session):
         seen = []
 
         def allocate() -> None:
-            mapped, kept = mallinfo2().hblks, mallinfo2().fordblks
+            mapped = mallinfo2().hblks
             block = np.ones(mib << 20, np.uint8)
             seen.append(mallinfo2().hblks - mapped)
             del block
-            seen.append(round((mallinfo2().fordblks - kept) / 2**20))
+            seen.append(round(mallinfo2().fordblks / 2**20))
 
         thread = threading.Thread(target=allocate)
         thread.start()
@@ -142,7 +141,8 @@ def test_an_actor_holds_the_memory_its_batches_free(embed_actor, ray_session):
     code = textwrap.dedent(inspect.getsource(allocations)) + "print(*allocations())"
     done = bounded.run([sys.executable, "-c", code], 60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["1", "0"]  # the probe itself: by default glibc maps it and gives it back
+    mapped, free_mib = map(int, done.stdout.split())
+    assert mapped == 1 and free_mib < 48  # the probe itself: by default glibc maps it and gives it back
 
 
 def test_a_command_resolves_and_loads_a_model_without_timm_and_gets_timm_for_a_timm_tower():
