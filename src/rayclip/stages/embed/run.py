@@ -252,8 +252,8 @@ def embed(
 def _all_recorded(stats, rows: int) -> None:
     """Wait until the stats actor has a record of each of the `rows` planned. The write ends once
     the actors have returned their batches, but the records they sent just before (from another
-    caller than this driver: Ray keeps no order between the two) may still be on their way; each
-    actor sends its caption rows before its record, so then the stats actor holds those too."""
+    caller than this driver: Ray keeps no order between the two) may still be on their way; a
+    batch's caption rows come with its record, so then the stats actor holds those too."""
     import ray
 
     deadline = time.monotonic() + RECORDS_WAIT_S

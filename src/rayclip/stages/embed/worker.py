@@ -71,8 +71,18 @@ class RunStats:
         self.seconds["decode"] += seconds
 
     def record(
-        self, worker: tuple[str, str], ok: int, failures: list[tuple[str, str]], seconds: dict, encode_at: float
+        self,
+        worker: tuple[str, str],
+        ok: int,
+        failures: list[tuple[str, str]],
+        seconds: dict,
+        encode_at: float,
+        captions: pa.Table | None = None,
     ) -> None:
+        """What an actor did with a batch, and the caption rows it encoded for it: one call per batch
+        (each call is work for this actor's process beside the encoders)."""
+        if captions is not None:
+            self.caption_tables.append(captions)
         self.rows_by_worker[worker] += ok
         self.failures.extend(failures)
         self.seconds.update(seconds)
@@ -88,9 +98,6 @@ class RunStats:
 
     def rows_done(self) -> int:
         return sum(self.rows_by_worker.values()) + len(self.failures)
-
-    def add_captions(self, rows: pa.Table) -> None:
-        self.caption_tables.append(rows)
 
     def write_captions(self, data_root: str, model_version: str, day: str, run_id: str) -> int:
         """The caption rows in files of silver.CAPTION_ROWS_PER_FILE (not yet committed); how many."""
@@ -226,15 +233,15 @@ class EmbedUDF:
         texts = _captions_of(batch, ids)
         with self.encode_lock:
             encode_at, turn = time.time(), time.perf_counter()
+            captions = None
             if texts:  # the same model's text tower, in the same turn at the cores, first
                 text_ids = pa.array([layout.caption_id(text) for text in texts], pa.string())
-                rows = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
-                self.stats.add_captions.remote(rows)
+                captions = silver.captions_table(text_ids, pa.array(texts, pa.string()), self.model.encode_texts(texts))
             encode_started = time.perf_counter()
             vectors = self.model.encode_uint8(pixels) if ids else np.zeros((0, self.model.dim), np.float32)
             encoded = time.perf_counter()
         seconds = {"decode": decoded - started, "captions": encode_started - turn, "encode": encoded - encode_started}
-        self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at)
+        self.stats.record.remote(self.worker, len(ids), failures, seconds, encode_at, captions)
         return silver.embeddings_table(ids, vectors)
 
 
