@@ -166,13 +166,19 @@ def startup_floor() -> dict[str, float]:
     fresh actor's process (requested → its __init__; Ray leases an actor a new worker process, never
     one of those it prestarts for tasks), the modules a Ray Data actor loads before its __init__, and
     the actor's imports of torch and open_clip (the run's actor_process and imports)."""
+    return in_fresh_process("the start-up floor probe", floor_worker)
+
+
+def in_fresh_process(name: str, worker_function, *args):
+    """What worker_function(*args, results) puts in `results`, run in a spawned process (a Ray of its
+    own, nothing of this process's state); the script exits with one line when it puts nothing."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    worker = ctx.Process(target=floor_worker, args=(results,))
+    worker = ctx.Process(target=worker_function, args=(*args, results))
     worker.start()
-    worker.join()
+    worker.join()  # the results are a few numbers: the queue's pipe never fills
     if results.empty():
-        sys.exit(f"the start-up floor probe exited {worker.exitcode} without a result")
+        sys.exit(f"{name} exited {worker.exitcode} without a result")
     return results.get()
 
 
@@ -223,13 +229,7 @@ def held_memory_worker(precision: str, batch_size: int, rounds: int, results) ->
 def held_memory(precision: str, batch_size: int, rounds: int = 5) -> dict[bool, list[tuple[float, int]]]:
     """(m): per round, (images/s, page faults) of the image tower in a Ray actor without and with held
     memory, in a fresh process."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    worker = ctx.Process(target=held_memory_worker, args=(precision, batch_size, rounds, results))
-    worker.start()
-    measured = results.get(timeout=1800)
-    worker.join()
-    return measured
+    return in_fresh_process("the held-memory probe", held_memory_worker, precision, batch_size, rounds)
 
 
 def rayclip_embed(
