@@ -1,6 +1,6 @@
 """docs/shards.md's smaller promises, each proven on real shards read back: export's --min-score,
 failure reasons, abort_shard and run record; shard ingest's hash check, part size, cut tars and
---limit; and --force redoing captions."""
+--limit; and --force redoing captions, each once."""
 
 from __future__ import annotations
 
@@ -223,3 +223,16 @@ def test_force_encodes_every_caption_again_and_a_plain_rerun_none(gold_scratch):
     assert forced.pairs_scored > 0
     again = catalog.read_silver(gold_scratch, spec.model_version, layout.CAPTIONS, ["caption_id"])
     assert again.num_rows == stored.num_rows + distinct  # the run's rows read back beside the first ones
+
+
+def test_embed_force_encodes_each_caption_once_and_scores_every_pair_again(gold_scratch, ray_session):
+    """`rayclip embed --force`: the image run's actors encode the captions of the images they embed
+    again; the caption stage after it encodes none of them a second time, and scores every pair."""
+    from rayclip import model, pipeline
+
+    spec = model.resolve(None, "reference")
+    pairs = catalog.read_silver(gold_scratch, spec.model_version, layout.CLIP_SCORES, ["media_id"]).num_rows
+    embedded, captioned = pipeline.embed_silver(gold_scratch, spec, force=True, batch_size=8)
+    assert embedded.rows_embedded > 0 and embedded.captions_embedded > 0
+    assert (captioned.captions_planned, captioned.captions_embedded) == (0, 0)
+    assert captioned.pairs_scored == pairs > 0
