@@ -103,6 +103,19 @@ def test_an_actor_imports_open_clip_without_timm_unless_its_model_has_a_timm_tow
     assert ray_session.get(loaded, timeout=120) == (["open_clip"], 128)
 
 
+def _glibc_reports_its_heaps() -> bool:
+    """Whether this C library is glibc 2.33 or later, with mallinfo2 to ask its heaps what they hold."""
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:  # no glibc (macOS, musl)
+        return False
+
+
+@pytest.mark.skipif(
+    not _glibc_reports_its_heaps(), reason="needs glibc >= 2.33 (mallinfo2); elsewhere hold_freed_memory is a no-op"
+)
 def test_an_actor_holds_the_memory_its_batches_free(embed_actor, ray_session):
     """glibc held to freed memory in the actor (model.hold_freed_memory), seen from a thread that
     started after it (as Ray Data's call threads do): an allocation over glibc's largest automatic
