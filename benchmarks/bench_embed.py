@@ -10,9 +10,10 @@ that gives, each image's decode + preprocess on one core, and the ceiling once t
 over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
 every core), and with the decode shared over the cores; with part (o), the same for the tower on
 OpenVINO; and, for the runs that encode captions (all but (n)), the bound with each image's caption
-on the text tower too (the text tower alone on the run's own captions). Each bound is measured as a
-plain process runs the towers, then again with glibc held to the memory they free ("memory held"),
-as every embed actor runs them (model.hold_freed_memory). Then, as `--parts` asks:
+on the text tower too (the text tower alone on the run's own captions). Each bound is measured in a
+fresh process as a plain process runs the towers, then again with glibc held to the memory they free
+("memory held"), as every embed actor runs them (model.hold_freed_memory); and all of them again
+after the embed runs, since this machine's speed drifts over minutes. Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -35,12 +36,12 @@ as every embed actor runs them (model.hold_freed_memory). Then, as `--parts` ask
   (g) `rayclip embed --decode gpu` (with --gpus-per-actor only).
 For each embed run: the whole command's images/s, the run record's, the steady rate, start-up phase
 by phase (the run record's startup_breakdown) with the seconds before and after the run (measured
-here, and the record's own before_run and after_run), the ratios run / steady, whole command /
-steady and steady / bound (against each bound that was measured, and the bounds with captions
-for a run that encodes them), the whole command's
-seconds beyond rows / steady, and the GPU's utilisation (or "no GPU"), and its startup_s over the
-floor (f); then (d)'s steady rate over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p)
-where they ran.
+here, and the record's own before_run and after_run), the ratios run / steady and whole command /
+steady, the whole command's seconds beyond rows / steady, and the GPU's utilisation (or "no GPU"),
+and its startup_s over the floor (f); once the runs are done and the bounds measured again, each
+run's steady / bound against each bound (and the bounds with captions for a run that encodes them):
+against the mean of the bound before and after the runs, and against each; then (d)'s steady rate
+over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p) where they ran.
 The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
 (parts ade took 3 min 23 s there; (f) adds about ten seconds).
 
@@ -72,6 +73,7 @@ from rayclip.store import layout
 
 MODEL = "ViT-B-32"
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}  # a GPU needs larger products to be kept busy
+HELD = ", memory held"  # a bound measured with glibc held to the memory the towers free
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -386,9 +388,9 @@ def flops_per_image() -> float:
     return float(counter.get_total_flops())
 
 
-def show_run(label: str, whole: float, run: dict, around: dict, bounds: dict[str, float], floor: float) -> None:
+def show_run(label: str, whole: float, run: dict, around: dict, floor: float) -> None:
     """One `rayclip embed` run: its rates, start-up phase by phase, and the ratios the goals are set in
-    (steady / bound against each runtime's bound in `bounds`)."""
+    but the bound's (show_ratios)."""
     steady, startup = run["steady_images_per_s"], run["startup_s"]
     runtime = run.get("runtime") or "torch"  # a record from before --runtime has none
     runtime += " (its conversion from the cache)" if run.get("converted_from_cache") else ""
@@ -411,9 +413,69 @@ def show_run(label: str, whole: float, run: dict, around: dict, bounds: dict[str
     print(f"    start-up: {phases} (s); outside the run: {outside}{over_floor}")
     print(
         f"    run / steady = {run['images_per_s'] / steady:.2f}; whole command / steady = {whole / steady:.2f}; "
-        f"steady / bound = {', '.join(f'{steady / bound:.2f} ({name})' for name, bound in bounds.items())}; "
         f"whole - rows/steady = {around['wall'] - run['rows_embedded'] / steady:.1f} s; {around['gpu']}"
     )
+
+
+def show_ratios(part: str, run: dict, before: dict[str, float], after: dict[str, float]) -> None:
+    """Run `part`'s steady rate over each bound in `before` (measured before the runs): against the
+    mean of that bound before and after the runs, and against each."""
+    steady = run["steady_images_per_s"]
+    shown = [
+        f"{steady / ((bound + after[name]) / 2):.2f} ({name}: "
+        f"{steady / bound:.2f} before, {steady / after[name]:.2f} after)"
+        for name, bound in before.items()
+        if name in after
+    ]
+    print(f"({part}) steady / bound, the bound's mean before and after the runs: {'; '.join(shown)}")
+
+
+def towers_worker(held: bool, precision: str, device: str, batch_size: int, runtimes, captions, results) -> None:
+    """The towers' own rates in this (fresh) process: the image tower alone on each runtime, and the
+    text tower on the run's captions when given; with `held`, glibc held first to the memory they free,
+    as every embed actor runs them (None where this C library cannot)."""
+    if held and not model.hold_freed_memory():
+        results.put(None)
+        return
+    rates = {runtime: encoder_rate(precision, device, batch_size, runtime) for runtime in runtimes}
+    results.put((rates, text_rate(precision, device, captions, batch_size) if captions else None))
+
+
+def measure_bounds(
+    when: str, precision: str, device: str, batch_size: int, runtimes, captions, decode: float, limit: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The bounds the steady rate is held to, printed, each measured in a fresh process: as a plain
+    process runs the towers, then with glibc held to the memory they free (as every embed actor runs
+    them). (name -> images/s, the same with each image's caption on the text tower too.)"""
+    cpus = os.cpu_count() or 1
+    bounds, caption_bounds = {}, {}
+    for held in (False, True):
+        measured = in_fresh_process(
+            "the bound probe", towers_worker, held, precision, device, batch_size, runtimes, captions
+        )
+        if measured is None:
+            print("memory held: not on this C library (glibc only); the actors do not hold it either")
+            break
+        rates, texts = measured
+        how = HELD if held else ""
+        for runtime, encoder in rates.items():
+            bounds[runtime + how] = 1 / (1 / encoder + decode / cpus)
+            print(
+                f"the bound{when} ({runtime}{how}): {MODEL} image tower alone at {precision} (batch {batch_size}, "
+                f"{cpus} threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the "
+                f"decode shared over {cpus} cores: {bounds[runtime + how]:.1f} images/s"
+            )
+        if texts:  # what a run with captions (the default) does per image beyond that: its caption
+            with_captions = {
+                f"{runtime}{how}, with its caption": 1 / (1 / bounds[runtime + how] + 1 / texts) for runtime in rates
+            }
+            caption_bounds |= with_captions
+            shown = ", ".join(f"{bound:.1f} ({name})" for name, bound in with_captions.items())
+            print(
+                f"the bound with captions{when}{how}: the text tower alone on the run's captions, one per image: "
+                f"{texts:.1f} captions/s; with the image tower and the decode as above: {shown} images/s"
+            )
+    return bounds, caption_bounds
 
 
 def main() -> None:
@@ -458,35 +520,11 @@ def main() -> None:
             f"decode + preprocess: {decode * 1000:.1f} ms of one core per image; "
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
         )
-        # Measured twice: as a plain process runs the towers, then with glibc held to the memory they
-        # free, as every embed actor runs them (model.hold_freed_memory); each run is set against both.
-        bounds, caption_bounds = {}, {}  # name -> images/s; caption_bounds: for the runs that encode captions
-        holds = False  # whether this C library holds freed memory (model.hold_freed_memory)
-        for held in (False, True):
-            if held and not (holds := model.hold_freed_memory()):
-                print("memory held: not on this C library (glibc only); the actors do not hold it either")
-                break
-            how = ", memory held" if held else ""
-            measured = {}
-            for runtime in ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]:
-                encoder = encoder_rate(chosen, device, args.batch_size, runtime)
-                measured[runtime + how] = 1 / (1 / encoder + decode / cpus)
-                print(
-                    f"the bound ({runtime}{how}): {MODEL} image tower alone at {chosen} (batch {args.batch_size}, "
-                    f"{cpus} threads): {encoder:.1f} images/s ({encoder / limit:.2f} of the GEMM limit); with the "
-                    f"decode shared over {cpus} cores: {measured[runtime + how]:.1f} images/s"
-                )
-            bounds |= measured
-            # What a run with captions (the default) does per image beyond that: its caption, on the text tower.
-            if set(args.parts) & set("cdego"):  # the runs that encode captions
-                texts = text_rate(chosen, device, captions, args.batch_size)
-                with_captions = {f"{name}, with its caption": 1 / (1 / b + 1 / texts) for name, b in measured.items()}
-                caption_bounds |= with_captions
-                shown = ", ".join(f"{bound:.1f} ({name})" for name, bound in with_captions.items())
-                print(
-                    f"the bound with captions{how}: the text tower alone on the run's captions, one per image: "
-                    f"{texts:.1f} captions/s; with the image tower and the decode as above: {shown} images/s"
-                )
+        runtimes = ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]
+        texts = captions if set(args.parts) & set("cdego") else None  # the runs that encode captions
+        measure = (chosen, device, args.batch_size, runtimes, texts, decode, limit)
+        bounds, caption_bounds = measure_bounds("", *measure)
+        holds = any(HELD in name for name in bounds)  # whether this C library holds freed memory
 
         floor = 0.0
         if "f" in args.parts:
@@ -528,7 +566,12 @@ def main() -> None:
                 captions, runtime = part != "n", "openvino" if part == "o" else "torch"
                 whole, run, around = rayclip_embed(root, precision, None, args.gpus_per_actor, where, captions, runtime)
                 runs[part] = whole, run, around
-                show_run(label, whole, run, around, bounds | (caption_bounds if captions else {}), floor)
+                show_run(label, whole, run, around, floor)
+        if runs:  # the machine's speed drifts over minutes: each run is set against the bounds on both sides
+            after, caption_after = measure_bounds(" again, after the runs", *measure)
+            for part, (_, run, _) in runs.items():
+                captioned = part != "n"
+                show_ratios(part, run, bounds | (caption_bounds if captioned else {}), after | caption_after)
         if "d" in runs and "n" in runs:
             with_captions, alone = runs["d"][1]["steady_images_per_s"], runs["n"][1]["steady_images_per_s"]
             print(f"steady images/s with the captions encoded beside them / without: {with_captions / alone:.2f}")
