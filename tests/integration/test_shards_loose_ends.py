@@ -226,13 +226,20 @@ def test_force_encodes_every_caption_again_and_a_plain_rerun_none(gold_scratch):
 
 
 def test_embed_force_encodes_each_caption_once_and_scores_every_pair_again(gold_scratch, ray_session):
-    """`rayclip embed --force`: the image run's actors encode the captions of the images they embed
-    again; the caption stage after it encodes none of them a second time, and scores every pair."""
+    """`rayclip embed --force --limit 5`: the image run's actors encode the captions of the five images
+    again, the caption stage after it every other caption of the embedded images, none of them a
+    second time, and it scores every pair again."""
     from rayclip import model, pipeline
 
     spec = model.resolve(None, "reference")
+    stored = catalog.read_silver(gold_scratch, spec.model_version, layout.CAPTIONS, ["caption_id"])
     pairs = catalog.read_silver(gold_scratch, spec.model_version, layout.CLIP_SCORES, ["media_id"]).num_rows
-    embedded, captioned = pipeline.embed_silver(gold_scratch, spec, force=True, batch_size=8)
-    assert embedded.rows_embedded > 0 and embedded.captions_embedded > 0
-    assert (captioned.captions_planned, captioned.captions_embedded) == (0, 0)
+    embedded, captioned = pipeline.embed_silver(gold_scratch, spec, force=True, limit=5, batch_size=8)
+    assert embedded.rows_embedded == 5 and embedded.captions_embedded > 0
+    again = []  # the caption_ids the two runs committed
+    for run in (embedded, captioned):
+        rows = catalog.read_silver(gold_scratch, spec.model_version, layout.CAPTIONS, ["caption_id"], run.run_id)
+        again += rows.column("caption_id").to_pylist() if rows else []
+    assert sorted(again) == sorted(set(stored.column("caption_id").to_pylist()))  # each caption, once
+    assert captioned.captions_embedded == len(again) - embedded.captions_embedded > 0
     assert captioned.pairs_scored == pairs > 0

@@ -49,19 +49,27 @@ def recorded_model(root: Location, model_version: str) -> dict | None:
 
 
 def silver_files(
-    root: Location, model_version: str, day: str | None = None, table: str = layout.EMBEDDINGS
+    root: Location,
+    model_version: str,
+    day: str | None = None,
+    table: str = layout.EMBEDDINGS,
+    run_id: str | None = None,
 ) -> list[Location]:
-    """The committed Parquet files of a model_version in a silver table (one dt partition, or all), by name."""
+    """The committed Parquet files of a model_version in a silver table (one dt partition, or all; one
+    run's, or every run's), by name."""
     day = layout.check_day(day) if day else None
     folder = layout.silver_model_dir(root, model_version, table)
-    commits = silver_commits(root, model_version, table)
+    commits = [c for c in silver_commits(root, model_version, table) if run_id in (None, c["run_id"])]
     names = [f["name"] for c in commits if day in (None, c["dt"]) for f in c["files"]]
     return sorted((folder / name for name in names), key=str)
 
 
-def read_silver(root: Location, model_version: str, table: str, columns: list[str]) -> pa.Table | None:
-    """These columns of every committed row of a silver table (all days); None when it has none."""
-    files = silver_files(root, model_version, table=table)
+def read_silver(
+    root: Location, model_version: str, table: str, columns: list[str], run_id: str | None = None
+) -> pa.Table | None:
+    """These columns of every committed row of a silver table (all days), or of one run's rows; None
+    when there are none."""
+    files = silver_files(root, model_version, table=table, run_id=run_id)
     return pa.concat_tables([read_parquet(f, columns) for f in files]) if files else None
 
 
