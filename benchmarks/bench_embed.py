@@ -12,8 +12,9 @@ every core), and with the decode shared over the cores; with part (o), the same 
 OpenVINO; and, for the runs that encode captions (all but (n)), the bound with each image's caption
 on the text tower too (the text tower alone on the run's own captions). Each bound is measured in a
 fresh process as a plain process runs the towers, then again with glibc held to the memory they free
-("memory held"), as every embed actor runs them (model.hold_freed_memory); and all of them again
-after the embed runs, since this machine's speed drifts over minutes. Then, as `--parts` asks:
+("memory held"), as every embed actor runs them (model.hold_freed_memory); and the towers' rates
+again after the embed runs, since this machine's speed drifts over minutes (the decode's share is
+measured once, before). Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -42,8 +43,8 @@ and its startup_s over the floor (f); once the runs are done and the bounds meas
 run's steady / bound against each bound (and the bounds with captions for a run that encodes them):
 against the mean of the bound before and after the runs, and against each; then (d)'s steady rate
 over (n)'s, (o)'s over (d)'s, and each run over (a), (b) and (p) where they ran.
-The default (1,024 images, parts fade) takes about three and a half minutes on a quiet 2-core machine
-(parts ade took 3 min 23 s there; (f) adds about ten seconds).
+The default (1,024 images, parts fadn) takes about four minutes on a quiet 2-core machine (parts dn
+took 2 min 18 s there, the bounds' four fresh processes included; (f) adds about ten seconds).
 
 With --gpus-per-actor the bare loops and the GEMM run on the GPU too (every bare process shares
 GPU 0, each decoding on its own core), so each ratio still compares like with like.
@@ -198,7 +199,7 @@ def held_memory_worker(precision: str, batch_size: int, rounds: int, results) ->
 
     class Tower:  # defined here: Ray ships a local class by value, a spawned __main__'s by name
         def __init__(self, held: bool) -> None:
-            if held:  # main() runs this part only where the bench's own process could hold it
+            if held:  # main() runs this part only where the bound's probe could hold it
                 model.hold_freed_memory()
             self.thread = concurrent.futures.ThreadPoolExecutor(1)
             spec, threads = model.resolve(MODEL, "none"), os.cpu_count() or 1
@@ -521,8 +522,8 @@ def main() -> None:
             f"ceiling with the encoder at the GEMM rate: {ceiling:.1f} images/s"
         )
         runtimes = ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]
-        texts = captions if set(args.parts) & set("cdego") else None  # the runs that encode captions
-        measure = (chosen, device, args.batch_size, runtimes, texts, decode, limit)
+        run_captions = captions if set(args.parts) & set("cdego") else None  # for the runs that encode them
+        measure = (chosen, device, args.batch_size, runtimes, run_captions, decode, limit)
         bounds, caption_bounds = measure_bounds("", *measure)
         holds = any(HELD in name for name in bounds)  # whether this C library holds freed memory
 

@@ -113,9 +113,7 @@ def _glibc_reports_its_heaps() -> bool:
         return False
 
 
-@pytest.mark.skipif(
-    not _glibc_reports_its_heaps(), reason="needs glibc >= 2.33 (mallinfo2); elsewhere hold_freed_memory is a no-op"
-)
+@pytest.mark.skipif(not _glibc_reports_its_heaps(), reason="measures glibc's heaps with mallinfo2: needs glibc >= 2.33")
 def test_an_actor_holds_the_memory_its_batches_free(embed_actor, ray_session):
     """glibc held to freed memory in the actor (model.hold_freed_memory), seen from a thread that
     started after it (as Ray Data's call threads do): an allocation over glibc's largest automatic
