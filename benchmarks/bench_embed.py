@@ -8,9 +8,10 @@ from loopback as a LAION download is. Prints first the machine's ceiling: GEMM G
 the precision `auto` picks, ViT-B-32's FLOPs per image (torch's flop counter), the compute limit
 that gives, each image's decode + preprocess on one core, and the ceiling once that decode is spread
 over the cores; then the bound the steady rate is held to: the image tower alone (ready pixels,
-every core), and with the decode shared over the cores; with part (o), the same for the tower on
-OpenVINO; and, for the runs that encode captions (all but (n)), the bound with each image's caption
-on the text tower too (the text tower alone on the run's own captions). Each bound is measured in a
+every core, as many images as the runs encode), and with the decode shared over the cores; with
+part (o), the same for the tower on OpenVINO; and, for the runs that encode captions (all but (n)),
+the bound with each image's caption on the text tower too (the text tower alone on the run's own
+captions). Each bound is measured in a
 fresh process as a plain process runs the towers, then again with glibc held to the memory they free
 ("memory held"), as every embed actor runs them (model.hold_freed_memory); and the towers' rates
 again after the embed runs, since this machine's speed drifts over minutes (the decode's share is
@@ -346,9 +347,10 @@ def decode_seconds(paths: list[Path], count: int = 256) -> float:
     return (time.process_time() - started) / len(sample)
 
 
-def encoder_rate(precision: str, device: str, batch_size: int, runtime: str = "torch", batches: int = 8) -> float:
+def encoder_rate(precision: str, device: str, batch_size: int, images: int, runtime: str = "torch") -> float:
     """images/s of the image tower alone (normalise + encode of ready uint8 pixels, every core as
-    torch's or OpenVINO's threads, or the GPU), the bound no pipeline around it passes."""
+    torch's or OpenVINO's threads, or the GPU), the bound no pipeline around it passes; over about
+    `images` images, as many as an embed run encodes, so that the machine's drift weighs on both alike."""
     import torch
 
     threads = os.cpu_count() or 1
@@ -358,6 +360,7 @@ def encoder_rate(precision: str, device: str, batch_size: int, runtime: str = "t
         clip = model.ClipModel.from_parts(clip.parts(model.image_tower(clip.spec)[0]), threads=threads)
     pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
     clip.encode_uint8(pixels)  # warm: the first call allocates
+    batches = max(1, round(images / batch_size))
     started = time.perf_counter()
     for _ in range(batches):
         clip.encode_uint8(pixels)  # returns numpy: a GPU's work is done when it does
@@ -431,19 +434,29 @@ def show_ratios(part: str, run: dict, before: dict[str, float], after: dict[str,
     print(f"({part}) steady / bound, the bound's mean before and after the runs: {'; '.join(shown)}")
 
 
-def towers_worker(held: bool, precision: str, device: str, batch_size: int, runtimes, captions, results) -> None:
-    """The towers' own rates in this (fresh) process: the image tower alone on each runtime, and the
-    text tower on the run's captions when given; with `held`, glibc held first to the memory they free,
-    as every embed actor runs them (None where this C library cannot)."""
+def towers_worker(
+    held: bool, precision: str, device: str, batch_size: int, images: int, runtimes, captions, results
+) -> None:
+    """The towers' own rates in this (fresh) process: the image tower alone on each runtime (over
+    `images` images), and the text tower on the run's captions when given; with `held`, glibc held
+    first to the memory they free, as every embed actor runs them (None where this C library cannot)."""
     if held and not model.hold_freed_memory():
         results.put(None)
         return
-    rates = {runtime: encoder_rate(precision, device, batch_size, runtime) for runtime in runtimes}
+    rates = {runtime: encoder_rate(precision, device, batch_size, images, runtime) for runtime in runtimes}
     results.put((rates, text_rate(precision, device, captions, batch_size) if captions else None))
 
 
 def measure_bounds(
-    when: str, precision: str, device: str, batch_size: int, runtimes, captions, decode: float, limit: float
+    when: str,
+    precision: str,
+    device: str,
+    batch_size: int,
+    images: int,
+    runtimes,
+    captions,
+    decode: float,
+    limit: float,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The bounds the steady rate is held to, printed, each measured in a fresh process: as a plain
     process runs the towers, then with glibc held to the memory they free (as every embed actor runs
@@ -452,7 +465,7 @@ def measure_bounds(
     bounds, caption_bounds = {}, {}
     for held in (False, True):
         measured = in_fresh_process(
-            "the bound probe", towers_worker, held, precision, device, batch_size, runtimes, captions
+            "the bound probe", towers_worker, held, precision, device, batch_size, images, runtimes, captions
         )
         if measured is None:
             print("memory held: not on this C library (glibc only); the actors do not hold it either")
@@ -523,7 +536,7 @@ def main() -> None:
         )
         runtimes = ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]
         run_captions = captions if set(args.parts) & set("cdego") else None  # for the runs that encode them
-        measure = (chosen, device, args.batch_size, runtimes, run_captions, decode, limit)
+        measure = (chosen, device, args.batch_size, args.images, runtimes, run_captions, decode, limit)
         bounds, caption_bounds = measure_bounds("", *measure)
         holds = any(HELD in name for name in bounds)  # whether this C library holds freed memory
 
