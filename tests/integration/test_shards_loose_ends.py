@@ -218,6 +218,8 @@ def test_force_encodes_every_caption_again_and_a_plain_rerun_none(gold_scratch):
     distinct = len(set(stored.column("caption_id").to_pylist()))
     assert captions.plan(gold_scratch, spec.model_version)[1].num_rows == 0  # all encoded already
 
+    # An image run that committed no caption (decode tasks, a plan made in Ray) leaves all of them to force.
+    assert captions.plan(gold_scratch, spec.model_version, force=True, image_run="no-such-run")[1].num_rows == distinct
     forced = captions.embed_captions(gold_scratch, spec, batch_size=8, force=True)
     assert forced.captions_planned == forced.captions_embedded == distinct > 0
     assert forced.pairs_scored > 0

@@ -43,12 +43,12 @@ def embed_silver(
     if no_captions:
         return embedded, None
     # The caption stage runs on CPUs: the precision asked for, resolved for a CPU (a GPU run's fp16
-    # would not suit it), with the image run's actors, batch size and --force; after_run: with --force,
+    # would not suit it), with the image run's actors, batch size and --force; image_run: with --force,
     # the captions the image run's actors just encoded are not encoded a second time.
     shared = {name: options[name] for name in ("actors", "batch_size", "force", "precision") if name in options}
     captioned = run_stage(
         captions.embed_captions, root, embed.filed_as(spec, options.get("save_as")), dt=embedded.dt,
-        after_run=embedded.run_id, hooks=hooks, runs_dir=layout.caption_runs_dir(root),
+        image_run=embedded.run_id, hooks=hooks, runs_dir=layout.caption_runs_dir(root),
         progress={"progress": "captions"}, **shared,
     )  # fmt: skip
     return embedded, captioned

@@ -73,13 +73,13 @@ class CaptionUDF:
 
 
 def plan(
-    root: Location, model_version: str, force: bool = False, after_run: str | None = None
+    root: Location, model_version: str, force: bool = False, image_run: str | None = None
 ) -> tuple[pa.Table, pa.Table]:
     """(pairs to score: media_id, caption_id; captions to encode: caption_id, caption).
 
     The pairs are the manifest's distinct (media_id, caption) with a non-blank caption whose image
     is embedded for this model_version; captions stored and pairs scored already are left out, unless
-    `force`. With force, the captions committed by the run `after_run` (the image run just before,
+    `force`. With force, the captions committed by the run `image_run` (the image run just before,
     whose actors encoded its images' captions with the same force) are left out all the same: force
     encodes each caption once."""
     manifest = catalog.read_manifest(root, ["media_id", "caption"])
@@ -97,8 +97,8 @@ def plan(
     captions = pairs.group_by(["caption_id"], use_threads=False).aggregate([("caption", "first")])
     captions = pa.table({"caption_id": captions["caption_id"], "caption": captions["caption_first"]})
     pairs = pairs.select(["media_id", "caption_id"])
-    if not force or after_run:
-        stored = catalog.read_silver(root, model_version, layout.CAPTIONS, ["caption_id"], after_run if force else None)
+    if not force or image_run:
+        stored = catalog.read_silver(root, model_version, layout.CAPTIONS, ["caption_id"], image_run if force else None)
         if stored is not None:
             captions = captions.filter(pc.invert(pc.is_in(captions["caption_id"], value_set=stored["caption_id"])))
     if not force:
@@ -186,19 +186,19 @@ def embed_captions(
     force: bool = EmbedOptions.force,
     precision: str = EmbedOptions.precision,
     *,
-    after_run: str | None = None,
+    image_run: str | None = None,
     progress: Progress | None = None,
 ) -> CaptionReport:
     """Encode the captions of embedded images that silver lacks, then score the new pairs; returns the run.
 
     `spec` is the model the images were embedded with, filed under its model_version (embed --save-as
-    included). `actors` caption encoders (default 1). `after_run`: see plan. progress(done, total)
+    included). `actors` caption encoders (default 1). `image_run`: see plan. progress(done, total)
     counts captions encoded."""
     started = time.monotonic()
     root = storage.resolved(root)
     report = CaptionReport(layout.new_run_id(), spec.model_version, layout.check_day(dt or layout.today()))
     report.precision, report.batch_size = choose_precision(precision, "cpu"), batch_size
-    pairs, captions = plan(root, spec.model_version, force, after_run)
+    pairs, captions = plan(root, spec.model_version, force, image_run)
     report.captions_planned = captions.num_rows
     if pairs.num_rows:
         check_available(spec)
