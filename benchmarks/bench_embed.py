@@ -11,11 +11,10 @@ over the cores; then the bound the steady rate is held to: the image tower alone
 every core, as many images as the runs encode), and with the decode shared over the cores; with
 part (o), the same for the tower on OpenVINO; and, for the runs that encode captions (all but (n)),
 the bound with each image's caption on the text tower too (the text tower alone on the run's own
-captions). Each bound is measured in a
-fresh process as a plain process runs the towers, then again with glibc held to the memory they free
-("memory held"), as every embed actor runs them (model.hold_freed_memory); and the towers' rates
-again after the embed runs, since this machine's speed drifts over minutes (the decode's share is
-measured once, before). Then, as `--parts` asks:
+captions). Each bound is measured in a fresh process as a plain process runs the towers, then again
+with glibc held to the memory they free ("memory held"), as every embed actor runs them
+(model.hold_freed_memory); and the towers' rates again after the embed runs, since this machine's
+speed drifts over minutes (the decode's share is measured once, before). Then, as `--parts` asks:
   (f) the start-up floor: in a fresh process, Ray started as `rayclip embed` starts it, then one
       empty actor: Ray's start, the actor's new process (Ray never leases an actor one of the
       workers it prestarts for tasks), ray.data and rayclip's embed module (what a Ray Data actor
@@ -54,6 +53,7 @@ GPU 0, each decoding on its own core), so each ratio still compares like with li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -536,8 +536,11 @@ def main() -> None:
         )
         runtimes = ["torch", "openvino"] if "o" in args.parts and not args.gpus_per_actor else ["torch"]
         run_captions = captions if set(args.parts) & set("cdego") else None  # for the runs that encode them
-        measure = (chosen, device, args.batch_size, args.images, runtimes, run_captions, decode, limit)
-        bounds, caption_bounds = measure_bounds("", *measure)
+        measure = functools.partial(
+            measure_bounds, precision=chosen, device=device, batch_size=args.batch_size, images=args.images,
+            runtimes=runtimes, captions=run_captions, decode=decode, limit=limit,
+        )  # fmt: skip
+        bounds, caption_bounds = measure("")
         holds = any(HELD in name for name in bounds)  # whether this C library holds freed memory
 
         floor = 0.0
@@ -582,7 +585,7 @@ def main() -> None:
                 runs[part] = whole, run, around
                 show_run(label, whole, run, around, floor)
         if runs:  # the machine's speed drifts over minutes: each run is set against the bounds on both sides
-            after, caption_after = measure_bounds(" again, after the runs", *measure)
+            after, caption_after = measure(" again, after the runs")
             for part, (_, run, _) in runs.items():
                 captioned = part != "n"
                 show_ratios(part, run, bounds | (caption_bounds if captioned else {}), after | caption_after)
