@@ -9,8 +9,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from rayclip.stages import index
 from rayclip.store import catalog, storage
+
+SCORE_KEYS = ("score", "similarity")  # rayclip's answers, clip-retrieval's /knn-service
+SCORE_ROUNDING = 2e-6  # one unit of the sixth decimal, and a float's rounding either side
 
 
 def rebuild(
@@ -104,3 +109,20 @@ def query_answers(client, media_id: str, **headers) -> dict:
 def without_build_ids(answers: dict) -> dict:
     """Answers of two builds of the same silver (each names its own build): every form is one."""
     return {name: a | {"build_id": None} if isinstance(a, dict) else a for name, a in answers.items()}
+
+
+def scores_within_rounding(answers: dict) -> dict:
+    """Answers that other answers equal (==) when they differ at most in a score's last printed digit.
+    Two search paths can round a score's last float bit apart: FAISS sums a dot product in another
+    order when the vectors come in other groups (one set, or a shard's part of it; seen on a CPU with
+    AVX2 and no AVX-512), and the six decimals an answer prints can show that bit. Everything else,
+    the order of the results included, must be equal."""
+
+    def walk(value, key: str | None = None):
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return pytest.approx(value, rel=0, abs=SCORE_ROUNDING) if key in SCORE_KEYS else value
+
+    return walk(answers)

@@ -17,6 +17,7 @@ from helpers.index_forms import (
     a_build,
     ondisk_copy,
     query_answers,
+    scores_within_rounding,
     whole_and_sharded,
     without_build_ids,
 )
@@ -35,7 +36,7 @@ def builds(request, tmp_path_factory) -> WholeAndSharded:
 @pytest.fixture(scope="module")
 def in_ram(builds):
     client = TestClient(create_app(builds.root))
-    return without_build_ids(query_answers(client, a_media_id(client)))
+    return scores_within_rounding(without_build_ids(query_answers(client, a_media_id(client))))
 
 
 def maps_its_lists(client) -> bool:
