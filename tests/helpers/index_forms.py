@@ -15,7 +15,8 @@ from rayclip.stages import index
 from rayclip.store import catalog, storage
 
 SCORE_KEYS = ("score", "similarity")  # rayclip's answers, clip-retrieval's /knn-service
-SCORE_ROUNDING = 2e-6  # one unit of the sixth decimal, and a float's rounding either side
+# Two scores a float bit apart print at most one unit of the sixth decimal apart; two units never pass.
+SCORE_ROUNDING = 1.5e-6
 
 
 def rebuild(

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers.index_forms import SCORE_ROUNDING
 from helpers.silver import clustered, media_ids, normalised, write_manifest, write_silver
 from helpers.stores import cli
 
@@ -298,7 +299,7 @@ def test_incremental_day_equals_full_build(tmp_path, monkeypatch, kind):
     if kind == "flat":
         for a, b in zip(inc_searcher.search_vectors(queries, 10), full_searcher.search_vectors(queries, 10)):
             assert [r.media_id for r in a] == [r.media_id for r in b]
-            assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
+            assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=SCORE_ROUNDING)
     else:
         full_ids = full_searcher.mapping.table.column("media_id").to_pylist()
         exact_top = np.argsort(-(queries @ exact.T), axis=1)[:, :10]
