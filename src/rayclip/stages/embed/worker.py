@@ -187,8 +187,9 @@ class EmbedUDF:
     or "gpu"), or (media_id, pixels) from the decode tasks ("tasks"), which it only normalises and
     encodes. Ray Data calls it from CALLS_PER_ACTOR threads at once; decoding runs unlocked, encoding
     under a lock, so the model always has the next batch ready and never shares its cores. In its turn
-    the batch's captions go first: the other call, just done, decodes its next batch meanwhile, and the
-    text tower loses less to that than the image tower does (docs/benchmarks.md). When a GPU
+    the batch's captions go first: the other call, just done, decodes its next batch meanwhile, and on
+    an AVX-512 CPU the text tower loses less to that than the image tower does (on an AVX2 one it loses
+    more, about 1 % of a run; docs/benchmarks.md). When a GPU
     encodes, the actor's CPU threads would idle, and one PIL decoder cannot feed a GPU: an actor that
     decodes then reads and decodes a batch on `decode_threads` threads.
     """
