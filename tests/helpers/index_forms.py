@@ -115,8 +115,9 @@ def without_build_ids(answers: dict) -> dict:
 def scores_within_rounding(answers: dict) -> dict:
     """Answers that other answers equal (==) when they differ at most in a score's last printed digit.
     Two search paths can round a score's last float bit apart: FAISS sums a dot product in another
-    order when the vectors come in other groups (one set, or a shard's part of it; seen on a CPU with
-    AVX2 and no AVX-512), and the six decimals an answer prints can show that bit. Everything else,
+    order when the vectors come in other groups (one set, or a shard's part of it), and the same
+    shards answered through Ray Serve's replicas and in one process differed too (both seen on a CPU
+    with AVX2 and no AVX-512); the six decimals an answer prints can show that bit. Everything else,
     the order of the results included, must be equal."""
 
     def walk(value, key: str | None = None):
